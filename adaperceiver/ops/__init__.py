@@ -1,0 +1,226 @@
+"""The two ops of AdaPerceiver, as torch.library custom ops that dispatch to a backend.
+
+``block_masked_attention(q, k, v, token_grans=None, *, scale=None, seq_lens=None, q_rope=None,
+k_rope=None)`` and ``matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)``.
+The custom ops ``adaperceiver::block_masked_attention`` / ``adaperceiver::matryoshka_ffn`` (and
+their ``_backward`` ops) have fake implementations and autograd, so ``torch.compile`` traces
+them as single nodes. Which backend runs is decided in dispatch.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import dispatch
+from .dispatch import NoBackendError, available_backends, forced_backend, use_backend
+from .schedule import block_mask, check_grans, group_ends, row_end, tile_schedule
+
+__all__ = ["block_masked_attention", "matryoshka_ffn", "use_backend", "forced_backend",
+           "available_backends", "NoBackendError", "block_mask", "row_end", "group_ends",
+           "tile_schedule", "normalize_hidden"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _rope_pair(rope):
+    return (None, None) if rope is None else rope
+
+
+# ----------------------------------------------------------------------------- attention
+@torch.library.custom_op("adaperceiver::block_masked_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  token_grans: Optional[list[int]], scale: float,
+                  seq_lens: Optional[torch.Tensor], q_cos: Optional[torch.Tensor],
+                  q_sin: Optional[torch.Tensor], k_cos: Optional[torch.Tensor],
+                  k_sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    q_rope = None if q_cos is None else (q_cos, q_sin)
+    k_rope = None if k_cos is None else (k_cos, k_sin)
+    backend = dispatch.select("attention", (q, k, v, token_grans, seq_lens, q_rope, k_rope),
+                              q.device.type)
+    out, lse = backend.attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin):
+    B, H, Nq, _ = q.shape
+    return (q.new_empty(B, H, Nq, v.shape[-1]),
+            q.new_empty(B, H, Nq, dtype=torch.float32))
+
+
+@torch.library.custom_op("adaperceiver::block_masked_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           token_grans: Optional[list[int]], scale: float,
+                           seq_lens: Optional[torch.Tensor], q_cos: Optional[torch.Tensor],
+                           q_sin: Optional[torch.Tensor], k_cos: Optional[torch.Tensor],
+                           k_sin: Optional[torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_rope = None if q_cos is None else (q_cos, q_sin)
+    k_rope = None if k_cos is None else (k_cos, k_sin)
+    backend = dispatch.select("attention", (q, k, v, token_grans, seq_lens, q_rope, k_rope),
+                              q.device.type)
+    dq, dk, dv = backend.attention_backward(grad_out, q, k, v, out, lse, token_grans, scale,
+                                            seq_lens, q_rope, k_rope)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seq_lens, q_cos, q_sin, k_cos, k_sin)
+    ctx.token_grans, ctx.scale = token_grans, scale
+
+
+def _attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, seq_lens, q_cos, q_sin, k_cos, k_sin = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.token_grans, ctx.scale,
+                                        seq_lens, q_cos, q_sin, k_cos, k_sin)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (B, H, N, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name}.dtype={t.dtype} is not allowed; allowed: float16, "
+                            "bfloat16, float32, float64")
+        if t.device != q.device or t.dtype != q.dtype:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}:"
+                             " q, k and v must share dtype and device")
+    B, H, Nq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
+        raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} do not "
+                         "fit: need q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)")
+    if token_grans is not None:
+        token_grans = check_grans(token_grans)
+        if Nq != k.shape[2]:
+            raise ValueError(f"token_grans needs self-attention (Nq == Nk); got Nq={Nq}, "
+                             f"Nk={k.shape[2]}")
+    if seq_lens is not None:
+        if (not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (B,)
+                or seq_lens.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"seq_lens must be an int32/int64 tensor of shape ({B},), got "
+                             f"{seq_lens!r}")
+        seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    for name, rope, n in (("q_rope", q_rope, Nq), ("k_rope", k_rope, k.shape[2])):
+        if rope is None:
+            continue
+        if D % 2 or len(rope) != 2 or any(r.shape != (n, D // 2) for r in rope):
+            raise ValueError(f"{name} must be (cos, sin) tables of shape ({n}, {D // 2}), got "
+                             f"{[tuple(r.shape) for r in rope]}")
+    return token_grans, seq_lens
+
+
+def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None, *,
+                           scale: Optional[float] = None, seq_lens: Optional[torch.Tensor] = None,
+                           q_rope=None, k_rope=None) -> torch.Tensor:
+    """Group-causal attention (SPEC.md): q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
+
+    ``token_grans=None``: no mask. ``seq_lens``: (B,) ints; sample b uses its first seq_lens[b]
+    queries and keys, the rest of its output is zero. ``q_rope``/``k_rope``: (cos, sin) tables
+    (N, D/2) applied inside the op as interleaved-pair RoPE.
+    """
+    token_grans, seq_lens = _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    qc, qs = _rope_pair(q_rope)
+    kc, ks = _rope_pair(k_rope)
+    return _attention_op(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)[0]
+
+
+# ----------------------------------------------------------------------------- FFN
+@torch.library.custom_op("adaperceiver::matryoshka_ffn", mutates_args=())
+def _ffn_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
+            fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, hidden: list[int]) -> torch.Tensor:
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    backend = dispatch.select("ffn", args, x.device.type)
+    return backend.ffn_forward(*args).contiguous()
+
+
+@_ffn_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
+    return x.new_empty(*x.shape[:-1], fc2_weight.shape[0])
+
+
+@torch.library.custom_op("adaperceiver::matryoshka_ffn_backward", mutates_args=())
+def _ffn_backward_op(grad_out: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
+                     fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
+                     hidden: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    backend = dispatch.select("ffn", args, x.device.type)
+    return tuple(g.contiguous() for g in backend.ffn_backward(grad_out, *args))
+
+
+@_ffn_backward_op.register_fake
+def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
+    return tuple(torch.empty_like(t) for t in (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, hidden = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)
+    ctx.hidden = hidden
+
+
+def _ffn_grad(ctx, grad_out):
+    return (*_ffn_backward_op(grad_out, *ctx.saved_tensors, ctx.hidden), None)
+
+
+_ffn_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
+
+
+def normalize_hidden(hidden, batch: int, hmax: int) -> list[int]:
+    """``hidden`` (an int, or a length-B sequence/tensor of ints in 1..hmax) as a list of B ints."""
+    if isinstance(hidden, torch.Tensor):
+        if hidden.dim() == 0:
+            hidden = int(hidden)
+        elif hidden.dim() != 1 or hidden.dtype.is_floating_point or hidden.dtype == torch.bool:
+            raise ValueError(f"hidden must be an int or a 1-d int tensor, got dtype "
+                             f"{hidden.dtype} shape {tuple(hidden.shape)}")
+        else:
+            hidden = hidden.tolist()
+    if isinstance(hidden, bool):
+        raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+    if isinstance(hidden, int):
+        hidden = [hidden] * batch
+    hidden = list(hidden)
+    if len(hidden) != batch:
+        raise ValueError(f"hidden has {len(hidden)} entries; the batch has {batch} samples")
+    for h in hidden:
+        if isinstance(h, bool) or int(h) != h or not 1 <= int(h) <= hmax:
+            raise ValueError(f"hidden={h!r} is not allowed; allowed: ints in 1..{hmax}")
+    return [int(h) for h in hidden]
+
+
+def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> torch.Tensor:
+    """fc2(GELU(fc1(x)[..., :h_b])) per sample b, fc2 reading its first h_b input columns.
+
+    x (B, N, C); fc1_weight (Hmax, C); fc2_weight (C, Hmax); ``hidden`` an int or (B,) ints.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a 3-d tensor (B, N, C), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x.dtype={x.dtype} is not allowed; allowed: float16, bfloat16, "
+                        "float32, float64")
+    hmax, c = fc1_weight.shape
+    if (x.shape[-1] != c or fc1_bias.shape != (hmax,) or fc2_weight.shape[1] != hmax
+            or fc2_bias.shape != (fc2_weight.shape[0],)):
+        raise ValueError(f"shapes x{tuple(x.shape)} fc1_weight{tuple(fc1_weight.shape)} "
+                         f"fc1_bias{tuple(fc1_bias.shape)} fc2_weight{tuple(fc2_weight.shape)} "
+                         f"fc2_bias{tuple(fc2_bias.shape)} do not fit")
+    hidden = normalize_hidden(hidden, x.shape[0], hmax)
+    return _ffn_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)

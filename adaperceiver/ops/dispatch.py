@@ -1,0 +1,118 @@
+"""Backend selection for the two ops, in the manner of xformers' op dispatch.
+
+A backend is a module exposing, for each op it implements:
+  attention: ``why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]``,
+             ``attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
+               -> (out, lse)`` and ``attention_backward(grad_out, q, k, v, out, lse,
+               token_grans, scale, seq_lens, q_rope, k_rope) -> (dq, dk, dv)``;
+  ffn:       ``why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]``,
+             ``ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> out`` and
+             ``ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+               -> (dx, dW1, db1, dW2, db2)``.
+``lse`` is the natural-log logsumexp of the scaled, masked scores, float32 (B, H, Nq), -inf on
+rows that see no key: every backend writes and reads the same, so they are interchangeable.
+``hidden`` is always a list of B ints here.
+
+Each backend says why it cannot take an input; the dispatcher picks the first that can, in the
+order CUDA tensors: triton, cuda, reference; CPU tensors: cpp, reference. A backend forced by
+``use_backend(name)`` or ``ADAPERCEIVER_BACKEND`` is used or raises with every reason. The Triton
+backend runs CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the interpreter is far too
+slow to be picked on its own).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Callable, Optional
+
+__all__ = ["BACKENDS", "use_backend", "forced_backend", "select", "available_backends",
+           "NoBackendError"]
+
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+_MODULES = {
+    "triton": "adaperceiver.ops.triton_backend",
+    "cuda": "adaperceiver.ops.cuda_backend",
+    "cpp": "adaperceiver.ops.cpp_backend",
+    "reference": "adaperceiver.ops.reference_backend",
+}
+_local = threading.local()
+
+
+class NoBackendError(RuntimeError):
+    pass
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not known; allowed: {', '.join(BACKENDS)}")
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by ``use_backend`` (innermost) or ``ADAPERCEIVER_BACKEND``, if any."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("ADAPERCEIVER_BACKEND", "").strip()
+    if env and env != "auto":
+        return _check_name(env)
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force one backend (``"triton"``, ``"cuda"``, ``"cpp"``, ``"reference"``; ``"auto"`` undoes
+    an outer choice) for the ops called inside the ``with`` block."""
+    if name != "auto":
+        _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _load(name: str):
+    """The backend module, or a string saying why it cannot be loaded."""
+    try:
+        return importlib.import_module(_MODULES[name])
+    except Exception as e:  # noqa: BLE001 - the reason is reported to the user
+        return f"{name} backend could not be loaded: {type(e).__name__}: {e}"
+
+
+def _why_not(name: str, op: str, args) -> list[str]:
+    mod = _load(name)
+    if isinstance(mod, str):
+        return [mod]
+    check: Optional[Callable] = getattr(mod, f"why_not_{op}", None)
+    if check is None:
+        return [f"{name} backend has no {op} kernel"]
+    return list(check(*args))
+
+
+def _auto_order(device_type: str) -> tuple[str, ...]:
+    return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
+
+
+def select(op: str, args, device_type: str):
+    """The backend module to run ``op`` (``"attention"`` or ``"ffn"``) on ``args``."""
+    forced = forced_backend()
+    order = (forced,) if forced else _auto_order(device_type)
+    reasons = []
+    for name in order:
+        why = _why_not(name, op, args)
+        if not why:
+            return _load(name)
+        reasons.extend(f"{name}: {r}" for r in why)
+    what = f"forced backend {forced!r}" if forced else "no backend"
+    raise NoBackendError(f"{what} can run {op} on this input:\n  " + "\n  ".join(reasons))
+
+
+def available_backends(op: str, args, device_type: str) -> dict[str, list[str]]:
+    """For every backend, the reasons it cannot run ``op`` on ``args`` (empty: it can)."""
+    return {name: _why_not(name, op, args) for name in BACKENDS}

@@ -1,0 +1,170 @@
+"""Plain-PyTorch references of the two ops: the truth every backend is tested against.
+
+They follow the authors' semantics literally: an explicit dense boolean mask for attention
+(math form: matmul, masked softmax, matmul, so FlopCounterMode sees every score, masked or not)
+and a full-width FFN multiplied by a per-sample 0/1 mask for Matryoshka widths. They work in
+any float dtype, float64 included, on any device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import block_mask
+
+__all__ = ["rope_tables", "apply_rope", "attention", "attention_forward", "attention_backward",
+           "matryoshka_ffn", "ffn_forward", "ffn_backward", "hidden_mask"]
+
+
+def rope_tables(n: int, head_dim: int, theta: float = 10000.0, max_tokens: int = 256,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each float32 (n, head_dim // 2), for positions 0..n-1 (SPEC.md, RoPE).
+
+    freqs_i = 1 / theta^(2i / head_dim); when n > max_tokens every freq is divided by
+    n / max_tokens.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2]
+                             / head_dim))
+    if n > max_tokens:
+        freqs = freqs / (n / max_tokens)
+    angles = torch.outer(torch.arange(n, dtype=torch.float32), freqs)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (..., N, D) by the angles of (cos, sin).
+
+    Computed in float32 (float64 stays float64), cast back to x's dtype.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xp = x.to(work).unflatten(-1, (-1, 2))
+    x0, x1 = xp[..., 0], xp[..., 1]
+    c, s = cos.to(work), sin.to(work)
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def _valid(seq_lens: Optional[torch.Tensor], n: int, device) -> Optional[torch.Tensor]:
+    """(B, n) bool: position < seq_lens[b]."""
+    if seq_lens is None:
+        return None
+    return torch.arange(n, device=device)[None, :] < seq_lens.to(device).long()[:, None]
+
+
+def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
+                      q_rope=None, k_rope=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 (natural log,
+    -inf on rows that see no key)."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if q_rope is not None:
+        q = apply_rope(q, *q_rope)
+    if k_rope is not None:
+        k = apply_rope(k, *k_rope)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    allowed = block_mask(Nq, token_grans, Nk, device=q.device)[None, None]
+    vq, vk = _valid(seq_lens, Nq, q.device), _valid(seq_lens, Nk, q.device)
+    if vk is not None:
+        allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
+    allowed = allowed.expand(B, H, Nq, Nk)
+    seen = allowed.any(-1, keepdim=True)
+    # rows that see no key (past a sample's length) output zeros; they keep their scores
+    # unmasked inside the softmax so that no NaN reaches the gradients, then are zeroed
+    s = s.masked_fill(~allowed & seen, float("-inf"))
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
+    lse = lse.masked_fill(~seen[..., 0], float("-inf"))
+    p = torch.softmax(s, dim=-1) * seen
+    out = torch.matmul(p, v)
+    return out.to(q.dtype), lse.float()
+
+
+def attention(q, k, v, token_grans=None, *, scale=None, seq_lens=None, q_rope=None,
+              k_rope=None) -> torch.Tensor:
+    """Group-causal attention of SPEC.md with an explicit dense boolean mask (differentiable)."""
+    return attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)[0]
+
+
+def _rope_backward(g, cos, sin):
+    """Gradient through :func:`apply_rope`: the rotation by the opposite angle."""
+    return apply_rope(g, cos, -sin)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None,
+                       seq_lens=None, q_rope=None, k_rope=None):
+    """(dq, dk, dv) of :func:`attention`, written out (custom-op implementations run below
+    autograd); ``out``/``lse`` are recomputed in the working precision instead of read."""
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qr = apply_rope(q, *q_rope) if q_rope is not None else q
+    kr = apply_rope(k, *k_rope) if k_rope is not None else k
+    qr, kr, vw, go = (t.to(work) for t in (qr, kr, v, grad_out))
+    s = torch.matmul(qr, kr.transpose(-1, -2)) * scale
+    allowed = block_mask(Nq, token_grans, Nk, device=q.device)[None, None]
+    vq, vk = _valid(seq_lens, Nq, q.device), _valid(seq_lens, Nk, q.device)
+    if vk is not None:
+        allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
+    allowed = allowed.expand(B, H, Nq, Nk)
+    seen = allowed.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~allowed & seen, float("-inf")), dim=-1) * seen
+    dv = torch.matmul(p.transpose(-1, -2), go)
+    dp = torch.matmul(go, vw.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    dq = torch.matmul(ds, kr)
+    dk = torch.matmul(ds.transpose(-1, -2), qr)
+    if q_rope is not None:
+        dq = _rope_backward(dq, *q_rope)
+    if k_rope is not None:
+        dk = _rope_backward(dk, *k_rope)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def hidden_mask(hidden: Sequence[int], hmax: int, device, dtype) -> torch.Tensor:
+    """(B, 1, Hmax) 0/1 mask: unit j of sample b is on when j < hidden[b]."""
+    h = torch.as_tensor(list(hidden), device=device)
+    return (torch.arange(hmax, device=device)[None, :] < h[:, None]).to(dtype)[:, None, :]
+
+
+def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> torch.Tensor:
+    """fc2(GELU(fc1(x)) * mask): the authors' full-width masked form (differentiable).
+
+    ``hidden``: a list of B hidden sizes (or one int for all samples).
+    """
+    hmax = fc1_weight.shape[0]
+    h = F.gelu(F.linear(x, fc1_weight, fc1_bias))
+    if isinstance(hidden, int):
+        hidden = [hidden] * x.shape[0]
+    if any(int(w) != hmax for w in hidden):
+        h = h * hidden_mask(hidden, hmax, x.device, h.dtype)
+    return F.linear(h, fc2_weight, fc2_bias)
+
+
+def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
+    return matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+
+
+def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
+    """(dx, dW1, db1, dW2, db2) of :func:`matryoshka_ffn`, written out: units past a sample's
+    width get no gradient."""
+    hmax = fc1_weight.shape[0]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xw, w1, b1, w2, go = (t.to(work) for t in (x, fc1_weight, fc1_bias, fc2_weight, grad_out))
+    pre = F.linear(xw, w1, b1)
+    mask = hidden_mask([hidden] * x.shape[0] if isinstance(hidden, int) else hidden, hmax,
+                       x.device, work)
+    act = F.gelu(pre) * mask
+    cdf = 0.5 * (1.0 + torch.erf(pre * (0.5 ** 0.5)))
+    pdf = torch.exp(-0.5 * pre * pre) / math.sqrt(2.0 * math.pi)
+    dpre = torch.matmul(go, w2) * mask * (cdf + pre * pdf)
+    dx = torch.matmul(dpre, w1)
+    dw1 = dpre.flatten(0, -2).T @ xw.flatten(0, -2)
+    db1 = dpre.flatten(0, -2).sum(0)
+    dw2 = go.flatten(0, -2).T @ act.flatten(0, -2)
+    db2 = go.flatten(0, -2).sum(0)
+    return (dx.to(x.dtype), dw1.to(fc1_weight.dtype), db1.to(fc1_bias.dtype),
+            dw2.to(fc2_weight.dtype), db2.to(fc2_bias.dtype))

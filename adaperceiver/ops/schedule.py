@@ -1,0 +1,111 @@
+"""The tile schedule of the group-causal block mask, computed in one place.
+
+Every mask this package uses is a monotone per-row bound: query row i sees keys k < row_end[i],
+with row_end nondecreasing. Group-causal: row_end[i] is the end of i's group; causal is
+grans = 1, 2, ..., N; no mask is row_end[i] = Nk. A sample's seq_len n clips every bound to n
+and rows i >= n produce zeros.
+
+For a query tile [m0, m1) (rows clipped to the sample's length):
+  * key tiles below ``full_end = min(row_end[m0], n) // BN`` are fully visible (no mask needed);
+  * key tiles from there up to ``ceil(min(row_end[m1 - 1], n) / BN)`` need the per-row test;
+  * key tiles past that hold no allowed score and are never loaded.
+Every backend (Triton, C++ CPU, CUDA) derives its loop bounds from ``row_end`` this way, and the
+tests count kernel visits against :func:`tile_schedule`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["group_ends", "row_end", "block_mask", "tile_schedule", "TileSchedule", "check_grans"]
+
+
+def check_grans(token_grans, name: str = "token_grans") -> list[int]:
+    """Return ``token_grans`` as a list of ints, or raise naming what is wrong."""
+    try:
+        grans = [int(g) for g in token_grans]
+    except TypeError as e:
+        raise TypeError(f"{name} must be a sequence of ints, got {token_grans!r}") from e
+    if any(isinstance(g, bool) for g in token_grans) or any(int(g) != g for g in token_grans):
+        raise ValueError(f"{name} must hold ints, got {list(token_grans)!r}")
+    if not grans:
+        raise ValueError(f"{name} must not be empty; allowed: strictly increasing positive ints")
+    if grans[0] < 1 or any(b <= a for a, b in zip(grans, grans[1:])):
+        raise ValueError(
+            f"{name}={grans!r} is not allowed: it must be strictly increasing positive ints")
+    return grans
+
+
+def group_ends(n: int, token_grans: Sequence[int]) -> list[int]:
+    """Ends of the mask groups for ``n`` tokens: the grans <= n, then n if n > the last."""
+    ends = [int(g) for g in token_grans if g <= n]
+    if not ends or ends[-1] < n:
+        ends.append(int(n))
+    return ends
+
+
+def row_end(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = None,
+            device=None) -> torch.Tensor:
+    """int32 (n,): for each query row, the end (exclusive) of the keys it may see.
+
+    ``token_grans=None`` means no mask: every row sees all ``n_k`` keys (``n_k`` defaults to n).
+    """
+    if token_grans is None:
+        return torch.full((n,), n if n_k is None else n_k, dtype=torch.int32, device=device)
+    ends = torch.tensor(group_ends(n, token_grans), dtype=torch.int64)
+    rows = torch.arange(n, dtype=torch.int64)
+    # the group of row i ends at the smallest end strictly greater than i
+    idx = torch.searchsorted(ends, rows, right=True)
+    return ends[idx].to(torch.int32).to(device)
+
+
+def block_mask(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = None,
+               device=None) -> torch.Tensor:
+    """Dense boolean (n, n_k) mask, True where query i may attend to key k."""
+    n_k = n if n_k is None else n_k
+    re = row_end(n, token_grans, n_k).to(device)
+    return torch.arange(n_k, device=device)[None, :] < re[:, None]
+
+
+@dataclass(frozen=True)
+class TileSchedule:
+    """Per query tile: how many key tiles are fully visible and how many need the mask."""
+    block_m: int
+    block_n: int
+    full: tuple[int, ...]      # key tiles [0, full[i]) of query tile i need no mask
+    end: tuple[int, ...]       # key tiles [full[i], end[i]) need the per-row test; none past
+
+    @property
+    def visits(self) -> int:
+        """Key tiles loaded over all query tiles (one (batch, head))."""
+        return sum(self.end)
+
+    @property
+    def masked_visits(self) -> int:
+        return sum(e - f for f, e in zip(self.full, self.end))
+
+
+def tile_schedule(n: int, token_grans: Optional[Sequence[int]], block_m: int, block_n: int,
+                  n_k: Optional[int] = None, seq_len: Optional[int] = None) -> TileSchedule:
+    """The key tiles each query tile visits, fully or partially (see module docstring)."""
+    n_k = n if n_k is None else n_k
+    length_q = n if seq_len is None else min(n, seq_len)
+    length_k = n_k if seq_len is None else min(n_k, seq_len)
+    re = row_end(n, token_grans, n_k).tolist()
+    full, end = [], []
+    for m0 in range(0, n, block_m):
+        m1 = min(m0 + block_m, length_q)
+        if m0 >= length_q:
+            full.append(0)
+            end.append(0)
+            continue
+        lo = min(re[m0], length_k)
+        hi = min(re[m1 - 1], length_k)
+        f = lo // block_n
+        # row_end is nondecreasing, so row m0 has the smallest bound of the tile: key tiles
+        # below it are seen by every row of the tile
+        full.append(f)
+        end.append(-(-hi // block_n))
+    return TileSchedule(block_m, block_n, tuple(full), tuple(end))

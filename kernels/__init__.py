@@ -1,0 +1,1 @@
+"""Triton kernels of adaperceiver, installed as ``adaperceiver.kernels``."""

@@ -1,0 +1,55 @@
+"""Build of adaperceiver: the Python package, ``adaperceiver.kernels`` mapped from ``kernels/``,
+and the compiled extension ``adaperceiver._C`` from ``csrc/`` when its sources are there.
+
+C++ (CPU kernels) is always compiled when ``csrc/`` has sources. CUDA is compiled when
+``ADAPERCEIVER_BUILD_CUDA=1``, or when torch was built with CUDA and a toolkit is found
+(``ADAPERCEIVER_BUILD_CUDA=0`` turns it off). ``MAX_JOBS`` bounds parallel compile jobs.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    flag = os.environ.get("ADAPERCEIVER_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extensions():
+    cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not cpp:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    macros = [("ADAPERCEIVER_WITH_CUDA", "1" if (cu and _want_cuda()) else "0")]
+    if cu and _want_cuda():
+        ext = CUDAExtension(
+            "adaperceiver._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                                      "-Xptxas=-v"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("adaperceiver._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],
+                           define_macros=macros, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=["adaperceiver", "adaperceiver.ops", "adaperceiver.model", "adaperceiver.bench",
+              "adaperceiver.kernels"],
+    package_dir={"adaperceiver.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
