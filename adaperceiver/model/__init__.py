@@ -1,0 +1,1 @@
+from .perceiver import AdaPerceiverClassifier, AdaPerceiverOutput  # noqa: F401

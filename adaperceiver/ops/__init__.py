@@ -224,3 +224,42 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
                          f"fc2_bias{tuple(fc2_bias.shape)} do not fit")
     hidden = normalize_hidden(hidden, x.shape[0], hmax)
     return _ffn_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+
+
+# ----------------------------------------------------------------------------- FLOP formulas
+# So that torch.utils.flop_counter.FlopCounterMode sees into the custom ops: attention counts the
+# two matmuls over every (query, key) pair, masked or not (what a dense-mask reference computes);
+# the FFN counts the hidden units each sample needs. Backward: 2.5x (four matmuls plus the
+# recomputed forward product).
+from torch.utils.flop_counter import register_flop_formula  # noqa: E402
+
+
+def _attention_flops(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
+    B, H, Nq, D = q_shape
+    return 2 * B * H * Nq * k_shape[2] * (D + v_shape[3])
+
+
+def _ffn_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, hidden, **kwargs) -> int:
+    B, N, C = x_shape
+    return 2 * N * (C + w2_shape[0]) * sum(int(h) for h in hidden) * (B // len(hidden))
+
+
+@register_flop_formula(torch.ops.adaperceiver.block_masked_attention)
+def _(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return _attention_flops(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.adaperceiver.block_masked_attention_backward)
+def _(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return 5 * _attention_flops(q_shape, k_shape, v_shape) // 2
+
+
+@register_flop_formula(torch.ops.adaperceiver.matryoshka_ffn)
+def _(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, hidden, out_shape=None, **kwargs) -> int:
+    return _ffn_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, hidden)
+
+
+@register_flop_formula(torch.ops.adaperceiver.matryoshka_ffn_backward)
+def _(grad_shape, x_shape, w1_shape, b1_shape, w2_shape, b2_shape, hidden, out_shape=None,
+      **kwargs) -> int:
+    return 5 * _ffn_flops(x_shape, w1_shape, b1_shape, w2_shape, b2_shape, hidden) // 2

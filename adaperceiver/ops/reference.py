@@ -131,17 +131,22 @@ def hidden_mask(hidden: Sequence[int], hmax: int, device, dtype) -> torch.Tensor
 
 
 def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> torch.Tensor:
-    """fc2(GELU(fc1(x)) * mask): the authors' full-width masked form (differentiable).
+    """The authors' semantics (differentiable): one width for the batch slices the weights;
+    per-sample widths compute the full FFN and multiply by a per-sample 0/1 mask.
 
     ``hidden``: a list of B hidden sizes (or one int for all samples).
     """
     hmax = fc1_weight.shape[0]
-    h = F.gelu(F.linear(x, fc1_weight, fc1_bias))
     if isinstance(hidden, int):
         hidden = [hidden] * x.shape[0]
-    if any(int(w) != hmax for w in hidden):
-        h = h * hidden_mask(hidden, hmax, x.device, h.dtype)
-    return F.linear(h, fc2_weight, fc2_bias)
+    if len(set(hidden)) == 1:
+        # one width for the batch: the authors slice the weights
+        h = int(hidden[0])
+        act = F.gelu(F.linear(x, fc1_weight[:h], fc1_bias[:h]))
+        return F.linear(act, fc2_weight[:, :h], fc2_bias)
+    act = F.gelu(F.linear(x, fc1_weight, fc1_bias))
+    act = act * hidden_mask(hidden, hmax, x.device, act.dtype)
+    return F.linear(act, fc2_weight, fc2_bias)
 
 
 def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):

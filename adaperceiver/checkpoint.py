@@ -1,0 +1,113 @@
+"""The released checkpoint format: a directory with ``config.json`` (the constructor keywords)
+and ``model.safetensors``; or a single ``.safetensors`` / ``.pt`` / ``.pth`` file with a config
+given. Training prefixes ``module.`` and ``_orig_mod.`` are stripped. Loading is strict: a
+missing, unexpected or mis-shaped key is an error naming it."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["save_pretrained", "load_state_dict", "from_pretrained", "strip_prefixes",
+           "check_state_dict"]
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state: dict) -> dict:
+    out = {}
+    for key, value in state.items():
+        k = key
+        while k.startswith(_PREFIXES):
+            k = k[len("module."):] if k.startswith("module.") else k[len("_orig_mod."):]
+        if k in out:
+            raise KeyError(f"checkpoint key {key!r} collides with another key after stripping "
+                           f"prefixes {_PREFIXES}")
+        out[k] = value
+    return out
+
+
+def save_pretrained(model, path: Union[str, os.PathLike]) -> None:
+    """Write ``config.json`` + ``model.safetensors`` into the directory ``path``."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(model.config.to_dict(), f, indent=2, sort_keys=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors"))
+
+
+def load_state_dict(path: Union[str, os.PathLike]) -> dict:
+    """Read a state dict from a ``.safetensors``, ``.pt`` or ``.pth`` file (prefixes stripped)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    elif path.endswith((".pt", ".pth", ".bin")):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict", "model_state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    else:
+        raise ValueError(f"checkpoint file {path!r} is not allowed; allowed: .safetensors, "
+                         ".pt, .pth, .bin")
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r} holds {type(state).__name__}, not a state dict")
+    return strip_prefixes(state)
+
+
+def check_state_dict(model, state: dict) -> None:
+    """Raise naming every missing, unexpected or mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {shapes}")
+    if problems:
+        raise KeyError("checkpoint does not fit the model; " + "; ".join(problems))
+
+
+def from_pretrained(path, config: Optional[dict] = None, *, map_location="cpu", **overrides):
+    """Build the model from a released checkpoint (a directory, or a file plus ``config``)."""
+    from .model import AdaPerceiverClassifier
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin",
+                                                    "model.pt", "model.pth")
+                   if os.path.exists(os.path.join(path, n))]
+        if config is None:
+            if not os.path.exists(cfg_file):
+                raise FileNotFoundError(f"no config.json in {path!r}")
+            with open(cfg_file) as f:
+                config = json.load(f)
+        if not weights:
+            raise FileNotFoundError(f"no model.safetensors (or .bin/.pt/.pth) in {path!r}")
+        weights = weights[0]
+    else:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if config is None:
+            cfg_file = os.path.join(os.path.dirname(path), "config.json")
+            if not os.path.exists(cfg_file):
+                raise ValueError(f"checkpoint file {path!r} needs config=... (no config.json "
+                                 "beside it)")
+            with open(cfg_file) as f:
+                config = json.load(f)
+        weights = path
+    config = {**config, **overrides}
+    model = AdaPerceiverClassifier(**config)
+    state = load_state_dict(weights)
+    check_state_dict(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location) if map_location not in (None, "cpu") else model

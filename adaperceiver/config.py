@@ -1,0 +1,198 @@
+"""The model configuration (config.json keys) and the per-call configuration.
+
+``AdaPerceiverConfig`` holds the constructor keywords of the reference implementation, with the
+released classifier's values as defaults. ``resolve_call`` validates one call's (t, w, l, grans)
+once, at the top of ``forward``, into a ``CallConfig`` that travels down the model: layers never
+re-derive it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .ops.schedule import check_grans
+
+__all__ = ["AdaPerceiverConfig", "CallConfig", "resolve_call", "MAX_NUM_TOKENS", "hidden_size"]
+
+MAX_NUM_TOKENS = 4096
+
+
+@dataclass
+class AdaPerceiverConfig:
+    act_layer: str = "gelu"
+    attn_drop: float = 0.0
+    attn_layer: str = "flex"
+    block_mask: str = "block"
+    depth: int = 21
+    drop_path: float = 0.0
+    embed_dim: int = 832
+    ffn_layer: str = "mlp"
+    ffn_ratio: float = 2.57
+    head_drop: float = 0.0
+    img_size: int = 224
+    in_channels: int = 3
+    ls_init_values: float = 1e-6
+    mask_token_grans: list = field(default_factory=lambda: [32, 64, 96, 128, 192, 256])
+    mat_dims: list = field(default_factory=lambda: [416, 624, 832])
+    max_latent_tokens: int = 256
+    norm_layer: str = "layernorm"
+    num_classes: int = 1000
+    num_heads: int = 13
+    patch_size: int = 16
+    process_token_init: str = "learned"
+    proj_bias: bool = True
+    proj_drop: float = 0.0
+    qkv_bias: bool = True
+    rope_theta: float = 10000
+    use_embed_ffn: bool = True
+    use_output_ffn: bool = False
+
+    def __post_init__(self):
+        self.mask_token_grans = check_grans(self.mask_token_grans, "mask_token_grans")
+        self.mat_dims = [int(w) for w in self.mat_dims]
+        checks = [
+            ("act_layer", self.act_layer, ("gelu",)),
+            ("norm_layer", self.norm_layer, ("layernorm",)),
+            ("ffn_layer", self.ffn_layer, ("mlp",)),
+            ("attn_layer", self.attn_layer, ("flex", "full")),
+            ("block_mask", self.block_mask, ("block", "causal", "none")),
+            ("process_token_init", self.process_token_init, ("learned",)),
+            ("use_output_ffn", self.use_output_ffn, (False,)),
+        ]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; allowed: "
+                                 f"{', '.join(map(repr, allowed))}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim={self.embed_dim} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        for w in self.mat_dims:
+            if not 1 <= w <= self.embed_dim:
+                raise ValueError(f"mat_dims holds {w}; allowed: widths in 1..{self.embed_dim}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.attn_layer == "full" and self.block_mask != "none":
+            warnings.warn("attn_layer='full': self-attention runs with no mask whatever "
+                          f"block_mask={self.block_mask!r} says (as the reference does); the "
+                          "prefix property (num_tokens=g equals the first g latents of a "
+                          "longer run) no longer holds", stacklevel=3)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return hidden_size(self.embed_dim, self.ffn_ratio)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in sorted(d)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AdaPerceiverConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TypeError(f"unknown config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def hidden_size(width: int, ffn_ratio: float) -> int:
+    """FFN hidden units used at Matryoshka width ``width``: int(width * ffn_ratio) (SPEC.md)."""
+    return int(width * ffn_ratio)
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    """One forward call's configuration, validated."""
+    batch: int
+    num_tokens: int
+    widths: tuple[int, ...]          # per sample
+    hidden: tuple[int, ...]          # per sample FFN hidden units
+    depth: int
+    depth_tau: Optional[float]
+    grans: Optional[tuple[int, ...]]  # the self-attention mask; None = no mask
+    grid: tuple[int, int]            # patch grid (h, w)
+
+    @property
+    def uniform_width(self) -> bool:
+        return len(set(self.widths)) == 1
+
+
+def _as_int(name: str, value, lo: int, hi: int, what: str) -> int:
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise TypeError(f"{name}={value!r} is not allowed; allowed: {what}")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range; allowed: {what}")
+    return value
+
+
+def _widths(mat_dim, batch: int, embed_dim: int) -> tuple[int, ...]:
+    what = f"an int in 1..{embed_dim} or a length-{batch} sequence/tensor of them"
+    if mat_dim is None:
+        return (embed_dim,) * batch
+    if isinstance(mat_dim, torch.Tensor) and mat_dim.dim() > 0:
+        if mat_dim.dtype.is_floating_point or mat_dim.dtype == torch.bool or mat_dim.dim() != 1:
+            raise TypeError(f"mat_dim tensor of dtype {mat_dim.dtype} and shape "
+                            f"{tuple(mat_dim.shape)} is not allowed; allowed: {what}")
+        mat_dim = mat_dim.tolist()
+    if isinstance(mat_dim, (list, tuple)):
+        if len(mat_dim) != batch:
+            raise ValueError(f"mat_dim has {len(mat_dim)} entries but the batch has {batch} "
+                             f"samples; allowed: {what}")
+        return tuple(_as_int("mat_dim", w, 1, embed_dim, what) for w in mat_dim)
+    return (_as_int("mat_dim", mat_dim, 1, embed_dim, what),) * batch
+
+
+def resolve_call(cfg: AdaPerceiverConfig, x: torch.Tensor, num_tokens=None, mat_dim=None,
+                 depth=None, depth_tau=None, token_grans=None) -> CallConfig:
+    """Validate one call's arguments against the model config (errors name parameter, value and
+    what is allowed)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor (B, {cfg.in_channels}, H, W), got {type(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x.dtype={x.dtype} is not allowed; allowed: a float dtype")
+    if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x has shape {tuple(x.shape)}; allowed: (B, {cfg.in_channels}, H, W)")
+    B, _, H, W = x.shape
+    p = cfg.patch_size
+    if H % p or W % p or H == 0 or W == 0:
+        raise ValueError(f"image size {H}x{W} is not allowed; allowed: positive sides that are "
+                         f"multiples of patch_size={p}")
+    n = cfg.max_latent_tokens if num_tokens is None else _as_int(
+        "num_tokens", num_tokens, 1, MAX_NUM_TOKENS, f"an int in 1..{MAX_NUM_TOKENS}")
+    widths = _widths(mat_dim, B, cfg.embed_dim)
+    l = cfg.depth if depth is None else _as_int("depth", depth, 1, cfg.depth,
+                                                f"an int in 1..{cfg.depth}")
+    if depth_tau is not None:
+        if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not (
+                0.0 <= float(depth_tau) <= 1.0) or math.isnan(float(depth_tau)):
+            raise ValueError(f"depth_tau={depth_tau!r} is not allowed; allowed: a float in "
+                             "[0, 1] (a max-softmax confidence)")
+        depth_tau = float(depth_tau)
+    grans = check_grans(cfg.mask_token_grans if token_grans is None else token_grans,
+                        "token_grans")
+    if cfg.attn_layer == "full" or cfg.block_mask == "none":
+        mask = None
+    elif cfg.block_mask == "causal":
+        mask = tuple(range(1, n + 1))
+    else:
+        mask = tuple(grans)
+    return CallConfig(batch=B, num_tokens=n, widths=widths,
+                      hidden=tuple(hidden_size(w, cfg.ffn_ratio) for w in widths), depth=l,
+                      depth_tau=depth_tau, grans=mask, grid=(H // p, W // p))

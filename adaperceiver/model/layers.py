@@ -1,0 +1,161 @@
+"""Layers of AdaPerceiver, small and composable; all attention and block FFN work goes through
+``adaperceiver.ops`` (which picks the backend). Parameter names follow the released checkpoint."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+__all__ = ["LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
+           "PatchEmbed", "LearnedToken", "OutputAdapter", "resample_pos_embed"]
+
+
+def _norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1e-6):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (full width)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MatryoshkaMlp(Mlp):
+    """The block FFN: per-sample hidden widths through ``ops.matryoshka_ffn``."""
+
+    def forward(self, x, hidden: Sequence[int]):
+        return ops.matryoshka_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                  self.fc2.bias, list(hidden))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q, k, v projections (the released keys) and an output
+    projection; the score work runs in ``ops.block_masked_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def _heads(self, t):
+        B, N, _ = t.shape
+        return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
+        q, k, v = self._heads(self.q(x_q)), self._heads(self.k(x_kv)), self._heads(self.v(x_kv))
+        o = ops.block_masked_attention(q, k, v, token_grans, seq_lens=seq_lens, q_rope=q_rope,
+                                       k_rope=k_rope)
+        B, _, Nq, _ = o.shape
+        return self.proj(o.transpose(1, 2).reshape(B, Nq, -1))
+
+
+class CrossAttentionHead(nn.Module):
+    """Read / write: ``sink + CrossAttn(snk_norm(sink), src_norm(source))`` (no LayerScale, no
+    FFN). RoPE goes on q for the read and on k for the write (SPEC.md)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        self.src_norm = _norm(dim)
+        self.snk_norm = _norm(dim)
+        self.cattn = Attention(dim, num_heads, qkv_bias, proj_bias)
+
+    def forward(self, sink, source, q_rope=None, k_rope=None):
+        return sink + self.cattn(self.snk_norm(sink), self.src_norm(source), None, q_rope, k_rope)
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention with RoPE and the block mask, then the Matryoshka FFN,
+    each branch scaled by a LayerScale."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_hidden: int, qkv_bias=True, proj_bias=True,
+                 ls_init_values=1e-6):
+        super().__init__()
+        self.norm1 = _norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias)
+        self.ls1 = LayerScale(dim, ls_init_values)
+        self.norm2 = _norm(dim)
+        self.ffn = MatryoshkaMlp(dim, ffn_hidden)
+        self.ls2 = LayerScale(dim, ls_init_values)
+
+    def forward(self, x, hidden: Sequence[int], token_grans=None, rope=None):
+        h = self.norm1(x)
+        x = x + self.ls1(self.attn(h, h, token_grans, rope, rope))
+        return x + self.ls2(self.ffn(self.norm2(x), hidden))
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, P, C) absolute position embedding trained on a square grid, resampled bicubic with
+    antialias to ``grid`` (as timm's ``resample_abs_pos_embed``, no prefix tokens)."""
+    _, P, C = pos_embed.shape
+    side = int(round(P ** 0.5))
+    if (side, side) == tuple(grid):
+        return pos_embed
+    if side * side != P:
+        raise ValueError(f"pos_embed has {P} positions, not a square grid")
+    dtype = pos_embed.dtype
+    pe = pos_embed.float().reshape(1, side, side, C).permute(0, 3, 1, 2)
+    pe = F.interpolate(pe, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    return pe.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], C).to(dtype)
+
+
+class _Conv(nn.Module):
+    def __init__(self, in_channels, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify -> + absolute position embedding -> LayerNorm -> full-width Mlp (no
+    residual)."""
+
+    def __init__(self, img_size, patch_size, in_channels, dim, ffn_hidden, use_ffn=True):
+        super().__init__()
+        self.embed = _Conv(in_channels, dim, patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, dim))
+        self.norm = _norm(dim)
+        self.ffn = Mlp(dim, ffn_hidden) if use_ffn else nn.Identity()
+
+    def forward(self, x, grid):
+        x = self.embed(x) + resample_pos_embed(self.pos_embed, grid)
+        return self.ffn(self.norm(x))
+
+
+class LearnedToken(nn.Module):
+    def __init__(self, shape):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(*shape))
+
+
+class OutputAdapter(nn.Module):
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.ffn = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.ffn(x)

@@ -1,0 +1,137 @@
+// Shared host-side pieces of adaperceiver._C: argument checks with clear messages, and the
+// per-row bound of the group-causal mask (the same rule as adaperceiver/ops/schedule.py):
+// query row i sees keys k < row_end[i]; row_end is nondecreasing; a sample's seq_len n clips
+// every bound to n and rows i >= n produce zeros.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace adaperceiver {
+
+inline std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+// token_grans must be strictly increasing positive ints (schedule.check_grans).
+inline void check_grans(at::OptionalIntArrayRef grans) {
+  if (!grans.has_value()) return;
+  auto g = *grans;
+  TORCH_CHECK(!g.empty(), "token_grans must not be empty; allowed: strictly increasing "
+              "positive ints (or None for no mask)");
+  for (size_t i = 0; i < g.size(); ++i) {
+    TORCH_CHECK(g[i] >= 1 && (i == 0 || g[i] > g[i - 1]), "token_grans=", g,
+                " is not allowed: it must be strictly increasing positive ints");
+  }
+}
+
+// int64 (n,) row bounds: schedule.row_end. No grans: every row sees all n_k keys.
+inline std::vector<int64_t> row_end(int64_t n, at::OptionalIntArrayRef grans, int64_t n_k) {
+  std::vector<int64_t> re(static_cast<size_t>(n), n_k);
+  if (!grans.has_value()) return re;
+  std::vector<int64_t> ends;
+  for (int64_t g : *grans)
+    if (g <= n) ends.push_back(g);
+  if (ends.empty() || ends.back() < n) ends.push_back(n);
+  size_t j = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    while (ends[j] <= i) ++j;  // the group of row i ends at the smallest end > i
+    re[static_cast<size_t>(i)] = ends[j];
+  }
+  return re;
+}
+
+// Per-sample lengths as int64 on the host (empty when seq_lens is None).
+inline std::vector<int64_t> seq_lens_host(const c10::optional<at::Tensor>& seq_lens, int64_t B) {
+  std::vector<int64_t> out;
+  if (!seq_lens.has_value()) return out;
+  const auto& s = *seq_lens;
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == B &&
+                  (s.scalar_type() == at::kInt || s.scalar_type() == at::kLong),
+              "seq_lens must be an int32/int64 tensor of shape (", B, ",), got dtype ",
+              s.scalar_type(), " shape ", shape_str(s));
+  auto h = s.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = h.data_ptr<int64_t>();
+  out.assign(p, p + B);
+  return out;
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Checks shared by the attention forward and backward (CPU and CUDA).
+inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 at::OptionalIntArrayRef grans,
+                                 const c10::optional<at::Tensor>& q_cos,
+                                 const c10::optional<at::Tensor>& q_sin,
+                                 const c10::optional<at::Tensor>& k_cos,
+                                 const c10::optional<at::Tensor>& k_sin) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "q, k, v must be 4-d tensors (B, H, N, D); got q", shape_str(q), " k",
+              shape_str(k), " v", shape_str(v));
+  TORCH_CHECK(is_supported_float(q.scalar_type()), "q.dtype=", q.scalar_type(),
+              " is not supported by the compiled kernels; allowed: float32, bfloat16, float16");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share one dtype; got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "q, k, v must be on one device");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B &&
+                  v.size(1) == H && v.size(2) == k.size(2),
+              "shapes q", shape_str(q), " k", shape_str(k), " v", shape_str(v),
+              " do not fit: need q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)");
+  check_grans(grans);
+  TORCH_CHECK(!grans.has_value() || Nq == k.size(2),
+              "token_grans needs self-attention (Nq == Nk); got Nq=", Nq, ", Nk=", k.size(2));
+  auto check_rope = [&](const char* name, const c10::optional<at::Tensor>& c,
+                        const c10::optional<at::Tensor>& s, int64_t n) {
+    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
+                "both be None");
+    if (!c.has_value()) return;
+    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
+    for (const auto* t : {&*c, &*s}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == D / 2, name,
+                  " tables must be (", n, ", ", D / 2, "); got ", shape_str(*t));
+      TORCH_CHECK(t->scalar_type() == at::kFloat, name, " tables must be float32; got ",
+                  t->scalar_type());
+      TORCH_CHECK(t->device() == q.device(), name, " tables must be on ", q.device());
+    }
+  };
+  check_rope("q_rope", q_cos, q_sin, Nq);
+  check_rope("k_rope", k_cos, k_sin, k.size(2));
+}
+
+inline void check_ffn_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+  TORCH_CHECK(x.dim() == 3, "x must be a 3-d tensor (B, N, C); got ", shape_str(x));
+  TORCH_CHECK(is_supported_float(x.scalar_type()), "x.dtype=", x.scalar_type(),
+              " is not supported by the compiled kernels; allowed: float32, bfloat16, float16");
+  for (const auto* t : {&w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                "weights and biases must match x (", x.scalar_type(), " on ", x.device(),
+                "); got ", t->scalar_type(), " on ", t->device());
+  }
+  TORCH_CHECK(w1.dim() == 2 && w2.dim() == 2 && b1.dim() == 1 && b2.dim() == 1 &&
+                  w1.size(1) == x.size(2) && b1.size(0) == w1.size(0) &&
+                  w2.size(1) == w1.size(0) && b2.size(0) == w2.size(0),
+              "shapes x", shape_str(x), " fc1_weight", shape_str(w1), " fc1_bias", shape_str(b1),
+              " fc2_weight", shape_str(w2), " fc2_bias", shape_str(b2), " do not fit");
+  TORCH_CHECK(static_cast<int64_t>(hidden.size()) == x.size(0), "hidden has ", hidden.size(),
+              " entries; the batch has ", x.size(0), " samples");
+  for (int64_t h : hidden) {
+    TORCH_CHECK(h >= 1 && h <= w1.size(0), "hidden=", h, " is not allowed; allowed: ints in 1..",
+                w1.size(0));
+  }
+}
+
+}  // namespace adaperceiver

@@ -1,0 +1,50 @@
+// Declarations of the kernels behind the adaperceiver::* backend ops (see ops.cpp for the
+// schemas). The CPU ones are always compiled; the CUDA ones only when ADAPERCEIVER_WITH_CUDA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace adaperceiver {
+
+using OptT = c10::optional<at::Tensor>;
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 at::OptionalIntArrayRef token_grans, double scale,
+                                                 const OptT& seq_lens, const OptT& q_cos,
+                                                 const OptT& q_sin, const OptT& k_cos,
+                                                 const OptT& k_sin);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
+    double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
+    const OptT& k_sin);
+at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                   const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+}  // namespace cpu
+
+// Width-grouped FFN backward written with ATen GEMMs on weight prefixes: device-generic, so the
+// CUDA build uses it too (cuBLAS does the products there).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_grouped(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+
+// Compile-time facts of this build, (key, value) strings.
+std::vector<std::pair<std::string, std::string>> build_facts();
+
+#if ADAPERCEIVER_WITH_CUDA
+namespace cuda {
+std::vector<std::pair<std::string, std::string>> build_facts();
+}
+#endif
+
+}  // namespace adaperceiver
