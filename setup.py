@@ -28,14 +28,18 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     cu = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    macros = [("ADAPERCEIVER_WITH_CUDA", "1" if (cu and _want_cuda()) else "0")]
-    if cu and _want_cuda():
+    with_cuda = bool(cu) and _want_cuda()
+    # torch >= 2.10 headers need C++20
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    macros = [("ADAPERCEIVER_WITH_CUDA", "1" if with_cuda else "0")]
+    if with_cuda:
+        # no GPU to detect here: default to the two targets we support (A100 and H100)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "adaperceiver._C", cpp + cu, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                                                      "-Xptxas=-v"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-Xptxas=-v",
+                                                      "-DADAPERCEIVER_WITH_CUDA=1"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("adaperceiver._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")],

@@ -216,7 +216,7 @@ def _hidden_by_cols_kernel(a_ptr, x_ptr, row_ids_ptr, row_h_ptr, row_bound_ptr, 
             dbacc += tl.sum(at.to(tl.float32), axis=1)
         n_r += 1
     tl.store(out_ptr + offs_h[:, None].to(tl.int64) * stride_oh + offs_c[None, :] * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
+             acc.to(out_ptr.dtype.element_ty), mask=(rmax > 0) & h_ok[:, None] & c_ok[None, :])
     if HAS_DB:
         if ct == 0:
             tl.store(db_ptr + offs_h, dbacc.to(db_ptr.dtype.element_ty), mask=h_ok)
@@ -338,7 +338,8 @@ def default_blocks(dtype: torch.dtype, interpret: Optional[bool] = None) -> Bloc
     if interpret if interpret is not None else _interpreting():
         return Blocks(32, 32, 32, 32, 32, 32, 32, 32, 4, 1)
     if dtype == torch.float32:
-        return Blocks(block_k=32, block_k2=32, block_r=32)
+        return Blocks(block_m=64, block_k=32, block_m_bwd=32, block_m2=64, block_k2=32,
+                      block_r=32)
     return Blocks()
 
 
@@ -395,6 +396,18 @@ def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
         raise ValueError("Triton Matryoshka FFN cannot run on this input:\n  " + "\n  ".join(why))
 
 
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here, uninitialised (the tests replace it by
+    a NaN-filling one to prove that every element is written before it is read or returned)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _hidden_buffer(m: int, hmax: int, dtype, device) -> torch.Tensor:
+    """(m, hmax) scratch with rows padded to 64 elements (16-byte aligned rows let the GPU
+    vectorise loads). Uninitialised: the kernels never read what they did not write."""
+    return _alloc((m, _cdiv(hmax, 64) * 64), dtype, device)[:, :hmax]
+
+
 def _count_buffer(counters, device):
     return torch.zeros(1, dtype=torch.int32, device=device) if counters is not None else None
 
@@ -411,7 +424,7 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
     B, N, C = x.shape
     hmax = fc1_weight.shape[0]
     M = B * N
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = _alloc(x.shape, x.dtype, x.device)
     if M == 0:
         return out
     x2 = x.reshape(M, C)
@@ -419,7 +432,7 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
     row_ids, row_h = _row_tensors(sched, x.device)
     items = torch.tensor(sched.items, dtype=torch.int32, device=x.device).reshape(-1)
     # columns a row tile never reaches are never written nor read: no zero fill needed
-    act = torch.empty(M, hmax, dtype=x.dtype, device=x.device)
+    act = _hidden_buffer(M, hmax, x.dtype, x.device)
     count = _count_buffer(counters, x.device)
     cnt = count if count is not None else row_h  # an unused valid pointer when COUNT is off
     _fc1_gelu_kernel[(sched.tiles,)](
@@ -461,10 +474,10 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
     hmax = fc1_weight.shape[0]
     M = B * N
     dev = x.device
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dw1 = torch.empty_like(fc1_weight, memory_format=torch.contiguous_format)
-    db1 = torch.empty_like(fc1_bias, memory_format=torch.contiguous_format)
-    dw2 = torch.empty_like(fc2_weight, memory_format=torch.contiguous_format)
+    dx = _alloc(x.shape, x.dtype, dev)
+    dw1 = _alloc(fc1_weight.shape, fc1_weight.dtype, dev)
+    db1 = _alloc(fc1_bias.shape, fc1_bias.dtype, dev)
+    dw2 = _alloc(fc2_weight.shape, fc2_weight.dtype, dev)
     db2 = grad_out.reshape(M, C).sum(0, dtype=torch.float32).to(fc2_bias.dtype)
     if M == 0:
         return dx, dw1.zero_(), db1.zero_(), dw2.zero_(), db2
@@ -481,8 +494,8 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
     row_ids, row_h = _row_tensors(sched, dev)
     cnt = count if count is not None else row_h
     items = torch.tensor(sched.items, dtype=torch.int32, device=dev).reshape(-1)
-    act = torch.empty(M, hmax, dtype=x.dtype, device=dev)
-    dpre = torch.empty(M, hmax, dtype=x.dtype, device=dev)
+    act = _hidden_buffer(M, hmax, x.dtype, dev)
+    dpre = _hidden_buffer(M, hmax, x.dtype, dev)
     _dpre_kernel[(sched.tiles,)](
         x2, g2, row_ids, row_h, items, fc1_weight, fc1_bias, fc2_weight, dpre, act, cnt,
         M, C, hmax,
@@ -547,57 +560,63 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
 
 
 # ----------------------------------------------------------------------------- GPU compiles
-_TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Ahead-of-time compile descriptions (format: kernels/compile.py) of every kernel at the default
+# 16-bit GPU tiles, specialised as Triton's runtime specialises a launch at the released shapes
+# (C = 832, Hmax = 2138): unit strides become constexpr 1, and ":16" marks pointers and ints
+# that are multiples of 16 (C-strided rows, the padded activation rows); Hmax-strided ones are
+# not.
+def _spec(name, kernel, types, consts, blocks):
+    fn = globals()[kernel]
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            sig[arg] = types.get(arg, "*{dtype}:16")
+        else:
+            sig[arg] = types.get(arg, "i32")
+    return {"name": name, "kernel": kernel, "signature": sig, "constexprs": dict(consts),
+            "num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
 
 
-def compile_specs(dtype: torch.dtype) -> list[dict]:
-    """Ahead-of-time compile descriptions of every kernel at the default GPU tiles of ``dtype``:
-    dicts {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"} for
-    ``triton.compile(ASTSource(fn, signature, constexprs), target=...,
-    options={"num_warps": ..., "num_stages": ...})``."""
-    t = "*" + _TL_TYPE[dtype]
-    bl = default_blocks(dtype, interpret=False)
-    i32 = "i32"
-    specs = []
-
-    def add(name, fn, sig, consts):
-        sig = dict(sig)
-        for k in consts:
-            sig[k] = "constexpr"
-        specs.append({"name": f"matryoshka.{name}[{_TL_TYPE[dtype]}]", "fn": fn,
-                      "signature": sig, "constexprs": dict(consts),
-                      "num_warps": bl.num_warps, "num_stages": bl.num_stages})
-
-    add("fc1_gelu", _fc1_gelu_kernel,
-        {"x_ptr": t, "row_ids_ptr": "*i32", "row_h_ptr": "*i32", "items_ptr": "*i32",
-         "w1_ptr": t, "b1_ptr": t, "act_ptr": t, "count_ptr": "*i32", "M": i32, "C": i32,
-         "HMAX": i32, "stride_xm": i32, "stride_xc": i32, "stride_w1h": i32,
-         "stride_w1c": i32, "stride_am": i32},
-        {"BLOCK_M": bl.block_m, "BLOCK_H": bl.block_h, "BLOCK_K": bl.block_k, "COUNT": False})
-    add("dpre", _dpre_kernel,
-        {"x_ptr": t, "go_ptr": t, "row_ids_ptr": "*i32", "row_h_ptr": "*i32", "items_ptr": "*i32",
-         "w1_ptr": t, "b1_ptr": t, "w2_ptr": t, "dpre_ptr": t, "act_ptr": t, "count_ptr": "*i32",
-         "M": i32, "C": i32, "HMAX": i32, "stride_xm": i32, "stride_xc": i32, "stride_gm": i32,
-         "stride_gc": i32, "stride_w1h": i32, "stride_w1c": i32, "stride_w2c": i32,
-         "stride_w2h": i32, "stride_am": i32},
-        {"BLOCK_M": bl.block_m_bwd, "BLOCK_H": bl.block_h, "BLOCK_K": bl.block_k,
-         "COUNT": False})
-    for has_bias in (True, False):
-        add("fc2" if has_bias else "dx", _rows_by_hidden_kernel,
-            {"a_ptr": t, "w_ptr": t, "bias_ptr": t, "out_ptr": t, "row_ids_ptr": "*i32",
-             "row_h_ptr": "*i32", "count_ptr": "*i32", "M": i32, "C": i32, "stride_am": i32,
-             "stride_wk": i32, "stride_wc": i32, "stride_om": i32, "stride_oc": i32},
-            {"HAS_BIAS": has_bias, "BLOCK_M": bl.block_m2, "BLOCK_C": bl.block_c,
-             "BLOCK_K": bl.block_k2, "COUNT": False})
-    for has_db in (True, False):
-        add("dw1" if has_db else "dw2", _hidden_by_cols_kernel,
-            {"a_ptr": t, "x_ptr": t, "row_ids_ptr": "*i32", "row_h_ptr": "*i32",
-             "row_bound_ptr": "*i32", "out_ptr": t, "db_ptr": t, "count_ptr": "*i32",
-             "HMAX": i32, "C": i32, "stride_am": i32, "stride_xm": i32, "stride_xc": i32,
-             "stride_oh": i32, "stride_oc": i32},
-            {"HAS_DB": has_db, "BLOCK_H": bl.block_h, "BLOCK_C": bl.block_c,
-             "BLOCK_R": bl.block_r, "COUNT": False})
-    return specs
+def _compile_specs(blocks: Blocks) -> list[dict]:
+    idx = {a: "*i32:16" for a in ("row_ids_ptr", "row_h_ptr", "items_ptr", "row_bound_ptr",
+                                  "count_ptr")}
+    c16 = "i32:16"
+    return [
+        _spec("ffn fc1+gelu", "_fc1_gelu_kernel",
+              {**idx, "C": c16, "stride_xm": c16, "stride_w1h": c16, "stride_am": c16},
+              {"stride_xc": 1, "stride_w1c": 1, "BLOCK_M": blocks.block_m,
+               "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
+        _spec("ffn bwd dpre", "_dpre_kernel",
+              {**idx, "C": c16, "stride_xm": c16, "stride_gm": c16, "stride_w1h": c16,
+               "stride_am": c16},
+              {"stride_xc": 1, "stride_gc": 1, "stride_w1c": 1, "stride_w2h": 1,
+               "BLOCK_M": blocks.block_m_bwd, "BLOCK_H": blocks.block_h,
+               "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
+        _spec("ffn fc2", "_rows_by_hidden_kernel",
+              {**idx, "C": c16, "stride_am": c16, "stride_wc": c16, "stride_om": c16},
+              {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "BLOCK_M": blocks.block_m2,
+               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
+        _spec("ffn bwd dx", "_rows_by_hidden_kernel",
+              {**idx, "C": c16, "stride_am": c16, "stride_wk": c16, "stride_om": c16},
+              {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "BLOCK_M": blocks.block_m2,
+               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
+        _spec("ffn bwd dW1+db1", "_hidden_by_cols_kernel",
+              {**idx, "C": c16, "stride_am": c16, "stride_xm": c16, "stride_oh": c16},
+              {"stride_xc": 1, "stride_oc": 1, "HAS_DB": True, "BLOCK_H": blocks.block_h,
+               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False}, blocks),
+        _spec("ffn bwd dW2", "_hidden_by_cols_kernel",
+              {**idx, "C": c16, "stride_am": c16, "stride_xm": c16},
+              {"stride_xc": 1, "stride_oh": 1, "HAS_DB": False, "BLOCK_H": blocks.block_h,
+               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False}, blocks),
+    ]
 
 
-COMPILE_SPECS = compile_specs(torch.float16) + compile_specs(torch.bfloat16)
+def compile_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
+    """:data:`COMPILE_SPECS` at the default GPU tiles of ``dtype`` (fp32 included; its "{dtype}"
+    is to be replaced by "fp32")."""
+    return _compile_specs(default_blocks(dtype, interpret=False))
+
+
+COMPILE_SPECS = compile_specs(torch.float16)

@@ -13,3 +13,36 @@ def _fresh_seed(request):
     import zlib
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
+    """Give every parameter a random value of order ``scale`` (LayerScale included), so that no
+    block is a near-identity and every test of the model exercises every layer."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.3, 1.0)
+            elif p.dim() >= 2:
+                p.normal_(0.0, scale / p.shape[-1] ** 0.5 if "pos_embed" not in name else scale)
+            else:
+                p.normal_(0.0, scale * 0.2)
+            if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+TINY = dict(embed_dim=96, num_heads=3, depth=4, img_size=64, patch_size=16, num_classes=17,
+            mat_dims=[48, 72, 96])
+
+
+def tiny_model(**overrides):
+    """A small AdaPerceiver with the released token grans (N up to 256), randomized."""
+    import adaperceiver
+    return randomize_(adaperceiver.create_model("adaperceiver_v1_in1k", **{**TINY, **overrides}))
+
+
+@pytest.fixture
+def reference_backend():
+    import adaperceiver
+    with adaperceiver.use_backend("reference"):
+        yield

@@ -89,12 +89,16 @@ class AdaPerceiverClassifier(nn.Module):
         """Patch embedding and read: the (B, N, C) latents before the first block."""
         patches = self.patch_embed(x, call.grid)
         B, C = x.shape[0], self.config.embed_dim
-        latents = self.process_latents.token.expand(B, call.num_tokens, C)
+        # a contiguous copy, not a view: a view of a parameter made under no_grad confuses
+        # module hooks (FlopCounterMode's module tracker fails on it)
+        latents = self.process_latents.token.expand(B, call.num_tokens, C).clone(
+            memory_format=torch.contiguous_format)
         return self.read_head(latents, patches, q_rope=rope)
 
     def write(self, latents: torch.Tensor, rope) -> torch.Tensor:
         """Write the latents out through the output token: (B, 1, C)."""
-        out_tok = self.output_latents.token.expand(latents.shape[0], 1, -1)
+        out_tok = self.output_latents.token.expand(latents.shape[0], 1, -1).clone(
+            memory_format=torch.contiguous_format)
         return self.write_head(out_tok, latents, k_rope=rope)
 
     def forward_head(self, latents: torch.Tensor, rope=None) -> torch.Tensor:

@@ -1,0 +1,51 @@
+# make test: fresh .venv, torch==2.14.1 first, the project (C++ and CUDA extension) without
+#            build isolation, then the CMake build + ctest and pytest tests/.
+# make bench: same set-up, then the default benchmark sweep on this CPU into results/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script)
+CUDA_HOME ?= $(shell command -v nvcc >/dev/null 2>&1 && cd "$$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$$ _HERE_=//p' | head -1)/.." && pwd)
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS ?= 2
+export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+.PHONY: test bench install venv ctest pytest clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
+	$(PIP) install -q ninja "setuptools>=68" wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+ctest: install
+	@if [ -f CMakeLists.txt ] && [ -d csrc/tests ]; then \
+	  cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
+	    -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+	    -DPython_EXECUTABLE=$(abspath $(PY)) >build/cmake.log 2>&1 || { cat build/cmake.log; exit 1; }; \
+	  cmake --build build/cmake -j $(MAX_JOBS) >>build/cmake.log 2>&1 || { tail -50 build/cmake.log; exit 1; }; \
+	  ctest --test-dir build/cmake --output-on-failure; \
+	fi
+
+pytest: install
+	$(PY) -m pytest tests/ -q -ra --durations=15 -p no:cacheprovider
+
+test: install
+	@mkdir -p build
+	$(MAKE) --no-print-directory ctest
+	$(MAKE) --no-print-directory pytest
+
+bench: install
+	$(PY) -m adaperceiver.bench --out-dir results
+
+clean:
+	rm -rf build $(VENV) *.egg-info results

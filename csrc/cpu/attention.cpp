@@ -1,0 +1,315 @@
+// Block-masked (group-causal) attention on the CPU, forward and backward, float32 inside.
+//
+// Computes out = softmax(scale * rope(q) rope(k)^T + mask) v and lse (natural log, float32),
+// exactly the semantics of adaperceiver/ops/reference.py (attention_forward/backward).
+// Schedule: one work item per (batch, head, tile of BM query rows), spread over threads with
+// at::parallel_for. Because row_end is nondecreasing, the tile's last row has the largest key
+// bound kend = min(row_end[m1 - 1], len): keys >= kend are never read (masked tiles skipped);
+// keys < min(row_end[m0], len) are seen by every row (no mask); only the band between them gets
+// the per-row bound, and only rows of a tile that crosses a group boundary have such a band.
+// Keys are taken in chunks of up to KC (one GEMM each, through the sgemm torch links via
+// at::native::cpublas::gemm on raw pointers: no tensor allocation in the inner loop) with an
+// online softmax across chunks. Rows past seq_lens[b] are written as zeros, lse -inf.
+// Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
+// P recomputed from the saved lse.
+#include "common.h"
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <cmath>
+#include <limits>
+
+namespace adaperceiver {
+namespace cpu {
+namespace {
+
+constexpr int64_t BM = 32;   // query rows per work item: the released grans are multiples of 32
+constexpr int64_t KC = 512;  // keys per softmax chunk: a BM x KC score block stays in L2
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using at::native::TransposeType;
+using Vec = at::vec::Vectorized<float>;
+
+// C (row-major m x n, ldc) = alpha * A (m x k, lda; transposed when ta) * B (k x n, ldb;
+// transposed when tb) + beta * C, written for row-major operands on top of the column-major
+// BLAS call (row-major C is column-major C^T = B^T A^T).
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                    float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  at::native::cpublas::gemm(tb ? TransposeType::Transpose : TransposeType::NoTranspose,
+                            ta ? TransposeType::Transpose : TransposeType::NoTranspose, n, m, k,
+                            alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// float32 contiguous (B, H, N, D) version of x, rotated by RoPE when tables are given
+// (interleaved pairs (x[2i], x[2i+1]) times e^(j angle); sign = -1 rotates back, which is the
+// gradient of the rotation). No copy when x is already float32, contiguous and not rotated.
+at::Tensor prep(const at::Tensor& x, const OptT& cos, const OptT& sin, float sign = 1.f) {
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (!cos.has_value()) return xf;
+  at::Tensor out = at::empty_like(xf);
+  const int64_t N = xf.size(2), D = xf.size(3), rows = xf.numel() / std::max<int64_t>(D, 1);
+  at::Tensor c = cos->contiguous(), s = sin->contiguous();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r % N;
+      const float* xr = xp + r * D;
+      float* o = op + r * D;
+      const float* cr = cp + n * (D / 2);
+      const float* sr = sp + n * (D / 2);
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float x0 = xr[2 * i], x1 = xr[2 * i + 1], cs = cr[i], sn = sign * sr[i];
+        o[2 * i] = x0 * cs - x1 * sn;
+        o[2 * i + 1] = x0 * sn + x1 * cs;
+      }
+    }
+  });
+  return out;
+}
+
+inline int64_t clamp_len(const std::vector<int64_t>& lens, int64_t b, int64_t n) {
+  if (lens.empty()) return n;
+  return std::min<int64_t>(std::max<int64_t>(lens[b], 0), n);
+}
+
+template <typename out_t>
+void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf,
+                          const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
+                          float scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = qf.size(0), H = qf.size(1), Nq = qf.size(2), D = qf.size(3);
+  const int64_t Nk = kf.size(2), Dv = vf.size(3);
+  const int64_t nqt = (Nq + BM - 1) / BM;
+  const float* qp = qf.data_ptr<float>();
+  const float* kp = kf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+  out_t* op = out.data_ptr<out_t>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
+
+  at::parallel_for(0, B * H * nqt, 1, [&](int64_t begin, int64_t end) {
+    // per-thread scratch, allocated once per chunk of work items (not per item)
+    std::vector<float> S(BM * kc_max), O(BM * Dv), m(BM), l(BM);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
+      const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
+      const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
+      const int64_t m1 = std::min(mend, lq);
+      out_t* orow = op + (bh * Nq + m0) * Dv;
+      float* lrow = lp + bh * Nq + m0;
+      const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
+      const int64_t rows = kend > 0 ? m1 - m0 : 0;
+      // rows past the sample's length (or seeing no key): zeros, lse -inf
+      for (int64_t r = rows; r < mend - m0; ++r) {
+        std::fill(orow + r * Dv, orow + (r + 1) * Dv, out_t(0));
+        lrow[r] = kNegInf;
+      }
+      if (rows == 0) continue;
+      const int64_t kfull = std::min(re[m0], lk);  // keys every row of the tile sees
+      const float* q = qp + (bh * Nq + m0) * D;
+      const float* kb = kp + bh * Nk * D;
+      const float* vb = vp + bh * Nk * Dv;
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t c0 = 0; c0 < kend; c0 += KC) {
+        const int64_t kc = std::min(KC, kend - c0);
+        // S = scale * Q K[c0:c0+kc]^T   (rows x kc)
+        gemm_rm(false, true, rows, kc, D, scale, q, D, kb + c0 * D, D, 0.f, S.data(), kc);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = S.data() + r * kc;
+          // per-row bound only in the band above kfull
+          const int64_t vc = c0 + kc <= kfull
+                                 ? kc
+                                 : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+          if (vc == 0) {
+            std::fill(s, s + kc, 0.f);
+            continue;
+          }
+          const float mx = at::vec::reduce_all<float>(
+              [](Vec& a, Vec& b2) { return at::vec::maximum(a, b2); }, s, vc);
+          const float mnew = std::max(m[r], mx);
+          const Vec vm(mnew);
+          Vec acc(0.f);
+          int64_t j = 0;
+          for (; j + Vec::size() <= vc; j += Vec::size()) {
+            Vec e = (Vec::loadu(s + j) - vm).exp();
+            e.store(s + j);
+            acc = acc + e;
+          }
+          float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b2) { return a + b2; },
+                                                     acc);
+          for (; j < vc; ++j) {
+            const float e = std::exp(s[j] - mnew);
+            s[j] = e;
+            sum += e;
+          }
+          std::fill(s + vc, s + kc, 0.f);
+          const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
+          if (c0 > 0 && alpha != 1.f) {
+            float* o = O.data() + r * Dv;
+            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, o, o, Dv);
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+        }
+        // O (+)= P V[c0:c0+kc]
+        gemm_rm(false, false, rows, Dv, kc, 1.f, S.data(), kc, vb + c0 * Dv, Dv,
+                c0 > 0 ? 1.f : 0.f, O.data(), Dv);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / l[r];
+        const float* o = O.data() + r * Dv;
+        out_t* dst = orow + r * Dv;
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<out_t>(o[d] * inv);
+        lrow[r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at::Tensor& kf,
+                          const at::Tensor& vf, const at::Tensor& of, const at::Tensor& lsef,
+                          const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
+                          float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = qf.size(0), H = qf.size(1), Nq = qf.size(2), D = qf.size(3);
+  const int64_t Nk = kf.size(2), Dv = vf.size(3);
+  const float* gp = gof.data_ptr<float>();
+  const float* qp = qf.data_ptr<float>();
+  const float* kp = kf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+  const float* opp = of.data_ptr<float>();
+  const float* lp = lsef.data_ptr<float>();
+  float* dqp = dq.data_ptr<float>();  // float32 work buffers (RoPE is undone afterwards)
+  float* dkp = dk.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
+  const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(BM * kc_max), dP(BM * kc_max), delta(BM);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
+      float* dqb = dqp + bh * Nq * D;
+      float* dkb = dkp + bh * Nk * D;
+      float* dvb = dvp + bh * Nk * Dv;
+      std::fill(dqb, dqb + Nq * D, 0.f);
+      std::fill(dkb, dkb + Nk * D, 0.f);
+      std::fill(dvb, dvb + Nk * Dv, 0.f);
+      const float* kb = kp + bh * Nk * D;
+      const float* vb = vp + bh * Nk * Dv;
+      for (int64_t m0 = 0; m0 < lq; m0 += BM) {
+        const int64_t m1 = std::min(m0 + BM, lq);
+        const int64_t kend = std::min(re[m1 - 1], lk);
+        if (kend <= 0) continue;
+        const int64_t rows = m1 - m0, kfull = std::min(re[m0], lk);
+        const float* q = qp + (bh * Nq + m0) * D;
+        const float* go = gp + (bh * Nq + m0) * Dv;
+        const float* o = opp + (bh * Nq + m0) * Dv;
+        const float* ls = lp + bh * Nq + m0;
+        for (int64_t r = 0; r < rows; ++r) {
+          // delta_i = sum_j P_ij dP_ij = dO_i . O_i
+          delta[r] = at::vec::map2_reduce_all<float>(
+              [](Vec a, Vec b2) { return a * b2; }, [](Vec a, Vec b2) { return a + b2; },
+              go + r * Dv, o + r * Dv, Dv);
+        }
+        for (int64_t c0 = 0; c0 < kend; c0 += KC) {
+          const int64_t kc = std::min(KC, kend - c0);
+          gemm_rm(false, true, rows, kc, D, scale, q, D, kb + c0 * D, D, 0.f, P.data(), kc);
+          // dP = dO V^T
+          gemm_rm(false, true, rows, kc, Dv, 1.f, go, Dv, vb + c0 * Dv, Dv, 0.f, dP.data(), kc);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* p = P.data() + r * kc;
+            float* dp = dP.data() + r * kc;
+            const int64_t vc = c0 + kc <= kfull
+                                   ? kc
+                                   : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+            const Vec vl(ls[r]), vd(delta[r]), vs(scale);
+            int64_t j = 0;
+            for (; j + Vec::size() <= vc; j += Vec::size()) {
+              Vec pe = (Vec::loadu(p + j) - vl).exp();
+              pe.store(p + j);
+              ((Vec::loadu(dp + j) - vd) * pe * vs).store(dp + j);
+            }
+            for (; j < vc; ++j) {
+              const float pe = std::exp(p[j] - ls[r]);
+              p[j] = pe;
+              dp[j] = (dp[j] - delta[r]) * pe * scale;
+            }
+            std::fill(p + vc, p + kc, 0.f);
+            std::fill(dp + vc, dp + kc, 0.f);
+          }
+          // dV[c0:] += P^T dO ; dK[c0:] += dS^T Q ; dQ += dS K[c0:]
+          gemm_rm(true, false, kc, Dv, rows, 1.f, P.data(), kc, go, Dv, 1.f, dvb + c0 * Dv, Dv);
+          gemm_rm(true, false, kc, D, rows, 1.f, dP.data(), kc, q, D, 1.f, dkb + c0 * D, D);
+          gemm_rm(false, false, rows, D, kc, 1.f, dP.data(), kc, kb + c0 * D, D, 1.f,
+                  dqb + m0 * D, D);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 at::OptionalIntArrayRef token_grans, double scale,
+                                                 const OptT& seq_lens, const OptT& q_cos,
+                                                 const OptT& q_sin, const OptT& k_cos,
+                                                 const OptT& k_sin) {
+  check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
+  TORCH_CHECK(q.device().is_cpu(), "attention_fwd (CPU kernel) got tensors on ", q.device());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
+  const auto re = row_end(Nq, token_grans, Nk);
+  const auto lens = seq_lens_host(seq_lens, B);
+  at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});
+  at::Tensor out = at::empty({B, H, Nq, v.size(3)}, q.options());
+  at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd",
+                                  [&] {
+                                    attention_fwd_kernel<scalar_t>(qf, kf, vf, re, lens,
+                                                                   static_cast<float>(scale),
+                                                                   out, lse);
+                                  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
+    double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
+    const OptT& k_sin) {
+  check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
+  TORCH_CHECK(q.device().is_cpu(), "attention_bwd (CPU kernel) got tensors on ", q.device());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() ==
+                  grad_out.sizes(), "grad_out and out must be (", B, ", ", H, ", ", Nq, ", ", Dv,
+              "); got grad_out", shape_str(grad_out), " out", shape_str(out));
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), "lse must be (", B, ", ", H, ", ",
+              Nq, "); got ", shape_str(lse));
+  const auto re = row_end(Nq, token_grans, Nk);
+  const auto lens = seq_lens_host(seq_lens, B);
+  at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});
+  at::Tensor gof = prep(grad_out, {}, {}), of = prep(out, {}, {});
+  at::Tensor lsef = lse.to(at::kFloat).contiguous();
+  at::Tensor dq = at::empty(qf.sizes(), qf.options()), dk = at::empty(kf.sizes(), kf.options());
+  at::Tensor dv = at::empty(vf.sizes(), vf.options());
+  attention_bwd_kernel(gof, qf, kf, vf, of, lsef, re, lens, static_cast<float>(scale), dq, dk,
+                       dv);
+  // gradients wrt the unrotated q, k: rotate back by the opposite angle
+  if (q_cos.has_value()) dq = prep(dq, q_cos, q_sin, -1.f);
+  if (k_cos.has_value()) dk = prep(dk, k_cos, k_sin, -1.f);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace cpu
+}  // namespace adaperceiver

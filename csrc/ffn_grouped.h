@@ -1,0 +1,22 @@
+// Width groups of the Matryoshka FFN (shared by the CPU and CUDA paths).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace adaperceiver {
+
+struct WidthGroup {
+  int64_t h;                 // hidden width of every sample in the group
+  std::vector<int64_t> idx;  // sample indices, increasing
+  bool contiguous;           // idx is a run of adjacent samples (in-place views, no gather)
+};
+
+// Samples grouped by width, widest group first.
+std::vector<WidthGroup> groups_by_width(at::IntArrayRef hidden);
+
+at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+
+}  // namespace adaperceiver

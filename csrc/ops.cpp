@@ -1,0 +1,69 @@
+// The backend-level op schemas of adaperceiver._C (namespace adaperceiver, one TORCH_LIBRARY),
+// their CPU implementations, and the compile-time facts of the build.
+//
+// The Python side defines the user-facing custom ops (block_masked_attention, matryoshka_ffn,
+// their _backward ops) in the same namespace through torch.library.custom_op, which registers
+// FRAGMENTs: they coexist with this one TORCH_LIBRARY in either import order. The schemas below
+// take the same arguments as those Python ops (see adaperceiver/ops/__init__.py).
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include "kernels.h"
+
+#ifndef ADAPERCEIVER_WITH_CUDA
+#define ADAPERCEIVER_WITH_CUDA 0
+#endif
+
+namespace adaperceiver {
+
+std::vector<std::pair<std::string, std::string>> build_facts() {
+  std::vector<std::pair<std::string, std::string>> f;
+  f.emplace_back("cpp", "1");
+  f.emplace_back("cuda", ADAPERCEIVER_WITH_CUDA ? "1" : "0");
+  f.emplace_back("cxx_compiler",
+#if defined(__clang__)
+                 std::string("clang ") + __clang_version__
+#elif defined(__GNUC__)
+                 std::string("gcc ") + __VERSION__
+#else
+                 std::string("unknown")
+#endif
+  );
+  f.emplace_back("torch_version", TORCH_VERSION);
+#ifdef _OPENMP
+  f.emplace_back("openmp", std::to_string(_OPENMP));
+#else
+  f.emplace_back("openmp", "");
+#endif
+#if ADAPERCEIVER_WITH_CUDA
+  for (auto& kv : cuda::build_facts()) f.push_back(kv);
+#endif
+  return f;
+}
+
+}  // namespace adaperceiver
+
+TORCH_LIBRARY(adaperceiver, m) {
+  m.def(
+      "block_masked_attention_fwd(Tensor q, Tensor k, Tensor v, int[]? token_grans, float scale, "
+      "Tensor? seq_lens, Tensor? q_cos, Tensor? q_sin, Tensor? k_cos, Tensor? k_sin) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "block_masked_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, int[]? token_grans, float scale, Tensor? seq_lens, Tensor? q_cos, "
+      "Tensor? q_sin, Tensor? k_cos, Tensor? k_sin) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "matryoshka_ffn_fwd(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
+      "Tensor fc2_bias, int[] hidden) -> Tensor");
+  m.def(
+      "matryoshka_ffn_bwd(Tensor grad_out, Tensor x, Tensor fc1_weight, Tensor fc1_bias, "
+      "Tensor fc2_weight, Tensor fc2_bias, int[] hidden) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
+  m.impl("block_masked_attention_fwd", &adaperceiver::cpu::attention_fwd);
+  m.impl("block_masked_attention_bwd", &adaperceiver::cpu::attention_bwd);
+  m.impl("matryoshka_ffn_fwd", &adaperceiver::cpu::ffn_fwd);
+  m.impl("matryoshka_ffn_bwd", &adaperceiver::cpu::ffn_bwd);
+}

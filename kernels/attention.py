@@ -1,0 +1,632 @@
+"""Triton block-masked latent attention of AdaPerceiver (forward and backward).
+
+Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask of SPEC.md (query
+row i sees keys k < row_end[i], row_end nondecreasing; no mask: row_end = Nk), per-sample
+lengths ``seq_lens`` (rows and keys past the length are dropped, their outputs are zero) and
+optional interleaved-pair RoPE applied to q / k inside the kernels (no rotated copy is written).
+
+Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
+  forward / dq: one program per (query tile [m0, m1), batch * head). Key tiles below
+    min(row_end[m0], n) // BLOCK_N are fully visible (stage 1, no mask); key tiles up to
+    ceil(min(row_end[m1 - 1], n) / BLOCK_N) are masked per row (stage 2); none beyond.
+  dk/dv: one program per (key tile [n0, n1), batch * head), the mirror: query tiles before the
+    first row that sees key n0 are skipped, tiles before the first row that sees key n1 - 1 are
+    masked per row, the rest (up to the sample's length) need no key mask.
+What is skipped: query tiles past a sample's length do no work (they store zeros / -inf), key
+tiles past a row tile's bound are never loaded, masked scores are never exponentiated.
+Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
+adaperceiver/ops/dispatch.py), -inf on rows that see no key.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from adaperceiver.ops.schedule import check_grans, row_end
+
+__all__ = ["attention_forward", "attention_backward", "block_masked_attention", "why_not",
+           "COMPILE_SPECS", "Tiles", "default_tiles"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (32, 64, 128)
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# ----------------------------------------------------------------------------- tile sizes
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch options of the three main kernels.
+
+    fwd_*: forward (query tile M x key tile N); dkdv_*: dk/dv (key tile N, inner query tile M);
+    dq_*: dq (query tile M x key tile N). ``tl.dot`` needs every dimension >= 16 on a GPU.
+    """
+    fwd_m: int
+    fwd_n: int
+    dkdv_m: int
+    dkdv_n: int
+    dq_m: int
+    dq_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_tiles(head_dim: int, interpret: Optional[bool] = None) -> Tiles:
+    """GPU tile sizes (checked spill-free by tests/test_kernels_compile.py), or big tiles under
+    the interpreter, whose cost is per program and per op, not per element."""
+    if _interpreting() if interpret is None else interpret:
+        return Tiles(32, 32, 32, 32, 32, 32)
+    if head_dim <= 64:
+        return Tiles(64, 64, 32, 64, 64, 32, num_warps=4, num_stages=3)
+    # head_dim 128: the dk/dv accumulators (2 x 64 x 128 fp32) need 8 warps to stay in registers
+    return Tiles(64, 64, 32, 64, 64, 32, num_warps=8, num_stages=2)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _rope(x, cos, sin, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of a (ROWS, HEAD_DIM) tile by (cos, sin)
+    (ROWS, HEAD_DIM // 2) float32; returns float32. The inverse rotation is (cos, -sin)."""
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (ROWS, HEAD_DIM // 2, 2)))
+    return tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (ROWS, HEAD_DIM))
+
+
+@triton.jit
+def _load_rows(base, offs, stride, limit, ROPE: tl.constexpr, Cos, Sin, HEAD_DIM: tl.constexpr,
+               ROWS: tl.constexpr):
+    """Load a (ROWS, HEAD_DIM) tile of rows ``offs`` (rows >= limit read as 0); with ROPE, rotate
+    it by the tables' rows ``offs`` and round back to the input dtype, as the reference does.
+
+    The rotation is written per column, r[d] = x[d] c[d // 2] -+ x[d ^ 1] s[d // 2] (minus on
+    even d), from a second load of the tile with pair-swapped columns (a cache hit): no
+    reshape/split/join, so the tile keeps one register layout inside the key loops."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs[:, None] < limit
+    x = tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=rows, other=0.0)
+    if ROPE:
+        xs = tl.load(base + offs[:, None] * stride + (offs_d ^ 1)[None, :], mask=rows, other=0.0)
+        t = offs[:, None] * (HEAD_DIM // 2) + (offs_d // 2)[None, :]
+        cos = tl.load(Cos + t, mask=rows, other=1.0)
+        sin = tl.load(Sin + t, mask=rows, other=0.0)
+        sin = tl.where((offs_d % 2 == 1)[None, :], sin, -sin)
+        x = (x.to(tl.float32) * cos + xs.to(tl.float32) * sin).to(base.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _unrope_store(base, x, offs, stride, limit, keep, ROPE: tl.constexpr, Cos, Sin,
+                  HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Store a gradient tile w.r.t. rotated rows as the gradient w.r.t. the unrotated rows
+    (inverse rotation), zero on rows not in ``keep``; rows >= limit are not written."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if ROPE:
+        offs_h = tl.arange(0, HEAD_DIM // 2)
+        t = offs[:, None] * (HEAD_DIM // 2) + offs_h[None, :]
+        cos = tl.load(Cos + t, mask=offs[:, None] < limit, other=1.0)
+        sin = tl.load(Sin + t, mask=offs[:, None] < limit, other=0.0)
+        x = _rope(x, cos, -sin, ROWS, HEAD_DIM)
+    x = tl.where(keep[:, None], x, 0.0)
+    tl.store(base + offs[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty),
+             mask=offs[:, None] < limit)
+
+
+@triton.jit
+def _lengths(SeqLens, b, N_Q, N_K, HAS_LENS: tl.constexpr):
+    """(rows, keys) of sample b: its seq_len clips both (cross-attention included)."""
+    len_q = N_Q
+    len_k = N_K
+    if HAS_LENS:
+        n = tl.maximum(tl.load(SeqLens + b), 0)
+        len_q = tl.minimum(len_q, n)
+        len_k = tl.minimum(len_k, n)
+    return len_q, len_k
+
+
+@triton.jit
+def _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N: tl.constexpr):
+    """Per-row key bounds of a query tile and its key-tile stages [0, n_full) / [n_full, n_end).
+
+    Rows past the length borrow the last valid row's bound, so every row of the tile sees at
+    least key 0 (no -inf - -inf in the online softmax); they are zeroed at the store. The tile
+    bounds come from the smallest and largest row bound (rows m0 and m1 - 1: row_end is
+    nondecreasing)."""
+    active = tl.min(offs_m, 0) < len_q
+    rows = tl.minimum(offs_m, tl.maximum(len_q - 1, 0))
+    bound = tl.minimum(tl.load(RowEnd + rows), len_k)
+    n_full = tl.where(active, tl.min(bound, 0) // BLOCK_N, 0)
+    n_end = tl.where(active, tl.cdiv(tl.max(bound, 0), BLOCK_N), 0)
+    return bound, n_full, n_end
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
+               tile_lo, tile_hi, qk_scale, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One stage of the online softmax over key tiles [tile_lo, tile_hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(tile_lo, tile_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=offs_n[:, None] < N_K, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counter,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              H, N_Q, N_K, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
+              DEBUG: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
+    if DEBUG:
+        tl.atomic_add(Counter, n_end)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin,
+                   HEAD_DIM, BLOCK_M)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    # stage 1: key tiles every row of the tile sees in full
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
+                               KSin, bound, 0, n_full, qk_scale, N_K, HEAD_DIM, BLOCK_N,
+                               False, K_ROPE, PRECISION)
+    # stage 2: key tiles cut by some row's bound (or by the sample's length)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
+                               KSin, bound, n_full, n_end, qk_scale, N_K, HEAD_DIM, BLOCK_N,
+                               True, K_ROPE, PRECISION)
+
+    valid = offs_m < len_q
+    l_safe = tl.where(valid, l_i, 1.0)
+    out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(valid, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    offs_d = tl.arange(0, HEAD_DIM)
+    o_ptrs = (Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
+    tl.store(Lse + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_on,
+                    stride_db, stride_dh, stride_dn, H, N_Q,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 (rows past a length have O = 0, hence delta = 0)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < N_Q
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                 + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin, lse_base,
+                delta_base, RowEnd, offs_n, len_q, len_k, tile_lo, tile_hi, qk_scale, N_Q,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                Q_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dk/dv of one key tile over query tiles [tile_lo, tile_hi), scores kept transposed."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(tile_lo, tile_hi):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
+        # rows past the length: lse = +inf makes p = 0 and dO = 0, so they add nothing
+        row_ok = offs_m < len_q
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            bound = tl.minimum(tl.load(RowEnd + offs_m, mask=offs_m < N_Q, other=0), len_k)
+            qkT = tl.where(offs_n[:, None] < bound[None, :], qkT, float("-inf"))
+        pT = tl.math.exp2(qkT - lse[None, :])
+        do = tl.load(do_base + offs_m[:, None] * stride_dn + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSin, KCos, KSin,
+                   Counter, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                   stride_gb, stride_gh, stride_gn,
+                   H, N_Q, N_K, sm_scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
+                   DEBUG: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    active = n0 < len_k
+    n_last = tl.maximum(tl.minimum(n0 + BLOCK_N, len_k) - 1, 0)
+    # The mirror schedule. row_end is nondecreasing, so the first query row that sees key j is
+    # the number of rows whose bound is <= j: counted in vector chunks (no host table).
+    r_first = 0
+    r_full = 0
+    for m in range(0, N_Q, BLOCK_M):
+        offs = m + tl.arange(0, BLOCK_M)
+        re = tl.load(RowEnd + offs, mask=offs < N_Q, other=2147483647)
+        r_first += tl.sum((re <= n0).to(tl.int32), 0)
+        r_full += tl.sum((re <= n_last).to(tl.int32), 0)
+    m_end = tl.where(active, tl.cdiv(len_q, BLOCK_M), 0)
+    m_start = tl.minimum(r_first // BLOCK_M, m_end)
+    m_full = tl.minimum(tl.maximum(tl.cdiv(r_full, BLOCK_M), m_start), m_end)
+    if DEBUG:
+        tl.atomic_add(Counter, m_end - m_start)
+
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin,
+                   HEAD_DIM, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+                + offs_d[None, :], mask=offs_n[:, None] < N_K, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DOut + b * stride_db + h * stride_dh
+    lse_base = Lse + bh.to(tl.int64) * N_Q
+    delta_base = Delta + bh.to(tl.int64) * N_Q
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    # stage 1: query tiles holding rows that see only part of this key tile
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin,
+                         lse_base, delta_base, RowEnd, offs_n, len_q, len_k, m_start, m_full,
+                         qk_scale, N_Q, HEAD_DIM, BLOCK_M, True, Q_ROPE, PRECISION)
+    # stage 2: query tiles whose every row sees the whole key tile
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin,
+                         lse_base, delta_base, RowEnd, offs_n, len_q, len_k, m_full, m_end,
+                         qk_scale, N_Q, HEAD_DIM, BLOCK_M, False, Q_ROPE, PRECISION)
+
+    # keys past the length get no gradient (stage 2 does not mask them)
+    keep = offs_n < len_k
+    g_off = b * stride_gb + h * stride_gh
+    _unrope_store(DK + g_off, dk * sm_scale, offs_n, stride_gn, N_K, keep, K_ROPE, KCos, KSin,
+                  HEAD_DIM, BLOCK_N)
+    _unrope_store(DV + g_off, dv, offs_n, stride_gn, N_K, keep, False, KCos, KSin,
+                  HEAD_DIM, BLOCK_N)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
+              tile_lo, tile_hi, qk_scale, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one query tile over key tiles [tile_lo, tile_hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(tile_lo, tile_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=offs_n[:, None] < N_K, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCos, KSin,
+                 Counter, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                 stride_gb, stride_gh, stride_gn,
+                 H, N_Q, N_K, sm_scale, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
+                 DEBUG: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
+    if DEBUG:
+        tl.atomic_add(Counter, n_end)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin,
+                   HEAD_DIM, BLOCK_M)
+    row_ok = offs_m < len_q
+    offs_d = tl.arange(0, HEAD_DIM)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
+                 + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok,
+                  other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
+                   bound, 0, n_full, qk_scale, N_K, HEAD_DIM, BLOCK_N, False, K_ROPE, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
+                   bound, n_full, n_end, qk_scale, N_K, HEAD_DIM, BLOCK_N, True, K_ROPE,
+                   PRECISION)
+    _unrope_store(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, offs_m, stride_gn, N_Q,
+                  row_ok, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
+
+
+# ----------------------------------------------------------------------------- host side
+def why_not(q, k, v, token_grans=None, seq_lens=None, q_rope=None, k_rope=None) -> list[str]:
+    """Why these kernels cannot take this input (empty: they can). The device is not checked
+    here: the dispatcher does that."""
+    reasons = []
+    ts = {"q": q, "k": k, "v": v}
+    for name, t in ts.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return [f"{name} must be a 4-d tensor (B, H, N, D)"]
+    for name, t in ts.items():
+        if t.dtype not in _DTYPES:
+            reasons.append(f"{name}.dtype={t.dtype} is not supported; allowed: float16, "
+                           "bfloat16, float32")
+        elif t.dtype == torch.bfloat16 and _interpreting():
+            reasons.append(f"{name}.dtype=bfloat16 is not supported under TRITON_INTERPRET=1 "
+                           "(the interpreter's bf16 is broken); allowed there: float16, float32")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            reasons.append(f"{name} has stride {t.stride(-1)} along head_dim; the kernels need "
+                           "head_dim contiguous (stride 1)")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if len({q.device, k.device, v.device}) > 1:
+        reasons.append(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        reasons.append(f"head_dim={D} is not supported; allowed: {', '.join(map(str, HEAD_DIMS))}")
+    if k.shape[-1] != D or v.shape[-1] != D:
+        reasons.append(f"head dims differ: q {D}, k {k.shape[-1]}, v {v.shape[-1]}; the kernels "
+                       "need one head_dim")
+    if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
+        reasons.append(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} do not fit")
+    Nq, Nk = q.shape[2], k.shape[2]
+    if Nq == 0 or Nk == 0 or q.shape[0] == 0 or q.shape[1] == 0:
+        reasons.append(f"empty input (q{tuple(q.shape)}, k{tuple(k.shape)})")
+    if q.shape[0] * q.shape[1] > 65535:
+        reasons.append(f"batch*heads={q.shape[0] * q.shape[1]} exceeds the grid limit 65535")
+    if token_grans is not None and Nq != Nk:
+        reasons.append(f"token_grans needs Nq == Nk, got Nq={Nq}, Nk={Nk}")
+    if seq_lens is not None and (not isinstance(seq_lens, torch.Tensor)
+                                 or seq_lens.shape != (q.shape[0],)
+                                 or seq_lens.dtype not in (torch.int32, torch.int64)):
+        reasons.append(f"seq_lens must be an int32/int64 tensor of shape ({q.shape[0]},)")
+    for name, rope, n in (("q_rope", q_rope, Nq), ("k_rope", k_rope, Nk)):
+        if rope is None:
+            continue
+        if (len(rope) != 2 or any(not isinstance(r, torch.Tensor) or r.shape != (n, D // 2)
+                                  or not r.dtype.is_floating_point for r in rope)):
+            reasons.append(f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2})")
+    return reasons
+
+
+def _check(q, k, v, token_grans, seq_lens, q_rope, k_rope):
+    reasons = why_not(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    if reasons:
+        raise ValueError("the Triton attention kernels cannot take this input:\n  "
+                         + "\n  ".join(reasons))
+    return None if token_grans is None else check_grans(token_grans)
+
+
+def _table(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like if t is None else t.to(device=like.device, dtype=torch.float32).contiguous()
+
+
+def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
+    """Device inputs shared by every kernel: row_end, seq_lens, the four RoPE tables. Unused
+    pointers get a dummy tensor (their constexpr flag keeps the kernel from reading it)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    re = row_end(Nq, token_grans, Nk, device=q.device)
+    lens = re if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32)
+    qc, qs = (None, None) if q_rope is None else q_rope
+    kc, ks = (None, None) if k_rope is None else k_rope
+    tables = [_table(t, dummy_f32) for t in (qc, qs, kc, ks)]
+    return re, lens, tables
+
+
+def _precision(dtype) -> str:
+    # fp32 inputs get true fp32 products (the reference's semantics), not TF32
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,
+                      k_rope=None, *, tiles: Optional[Tiles] = None,
+                      visit_counter: Optional[torch.Tensor] = None):
+    """(out, lse): out (B, H, Nq, D) in q's dtype, lse float32 (B, H, Nq), natural log, -inf
+    on rows that see no key. ``visit_counter`` (int32, 1 element): when given, the kernel adds
+    the number of key tiles it loads to it (a DEBUG build of the kernel)."""
+    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    t = tiles or default_tiles(D)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
+    grid = (triton.cdiv(Nq, t.fwd_m), B * H)
+    _attn_fwd[grid](
+        q, k, v, out, lse, re, lens, qc, qs, kc, ks,
+        re if visit_counter is None else visit_counter,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, Nq, Nk, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=seq_lens is not None,
+        Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=visit_counter is not None,
+        PRECISION=_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None, seq_lens=None,
+                       q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None,
+                       visit_counters: Optional[dict] = None):
+    """(dq, dk, dv) w.r.t. the unrotated q, k and v. ``out`` and ``lse`` may come from any
+    backend (shared contract). ``visit_counters``: optional {"dkdv": t, "dq": t} int32 tensors
+    the kernels add their tile visits to (query tiles per key tile; key tiles per query tile).
+    """
+    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if grad_out.shape != out.shape or grad_out.stride(-1) != 1:
+        grad_out = grad_out.reshape(out.shape).contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    t = tiles or default_tiles(D)
+    re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
+    flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, Q_ROPE=q_rope is not None,
+                 K_ROPE=k_rope is not None, PRECISION=_precision(q.dtype),
+                 num_warps=t.num_warps, num_stages=t.num_stages)
+    counters = visit_counters or {}
+
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(Nq, t.dq_m), B * H)](
+        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), H, Nq,
+        HEAD_DIM=D, BLOCK_M=t.dq_m, num_warps=t.num_warps)
+
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2),
+              grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    _attn_bwd_dkdv[(triton.cdiv(Nk, t.dkdv_n), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, re, lens, qc, qs, kc, ks,
+        counters.get("dkdv", re), *common, dk.stride(0), dk.stride(1), dk.stride(2),
+        H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dkdv_m, BLOCK_N=t.dkdv_n,
+        DEBUG="dkdv" in counters, **flags)
+    _attn_bwd_dq[(triton.cdiv(Nq, t.dq_m), B * H)](
+        q, k, v, grad_out, lse, delta, dq, re, lens, qc, qs, kc, ks,
+        counters.get("dq", re), *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dq_m, BLOCK_N=t.dq_n,
+        DEBUG="dq" in counters, **flags)
+    return dq, dk, dv
+
+
+class _BlockMaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks):
+        q_rope = None if qc is None else (qc, qs)
+        k_rope = None if kc is None else (kc, ks)
+        out, lse = attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
+        ctx.save_for_backward(q, k, v, out, lse, seq_lens, qc, qs, kc, ks)
+        ctx.token_grans, ctx.scale = token_grans, scale
+        ctx.mark_non_differentiable(lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, seq_lens, qc, qs, kc, ks = ctx.saved_tensors
+        q_rope = None if qc is None else (qc, qs)
+        k_rope = None if kc is None else (kc, ks)
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.token_grans, ctx.scale,
+                                        seq_lens, q_rope, k_rope)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None, *,
+                           scale: Optional[float] = None, seq_lens: Optional[torch.Tensor] = None,
+                           q_rope=None, k_rope=None) -> torch.Tensor:
+    """Group-causal attention on the Triton kernels directly (no dispatch), differentiable.
+    Same arguments and result as adaperceiver.ops.block_masked_attention."""
+    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    qc, qs = (None, None) if q_rope is None else q_rope
+    kc, ks = (None, None) if k_rope is None else k_rope
+    return _BlockMaskedAttention.apply(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)
+
+
+# ----------------------------------------------------------------------------- AOT specs
+def _signature(pointers, ints, floats, constexprs):
+    sig = {name: ty for name, ty in pointers}
+    sig.update({name: "i32:16" if name.startswith("stride") and not name.endswith("n") else "i32"
+                for name in ints})
+    sig.update({name: "fp32" for name in floats})
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig
+
+
+def _compile_specs() -> list[dict]:
+    """Every @triton.jit kernel of this file at GPU default tiles, for each head_dim, with every
+    optional feature on (RoPE on q and k, seq_lens: the largest register footprint) and off.
+    Format: see adaperceiver/kernels/compile.py."""
+    x, f32, i32 = "*{dtype}:16", "*fp32:16", "*i32:16"
+    tables = [("QCos", f32), ("QSin", f32), ("KCos", f32), ("KSin", f32)]
+    strides = lambda *ts: [f"stride_{t}{d}" for t in ts for d in "bhn"]  # noqa: E731
+    specs = []
+    for D in HEAD_DIMS:
+        t = default_tiles(D, interpret=False)
+        launch = {"num_warps": t.num_warps, "num_stages": t.num_stages}
+        for feat in (True, False):
+            tag = f"D={D}" + (" rope+lens" if feat else "")
+            flags = {"HEAD_DIM": D, "HAS_LENS": feat, "Q_ROPE": feat, "K_ROPE": feat,
+                     "DEBUG": False, "PRECISION": "tf32"}
+            fwd_c = {**flags, "BLOCK_M": t.fwd_m, "BLOCK_N": t.fwd_n}
+            specs.append({"name": f"attn_fwd {tag}", "kernel": "_attn_fwd", **launch,
+                          "constexprs": fwd_c, "signature": _signature(
+                              [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32),
+                               ("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)],
+                              strides("q", "k", "v", "o") + ["H", "N_Q", "N_K"], ["qk_scale"],
+                              fwd_c)})
+            bwd_ptrs = [("Q", x), ("K", x), ("V", x), ("DOut", x), ("Lse", f32),
+                        ("Delta", f32)]
+            rest = [("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)]
+            ints = strides("q", "k", "v", "d", "g") + ["H", "N_Q", "N_K"]
+            dkdv_c = {**flags, "BLOCK_M": t.dkdv_m, "BLOCK_N": t.dkdv_n}
+            specs.append({"name": f"attn_bwd_dkdv {tag}", "kernel": "_attn_bwd_dkdv", **launch,
+                          "constexprs": dkdv_c, "signature": _signature(
+                              bwd_ptrs + [("DK", x), ("DV", x)] + rest, ints,
+                              ["sm_scale", "qk_scale"], dkdv_c)})
+            dq_c = {**flags, "BLOCK_M": t.dq_m, "BLOCK_N": t.dq_n}
+            specs.append({"name": f"attn_bwd_dq {tag}", "kernel": "_attn_bwd_dq", **launch,
+                          "constexprs": dq_c, "signature": _signature(
+                              bwd_ptrs + [("DQ", x)] + rest, ints, ["sm_scale", "qk_scale"],
+                              dq_c)})
+        delta_c = {"HEAD_DIM": D, "BLOCK_M": t.dq_m}
+        specs.append({"name": f"attn_bwd_delta D={D}", "kernel": "_attn_bwd_delta",
+                      "num_warps": t.num_warps, "num_stages": 1, "constexprs": delta_c,
+                      "signature": _signature([("Out", x), ("DOut", x), ("Delta", f32)],
+                                              strides("o", "d") + ["H", "N_Q"], [], delta_c)})
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()

@@ -1,0 +1,264 @@
+"""Triton Matryoshka FFN (kernels/matryoshka.py) under TRITON_INTERPRET=1 against the float64
+masked full-width reference (adaperceiver.ops.reference).
+
+Every output and scratch buffer the kernels get is NaN-filled first (``poison`` fixture), so a
+result element that is not written, or a scratch element read before it is written, shows up
+as a NaN; every element is compared. bf16 cannot run under the interpreter (its bf16 arithmetic
+is wrong) and is covered by the GPU compiles of tests/test_kernels_compile.py.
+"""
+import math
+
+import pytest
+import torch
+
+from adaperceiver.kernels import matryoshka as mk
+from adaperceiver.ops import reference as ref
+
+SMALL = mk.Blocks(16, 16, 16, 16, 16, 16, 16, 16, 4, 1)  # many tiles on small shapes
+BIG = mk.Blocks(32, 32, 32, 32, 32, 32, 32, 32, 4, 1)    # the interpreter default
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """NaN-fill every buffer the kernels receive (outputs and act / dpre scratch)."""
+    def nan_alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(mk, "_alloc", nan_alloc)
+
+
+def make(B, N, C, H, dtype, scale_b=0.5):
+    """O(1) inputs: x, grad_out ~ N(0, 1); weights ~ N(0, 1/fan_in); biases ~ N(0, scale_b^2).
+    Rounded to ``dtype`` first; the float64 reference uses the rounded values."""
+    x = torch.randn(B, N, C)
+    w1 = torch.randn(H, C) / math.sqrt(C)
+    b1 = torch.randn(H) * scale_b
+    w2 = torch.randn(C, H) / math.sqrt(H)
+    b2 = torch.randn(C) * scale_b
+    go = torch.randn(B, N, C)
+    return [t.to(dtype) for t in (x, w1, b1, w2, b2, go)]
+
+
+def f64(ts):
+    return [t.double() for t in ts]
+
+
+def err(got, want):
+    assert got.shape == want.shape and got.dtype != torch.float64
+    assert torch.isfinite(got).all(), "non-finite element: a poisoned element was not written"
+    return (got.double() - want).abs().max().item()
+
+
+# fp32: inputs and reference share the same values, only the kernel's fp32 rounding differs.
+# Forward: O(1) outputs, sums of C or Hmax O(1/sqrt) terms -> error ~ eps32 * few = 1e-6.
+# Gradients: dx sums Hmax terms, dW / db sum M = B*N rows of O(1) products (|ref| grows like
+# sqrt(M)); the bound is relative to the largest reference element: eps32 * sqrt(K) * margin.
+FP32_FWD = 1e-5
+FP32_BWD_REL = 1e-5
+# fp16: the kernel rounds act / dpre to fp16 (as torch does in fp16) and the results to fp16:
+# half an ulp (2^-11 ~ 4.9e-4 of the largest element) for the final rounding plus the
+# intermediate rounding carried through the second product; bound 2e-3 of the largest
+# reference element, about 2 fp16 ulps (measured <= 8.5e-4 on these shapes; fp32 <= 3.4e-7).
+FP16_REL = 2e-3
+
+
+def check_forward(x, w1, b1, w2, b2, hidden, dtype, blocks=None):
+    want = ref.ffn_forward(*f64((x, w1, b1, w2, b2)), hidden)
+    got = mk.ffn_forward(x, w1, b1, w2, b2, hidden, blocks=blocks)
+    assert got.dtype == dtype
+    e = err(got, want)
+    tol = FP32_FWD if dtype == torch.float32 else FP16_REL * max(1.0, want.abs().max().item())
+    assert e <= tol, f"forward max abs error {e:.3g} > {tol:.3g}"
+
+
+def check_backward(go, x, w1, b1, w2, b2, hidden, dtype, blocks=None):
+    want = ref.ffn_backward(*f64((go, x, w1, b1, w2, b2)), hidden)
+    got = mk.ffn_backward(go, x, w1, b1, w2, b2, hidden, blocks=blocks)
+    rel = FP32_BWD_REL if dtype == torch.float32 else FP16_REL
+    for name, g, w in zip(("dx", "dW1", "db1", "dW2", "db2"), got, want):
+        assert g.dtype == dtype
+        e = err(g, w)
+        tol = rel * max(1.0, w.abs().max().item())
+        assert e <= tol, f"{name}: max abs error {e:.3g} > {tol:.3g}"
+
+
+# (B, N, C, H, hidden): widths include 1, Hmax, non-multiples of every tile, unsorted order,
+# repeats; odd C and odd Hmax; C below a K step; Hmax below a hidden tile; N not a tile multiple
+CASES = [
+    (3, 7, 37, 75, [75, 1, 40]),
+    (4, 5, 24, 41, [17, 41, 17, 33]),
+    (3, 11, 53, 99, [1, 99, 64]),
+    (2, 6, 13, 9, [9, 4]),
+    (3, 8, 30, 90, [20, 5, 33]),  # no sample at Hmax: hidden tiles no row reaches
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_forward_backward_match_reference(case, dtype):
+    B, N, C, H, hidden = case
+    x, w1, b1, w2, b2, go = make(B, N, C, H, dtype)
+    check_forward(x, w1, b1, w2, b2, hidden, dtype)
+    check_backward(go, x, w1, b1, w2, b2, hidden, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_small_tiles_random_widths(dtype):
+    """16-wide tiles: several row tiles straddle samples of different widths."""
+    B, N, C, H = 5, 9, 35, 70
+    hidden = torch.randint(1, H + 1, (B,)).tolist()
+    hidden[0], hidden[1] = 1, H - 17  # Hmax is never reached: dW tiles past every width
+    x, w1, b1, w2, b2, go = make(B, N, C, H, dtype)
+    check_forward(x, w1, b1, w2, b2, hidden, dtype, blocks=SMALL)
+    check_backward(go, x, w1, b1, w2, b2, hidden, dtype, blocks=SMALL)
+
+
+def test_full_width_and_repeated_calls():
+    """All samples at Hmax; then calls with other widths on the same shapes: no state leaks."""
+    B, N, C, H = 3, 6, 29, 50
+    x, w1, b1, w2, b2, go = make(B, N, C, H, torch.float32)
+    for hidden in ([H] * B, [3, 50, 27], [H] * B, [27, 3, 50]):
+        check_forward(x, w1, b1, w2, b2, hidden, torch.float32)
+
+
+def test_strided_inputs():
+    """Non-contiguous x / grad_out and transposed weight views are read through their strides."""
+    B, N, C, H = 2, 7, 33, 45
+    hidden = [45, 20]
+    x, w1, b1, w2, b2, go = make(B, N, C, H, torch.float32)
+    xs = x.transpose(0, 1).contiguous().transpose(0, 1)       # (B, N, C) with N-major storage
+    gs = go.transpose(0, 1).contiguous().transpose(0, 1)
+    w1s = w1.t().contiguous().t()                              # (H, C) column-major
+    w2s = w2.t().contiguous().t()
+    assert not xs.is_contiguous() and not w1s.is_contiguous()
+    check_forward(xs, w1s, b1, w2s, b2, hidden, torch.float32)
+    check_backward(gs, xs, w1s, b1, w2s, b2, hidden, torch.float32)
+
+
+def test_autograd_entry_point():
+    """mk.matryoshka_ffn: int / list / tensor widths, gradients through autograd."""
+    B, N, C, H = 3, 5, 26, 47
+    x, w1, b1, w2, b2, go = make(B, N, C, H, torch.float32)
+    out_int = mk.matryoshka_ffn(x, w1, b1, w2, b2, 30)
+    assert err(out_int, ref.ffn_forward(*f64((x, w1, b1, w2, b2)), [30] * B)) <= FP32_FWD
+    hidden = [47, 1, 22]
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    out = mk.matryoshka_ffn(*leaves, torch.tensor(hidden))
+    out.backward(go)
+    want = ref.ffn_backward(*f64((go, x, w1, b1, w2, b2)), hidden)
+    for t, w in zip(leaves, want):
+        assert err(t.grad, w) <= FP32_BWD_REL * max(1.0, w.abs().max().item())
+    with pytest.raises(ValueError, match="hidden"):
+        mk.matryoshka_ffn(x, w1, b1, w2, b2, [1, 2])
+    with pytest.raises(ValueError, match="hidden"):
+        mk.matryoshka_ffn(x, w1, b1, w2, b2, H + 1)
+
+
+# ----------------------------------------------------------------------------- tile counts
+def expected_tiles(hidden, n, block_m, block_h):
+    """Independent count: per row tile, the hidden tiles of its widest row."""
+    row_w = [w for w in sorted(hidden, reverse=True) for _ in range(n)]
+    return sum(-(-max(row_w[m0:m0 + block_m]) // block_h)
+               for m0 in range(0, len(row_w), block_m))
+
+
+def expected_row_steps(hidden, n, block_h, block_r, hmax):
+    row_w = [w for w in hidden for _ in range(n)]
+    return sum(-(-sum(1 for w in row_w if w > j * block_h) // block_r)
+               for j in range(-(-hmax // block_h)))
+
+
+@pytest.mark.parametrize("n", [16, 7])
+def test_tile_counts_follow_widths(n):
+    """Kernels' debug counters == the schedule == an independent count, which follows the sum of
+    the widths: <= sum_b ceil(N/BM) ceil(h_b/BH) (equal when BM divides N) and strictly below
+    the full-width count."""
+    B, C, H = 4, 20, 96
+    hidden = [96, 17, 50, 1]
+    bl = SMALL
+    x, w1, b1, w2, b2, go = make(B, n, C, H, torch.float32)
+    sched = mk.ffn_schedule(hidden, n, bl.block_m, bl.block_h, H)
+    want = expected_tiles(hidden, n, bl.block_m, bl.block_h)
+    per_sample = sum(-(-n // bl.block_m) * -(-h // bl.block_h) for h in hidden)
+    full = -(-B * n // bl.block_m) * -(-H // bl.block_h)
+    assert sched.tiles == want <= per_sample
+    assert (want == per_sample) == (n % bl.block_m == 0)
+    assert want < full == sched.full_width_tiles(H)
+
+    c_tiles = -(-C // bl.block_c)
+    counters = {}
+    mk.ffn_forward(x, w1, b1, w2, b2, hidden, blocks=bl, counters=counters)
+    assert counters["fc1"] == want
+    assert counters["fc2"] == c_tiles * expected_tiles(hidden, n, bl.block_m2, bl.block_k2)
+
+    counters = {}
+    mk.ffn_backward(go, x, w1, b1, w2, b2, hidden, blocks=bl, counters=counters)
+    assert counters["dpre"] == expected_tiles(hidden, n, bl.block_m_bwd, bl.block_h)
+    assert counters["dx"] == c_tiles * expected_tiles(hidden, n, bl.block_m2, bl.block_k2)
+    rows = expected_row_steps(hidden, n, bl.block_h, bl.block_r, H)
+    assert counters["dw1"] == counters["dw2"] == c_tiles * rows
+    assert rows == sched.row_tiles_visited(bl.block_r)
+    assert rows < -(-H // bl.block_h) * -(-B * n // bl.block_r)
+
+
+def test_schedule_at_released_shapes():
+    """B=64, N=256, widths from the released {1069, 1603, 2138}, GPU tiles: the number of work
+    items is sum_b (N/BM) ceil(h_b/BH), not B*N/BM * ceil(Hmax/BH)."""
+    widths = [1069, 1603, 2138]
+    hidden = [widths[i] for i in torch.randint(0, 3, (64,)).tolist()]
+    hidden[:3] = widths
+    bl = mk.default_blocks(torch.float16, interpret=False)
+    s = mk.ffn_schedule(hidden, 256, bl.block_m, bl.block_h, 2138)
+    assert s.tiles == sum(256 // bl.block_m * -(-h // bl.block_h) for h in hidden)
+    assert s.tiles < s.full_width_tiles(2138)
+    # rows are sorted by width, largest first, and the sort is stable
+    assert list(s.widths) == sorted(hidden, reverse=True)
+    assert [hidden[b] for b in s.order] == list(s.widths)
+    assert all(s.order[i] < s.order[i + 1] for i in range(63) if s.widths[i] == s.widths[i + 1])
+    # every work item exists once, hidden tiles of a row tile are contiguous from 0
+    assert len(set(s.items)) == len(s.items)
+    with pytest.raises(ValueError, match="block_h"):
+        mk.ffn_schedule(hidden, 256, 64, 0)
+    with pytest.raises(ValueError, match="hidden"):
+        mk.ffn_schedule([0, 3], 4, 16, 16)
+
+
+# ----------------------------------------------------------------------------- input checks
+def test_why_not_and_errors():
+    B, N, C, H = 2, 3, 16, 20
+    x, w1, b1, w2, b2, _ = make(B, N, C, H, torch.float32)
+    assert mk.why_not(x, w1, b1, w2, b2, [20, 5]) == []
+    why = mk.why_not(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), [20, 5])
+    assert any("x.dtype=torch.float64" in r for r in why)
+    why = mk.why_not(x, w1.half(), b1, w2, b2, [20, 5])
+    assert any("fc1_weight.dtype=torch.float16 differs" in r for r in why)
+    why = mk.why_not(*(t.bfloat16() for t in (x, w1, b1, w2, b2)), [20, 5])
+    assert any("bfloat16 under TRITON_INTERPRET=1" in r for r in why)
+    assert any("hidden" in r for r in mk.why_not(x, w1, b1, w2, b2, [21, 5]))
+    assert any("hidden" in r for r in mk.why_not(x, w1, b1, w2, b2, [20]))
+    assert any("do not fit" in r for r in mk.why_not(x, w1, b1, w2.t(), b2, [20, 5]))
+    assert any("3-d" in r for r in mk.why_not(x[0], w1, b1, w2, b2, [20, 5]))
+    with pytest.raises(ValueError, match="x.dtype=torch.float64"):
+        mk.ffn_forward(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), [20, 5])
+    with pytest.raises(ValueError, match="grad_out"):
+        mk.ffn_backward(x[:, :2], x, w1, b1, w2, b2, [20, 5])
+
+
+# ----------------------------------------------------------------------------- through the op
+def test_custom_op_runs_triton_backend():
+    """torch.ops.adaperceiver.matryoshka_ffn under use_backend("triton"): forward and the
+    autograd backward equal the reference; opcheck passes."""
+    import adaperceiver.ops as ops
+
+    B, N, C, H = 3, 5, 21, 43
+    hidden = [43, 1, 30]
+    x, w1, b1, w2, b2, go = make(B, N, C, H, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    with ops.use_backend("triton"):
+        out = ops.matryoshka_ffn(*leaves, hidden)
+        out.backward(go)
+        assert err(out.detach(), ref.ffn_forward(*f64((x, w1, b1, w2, b2)), hidden)) <= FP32_FWD
+        want = ref.ffn_backward(*f64((go, x, w1, b1, w2, b2)), hidden)
+        for t, w in zip(leaves, want):
+            assert err(t.grad, w) <= FP32_BWD_REL * max(1.0, w.abs().max().item())
+        torch.library.opcheck(torch.ops.adaperceiver.matryoshka_ffn.default,
+                              (*leaves, hidden))
