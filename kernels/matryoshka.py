@@ -216,7 +216,7 @@ def _hidden_by_cols_kernel(a_ptr, x_ptr, row_ids_ptr, row_h_ptr, row_bound_ptr, 
             dbacc += tl.sum(at.to(tl.float32), axis=1)
         n_r += 1
     tl.store(out_ptr + offs_h[:, None].to(tl.int64) * stride_oh + offs_c[None, :] * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=(rmax > 0) & h_ok[:, None] & c_ok[None, :])
+             acc.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & c_ok[None, :])
     if HAS_DB:
         if ct == 0:
             tl.store(db_ptr + offs_h, dbacc.to(db_ptr.dtype.element_ty), mask=h_ok)

@@ -46,3 +46,10 @@ def reference_backend():
     import adaperceiver
     with adaperceiver.use_backend("reference"):
         yield
+
+
+@pytest.fixture(scope="session")
+def released_model():
+    """The released classifier's architecture at random init (built once: 144M parameters)."""
+    import adaperceiver
+    return adaperceiver.create_model("adaperceiver_v1_in1k").eval()

@@ -22,8 +22,8 @@ RELEASED_CONFIG = {
     "qkv_bias": True, "rope_theta": 10000, "use_embed_ffn": True, "use_output_ffn": False}
 
 
-def test_default_config_is_the_released_config_json():
-    assert adaperceiver.create_model().config.to_dict() == RELEASED_CONFIG
+def test_default_config_is_the_released_config_json(released_model):
+    assert released_model.config.to_dict() == RELEASED_CONFIG
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -84,11 +84,6 @@ CONFIGS = [(256, 832, 21), (256, 416, 21), (128, 624, 14), (32, 416, 1), (64, 83
            (192, 624, 3), (96, 416, 11)]
 
 
-@pytest.fixture(scope="module")
-def released_model():
-    return adaperceiver.create_model().eval()
-
-
 @pytest.mark.parametrize("t, w, l", CONFIGS)
 def test_flop_counter_agrees_with_flopcountermode(released_model, t, w, l):
     x = torch.randn(1, 3, 224, 224)
@@ -110,7 +105,7 @@ def test_flop_counter_reproduces_spec_figures(t, w, l, spec_gflops):
     assert c.total > c.without_attention
 
 
-def test_masked_attention_work():
+def test_masked_attention_work(released_model):
     cfg = adaperceiver.AdaPerceiverConfig()
     c = adaperceiver.count_flops(cfg, 256, 832, 21)
     # SPEC.md's definition (query i sees keys below the smallest gran > i), counted by brute
@@ -122,6 +117,5 @@ def test_masked_attention_work():
     assert c.masked_attention == pytest.approx(masked / 65536 * c.parts["blocks_attention"])
     assert adaperceiver.count_flops(cfg, 32, 832, 21).masked_attention == 0
     assert c.needed == c.total - c.masked_attention
-    model = adaperceiver.create_model()
-    assert c.params == sum(p.numel() for p in model.parameters())
+    assert c.params == sum(p.numel() for p in released_model.parameters())
     assert adaperceiver.count_flops(cfg, 256, 416, 7).params < c.params

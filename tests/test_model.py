@@ -45,8 +45,8 @@ def _spec_shapes(C=832, P=196, p=16, hid=2138, classes=1000, L=21):
     return s
 
 
-def test_state_dict_matches_spec():
-    model = adaperceiver.create_model("adaperceiver_v1_in1k")
+def test_state_dict_matches_spec(released_model):
+    model = released_model
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     want = _spec_shapes()
     assert sorted(got) == sorted(want)
