@@ -45,7 +45,8 @@ class Tiles:
     """Tile sizes and launch options of the three main kernels.
 
     fwd_*: forward (query tile M x key tile N); dkdv_*: dk/dv (key tile N, inner query tile M);
-    dq_*: dq (query tile M x key tile N). ``tl.dot`` needs every dimension >= 16 on a GPU.
+    dq_*: dq (query tile M x key tile N); the delta preprocess uses dq_m rows per program.
+    ``tl.dot`` needs every dimension >= 16 on a GPU.
     """
     fwd_m: int
     fwd_n: int
@@ -53,8 +54,12 @@ class Tiles:
     dkdv_n: int
     dq_m: int
     dq_n: int
-    num_warps: int = 4
-    num_stages: int = 2
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    dkdv_warps: int = 4
+    dkdv_stages: int = 2
+    dq_warps: int = 4
+    dq_stages: int = 2
 
 
 def _interpreting() -> bool:
@@ -67,9 +72,12 @@ def default_tiles(head_dim: int, interpret: Optional[bool] = None) -> Tiles:
     if _interpreting() if interpret is None else interpret:
         return Tiles(32, 32, 32, 32, 32, 32)
     if head_dim <= 64:
-        return Tiles(64, 64, 32, 64, 64, 32, num_warps=4, num_stages=3)
-    # head_dim 128: the dk/dv accumulators (2 x 64 x 128 fp32) need 8 warps to stay in registers
-    return Tiles(64, 64, 32, 64, 64, 32, num_warps=8, num_stages=2)
+        return Tiles(64, 32, 32, 64, 64, 32, fwd_warps=4, fwd_stages=3, dkdv_warps=8,
+                     dkdv_stages=3, dq_warps=8, dq_stages=3)
+    # head_dim 128: the dk/dv accumulators (2 x BLOCK_N x 128 fp32) and the RoPE operands
+    # need smaller key tiles and 8 warps to stay in registers
+    return Tiles(64, 32, 32, 32, 64, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
+                 dkdv_stages=2, dq_warps=8, dq_stages=2)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -292,7 +300,9 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSi
         r_first += tl.sum((re <= n0).to(tl.int32), 0)
         r_full += tl.sum((re <= n_last).to(tl.int32), 0)
     m_end = tl.where(active, tl.cdiv(len_q, BLOCK_M), 0)
-    m_start = tl.minimum(r_first // BLOCK_M, m_end)
+    # (r_first < len_q always holds for valid inputs; the guard keeps a tile of rows that
+    # are all past the length from being visited if it did not)
+    m_start = tl.where(r_first < len_q, tl.minimum(r_first // BLOCK_M, m_end), m_end)
     m_full = tl.minimum(tl.maximum(tl.cdiv(r_full, BLOCK_M), m_start), m_end)
     if DEBUG:
         tl.atomic_add(Counter, m_end - m_start)
@@ -490,7 +500,7 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_ro
         H, Nq, Nk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=seq_lens is not None,
         Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=visit_counter is not None,
-        PRECISION=_precision(q.dtype), num_warps=t.num_warps, num_stages=t.num_stages)
+        PRECISION=_precision(q.dtype), num_warps=t.fwd_warps, num_stages=t.fwd_stages)
     return out, lse
 
 
@@ -513,15 +523,14 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     t = tiles or default_tiles(D)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
     flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, Q_ROPE=q_rope is not None,
-                 K_ROPE=k_rope is not None, PRECISION=_precision(q.dtype),
-                 num_warps=t.num_warps, num_stages=t.num_stages)
+                 K_ROPE=k_rope is not None, PRECISION=_precision(q.dtype))
     counters = visit_counters or {}
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(Nq, t.dq_m), B * H)](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), H, Nq,
-        HEAD_DIM=D, BLOCK_M=t.dq_m, num_warps=t.num_warps)
+        HEAD_DIM=D, BLOCK_M=t.dq_m, num_warps=4)
 
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
@@ -533,12 +542,12 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
         q, k, v, grad_out, lse, delta, dk, dv, re, lens, qc, qs, kc, ks,
         counters.get("dkdv", re), *common, dk.stride(0), dk.stride(1), dk.stride(2),
         H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dkdv_m, BLOCK_N=t.dkdv_n,
-        DEBUG="dkdv" in counters, **flags)
+        DEBUG="dkdv" in counters, num_warps=t.dkdv_warps, num_stages=t.dkdv_stages, **flags)
     _attn_bwd_dq[(triton.cdiv(Nq, t.dq_m), B * H)](
         q, k, v, grad_out, lse, delta, dq, re, lens, qc, qs, kc, ks,
         counters.get("dq", re), *common, dq.stride(0), dq.stride(1), dq.stride(2),
         H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dq_m, BLOCK_N=t.dq_n,
-        DEBUG="dq" in counters, **flags)
+        DEBUG="dq" in counters, num_warps=t.dq_warps, num_stages=t.dq_stages, **flags)
     return dq, dk, dv
 
 
@@ -578,8 +587,9 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
 # ----------------------------------------------------------------------------- AOT specs
 def _signature(pointers, ints, floats, constexprs):
     sig = {name: ty for name, ty in pointers}
-    sig.update({name: "i32:16" if name.startswith("stride") and not name.endswith("n") else "i32"
-                for name in ints})
+    # strides are multiples of 16 for head_dim 32/64/128 layouts, and Triton's runtime
+    # specializes them so: the hint gives the same vectorized code as a launch would
+    sig.update({name: "i32:16" if name.startswith("stride") else "i32" for name in ints})
     sig.update({name: "fp32" for name in floats})
     sig.update({name: "constexpr" for name in constexprs})
     return sig
@@ -595,13 +605,13 @@ def _compile_specs() -> list[dict]:
     specs = []
     for D in HEAD_DIMS:
         t = default_tiles(D, interpret=False)
-        launch = {"num_warps": t.num_warps, "num_stages": t.num_stages}
         for feat in (True, False):
             tag = f"D={D}" + (" rope+lens" if feat else "")
             flags = {"HEAD_DIM": D, "HAS_LENS": feat, "Q_ROPE": feat, "K_ROPE": feat,
                      "DEBUG": False, "PRECISION": "tf32"}
             fwd_c = {**flags, "BLOCK_M": t.fwd_m, "BLOCK_N": t.fwd_n}
-            specs.append({"name": f"attn_fwd {tag}", "kernel": "_attn_fwd", **launch,
+            specs.append({"name": f"attn_fwd {tag}", "kernel": "_attn_fwd",
+                          "num_warps": t.fwd_warps, "num_stages": t.fwd_stages,
                           "constexprs": fwd_c, "signature": _signature(
                               [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32),
                                ("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)],
@@ -612,18 +622,20 @@ def _compile_specs() -> list[dict]:
             rest = [("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)]
             ints = strides("q", "k", "v", "d", "g") + ["H", "N_Q", "N_K"]
             dkdv_c = {**flags, "BLOCK_M": t.dkdv_m, "BLOCK_N": t.dkdv_n}
-            specs.append({"name": f"attn_bwd_dkdv {tag}", "kernel": "_attn_bwd_dkdv", **launch,
+            specs.append({"name": f"attn_bwd_dkdv {tag}", "kernel": "_attn_bwd_dkdv",
+                          "num_warps": t.dkdv_warps, "num_stages": t.dkdv_stages,
                           "constexprs": dkdv_c, "signature": _signature(
                               bwd_ptrs + [("DK", x), ("DV", x)] + rest, ints,
                               ["sm_scale", "qk_scale"], dkdv_c)})
             dq_c = {**flags, "BLOCK_M": t.dq_m, "BLOCK_N": t.dq_n}
-            specs.append({"name": f"attn_bwd_dq {tag}", "kernel": "_attn_bwd_dq", **launch,
+            specs.append({"name": f"attn_bwd_dq {tag}", "kernel": "_attn_bwd_dq",
+                          "num_warps": t.dq_warps, "num_stages": t.dq_stages,
                           "constexprs": dq_c, "signature": _signature(
                               bwd_ptrs + [("DQ", x)] + rest, ints, ["sm_scale", "qk_scale"],
                               dq_c)})
         delta_c = {"HEAD_DIM": D, "BLOCK_M": t.dq_m}
         specs.append({"name": f"attn_bwd_delta D={D}", "kernel": "_attn_bwd_delta",
-                      "num_warps": t.num_warps, "num_stages": 1, "constexprs": delta_c,
+                      "num_warps": 4, "num_stages": 1, "constexprs": delta_c,
                       "signature": _signature([("Out", x), ("DOut", x), ("Delta", f32)],
                                               strides("o", "d") + ["H", "N_Q"], [], delta_c)})
     return specs

@@ -43,12 +43,13 @@ _INV_SQRT_2PI = 0.3989422804014327
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, act_ptr, count_ptr,
-                     M, C, HMAX,
+                     M, C, HMAX, HPAD,
                      stride_xm, stride_xc, stride_w1h, stride_w1c, stride_am,
                      BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                      COUNT: tl.constexpr):
     """act[r, j] = GELU(x[row_ids[r]] . W1[j] + b1[j]) for j < row_h[r], 0 for j >= row_h[r],
-    on the (row tile, hidden tile) work item number program_id(0)."""
+    on the (row tile, hidden tile) work item number program_id(0). Columns up to HPAD (the
+    scratch's padded width) are written, so readers may round a row's width up to 16."""
     pid = tl.program_id(0)
     rt = tl.load(items_ptr + 2 * pid)
     ht = tl.load(items_ptr + 2 * pid + 1)
@@ -76,7 +77,7 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
     # units at or past the row's own width are zero: the tile may hold rows of narrower samples
     act = tl.where(offs_h[None, :] < rh[:, None], act, 0.0)
     tl.store(act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_h[None, :],
-             act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & h_ok[None, :])
+             act.to(act_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_h < HPAD)[None, :])
     if COUNT:
         tl.atomic_add(count_ptr, 1)
 
@@ -84,7 +85,7 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
 @triton.jit
 def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, w2_ptr,
                  dpre_ptr, act_ptr, count_ptr,
-                 M, C, HMAX,
+                 M, C, HMAX, HPAD,
                  stride_xm, stride_xc, stride_gm, stride_gc, stride_w1h, stride_w1c,
                  stride_w2c, stride_w2h, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -128,7 +129,8 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
     act = tl.where(on, pre * cdf, 0.0)
     dpre = tl.where(on, acc_g * (cdf + pre * pdf), 0.0)
     out_off = offs_m[:, None].to(tl.int64) * stride_am + offs_h[None, :]
-    st = m_ok[:, None] & h_ok[None, :]
+    # written up to the padded width, zeros past the row's width (see _fc1_gelu_kernel)
+    st = m_ok[:, None] & (offs_h < HPAD)[None, :]
     tl.store(act_ptr + out_off, act.to(act_ptr.dtype.element_ty), mask=st)
     tl.store(dpre_ptr + out_off, dpre.to(dpre_ptr.dtype.element_ty), mask=st)
     if COUNT:
@@ -139,19 +141,29 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
 def _rows_by_hidden_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, row_h_ptr, count_ptr,
                            M, C,
                            stride_am, stride_wk, stride_wc, stride_om, stride_oc,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, W_K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COUNT: tl.constexpr):
     """out[row_ids[r], c] = sum_{k < row_h[r]} a[r, k] * w[k, c] (+ bias[c]).
 
     fc2 (a = activations, w[k, c] = W2[c, k]) and dx (a = dpre, w = W1). The reduction of a row
-    tile stops at its first row's width, the largest of the tile (rows are sorted)."""
+    tile stops at its first row's width, the largest of the tile (rows are sorted).
+
+    Bounds are rounded up to 16 where the reduction axis is the contiguous one, so that the GPU
+    can vectorise (and pipeline) those loads: ``a`` holds zeros up to each row's width rounded
+    to 16 (its writers guarantee it), and with W_K_PAD ``w`` holds zeros in its padded columns.
+    """
     rt = tl.program_id(0)
     ct = tl.program_id(1)
     m0 = rt * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     rh = tl.load(row_h_ptr + offs_m, mask=m_ok, other=0)
+    rh16 = (rh + 15) // 16 * 16
     kmax = tl.load(row_h_ptr + m0)
+    if W_K_PAD:
+        k_lim = (kmax + 15) // 16 * 16 + 16
+    else:
+        k_lim = kmax
     offs_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     offs_k = tl.arange(0, BLOCK_K)
@@ -160,12 +172,12 @@ def _rows_by_hidden_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, row_h_p
     n_k = 0
     for k0 in range(0, kmax, BLOCK_K):
         kk = k0 + offs_k
-        # per-row bound: a row never reads a column at or past its own width, so no kernel
-        # has to have written it
-        a = tl.load(a_ptr + a_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < rh[:, None]),
-                    other=0.0)
+        # per-row bound: a row never reads past its own width (rounded up to 16), so no other
+        # column of the scratch has to have been written
+        a = tl.load(a_ptr + a_rows + kk[None, :],
+                    mask=m_ok[:, None] & (kk[None, :] < rh16[:, None]), other=0.0)
         w = tl.load(w_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_c[None, :] * stride_wc,
-                    mask=(kk[:, None] < kmax) & c_ok[None, :], other=0.0)
+                    mask=(kk[:, None] < k_lim) & c_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision="ieee")
         n_k += 1
     if HAS_BIAS:
@@ -204,11 +216,12 @@ def _hidden_by_cols_kernel(a_ptr, x_ptr, row_ids_ptr, row_h_ptr, row_bound_ptr, 
     for r0 in range(0, rmax, BLOCK_R):
         rr = r0 + offs_r
         r_ok = rr < rmax
-        rh = tl.load(row_h_ptr + rr, mask=r_ok, other=0)
+        rh16 = (tl.load(row_h_ptr + rr, mask=r_ok, other=0) + 15) // 16 * 16
         rows = tl.load(row_ids_ptr + rr, mask=r_ok, other=0).to(tl.int64)
-        # (BLOCK_H, BLOCK_R): a transposed view, predicated by each row's own width
+        # (BLOCK_H, BLOCK_R): a transposed view, predicated by each row's width rounded up to
+        # 16 (zeros are written up to there; the rounding lets the GPU vectorise)
         at = tl.load(a_ptr + rr[None, :].to(tl.int64) * stride_am + offs_h[:, None],
-                     mask=(offs_h[:, None] < rh[None, :]), other=0.0)
+                     mask=(offs_h[:, None] < rh16[None, :]), other=0.0)
         xv = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                      mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(at, xv, acc, input_precision="ieee")
@@ -327,6 +340,15 @@ class Blocks:
     num_warps: int = 8
     num_stages: int = 3
 
+    def __post_init__(self):
+        # powers of two for tl.arange; >= 16 for tl.dot on a GPU and because readers round a
+        # row's width up to 16 and rely on the writers' hidden tiles covering that
+        for name in ("block_m", "block_h", "block_k", "block_m_bwd", "block_m2", "block_c",
+                     "block_k2", "block_r"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v!r} is not allowed; allowed: a power of two >= 16")
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -408,6 +430,19 @@ def _hidden_buffer(m: int, hmax: int, dtype, device) -> torch.Tensor:
     return _alloc((m, _cdiv(hmax, 64) * 64), dtype, device)[:, :hmax]
 
 
+def _k_padded(w: torch.Tensor) -> torch.Tensor:
+    """fc2_weight (C, Hmax) with unit column stride, 16-aligned rows and zeros up to Hmax
+    rounded to 16, as fc2's padded (vectorised) loads need: ``w`` itself when it already is
+    (Hmax a multiple of 16, rows 16-aligned), else a zero-padded copy (C * Hmax elements,
+    small next to the M * C * Hmax product)."""
+    c, hmax = w.shape
+    if w.stride(1) == 1 and w.stride(0) % 16 == 0 and hmax % 16 == 0:
+        return w
+    wp = torch.zeros(c, _cdiv(hmax, 64) * 64, dtype=w.dtype, device=w.device)
+    wp[:, :hmax] = w
+    return wp[:, :hmax]
+
+
 def _count_buffer(counters, device):
     return torch.zeros(1, dtype=torch.int32, device=device) if counters is not None else None
 
@@ -437,7 +472,7 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
     cnt = count if count is not None else row_h  # an unused valid pointer when COUNT is off
     _fc1_gelu_kernel[(sched.tiles,)](
         x2, row_ids, row_h, items, fc1_weight, fc1_bias, act, cnt,
-        M, C, hmax,
+        M, C, hmax, act.stride(0),
         x2.stride(0), x2.stride(1), fc1_weight.stride(0), fc1_weight.stride(1), act.stride(0),
         BLOCK_M=bl.block_m, BLOCK_H=bl.block_h, BLOCK_K=bl.block_k, COUNT=count is not None,
         num_warps=bl.num_warps, num_stages=bl.num_stages)
@@ -445,12 +480,13 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
         counters["fc1"] = int(count.item())
         count.zero_()
     out2 = out.view(M, C)
+    w2 = _k_padded(fc2_weight)
     grid = (_cdiv(M, bl.block_m2), _cdiv(C, bl.block_c))
     _rows_by_hidden_kernel[grid](
-        act, fc2_weight, fc2_bias, out2, row_ids, row_h, cnt,
+        act, w2, fc2_bias, out2, row_ids, row_h, cnt,
         M, C,
-        act.stride(0), fc2_weight.stride(1), fc2_weight.stride(0), out2.stride(0), out2.stride(1),
-        HAS_BIAS=True, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
+        act.stride(0), w2.stride(1), w2.stride(0), out2.stride(0), out2.stride(1),
+        HAS_BIAS=True, W_K_PAD=True, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
         COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
     if counters is not None:
         counters["fc2"] = int(count.item())
@@ -498,7 +534,7 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
     dpre = _hidden_buffer(M, hmax, x.dtype, dev)
     _dpre_kernel[(sched.tiles,)](
         x2, g2, row_ids, row_h, items, fc1_weight, fc1_bias, fc2_weight, dpre, act, cnt,
-        M, C, hmax,
+        M, C, hmax, act.stride(0),
         x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1),
         fc1_weight.stride(0), fc1_weight.stride(1), fc2_weight.stride(0), fc2_weight.stride(1),
         act.stride(0),
@@ -510,7 +546,7 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         dpre, fc1_weight, fc1_bias, dx2, row_ids, row_h, cnt,
         M, C,
         dpre.stride(0), fc1_weight.stride(0), fc1_weight.stride(1), dx2.stride(0), dx2.stride(1),
-        HAS_BIAS=False, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
+        HAS_BIAS=False, W_K_PAD=False, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
         COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
     _take("dx")
     row_bound = torch.tensor(sched.row_bound, dtype=torch.int32, device=dev)
@@ -585,22 +621,25 @@ def _compile_specs(blocks: Blocks) -> list[dict]:
     c16 = "i32:16"
     return [
         _spec("ffn fc1+gelu", "_fc1_gelu_kernel",
-              {**idx, "C": c16, "stride_xm": c16, "stride_w1h": c16, "stride_am": c16},
+              {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_w1h": c16,
+               "stride_am": c16},
               {"stride_xc": 1, "stride_w1c": 1, "BLOCK_M": blocks.block_m,
                "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
         _spec("ffn bwd dpre", "_dpre_kernel",
-              {**idx, "C": c16, "stride_xm": c16, "stride_gm": c16, "stride_w1h": c16,
-               "stride_am": c16},
+              {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_gm": c16,
+               "stride_w1h": c16, "stride_am": c16},
               {"stride_xc": 1, "stride_gc": 1, "stride_w1c": 1, "stride_w2h": 1,
                "BLOCK_M": blocks.block_m_bwd, "BLOCK_H": blocks.block_h,
                "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
         _spec("ffn fc2", "_rows_by_hidden_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_wc": c16, "stride_om": c16},
-              {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "BLOCK_M": blocks.block_m2,
+              {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "W_K_PAD": True,
+               "BLOCK_M": blocks.block_m2,
                "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
         _spec("ffn bwd dx", "_rows_by_hidden_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_wk": c16, "stride_om": c16},
-              {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "BLOCK_M": blocks.block_m2,
+              {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "W_K_PAD": False,
+               "BLOCK_M": blocks.block_m2,
                "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
         _spec("ffn bwd dW1+db1", "_hidden_by_cols_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_xm": c16, "stride_oh": c16},

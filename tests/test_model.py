@@ -1,9 +1,6 @@
 """The reference model: SPEC.md's structure, the prefix property, widths, depth, no hidden state."""
-import re
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import adaperceiver
 from adaperceiver.ops import block_mask

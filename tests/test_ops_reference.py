@@ -1,6 +1,5 @@
 """The op layer: mask and tile schedule against SPEC.md's definition, the reference ops against
 independent formulas, custom-op registration, and backend dispatch errors."""
-import math
 import random
 
 import pytest
@@ -53,7 +52,6 @@ def test_tile_schedule_counts_exactly_the_tiles_with_allowed_scores():
             rows = allowed[m0:m0 + bm]
             tiles = [rows[:, j:j + bn] for j in range(0, n, bn)]
             need = [bool(tl.any()) for tl in tiles]
-            full = [bool(tl.all()) for tl in tiles]
             # visited tiles are exactly those holding an allowed score (a prefix, as row_end
             # is monotone), and tiles run without mask are fully allowed on the valid rows
             assert need == [j < sched.end[t] for j in range(len(tiles))], (n, grans, bm, bn)

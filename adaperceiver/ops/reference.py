@@ -54,27 +54,32 @@ def _valid(seq_lens: Optional[torch.Tensor], n: int, device) -> Optional[torch.T
     return torch.arange(n, device=device)[None, :] < seq_lens.to(device).long()[:, None]
 
 
+def _mask_scores(s, token_grans, seq_lens):
+    """Scores (B, H, Nq, Nk) with disallowed entries at -inf, and ``seen`` (B, H, Nq, 1): rows
+    that see at least one key. Rows that see none (past a sample's length) keep their scores
+    unmasked so that no NaN reaches the gradients; callers multiply them to zero."""
+    B, H, Nq, Nk = s.shape
+    allowed = block_mask(Nq, token_grans, Nk, device=s.device)[None, None]
+    vq, vk = _valid(seq_lens, Nq, s.device), _valid(seq_lens, Nk, s.device)
+    if vk is not None:
+        allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
+    allowed = allowed.expand(B, H, Nq, Nk)
+    seen = allowed.any(-1, keepdim=True)
+    return s.masked_fill(~allowed & seen, float("-inf")), seen
+
+
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
                       q_rope=None, k_rope=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 (natural log,
     -inf on rows that see no key)."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if q_rope is not None:
         q = apply_rope(q, *q_rope)
     if k_rope is not None:
         k = apply_rope(k, *k_rope)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    allowed = block_mask(Nq, token_grans, Nk, device=q.device)[None, None]
-    vq, vk = _valid(seq_lens, Nq, q.device), _valid(seq_lens, Nk, q.device)
-    if vk is not None:
-        allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
-    allowed = allowed.expand(B, H, Nq, Nk)
-    seen = allowed.any(-1, keepdim=True)
-    # rows that see no key (past a sample's length) output zeros; they keep their scores
-    # unmasked inside the softmax so that no NaN reaches the gradients, then are zeroed
-    s = s.masked_fill(~allowed & seen, float("-inf"))
+    s, seen = _mask_scores(s, token_grans, seq_lens)
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
     lse = lse.masked_fill(~seen[..., 0], float("-inf"))
     p = torch.softmax(s, dim=-1) * seen
@@ -97,21 +102,15 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
                        seq_lens=None, q_rope=None, k_rope=None):
     """(dq, dk, dv) of :func:`attention`, written out (custom-op implementations run below
     autograd); ``out``/``lse`` are recomputed in the working precision instead of read."""
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
+    D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qr = apply_rope(q, *q_rope) if q_rope is not None else q
     kr = apply_rope(k, *k_rope) if k_rope is not None else k
     qr, kr, vw, go = (t.to(work) for t in (qr, kr, v, grad_out))
     s = torch.matmul(qr, kr.transpose(-1, -2)) * scale
-    allowed = block_mask(Nq, token_grans, Nk, device=q.device)[None, None]
-    vq, vk = _valid(seq_lens, Nq, q.device), _valid(seq_lens, Nk, q.device)
-    if vk is not None:
-        allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
-    allowed = allowed.expand(B, H, Nq, Nk)
-    seen = allowed.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~allowed & seen, float("-inf")), dim=-1) * seen
+    s, seen = _mask_scores(s, token_grans, seq_lens)
+    p = torch.softmax(s, dim=-1) * seen
     dv = torch.matmul(p.transpose(-1, -2), go)
     dp = torch.matmul(go, vw.transpose(-1, -2))
     ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale

@@ -14,11 +14,10 @@
 // P recomputed from the saved lse.
 #include "common.h"
 #include "kernels.h"
+#include "cpu/vec_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 
 #include <cmath>
@@ -33,7 +32,6 @@ constexpr int64_t KC = 512;  // keys per softmax chunk: a BM x KC score block st
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 using at::native::TransposeType;
-using Vec = at::vec::Vectorized<float>;
 
 // C (row-major m x n, ldc) = alpha * A (m x k, lda; transposed when ta) * B (k x n, ldb;
 // transposed when tb) + beta * C, written for row-major operands on top of the column-major
@@ -134,29 +132,13 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
             std::fill(s, s + kc, 0.f);
             continue;
           }
-          const float mx = at::vec::reduce_all<float>(
-              [](Vec& a, Vec& b2) { return at::vec::maximum(a, b2); }, s, vc);
-          const float mnew = std::max(m[r], mx);
-          const Vec vm(mnew);
-          Vec acc(0.f);
-          int64_t j = 0;
-          for (; j + Vec::size() <= vc; j += Vec::size()) {
-            Vec e = (Vec::loadu(s + j) - vm).exp();
-            e.store(s + j);
-            acc = acc + e;
-          }
-          float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b2) { return a + b2; },
-                                                     acc);
-          for (; j < vc; ++j) {
-            const float e = std::exp(s[j] - mnew);
-            s[j] = e;
-            sum += e;
-          }
+          const float mnew = std::max(m[r], row_max(s, vc));
+          const float sum = row_exp_sum(s, vc, mnew);
           std::fill(s + vc, s + kc, 0.f);
           const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
           if (c0 > 0 && alpha != 1.f) {
             float* o = O.data() + r * Dv;
-            at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, o, o, Dv);
+            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
           }
           l[r] = l[r] * alpha + sum;
           m[r] = mnew;
@@ -217,9 +199,7 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
         const float* ls = lp + bh * Nq + m0;
         for (int64_t r = 0; r < rows; ++r) {
           // delta_i = sum_j P_ij dP_ij = dO_i . O_i
-          delta[r] = at::vec::map2_reduce_all<float>(
-              [](Vec a, Vec b2) { return a * b2; }, [](Vec a, Vec b2) { return a + b2; },
-              go + r * Dv, o + r * Dv, Dv);
+          delta[r] = dot(go + r * Dv, o + r * Dv, Dv);
         }
         for (int64_t c0 = 0; c0 < kend; c0 += KC) {
           const int64_t kc = std::min(KC, kend - c0);
@@ -232,18 +212,7 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
             const int64_t vc = c0 + kc <= kfull
                                    ? kc
                                    : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
-            const Vec vl(ls[r]), vd(delta[r]), vs(scale);
-            int64_t j = 0;
-            for (; j + Vec::size() <= vc; j += Vec::size()) {
-              Vec pe = (Vec::loadu(p + j) - vl).exp();
-              pe.store(p + j);
-              ((Vec::loadu(dp + j) - vd) * pe * vs).store(dp + j);
-            }
-            for (; j < vc; ++j) {
-              const float pe = std::exp(p[j] - ls[r]);
-              p[j] = pe;
-              dp[j] = (dp[j] - delta[r]) * pe * scale;
-            }
+            row_softmax_grad(p, dp, vc, ls[r], delta[r], scale);
             std::fill(p + vc, p + kc, 0.f);
             std::fill(dp + vc, dp + kc, 0.f);
           }

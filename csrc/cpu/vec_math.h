@@ -1,0 +1,98 @@
+// Row kernels of the CPU attention softmax, written as plain loops that GCC vectorizes, built
+// for AVX-512, AVX2+FMA and baseline x86-64 through target_clones (the loader picks the best at
+// run time, so the extension stays portable without -march flags). Reductions keep 16 lane
+// accumulators: float max/sum reductions are not reordered by the compiler otherwise.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ADAPERCEIVER_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define ADAPERCEIVER_CLONES
+#endif
+
+namespace adaperceiver {
+namespace cpu {
+
+// exp(x) for x <= 0 up to ~2 ulp (Cephes expf: 2^n * p(r), r = x - n ln2); x below -87 gives
+// a denormal-sized value instead of 0, harmless next to a row sum >= 1.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return y * two_n;
+}
+
+ADAPERCEIVER_CLONES
+inline float row_max(const float* s, int64_t n) {
+  float acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] = std::max(acc[j], s[i + j]);
+  float m = -INFINITY;
+  for (int j = 0; j < 16; ++j) m = std::max(m, acc[j]);
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  return m;
+}
+
+// s[i] = exp(s[i] - mx) for i < n; returns the sum of the new values.
+ADAPERCEIVER_CLONES
+inline float row_exp_sum(float* s, int64_t n, float mx) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < 16; ++j) {
+      const float e = exp_neg(s[i + j] - mx);
+      s[i + j] = e;
+      acc[j] += e;
+    }
+  }
+  float sum = 0.f;
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  for (; i < n; ++i) {
+    const float e = exp_neg(s[i] - mx);
+    s[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+// Backward row: p = exp(s - lse); ds = p * (dp - delta) * scale, in place in s and dp.
+ADAPERCEIVER_CLONES
+inline void row_softmax_grad(float* s, float* dp, int64_t n, float lse, float delta,
+                             float scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float p = exp_neg(s[i] - lse);
+    s[i] = p;
+    dp[i] = (dp[i] - delta) * p * scale;
+  }
+}
+
+ADAPERCEIVER_CLONES
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = 0.f;
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+}  // namespace cpu
+}  // namespace adaperceiver

@@ -1,0 +1,284 @@
+"""The Triton block-masked attention (adaperceiver.kernels.attention) under TRITON_INTERPRET=1.
+
+Forward and backward against the float64 reference (adaperceiver.ops.reference, autograd on it)
+on fresh random inputs: mask shapes that are not tile multiples, cross-attention (Nq != Nk,
+Nq = 1), seq_lens (including 0), RoPE on q and/or k, strided layouts. Every tensor the kernels
+allocate is poisoned (NaN / a huge int) so an element a kernel forgets to write fails the test.
+The visit count of every kernel is checked against the shared tile schedule and against an
+independent count from the dense mask. Kept small: the interpreter runs each program in numpy.
+"""
+import math
+import random
+import types
+
+import pytest
+import torch
+
+from adaperceiver.kernels import attention as A
+from adaperceiver.ops import block_masked_attention as op_attention
+from adaperceiver.ops import use_backend
+from adaperceiver.ops.reference import attention as ref_attention
+from adaperceiver.ops.reference import attention_forward as ref_forward
+from adaperceiver.ops.reference import rope_tables
+from adaperceiver.ops.schedule import block_mask, tile_schedule
+
+SMALL = A.Tiles(16, 16, 16, 16, 16, 16)   # many tiles per sample: every stage is exercised
+# fp32: forward 1e-5 (the brief); gradients sum up to N products of O(1) terms in fp32
+# (relative error ~ sqrt(N) * 6e-8), so 2e-5 absolute on O(1) gradients still catches any
+# wrong or missing term (those are O(0.01..1))
+TOL = {torch.float32: dict(out=1e-5, lse=1e-5, grad=2e-5),
+       # fp16: inputs, P and dS are rounded to fp16 (unit roundoff 2^-11 = 4.9e-4) before the
+       # products; outputs |o| <= max|v| ~ 4, gradients ~ 4 in magnitude: a few ulp at that scale
+       torch.float16: dict(out=4e-3, lse=2e-3, grad=2e-2)}
+
+
+class _PoisonedTorch(types.SimpleNamespace):
+    """Stands in for ``torch`` inside the kernel module: empty/empty_like return poison."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t):
+        return t.fill_(float("nan") if t.dtype.is_floating_point else 2 ** 30)
+
+    def empty(self, *a, **k):
+        return self._poison(torch.empty(*a, **k))
+
+    def empty_like(self, *a, **k):
+        return self._poison(torch.empty_like(*a, **k))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(A, "torch", _PoisonedTorch())
+
+
+def _inputs(B, H, Nq, Nk, D, dtype, lens=None, q_rope=False, k_rope=False):
+    q = torch.randn(B, H, Nq, D, dtype=dtype)
+    k = torch.randn(B, H, Nk, D, dtype=dtype)
+    v = torch.randn(B, H, Nk, D, dtype=dtype)
+    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
+    qr = rope_tables(Nq, D) if q_rope else None
+    kr = rope_tables(Nk, D) if k_rope else None
+    return q, k, v, seq_lens, qr, kr
+
+
+def _reference(q, k, v, grans, scale, seq_lens, qr, kr, grad_out):
+    """float64 (out, lse, dq, dk, dv) by autograd through the reference."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = ref_forward(q64, k64, v64, grans, scale, seq_lens, qr, kr)
+    out.backward(grad_out.double())
+    return out.detach(), lse, q64.grad, k64.grad, v64.grad
+
+
+def _err(a, b):
+    """max |a - b| over every element; -inf must match -inf exactly (counts as inf if not)."""
+    a, b = a.double(), b.double()
+    assert a.shape == b.shape
+    both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
+    return torch.nan_to_num(d, nan=float("inf")).max().item()
+
+
+def _check(B, H, Nq, Nk, D, grans, *, dtype=torch.float32, lens=None, q_rope=False,
+           k_rope=False, scale=None, tiles=None, layout=None):
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, Nq, Nk, D, dtype, lens, q_rope, k_rope)
+    if layout == "bnhd":   # q/k/v as views of (B, N, H, D) buffers, the model's projection layout
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        assert not q.is_contiguous()
+    out, lse = A.attention_forward(q, k, v, grans, scale, seq_lens, qr, kr, tiles=tiles)
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = A.attention_backward(grad_out, q, k, v, out, lse, grans, scale, seq_lens, qr,
+                                      kr, tiles=tiles)
+    r_out, r_lse, r_dq, r_dk, r_dv = _reference(q, k, v, grans, scale, seq_lens, qr, kr,
+                                                grad_out)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert _err(out, r_out) <= tol["out"], _err(out, r_out)
+    assert _err(lse, r_lse) <= tol["lse"], _err(lse, r_lse)
+    for name, g, r in (("dq", dq, r_dq), ("dk", dk, r_dk), ("dv", dv, r_dv)):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert _err(g, r) <= tol["grad"], (name, _err(g, r))
+    if seq_lens is not None:   # rows / keys past a length: exactly zero, lse -inf
+        for b, n in enumerate(lens):
+            assert (out[b, :, n:] == 0).all() and (lse[b, :, n:] == float("-inf")).all()
+            assert (dq[b, :, n:] == 0).all() and (dk[b, :, n:] == 0).all()
+            assert (dv[b, :, n:] == 0).all()
+    return out
+
+
+def _random_grans(n):
+    """Strictly increasing grans, not tile multiples, sometimes ending below n (the mask
+    then adds n as the last group end) and sometimes past n (those grans are dropped)."""
+    cuts = sorted(random.sample(range(1, n + 8), k=random.randint(1, 5)))
+    return cuts
+
+
+@pytest.mark.parametrize("case", [
+    # B, H, N, D, q_rope, k_rope, with seq_lens, tiles
+    (2, 2, 45, 32, False, False, False, SMALL),
+    (2, 1, 70, 64, True, True, True, SMALL),
+    (3, 2, 53, 64, True, True, True, None),
+    (1, 2, 37, 128, True, False, True, None),
+])
+def test_self_attention_matches_reference(case):
+    B, H, N, D, q_rope, k_rope, with_lens, tiles = case
+    random.seed(torch.initial_seed())
+    grans = _random_grans(N)
+    lens = [random.randint(1, N) for _ in range(B)] if with_lens else None
+    if lens is not None:
+        lens[0] = N                       # one full-length sample
+        if B > 2:
+            lens[-1] = 0                  # and one empty sample
+    _check(B, H, N, N, D, grans, lens=lens, q_rope=q_rope, k_rope=k_rope,
+           scale=random.uniform(0.05, 0.3), tiles=tiles)
+
+
+def test_fp16_matches_reference():
+    _check(2, 2, 50, 50, 64, [7, 20, 33], dtype=torch.float16, lens=[50, 29], q_rope=True,
+           k_rope=True, tiles=SMALL)
+
+
+@pytest.mark.parametrize("Nq,Nk,q_rope,k_rope,lens", [
+    (1, 50, False, True, [50, 17]),       # the write head: one query, RoPE on k
+    (40, 23, True, False, None),          # the read head shape family: Nq > Nk, RoPE on q
+    (19, 67, False, False, [12, 67]),
+])
+def test_cross_attention(Nq, Nk, q_rope, k_rope, lens):
+    _check(2, 2, Nq, Nk, 32, None, lens=lens, q_rope=q_rope, k_rope=k_rope, tiles=SMALL)
+
+
+def test_strided_layout():
+    _check(2, 3, 33, 33, 32, [10, 20], lens=[33, 11], q_rope=True, k_rope=True, tiles=SMALL,
+           layout="bnhd")
+
+
+def test_special_masks():
+    """grans of size 1 == causal attention; one gran covering N == no mask (full attention)."""
+    B, H, N, D = 2, 2, 41, 32
+    q, k, v, *_ = _inputs(B, H, N, N, D, torch.float32)
+    causal = A.attention_forward(q, k, v, list(range(1, N + 1)), None, None, None, None,
+                                 tiles=SMALL)[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                            is_causal=True)
+    assert _err(causal, want) <= 1e-5
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    for grans in ([N], [N + 5], None):
+        full = A.attention_forward(q, k, v, grans, None, None, None, None, tiles=SMALL)[0]
+        assert _err(full, want) <= 1e-5
+
+
+def test_backward_takes_reference_lse():
+    """The backend contract: backward consumes (out, lse) written by another backend."""
+    N, grans, lens = 39, [5, 18, 30], [39, 22]
+    q, k, v, seq_lens, qr, kr = _inputs(2, 2, N, N, 64, torch.float32, lens, True, True)
+    out, lse = ref_forward(q, k, v, grans, None, seq_lens, qr, kr)
+    grad_out = torch.randn_like(out)
+    got = A.attention_backward(grad_out, q, k, v, out, lse, grans, None, seq_lens, qr, kr,
+                               tiles=SMALL)
+    want = _reference(q, k, v, grans, None, seq_lens, qr, kr, grad_out)[2:]
+    for g, r in zip(got, want):
+        assert _err(g, r) <= TOL[torch.float32]["grad"]
+
+
+def _dense_allowed(Nq, Nk, grans, n):
+    """(Nq, Nk) bool from the dense block mask, with the sample's length n applied."""
+    allowed = block_mask(Nq, grans, Nk)
+    allowed &= (torch.arange(Nq) < n)[:, None] & (torch.arange(Nk) < n)[None, :]
+    return allowed
+
+
+def _tiles_with_scores(allowed, bm, bn):
+    """How many (bm x bn) tiles of ``allowed`` hold at least one allowed score."""
+    Nq, Nk = allowed.shape
+    pad = torch.zeros(-(-Nq // bm) * bm, -(-Nk // bn) * bn, dtype=torch.bool)
+    pad[:Nq, :Nk] = allowed
+    return int(pad.unflatten(0, (-1, bm)).unflatten(2, (-1, bn)).any(3).any(1).sum())
+
+
+@pytest.mark.parametrize("Nq,Nk,grans,lens", [
+    (77, 77, [3, 20, 21, 50, 64], [77, 40, 1]),
+    (64, 64, [32, 64], None),
+    (70, 70, list(range(1, 71)), [70, 33, 0]),      # causal
+    (20, 45, None, [45, 10, 20]),                    # cross-attention
+])
+def test_visit_counts(Nq, Nk, grans, lens):
+    """Tiles loaded by each kernel == the shared schedule == tiles holding an allowed score."""
+    H, D = 2, 32
+    tiles = A.Tiles(16, 32, 32, 16, 32, 16)          # unequal tiles: no accidental symmetry
+    B = 3 if lens is None else len(lens)
+    q, k, v, seq_lens, *_ = _inputs(B, H, Nq, Nk, D, torch.float32, lens)
+    lens = [min(Nq, Nk)] * B if lens is None else lens
+    c_fwd, c_dkdv, c_dq = (torch.zeros(1, dtype=torch.int32) for _ in range(3))
+    out, lse = A.attention_forward(q, k, v, grans, None, seq_lens, None, None, tiles=tiles,
+                                   visit_counter=c_fwd)
+    A.attention_backward(torch.randn_like(out), q, k, v, out, lse, grans, None, seq_lens,
+                         None, None, tiles=tiles, visit_counters={"dkdv": c_dkdv, "dq": c_dq})
+    lens_sched = [None if seq_lens is None else n for n in lens]
+    sched = sum(tile_schedule(Nq, grans, tiles.fwd_m, tiles.fwd_n, Nk, n).visits
+                for n in lens_sched) * H
+    dense = [_dense_allowed(Nq, Nk, grans, Nk if seq_lens is None else n) for n in lens]
+    assert int(c_fwd) == sched == H * sum(_tiles_with_scores(a, tiles.fwd_m, tiles.fwd_n)
+                                          for a in dense)
+    assert int(c_dq) == H * sum(_tiles_with_scores(a, tiles.dq_m, tiles.dq_n) for a in dense)
+    assert int(c_dkdv) == H * sum(_tiles_with_scores(a, tiles.dkdv_m, tiles.dkdv_n)
+                                  for a in dense)
+    # the schedule skips work: fewer tiles than the dense grid whenever something is masked
+    grid = math.ceil(Nq / tiles.fwd_m) * math.ceil(Nk / tiles.fwd_n) * B * H
+    assert int(c_fwd) <= grid
+
+
+def test_public_entry_autograd():
+    """block_masked_attention: the autograd.Function over the kernels, vs autograd on the
+    float64 reference."""
+    B, H, N, D, grans = 2, 2, 36, 32, [9, 24]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, [36, 20], True, True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = A.block_masked_attention(q, k, v, grans, seq_lens=seq_lens, q_rope=qr, k_rope=kr)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    want = _reference(q, k, v, grans, None, seq_lens, qr, kr, grad_out)
+    assert _err(out.detach(), want[0]) <= 1e-5
+    for g, r in zip((q.grad, k.grad, v.grad), want[2:]):
+        assert _err(g, r) <= TOL[torch.float32]["grad"]
+
+
+def test_dispatch_and_opcheck():
+    """The custom op with the Triton backend forced: same result, and torch.library.opcheck."""
+    B, H, N, D, grans = 1, 2, 20, 32, [6, 13]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, [17], True, True)
+    with use_backend("triton"):
+        out = op_attention(q, k, v, grans, seq_lens=seq_lens, q_rope=qr, k_rope=kr)
+        want = ref_attention(q.double(), k.double(), v.double(), grans, seq_lens=seq_lens,
+                             q_rope=qr, k_rope=kr)
+        assert _err(out, want) <= 1e-5
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grans,
+                1 / math.sqrt(D), seq_lens, *qr, *kr)
+        torch.library.opcheck(torch.ops.adaperceiver.block_masked_attention, args)
+
+
+def test_why_not_and_errors():
+    q = torch.randn(1, 2, 8, 32)
+    assert A.why_not(q, q, q, [3, 8], None, None, None) == []
+    reasons = " | ".join(A.why_not(torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48),
+                                   torch.randn(1, 2, 8, 48), None, None, None, None))
+    assert "head_dim=48" in reasons
+    d = q.double()
+    assert any("float64" in r for r in A.why_not(d, d, d, None, None, None, None))
+    strided = torch.randn(1, 2, 32, 8).transpose(-1, -2)
+    assert any("stride" in r for r in A.why_not(strided, strided, strided, None, None, None,
+                                                None))
+    kv = torch.randn(1, 2, 5, 32)
+    assert any("Nq == Nk" in r for r in A.why_not(q, kv, kv, [2], None, None, None))
+    assert any("v" in r for r in A.why_not(q, q, torch.randn(1, 2, 8, 64), None, None, None,
+                                           None))
+    h = q.half()
+    assert A.why_not(h, h, h, None, None, None, None) == []
+    b = q.bfloat16()
+    assert any("bfloat16" in r for r in A.why_not(b, b, b, None, None, None, None))
+    with pytest.raises(ValueError, match="head_dim=48"):
+        A.attention_forward(*(torch.randn(1, 1, 4, 48) for _ in range(3)), None, None, None,
+                            None, None)
+    with pytest.raises(ValueError, match="token_grans"):
+        A.attention_forward(q, q, q, [5, 3], None, None, None, None)
