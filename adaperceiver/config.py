@@ -115,19 +115,33 @@ def hidden_size(width: int, ffn_ratio: float) -> int:
 
 @dataclass(frozen=True)
 class CallConfig:
-    """One forward call's configuration, validated."""
+    """One forward call's configuration, validated; every per-sample field has B entries."""
     batch: int
-    num_tokens: int
-    widths: tuple[int, ...]          # per sample
-    hidden: tuple[int, ...]          # per sample FFN hidden units
-    depth: int
+    tokens: tuple[int, ...]          # latent tokens t_b per sample
+    widths: tuple[int, ...]          # Matryoshka width w_b per sample
+    hidden: tuple[int, ...]          # FFN hidden units int(w_b * ffn_ratio) per sample
+    depths: tuple[int, ...]          # blocks l_b per sample
     depth_tau: Optional[float]
+    exit: str                        # "batch" (the reference's batch-mean rule) or "sample"
     grans: Optional[tuple[int, ...]]  # the self-attention mask; None = no mask
     grid: tuple[int, int]            # patch grid (h, w)
 
     @property
+    def num_tokens(self) -> int:
+        return max(self.tokens)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
+
+    @property
     def uniform_width(self) -> bool:
         return len(set(self.widths)) == 1
+
+    @property
+    def uniform(self) -> bool:
+        """One (t, l) for the whole batch (widths may still differ per sample)."""
+        return len(set(self.tokens)) == 1 and len(set(self.depths)) == 1
 
 
 def _as_int(name: str, value, lo: int, hi: int, what: str) -> int:
@@ -142,27 +156,30 @@ def _as_int(name: str, value, lo: int, hi: int, what: str) -> int:
     return value
 
 
-def _widths(mat_dim, batch: int, embed_dim: int) -> tuple[int, ...]:
-    what = f"an int in 1..{embed_dim} or a length-{batch} sequence/tensor of them"
-    if mat_dim is None:
-        return (embed_dim,) * batch
-    if isinstance(mat_dim, torch.Tensor) and mat_dim.dim() > 0:
-        if mat_dim.dtype.is_floating_point or mat_dim.dtype == torch.bool or mat_dim.dim() != 1:
-            raise TypeError(f"mat_dim tensor of dtype {mat_dim.dtype} and shape "
-                            f"{tuple(mat_dim.shape)} is not allowed; allowed: {what}")
-        mat_dim = mat_dim.tolist()
-    if isinstance(mat_dim, (list, tuple)):
-        if len(mat_dim) != batch:
-            raise ValueError(f"mat_dim has {len(mat_dim)} entries but the batch has {batch} "
+def _per_sample(name: str, value, batch: int, lo: int, hi: int, default: int) -> tuple[int, ...]:
+    """An int, or a length-B sequence/tensor of ints, each in lo..hi, as B ints."""
+    what = f"an int in {lo}..{hi} or a length-{batch} sequence/tensor of them"
+    if value is None:
+        return (default,) * batch
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
+            raise TypeError(f"{name} tensor of dtype {value.dtype} and shape "
+                            f"{tuple(value.shape)} is not allowed; allowed: {what}")
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise ValueError(f"{name} has {len(value)} entries but the batch has {batch} "
                              f"samples; allowed: {what}")
-        return tuple(_as_int("mat_dim", w, 1, embed_dim, what) for w in mat_dim)
-    return (_as_int("mat_dim", mat_dim, 1, embed_dim, what),) * batch
+        return tuple(_as_int(name, v, lo, hi, what) for v in value)
+    return (_as_int(name, value, lo, hi, what),) * batch
 
 
 def resolve_call(cfg: AdaPerceiverConfig, x: torch.Tensor, num_tokens=None, mat_dim=None,
-                 depth=None, depth_tau=None, token_grans=None) -> CallConfig:
+                 depth=None, depth_tau=None, token_grans=None, exit: str = "batch"
+                 ) -> CallConfig:
     """Validate one call's arguments against the model config (errors name parameter, value and
-    what is allowed)."""
+    what is allowed). ``num_tokens``, ``mat_dim`` and ``depth`` are each an int or one per
+    sample."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor (B, {cfg.in_channels}, H, W), got {type(x)}")
     if not x.is_floating_point():
@@ -174,25 +191,32 @@ def resolve_call(cfg: AdaPerceiverConfig, x: torch.Tensor, num_tokens=None, mat_
     if H % p or W % p or H == 0 or W == 0:
         raise ValueError(f"image size {H}x{W} is not allowed; allowed: positive sides that are "
                          f"multiples of patch_size={p}")
-    n = cfg.max_latent_tokens if num_tokens is None else _as_int(
-        "num_tokens", num_tokens, 1, MAX_NUM_TOKENS, f"an int in 1..{MAX_NUM_TOKENS}")
-    widths = _widths(mat_dim, B, cfg.embed_dim)
-    l = cfg.depth if depth is None else _as_int("depth", depth, 1, cfg.depth,
-                                                f"an int in 1..{cfg.depth}")
+    tokens = _per_sample("num_tokens", num_tokens, B, 1, MAX_NUM_TOKENS, cfg.max_latent_tokens)
+    if len(set(tokens)) > 1 and max(tokens) > cfg.max_latent_tokens:
+        # RoPE frequencies are scaled by t / max_latent_tokens above it: one table per batch
+        raise ValueError(f"num_tokens={list(tokens)} is not allowed: per-sample token counts "
+                         f"must be <= max_latent_tokens={cfg.max_latent_tokens} (or all equal)")
+    widths = _per_sample("mat_dim", mat_dim, B, 1, cfg.embed_dim, cfg.embed_dim)
+    depths = _per_sample("depth", depth, B, 1, cfg.depth, cfg.depth)
     if depth_tau is not None:
         if isinstance(depth_tau, bool) or not isinstance(depth_tau, (int, float)) or not (
                 0.0 <= float(depth_tau) <= 1.0) or math.isnan(float(depth_tau)):
             raise ValueError(f"depth_tau={depth_tau!r} is not allowed; allowed: a float in "
                              "[0, 1] (a max-softmax confidence)")
         depth_tau = float(depth_tau)
+    if exit not in ("batch", "sample"):
+        raise ValueError(f"exit={exit!r} is not allowed; allowed: 'batch' (the reference's "
+                         "batch-mean rule) or 'sample'")
     grans = check_grans(cfg.mask_token_grans if token_grans is None else token_grans,
                         "token_grans")
+    n = max(tokens)
     if cfg.attn_layer == "full" or cfg.block_mask == "none":
         mask = None
     elif cfg.block_mask == "causal":
         mask = tuple(range(1, n + 1))
     else:
         mask = tuple(grans)
-    return CallConfig(batch=B, num_tokens=n, widths=widths,
-                      hidden=tuple(hidden_size(w, cfg.ffn_ratio) for w in widths), depth=l,
-                      depth_tau=depth_tau, grans=mask, grid=(H // p, W // p))
+    return CallConfig(batch=B, tokens=tokens, widths=widths,
+                      hidden=tuple(hidden_size(w, cfg.ffn_ratio) for w in widths),
+                      depths=depths, depth_tau=depth_tau, exit=exit, grans=mask,
+                      grid=(H // p, W // p))

@@ -1,6 +1,7 @@
 """The reference model: SPEC.md's structure, the prefix property, widths, depth, no hidden state."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import adaperceiver
 from adaperceiver.ops import block_mask
@@ -117,9 +118,13 @@ def _manual_run(model, x, n, l, width):
     cfg = model.config
     call = model.resolve(x, n, width, l)
     rope = rope_tables(n, cfg.head_dim, cfg.rope_theta, cfg.max_latent_tokens)
-    lat = model.read(x, call, rope)
+    lat = model.read(x, n, call.grid, rope)
     for blk in model.blocks[:l]:
-        lat = blk(lat, call.hidden, tuple(GRANS), rope)
+        h = blk.norm1(lat)
+        lat = lat + blk.ls1(blk.attn(h, h, tuple(GRANS), rope, rope))
+        h, f = call.hidden[0], blk.ffn
+        act = F.gelu(F.linear(blk.norm2(lat), f.fc1.weight[:h], f.fc1.bias[:h]))
+        lat = lat + blk.ls2(F.linear(act, f.fc2.weight[:, :h], f.fc2.bias))
     return model.forward_head(lat, rope), lat
 
 

@@ -237,9 +237,17 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         if args.torchcompile:
             from .runner import _compile
             runnable = _compile(model, args.torchcompile, len(grid) * len(backends))
+        done = set()
         for be in backends:
             for c in grid:
                 be_name = resolved_backend(model, be, settings, c)
+                if (c, be_name) in done:
+                    # e.g. 'auto' resolves to 'reference' when no faster backend is built
+                    log(f"note: --backend {be} runs {be_name} at {c.label}, already measured;"
+                        " skipped")
+                    bar.update(1)
+                    continue
+                done.add((c, be_name))
                 bar.set_postfix_str(f"{c.label} [{be_name}]")
                 timing = time_adaperceiver(runnable, c, x, settings, be)
                 f = flops[c]

@@ -99,7 +99,7 @@ def _parse_values(axis: str, text: str, axes: ModelAxes) -> list[int]:
     if text == "default":
         return default_axes(axes)[axis]
     if not text.strip(","):
-        raise GridError(f"--configs: {name} has no values ({axis}={text!r}); give "
+        raise GridError(f"--configs: {name} has no values ({axis}={text!r}); allowed: "
                         f"comma-separated ints, a range a-b, 'all' or 'default'")
     values: list[int] = []
     for part in text.split(","):

@@ -60,6 +60,9 @@ def pareto_plot(rows: Sequence[dict], path: str, accuracy: Optional[dict] = None
                     xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("GFLOPs per image (forward, multiply-add = 2)")
     ax.set_ylabel("measured throughput (img/s)")
     if rows:

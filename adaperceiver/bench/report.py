@@ -56,6 +56,12 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return format(v, spec)
 
 
+def _gflops(v) -> str:
+    if v is None:
+        return "-"
+    return format(v, ".2f") if v >= 1 else format(v, ".3g")
+
+
 def format_table(rows: Sequence[dict], baseline: Optional[str] = None,
                  title: Optional[str] = None) -> str:
     """The final table: config, GFLOPs, params, img/s, ms/step (median, min-max), speedup."""
@@ -66,8 +72,9 @@ def format_table(rows: Sequence[dict], baseline: Optional[str] = None,
     for r in rows:
         model = "AdaPerceiver" if r["kind"] == "adaperceiver" else "baseline"
         lines.append((
-            model, r["config"], r["backend"] or "-", _fmt(r["gflops"], ".2f"),
-            _fmt(r["params"] / 1e6 if r["params"] is not None else None, ".1f"),
+            model, r["config"], r["backend"] or "-", _gflops(r["gflops"]),
+            _fmt(r["params"] / 1e6 if r["params"] is not None else None,
+                 ".1f" if (r["params"] or 0) >= 1e6 else ".3g"),
             _fmt(r["img_per_s"], ".2f"), _fmt(r["ms_per_step"], ".1f"),
             f"{_fmt(r['ms_min'], '.1f')}-{_fmt(r['ms_max'], '.1f')}",
             str(r["rounds"]), _fmt(r["speedup"], ".2f"),

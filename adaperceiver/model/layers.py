@@ -64,12 +64,25 @@ class Attention(nn.Module):
         B, N, _ = t.shape
         return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
-        q, k, v = self._heads(self.q(x_q)), self._heads(self.k(x_kv)), self._heads(self.v(x_kv))
-        o = ops.block_masked_attention(q, k, v, token_grans, seq_lens=seq_lens, q_rope=q_rope,
+    def _attend(self, q, k, v, token_grans, q_rope, k_rope, seq_lens):
+        """(B, Nq, C), (B, Nk, C) x2 -> attention output (B, Nq, C) before the projection."""
+        o = ops.block_masked_attention(self._heads(q), self._heads(k), self._heads(v),
+                                       token_grans, seq_lens=seq_lens, q_rope=q_rope,
                                        k_rope=k_rope)
         B, _, Nq, _ = o.shape
-        return self.proj(o.transpose(1, 2).reshape(B, Nq, -1))
+        return o.transpose(1, 2).reshape(B, Nq, -1)
+
+    def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
+        o = self._attend(self.q(x_q), self.k(x_kv), self.v(x_kv), token_grans, q_rope, k_rope,
+                         seq_lens)
+        return self.proj(o)
+
+    def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
+        """Self-attention of packed rows x (R, C) laid out by ``layout``: projections run on the
+        rows, attention on the padded form with ``seq_lens``."""
+        q, k, v = (layout.pad(lin(x)) for lin in (self.q, self.k, self.v))
+        o = self._attend(q, k, v, token_grans, rope, rope, layout.seq_lens)
+        return self.proj(layout.pack(o))
 
 
 class CrossAttentionHead(nn.Module):
@@ -82,8 +95,9 @@ class CrossAttentionHead(nn.Module):
         self.snk_norm = _norm(dim)
         self.cattn = Attention(dim, num_heads, qkv_bias, proj_bias)
 
-    def forward(self, sink, source, q_rope=None, k_rope=None):
-        return sink + self.cattn(self.snk_norm(sink), self.src_norm(source), None, q_rope, k_rope)
+    def forward(self, sink, source, q_rope=None, k_rope=None, seq_lens=None):
+        return sink + self.cattn(self.snk_norm(sink), self.src_norm(source), None, q_rope, k_rope,
+                                 seq_lens)
 
 
 class Block(nn.Module):
@@ -100,10 +114,11 @@ class Block(nn.Module):
         self.ffn = MatryoshkaMlp(dim, ffn_hidden)
         self.ls2 = LayerScale(dim, ls_init_values)
 
-    def forward(self, x, hidden: Sequence[int], token_grans=None, rope=None):
-        h = self.norm1(x)
-        x = x + self.ls1(self.attn(h, h, token_grans, rope, rope))
-        return x + self.ls2(self.ffn(self.norm2(x), hidden))
+    def forward(self, x, layout, token_grans=None, rope=None):
+        """x: packed latent rows (R, C) laid out by ``layout`` (model/ragged.py)."""
+        x = x + self.ls1(self.attn.self_attention(self.norm1(x), layout, token_grans, rope))
+        h, hidden = layout.ffn_input(self.norm2(x))
+        return x + self.ls2(self.ffn(h, hidden).reshape(x.shape))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -13,17 +13,19 @@ from torch import nn
 from ..config import AdaPerceiverConfig, CallConfig, resolve_call
 from ..ops.reference import rope_tables
 from .layers import Block, CrossAttentionHead, LearnedToken, OutputAdapter, PatchEmbed
+from .ragged import Layout
 
 __all__ = ["AdaPerceiverClassifier", "AdaPerceiverOutput"]
 
 
 @dataclass
 class AdaPerceiverOutput:
-    logits: torch.Tensor            # (B, 1, num_classes)
-    exit_depth: int                 # blocks executed
-    latents: Optional[torch.Tensor] = None  # (B, N, C) after the last executed block
+    logits: Optional[torch.Tensor]   # (B, 1, num_classes)
+    exit_depth: int                  # blocks executed (the most any sample ran)
+    latents: Optional[torch.Tensor] = None  # (B, N, C) at each sample's exit, zero past its t
+    depths: Optional[torch.Tensor] = None   # (B,) blocks each sample ran
 
-    def __getitem__(self, key):     # dict-style access, as HF-style outputs allow
+    def __getitem__(self, key):      # dict-style access, as HF-style outputs allow
         return getattr(self, key)
 
 
@@ -76,8 +78,9 @@ class AdaPerceiverClassifier(nn.Module):
                             f"{p.dtype} (cast the input or the model, or use autocast)")
 
     def resolve(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
-                token_grans=None) -> CallConfig:
-        call = resolve_call(self.config, x, num_tokens, mat_dim, depth, depth_tau, token_grans)
+                token_grans=None, exit: str = "batch") -> CallConfig:
+        call = resolve_call(self.config, x, num_tokens, mat_dim, depth, depth_tau, token_grans,
+                            exit)
         self._check_input(x)
         return call
 
@@ -85,52 +88,92 @@ class AdaPerceiverClassifier(nn.Module):
         cfg = self.config
         return rope_tables(n, cfg.head_dim, cfg.rope_theta, cfg.max_latent_tokens, device)
 
-    def read(self, x: torch.Tensor, call: CallConfig, rope):
+    def read(self, x: torch.Tensor, num_tokens: int, grid, rope):
         """Patch embedding and read: the (B, N, C) latents before the first block."""
-        patches = self.patch_embed(x, call.grid)
+        patches = self.patch_embed(x, grid)
         B, C = x.shape[0], self.config.embed_dim
         # a contiguous copy, not a view: a view of a parameter made under no_grad confuses
         # module hooks (FlopCounterMode's module tracker fails on it)
-        latents = self.process_latents.token.expand(B, call.num_tokens, C).clone(
+        latents = self.process_latents.token.expand(B, num_tokens, C).clone(
             memory_format=torch.contiguous_format)
         return self.read_head(latents, patches, q_rope=rope)
 
-    def write(self, latents: torch.Tensor, rope) -> torch.Tensor:
-        """Write the latents out through the output token: (B, 1, C)."""
+    def forward_head(self, latents: torch.Tensor, rope=None, seq_lens=None) -> torch.Tensor:
+        """Logits (B, 1, num_classes) from latents (B, N, C) taken at any exit layer; sample b
+        reads its first seq_lens[b] latents (all when None)."""
+        n = latents.shape[1]
+        rope = self._rope(n, latents.device) if rope is None else (rope[0][:n], rope[1][:n])
         out_tok = self.output_latents.token.expand(latents.shape[0], 1, -1).clone(
             memory_format=torch.contiguous_format)
-        return self.write_head(out_tok, latents, k_rope=rope)
-
-    def forward_head(self, latents: torch.Tensor, rope=None) -> torch.Tensor:
-        """Logits (B, 1, num_classes) from latents (B, N, C) taken at any exit layer."""
-        if rope is None:
-            rope = self._rope(latents.shape[1], latents.device)
-        return self.output_adapter(self.write(latents, rope))
+        return self.output_adapter(self.write_head(out_tok, latents, k_rope=rope,
+                                                   seq_lens=seq_lens))
 
     def _run(self, x, call: CallConfig, with_logits: bool = True) -> AdaPerceiverOutput:
-        rope = self._rope(call.num_tokens, x.device)
-        latents = self.read(x, call, rope)
+        """Blocks over the running samples. Samples are ordered deepest first, so those that
+        reach their depth leave from the end of the batch (a slice); per-sample confidence exit
+        compacts by gathering. Each sample is written out at its own exit layer."""
+        B, dev = call.batch, x.device
+        order = sorted(range(B), key=lambda b: -call.depths[b])
+        if order != list(range(B)):
+            x = x[torch.tensor(order, device=dev)]
+        rope = self._rope(call.num_tokens, dev)
+        layout = Layout.build([call.tokens[b] for b in order], [call.hidden[b] for b in order],
+                              dev)
+        rows = layout.pack(self.read(x, call.num_tokens, call.grid, rope))
+        running = list(order)                       # original index of each running sample
+        logits, latents, depths = [None] * B, [None] * B, [0] * B
+        run_rope = rope
         for i in range(call.depth):
-            latents = self.blocks[i](latents, call.hidden, call.grans, rope)
+            rows = self.blocks[i](rows, layout, call.grans, run_rope)
+            leave = [j for j, b in enumerate(running) if call.depths[b] == i + 1]
+            lg = None
             if call.depth_tau is not None:
-                logits = self.forward_head(latents, rope)
-                conf = logits.float().softmax(-1).amax(-1).mean()
-                # the reference's batch-mean rule: one host sync per layer
-                if conf.item() >= call.depth_tau or i + 1 == call.depth:
-                    return AdaPerceiverOutput(logits, i + 1, latents)
-        logits = self.forward_head(latents, rope) if with_logits else None
-        return AdaPerceiverOutput(logits, call.depth, latents)
+                lg = self.forward_head(layout.pad(rows), rope, layout.seq_lens)
+                conf = lg.float().softmax(-1).amax(-1)[:, 0]
+                if call.exit == "batch":
+                    # the reference's rule: one host sync per layer on the batch mean
+                    if conf.mean().item() >= call.depth_tau:
+                        leave = list(range(len(running)))
+                else:
+                    sure = (conf >= call.depth_tau).tolist()
+                    leave = [j for j in range(len(running)) if sure[j] or j in leave]
+            if not leave:
+                continue
+            out_layout, out_rows = layout.select(leave, rows)
+            padded = out_layout.pad(out_rows)
+            if lg is not None:
+                lg = lg[torch.tensor(leave, device=dev)]
+            elif with_logits:
+                lg = self.forward_head(padded, rope, out_layout.seq_lens)
+            for n, j in enumerate(leave):
+                b = running[j]
+                depths[b], latents[b] = i + 1, padded[n]
+                if lg is not None:
+                    logits[b] = lg[n]
+            stay = [j for j in range(len(running)) if j not in set(leave)]
+            if not stay:
+                break
+            layout, rows = layout.select(stay, rows)
+            running = [running[j] for j in stay]
+            # positions 0..n-1 (n <= max_latent_tokens when samples differ): a prefix of the table
+            run_rope = (rope[0][:layout.max_len], rope[1][:layout.max_len])
+        feats = rows.new_zeros(B, call.num_tokens, rows.shape[-1])
+        for b, t in enumerate(call.tokens):
+            feats[b, :t] = latents[b][:t]
+        return AdaPerceiverOutput(
+            logits=torch.stack(logits) if with_logits else None, exit_depth=max(depths),
+            latents=feats, depths=torch.tensor(depths))
 
     # -------------------------------------------------------------------------- public
     def forward(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
-                token_grans=None) -> AdaPerceiverOutput:
-        call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans)
+                token_grans=None, exit: str = "batch") -> AdaPerceiverOutput:
+        call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans, exit)
         return self._run(x, call)
 
     def forward_features(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
-                         token_grans=None) -> torch.Tensor:
-        """The latents (B, N, C) after the last executed block."""
-        call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans)
+                         token_grans=None, exit: str = "batch") -> torch.Tensor:
+        """The latents (B, N, C) after each sample's last executed block (zero past its t)."""
+        call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans, exit)
         return self._run(x, call, with_logits=False).latents
 
     def save_pretrained(self, path):
