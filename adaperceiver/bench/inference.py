@@ -1,0 +1,138 @@
+"""The end-to-end inference figures, measured side by side in one run.
+
+* the full configuration (t=256, w=832, l=21) against timm's flexivit_large at 224 px and
+  against the GEMM bound: the model's needed FLOPs per image divided by the rate of a 2048^3
+  fp32 matmul measured in the same run;
+* a mixed batch (every sample its own t, w, l) against the same configurations run as
+  single-configuration batches (per-sample average), and against padding every sample to the
+  batch's largest t, w and l (compared with the ratio of the FLOPs).
+
+Used by ``benchmarks/test_bench_inference.py`` and ``python -m adaperceiver.bench --inference``.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional, Sequence
+
+import torch
+
+from ..flops import count_flops
+from .timing import time_step
+
+__all__ = ["gemm_rate", "full_config_figures", "mixed_batch_figures", "format_figures",
+           "TARGETS"]
+
+TARGETS = {
+    "full_vs_flexivit_large": 1.6,        # at least, img/s ratio
+    "full_vs_gemm_bound": 0.9,            # at least
+    "mixed_vs_single_config_avg": 1.2,    # at most, time ratio
+    "padded_over_mixed_vs_flops_ratio": 0.2,  # |time ratio / FLOP ratio - 1| at most
+}
+
+
+def gemm_rate(device="cpu", n: int = 2048, rounds: int = 5) -> float:
+    """FLOP/s of an n^3 fp32 matmul (median of ``rounds``)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = time_step(lambda: torch.mm(a, b), device, warmup=2, rounds=rounds)
+    return 2 * n ** 3 / (t.median_ms / 1e3)
+
+
+def _img_s(fn, batch: int, device, rounds: int) -> tuple[float, float]:
+    t = time_step(fn, device, warmup=1, rounds=rounds)
+    return batch / (t.median_ms / 1e3), t.spread_pct
+
+
+@torch.inference_mode()
+def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int = 3,
+                        baseline: Optional[torch.nn.Module] = None, device="cpu") -> dict:
+    """img/s of the full configuration, flexivit_large and the GEMM bound, in one run."""
+    if baseline is None:
+        import timm
+        baseline = timm.create_model("flexivit_large", pretrained=False, img_size=img_size)
+    baseline = baseline.eval().to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    rate = gemm_rate(device)
+    cfg = model.config
+    needed = count_flops(model, cfg.max_latent_tokens, cfg.embed_dim, cfg.depth,
+                         img_size).needed
+    model_ips, model_spread = _img_s(lambda: model(x), batch, device, rounds)
+    base_ips, base_spread = _img_s(lambda: baseline(x), batch, device, rounds)
+    bound = rate / needed
+    return {"gemm_gflops": rate / 1e9, "model_img_s": model_ips, "model_spread_pct": model_spread,
+            "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": base_spread,
+            "gemm_bound_img_s": bound, "model_gflops": needed / 1e9,
+            "full_vs_flexivit_large": model_ips / base_ips,
+            "full_vs_gemm_bound": model_ips / bound}
+
+
+def random_mixed_configs(model, batch: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    cfg = model.config
+    rng = random.Random(seed)
+    return [(rng.choice(cfg.mask_token_grans), rng.choice(cfg.mat_dims),
+             rng.randint(1, cfg.depth)) for _ in range(batch)]
+
+
+@torch.inference_mode()
+def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]] = None,
+                        batch: int = 4, img_size: int = 224, rounds: int = 3, device="cpu",
+                        seed: int = 0) -> dict:
+    """A batch whose samples have their own (t, w, l), against the same configurations run as
+    single-configuration batches of the same size, and against padding to the largest."""
+    configs = list(configs or random_mixed_configs(model, batch, seed))
+    B = len(configs)
+    x = torch.randn(B, 3, img_size, img_size, device=device)
+    t, w, l = (list(c) for c in zip(*configs))
+    mixed = time_step(lambda: model(x, num_tokens=t, mat_dim=w, depth=l), device, warmup=1,
+                      rounds=rounds).median_ms
+    singles = []
+    for c in configs:
+        singles.append(time_step(lambda c=c: model(x, num_tokens=c[0], mat_dim=c[1], depth=c[2]),
+                                 device, warmup=1, rounds=rounds).median_ms / B)
+    big = (max(t), max(w), max(l))
+    padded = time_step(lambda: model(x, num_tokens=big[0], mat_dim=big[1], depth=big[2]),
+                       device, warmup=1, rounds=rounds).median_ms
+    flops_mixed = sum(count_flops(model, *c, img_size=img_size).needed for c in configs)
+    flops_padded = B * count_flops(model, *big, img_size=img_size).needed
+    single_avg = sum(singles) / B
+    return {"configs": configs, "mixed_ms": mixed, "single_config_avg_ms_per_sample": single_avg,
+            "padded_ms": padded, "mixed_vs_single_config_avg": mixed / (single_avg * B),
+            "padded_over_mixed": padded / mixed, "flops_ratio": flops_padded / flops_mixed,
+            "padded_over_mixed_vs_flops_ratio": abs((padded / mixed) /
+                                                    (flops_padded / flops_mixed) - 1)}
+
+
+def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
+    """A readable table of the figures and their targets."""
+    rows = []
+
+    def row(name, value, target, ok):
+        rows.append((name, value, target, "yes" if ok else "NO"))
+
+    if full:
+        row("GEMM rate (2048^3 fp32)", f"{full['gemm_gflops']:.0f} GFLOP/s", "", True)
+        row("full config img/s", f"{full['model_img_s']:.2f} (+-{full['model_spread_pct']:.0f}%)",
+            "", True)
+        row("flexivit_large img/s", f"{full['flexivit_large_img_s']:.2f}", "", True)
+        row("full / flexivit_large", f"{full['full_vs_flexivit_large']:.2f}x",
+            f">= {TARGETS['full_vs_flexivit_large']}x",
+            full["full_vs_flexivit_large"] >= TARGETS["full_vs_flexivit_large"])
+        row("full / GEMM bound", f"{full['full_vs_gemm_bound']:.2f}x",
+            f">= {TARGETS['full_vs_gemm_bound']}x",
+            full["full_vs_gemm_bound"] >= TARGETS["full_vs_gemm_bound"])
+    if mixed:
+        row("mixed configs (t, w, l)", " ".join(f"{c}" for c in mixed["configs"]), "", True)
+        row("mixed / single-config avg", f"{mixed['mixed_vs_single_config_avg']:.2f}x",
+            f"<= {TARGETS['mixed_vs_single_config_avg']}x",
+            mixed["mixed_vs_single_config_avg"] <= TARGETS["mixed_vs_single_config_avg"])
+        row("padded / mixed (time)", f"{mixed['padded_over_mixed']:.2f}x",
+            f"FLOP ratio {mixed['flops_ratio']:.2f}x +-20%",
+            mixed["padded_over_mixed_vs_flops_ratio"] <= TARGETS[
+                "padded_over_mixed_vs_flops_ratio"])
+    widths = [max(len(str(r[i])) for r in rows + [("figure", "value", "target", "met")])
+              for i in range(4)]
+    lines = ["  ".join(str(c).ljust(wd) for c, wd in zip(("figure", "value", "target", "met"),
+                                                          widths))]
+    lines.append("  ".join("-" * wd for wd in widths))
+    lines += ["  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
