@@ -68,9 +68,8 @@ class Attention(nn.Module):
         """(B, Nq, C), (B, Nk, C) x2 -> attention output (B, Nq, C) before the projection."""
         o = ops.block_masked_attention(self._heads(q), self._heads(k), self._heads(v),
                                        token_grans, seq_lens=seq_lens, q_rope=q_rope,
-                                       k_rope=k_rope)
-        B, _, Nq, _ = o.shape
-        return o.transpose(1, 2).reshape(B, Nq, -1)
+                                       k_rope=k_rope, heads_last=True)
+        return o.flatten(2)
 
     def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
         o = self._attend(self.q(x_q), self.k(x_kv), self.v(x_kv), token_grans, q_rope, k_rope,

@@ -40,13 +40,15 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backend = dispatch.select("attention", (q, k, v, token_grans, seq_lens, q_rope, k_rope),
                               q.device.type)
     out, lse = backend.attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
-    return out.contiguous(), lse.contiguous()
+    # the op's output is heads-last, (B, Nq, H, Dv): the model reads it as (B, Nq, C) with no
+    # copy, and a backend that writes that layout (returning its (B, H, Nq, Dv) view) pays none
+    return out.transpose(1, 2).contiguous(), lse.contiguous()
 
 
 @_attention_op.register_fake
 def _(q, k, v, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin):
     B, H, Nq, _ = q.shape
-    return (q.new_empty(B, H, Nq, v.shape[-1]),
+    return (q.new_empty(B, Nq, H, v.shape[-1]),
             q.new_empty(B, H, Nq, dtype=torch.float32))
 
 
@@ -62,7 +64,9 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     k_rope = None if k_cos is None else (k_cos, k_sin)
     backend = dispatch.select("attention", (q, k, v, token_grans, seq_lens, q_rope, k_rope),
                               q.device.type)
-    dq, dk, dv = backend.attention_backward(grad_out, q, k, v, out, lse, token_grans, scale,
+    # grad_out and out are heads-last (B, Nq, H, Dv), as the forward op returns them
+    dq, dk, dv = backend.attention_backward(grad_out.transpose(1, 2), q, k, v,
+                                            out.transpose(1, 2), lse, token_grans, scale,
                                             seq_lens, q_rope, k_rope)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -126,18 +130,21 @@ def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
 
 def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None, *,
                            scale: Optional[float] = None, seq_lens: Optional[torch.Tensor] = None,
-                           q_rope=None, k_rope=None) -> torch.Tensor:
+                           q_rope=None, k_rope=None, heads_last: bool = False) -> torch.Tensor:
     """Group-causal attention (SPEC.md): q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
 
     ``token_grans=None``: no mask. ``seq_lens``: (B,) ints; sample b uses its first seq_lens[b]
     queries and keys, the rest of its output is zero. ``q_rope``/``k_rope``: (cos, sin) tables
-    (N, D/2) applied inside the op as interleaved-pair RoPE.
+    (N, D/2) applied inside the op as interleaved-pair RoPE. Inputs may be strided views (for
+    instance (B, N, H, D) projections transposed). The result is a (B, H, Nq, D) view of a
+    heads-last buffer; ``heads_last=True`` returns that buffer, (B, Nq, H, D), contiguous.
     """
     token_grans, seq_lens = _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     qc, qs = _rope_pair(q_rope)
     kc, ks = _rope_pair(k_rope)
-    return _attention_op(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)[0]
+    out = _attention_op(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)[0]
+    return out if heads_last else out.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------- FFN
