@@ -16,13 +16,14 @@ grad_out / write out / dx through ``row_ids`` (sorted position -> original flatt
   * dW1 / dW2 / db1: grid (hidden tile, C tile); the row reduction of hidden tile j stops at
     R_j = number of rows wider than j * BLOCK_H, a prefix of the sorted rows.
 What is skipped: hidden tiles past a row tile's largest width are neither loaded nor computed;
-inside a visited tile, hidden units at or past a row's own width are masked (loads predicated
-off, values zero). Activations / dpre of skipped tiles are never written (the buffers are
-torch.empty) and never read, because every read is predicated by the same per-row bound.
+inside a visited tile, hidden units at or past a row's own width are masked (values zero).
+The act / dpre scratch (rows padded to 64) is uninitialised: writers store every visited tile
+(zeros past each row's width, up to the padded width) and readers predicate every load by the
+row's width rounded up to 16 (a multiple of 16 keeps GPU loads vectorised and pipelined), which
+the writers' tiles always cover. bf16 runs on GPUs only (the interpreter's bf16 is wrong).
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,8 +37,6 @@ __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_sche
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -73,7 +72,7 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
         acc = tl.dot(a, w, acc, input_precision="ieee")
     b1 = tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     pre = acc + b1[None, :]
-    act = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+    act = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))  # exact GELU, 1/sqrt(2)
     # units at or past the row's own width are zero: the tile may hold rows of narrower samples
     act = tl.where(offs_h[None, :] < rh[:, None], act, 0.0)
     tl.store(act_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_h[None, :],
@@ -118,13 +117,13 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
         acc_pre = tl.dot(a, w1, acc_pre, input_precision="ieee")
         g = tl.load(go_ptr + rows[:, None] * stride_gm + kk[None, :] * stride_gc, mask=mk,
                     other=0.0)
-        w2 = tl.load(w2_ptr + kk[:, None].to(tl.int64) * stride_w2c + offs_h64[None, :] * stride_w2h,
-                     mask=kh, other=0.0)
+        w2 = tl.load(w2_ptr + kk[:, None].to(tl.int64) * stride_w2c
+                     + offs_h64[None, :] * stride_w2h, mask=kh, other=0.0)
         acc_g = tl.dot(g, w2, acc_g, input_precision="ieee")
     b1 = tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     pre = acc_pre + b1[None, :]
     cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+    pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327  # 1/sqrt(2 pi)
     on = offs_h[None, :] < rh[:, None]
     act = tl.where(on, pre * cdf, 0.0)
     dpre = tl.where(on, acc_g * (cdf + pre * pdf), 0.0)
@@ -161,7 +160,7 @@ def _rows_by_hidden_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, row_h_p
     rh16 = (rh + 15) // 16 * 16
     kmax = tl.load(row_h_ptr + m0)
     if W_K_PAD:
-        k_lim = (kmax + 15) // 16 * 16 + 16
+        k_lim = (kmax + 15) // 16 * 16
     else:
         k_lim = kmax
     offs_c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -355,8 +354,9 @@ def _interpreting() -> bool:
 
 
 def default_blocks(dtype: torch.dtype, interpret: Optional[bool] = None) -> Blocks:
-    """GPU tiles for ``dtype`` (fp32 halves the K steps to keep shared memory in budget), or big
-    square tiles of 32 under the interpreter (cost there is per program, not per element)."""
+    """GPU tiles for ``dtype`` (fp32 halves the row tiles and K steps: at the 16-bit tiles it
+    spills registers on sm_80/sm_90), or tiles of 32 under the interpreter (its cost is per
+    program, not per element). No spills at these tiles: see COMPILE_SPECS."""
     if interpret if interpret is not None else _interpreting():
         return Blocks(32, 32, 32, 32, 32, 32, 32, 32, 4, 1)
     if dtype == torch.float32:
@@ -653,9 +653,13 @@ def _compile_specs(blocks: Blocks) -> list[dict]:
 
 
 def compile_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
-    """:data:`COMPILE_SPECS` at the default GPU tiles of ``dtype`` (fp32 included; its "{dtype}"
-    is to be replaced by "fp32")."""
-    return _compile_specs(default_blocks(dtype, interpret=False))
+    """The specs at the default GPU tiles of ``dtype``, limited to the dtypes those tiles are
+    for ("fp16"/"bf16" share theirs; fp32 has its own, names suffixed " fp32")."""
+    if dtype == torch.float32:
+        return [{**s, "name": s["name"] + " fp32", "dtypes": ("fp32",)}
+                for s in _compile_specs(default_blocks(dtype, interpret=False))]
+    return [{**s, "dtypes": ("fp16", "bf16")}
+            for s in _compile_specs(default_blocks(dtype, interpret=False))]
 
 
-COMPILE_SPECS = compile_specs(torch.float16)
+COMPILE_SPECS = compile_specs(torch.float16) + compile_specs(torch.float32)
