@@ -13,7 +13,8 @@ Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
     first row that sees key n0 are skipped, tiles before the first row that sees key n1 - 1 are
     masked per row, the rest (up to the sample's length) need no key mask.
 What is skipped: query tiles past a sample's length do no work (they store zeros / -inf), key
-tiles past a row tile's bound are never loaded, masked scores are never exponentiated.
+tiles past a row tile's bound are never loaded, and only the tiles a row bound cuts (stage 2,
+and its dk/dv mirror) pay for the per-row mask.
 Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
 adaperceiver/ops/dispatch.py), -inf on rows that see no key.
 """
@@ -33,8 +34,7 @@ from adaperceiver.ops.schedule import check_grans, row_end
 __all__ = ["attention_forward", "attention_backward", "block_masked_attention", "why_not",
            "COMPILE_SPECS", "Tiles", "default_tiles"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634   # the kernels work in base 2 (exp2); lse is stored in base e
 HEAD_DIMS = (32, 64, 128)
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -66,17 +66,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_tiles(head_dim: int, interpret: Optional[bool] = None) -> Tiles:
-    """GPU tile sizes (checked spill-free by tests/test_kernels_compile.py), or big tiles under
-    the interpreter, whose cost is per program and per op, not per element."""
+def default_tiles(head_dim: int, interpret: Optional[bool] = None,
+                  dtype: torch.dtype = torch.float16) -> Tiles:
+    """GPU tile sizes (fp16/bf16 ones checked spill-free by tests/test_kernels_compile.py), or
+    big tiles under the interpreter, whose cost is per program and per op, not per element."""
     if _interpreting() if interpret is None else interpret:
         return Tiles(32, 32, 32, 32, 32, 32)
+    if dtype == torch.float32:
+        # fp32 operands (3xTF32 dots) take twice the registers and shared memory of fp16 ones;
+        # at head_dim 128 the backward still spills: fp32 on a GPU is for checking, not speed
+        if head_dim <= 64:
+            return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=4, fwd_stages=2, dkdv_warps=8,
+                         dkdv_stages=2, dq_warps=4, dq_stages=2)
+        return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=1, dkdv_warps=8,
+                     dkdv_stages=1, dq_warps=8, dq_stages=1)
     if head_dim <= 64:
         return Tiles(64, 32, 32, 64, 64, 32, fwd_warps=4, fwd_stages=3, dkdv_warps=8,
                      dkdv_stages=3, dq_warps=8, dq_stages=3)
     # head_dim 128: the dk/dv accumulators (2 x BLOCK_N x 128 fp32) and the RoPE operands
     # need smaller key tiles and 8 warps to stay in registers
-    return Tiles(64, 32, 32, 32, 64, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
+    return Tiles(64, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
                  dkdv_stages=2, dq_warps=8, dq_stages=2)
 
 
@@ -158,13 +167,15 @@ def _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
-               tile_lo, tile_hi, qk_scale, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+               tile_lo, tile_hi, qk_scale, key_limit, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_ROPE: tl.constexpr,
+               PRECISION: tl.constexpr):
     """One stage of the online softmax over key tiles [tile_lo, tile_hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM,
+                       BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
@@ -173,7 +184,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSi
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=offs_n[:, None] < N_K, other=0.0)
+                    mask=offs_n[:, None] < key_limit, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -197,8 +208,9 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counte
     if DEBUG:
         tl.atomic_add(Counter, n_end)
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin,
-                   HEAD_DIM, BLOCK_M)
+    # rows and keys past the sample's length are read as zeros: padding costs no traffic
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, len_q, Q_ROPE, QCos,
+                   QSin, HEAD_DIM, BLOCK_M)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -206,11 +218,11 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counte
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     # stage 1: key tiles every row of the tile sees in full
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
-                               KSin, bound, 0, n_full, qk_scale, N_K, HEAD_DIM, BLOCK_N,
+                               KSin, bound, 0, n_full, qk_scale, len_k, HEAD_DIM, BLOCK_N,
                                False, K_ROPE, PRECISION)
     # stage 2: key tiles cut by some row's bound (or by the sample's length)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
-                               KSin, bound, n_full, n_end, qk_scale, N_K, HEAD_DIM, BLOCK_N,
+                               KSin, bound, n_full, n_end, qk_scale, len_k, HEAD_DIM, BLOCK_N,
                                True, K_ROPE, PRECISION)
 
     valid = offs_m < len_q
@@ -253,7 +265,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin,
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
+        q = _load_rows(q_base, offs_m, stride_qn, len_q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
         # rows past the length: lse = +inf makes p = 0 and dO = 0, so they add nothing
         row_ok = offs_m < len_q
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -307,11 +319,11 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSi
     if DEBUG:
         tl.atomic_add(Counter, m_end - m_start)
 
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin,
-                   HEAD_DIM, BLOCK_N)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, stride_kn, len_k, K_ROPE, KCos,
+                   KSin, HEAD_DIM, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :], mask=offs_n[:, None] < N_K, other=0.0)
+                + offs_d[None, :], mask=offs_n[:, None] < len_k, other=0.0)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DOut + b * stride_db + h * stride_dh
     lse_base = Lse + bh.to(tl.int64) * N_Q
@@ -338,15 +350,17 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSi
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
-              tile_lo, tile_hi, qk_scale, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+              tile_lo, tile_hi, qk_scale, key_limit, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_ROPE: tl.constexpr,
+              PRECISION: tl.constexpr):
     """dq of one query tile over key tiles [tile_lo, tile_hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, N_K, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
+        k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM,
+                       BLOCK_N)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=offs_n[:, None] < N_K, other=0.0)
+                    mask=offs_n[:, None] < key_limit, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
@@ -376,8 +390,8 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
     if DEBUG:
         tl.atomic_add(Counter, n_end)
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, N_Q, Q_ROPE, QCos, QSin,
-                   HEAD_DIM, BLOCK_M)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, len_q, Q_ROPE, QCos,
+                   QSin, HEAD_DIM, BLOCK_M)
     row_ok = offs_m < len_q
     offs_d = tl.arange(0, HEAD_DIM)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
@@ -389,9 +403,9 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
     v_base = V + b * stride_vb + h * stride_vh
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
-                   bound, 0, n_full, qk_scale, N_K, HEAD_DIM, BLOCK_N, False, K_ROPE, PRECISION)
+                   bound, 0, n_full, qk_scale, len_k, HEAD_DIM, BLOCK_N, False, K_ROPE, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
-                   bound, n_full, n_end, qk_scale, N_K, HEAD_DIM, BLOCK_N, True, K_ROPE,
+                   bound, n_full, n_end, qk_scale, len_k, HEAD_DIM, BLOCK_N, True, K_ROPE,
                    PRECISION)
     _unrope_store(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, offs_m, stride_gn, N_Q,
                   row_ok, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
@@ -473,8 +487,9 @@ def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
 
 
 def _precision(dtype) -> str:
-    # fp32 inputs get true fp32 products (the reference's semantics), not TF32
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get ~fp32-accurate products (3xTF32 on tensor cores), not plain TF32 (10-bit
+    # mantissa); "ieee" would lower to FMA loops that spill heavily. fp16/bf16 ignore this.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,
@@ -487,7 +502,7 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_ro
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    t = tiles or default_tiles(D)
+    t = tiles or default_tiles(D, dtype=q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
@@ -520,7 +535,7 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
         out = out.contiguous()
     lse = lse.to(torch.float32).contiguous()
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    t = tiles or default_tiles(D)
+    t = tiles or default_tiles(D, dtype=q.dtype)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
     flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, Q_ROPE=q_rope is not None,
                  K_ROPE=k_rope is not None, PRECISION=_precision(q.dtype))

@@ -32,7 +32,9 @@ Usage: ``python -m adaperceiver.kernels.compile --out benchmarks/triton_resource
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
 import re
@@ -92,6 +94,16 @@ def _ptxas_log(ptx: str, arch: int) -> str:
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
 
 
+@contextlib.contextmanager
+def _knob(obj, name: str, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
 def _compile_one(spec: dict, arch: int, dtype: str) -> dict:
     """Compile one spec for one (arch, dtype) in THIS process (TRITON_INTERPRET must be unset)."""
     import triton
@@ -119,11 +131,18 @@ def _compile_one(spec: dict, arch: int, dtype: str) -> dict:
            "num_stages": spec.get("num_stages", 3)}
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(
-            ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": row["num_warps"], "num_stages": row["num_stages"]})
-        log = _ptxas_log(compiled.asm["ptx"], arch)
+        # Triton's own ptxas run prints its -v log with this knob (a cache miss); on a cache
+        # hit there is no log and ptxas is run again on the cached PTX
+        captured = io.StringIO()
+        with _knob(triton.knobs.nvidia, "dump_ptxas_log", True), \
+                contextlib.redirect_stdout(captured):
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": row["num_warps"], "num_stages": row["num_stages"]})
+        log = captured.getvalue()
+        if "registers" not in log:
+            log = _ptxas_log(compiled.asm["ptx"], arch)
     except Exception as e:  # noqa: BLE001 - a failed compile is a result row, not a crash
         row.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
                    if str(e).strip() else type(e).__name__,
@@ -152,6 +171,7 @@ def _worker(job_file: str) -> None:
 
 def compile_all(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES, *,
                 modules: Iterable[str] = MODULES, names: Optional[Iterable[str]] = None,
+                select: Optional[Iterable[tuple[str, str]]] = None,
                 jobs: Optional[int] = None) -> tuple[list[dict], list[str]]:
     """Compile every COMPILE_SPECS entry for every (arch, dtype).
 
@@ -159,9 +179,12 @@ def compile_all(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES, *,
     shared (bytes), seconds and error (None when it compiled); notes name skipped modules.
     The compiles run in ``jobs`` subprocesses (default: the CPU count, at most 4) with
     TRITON_INTERPRET unset, so this works from an interpreting process (e.g. under pytest).
-    ``names``: only specs whose name contains one of these strings.
+    ``names``: only specs whose name contains one of these strings; ``select``: only these
+    (module, spec name) pairs.
     """
     archs, dtypes, modules = list(archs), list(dtypes), list(modules)
+    names = None if names is None else list(names)
+    select = None if select is None else {tuple(x) for x in select}
     for d in dtypes:
         if d not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"dtype={d!r} is not allowed; allowed: fp16, bf16, fp32")
@@ -182,8 +205,8 @@ def compile_all(archs: Iterable[int] = ARCHS, dtypes: Iterable[str] = DTYPES, *,
     work = [{"module": m, "name": n, "arch": a, "dtype": d}
             for m, n, only in listed for a in archs for d in dtypes
             if (only is None or d in only)
-            and (names is None or any(s in n for s in names))]
-    # heaviest first so the shards finish together
+            and (names is None or any(s in n for s in names))
+            and (select is None or (m, n) in select)]
     jobs = max(1, min(jobs or min(os.cpu_count() or 1, 4), len(work) or 1))
     shards = [work[i::jobs] for i in range(jobs)]
     rows = []
