@@ -503,7 +503,9 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_ro
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     t = tiles or default_tiles(D, dtype=q.dtype)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # written heads-last, (B, Nq, H, D), and returned as its (B, H, Nq, D) view: the op hands
+    # that buffer to the model as (B, Nq, C) with no transpose copy
+    out = torch.empty((B, Nq, H, v.shape[-1]), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
     grid = (triton.cdiv(Nq, t.fwd_m), B * H)

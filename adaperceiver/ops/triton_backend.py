@@ -1,15 +1,19 @@
-"""The Triton backend: adaperceiver.kernels (attention.py, matryoshka.py) behind the dispatcher."""
+"""The Triton backend: adaperceiver.kernels (attention.py, matryoshka.py) behind the dispatcher.
+
+Each op's kernel module is imported when that op first asks, so that one failing to import
+(no Triton, say) leaves the other usable and is reported as a reason, not an exception.
+"""
 from __future__ import annotations
 
+import importlib
 import os
 
-from adaperceiver.kernels import attention as _attn
-from adaperceiver.kernels import matryoshka as _ffn
 
-attention_forward = _attn.attention_forward
-attention_backward = _attn.attention_backward
-ffn_forward = _ffn.ffn_forward
-ffn_backward = _ffn.ffn_backward
+def _module(name: str):
+    try:
+        return importlib.import_module(f"adaperceiver.kernels.{name}")
+    except Exception as e:  # noqa: BLE001 - reported by why_not_*
+        return f"adaperceiver.kernels.{name} could not be imported: {type(e).__name__}: {e}"
 
 
 def _device_reasons(t) -> list[str]:
@@ -18,11 +22,32 @@ def _device_reasons(t) -> list[str]:
     return [f"tensors are on {t.device.type}; Triton needs CUDA tensors or TRITON_INTERPRET=1"]
 
 
+def _why_not(name: str, t, args) -> list[str]:
+    mod = _module(name)
+    if isinstance(mod, str):
+        return [mod]
+    return _device_reasons(t) + list(mod.why_not(*args))
+
+
 def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
-    return _device_reasons(q) + list(_attn.why_not(q, k, v, token_grans, seq_lens, q_rope,
-                                                   k_rope))
+    return _why_not("attention", q, (q, k, v, token_grans, seq_lens, q_rope, k_rope))
 
 
 def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
-    return _device_reasons(x) + list(_ffn.why_not(x, fc1_weight, fc1_bias, fc2_weight,
-                                                  fc2_bias, hidden))
+    return _why_not("matryoshka", x, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden))
+
+
+def attention_forward(*args):
+    return _module("attention").attention_forward(*args)
+
+
+def attention_backward(*args):
+    return _module("attention").attention_backward(*args)
+
+
+def ffn_forward(*args):
+    return _module("matryoshka").ffn_forward(*args)
+
+
+def ffn_backward(*args):
+    return _module("matryoshka").ffn_backward(*args)
