@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--torchcompile", nargs="?", const="inductor", default=None,
                    metavar="BACKEND", help="torch.compile the models (backend, default "
                                            "inductor); compile time falls in the warm-up")
+    r.add_argument("--schedule", choices=("interleaved", "sequential"), default="interleaved",
+                   help="interleaved: build everything, then time round-robin (each round "
+                        "runs every config and baseline once), so all share the machine's "
+                        "load alike and ratios are fair; sequential: one item at a time, "
+                        "built and freed in turn (less memory)")
     r.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     r.add_argument("--rounds", type=int, default=5, help="timed steps per configuration (most)")
     r.add_argument("--min-rounds", type=int, default=3,
@@ -138,8 +143,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from .report import add_speedups, format_table, read_accuracy_csv, write_results
     from .roofline import format_roofline, roofline_rows
     from .runner import (RunSettings, build_model, log, make_row, model_config,
-                         parse_precision, release_memory, resolved_backend, time_adaperceiver,
-                         time_baseline)
+                         parse_precision, release_memory, resolved_backend)
     from .timing import environment
 
     # ---- validate every flag before any expensive work
@@ -206,6 +210,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                            precision=precision, device=device, warmup=args.warmup,
                            rounds=args.rounds, min_rounds=min(args.min_rounds, args.rounds),
                            budget_s=args.budget or None, torchcompile=args.torchcompile)
+    for be in backends:
+        for c in (grid[0], grid[-1]):
+            name = resolved_backend(cfg, be, settings, c)
+            if "none (" in name:
+                parser.error(f"--backend {be!r} cannot run {c.label} on {device} in "
+                             f"{precision.name}: {name}")
     env = environment(device)
     log(f"adaperceiver-bench: {args.model}, {len(grid)} configs x {len(backends)} backend(s), "
         f"{len(base_names)} baselines; batch {args.batch_size}, {args.img_size} px, "
@@ -225,18 +235,18 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     from tqdm import tqdm
 
-    rows: list[dict] = []
-    total = len(grid) * len(backends) + len(base_names)
-    bar = tqdm(total=total, desc="bench", unit="cfg", file=sys.stderr,
-               disable=args.no_progress, dynamic_ncols=True)
+    from .runner import _compile, adaperceiver_step, baseline_step
+    from .timing import time_interleaved, time_step
+
     x = settings.images()
+    bar = tqdm(total=len(grid) * len(backends) + len(base_names), desc="building", unit="item",
+               file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
+    # items: (row fields, step-closure factory); models are built lazily when sequential
+    items: list[tuple[dict, object]] = []
     try:
         bar.set_postfix_str(f"building {args.model}")
         model = build_model(args.model, args.model_kwargs, settings, args.pretrained)
-        runnable = model
-        if args.torchcompile:
-            from .runner import _compile
-            runnable = _compile(model, args.torchcompile, len(grid) * len(backends))
+        runnable = _compile(model, args.torchcompile, len(grid) * len(backends))
         done = set()
         for be in backends:
             for c in grid:
@@ -245,34 +255,65 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                     # e.g. 'auto' resolves to 'reference' when no faster backend is built
                     log(f"note: --backend {be} runs {be_name} at {c.label}, already measured;"
                         " skipped")
-                    bar.update(1)
+                    bar.total -= 1
                     continue
                 done.add((c, be_name))
-                bar.set_postfix_str(f"{c.label} [{be_name}]")
-                timing = time_adaperceiver(runnable, c, x, settings, be)
                 f = flops[c]
-                rows.append(make_row("adaperceiver", args.model, c.label, timing, settings,
-                                     gflops=f.total / 1e9, gflops_needed=f.needed / 1e9,
-                                     params=f.params, cfg=c, backend=be_name))
+                meta = dict(kind="adaperceiver", name=args.model, config=c.label,
+                            gflops=f.total / 1e9, gflops_needed=f.needed / 1e9,
+                            params=f.params, cfg=c, backend=be_name)
+                items.append((meta, (lambda c=c, be=be: adaperceiver_step(runnable, c, x,
+                                                                           settings, be))))
+        for n in base_names:
+            gf, params = base_flops[n]
+            meta = dict(kind="baseline", name=n, config=n, gflops=gf / 1e9, params=params,
+                        backend="timm")
+
+            def factory(n=n):
+                net = _compile(bl.build_baseline(n, args.img_size, device, precision.dtype),
+                               args.torchcompile, 1)
+                return baseline_step(net, x, settings)
+            items.append((meta, factory))
+
+        rows: list[dict] = []
+        opts = dict(warmup=settings.warmup, rounds=settings.rounds,
+                    min_rounds=settings.min_rounds, budget_s=settings.budget_s)
+        if args.schedule == "sequential":
+            bar.set_description("timing")
+            for meta, factory in items:
+                bar.set_postfix_str(f"{meta['config']} [{meta['backend']}]")
+                step = factory()
+                timing = time_step(step, device, **opts)
+                del step
+                release_memory()
+                meta = dict(meta)
+                kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
+                rows.append(make_row(kind, name, config, timing, settings, **meta))
                 bar.update(1)
-                bar.set_postfix_str(f"{c.label}: {rows[-1]['img_per_s']:.2f} img/s")
+                bar.set_postfix_str(f"{config}: {rows[-1]['img_per_s']:.2f} img/s")
+        else:
+            steps = []
+            for meta, factory in items:
+                bar.set_postfix_str(f"building {meta['config']}")
+                steps.append(factory())
+                bar.update(1)
+            n_steps = len(steps)
+            bar.reset(total=n_steps * (settings.warmup + settings.rounds))
+            bar.set_description("timing (interleaved)")
+
+            def on_step(i, phase, rounds):
+                bar.total = n_steps * (settings.warmup + rounds)
+                bar.set_postfix_str(f"{phase}: {items[i][0]['config']}")
+                bar.update(1)
+
+            timings = time_interleaved(steps, device, on_step=on_step, **opts)
+            for (meta, _), timing in zip(items, timings):
+                meta = dict(meta)
+                kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
+                rows.append(make_row(kind, name, config, timing, settings, **meta))
+            del steps
         del model, runnable
         release_memory()
-        for n in base_names:
-            bar.set_postfix_str(f"building {n}")
-            net = bl.build_baseline(n, args.img_size, device, precision.dtype)
-            if args.torchcompile:
-                from .runner import _compile
-                net = _compile(net, args.torchcompile, 1)
-            bar.set_postfix_str(n)
-            timing = time_baseline(net, x, settings)
-            gf, params = base_flops[n]
-            rows.append(make_row("baseline", n, n, timing, settings, gflops=gf / 1e9,
-                                 params=params, backend="timm"))
-            bar.update(1)
-            bar.set_postfix_str(f"{n}: {rows[-1]['img_per_s']:.2f} img/s")
-            del net
-            release_memory()
     finally:
         bar.close()
 

@@ -69,12 +69,14 @@ def parse_baselines(spec: Optional[Sequence[str]]) -> list[str]:
 
 def _create(name: str, img_size: int):
     # FlexiViT defaults to 240 px: every baseline is built at the benchmark's image size when
-    # its constructor takes ``img_size`` (ViTs do; convolutional nets take any size as is)
+    # its constructor takes ``img_size`` (ViTs do; convolutional nets take any size as is).
+    # Every baseline gets a 1000-class head (vit_huge_patch14_224's default has none), so all
+    # models of a run compute the same kind of output.
     timm = _timm()
     try:
-        return timm.create_model(name, pretrained=False, img_size=img_size)
+        return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=1000)
     except TypeError:
-        return timm.create_model(name, pretrained=False)
+        return timm.create_model(name, pretrained=False, num_classes=1000)
 
 
 def build_baseline(name: str, img_size: int = 224, device="cpu", dtype=torch.float32):

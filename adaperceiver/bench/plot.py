@@ -54,10 +54,11 @@ def pareto_plot(rows: Sequence[dict], path: str, accuracy: Optional[dict] = None
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, color=colour[t], marker=marker[w], ms=6, lw=1,
                         label=f"t={t} w={w}" + (f" [{be}]" if len(backends) > 1 else ""))
-    for r in base_rows:
+    for i, r in enumerate(sorted(base_rows, key=lambda r: (r["gflops"], r["img_per_s"]))):
         ax.scatter([r["gflops"]], [r["img_per_s"]], color="black", marker="*", s=90, zorder=5)
+        # alternate label sides so baselines of equal FLOPs (ViT-B/16, FlexiViT-B) stay legible
         ax.annotate(r["name"], (r["gflops"], r["img_per_s"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+                    xytext=(5, 4) if i % 2 == 0 else (5, -11), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter

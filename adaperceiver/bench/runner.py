@@ -14,7 +14,8 @@ from .grid import Config
 from .timing import Timing, time_step
 
 __all__ = ["PRECISIONS", "Precision", "parse_precision", "RunSettings", "model_config",
-           "build_model", "resolved_backend", "time_adaperceiver", "time_baseline", "make_row"]
+           "build_model", "resolved_backend", "adaperceiver_step", "baseline_step",
+           "time_adaperceiver", "time_baseline", "make_row"]
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def build_model(name: str, overrides: dict, settings: RunSettings, pretrained=Fa
     return model.eval().to(device=settings.device, dtype=settings.precision.dtype)
 
 
-def _compile(model, backend: Optional[str], n_variants: int):
+def _compile(model, backend: Optional[str], n_variants: int = 1):
     if not backend:
         return model
     import torch._dynamo as dynamo
@@ -115,9 +116,10 @@ def backend_context(backend: str):
 
 def resolved_backend(model, backend: str, settings: RunSettings, cfg: Config) -> str:
     """Which ops backend runs (``auto`` resolved), found by asking the dispatcher about inputs
-    shaped like the model's; ``attention=a,ffn=b`` when the two ops differ."""
+    shaped like the model's (``model``: the model or its config); ``attention=a,ffn=b`` when
+    the two ops differ, ``none (reason)`` when no backend can run them."""
     from adaperceiver.ops import dispatch
-    c = model.config
+    c = getattr(model, "config", model)
     dev, dt = settings.device, settings.precision.amp_dtype or settings.precision.dtype
     hd = c.embed_dim // c.num_heads
     q = torch.zeros(1, c.num_heads, cfg.t, hd, device=dev, dtype=dt)
@@ -135,32 +137,40 @@ def resolved_backend(model, backend: str, settings: RunSettings, cfg: Config) ->
             try:
                 mod = dispatch.select(op, args, dev.type)
                 names[op] = mod.__name__.rsplit(".", 1)[-1].replace("_backend", "")
-            except Exception as e:  # noqa: BLE001 - reported, the run then fails loudly
-                names[op] = f"none ({type(e).__name__})"
+            except Exception as e:  # noqa: BLE001 - reported to the user
+                names[op] = f"none ({' '.join(str(e).split())})"
     if names["attention"] == names["ffn"]:
         return names["attention"]
     return f"attention={names['attention']},ffn={names['ffn']}"
 
 
+def adaperceiver_step(model, cfg: Config, x: torch.Tensor, settings: RunSettings,
+                      backend: str = "auto"):
+    """One forward of one batch at ``cfg`` on ``backend``, as a closure."""
+    def step():
+        with torch.inference_mode(), backend_context(backend), settings.autocast():
+            return model(x, num_tokens=cfg.t, mat_dim=cfg.w, depth=cfg.l).logits
+    return step
+
+
+def baseline_step(model, x: torch.Tensor, settings: RunSettings):
+    def step():
+        with torch.inference_mode(), settings.autocast():
+            return model(x)
+    return step
+
+
 def time_adaperceiver(model, cfg: Config, x: torch.Tensor, settings: RunSettings,
                       backend: str = "auto") -> Timing:
-    def step():
-        with backend_context(backend), settings.autocast():
-            return model(x, num_tokens=cfg.t, mat_dim=cfg.w, depth=cfg.l).logits
-
-    with torch.inference_mode():
-        return time_step(step, settings.device, warmup=settings.warmup, rounds=settings.rounds,
-                         min_rounds=settings.min_rounds, budget_s=settings.budget_s)
+    return time_step(adaperceiver_step(model, cfg, x, settings, backend), settings.device,
+                     warmup=settings.warmup, rounds=settings.rounds,
+                     min_rounds=settings.min_rounds, budget_s=settings.budget_s)
 
 
 def time_baseline(model, x: torch.Tensor, settings: RunSettings) -> Timing:
-    def step():
-        with settings.autocast():
-            return model(x)
-
-    with torch.inference_mode():
-        return time_step(step, settings.device, warmup=settings.warmup, rounds=settings.rounds,
-                         min_rounds=settings.min_rounds, budget_s=settings.budget_s)
+    return time_step(baseline_step(model, x, settings), settings.device,
+                     warmup=settings.warmup, rounds=settings.rounds,
+                     min_rounds=settings.min_rounds, budget_s=settings.budget_s)
 
 
 def make_row(kind: str, name: str, config: str, timing: Timing, settings: RunSettings, *,

@@ -11,11 +11,11 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Timing", "time_step", "environment", "cpu_model", "sync"]
+__all__ = ["Timing", "time_step", "time_interleaved", "environment", "cpu_model", "sync"]
 
 
 @dataclass
@@ -102,6 +102,57 @@ def time_step(step: Callable[[], object], device, *, warmup: int = 1, rounds: in
             times.append((time.perf_counter() - t0) * 1e3)
         timer = "time.perf_counter"
     return Timing(times, warmup, timer)
+
+
+def _timed(step, device: torch.device) -> float:
+    """One step, in milliseconds (CUDA events on a GPU, perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda.synchronize(device)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(steps: Sequence[Callable[[], object]], device, *, warmup: int = 1,
+                     rounds: int = 3, min_rounds: int = 2, budget_s: Optional[float] = None,
+                     on_step: Optional[Callable[[int, str, int], None]] = None) -> list[Timing]:
+    """Time several steps round-robin: warm-up passes over all of them, then each round runs
+    every step once, in order. On a shared machine every step then samples the same load
+    over the same span of time, so ratios between them are fair.
+
+    With ``budget_s`` (seconds per step, as in :func:`time_step`), the rounds are cut so that
+    rounds x (the last warm-up pass) fits ``budget_s x len(steps)``, never below
+    ``min_rounds``. ``on_step(i, phase, rounds)`` is called after each step (phase "warmup" or
+    "timed"; ``rounds``: the number of timed rounds, once decided, else the most).
+    """
+    device = torch.device(device)
+    if rounds < 1 or min_rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}: need "
+                         "rounds >= 1, min_rounds >= 1, warmup >= 0")
+    est = None
+    for _ in range(warmup):
+        est = 0.0
+        for i, step in enumerate(steps):
+            est += _timed(step, device) / 1e3
+            if on_step:
+                on_step(i, "warmup", rounds)
+    n = rounds
+    if budget_s is not None and est:
+        n = max(min(rounds, min_rounds), min(rounds, int(budget_s * len(steps) // est)))
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(n):
+        for i, step in enumerate(steps):
+            times[i].append(_timed(step, device))
+            if on_step:
+                on_step(i, "timed", n)
+    timer = "cuda.Event" if device.type == "cuda" else "time.perf_counter"
+    return [Timing(t, warmup, timer + " (interleaved)") for t in times]
 
 
 def cpu_model() -> str:

@@ -59,6 +59,27 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self._fused = None   # (key, weight, bias) of the concatenated projections, see _project
+
+    def _project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
+        """The projections ``names`` (a subset of "qkv") of x, as one GEMM when no gradient is
+        recorded. The concatenated weight is derived from the released separate keys and
+        rebuilt whenever any of them changes (their version counters are part of the key), so
+        it never changes a result; with gradients (training) or under torch.compile the
+        separate layers run."""
+        lins = [getattr(self, n) for n in names]
+        if len(lins) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return [lin(x) for lin in lins]
+        params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
+        key = (names, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        if self._fused is None or self._fused[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = torch.cat([lin.weight for lin in lins])
+                bias = (torch.cat([lin.bias for lin in lins])
+                        if all(lin.bias is not None for lin in lins) else None)
+            self._fused = (key, weight, bias)
+        out = F.linear(x, self._fused[1], self._fused[2])
+        return list(out.split([lin.out_features for lin in lins], dim=-1))
 
     def _heads(self, t):
         B, N, _ = t.shape
@@ -72,14 +93,14 @@ class Attention(nn.Module):
         return o.flatten(2)
 
     def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
-        o = self._attend(self.q(x_q), self.k(x_kv), self.v(x_kv), token_grans, q_rope, k_rope,
-                         seq_lens)
+        k, v = self._project(x_kv, "kv")
+        o = self._attend(self.q(x_q), k, v, token_grans, q_rope, k_rope, seq_lens)
         return self.proj(o)
 
     def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
         """Self-attention of packed rows x (R, C) laid out by ``layout``: projections run on the
         rows, attention on the padded form with ``seq_lens``."""
-        q, k, v = (layout.pad(lin(x)) for lin in (self.q, self.k, self.v))
+        q, k, v = (layout.pad(t) for t in self._project(x, "qkv"))
         o = self._attend(q, k, v, token_grans, rope, rope, layout.seq_lens)
         return self.proj(layout.pack(o))
 
