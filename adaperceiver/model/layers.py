@@ -26,6 +26,10 @@ class LayerScale(nn.Module):
     def forward(self, x):
         return x * self.gamma
 
+    def residual(self, x, branch):
+        """x + gamma * branch in one pass (no intermediate for the scaled branch)."""
+        return torch.addcmul(x, branch, self.gamma)
+
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (full width)."""
@@ -136,9 +140,10 @@ class Block(nn.Module):
 
     def forward(self, x, layout, token_grans=None, rope=None):
         """x: packed latent rows (R, C) laid out by ``layout`` (model/ragged.py)."""
-        x = x + self.ls1(self.attn.self_attention(self.norm1(x), layout, token_grans, rope))
+        x = self.ls1.residual(x, self.attn.self_attention(self.norm1(x), layout, token_grans,
+                                                          rope))
         h, hidden = layout.ffn_input(self.norm2(x))
-        return x + self.ls2(self.ffn(h, hidden).reshape(x.shape))
+        return self.ls2.residual(x, self.ffn(h, hidden).reshape(x.shape))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
