@@ -4,8 +4,9 @@ grid of (t, w, l) configurations next to timm baselines, with timm-like flags.
 With no flags (``make bench``): the default CPU sweep, batch 4, 224 px, float32, 2 threads,
 t in {32, 128, 256} x w in {416, 832} x l in {7, 14, 21} (18 configs) on the fastest available
 ops backend, and the six baselines (flexivit_small/base/large, vit_base_patch16_224,
-vit_large_patch16_224, vit_huge_patch14_224), 1 warm-up step and up to 5 timed steps each
-(cut to fit 15 s of timed steps, never below 3). See benchmarks/README.md.
+vit_large_patch16_224, vit_huge_patch14_224), timed interleaved (every item once per round):
+1 warm-up pass and up to 5 timed rounds (cut to fit 15 s per item, never below 3).
+See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--roofline-batch", type=int, nargs="+", default=None, metavar="B",
                    help="batch sizes of the GPU roofline projection (default: --batch-size "
                         "and 256)")
+    o.add_argument("--inference", action="store_true",
+                   help="also measure the end-to-end inference figures (full config vs "
+                        "flexivit_large and the GEMM bound; a mixed batch vs single-config "
+                        "batches and padding; adaperceiver.bench.inference)")
     o.add_argument("--dry-run", action="store_true",
                    help="list configurations, FLOPs and baselines; time nothing")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,9 +128,9 @@ def _output_ext(parser, flag: str, path: Optional[str], allowed: Sequence[str]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The console entry point: run the benchmark, exit status 0 (bad flags: SystemExit 2)."""
-    run(argv)
-    return 0
+    """The console entry point: run the benchmark. Exit status 0; 1 when some configuration
+    or baseline failed (the others are still timed and written); 2 for bad flags."""
+    return 1 if run(argv).get("failures") else 0
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -239,6 +244,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from .timing import time_interleaved, time_step
 
     x = settings.images()
+    failures: list[str] = []
+
+    def report_error(meta, e):
+        msg = (f"{meta['config']} [{meta['backend']}] failed: {type(e).__name__}: "
+               f"{' '.join(str(e).split())[:300]}")
+        failures.append(msg)
+        log("error: " + msg)
+
     bar = tqdm(total=len(grid) * len(backends) + len(base_names), desc="building", unit="item",
                file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     # items: (row fields, step-closure factory); models are built lazily when sequential
@@ -262,8 +275,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 meta = dict(kind="adaperceiver", name=args.model, config=c.label,
                             gflops=f.total / 1e9, gflops_needed=f.needed / 1e9,
                             params=f.params, cfg=c, backend=be_name)
-                items.append((meta, (lambda c=c, be=be: adaperceiver_step(runnable, c, x,
-                                                                           settings, be))))
+                items.append((meta, (lambda c=c, be=be, m=runnable:
+                                     adaperceiver_step(m, c, x, settings, be))))
         for n in base_names:
             gf, params = base_flops[n]
             meta = dict(kind="baseline", name=n, config=n, gflops=gf / 1e9, params=params,
@@ -282,10 +295,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             bar.set_description("timing")
             for meta, factory in items:
                 bar.set_postfix_str(f"{meta['config']} [{meta['backend']}]")
-                step = factory()
-                timing = time_step(step, device, **opts)
-                del step
-                release_memory()
+                try:
+                    step = factory()
+                    timing = time_step(step, device, **opts)
+                except Exception as e:  # noqa: BLE001 - reported; the sweep goes on
+                    report_error(meta, e)
+                    bar.update(1)
+                    continue
+                finally:
+                    step = None
+                    release_memory()
                 meta = dict(meta)
                 kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
                 rows.append(make_row(kind, name, config, timing, settings, **meta))
@@ -306,12 +325,25 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 bar.set_postfix_str(f"{phase}: {items[i][0]['config']}")
                 bar.update(1)
 
-            timings = time_interleaved(steps, device, on_step=on_step, **opts)
+            timings = time_interleaved(steps, device, on_step=on_step,
+                                       on_error=lambda i, e: report_error(items[i][0], e),
+                                       **opts)
             for (meta, _), timing in zip(items, timings):
+                if timing is None:
+                    continue
                 meta = dict(meta)
                 kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
                 rows.append(make_row(kind, name, config, timing, settings, **meta))
             del steps
+        inference = None
+        if args.inference:
+            # end-to-end figures of adaperceiver.bench.inference, measured on the same model
+            from .inference import full_config_figures, mixed_batch_figures
+            bar.set_postfix_str("inference figures (full config, mixed batch)")
+            opts = dict(batch=args.batch_size, img_size=args.img_size,
+                        rounds=settings.rounds, device=device)
+            inference = {"full": full_config_figures(model, **opts),
+                         "mixed": mixed_batch_figures(model, **opts)}
         del model, runnable
         release_memory()
     finally:
@@ -329,7 +361,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if not sp:
         table += (f"\n(speedup column empty: --speedup-baseline {args.speedup_baseline} was "
                   "not measured)")
+    if failures:
+        table += "\nFAILED (not timed):\n  " + "\n  ".join(failures)
     table += f"\nwall time {wall:.0f} s"
+    if inference is not None:
+        from .inference import format_figures
+        table += "\n\n" + format_figures(inference["full"], inference["mixed"])
     print(table)
 
     # ---- roofline projection, printed and saved apart from the measurements
@@ -343,18 +380,21 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     print("\n" + roof_text)
     roof_doc = {"note": "PROJECTION, not a measurement", "byte_model": roof_text.splitlines()[2],
                 "rows": roof}
+    extra = {"failures": failures}
+    if inference is not None:
+        extra["inference"] = inference
 
     arg_doc = {k: v for k, v in vars(args).items()}
     files = []
     if args.results_file:
-        files.append(write_results(args.results_file, rows, env, arg_doc, roof_doc))
+        files.append(write_results(args.results_file, rows, env, arg_doc, roof_doc, extra))
     if args.plot:
         files.append(pareto_plot(rows, args.plot, accuracy))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         d = args.out_dir
         files.append(write_results(os.path.join(d, "bench.json"), rows, env, arg_doc,
-                                   roof_doc))
+                                   roof_doc, extra))
         with open(os.path.join(d, "bench.txt"), "w") as f:
             f.write(table + "\n\nenvironment:\n" + json.dumps(env, indent=2, default=str)
                     + "\n")
@@ -365,7 +405,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         files.append(os.path.join(d, "roofline.txt"))
     if files:
         print("\nwrote: " + ", ".join(files))
-    return {"rows": rows, "environment": env, "roofline": roof, "table": table, "files": files}
+    return {"rows": rows, "environment": env, "roofline": roof, "table": table, "files": files,
+            "failures": failures}
 
 
 if __name__ == "__main__":

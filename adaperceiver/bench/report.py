@@ -103,8 +103,9 @@ def _csv_value(v):
 
 
 def write_results(path: str, rows: Iterable[dict], environment: dict, args: dict,
-                  roofline: Optional[dict] = None) -> str:
-    """Write ``rows`` to ``path``: JSON for ``.json``, CSV for ``.csv`` (else ValueError)."""
+                  roofline: Optional[dict] = None, extra: Optional[dict] = None) -> str:
+    """Write ``rows`` to ``path``: JSON for ``.json``, CSV for ``.csv`` (else ValueError).
+    ``roofline`` and ``extra`` (more top-level keys) go to JSON only."""
     rows = list(rows)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".json", ".csv"):
@@ -117,6 +118,7 @@ def write_results(path: str, rows: Iterable[dict], environment: dict, args: dict
                "results": [{k: r.get(k) for k in ROW_FIELDS} for r in rows]}
         if roofline is not None:
             doc["roofline_projection"] = roofline
+        doc.update(extra or {})
         with open(path, "w") as f:
             json.dump(doc, f, indent=2, default=str)
             f.write("\n")

@@ -121,7 +121,9 @@ def _timed(step, device: torch.device) -> float:
 
 def time_interleaved(steps: Sequence[Callable[[], object]], device, *, warmup: int = 1,
                      rounds: int = 3, min_rounds: int = 2, budget_s: Optional[float] = None,
-                     on_step: Optional[Callable[[int, str, int], None]] = None) -> list[Timing]:
+                     on_step: Optional[Callable[[int, str, int], None]] = None,
+                     on_error: Optional[Callable[[int, BaseException], None]] = None
+                     ) -> list[Optional[Timing]]:
     """Time several steps round-robin: warm-up passes over all of them, then each round runs
     every step once, in order. On a shared machine every step then samples the same load
     over the same span of time, so ratios between them are fair.
@@ -129,30 +131,40 @@ def time_interleaved(steps: Sequence[Callable[[], object]], device, *, warmup: i
     With ``budget_s`` (seconds per step, as in :func:`time_step`), the rounds are cut so that
     rounds x (the last warm-up pass) fits ``budget_s x len(steps)``, never below
     ``min_rounds``. ``on_step(i, phase, rounds)`` is called after each step (phase "warmup" or
-    "timed"; ``rounds``: the number of timed rounds, once decided, else the most).
+    "timed"; ``rounds``: the number of timed rounds, once decided, else the most). With
+    ``on_error``, a step that raises during the warm-up is reported there and dropped (its
+    Timing is None); without it, the error propagates.
     """
     device = torch.device(device)
     if rounds < 1 or min_rounds < 1 or warmup < 0:
         raise ValueError(f"rounds={rounds}, min_rounds={min_rounds}, warmup={warmup}: need "
                          "rounds >= 1, min_rounds >= 1, warmup >= 0")
     est = None
+    alive = list(range(len(steps)))
     for _ in range(warmup):
         est = 0.0
-        for i, step in enumerate(steps):
-            est += _timed(step, device) / 1e3
+        for i in list(alive):
+            try:
+                est += _timed(steps[i], device) / 1e3
+            except Exception as e:  # noqa: BLE001 - handed to on_error
+                if on_error is None:
+                    raise
+                on_error(i, e)
+                alive.remove(i)
             if on_step:
                 on_step(i, "warmup", rounds)
     n = rounds
     if budget_s is not None and est:
-        n = max(min(rounds, min_rounds), min(rounds, int(budget_s * len(steps) // est)))
+        n = max(min(rounds, min_rounds), min(rounds, int(budget_s * len(alive) // est)))
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(n):
-        for i, step in enumerate(steps):
-            times[i].append(_timed(step, device))
+        for i in alive:
+            times[i].append(_timed(steps[i], device))
             if on_step:
                 on_step(i, "timed", n)
     timer = "cuda.Event" if device.type == "cuda" else "time.perf_counter"
-    return [Timing(t, warmup, timer + " (interleaved)") for t in times]
+    return [Timing(times[i], warmup, timer + " (interleaved)") if i in alive else None
+            for i in range(len(steps))]
 
 
 def cpu_model() -> str:
