@@ -245,3 +245,14 @@ def test_fused_projection_follows_weight_changes():
         fresh(x, num_tokens=64)
         fresh.load_state_dict(tiny_model().state_dict())          # copy_ into the same storage
         assert (fresh(x, num_tokens=64).logits - after).abs().max() > 1e-3
+
+
+def test_autocast_runs_the_ops_in_the_autocast_dtype():
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x, num_tokens=64, mat_dim=[48, 96]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x, num_tokens=64, mat_dim=[48, 96]).logits
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 5e-2

@@ -24,6 +24,16 @@ __all__ = ["block_masked_attention", "matryoshka_ffn", "use_backend", "forced_ba
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _autocast(*tensors):
+    """Under autocast, run the op in the autocast dtype (as autocast does for matmuls); RoPE
+    tables stay float32."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _rope_pair(rope):
     return (None, None) if rope is None else rope
 
@@ -139,6 +149,7 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
     instance (B, N, H, D) projections transposed). The result is a (B, H, Nq, D) view of a
     heads-last buffer; ``heads_last=True`` returns that buffer, (B, Nq, H, D), contiguous.
     """
+    q, k, v = _autocast(q, k, v)
     token_grans, seq_lens = _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     qc, qs = _rope_pair(q_rope)
@@ -223,6 +234,8 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
     if x.dtype not in _FLOATS:
         raise TypeError(f"x.dtype={x.dtype} is not allowed; allowed: float16, bfloat16, "
                         "float32, float64")
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias,
+                                                              fc2_weight, fc2_bias)
     hmax, c = fc1_weight.shape
     if (x.shape[-1] != c or fc1_bias.shape != (hmax,) or fc2_weight.shape[1] != hmax
             or fc2_bias.shape != (fc2_weight.shape[0],)):

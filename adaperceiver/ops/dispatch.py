@@ -109,8 +109,8 @@ def select(op: str, args, device_type: str):
         if not why:
             return _load(name)
         reasons.extend(f"{name}: {r}" for r in why)
-    what = f"forced backend {forced!r}" if forced else "no backend"
-    raise NoBackendError(f"{what} can run {op} on this input:\n  " + "\n  ".join(reasons))
+    what = f"forced backend {forced!r} cannot" if forced else "no backend can"
+    raise NoBackendError(f"{what} run {op} on this input:\n  " + "\n  ".join(reasons))
 
 
 def available_backends(op: str, args, device_type: str) -> dict[str, list[str]]:
