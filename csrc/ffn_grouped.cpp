@@ -4,7 +4,8 @@
 // columns, i.e. adaperceiver/ops/reference.py ffn_forward/ffn_backward without paying for the
 // masked units. Schedule: samples are grouped by width (widest first); each group runs two
 // GEMMs on the prefixes fc1_weight[:h] and fc2_weight[:, :h]. A group whose samples are adjacent
-// in the batch is read and written in place (views, no copy); otherwise its rows are gathered.
+// in the batch is read and written in place (views, no copy); otherwise its rows are gathered
+// (the forward also runs in place, run by run, when every run has >= 1024 rows).
 // Skipped: every hidden unit past a sample's width (never computed, gets no gradient).
 // float32 and float64 run as they are; bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
@@ -53,21 +54,46 @@ at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::
   const auto wt = work_type(x.scalar_type());
   at::Tensor xw = x.to(wt).contiguous(), w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt),
              b2w = b2.to(wt);
-  const int64_t B = x.size(0), N = x.size(1), Cout = w2.size(0);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Cout = w2.size(0);
   at::Tensor out = at::empty({B, N, Cout}, xw.options());
   if (out.numel() == 0) return out.to(x.scalar_type());
-  for (const auto& g : groups_by_width(hidden)) {
-    const at::Tensor idx = g.contiguous ? at::Tensor() : index_tensor(g, x.device());
-    at::Tensor xg = rows_of(xw, g, idx);
-    at::Tensor act = at::addmm(b1w.narrow(0, 0, g.h), xg, w1w.narrow(0, 0, g.h).t());
+  const auto groups = groups_by_width(hidden);
+  // A group that is one run of adjacent samples is read and written in place (views). Other
+  // groups are gathered with one index_select and scattered with one index_copy_, unless every
+  // run is long (>= kMinRows rows), where per-run GEMMs in place are cheaper than the copies.
+  // Few, large ATen calls matter on a busy machine: each one is a parallel region whose threads
+  // must all be scheduled.
+  constexpr int64_t kMinRows = 1024;
+  int64_t act_rows = 0;
+  for (const auto& g : groups) act_rows = std::max<int64_t>(act_rows, g.idx.size() * N);
+  // one activation buffer for all groups (fresh allocations fault in new pages every call)
+  at::Tensor act_buf = at::empty({act_rows * w1.size(0)}, xw.options());
+  auto run_pair = [&](const at::Tensor& xg, int64_t h, at::Tensor& dst) {
+    at::Tensor act = act_buf.narrow(0, 0, xg.size(0) * h).view({xg.size(0), h});
+    at::addmm_out(act, b1w.narrow(0, 0, h), xg, w1w.narrow(0, 0, h).t());
     at::gelu_(act);
-    const at::Tensor w2h = w2w.narrow(1, 0, g.h).t();
-    if (g.contiguous) {
-      at::Tensor dst = out.narrow(0, g.idx.front(), static_cast<int64_t>(g.idx.size()))
-                           .view({-1, Cout});
-      at::addmm_out(dst, b2w, act, w2h);
+    at::addmm_out(dst, b2w, act, w2w.narrow(1, 0, h).t());
+  };
+  for (const auto& g : groups) {
+    // maximal runs of adjacent samples [s, e)
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    for (int64_t b : g.idx) {
+      if (!runs.empty() && runs.back().second == b) ++runs.back().second;
+      else runs.emplace_back(b, b + 1);
+    }
+    bool in_place = true;
+    for (const auto& r : runs) in_place = in_place && (r.second - r.first) * N >= kMinRows;
+    if (in_place || runs.size() == 1) {
+      for (const auto& r : runs) {
+        at::Tensor dst = out.narrow(0, r.first, r.second - r.first).view({-1, Cout});
+        run_pair(xw.narrow(0, r.first, r.second - r.first).view({-1, C}), g.h, dst);
+      }
     } else {
-      out.index_copy_(0, idx, at::addmm(b2w, act, w2h).view({-1, N, Cout}));
+      const at::Tensor idx = index_tensor(g, x.device());
+      at::Tensor xg = xw.index_select(0, idx).view({-1, C});
+      at::Tensor res = at::empty({xg.size(0), Cout}, xw.options());
+      run_pair(xg, g.h, res);
+      out.index_copy_(0, idx, res.view({-1, N, Cout}));
     }
   }
   return out.to(x.scalar_type());

@@ -7,18 +7,21 @@
 // bound kend = min(row_end[m1 - 1], len): keys >= kend are never read (masked tiles skipped);
 // keys < min(row_end[m0], len) are seen by every row (no mask); only the band between them gets
 // the per-row bound, and only rows of a tile that crosses a group boundary have such a band.
-// Keys are taken in chunks of up to KC (one GEMM each, through the sgemm torch links via
-// at::native::cpublas::gemm on raw pointers: no tensor allocation in the inner loop) with an
-// online softmax across chunks. Rows past seq_lens[b] are written as zeros, lse -inf.
+// Keys are taken in chunks of up to KC with an online softmax across chunks. Each chunk is two
+// small GEMMs on raw pointers (cpu/microkernel.cpp: an AVX-512 register-tiled kernel, BLAS
+// sgemm_ elsewhere; no tensor allocation or dispatch in the inner loop). Scores are kept
+// transposed (key-major) so the softmax runs across the tile's queries with plain vector loads.
+// Rows past seq_lens[b] are written as zeros, lse -inf. Everything is computed in float32;
+// bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
 // Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
-// P recomputed from the saved lse.
+// P recomputed from the saved lse, products through BLAS sgemm_ (no speed target there).
 #include "common.h"
 #include "kernels.h"
+#include "cpu/microkernel.h"
 #include "cpu/vec_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <cmath>
 #include <limits>
@@ -30,20 +33,6 @@ namespace {
 constexpr int64_t BM = 32;   // query rows per work item: the released grans are multiples of 32
 constexpr int64_t KC = 512;  // keys per softmax chunk: a BM x KC score block stays in L2
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-using at::native::TransposeType;
-
-// C (row-major m x n, ldc) = alpha * A (m x k, lda; transposed when ta) * B (k x n, ldb;
-// transposed when tb) + beta * C, written for row-major operands on top of the column-major
-// BLAS call (row-major C is column-major C^T = B^T A^T).
-inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
-                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
-                    float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  at::native::cpublas::gemm(tb ? TransposeType::Transpose : TransposeType::NoTranspose,
-                            ta ? TransposeType::Transpose : TransposeType::NoTranspose, n, m, k,
-                            alpha, b, ldb, a, lda, beta, c, ldc);
-}
 
 // float32 contiguous (B, H, N, D) version of x, rotated by RoPE when tables are given
 // (interleaved pairs (x[2i], x[2i+1]) times e^(j angle); sign = -1 rotates back, which is the
@@ -95,8 +84,11 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
   const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
 
   at::parallel_for(0, B * H * nqt, 1, [&](int64_t begin, int64_t end) {
-    // per-thread scratch, allocated once per chunk of work items (not per item)
-    std::vector<float> S(BM * kc_max), O(BM * Dv), m(BM), l(BM);
+    // per-thread scratch, allocated once per range of work items (not per item).
+    // The scores are kept transposed, st[key][query], so that the softmax runs across the
+    // queries of the tile with plain vector loops and P V reads st in place.
+    std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
+        sum(BM);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
@@ -116,36 +108,33 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       const float* q = qp + (bh * Nq + m0) * D;
       const float* kb = kp + bh * Nk * D;
       const float* vb = vp + bh * Nk * Dv;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = scale * q[r * D + d];
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t c0 = 0; c0 < kend; c0 += KC) {
         const int64_t kc = std::min(KC, kend - c0);
-        // S = scale * Q K[c0:c0+kc]^T   (rows x kc)
-        gemm_rm(false, true, rows, kc, D, scale, q, D, kb + c0 * D, D, 0.f, S.data(), kc);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* s = S.data() + r * kc;
-          // per-row bound only in the band above kfull
-          const int64_t vc = c0 + kc <= kfull
-                                 ? kc
-                                 : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
-          if (vc == 0) {
-            std::fill(s, s + kc, 0.f);
-            continue;
+        // st (kc x rows) = K[c0:c0+kc] (scale Q)^T
+        small_gemm(kc, rows, D, kb + c0 * D, D, 1, qt.data(), BM, st.data(), BM, false);
+        if (c0 + kc > kfull) {
+          // the band: keys some rows of the tile may not see (tile crosses a group boundary)
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t vc = std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+            for (int64_t j = vc; j < kc; ++j) st[j * BM + r] = kNegInf;
           }
-          const float mnew = std::max(m[r], row_max(s, vc));
-          const float sum = row_exp_sum(s, vc, mnew);
-          std::fill(s + vc, s + kc, 0.f);
-          const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mnew);
+        }
+        col_softmax(st.data(), kc, BM, rows, m.data(), mx.data(), sum.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mx[r]);
           if (c0 > 0 && alpha != 1.f) {
             float* o = O.data() + r * Dv;
             for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
           }
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
+          l[r] = l[r] * alpha + sum[r];
+          m[r] = mx[r];
         }
-        // O (+)= P V[c0:c0+kc]
-        gemm_rm(false, false, rows, Dv, kc, 1.f, S.data(), kc, vb + c0 * Dv, Dv,
-                c0 > 0 ? 1.f : 0.f, O.data(), Dv);
+        // O (+)= P V[c0:c0+kc], P read from st as a column-major (rows x kc) matrix
+        small_gemm(rows, Dv, kc, st.data(), 1, BM, vb + c0 * Dv, Dv, O.data(), Dv, c0 > 0);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / l[r];

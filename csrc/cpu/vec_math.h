@@ -1,7 +1,8 @@
-// Row kernels of the CPU attention softmax, written as plain loops that GCC vectorizes, built
-// for AVX-512, AVX2+FMA and baseline x86-64 through target_clones (the loader picks the best at
-// run time, so the extension stays portable without -march flags). Reductions keep 16 lane
-// accumulators: float max/sum reductions are not reordered by the compiler otherwise.
+// Row kernels of the CPU attention backward (the forward's softmax is in microkernel.cpp),
+// written as plain loops that GCC vectorizes, built for AVX-512, AVX2 and baseline x86-64
+// through target_clones (the loader picks the best at run time, so the extension stays portable
+// without -march flags). Reductions keep 16 lane accumulators: float sums are not reordered by
+// the compiler otherwise.
 #pragma once
 
 #include <algorithm>
@@ -10,7 +11,7 @@
 #include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ADAPERCEIVER_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define ADAPERCEIVER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ADAPERCEIVER_CLONES
 #endif
@@ -34,41 +35,6 @@ inline float exp_neg(float x) {
   const float y = p * r * r + r + 1.0f;
   const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return y * two_n;
-}
-
-ADAPERCEIVER_CLONES
-inline float row_max(const float* s, int64_t n) {
-  float acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = -INFINITY;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] = std::max(acc[j], s[i + j]);
-  float m = -INFINITY;
-  for (int j = 0; j < 16; ++j) m = std::max(m, acc[j]);
-  for (; i < n; ++i) m = std::max(m, s[i]);
-  return m;
-}
-
-// s[i] = exp(s[i] - mx) for i < n; returns the sum of the new values.
-ADAPERCEIVER_CLONES
-inline float row_exp_sum(float* s, int64_t n, float mx) {
-  float acc[16] = {0.f};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int j = 0; j < 16; ++j) {
-      const float e = exp_neg(s[i + j] - mx);
-      s[i + j] = e;
-      acc[j] += e;
-    }
-  }
-  float sum = 0.f;
-  for (int j = 0; j < 16; ++j) sum += acc[j];
-  for (; i < n; ++i) {
-    const float e = exp_neg(s[i] - mx);
-    s[i] = e;
-    sum += e;
-  }
-  return sum;
 }
 
 // Backward row: p = exp(s - lse); ds = p * (dp - delta) * scale, in place in s and dp.
@@ -96,3 +62,4 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 }  // namespace cpu
 }  // namespace adaperceiver
+

@@ -1,0 +1,221 @@
+// See microkernel.h. The AVX-512 body is compiled with a function-level target attribute and
+// chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
+#include "cpu/microkernel.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+// The Fortran BLAS sgemm (MKL here) exported by libtorch_cpu. at::native::cpublas::gemm would
+// be the portable spelling but its float overload is not exported from libtorch_cpu.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace adaperceiver {
+namespace cpu {
+
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+             int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  // row-major C is column-major C^T = op(B)^T op(A)^T
+  const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  sgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+}
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+constexpr int MR = 8, NR = 32;
+
+// One 8 x 32 tile of C (16 of the 32 zmm registers accumulate). Rows past R (the m tail) recompute row R - 1 and are not stored, so the
+// 16 accumulators are named registers (an array of them made GCC spill every k step).
+__attribute__((target("avx512f"))) void tile(int R, int64_t k, const float* a, int64_t rs,
+                                             int64_t cs, const float* b, int64_t ldb, float* c,
+                                             int64_t ldc, __mmask16 m0, __mmask16 m1,
+                                             bool accumulate) {
+  const float* a0 = a;
+  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
+  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
+  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
+  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
+  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
+  const float* a6 = a + (R > 6 ? 6 : R - 1) * rs;
+  const float* a7 = a + (R > 7 ? 7 : R - 1) * rs;
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
+         c61 = c00, c70 = c00, c71 = c00;
+  for (int64_t p = 0; p < k; ++p) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
+    const int64_t o = p * cs;
+    __m512 av = _mm512_set1_ps(a0[o]);
+    c00 = _mm512_fmadd_ps(av, b0, c00);
+    c01 = _mm512_fmadd_ps(av, b1, c01);
+    av = _mm512_set1_ps(a1[o]);
+    c10 = _mm512_fmadd_ps(av, b0, c10);
+    c11 = _mm512_fmadd_ps(av, b1, c11);
+    av = _mm512_set1_ps(a2[o]);
+    c20 = _mm512_fmadd_ps(av, b0, c20);
+    c21 = _mm512_fmadd_ps(av, b1, c21);
+    av = _mm512_set1_ps(a3[o]);
+    c30 = _mm512_fmadd_ps(av, b0, c30);
+    c31 = _mm512_fmadd_ps(av, b1, c31);
+    av = _mm512_set1_ps(a4[o]);
+    c40 = _mm512_fmadd_ps(av, b0, c40);
+    c41 = _mm512_fmadd_ps(av, b1, c41);
+    av = _mm512_set1_ps(a5[o]);
+    c50 = _mm512_fmadd_ps(av, b0, c50);
+    c51 = _mm512_fmadd_ps(av, b1, c51);
+    av = _mm512_set1_ps(a6[o]);
+    c60 = _mm512_fmadd_ps(av, b0, c60);
+    c61 = _mm512_fmadd_ps(av, b1, c61);
+    av = _mm512_set1_ps(a7[o]);
+    c70 = _mm512_fmadd_ps(av, b0, c70);
+    c71 = _mm512_fmadd_ps(av, b1, c71);
+  }
+#define ADAPERCEIVER_PUT(r, v0, v1)                                        \
+  if ((r) < R) {                                                         \
+    float* cr = c + (r) * ldc;                                           \
+    if (accumulate) {                                                    \
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));             \
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));        \
+    }                                                                    \
+    _mm512_mask_storeu_ps(cr, m0, v0);                                   \
+    _mm512_mask_storeu_ps(cr + 16, m1, v1);                              \
+  }
+  ADAPERCEIVER_PUT(0, c00, c01)
+  ADAPERCEIVER_PUT(1, c10, c11)
+  ADAPERCEIVER_PUT(2, c20, c21)
+  ADAPERCEIVER_PUT(3, c30, c31)
+  ADAPERCEIVER_PUT(4, c40, c41)
+  ADAPERCEIVER_PUT(5, c50, c51)
+  ADAPERCEIVER_PUT(6, c60, c61)
+  ADAPERCEIVER_PUT(7, c70, c71)
+#undef ADAPERCEIVER_PUT
+}
+
+__attribute__((target("avx512f"))) void small_gemm_avx512(int64_t m, int64_t n, int64_t k,
+                                                          const float* a, int64_t rs,
+                                                          int64_t cs, const float* b,
+                                                          int64_t ldb, float* c, int64_t ldc,
+                                                          bool accumulate) {
+  for (int64_t j0 = 0; j0 < n; j0 += NR) {
+    const int64_t w = n - j0 < NR ? n - j0 : NR;
+    const __mmask16 m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+    const __mmask16 m1 = w >= 32 ? __mmask16(0xFFFF)
+                                 : (w > 16 ? __mmask16((1u << (w - 16)) - 1) : __mmask16(0));
+    // the B panel (k x 32) stays in cache while the row tiles stream A
+    for (int64_t i0 = 0; i0 < m; i0 += MR) {
+      const float* ai = a + i0 * rs;
+      float* ci = c + i0 * ldc + j0;
+      tile(static_cast<int>(m - i0 < MR ? m - i0 : MR), k, ai, rs, cs, b + j0, ldb, ci, ldc, m0, m1,
+           accumulate);
+    }
+  }
+}
+
+// exp(x) for x <= 0 (Cephes expf polynomial on r = x - n ln2, times 2^n by scalef); ~2 ulp.
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+                                 _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+__attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc, int64_t ld,
+                                                           int64_t cols, const float* m_old,
+                                                           float* m_new, float* sum) {
+  const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 k1 = cols >= 32 ? __mmask16(0xFFFF)
+                                  : (cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 mx0 = _mm512_mask_loadu_ps(ninf, k0, m_old);
+  __m512 mx1 = _mm512_mask_loadu_ps(ninf, k1, m_old + 16);
+  for (int64_t j = 0; j < kc; ++j) {
+    mx0 = _mm512_max_ps(mx0, _mm512_mask_loadu_ps(ninf, k0, st + j * ld));
+    mx1 = _mm512_max_ps(mx1, _mm512_mask_loadu_ps(ninf, k1, st + j * ld + 16));
+  }
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kc; ++j) {
+    float* row = st + j * ld;
+    const __m512 e0 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, row), mx0));
+    const __m512 e1 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, row + 16), mx1));
+    _mm512_mask_storeu_ps(row, k0, e0);
+    _mm512_mask_storeu_ps(row + 16, k1, e1);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+  }
+  _mm512_mask_storeu_ps(m_new, k0, mx0);
+  _mm512_mask_storeu_ps(m_new + 16, k1, mx1);
+  _mm512_mask_storeu_ps(sum, k0, s0);
+  _mm512_mask_storeu_ps(sum + 16, k1, s1);
+}
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+}
+#else
+bool has_avx512() { return false; }
+#endif
+
+}  // namespace
+
+void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
+                 float* m_new, float* sum) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx512() && cols <= 32) {
+    col_softmax_avx512(st, kc, ld, cols, m_old, m_new, sum);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < cols; ++i) {
+    float mx = m_old[i];
+    for (int64_t j = 0; j < kc; ++j) mx = std::max(mx, st[j * ld + i]);
+    float s = 0.f;
+    for (int64_t j = 0; j < kc; ++j) {
+      const float e = std::exp(st[j * ld + i] - mx);
+      st[j * ld + i] = e;
+      s += e;
+    }
+    m_new[i] = mx;
+    sum[i] = s;
+  }
+}
+
+void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx512()) {
+    small_gemm_avx512(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+    return;
+  }
+#endif
+  // BLAS fallback: A is row-major (cs == 1) or column-major (rs == 1)
+  const float beta = accumulate ? 1.f : 0.f;
+  if (cs == 1) {
+    gemm_rm(false, false, m, n, k, 1.f, a, rs, b, ldb, beta, c, ldc);
+  } else {
+    gemm_rm(true, false, m, n, k, 1.f, a, cs, b, ldb, beta, c, ldc);
+  }
+}
+
+}  // namespace cpu
+}  // namespace adaperceiver

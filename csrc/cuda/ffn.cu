@@ -1,0 +1,169 @@
+// Matryoshka FFN forward on CUDA: two tiled GEMM kernels that skip the hidden units past each
+// row's width, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90.
+//
+// Row r of the flattened (B*N, C) input has width h(r) = hidden[r / N].
+// Kernel 1: act[r, j] = GELU(x[r] . W1[j] + b1[j]) for j < h(r) (0 for j >= h(r)), in 32 x 32
+// tiles of (rows, hidden units) with 32-deep reduction steps through shared memory; a tile whose
+// first hidden unit is past the largest width of its rows is skipped entirely.
+// Kernel 2: out[r, c] = b2[c] + sum_{j < hmax(tile)} act[r, j] W2[c, j]: the reduction stops at
+// the largest width of the row tile (units past a row's own width are the zeros kernel 1 wrote).
+// The backward runs the width-grouped ATen GEMMs of ffn_grouped.cpp (cuBLAS on weight prefixes).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace adaperceiver {
+namespace cuda {
+namespace {
+
+constexpr int T = 32;  // tile edge; blocks of 32 x 8 threads, 4 outputs per thread
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename S> __device__ __forceinline__ S from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+// largest width among rows [r0, r0 + T) of the (rows,) width table
+__device__ int tile_hmax(const int* row_h, int r0, int rows) {
+  __shared__ int hm;
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    int m = 0;
+    for (int r = r0; r < min(r0 + T, rows); ++r) m = max(m, row_h[r]);
+    hm = m;
+  }
+  __syncthreads();
+  return hm;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(256) fc1_gelu_kernel(const S* x, const S* w1, const S* b1,
+                                                       const int* row_h, float* act, int rows,
+                                                       int C, int Hmax) {
+  __shared__ float xs[T][T + 1];
+  __shared__ float ws[T][T + 1];
+  const int r0 = blockIdx.y * T, j0 = blockIdx.x * T;
+  const int hmax = tile_hmax(row_h, r0, rows);
+  if (j0 >= hmax) return;  // no row of the tile is this wide: skipped (never read by fc2)
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c0 = 0; c0 < C; c0 += T) {
+    for (int i = ty; i < T; i += 8) {
+      const int r = r0 + i, c = c0 + tx, j = j0 + i;
+      xs[i][tx] = (r < rows && c < C) ? to_f(x[(size_t)r * C + c]) : 0.f;
+      ws[i][tx] = (j < Hmax && c < C) ? to_f(w1[(size_t)j * C + c]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < T; ++c) {
+      const float wv = ws[tx][c];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[u] += xs[ty + 8 * u][c] * wv;
+    }
+    __syncthreads();
+  }
+  const int j = j0 + tx;
+  if (j >= Hmax) return;
+  const float bias = to_f(b1[j]);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int r = r0 + ty + 8 * u;
+    if (r >= rows) continue;
+    const float pre = acc[u] + bias;
+    const float g = 0.5f * pre * (1.f + erff(pre * 0.70710678118654752f));
+    act[(size_t)r * Hmax + j] = j < row_h[r] ? g : 0.f;
+  }
+}
+
+template <typename S>
+__global__ void __launch_bounds__(256) fc2_kernel(const float* act, const S* w2, const S* b2,
+                                                  const int* row_h, S* out, int rows, int Hmax,
+                                                  int Cout) {
+  __shared__ float as[T][T + 1];
+  __shared__ float ws[T][T + 1];
+  const int r0 = blockIdx.y * T, c0 = blockIdx.x * T;
+  const int hmax = tile_hmax(row_h, r0, rows);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j0 = 0; j0 < hmax; j0 += T) {  // reduction stops at the tile's widest row
+    for (int i = ty; i < T; i += 8) {
+      const int r = r0 + i, j = j0 + tx, c = c0 + i;
+      as[i][tx] = (r < rows && j < hmax) ? act[(size_t)r * Hmax + j] : 0.f;
+      ws[i][tx] = (c < Cout && j < hmax) ? to_f(w2[(size_t)c * Hmax + j]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int j = 0; j < T; ++j) {
+      const float wv = ws[tx][j];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[u] += as[ty + 8 * u][j] * wv;
+    }
+    __syncthreads();
+  }
+  const int c = c0 + tx;
+  if (c >= Cout) return;
+  const float bias = to_f(b2[c]);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int r = r0 + ty + 8 * u;
+    if (r < rows) out[(size_t)r * Cout + c] = from_f<S>(acc[u] + bias);
+  }
+}
+
+template <typename S>
+void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& row_h,
+            at::Tensor& act, at::Tensor& out) {
+  const int rows = (int)(x.size(0) * x.size(1)), C = (int)x.size(2), Hmax = (int)w1.size(0),
+            Cout = (int)w2.size(0);
+  if (rows == 0) return;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(T, 8);
+  fc1_gelu_kernel<S><<<dim3((Hmax + T - 1) / T, (rows + T - 1) / T), block, 0, stream>>>(
+      reinterpret_cast<const S*>(x.data_ptr()), reinterpret_cast<const S*>(w1.data_ptr()),
+      reinterpret_cast<const S*>(b1.data_ptr()), row_h.data_ptr<int>(), act.data_ptr<float>(),
+      rows, C, Hmax);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  fc2_kernel<S><<<dim3((Cout + T - 1) / T, (rows + T - 1) / T), block, 0, stream>>>(
+      act.data_ptr<float>(), reinterpret_cast<const S*>(w2.data_ptr()),
+      reinterpret_cast<const S*>(b2.data_ptr()), row_h.data_ptr<int>(),
+      reinterpret_cast<S*>(out.data_ptr()), rows, Hmax, Cout);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& b1_,
+                   const at::Tensor& w2_, const at::Tensor& b2_, at::IntArrayRef hidden) {
+  check_ffn_args(x_, w1_, b1_, w2_, b2_, hidden);
+  TORCH_CHECK(x_.is_cuda(), "matryoshka_ffn_fwd (CUDA kernel) got tensors on ", x_.device());
+  const c10::cuda::CUDAGuard guard(x_.device());
+  at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), b1 = b1_.contiguous(),
+             w2 = w2_.contiguous(), b2 = b2_.contiguous();
+  const int64_t B = x.size(0), N = x.size(1);
+  std::vector<int32_t> rh;
+  rh.reserve(B * N);
+  for (int64_t b = 0; b < B; ++b) rh.insert(rh.end(), N, static_cast<int32_t>(hidden[b]));
+  at::Tensor row_h = at::tensor(rh, at::TensorOptions().dtype(at::kInt)).to(x.device());
+  at::Tensor act = at::empty({B * N, w1.size(0)}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({B, N, w2.size(0)}, x.options());
+  switch (x.scalar_type()) {
+    case at::kHalf: launch<__half>(x, w1, b1, w2, b2, row_h, act, out); break;
+    case at::kBFloat16: launch<__nv_bfloat16>(x, w1, b1, w2, b2, row_h, act, out); break;
+    default: launch<float>(x, w1, b1, w2, b2, row_h, act, out); break;
+  }
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace adaperceiver

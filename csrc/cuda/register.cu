@@ -1,0 +1,58 @@
+// CUDA implementations of the adaperceiver::* backend ops, and the CUDA facts of the build
+// (nvcc version and the architectures this file was compiled for, from __CUDA_ARCH_LIST__).
+#include <torch/library.h>
+
+#include <string>
+
+#include "kernels.h"
+
+namespace adaperceiver {
+namespace cuda {
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, at::OptionalIntArrayRef,
+                                                 double, const OptT&, const OptT&, const OptT&,
+                                                 const OptT&, const OptT&);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, at::OptionalIntArrayRef, double, const OptT&,
+    const OptT&, const OptT&, const OptT&, const OptT&);
+at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, at::IntArrayRef);
+
+#define ADAPERCEIVER_STR2(...) #__VA_ARGS__
+#define ADAPERCEIVER_STR(...) ADAPERCEIVER_STR2(__VA_ARGS__)
+
+std::vector<std::pair<std::string, std::string>> build_facts() {
+  std::vector<std::pair<std::string, std::string>> f;
+  f.emplace_back("nvcc_version", std::to_string(__CUDACC_VER_MAJOR__) + "." +
+                                     std::to_string(__CUDACC_VER_MINOR__) + "." +
+                                     std::to_string(__CUDACC_VER_BUILD__));
+#ifdef __CUDA_ARCH_LIST__
+  // e.g. "800,900" -> "8.0;9.0"
+  std::string raw = ADAPERCEIVER_STR(__CUDA_ARCH_LIST__), archs;
+  size_t start = 0;
+  while (start < raw.size()) {
+    size_t end = raw.find(',', start);
+    if (end == std::string::npos) end = raw.size();
+    const int a = std::stoi(raw.substr(start, end - start));
+    if (!archs.empty()) archs += ";";
+    archs += std::to_string(a / 100) + "." + std::to_string((a / 10) % 10);
+    start = end + 1;
+  }
+  f.emplace_back("cuda_archs", archs);
+#else
+  f.emplace_back("cuda_archs", "");
+#endif
+  return f;
+}
+
+}  // namespace cuda
+}  // namespace adaperceiver
+
+TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) {
+  m.impl("block_masked_attention_fwd", &adaperceiver::cuda::attention_fwd);
+  m.impl("block_masked_attention_bwd", &adaperceiver::cuda::attention_bwd);
+  m.impl("matryoshka_ffn_fwd", &adaperceiver::cuda::ffn_fwd);
+  m.impl("matryoshka_ffn_bwd", &adaperceiver::ffn_bwd_grouped);
+}

@@ -1,0 +1,235 @@
+// ctest: the CPU kernels of adaperceiver (attention forward/backward, Matryoshka FFN
+// forward/backward) on random input against a naive double-precision C++ reference, plus a
+// call through the dispatcher (torch::ops adaperceiver::*). Exit code 0 when every element of
+// every case is within tolerance.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+using adaperceiver::OptT;
+
+namespace {
+
+int failures = 0;
+
+void expect_close(const at::Tensor& got, const at::Tensor& want, double atol, const char* what) {
+  at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
+  if (g.sizes() != w.sizes()) {
+    std::printf("FAIL %s: shape mismatch\n", what);
+    ++failures;
+    return;
+  }
+  at::Tensor both_inf = at::isinf(g) & at::isinf(w) & ((g > 0) == (w > 0));
+  at::Tensor err = at::where(both_inf, at::zeros_like(g), (g - w).abs());
+  const bool nan = at::isnan(g).any().item<bool>();
+  const double mx = err.max().item<double>();
+  if (nan || !(mx <= atol)) {
+    std::printf("FAIL %s: max err %.3g (atol %.1g)%s\n", what, mx, atol, nan ? ", NaN" : "");
+    ++failures;
+  } else {
+    std::printf("ok   %s: max err %.3g\n", what, mx);
+  }
+}
+
+// x (N, D) rotated by the tables (N, D/2) with the given sign, in double
+std::vector<double> rope(const std::vector<double>& x, int64_t N, int64_t D,
+                         const at::Tensor& cos, const at::Tensor& sin, double sign) {
+  std::vector<double> out(x);
+  auto c = cos.accessor<float, 2>();
+  auto s = sin.accessor<float, 2>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < D / 2; ++i) {
+      const double x0 = x[n * D + 2 * i], x1 = x[n * D + 2 * i + 1];
+      const double cs = c[n][i], sn = sign * s[n][i];
+      out[n * D + 2 * i] = x0 * cs - x1 * sn;
+      out[n * D + 2 * i + 1] = x0 * sn + x1 * cs;
+    }
+  return out;
+}
+
+std::vector<double> slice(const at::Tensor& t, int64_t b, int64_t h) {
+  at::Tensor s = t[b][h].to(at::kDouble).contiguous();
+  return std::vector<double>(s.data_ptr<double>(), s.data_ptr<double>() + s.numel());
+}
+
+void attention_case(int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D,
+                    std::vector<int64_t> grans, std::vector<int64_t> lens, bool use_rope) {
+  at::Tensor q = at::randn({B, H, Nq, D}), k = at::randn({B, H, Nk, D}),
+             v = at::randn({B, H, Nk, D}), go = at::randn({B, H, Nq, D});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  OptT sl = lens.empty() ? OptT() : OptT(at::tensor(lens, at::kLong));
+  at::OptionalIntArrayRef g = grans.empty() ? at::OptionalIntArrayRef()
+                                            : at::OptionalIntArrayRef(grans);
+  OptT qc, qs, kc, ks;
+  if (use_rope) {
+    // any angles work for the check: tables of random angles
+    at::Tensor aq = at::rand({Nq, D / 2}) * 6.0, ak = at::rand({Nk, D / 2}) * 6.0;
+    qc = aq.cos(); qs = aq.sin(); kc = ak.cos(); ks = ak.sin();
+  }
+  auto [out, lse] = adaperceiver::cpu::attention_fwd(q, k, v, g, scale, sl, qc, qs, kc, ks);
+  auto [dq, dk, dv] = adaperceiver::cpu::attention_bwd(go, q, k, v, out, lse, g, scale, sl, qc,
+                                                       qs, kc, ks);
+  const auto re = adaperceiver::row_end(Nq, g, Nk);
+  at::Tensor ro = at::zeros({B, H, Nq, D}, at::kDouble), rl = at::empty({B, H, Nq}, at::kDouble);
+  at::Tensor rdq = at::zeros({B, H, Nq, D}, at::kDouble), rdk = at::zeros({B, H, Nk, D}, at::kDouble),
+             rdv = at::zeros({B, H, Nk, D}, at::kDouble);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = lens.empty() ? (1 << 30) : std::max<int64_t>(lens[b], 0);
+    for (int64_t h = 0; h < H; ++h) {
+      auto Q = slice(q, b, h), K = slice(k, b, h), V = slice(v, b, h), G = slice(go, b, h);
+      if (use_rope) { Q = rope(Q, Nq, D, *qc, *qs, 1); K = rope(K, Nk, D, *kc, *ks, 1); }
+      std::vector<double> dQ(Nq * D, 0), dK(Nk * D, 0), dV(Nk * D, 0);
+      for (int64_t i = 0; i < Nq; ++i) {
+        const int64_t e = i < len ? std::min({re[i], Nk, len}) : 0;
+        if (e <= 0) { rl[b][h][i] = -std::numeric_limits<double>::infinity(); continue; }
+        std::vector<double> p(e);
+        double mx = -1e300;
+        for (int64_t j = 0; j < e; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < D; ++d) s += Q[i * D + d] * K[j * D + d];
+          p[j] = s * scale;
+          mx = std::max(mx, p[j]);
+        }
+        double sum = 0;
+        for (auto& x : p) { x = std::exp(x - mx); sum += x; }
+        for (auto& x : p) x /= sum;
+        rl[b][h][i] = mx + std::log(sum);
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0;
+          for (int64_t j = 0; j < e; ++j) o += p[j] * V[j * D + d];
+          ro[b][h][i][d] = o;
+        }
+        std::vector<double> dp(e);
+        double delta = 0;
+        for (int64_t j = 0; j < e; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < D; ++d) s += G[i * D + d] * V[j * D + d];
+          dp[j] = s;
+          delta += s * p[j];
+        }
+        for (int64_t j = 0; j < e; ++j) {
+          const double ds = p[j] * (dp[j] - delta) * scale;
+          for (int64_t d = 0; d < D; ++d) {
+            dV[j * D + d] += p[j] * G[i * D + d];
+            dQ[i * D + d] += ds * K[j * D + d];
+            dK[j * D + d] += ds * Q[i * D + d];
+          }
+        }
+      }
+      if (use_rope) { dQ = rope(dQ, Nq, D, *qc, *qs, -1); dK = rope(dK, Nk, D, *kc, *ks, -1); }
+      rdq[b][h].copy_(at::tensor(dQ, at::kDouble).view({Nq, D}));
+      rdk[b][h].copy_(at::tensor(dK, at::kDouble).view({Nk, D}));
+      rdv[b][h].copy_(at::tensor(dV, at::kDouble).view({Nk, D}));
+    }
+  }
+  char name[160];
+  std::snprintf(name, sizeof name, "attention B=%ld H=%ld Nq=%ld Nk=%ld D=%ld rope=%d",
+                (long)B, (long)H, (long)Nq, (long)Nk, (long)D, (int)use_rope);
+  std::printf("%s\n", name);
+  expect_close(out, ro, 2e-5, "  out");
+  expect_close(lse, rl, 2e-5, "  lse");
+  expect_close(dq, rdq, 2e-5, "  dq");
+  expect_close(dk, rdk, 2e-5, "  dk");
+  expect_close(dv, rdv, 2e-5, "  dv");
+}
+
+void ffn_case(int64_t B, int64_t N, int64_t C, int64_t Hmax, int64_t Cout,
+              std::vector<int64_t> hidden) {
+  at::Tensor x = at::randn({B, N, C}), w1 = at::randn({Hmax, C}) / std::sqrt((double)C),
+             b1 = at::randn({Hmax}), w2 = at::randn({Cout, Hmax}) / std::sqrt((double)Hmax),
+             b2 = at::randn({Cout}), go = at::randn({B, N, Cout});
+  at::Tensor out = adaperceiver::cpu::ffn_fwd(x, w1, b1, w2, b2, hidden);
+  auto grads = adaperceiver::cpu::ffn_bwd(go, x, w1, b1, w2, b2, hidden);
+  at::Tensor X = x.to(at::kDouble), W1 = w1.to(at::kDouble), B1 = b1.to(at::kDouble),
+             W2 = w2.to(at::kDouble), B2 = b2.to(at::kDouble), G = go.to(at::kDouble);
+  at::Tensor ro = at::empty({B, N, Cout}, at::kDouble), rdx = at::zeros({B, N, C}, at::kDouble);
+  at::Tensor rdw1 = at::zeros({Hmax, C}, at::kDouble), rdb1 = at::zeros({Hmax}, at::kDouble);
+  at::Tensor rdw2 = at::zeros({Cout, Hmax}, at::kDouble), rdb2 = at::zeros({Cout}, at::kDouble);
+  auto xa = X.accessor<double, 3>(); auto w1a = W1.accessor<double, 2>();
+  auto b1a = B1.accessor<double, 1>(); auto w2a = W2.accessor<double, 2>();
+  auto b2a = B2.accessor<double, 1>(); auto ga = G.accessor<double, 3>();
+  auto oa = ro.accessor<double, 3>(); auto dxa = rdx.accessor<double, 3>();
+  auto dw1a = rdw1.accessor<double, 2>(); auto db1a = rdb1.accessor<double, 1>();
+  auto dw2a = rdw2.accessor<double, 2>(); auto db2a = rdb2.accessor<double, 1>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t h = hidden[b];
+      std::vector<double> pre(h), act(h), dpre(h);
+      for (int64_t j = 0; j < h; ++j) {
+        double s = b1a[j];
+        for (int64_t c = 0; c < C; ++c) s += xa[b][n][c] * w1a[j][c];
+        pre[j] = s;
+        act[j] = 0.5 * s * (1 + std::erf(s / std::sqrt(2.0)));
+      }
+      for (int64_t o = 0; o < Cout; ++o) {
+        double s = b2a[o];
+        for (int64_t j = 0; j < h; ++j) s += act[j] * w2a[o][j];
+        oa[b][n][o] = s;
+        db2a[o] += ga[b][n][o];
+        for (int64_t j = 0; j < h; ++j) dw2a[o][j] += ga[b][n][o] * act[j];
+      }
+      for (int64_t j = 0; j < h; ++j) {
+        double da = 0;
+        for (int64_t o = 0; o < Cout; ++o) da += ga[b][n][o] * w2a[o][j];
+        const double s = pre[j];
+        const double cdf = 0.5 * (1 + std::erf(s / std::sqrt(2.0)));
+        const double pdf = std::exp(-0.5 * s * s) / std::sqrt(2 * M_PI);
+        dpre[j] = da * (cdf + s * pdf);
+        db1a[j] += dpre[j];
+        for (int64_t c = 0; c < C; ++c) {
+          dw1a[j][c] += dpre[j] * xa[b][n][c];
+          dxa[b][n][c] += dpre[j] * w1a[j][c];
+        }
+      }
+    }
+  std::printf("ffn B=%ld N=%ld C=%ld Hmax=%ld Cout=%ld\n", (long)B, (long)N, (long)C, (long)Hmax,
+              (long)Cout);
+  expect_close(out, ro, 2e-5, "  out");
+  expect_close(std::get<0>(grads), rdx, 2e-5, "  dx");
+  expect_close(std::get<1>(grads), rdw1, 5e-5, "  dW1");
+  expect_close(std::get<2>(grads), rdb1, 5e-5, "  db1");
+  expect_close(std::get<3>(grads), rdw2, 5e-5, "  dW2");
+  expect_close(std::get<4>(grads), rdb2, 5e-5, "  db2");
+}
+
+void dispatcher_case() {
+  // the op registered by TORCH_LIBRARY is callable through the dispatcher
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("adaperceiver::matryoshka_ffn_fwd", "")
+                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, at::IntArrayRef)>();
+  at::Tensor x = at::randn({2, 3, 8}), w1 = at::randn({6, 8}), b1 = at::randn({6}),
+             w2 = at::randn({8, 6}), b2 = at::randn({8});
+  std::vector<int64_t> hidden{6, 2};
+  at::Tensor a = op.call(x, w1, b1, w2, b2, hidden);
+  at::Tensor r = adaperceiver::cpu::ffn_fwd(x, w1, b1, w2, b2, hidden);
+  std::printf("dispatcher\n");
+  expect_close(a, r, 0.0, "  matryoshka_ffn_fwd via dispatcher");
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(1234);
+  attention_case(2, 3, 77, 77, 64, {5, 20, 32, 64}, {77, 40}, true);
+  attention_case(1, 2, 100, 100, 80, {32, 64, 96}, {}, false);
+  attention_case(2, 2, 1, 50, 64, {}, {}, false);
+  attention_case(1, 1, 40, 600, 16, {}, {}, false);
+  attention_case(3, 1, 33, 33, 32, {32}, {0, 1, 33}, true);
+  ffn_case(5, 7, 40, 70, 24, {70, 1, 33, 70, 1});
+  ffn_case(4, 9, 33, 50, 33, {50, 50, 17, 17});
+  dispatcher_case();
+  if (failures) {
+    std::printf("%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,71 @@
+"""What the extension build produced: build_info facts, and the CUDA objects when built with CUDA."""
+import subprocess
+
+import pytest
+import torch
+
+from adaperceiver import _ext
+from adaperceiver.ops import cpp_backend, cuda_backend
+
+
+def test_build_info_reports_cpp_compiled():
+    info = _ext.build_info()
+    assert info["load_error"] is None, info["load_error"]
+    assert info["cpp_compiled"] is True
+    assert info["cxx_compiler"] and info["torch_version_built"]
+    # built against the torch that runs it (a mismatch would be an ABI hazard)
+    assert torch.__version__.startswith(info["torch_version_built"])
+    assert info["openmp"], "the CPU kernels are built with OpenMP"
+    for key in ("cuda_compiled", "cuda_archs", "nvcc_version", "path"):
+        assert key in info
+
+
+def test_build_info_cuda_facts_consistent():
+    info = _ext.build_info()
+    if not info["cuda_compiled"]:
+        assert info["cuda_archs"] == [] and info["nvcc_version"] is None
+        reasons = cuda_backend.why_not_ffn(torch.ones(1, 1, 1), None, None, None, None, [1])
+        assert any("without its CUDA part" in r for r in reasons), reasons
+        pytest.skip("extension built without CUDA")
+    assert info["cuda_archs"] == ["8.0", "9.0"], info["cuda_archs"]
+    assert info["nvcc_version"].count(".") == 2
+
+
+def test_cuda_objects_exist():
+    if not _ext.build_info()["cuda_compiled"]:
+        pytest.skip("extension built without CUDA")
+    so = _ext.build_info()["path"]
+    # the device code is embedded as a fat binary section
+    sections = subprocess.run(["objdump", "-h", so], capture_output=True, text=True).stdout
+    assert ".nv_fatbin" in sections
+    syms = subprocess.run(["nm", "-C", so], capture_output=True, text=True).stdout
+    for kernel in ("attn_fwd_kernel", "attn_bwd_dq_kernel", "attn_bwd_dkv_kernel",
+                   "fc1_gelu_kernel", "fc2_kernel"):
+        assert kernel in syms, f"{kernel} not in {so}"
+    # pip's editable build deletes its temp object files, so the linked library is what we
+    # inspect; the architectures come from nvcc's __CUDA_ARCH_LIST__ (build_info above)
+    elf = subprocess.run(["readelf", "-S", so], capture_output=True, text=True).stdout
+    assert ".nv_fatbin" in elf
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    q = torch.randn(1, 1, 4, 48)
+    reasons = cuda_backend.why_not_attention(q, q, q, None, None, None, None)
+    assert reasons and all(isinstance(r, str) for r in reasons)
+    if _ext.cuda_available():
+        assert any("CUDA tensors only" in r for r in reasons)
+        assert any("head_dim=48" in r for r in reasons)
+
+
+def test_backends_import_without_extension(monkeypatch):
+    # a missing _C must turn into reasons, never into an import error
+    monkeypatch.setattr(_ext, "_tried", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", "ImportError: no module named adaperceiver._C")
+    x = torch.randn(1, 2, 3)
+    reasons = cpp_backend.why_not_ffn(x, None, None, None, None, [1])
+    assert reasons == ["C++ extension adaperceiver._C failed to load: ImportError: no module "
+                       "named adaperceiver._C"]
+    assert cuda_backend.why_not_ffn(x, None, None, None, None, [1])[0].startswith(
+        "C++/CUDA extension adaperceiver._C failed to load")
+    assert _ext.build_info()["cpp_compiled"] is False

@@ -1,0 +1,296 @@
+"""The compiled CPU kernels (adaperceiver._C, backend "cpp") against the float64 references.
+
+Raw backend ops (torch.ops.adaperceiver.*_fwd/_bwd) and the autograd path through the public
+ops under use_backend("cpp"): tails (lengths and head dims that are not tile multiples), random
+grans, cross-attention (Nq != Nk, Nq = 1), seq_lens (incl. 0), RoPE, long key ranges (several
+softmax chunks), mixed Matryoshka widths incl. 1 and Hmax; every element checked.
+"""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaperceiver import _ext
+from adaperceiver.ops import (NoBackendError, block_masked_attention, matryoshka_ffn,
+                              use_backend)
+from adaperceiver.ops import cpp_backend
+from adaperceiver.ops import reference as R
+
+pytestmark = pytest.mark.skipif(not _ext.available(),
+                                reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
+
+ops = torch.ops.adaperceiver
+NAN = float("nan")
+
+
+def _poison_heap(*shapes):
+    """Best effort: leave NaN-filled freed blocks of the output sizes for the allocator to hand
+    out again, so an output element the kernel forgets to write shows up as NaN."""
+    for s in shapes:
+        t = torch.full(s, NAN)
+        del t
+
+
+def _close(a, b, atol, rtol=0.0, what=""):
+    a64, b64 = a.double(), b.double()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert not torch.isnan(a64).any(), f"{what}: NaN in output"
+    err = (a64 - b64).abs()
+    bound = atol + rtol * b64.abs()
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {a.numel()} elements off, max err "
+                           f"{err.max().item():.3g}")
+
+
+def _rand_grans(n, gen):
+    k = int(torch.randint(1, 6, (1,), generator=gen))
+    g = sorted(set(torch.randint(1, n + 8, (k,), generator=gen).tolist()))
+    return g
+
+
+# (B, H, Nq, Nk, D, grans, seq_lens, q_rope, k_rope)
+ATTN_CASES = [
+    (2, 3, 77, 77, 64, [5, 20, 32, 64], [77, 40], True, True),       # tails, RoPE, seq_lens
+    (1, 2, 100, 100, 80, [32, 64, 96], None, False, False),          # D = 80: column tails
+    (2, 2, 1, 50, 64, None, None, False, True),                      # cross, Nq = 1
+    (2, 2, 13, 196, 64, None, [13, 7], True, False),                 # cross, lengths clip both
+    (1, 1, 40, 600, 16, None, None, False, False),                   # 2 key chunks (KC = 512)
+    (1, 2, 600, 600, 8, [100, 550], [590], True, True),              # long self, band in chunk 2
+    (3, 1, 33, 33, 32, [32], [0, 1, 33], False, False),              # empty sample, N = 33
+    (1, 1, 1, 1, 64, [1], None, True, True),                         # one token
+]
+
+
+def _attn_inputs(B, H, Nq, Nk, D, seq_lens, q_rope, k_rope, dtype=torch.float32):
+    q = torch.randn(B, H, Nq, D).to(dtype)
+    k = torch.randn(B, H, Nk, D).to(dtype)
+    v = torch.randn(B, H, Nk, D).to(dtype)
+    sl = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32)
+    qr = R.rope_tables(Nq, D) if q_rope else None
+    kr = R.rope_tables(Nk, D) if k_rope else None
+    return q, k, v, sl, qr, kr
+
+
+def _pair(r):
+    return (None, None) if r is None else r
+
+
+def _check_attention(q, k, v, grans, sl, qr, kr, atol):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    B, H, Nq, D = q.shape
+    _poison_heap((B, H, Nq, v.shape[-1]), (B, H, Nq))
+    out, lse = ops.block_masked_attention_fwd(q, k, v, grans, scale, sl, *_pair(qr), *_pair(kr))
+    d = [t.double() for t in (q, k, v)]
+    ro, rl = R.attention_forward(*d, grans, scale, sl, qr, kr)
+    _close(out, ro, atol, what="out")
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Nq)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl)), "lse -inf pattern differs"
+    fin = torch.isfinite(rl)
+    _close(lse[fin], rl[fin], atol, what="lse")
+    if sl is not None:  # rows past a sample's length are exactly zero
+        for b, n in enumerate(sl.tolist()):
+            assert (out[b, :, max(n, 0):] == 0).all()
+    go = torch.randn_like(out)
+    _poison_heap(q.shape, k.shape, v.shape)
+    grads = ops.block_masked_attention_bwd(go, q, k, v, out, lse, grans, scale, sl,
+                                           *_pair(qr), *_pair(kr))
+    rg = R.attention_backward(go.double(), *d, ro, rl, grans, scale, sl, qr, kr)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
+        _close(g, r, atol, what=name)
+    return out
+
+
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[f"c{i}" for i in range(len(ATTN_CASES))])
+def test_attention_fp32_matches_reference(case):
+    B, H, Nq, Nk, D, grans, seq_lens, q_rope, k_rope = case
+    q, k, v, sl, qr, kr = _attn_inputs(B, H, Nq, Nk, D, seq_lens, q_rope, k_rope)
+    _check_attention(q, k, v, grans, sl, qr, kr, atol=1e-5)
+
+
+def test_attention_random_grans_and_lengths():
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for _ in range(6):
+        n = int(torch.randint(1, 150, (1,), generator=gen))
+        B, H = int(torch.randint(1, 4, (1,), generator=gen)), 2
+        D = [8, 16, 24, 64][int(torch.randint(0, 4, (1,), generator=gen))]
+        grans = _rand_grans(n, gen)
+        lens = torch.randint(0, n + 3, (B,), generator=gen).tolist()
+        rope = bool(torch.randint(0, 2, (1,), generator=gen))
+        q, k, v, sl, qr, kr = _attn_inputs(B, H, n, n, D, lens, rope, rope)
+        _check_attention(q, k, v, grans, sl, qr, kr, atol=1e-5)
+
+
+def test_attention_bf16_loose():
+    q, k, v, sl, qr, kr = _attn_inputs(2, 2, 70, 70, 64, [70, 35], True, True, torch.bfloat16)
+    scale = 0.125
+    out, lse = ops.block_masked_attention_fwd(q, k, v, [16, 48], scale, sl, *qr, *kr)
+    assert out.dtype == torch.bfloat16
+    ro, rl = R.attention_forward(q.double(), k.double(), v.double(), [16, 48], scale, sl, qr, kr)
+    _close(out, ro, 3e-2, 2e-2, what="bf16 out")
+    go = torch.randn_like(out)
+    grads = ops.block_masked_attention_bwd(go, q, k, v, out, lse, [16, 48], scale, sl, *qr, *kr)
+    rg = R.attention_backward(go.double(), q.double(), k.double(), v.double(), ro, rl, [16, 48],
+                              scale, sl, qr, kr)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rg):
+        assert g.dtype == torch.bfloat16
+        _close(g, r, 6e-2, 3e-2, what=f"bf16 {name}")
+
+
+def test_attention_autograd_through_public_op():
+    B, H, N, D = 2, 2, 45, 32
+    grans = [8, 30]
+    q, k, v, sl, qr, kr = _attn_inputs(B, H, N, N, D, [45, 20], True, True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with use_backend("cpp"):
+        out = block_masked_attention(*leaves, grans, seq_lens=sl, q_rope=qr, k_rope=kr)
+    go = torch.randn_like(out)
+    out.backward(go)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = R.attention(*ref_leaves, grans, seq_lens=sl, q_rope=qr, k_rope=kr)
+    ref.backward(go.double())
+    _close(out.detach(), ref.detach(), 1e-5, what="out")
+    for name, a, b in zip("qkv", leaves, ref_leaves):
+        _close(a.grad, b.grad, 1e-5, what=f"d{name}")
+
+
+def test_attention_dispatch_picks_cpp_on_cpu():
+    q, k, v, sl, qr, kr = _attn_inputs(1, 1, 8, 8, 16, None, False, False)
+    assert cpp_backend.why_not_attention(q, k, v, [4], None, None, None) == []
+
+
+def test_attention_bad_input_errors():
+    q, k, v, _, _, _ = _attn_inputs(1, 1, 8, 8, 16, None, False, False)
+    with pytest.raises(RuntimeError, match=r"token_grans=\[4, 2\] is not allowed"):
+        ops.block_masked_attention_fwd(q, k, v, [4, 2], 0.25, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"q.dtype=Double is not supported.*float32"):
+        ops.block_masked_attention_fwd(q.double(), k.double(), v.double(), None, 0.25, None,
+                                       None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"seq_lens must be an int32/int64 tensor of shape"):
+        ops.block_masked_attention_fwd(q, k, v, None, 0.25, torch.tensor([1.0]), None, None,
+                                       None, None)
+    with pytest.raises(RuntimeError, match=r"q_rope tables must be \(8, 8\)"):
+        c = torch.ones(8, 4)
+        ops.block_masked_attention_fwd(q, k, v, None, 0.25, None, c, c, None, None)
+    reasons = cpp_backend.why_not_attention(q.double(), k.double(), v.double(), None, None,
+                                            None, None)
+    assert any("float64" in r and "float32" in r for r in reasons), reasons
+    reasons = cpp_backend.why_not_attention(q.to("meta"), k, v, None, None, None, None)
+    assert any("meta" in r and "CPU tensors only" in r for r in reasons), reasons
+    with use_backend("cpp"), pytest.raises(NoBackendError, match=r"cpp: q.dtype=torch.float64"):
+        block_masked_attention(q.double(), k.double(), v.double(), [4])
+
+
+# ----------------------------------------------------------------------------------- FFN
+def _ffn_inputs(B, N, C, Hmax, Cout, dtype=torch.float32):
+    x = torch.randn(B, N, C)
+    w1 = torch.randn(Hmax, C) / math.sqrt(C)
+    b1 = torch.randn(Hmax) * 0.5
+    w2 = torch.randn(Cout, Hmax) / math.sqrt(Hmax)
+    b2 = torch.randn(Cout) * 0.5
+    return [t.to(dtype) for t in (x, w1, b1, w2, b2)]
+
+
+FFN_CASES = [
+    (5, 7, 40, 70, 24, [70, 1, 33, 70, 1]),    # mixed, non-adjacent groups, 1 and Hmax
+    (4, 9, 33, 50, 33, [50, 50, 17, 17]),      # adjacent groups (in-place views)
+    (3, 1, 16, 20, 8, [20, 20, 20]),           # one width, N = 1
+    (2, 5, 24, 37, 19, [1, 1]),                # width 1 only
+    (3, 1030, 8, 12, 8, [12, 5, 12]),          # runs of >= 1024 rows: in place, no gather
+]
+
+
+@pytest.mark.parametrize("case", FFN_CASES, ids=[f"f{i}" for i in range(len(FFN_CASES))])
+def test_ffn_fp32_matches_reference(case):
+    B, N, C, Hmax, Cout, hidden = case
+    args = _ffn_inputs(B, N, C, Hmax, Cout)
+    _poison_heap((B, N, Cout))
+    out = ops.matryoshka_ffn_fwd(*args, hidden)
+    d = [t.double() for t in args]
+    _close(out, R.ffn_forward(*d, hidden), 1e-5, 1e-6, what="ffn out")
+    go = torch.randn_like(out)
+    _poison_heap((B, N, C), (Hmax, C))
+    grads = ops.matryoshka_ffn_bwd(go, *args, hidden)
+    ref = R.ffn_backward(go.double(), *d, hidden)
+    for name, g, r in zip(("dx", "dW1", "db1", "dW2", "db2"), grads, ref):
+        # weight/bias grads are sums over B*N rows (O(sqrt(B*N)) values): relative 1e-5 there
+        _close(g, r, 1e-5, 1e-6 if name == "dx" else 1e-5, what=name)
+    # units past the widest sample get exactly no gradient
+    hw = max(hidden)
+    assert (grads[1][hw:] == 0).all() and (grads[2][hw:] == 0).all()
+    assert (grads[3][:, hw:] == 0).all()
+
+
+def test_ffn_random_widths_autograd():
+    B, N, C, Hmax, Cout = 6, 5, 28, 45, 28
+    hidden = torch.randint(1, Hmax + 1, (B,)).tolist()
+    hidden[0], hidden[-1] = 1, Hmax
+    args = _ffn_inputs(B, N, C, Hmax, Cout)
+    leaves = [t.clone().requires_grad_() for t in args]
+    with use_backend("cpp"):
+        out = matryoshka_ffn(*leaves, hidden)
+    go = torch.randn_like(out)
+    out.backward(go)
+    ref_leaves = [t.double().requires_grad_() for t in args]
+    ref = R.matryoshka_ffn(*ref_leaves, hidden)
+    ref.backward(go.double())
+    _close(out.detach(), ref.detach(), 1e-5, 1e-6, what="out")
+    for name, a, b in zip(("x", "W1", "b1", "W2", "b2"), leaves, ref_leaves):
+        _close(a.grad, b.grad, 1e-5, 1e-6, what=f"d{name}")
+
+
+def test_ffn_bf16_loose():
+    B, N, C, Hmax, Cout = 3, 6, 32, 48, 32
+    hidden = [48, 7, 30]
+    args = _ffn_inputs(B, N, C, Hmax, Cout, torch.bfloat16)
+    out = ops.matryoshka_ffn_fwd(*args, hidden)
+    assert out.dtype == torch.bfloat16
+    d = [t.double() for t in args]
+    _close(out, R.ffn_forward(*d, hidden), 5e-2, 2e-2, what="bf16 out")
+    go = torch.randn_like(out)
+    grads = ops.matryoshka_ffn_bwd(go, *args, hidden)
+    for name, g, r in zip(("dx", "dW1", "db1", "dW2", "db2"), grads,
+                          R.ffn_backward(go.double(), *d, hidden)):
+        assert g.dtype == torch.bfloat16
+        _close(g, r, 1e-1, 3e-2, what=f"bf16 {name}")
+
+
+def test_ffn_bad_input_errors():
+    args = _ffn_inputs(2, 3, 8, 10, 8)
+    with pytest.raises(RuntimeError, match=r"hidden=11 is not allowed; allowed: ints in 1..10"):
+        ops.matryoshka_ffn_fwd(*args, [11, 1])
+    with pytest.raises(RuntimeError, match=r"hidden has 1 entries; the batch has 2"):
+        ops.matryoshka_ffn_fwd(*args, [1])
+    with pytest.raises(RuntimeError, match=r"x.dtype=Double is not supported"):
+        ops.matryoshka_ffn_fwd(*[t.double() for t in args], [1, 1])
+    reasons = cpp_backend.why_not_ffn(args[0].to("meta"), *args[1:], [1, 1])
+    assert any("meta" in r for r in reasons), reasons
+    assert cpp_backend.why_not_ffn(*args, [1, 1]) == []
+
+
+# ------------------------------------------------------------------ library coexistence
+@pytest.mark.parametrize("order", ["ext_first", "python_first"])
+def test_torch_library_coexists_with_python_custom_ops(order):
+    first, second = ("adaperceiver._C", "adaperceiver.ops") if order == "ext_first" else (
+        "adaperceiver.ops", "adaperceiver._C")
+    code = (f"import torch, importlib; importlib.import_module('{first}'); "
+            f"importlib.import_module('{second}'); o = torch.ops.adaperceiver; "
+            "names = ['block_masked_attention_fwd', 'block_masked_attention_bwd', "
+            "'matryoshka_ffn_fwd', 'matryoshka_ffn_bwd', 'block_masked_attention', "
+            "'matryoshka_ffn']; [getattr(o, n) for n in names]; "
+            "x = torch.randn(1, 2, 4); w = torch.randn(3, 4); "
+            "print(o.matryoshka_ffn(x, w, torch.zeros(3), torch.randn(4, 3), torch.zeros(4), "
+            "[2]).shape)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([1, 2, 4])" in res.stdout
+
+
+def test_attention_value_dim_differs_from_head_dim():
+    q, k, _, sl, qr, kr = _attn_inputs(2, 2, 50, 50, 32, [50, 21], True, True)
+    v = torch.randn(2, 2, 50, 40)  # Dv = 40: 32 + an 8-wide column tail in the P V product
+    _check_attention(q, k, v, [10, 30], sl, qr, kr, atol=1e-5)
