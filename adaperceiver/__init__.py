@@ -24,5 +24,6 @@ def build_info() -> dict:
     try:
         from ._ext import build_info as _build_info
     except ImportError as e:
-        return {"cpp": False, "cuda": False, "error": f"adaperceiver._ext missing: {e}"}
+        return {"cpp_compiled": False, "cuda_compiled": False,
+                "load_error": f"adaperceiver._ext missing: {e}"}
     return _build_info()
