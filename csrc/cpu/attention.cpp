@@ -94,13 +94,14 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
       const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
       const int64_t m1 = std::min(mend, lq);
-      out_t* orow = op + (bh * Nq + m0) * Dv;
+      // out is heads-last, (B, Nq, H, Dv): row r of this tile is H * Dv further on
+      out_t* orow = op + ((b * Nq + m0) * H + bh % H) * Dv;
       float* lrow = lp + bh * Nq + m0;
       const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
       const int64_t rows = kend > 0 ? m1 - m0 : 0;
       // rows past the sample's length (or seeing no key): zeros, lse -inf
       for (int64_t r = rows; r < mend - m0; ++r) {
-        std::fill(orow + r * Dv, orow + (r + 1) * Dv, out_t(0));
+        std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, out_t(0));
         lrow[r] = kNegInf;
       }
       if (rows == 0) continue;
@@ -139,7 +140,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / l[r];
         const float* o = O.data() + r * Dv;
-        out_t* dst = orow + r * Dv;
+        out_t* dst = orow + r * H * Dv;
         for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<out_t>(o[d] * inv);
         lrow[r] = m[r] + std::log(l[r]);
       }
@@ -230,7 +231,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const auto re = row_end(Nq, token_grans, Nk);
   const auto lens = seq_lens_host(seq_lens, B);
   at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});
-  at::Tensor out = at::empty({B, H, Nq, v.size(3)}, q.options());
+  // written heads-last and returned as its (B, H, Nq, Dv) view: the op hands the buffer to
+  // the model as (B, Nq, C) with no transpose copy
+  at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd",
                                   [&] {
