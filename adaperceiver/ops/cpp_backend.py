@@ -17,14 +17,20 @@ def _ext_reasons() -> list[str]:
     return [f"C++ extension adaperceiver._C failed to load: {err}"] if err else []
 
 
-def _tensor_reasons(name: str, t: torch.Tensor) -> list[str]:
+def tensor_reasons(name: str, t: torch.Tensor, backend: str = "cpp", device: str = "cpu",
+                   dtypes=_DTYPES) -> list[str]:
+    """Why ``backend`` (running ``device`` tensors of ``dtypes``) cannot take tensor ``t``."""
     out = []
-    if t.device.type != "cpu":
-        out.append(f"{name} is on {t.device}; the cpp backend runs CPU tensors only")
-    if t.dtype not in _DTYPES:
-        out.append(f"{name}.dtype={t.dtype} is not supported by the cpp backend; supported: "
-                   "float32, bfloat16, float16")
+    if t.device.type != device:
+        out.append(f"{name} is on {t.device}; the {backend} backend runs {device.upper()} "
+                   "tensors only")
+    if t.dtype not in dtypes:
+        out.append(f"{name}.dtype={t.dtype} is not supported by the {backend} backend; "
+                   f"supported: {', '.join(str(d).replace('torch.', '') for d in dtypes)}")
     return out
+
+
+_tensor_reasons = tensor_reasons
 
 
 def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:

@@ -24,13 +24,7 @@ def _ext_reasons() -> list[str]:
 
 
 def _tensor_reasons(name: str, t: torch.Tensor) -> list[str]:
-    out = []
-    if t.device.type != "cuda":
-        out.append(f"{name} is on {t.device}; the cuda backend runs CUDA tensors only")
-    if t.dtype not in _DTYPES:
-        out.append(f"{name}.dtype={t.dtype} is not supported by the cuda backend; supported: "
-                   "float16, bfloat16, float32")
-    return out
+    return _common.tensor_reasons(name, t, "cuda", "cuda", _DTYPES)
 
 
 def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
