@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import adaperceiver
 from adaperceiver import _ext
 from adaperceiver.ops import (NoBackendError, block_masked_attention, matryoshka_ffn,
                               use_backend)
@@ -294,3 +295,29 @@ def test_attention_value_dim_differs_from_head_dim():
     q, k, _, sl, qr, kr = _attn_inputs(2, 2, 50, 50, 32, [50, 21], True, True)
     v = torch.randn(2, 2, 50, 40)  # Dv = 40: 32 + an 8-wide column tail in the P V product
     _check_attention(q, k, v, [10, 30], sl, qr, kr, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_q, n_k, grans", [(77, 77, [10, 33, 64]), (1, 45, None),
+                                             (33, 20, None)])
+def test_strided_heads_last_inputs_with_rope_read_in_place(n_q, n_k, grans):
+    """The model hands the op (B, N, H, D) projections seen as (B, H, N, D): float32 inputs are
+    read in place and RoPE applied as rows load (no rotated copies); results equal the float64
+    reference."""
+    from adaperceiver.ops import reference as R
+    B, H, D = 3, 4, 64
+    xq = torch.randn(B, n_q, 3 * H * D)          # q columns interleaved with others: strided
+    xk = torch.randn(B, n_k, 2 * H * D)
+    q = xq[..., :H * D].view(B, n_q, H, D).transpose(1, 2)
+    k, v = (t.view(B, n_k, H, D).transpose(1, 2) for t in xk.split(H * D, -1))
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    q_rope = R.rope_tables(n_q, D) if grans is not None else None
+    k_rope = R.rope_tables(n_k, D)
+    seq = torch.tensor([n_q, max(1, n_q // 2), 1], dtype=torch.int32) if grans else None
+    with adaperceiver.use_backend("cpp"):
+        out = adaperceiver.ops.block_masked_attention(q, k, v, grans, seq_lens=seq,
+                                                      q_rope=q_rope, k_rope=k_rope)
+    d64 = (lambda r: None if r is None else tuple(t.double() for t in r))
+    want = R.attention(q.double(), k.double(), v.double(), grans, seq_lens=seq,
+                       q_rope=d64(q_rope), k_rope=d64(k_rope))
+    assert torch.isfinite(out).all()
+    assert (out.double() - want).abs().max().item() <= 1e-5

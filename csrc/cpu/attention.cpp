@@ -69,13 +69,38 @@ inline int64_t clamp_len(const std::vector<int64_t>& lens, int64_t b, int64_t n)
   return std::min<int64_t>(std::max<int64_t>(lens[b], 0), n);
 }
 
+// RoPE tables (cos, sin), each (N, D/2) float32 contiguous, or nullptrs for no rotation
+struct Rope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+};
+
+// Rotate the interleaved pairs of one row x (D values) by position n into dst, times mul.
+inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float mul,
+                     float* dst, int64_t dst_stride) {
+  const float* c = r.cos + n * (D / 2);
+  const float* s = r.sin + n * (D / 2);
+  for (int64_t i = 0; i < D / 2; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1];
+    dst[(2 * i) * dst_stride] = mul * (x0 * c[i] - x1 * s[i]);
+    dst[(2 * i + 1) * dst_stride] = mul * (x0 * s[i] + x1 * c[i]);
+  }
+}
+
+// qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance
+// heads-last projections seen as (B, H, N, D)); RoPE, when given, is applied as rows are loaded
+// (q into the transposed tile, k chunk by chunk into a scratch), so no rotated copy is written.
 template <typename out_t>
 void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf,
+                          Rope qrope, Rope krope,
                           const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
                           float scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = qf.size(0), H = qf.size(1), Nq = qf.size(2), D = qf.size(3);
   const int64_t Nk = kf.size(2), Dv = vf.size(3);
   const int64_t nqt = (Nq + BM - 1) / BM;
+  const int64_t qsb = qf.stride(0), qsh = qf.stride(1), qsn = qf.stride(2);
+  const int64_t ksb = kf.stride(0), ksh = kf.stride(1), ksn = kf.stride(2);
+  const int64_t vsb = vf.stride(0), vsh = vf.stride(1), vsn = vf.stride(2);
   const float* qp = qf.data_ptr<float>();
   const float* kp = kf.data_ptr<float>();
   const float* vp = vf.data_ptr<float>();
@@ -88,7 +113,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
     // The scores are kept transposed, st[key][query], so that the softmax runs across the
     // queries of the tile with plain vector loops and P V reads st in place.
     std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
-        sum(BM);
+        sum(BM), kr(krope.cos ? kc_max * D : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
@@ -106,17 +131,31 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       }
       if (rows == 0) continue;
       const int64_t kfull = std::min(re[m0], lk);  // keys every row of the tile sees
-      const float* q = qp + (bh * Nq + m0) * D;
-      const float* kb = kp + bh * Nk * D;
-      const float* vb = vp + bh * Nk * Dv;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = scale * q[r * D + d];
+      const int64_t h = bh % H;
+      const float* q = qp + b * qsb + h * qsh + m0 * qsn;
+      const float* kb = kp + b * ksb + h * ksh;
+      const float* vb = vp + b * vsb + h * vsh;
+      for (int64_t r = 0; r < rows; ++r) {
+        if (qrope.cos) {
+          rope_row(q + r * qsn, qrope, m0 + r, D, scale, qt.data() + r, BM);
+        } else {
+          for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = scale * q[r * qsn + d];
+        }
+      }
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       for (int64_t c0 = 0; c0 < kend; c0 += KC) {
         const int64_t kc = std::min(KC, kend - c0);
         // st (kc x rows) = K[c0:c0+kc] (scale Q)^T
-        small_gemm(kc, rows, D, kb + c0 * D, D, 1, qt.data(), BM, st.data(), BM, false);
+        const float* kchunk = kb + c0 * ksn;
+        int64_t krs = ksn;
+        if (krope.cos) {  // rotated keys of this chunk, in a scratch that stays in cache
+          for (int64_t j = 0; j < kc; ++j)
+            rope_row(kb + (c0 + j) * ksn, krope, c0 + j, D, 1.f, kr.data() + j * D, 1);
+          kchunk = kr.data();
+          krs = D;
+        }
+        small_gemm(kc, rows, D, kchunk, krs, 1, qt.data(), BM, st.data(), BM, false);
         if (c0 + kc > kfull) {
           // the band: keys some rows of the tile may not see (tile crosses a group boundary)
           for (int64_t r = 0; r < rows; ++r) {
@@ -135,7 +174,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
           m[r] = mx[r];
         }
         // O (+)= P V[c0:c0+kc], P read from st as a column-major (rows x kc) matrix
-        small_gemm(rows, Dv, kc, st.data(), 1, BM, vb + c0 * Dv, Dv, O.data(), Dv, c0 > 0);
+        small_gemm(rows, Dv, kc, st.data(), 1, BM, vb + c0 * vsn, vsn, O.data(), Dv, c0 > 0);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.f / l[r];
@@ -230,14 +269,32 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
   const auto re = row_end(Nq, token_grans, Nk);
   const auto lens = seq_lens_host(seq_lens, B);
-  at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});
+  // float32 inputs with unit stride along D are read in place and rotated as they are loaded;
+  // other dtypes are converted to float32 (and rotated) once
+  auto direct = [](const at::Tensor& x) {
+    return x.scalar_type() == at::kFloat && x.stride(3) == 1;
+  };
+  const bool fused = direct(q) && direct(k) && direct(v);
+  at::Tensor qf = fused ? q : prep(q, q_cos, q_sin), kf = fused ? k : prep(k, k_cos, k_sin);
+  at::Tensor vf = fused ? v : prep(v, {}, {});
+  at::Tensor qc, qs, kc, ks;
+  Rope qrope, krope;
+  if (fused && q_cos.has_value()) {
+    qc = q_cos->contiguous(), qs = q_sin->contiguous();
+    qrope = {qc.data_ptr<float>(), qs.data_ptr<float>()};
+  }
+  if (fused && k_cos.has_value()) {
+    kc = k_cos->contiguous(), ks = k_sin->contiguous();
+    krope = {kc.data_ptr<float>(), ks.data_ptr<float>()};
+  }
   // written heads-last and returned as its (B, H, Nq, Dv) view: the op hands the buffer to
   // the model as (B, Nq, C) with no transpose copy
   at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd",
                                   [&] {
-                                    attention_fwd_kernel<scalar_t>(qf, kf, vf, re, lens,
+                                    attention_fwd_kernel<scalar_t>(qf, kf, vf, qrope, krope,
+                                                                   re, lens,
                                                                    static_cast<float>(scale),
                                                                    out, lse);
                                   });
