@@ -184,10 +184,13 @@ def assert_close_to_reference(fn: Callable, case, *, atol: Optional[float] = Non
     scale = want.abs().max().item() or 1.0
     err = (got64 - want).abs()
     limit = atol * scale + rtol * want.abs()
-    if (err > limit).any():
-        worst = err.argmax()
-        idx = list(torch.unravel_index(worst, err.shape))
-        raise AssertionError(f"max abs error {err.max().item():.3g} at {[int(i) for i in idx]} "
-                             f"exceeds {atol:.2g} x {scale:.3g} + {rtol:.2g} x |ref| "
-                             f"({case.description})")
+    bad = err > limit
+    if bad.any():
+        first = [int(i) for i in bad.nonzero()[0]]
+        worst = [int(i) for i in torch.unravel_index(err.argmax(), err.shape)]
+        raise AssertionError(
+            f"first wrong element at {first}: got {got64[tuple(first)].item():.6g}, want "
+            f"{want[tuple(first)].item():.6g}; {int(bad.sum())} of {bad.numel()} elements off, "
+            f"max abs error {err.max().item():.3g} at {worst}; allowed {atol:.2g} x "
+            f"{scale:.3g} + {rtol:.2g} x |ref| ({case.description})")
     return err.max().item()

@@ -25,6 +25,31 @@ def test_cases_pass_for_a_correct_kernel(seed):
         assert_close_to_reference(_ref_backend_ffn, random_ffn_case(seed, dtype=dtype))
 
 
+def test_planted_bugs_fail_naming_the_first_wrong_position():
+    """Three classic kernel bugs, each caught with the first wrong (b, h, row, col) named."""
+    case = random_attention_case(11, masked=True, cross=False, with_seq_lens=True, max_n=70)
+    grans, n = case.token_grans, case.q.shape[2]
+    assert case.seq_lens is not None and any(int(s) < n for s in case.seq_lens)
+
+    def group_off_by_one(q, k, v, token_grans, **kw):   # every group ends one key late
+        return _ref_backend_attention(q, k, v, sorted({min(g + 1, n) for g in token_grans}),
+                                      **kw)
+
+    def ignores_seq_lens(q, k, v, token_grans, **kw):
+        return _ref_backend_attention(q, k, v, token_grans, **{**kw, "seq_lens": None})
+
+    def drops_last_partial_tile(q, k, v, token_grans, block=32, **kw):
+        out = _ref_backend_attention(q, k, v, token_grans, **kw).clone()
+        tail = n - (n % block or block)                # first row of the last partial tile
+        out[:, :, tail:] = 0.0
+        return out
+
+    for bad in (group_off_by_one, ignores_seq_lens, drops_last_partial_tile):
+        with pytest.raises(AssertionError, match=r"first wrong element at \[\d+, \d+, \d+, "
+                                                 r"\d+\]"):
+            assert_close_to_reference(bad, case)
+
+
 def test_wrong_kernels_are_caught():
     case = random_attention_case(3, masked=True, with_seq_lens=False, cross=False, max_n=60)
     assert case.token_grans is not None
