@@ -84,23 +84,8 @@ def time_step(step: Callable[[], object], device, *, warmup: int = 1, rounds: in
     n = rounds
     if budget_s is not None and est is not None and est > 0:
         n = max(min(rounds, min_rounds), min(rounds, int(budget_s // est)))
-    times = []
-    if device.type == "cuda":
-        for _ in range(n):
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            torch.cuda.synchronize(device)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        timer = "cuda.Event"
-    else:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        timer = "time.perf_counter"
+    times = [_timed(step, device) for _ in range(n)]
+    timer = "cuda.Event" if device.type == "cuda" else "time.perf_counter"
     return Timing(times, warmup, timer)
 
 

@@ -150,7 +150,8 @@ class AdaPerceiverClassifier(nn.Module):
                 depths[b], latents[b] = i + 1, padded[n]
                 if lg is not None:
                     logits[b] = lg[n]
-            stay = [j for j in range(len(running)) if j not in set(leave)]
+            left = set(leave)
+            stay = [j for j in range(len(running)) if j not in left]
             if not stay:
                 break
             layout, rows = layout.select(stay, rows)
