@@ -103,14 +103,20 @@ def _attention_grad(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
+def _check_float_tensor(name: str, t, layout: str) -> None:
+    """``t`` must be a float tensor with as many dims as ``layout`` names."""
+    dims = layout.count(",") + 1
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        raise ValueError(f"{name} must be a {dims}-d tensor {layout}, got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name}.dtype={t.dtype} is not allowed; allowed: float16, bfloat16, "
+                        "float32, float64")
+
+
 def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (B, H, N, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name}.dtype={t.dtype} is not allowed; allowed: float16, "
-                            "bfloat16, float32, float64")
+        _check_float_tensor(name, t, "(B, H, N, D)")
         if t.device != q.device or t.dtype != q.dtype:
             raise ValueError(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}:"
                              " q, k and v must share dtype and device")
@@ -228,12 +234,7 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
 
     x (B, N, C); fc1_weight (Hmax, C); fc2_weight (C, Hmax); ``hidden`` an int or (B,) ints.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a 3-d tensor (B, N, C), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x.dtype={x.dtype} is not allowed; allowed: float16, bfloat16, "
-                        "float32, float64")
+    _check_float_tensor("x", x, "(B, N, C)")
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias,
                                                               fc2_weight, fc2_bias)
     hmax, c = fc1_weight.shape
