@@ -8,13 +8,13 @@ from __future__ import annotations
 from .checkpoint import from_pretrained, save_pretrained
 from .config import AdaPerceiverConfig
 from .flops import FlopCount, count_flops
-from .model import AdaPerceiverClassifier, AdaPerceiverOutput
+from .model import AdaPerceiverClassifier, AdaPerceiverDistill, AdaPerceiverOutput
 from .ops import use_backend
 from .registry import create_model, list_models
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "from_pretrained", "save_pretrained", "count_flops",
-           "FlopCount", "use_backend", "build_info", "AdaPerceiverClassifier",
+           "FlopCount", "use_backend", "build_info", "AdaPerceiverClassifier", "AdaPerceiverDistill",
            "AdaPerceiverConfig", "AdaPerceiverOutput"]
 
 

@@ -79,7 +79,7 @@ def check_state_dict(model, state: dict) -> None:
 
 def from_pretrained(path, config: Optional[dict] = None, *, map_location="cpu", **overrides):
     """Build the model from a released checkpoint (a directory, or a file plus ``config``)."""
-    from .model import AdaPerceiverClassifier
+    from .model import model_class
     path = os.fspath(path)
     if os.path.isdir(path):
         cfg_file = os.path.join(path, "config.json")
@@ -106,7 +106,7 @@ def from_pretrained(path, config: Optional[dict] = None, *, map_location="cpu", 
                 config = json.load(f)
         weights = path
     config = {**config, **overrides}
-    model = AdaPerceiverClassifier(**config)
+    model = model_class(config)(**config)
     state = load_state_dict(weights)
     check_state_dict(model, state)
     model.load_state_dict(state, strict=True)

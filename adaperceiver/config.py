@@ -51,6 +51,9 @@ class AdaPerceiverConfig:
     rope_theta: float = 10000
     use_embed_ffn: bool = True
     use_output_ffn: bool = False
+    # the distilled backbone only: width of the per-patch features (1280 for adaperceiver-v1);
+    # None (the classifier) leaves the key out of config.json, as the reference writes it
+    output_feat_dim: Optional[int] = None
 
     def __post_init__(self):
         self.mask_token_grans = check_grans(self.mask_token_grans, "mask_token_grans")
@@ -68,6 +71,10 @@ class AdaPerceiverConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; allowed: "
                                  f"{', '.join(map(repr, allowed))}")
+        if self.output_feat_dim is not None and (isinstance(self.output_feat_dim, bool) or
+                                                 int(self.output_feat_dim) < 1):
+            raise ValueError(f"output_feat_dim={self.output_feat_dim!r} is not allowed; "
+                             "allowed: a positive int (distilled backbone) or None")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not a multiple of "
                              f"num_heads={self.num_heads}")
@@ -97,7 +104,14 @@ class AdaPerceiverConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["output_feat_dim"] is None:
+            del d["output_feat_dim"]
         return {k: d[k] for k in sorted(d)}
+
+    @property
+    def distilled(self) -> bool:
+        """True for the distilled backbone (per-patch feature heads)."""
+        return self.output_feat_dim is not None
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdaPerceiverConfig":

@@ -87,6 +87,13 @@ def count_flops(model_or_config, num_tokens: Optional[int] = None,
         "write_attention": 4 * n * C,
         "head": 2 * C * K,
     }
+    if cfg.distilled:   # per-patch readout: queries, write_head_feat, output_adapter_feat
+        F_ = cfg.output_feat_dim
+        parts.update({
+            "feat_proj": 2 * P * C * C * 3 + 2 * 2 * n * C * C,
+            "feat_attention": 4 * P * n * C,
+            "feat_adapter": 2 * P * C * hmax + 2 * P * hmax * F_,
+        })
     grans = None
     if cfg.attn_layer != "full" and cfg.block_mask != "none":
         grans = (list(range(1, n + 1)) if cfg.block_mask == "causal"
@@ -102,5 +109,8 @@ def count_flops(model_or_config, num_tokens: Optional[int] = None,
               + 2 * (4 * C * C + 4 * C + 4 * C)          # read and write heads
               + l * (per_block_fixed + ffn_params)
               + C * K + K)
+    if cfg.distilled:
+        params += (C * C + C + (4 * C * C + 4 * C + 4 * C) + 2 * C
+                   + C * hmax + hmax + hmax * cfg.output_feat_dim + cfg.output_feat_dim)
     return FlopCount(total=float(sum(parts.values())), masked_attention=float(masked),
                      params=int(round(params)), parts=parts)

@@ -10,6 +10,8 @@ __all__ = ["create_model", "list_models", "MODEL_CONFIGS"]
 MODEL_CONFIGS = {
     # ImageNet-1k fine-tuned classifier, patch 16 (SPEC.md)
     "adaperceiver_v1_in1k": dict(patch_size=16, num_classes=1000),
+    # the distilled backbone (ImageNet-12k): patch 14, 11821 classes, 1280-wide patch features
+    "adaperceiver_v1": dict(patch_size=14, num_classes=11821, output_feat_dim=1280),
 }
 
 
@@ -33,5 +35,5 @@ def create_model(name: str = "adaperceiver_v1_in1k", pretrained=False, **overrid
             raise FileNotFoundError(f"pretrained={pretrained!r} does not exist")
         cfg = None if os.path.isdir(pretrained) else config
         return from_pretrained(pretrained, cfg, **(overrides if cfg is None else {}))
-    from .model import AdaPerceiverClassifier
-    return AdaPerceiverClassifier(**config)
+    from .model import model_class
+    return model_class(config)(**config)

@@ -1,1 +1,2 @@
-from .perceiver import AdaPerceiverClassifier, AdaPerceiverOutput  # noqa: F401
+from .perceiver import (AdaPerceiverClassifier, AdaPerceiverDistill,  # noqa: F401
+                        AdaPerceiverOutput, model_class)

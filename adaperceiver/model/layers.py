@@ -11,7 +11,8 @@ from torch import nn
 from .. import ops
 
 __all__ = ["LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
-           "PatchEmbed", "LearnedToken", "OutputAdapter", "resample_pos_embed"]
+           "PatchEmbed", "LearnedToken", "OutputAdapter", "PatchQueries", "FeatureAdapter",
+           "resample_pos_embed"]
 
 
 def _norm(dim: int) -> nn.LayerNorm:
@@ -199,3 +200,27 @@ class OutputAdapter(nn.Module):
 
     def forward(self, x):
         return self.ffn(x)
+
+
+class PatchQueries(nn.Module):
+    """Distilled backbone: one write query per patch, ``proj(patches)`` (``output_latents_feat``)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, patches):
+        return self.proj(patches)
+
+
+class FeatureAdapter(nn.Module):
+    """Distilled backbone: LayerNorm -> Mlp(C -> hidden -> output_feat_dim)
+    (``output_adapter_feat``), the per-patch features matched to the teacher's."""
+
+    def __init__(self, dim, hidden, out_dim):
+        super().__init__()
+        self.norm = _norm(dim)
+        self.ffn = Mlp(dim, hidden, out_dim)
+
+    def forward(self, x):
+        return self.ffn(self.norm(x))

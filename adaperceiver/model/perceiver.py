@@ -12,10 +12,11 @@ from torch import nn
 
 from ..config import AdaPerceiverConfig, CallConfig, resolve_call
 from ..ops.reference import rope_tables
-from .layers import Block, CrossAttentionHead, LearnedToken, OutputAdapter, PatchEmbed
+from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, OutputAdapter,
+                     PatchEmbed, PatchQueries)
 from .ragged import Layout
 
-__all__ = ["AdaPerceiverClassifier", "AdaPerceiverOutput"]
+__all__ = ["AdaPerceiverClassifier", "AdaPerceiverDistill", "AdaPerceiverOutput", "model_class"]
 
 
 @dataclass
@@ -24,6 +25,9 @@ class AdaPerceiverOutput:
     exit_depth: int                  # blocks executed (the most any sample ran)
     latents: Optional[torch.Tensor] = None  # (B, N, C) at each sample's exit, zero past its t
     depths: Optional[torch.Tensor] = None   # (B,) blocks each sample ran
+    # distilled backbone only, written out from each sample's exit layer:
+    features: Optional[torch.Tensor] = None      # (B, P, output_feat_dim) per-patch features
+    patch_tokens: Optional[torch.Tensor] = None  # (B, P, C) per-patch readout before the adapter
 
     def __getitem__(self, key):      # dict-style access, as HF-style outputs allow
         return getattr(self, key)
@@ -53,6 +57,11 @@ class AdaPerceiverClassifier(nn.Module):
             for _ in range(cfg.depth))
         self.write_head = CrossAttentionHead(C, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias)
         self.output_adapter = OutputAdapter(C, cfg.num_classes)
+        if cfg.distilled:   # per-patch readout of the distilled backbone (SPEC.md)
+            self.output_latents_feat = PatchQueries(C)
+            self.write_head_feat = CrossAttentionHead(C, cfg.num_heads, cfg.qkv_bias,
+                                                      cfg.proj_bias)
+            self.output_adapter_feat = FeatureAdapter(C, hid, cfg.output_feat_dim)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -88,25 +97,61 @@ class AdaPerceiverClassifier(nn.Module):
         cfg = self.config
         return rope_tables(n, cfg.head_dim, cfg.rope_theta, cfg.max_latent_tokens, device)
 
-    def read(self, x: torch.Tensor, num_tokens: int, grid, rope):
-        """Patch embedding and read: the (B, N, C) latents before the first block."""
-        patches = self.patch_embed(x, grid)
-        B, C = x.shape[0], self.config.embed_dim
+    def read_latents(self, patches: torch.Tensor, num_tokens: int, rope):
+        """Read the patches (B, P, C) into N = num_tokens latents: (B, N, C) before block 1."""
+        B, C = patches.shape[0], self.config.embed_dim
         # a contiguous copy, not a view: a view of a parameter made under no_grad confuses
         # module hooks (FlopCounterMode's module tracker fails on it)
         latents = self.process_latents.token.expand(B, num_tokens, C).clone(
             memory_format=torch.contiguous_format)
         return self.read_head(latents, patches, q_rope=rope)
 
+    def read(self, x: torch.Tensor, num_tokens: int, grid, rope):
+        """Patch embedding and read: the (B, N, C) latents before the first block."""
+        return self.read_latents(self.patch_embed(x, grid), num_tokens, rope)
+
+    def _write_rope(self, latents, rope):
+        n = latents.shape[1]
+        return self._rope(n, latents.device) if rope is None else (rope[0][:n], rope[1][:n])
+
     def forward_head(self, latents: torch.Tensor, rope=None, seq_lens=None) -> torch.Tensor:
         """Logits (B, 1, num_classes) from latents (B, N, C) taken at any exit layer; sample b
-        reads its first seq_lens[b] latents (all when None)."""
-        n = latents.shape[1]
-        rope = self._rope(n, latents.device) if rope is None else (rope[0][:n], rope[1][:n])
+        reads its first seq_lens[b] latents (all when None). latents[:, :g] is the g-token
+        model's readout (the block mask makes it so)."""
         out_tok = self.output_latents.token.expand(latents.shape[0], 1, -1).clone(
             memory_format=torch.contiguous_format)
-        return self.output_adapter(self.write_head(out_tok, latents, k_rope=rope,
+        return self.output_adapter(self.write_head(out_tok, latents,
+                                                   k_rope=self._write_rope(latents, rope),
                                                    seq_lens=seq_lens))
+
+    def forward_patch_tokens(self, latents: torch.Tensor, patches: torch.Tensor, rope=None,
+                             tokens=None) -> torch.Tensor:
+        """Distilled backbone: per-patch readout (B, P, C), one query per patch made from the
+        patch embeddings, written out of latents (B, N, C) taken at any exit layer; sample b
+        reads its first tokens[b] latents (all when None). The attention op's seq_lens bound
+        queries and keys alike (it serves self-attention), so samples of each length are
+        written out together on latents[:, :t] instead."""
+        if not self.config.distilled:
+            raise ValueError("per-patch readout needs the distilled backbone (output_feat_dim "
+                             "set, e.g. create_model('adaperceiver_v1')); this model has "
+                             "output_feat_dim=None")
+        queries = self.output_latents_feat(patches)
+        n = latents.shape[1]
+        if tokens is None or all(int(t) == n for t in tokens):
+            return self.write_head_feat(queries, latents, k_rope=self._write_rope(latents, rope))
+        tokens = [int(t) for t in tokens]
+        out = queries.new_empty(queries.shape)
+        for t in sorted(set(tokens)):
+            idx = torch.tensor([b for b, tb in enumerate(tokens) if tb == t],
+                               device=latents.device)
+            lat = latents[idx, :t]
+            out[idx] = self.write_head_feat(queries[idx], lat, k_rope=self._write_rope(lat, rope))
+        return out
+
+    def forward_patch_features(self, latents, patches, rope=None, tokens=None):
+        """Distilled backbone: per-patch features (B, P, output_feat_dim)."""
+        return self.output_adapter_feat(self.forward_patch_tokens(latents, patches, rope,
+                                                                  tokens))
 
     def _run(self, x, call: CallConfig, with_logits: bool = True) -> AdaPerceiverOutput:
         """Blocks over the running samples. Samples are ordered deepest first, so those that
@@ -119,9 +164,13 @@ class AdaPerceiverClassifier(nn.Module):
         rope = self._rope(call.num_tokens, dev)
         layout = Layout.build([call.tokens[b] for b in order], [call.hidden[b] for b in order],
                               dev)
-        rows = layout.pack(self.read(x, call.num_tokens, call.grid, rope))
+        patches = self.patch_embed(x, call.grid)    # in `order`
+        rows = layout.pack(self.read_latents(patches, call.num_tokens, rope))
+        position = {b: i for i, b in enumerate(order)}
         running = list(order)                       # original index of each running sample
         logits, latents, depths = [None] * B, [None] * B, [0] * B
+        feats = [None] * B if self.config.distilled and with_logits else None
+        ptoks = [None] * B if feats is not None else None
         run_rope = rope
         for i in range(call.depth):
             rows = self.blocks[i](rows, layout, call.grans, run_rope)
@@ -145,11 +194,17 @@ class AdaPerceiverClassifier(nn.Module):
                 lg = lg[torch.tensor(leave, device=dev)]
             elif with_logits:
                 lg = self.forward_head(padded, rope, out_layout.seq_lens)
+            if feats is not None:
+                idx = torch.tensor([position[running[j]] for j in leave], device=dev)
+                pt = self.forward_patch_tokens(padded, patches[idx], rope, out_layout.tokens)
+                pf = self.output_adapter_feat(pt)
             for n, j in enumerate(leave):
                 b = running[j]
                 depths[b], latents[b] = i + 1, padded[n]
                 if lg is not None:
                     logits[b] = lg[n]
+                if feats is not None:
+                    feats[b], ptoks[b] = pf[n], pt[n]
             left = set(leave)
             stay = [j for j in range(len(running)) if j not in left]
             if not stay:
@@ -158,12 +213,14 @@ class AdaPerceiverClassifier(nn.Module):
             running = [running[j] for j in stay]
             # positions 0..n-1 (n <= max_latent_tokens when samples differ): a prefix of the table
             run_rope = (rope[0][:layout.max_len], rope[1][:layout.max_len])
-        feats = rows.new_zeros(B, call.num_tokens, rows.shape[-1])
+        out = rows.new_zeros(B, call.num_tokens, rows.shape[-1])
         for b, t in enumerate(call.tokens):
-            feats[b, :t] = latents[b][:t]
+            out[b, :t] = latents[b][:t]
         return AdaPerceiverOutput(
             logits=torch.stack(logits) if with_logits else None, exit_depth=max(depths),
-            latents=feats, depths=torch.tensor(depths))
+            latents=out, depths=torch.tensor(depths),
+            features=torch.stack(feats) if feats is not None else None,
+            patch_tokens=torch.stack(ptoks) if ptoks is not None else None)
 
     # -------------------------------------------------------------------------- public
     def forward(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
@@ -180,3 +237,26 @@ class AdaPerceiverClassifier(nn.Module):
     def save_pretrained(self, path):
         from ..checkpoint import save_pretrained
         save_pretrained(self, path)
+
+
+class AdaPerceiverDistill(AdaPerceiverClassifier):
+    """The distilled AdaPerceiver backbone (``adaperceiver_v1``: patch 14, 11821 ImageNet-12k
+    classes, 1280-wide per-patch features). The same model as the classifier plus the
+    per-patch readout (``output_latents_feat``, ``write_head_feat``, ``output_adapter_feat``);
+    ``forward`` returns ``logits`` and ``features`` (B, P, output_feat_dim)."""
+
+    DEFAULTS = dict(patch_size=14, num_classes=11821, output_feat_dim=1280)
+
+    def __init__(self, **config):
+        if "config" not in config:
+            config = {**self.DEFAULTS, **config}
+        super().__init__(**config)
+        if not self.config.distilled:
+            raise ValueError("AdaPerceiverDistill needs output_feat_dim (a positive int); got "
+                             "None")
+
+
+def model_class(config) -> type:
+    """The class a config.json builds: the distilled backbone when it has output_feat_dim."""
+    d = config.to_dict() if isinstance(config, AdaPerceiverConfig) else config
+    return AdaPerceiverDistill if d.get("output_feat_dim") else AdaPerceiverClassifier
