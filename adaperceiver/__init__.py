@@ -8,6 +8,7 @@ from __future__ import annotations
 from .checkpoint import from_pretrained, save_pretrained
 from .config import AdaPerceiverConfig
 from .flops import FlopCount, count_flops
+from .hub import ClassificationAdaPerceiver, DistillAdaPerceiver
 from .model import AdaPerceiverClassifier, AdaPerceiverDistill, AdaPerceiverOutput
 from .ops import use_backend
 from .registry import create_model, list_models
@@ -15,7 +16,8 @@ from .registry import create_model, list_models
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "from_pretrained", "save_pretrained", "count_flops",
            "FlopCount", "use_backend", "build_info", "AdaPerceiverClassifier", "AdaPerceiverDistill",
-           "AdaPerceiverConfig", "AdaPerceiverOutput"]
+           "AdaPerceiverConfig", "AdaPerceiverOutput", "ClassificationAdaPerceiver",
+           "DistillAdaPerceiver"]
 
 
 def build_info() -> dict:

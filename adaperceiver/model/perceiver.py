@@ -222,6 +222,49 @@ class AdaPerceiverClassifier(nn.Module):
             features=torch.stack(feats) if feats is not None else None,
             patch_tokens=torch.stack(ptoks) if ptoks is not None else None)
 
+    def forward_readouts(self, x, exits, token_counts=None, mat_dim=None,
+                         features: bool = False) -> dict:
+        """Once-for-all training: ONE forward at N = max(token_counts) latents with the block
+        mask, read out at every layer of ``exits`` and every token count g of
+        ``token_counts`` (default: the mask grans) from latents[:, :g]. The mask makes that
+        prefix the g-token model's latents, so each readout equals a separate run at
+        (g, mat_dim, layer). ``mat_dim`` is an int or one width per sample.
+
+        Returns {(layer, g): (logits (B, 1, K), per-patch features (B, P, F) or None)}.
+        """
+        cfg = self.config
+        grans = list(cfg.mask_token_grans)
+        counts = sorted({int(g) for g in (token_counts or grans)})
+        exits = sorted({int(e) for e in exits})
+        if not exits or exits[0] < 1 or exits[-1] > cfg.depth:
+            raise ValueError(f"exits={exits} is not allowed; allowed: a non-empty set of "
+                             f"layers in 1..{cfg.depth}")
+        n = counts[-1]
+        call = self.resolve(x, num_tokens=n, mat_dim=mat_dim, depth=exits[-1])
+        bad = [g for g in counts[:-1] if call.grans is not None and g not in call.grans]
+        if bad or (len(counts) > 1 and n > cfg.max_latent_tokens):
+            raise ValueError(f"token_counts={counts} is not allowed: a prefix of the {n}-token "
+                             "run equals a g-token run only when g is a mask granularity "
+                             f"({list(call.grans or [])}) and n <= max_latent_tokens="
+                             f"{cfg.max_latent_tokens}")
+        if features and not cfg.distilled:
+            raise ValueError("features=True needs the distilled backbone (output_feat_dim set)")
+        rope = self._rope(n, x.device)
+        layout = Layout.build(call.tokens, call.hidden, x.device)
+        patches = self.patch_embed(x, call.grid)
+        rows = layout.pack(self.read_latents(patches, n, rope))
+        out = {}
+        for i in range(exits[-1]):
+            rows = self.blocks[i](rows, layout, call.grans, rope)
+            if i + 1 not in exits:
+                continue
+            latents = layout.pad(rows)
+            for g in counts:
+                lat = latents[:, :g]
+                feat = self.forward_patch_features(lat, patches, rope) if features else None
+                out[(i + 1, g)] = (self.forward_head(lat, rope), feat)
+        return out
+
     # -------------------------------------------------------------------------- public
     def forward(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
                 token_grans=None, exit: str = "batch") -> AdaPerceiverOutput:

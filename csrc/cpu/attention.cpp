@@ -14,7 +14,8 @@
 // Rows past seq_lens[b] are written as zeros, lse -inf. Everything is computed in float32;
 // bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
 // Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
-// P recomputed from the saved lse, products through BLAS sgemm_ (no speed target there).
+// P recomputed from the saved lse, products through the same small_gemm (K and V transposed
+// once per (batch, head) so every right operand is row-major).
 #include "common.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
@@ -205,7 +206,9 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
   const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> P(BM * kc_max), dP(BM * kc_max), delta(BM);
+    // per-thread scratch: P and dP of one (tile, chunk), and K^T, V^T of one (b, h) so that
+    // every product is a small_gemm with a row-major right operand (no BLAS call overhead)
+    std::vector<float> P(BM * kc_max), dP(BM * kc_max), delta(BM), kt(D * Nk), vt(Dv * Nk);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
       const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
@@ -217,6 +220,11 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
       std::fill(dvb, dvb + Nk * Dv, 0.f);
       const float* kb = kp + bh * Nk * D;
       const float* vb = vp + bh * Nk * Dv;
+      const int64_t kmax = lq > 0 ? std::min(re[lq - 1], lk) : 0;  // keys any row reads
+      for (int64_t j = 0; j < kmax; ++j) {
+        for (int64_t d = 0; d < D; ++d) kt[d * Nk + j] = kb[j * D + d];
+        for (int64_t d = 0; d < Dv; ++d) vt[d * Nk + j] = vb[j * Dv + d];
+      }
       for (int64_t m0 = 0; m0 < lq; m0 += BM) {
         const int64_t m1 = std::min(m0 + BM, lq);
         const int64_t kend = std::min(re[m1 - 1], lk);
@@ -232,24 +240,24 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
         }
         for (int64_t c0 = 0; c0 < kend; c0 += KC) {
           const int64_t kc = std::min(KC, kend - c0);
-          gemm_rm(false, true, rows, kc, D, scale, q, D, kb + c0 * D, D, 0.f, P.data(), kc);
-          // dP = dO V^T
-          gemm_rm(false, true, rows, kc, Dv, 1.f, go, Dv, vb + c0 * Dv, Dv, 0.f, dP.data(), kc);
+          // S = Q K^T (scaled below), dP = dO V^T: (rows x kc), row-major, ld kc
+          small_gemm(rows, kc, D, q, D, 1, kt.data() + c0, Nk, P.data(), kc, false);
+          small_gemm(rows, kc, Dv, go, Dv, 1, vt.data() + c0, Nk, dP.data(), kc, false);
           for (int64_t r = 0; r < rows; ++r) {
             float* p = P.data() + r * kc;
             float* dp = dP.data() + r * kc;
             const int64_t vc = c0 + kc <= kfull
                                    ? kc
                                    : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+            for (int64_t j = 0; j < vc; ++j) p[j] *= scale;
             row_softmax_grad(p, dp, vc, ls[r], delta[r], scale);
             std::fill(p + vc, p + kc, 0.f);
             std::fill(dp + vc, dp + kc, 0.f);
           }
           // dV[c0:] += P^T dO ; dK[c0:] += dS^T Q ; dQ += dS K[c0:]
-          gemm_rm(true, false, kc, Dv, rows, 1.f, P.data(), kc, go, Dv, 1.f, dvb + c0 * Dv, Dv);
-          gemm_rm(true, false, kc, D, rows, 1.f, dP.data(), kc, q, D, 1.f, dkb + c0 * D, D);
-          gemm_rm(false, false, rows, D, kc, 1.f, dP.data(), kc, kb + c0 * D, D, 1.f,
-                  dqb + m0 * D, D);
+          small_gemm(kc, Dv, rows, P.data(), 1, kc, go, Dv, dvb + c0 * Dv, Dv, true);
+          small_gemm(kc, D, rows, dP.data(), 1, kc, q, D, dkb + c0 * D, D, true);
+          small_gemm(rows, D, kc, dP.data(), kc, 1, kb + c0 * D, D, dqb + m0 * D, D, true);
         }
       }
     }
