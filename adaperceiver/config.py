@@ -71,6 +71,11 @@ class AdaPerceiverConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; allowed: "
                                  f"{', '.join(map(repr, allowed))}")
+        for name in ("attn_drop", "drop_path", "head_drop", "proj_drop"):
+            if float(getattr(self, name)) != 0.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported (dropout and "
+                                 "stochastic depth are not implemented; the released configs "
+                                 "use 0.0); allowed: 0.0")
         if self.output_feat_dim is not None and (isinstance(self.output_feat_dim, bool) or
                                                  int(self.output_feat_dim) < 1):
             raise ValueError(f"output_feat_dim={self.output_feat_dim!r} is not allowed; "

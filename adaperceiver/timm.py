@@ -22,7 +22,7 @@ from .config import AdaPerceiverConfig
 from .model import AdaPerceiverClassifier
 from .registry import MODEL_CONFIGS
 
-__all__ = ["AdaPerceiverTimm", "default_cfgs"]
+__all__ = ["AdaPerceiverTimm", "default_cfgs", "timm_kwargs_to_config"]
 
 
 def _cfg(**kwargs) -> dict:
@@ -55,9 +55,30 @@ class AdaPerceiverTimm(AdaPerceiverClassifier):
         return self.output_adapter.ffn
 
 
+def timm_kwargs_to_config(kwargs: dict) -> dict:
+    """timm's generic create_model keywords (which timm's scripts pass to every model) ->
+    our config keys: in_chans -> in_channels, drop_rate -> head_drop, drop_path_rate ->
+    drop_path; global_pool is dropped (a latent token reads the class out, nothing pools)."""
+    out = dict(kwargs)
+    if "in_chans" in out:
+        out.setdefault("in_channels", out.pop("in_chans"))
+    out.pop("global_pool", None)
+    if "drop_rate" in out:
+        out.setdefault("head_drop", out.pop("drop_rate"))
+    if "drop_path_rate" in out:
+        out.setdefault("drop_path", out.pop("drop_path_rate"))
+    block = out.pop("drop_block_rate", None)
+    if block:
+        raise ValueError(f"drop_block_rate={block!r} is not allowed for AdaPerceiver (it has no "
+                         "convolutions); allowed: None or 0")
+    return out
+
+
 def _create(name: str, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None,
             **kwargs):
     kwargs.pop("cache_dir", None)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    kwargs = timm_kwargs_to_config(kwargs)
     cfg = default_cfgs[name].default.to_dict()
     if isinstance(pretrained_cfg, dict):
         cfg.update(pretrained_cfg)
@@ -79,7 +100,7 @@ def _create(name: str, pretrained=False, pretrained_cfg=None, pretrained_cfg_ove
     cfg["num_classes"] = model.config.num_classes
     cfg["input_size"] = (model.config.in_channels, model.config.img_size, model.config.img_size)
     model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return model.to(device=device, dtype=dtype) if device or dtype else model
 
 
 @register_model

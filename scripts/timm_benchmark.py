@@ -116,20 +116,10 @@ def find_benchmark(version: str, download: bool = True) -> str:
 
 
 def timm_kwargs_to_config(kwargs: dict) -> dict:
-    """timm's generic create_model keywords -> adaperceiver.timm keywords."""
-    out = dict(kwargs)
-    if "in_chans" in out:
-        out.setdefault("in_channels", out.pop("in_chans"))
-    out.pop("global_pool", None)          # no pooling: a latent token reads the class out
-    if "drop_rate" in out:
-        out.setdefault("head_drop", out.pop("drop_rate"))
-    if "drop_path_rate" in out:
-        out.setdefault("drop_path", out.pop("drop_path_rate"))
-    block = out.pop("drop_block_rate", None)
-    if block:
-        raise ValueError(f"drop_block_rate={block!r} is not allowed for AdaPerceiver (it has no "
-                         "convolutions); allowed: None or 0")
-    return out
+    """timm's generic create_model keywords -> adaperceiver.timm keywords (the translation
+    lives in adaperceiver.timm, which timm.create_model now applies itself)."""
+    from adaperceiver.timm import timm_kwargs_to_config as translate
+    return translate(kwargs)
 
 
 def _register_ours() -> None:

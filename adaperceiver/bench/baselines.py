@@ -2,6 +2,11 @@
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy (no
 memory, no time), multiply-add = 2, the same convention as :func:`adaperceiver.count_flops`.
+
+A-ViT baselines (AVIT_BASELINES, not timm names; :mod:`adaperceiver.baselines.avit`): DeiT-T/S
+with adaptive token halting, random init with the gate calibrated to the paper's compute, run with
+compacted inference; their FLOPs depend on the input and are the mean per image over the
+benchmark's inputs (batch 4, seed 0, as ``RunSettings.images()``), counted analytically.
 """
 from __future__ import annotations
 
@@ -10,12 +15,13 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["DEFAULT_BASELINES", "REFERENCE_BASELINE", "parse_baselines", "build_baseline",
-           "baseline_flops", "check_timm_name"]
+__all__ = ["DEFAULT_BASELINES", "REFERENCE_BASELINE", "AVIT_BASELINES", "parse_baselines",
+           "build_baseline", "baseline_flops", "check_timm_name"]
 
 DEFAULT_BASELINES = ("flexivit_small", "flexivit_base", "flexivit_large", "vit_base_patch16_224",
                      "vit_large_patch16_224", "vit_huge_patch14_224")
 REFERENCE_BASELINE = "flexivit_large"
+AVIT_BASELINES = ("avit_tiny_patch16_224", "avit_small_patch16_224")
 
 
 def _timm():
@@ -33,13 +39,15 @@ def _timm_names() -> frozenset:
 
 
 def check_timm_name(name: str) -> str:
+    if name in AVIT_BASELINES:
+        return name
     if name not in _timm_names():
         import difflib
         close = difflib.get_close_matches(name, sorted(_timm_names()), n=4)
         hint = f"; close timm names: {', '.join(close)}" if close else ""
         raise ValueError(f"--baselines: {name!r} is not a timm model name; allowed: 'all' "
-                         f"({', '.join(DEFAULT_BASELINES)}), 'none', or any name of "
-                         f"timm.list_models(){hint}")
+                         f"({', '.join(DEFAULT_BASELINES)}), 'none', an A-ViT name "
+                         f"({', '.join(AVIT_BASELINES)}) or any name of timm.list_models(){hint}")
     return name
 
 
@@ -82,13 +90,20 @@ def _create(name: str, img_size: int):
 def build_baseline(name: str, img_size: int = 224, device="cpu", dtype=torch.float32):
     """A timm model, random init (``pretrained=False``), eval mode, at ``img_size``."""
     check_timm_name(name)
+    if name in AVIT_BASELINES:
+        from adaperceiver.baselines.avit import build_avit_baseline
+        return build_avit_baseline(name, img_size, device, dtype)
     model = _create(name, img_size)
     return model.eval().to(device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=64)
 def baseline_flops(name: str, img_size: int = 224) -> tuple[float, int]:
-    """(FLOPs per image, parameters) of a timm model at ``img_size``, counted on meta tensors."""
+    """(FLOPs per image, parameters) of a timm model at ``img_size``, counted on meta tensors
+    (A-ViT: the mean per image over the benchmark's inputs, counted analytically)."""
+    if name in AVIT_BASELINES:
+        from adaperceiver.baselines.avit import avit_baseline_flops
+        return avit_baseline_flops(name, img_size)
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = _create(name, img_size).eval()

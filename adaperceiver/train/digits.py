@@ -39,13 +39,16 @@ DIGITS_MODEL = dict(img_size=8, patch_size=2, in_channels=1, embed_dim=128, num_
 
 @dataclass
 class DigitsRecipe:
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 1
     num_exits: int = 2
     label_smoothing: float = 0.1
+    augment: bool = False         # random +-1 pixel translations (slower to fit; off)
+    policy_steps: int = 600       # REINFORCE steps of the learned policy
+    policy_cost_weight: float = 0.5
     seed: int = 0
     model: dict = field(default_factory=lambda: dict(DIGITS_MODEL))
 
@@ -85,14 +88,14 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[b, 0, rows, cols][:, None]
 
 
-def _batches(x, y, batch_size: int, epoch: int, seed: int):
+def _batches(x, y, batch_size: int, epoch: int, seed: int, shift: bool = True):
     """The global batches of one epoch, in an order fixed by (seed, epoch); the last partial
     batch is dropped (every step has the same global batch size)."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     perm = torch.randperm(len(y), generator=g)
     for i in range(len(y) // batch_size):
         idx = perm[i * batch_size:(i + 1) * batch_size]
-        yield augment(x[idx], g), y[idx]
+        yield (augment(x[idx], g) if shift else x[idx]), y[idx]
 
 
 @torch.no_grad()
@@ -139,7 +142,7 @@ def train_digits(recipe: DigitsRecipe = DigitsRecipe(), *, split=None, out_dir=N
         skip = trainer.step_count % steps_per_epoch       # resume mid-epoch exactly
         losses = []
         for i, batch in enumerate(_batches(split.x_train, split.y_train, recipe.batch_size,
-                                           epoch, recipe.seed)):
+                                           epoch, recipe.seed, recipe.augment)):
             if i < skip:
                 continue
             if max_steps is not None and trainer.step_count >= max_steps:
@@ -183,11 +186,13 @@ def run_digits(recipe: DigitsRecipe = DigitsRecipe(), out_dir: str = "results/di
     acc_test = {c: float(test[c].float().mean()) for c in confs}
     largest = (max(cfg.mask_token_grans), max(cfg.mat_dims), cfg.depth)
 
-    log("fitting the configuration policies ...")
+    log(f"evaluated {len(confs)} configurations in {time.time() - t0 - train_time:.0f}s; "
+        "fitting the configuration policies ...")
     budget = pol.BudgetPolicy(flops, acc_val)
     pick = budget.cheapest_within(acc_val[largest] - 0.005)
     learned = pol.fit_learned_policy(model, split.x_val, split.y_val, confs, val, flops,
-                                     cost_weight=0.5, seed=recipe.seed, log=log)
+                                     cost_weight=recipe.policy_cost_weight,
+                                     steps=recipe.policy_steps, seed=recipe.seed, log=log)
     chosen = learned.choose(model, split.x_test)
     lp = pol.evaluate_choices(model, split.x_test, split.y_test, chosen, flops)
     policies = [
