@@ -53,3 +53,27 @@ def released_model():
     """The released classifier's architecture at random init (built once: 144M parameters)."""
     import adaperceiver
     return adaperceiver.create_model("adaperceiver_v1_in1k").eval()
+
+
+def hard_exit(worker):
+    """For torch.multiprocessing workers: leave with os._exit once the work is done (0) or has
+    failed (1, traceback printed). Torch's gloo teardown at interpreter exit intermittently
+    aborts a finished worker ("terminate called without an active exception"), which would fail
+    a test whose work succeeded."""
+    import functools
+
+    @functools.wraps(worker)
+    def run(*args, **kwargs):
+        import os
+        import sys
+        import traceback
+        code = 0
+        try:
+            worker(*args, **kwargs)
+        except BaseException:  # noqa: BLE001 - reported, then the exit code says it failed
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return run

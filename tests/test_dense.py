@@ -17,7 +17,7 @@ from adaperceiver.dense import (AdaPerceiverDepth, AdaPerceiverSegmenter, DepthL
                                 depth_metrics, load_dense, mean_iou, train_dense_head)
 from adaperceiver.dense.heads import bin_centers
 
-from conftest import randomize_
+from conftest import randomize_, hard_exit
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, mask_token_grans=[8, 16], max_latent_tokens=16,
             img_size=56, patch_size=14, mat_dims=[32, 64], output_feat_dim=48, num_classes=10)
@@ -346,6 +346,7 @@ def test_train_dense_head_saves_and_resumes(backbone_dir, one_thread, tmp_path):
         train_dense_head(model, iter([batch]), 2)
 
 
+@hard_exit
 def _ddp_worker(rank, world_size, backbone_dir, tmp):
     import torch.distributed as dist
     torch.set_num_threads(1)

@@ -192,9 +192,13 @@ def test_save_pretrained_writes_the_reference_format(tmp_path, offline):
 def test_config_overrides_and_strict_weights(tmp_path, offline):
     model = small_classifier()
     model.save_pretrained(tmp_path / "m")
-    loaded = ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", drop_path=0.1,
+    loaded = ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", block_mask="causal",
                                                         map_location="cpu")
-    assert loaded.config.drop_path == 0.1
+    assert loaded.config.block_mask == "causal"
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(loaded(x).logits, model(x).logits)   # the override took effect
+    with pytest.raises(ValueError, match="drop_path=0.1 is not supported"):
+        ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", drop_path=0.1)
     with pytest.raises(KeyError, match=r"missing keys: \['blocks\.2\."):
         ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", depth=3)
     with pytest.raises(TypeError, match="unknown config keys"):

@@ -14,7 +14,7 @@ from adaperceiver.ops import dispatch
 from adaperceiver.train import (OnceForAll, Trainer, depth_weights, feature_loss, freeze_backbone,
                                 kd_loss)
 
-from conftest import randomize_
+from conftest import randomize_, hard_exit
 
 SMALL = dict(embed_dim=64, num_heads=2, depth=3, img_size=32, patch_size=8, num_classes=7,
              mask_token_grans=[4, 8, 12], max_latent_tokens=12, mat_dims=[16, 32, 64])
@@ -167,6 +167,7 @@ def test_resume_gives_the_same_next_loss(tmp_path):
     assert loaded.config == model.config
 
 
+@hard_exit
 def _ddp_worker(rank, world, init_file, out_file, steps):
     import torch.distributed as dist
     torch.set_num_threads(1)
