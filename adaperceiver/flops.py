@@ -103,8 +103,8 @@ def count_flops(model_or_config, num_tokens: Optional[int] = None,
 
     per_block_fixed = 4 * C * C + 4 * C + 4 * C + 2 * C   # q,k,v,proj (+bias), 2 norms, 2 ls
     ffn_params = 2 * hid * C + hid + C
-    params = (cfg.in_channels * p * p * C + C + cfg.num_patches * C + 2 * C
-              + (2 * C * hmax + hmax + C if cfg.use_embed_ffn else 0)
+    params = (cfg.in_channels * p * p * C + C + cfg.num_patches * C
+              + (2 * C + 2 * C * hmax + hmax + C if cfg.use_embed_ffn else 0)
               + C + C                                   # process / output tokens
               + 2 * (4 * C * C + 4 * C + 4 * C)          # read and write heads
               + l * (per_block_fixed + ffn_params)

@@ -271,3 +271,26 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
     assert f[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f[10] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_distilled_backbone_has_the_released_key_layout():
+    with torch.device("meta"):
+        model = adaperceiver.create_model("adaperceiver_v1")
+    assert type(model).__name__ == "AdaPerceiverDistill"
+    cfg = model.config
+    assert (cfg.patch_size, cfg.num_classes, cfg.output_feat_dim) == (14, 11821, 1280)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["patch_embed.pos_embed"] == (1, 256, 832)
+    assert shapes["output_latents_feat.proj.weight"] == (832, 832)
+    assert shapes["output_adapter_feat.norm.weight"] == (832,)
+    assert shapes["output_adapter_feat.ffn.fc1.weight"] == (2138, 832)
+    assert shapes["output_adapter_feat.ffn.fc2.weight"] == (1280, 2138)
+    assert shapes["output_adapter.ffn.weight"] == (11821, 832)
+    for part in ("src_norm.weight", "snk_norm.weight", "cattn.q.weight", "cattn.k.weight",
+                 "cattn.v.weight", "cattn.proj.weight"):
+        assert shapes[f"write_head_feat.{part}"] == shapes[f"write_head.{part}"]
+    # the authors' patch adapter has its LayerNorm only together with the embedding FFN
+    with torch.device("meta"):
+        bare = adaperceiver.create_model("adaperceiver_v1", use_embed_ffn=False, depth=1)
+    assert not any(k.startswith(("patch_embed.norm", "patch_embed.ffn"))
+                   for k in bare.state_dict())

@@ -173,13 +173,14 @@ class _Conv(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Conv patchify -> + absolute position embedding -> LayerNorm -> full-width Mlp (no
-    residual)."""
+    residual); with use_embed_ffn=False neither the norm nor the Mlp (as the authors' adapter)."""
 
     def __init__(self, img_size, patch_size, in_channels, dim, ffn_hidden, use_ffn=True):
         super().__init__()
         self.embed = _Conv(in_channels, dim, patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, dim))
-        self.norm = _norm(dim)
+        # the authors' adapter has the norm only together with the FFN (use_embed_ffn)
+        self.norm = _norm(dim) if use_ffn else nn.Identity()
         self.ffn = Mlp(dim, ffn_hidden) if use_ffn else nn.Identity()
 
     def forward(self, x, grid):
