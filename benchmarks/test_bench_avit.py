@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import pytest
 import torch
+
+from adaperceiver.bench.timing import time_interleaved
 
 pytest.importorskip("timm")
 
@@ -42,16 +43,8 @@ def bench_images():
 def side_by_side(fns: dict, rounds: int, warmup: int = 1) -> dict:
     """Wall times (s) of each callable per round, calls interleaved round-robin."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        times = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return times
+        res = time_interleaved(list(fns.values()), "cpu", warmup=warmup, rounds=rounds)
+    return {k: [ms / 1e3 for ms in r.times_ms] for k, r in zip(fns, res)}
 
 
 @pytest.mark.parametrize("name", list(AVIT_MODELS))

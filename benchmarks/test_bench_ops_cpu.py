@@ -13,14 +13,13 @@ in machine load hit both sides alike.
 """
 import math
 import os
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaperceiver import _ext
+from adaperceiver.bench.timing import time_interleaved
 from adaperceiver.ops import reference as R
 from adaperceiver.ops.schedule import block_mask
 
@@ -38,17 +37,9 @@ def two_threads():
 
 
 def side_by_side(fns: dict, rounds: int = 15, warmup: int = 2) -> dict:
-    """Median wall time of each callable, calls interleaved round-robin."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median wall time (s) of each callable, calls interleaved round-robin."""
+    res = time_interleaved(list(fns.values()), "cpu", warmup=warmup, rounds=rounds)
+    return {k: r.median_ms / 1e3 for k, r in zip(fns, res)}
 
 
 ATTN = [
