@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..flops import count_flops
-from .timing import time_step
+from .timing import time_interleaved, time_step
 
 __all__ = ["gemm_rate", "full_config_figures", "mixed_batch_figures", "format_figures",
            "TARGETS"]
@@ -83,15 +83,15 @@ def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]]
     B = len(configs)
     x = torch.randn(B, 3, img_size, img_size, device=device)
     t, w, l = (list(c) for c in zip(*configs))
-    mixed = time_step(lambda: model(x, num_tokens=t, mat_dim=w, depth=l), device, warmup=1,
-                      rounds=rounds).median_ms
-    singles = []
-    for c in configs:
-        singles.append(time_step(lambda c=c: model(x, num_tokens=c[0], mat_dim=c[1], depth=c[2]),
-                                 device, warmup=1, rounds=rounds).median_ms / B)
     big = (max(t), max(w), max(l))
-    padded = time_step(lambda: model(x, num_tokens=big[0], mat_dim=big[1], depth=big[2]),
-                       device, warmup=1, rounds=rounds).median_ms
+    # interleaved round-robin: the mixed batch, each single-config batch and the padded batch
+    # sample the same machine load over the same span of time
+    steps = [lambda: model(x, num_tokens=t, mat_dim=w, depth=l)]
+    steps += [lambda c=c: model(x, num_tokens=c[0], mat_dim=c[1], depth=c[2]) for c in configs]
+    steps.append(lambda: model(x, num_tokens=big[0], mat_dim=big[1], depth=big[2]))
+    timings = time_interleaved(steps, device, warmup=1, rounds=rounds)
+    mixed, padded = timings[0].median_ms, timings[-1].median_ms
+    singles = [tm.median_ms / B for tm in timings[1:-1]]
     flops_mixed = sum(count_flops(model, *c, img_size=img_size).needed for c in configs)
     flops_padded = B * count_flops(model, *big, img_size=img_size).needed
     single_avg = sum(singles) / B

@@ -1,5 +1,8 @@
 """Dense prediction metrics in torch ops: segmentation mIoU and depth RMSE / AbsRel / delta.
 
+Checked against the authors' evaluation (pjjajal/adaperceiver-public: adaperceiver_eval_seg.py,
+adaperceiver_eval_depth.py, dataset/{scene_parsing_ade20k,nyu_depth}.py).
+
 Segmentation (rows of the confusion matrix are the true class, columns the predicted one;
 pixels whose target is ``ignore_index`` are left out):
 
@@ -7,7 +10,12 @@ pixels whose target is ``ignore_index`` are left out):
     mIoU  = mean of IoU_k over the classes with a non-empty union (present in the target or the
             prediction); a class in neither is NaN in the per-class IoU and does not count.
 
-Over a data set the confusion matrix is summed first (:class:`MeanIoU`), as mmseg does.
+Over a data set the confusion matrix is summed first (:class:`MeanIoU`). This is what the
+authors report: HF ``evaluate``'s ``mean_iou`` with ``num_labels=150, ignore_index=255,
+reduce_labels=False`` on labels already reduced by the image processor (ADE20K "other" -> 255),
+which sums intersections and unions over the data set and takes a nan-mean; its
+``mean_accuracy`` (nan-mean over classes of per-class recall) and ``overall_accuracy`` are our
+``mean_acc`` and ``pixel_acc``.
 
 Depth, over valid pixels (finite target > 0, and min_depth < target < max_depth when given):
 
@@ -15,8 +23,14 @@ Depth, over valid pixels (finite target > 0, and min_depth < target < max_depth 
     AbsRel = mean(|pred - gt| / gt)
     delta_i = fraction of pixels with max(pred / gt, gt / pred) < 1.25^i   (i = 1, 2, 3)
 
-``reduction="image"`` (default, the NYU / KITTI protocol of AdaBins and DINOv2) computes them per
-image and averages over images that have a valid pixel; ``"pixel"`` pools every valid pixel.
+``reduction="pixel"`` (default) pools every valid pixel of the data set: the authors report
+NYUv2 RMSE from torchmetrics' ``MeanSquaredError(squared=False)``, i.e. the root of the mean
+squared error over all pixels of all images (on the full 448 x 602 resized image, with no Eigen
+or Garg crop and no depth cap; NYUv2's depth maps are dense, so dropping target <= 0 changes
+nothing there), on the mean of the prediction and the flipped prediction of the mirrored image
+(``AdaPerceiverDepth.predict(flip=True)``). They report RMSE only. ``reduction="image"``
+computes each metric per image and averages over images with a valid pixel (the AdaBins /
+DINOv2 NYU and KITTI protocol). No evaluation crop is provided since the authors use none.
 """
 from __future__ import annotations
 
@@ -93,7 +107,7 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 class MeanIoU:
     """Accumulates the confusion matrix over batches; ``compute()`` -> dict with ``miou``,
-    ``iou`` (K,), ``pixel_acc`` (all-reduced across ranks when torch.distributed is up)."""
+    ``iou`` (K,), ``pixel_acc``, ``mean_acc`` (all-reduced across ranks when torch.distributed is up)."""
 
     def __init__(self, num_classes: int, ignore_index: Optional[int] = 255):
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -111,7 +125,11 @@ class MeanIoU:
         iou = iou_from_confusion(conf)
         total = conf.sum()
         acc = conf.diagonal().sum().double() / total if total else torch.tensor(float("nan"))
-        return {"miou": _nanmean(iou), "iou": iou, "pixel_acc": acc}
+        per_class = conf.sum(1).double()
+        recall = torch.where(per_class > 0, conf.diagonal().double() / per_class.clamp_min(1),
+                             torch.full_like(per_class, float("nan")))
+        return {"miou": _nanmean(iou), "iou": iou, "pixel_acc": acc,
+                "mean_acc": _nanmean(recall)}
 
 
 def _depth_valid(pred, target, valid, min_depth, max_depth):
@@ -163,7 +181,7 @@ def _finish(s: dict) -> dict:
 
 def depth_metrics(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torch.Tensor] = None,
                   min_depth: Optional[float] = None, max_depth: Optional[float] = None,
-                  reduction: str = "image") -> dict:
+                  reduction: str = "pixel") -> dict:
     """Dict of float64 0-dim tensors ``rmse``, ``abs_rel``, ``delta1..3`` over valid pixels (see
     the module docstring); NaN when no pixel is valid."""
     if reduction not in ("image", "pixel"):
@@ -178,11 +196,11 @@ def depth_metrics(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torc
 
 
 class DepthMetrics:
-    """Accumulates depth metrics over batches (per-image means, or pooled pixels);
+    """Accumulates depth metrics over batches (pooled pixels, or per-image means);
     ``compute()`` -> dict of floats (all-reduced across ranks when torch.distributed is up)."""
 
     def __init__(self, min_depth: Optional[float] = None, max_depth: Optional[float] = None,
-                 reduction: str = "image"):
+                 reduction: str = "pixel"):
         if reduction not in ("image", "pixel"):
             raise ValueError(f"reduction={reduction!r} is not allowed; allowed: 'image', "
                              "'pixel'")
