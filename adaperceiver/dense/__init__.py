@@ -1,5 +1,7 @@
 """Dense prediction on the adaptive distilled backbone: segmentation and depth heads, their
-metrics, head training on a frozen backbone, and the encoder-FLOPs comparison with ViTs.
+metrics, head (+ per-patch readout) training on a frozen trunk, and the encoder-FLOPs
+comparison with ViTs. Each module's docstring lists how it follows the authors' public code
+(pjjajal/adaperceiver-public) and where it departs from it.
 
     from adaperceiver.dense import AdaPerceiverSegmenter, AdaPerceiverDepth
     seg = AdaPerceiverSegmenter(150, backbone="path/to/adaperceiver_v1")   # released format

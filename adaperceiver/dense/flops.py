@@ -1,7 +1,12 @@
 """Encoder FLOPs of AdaPerceiver at the dense settings next to ViT-H/14, ViT-L/14 and ViT-B/14.
 
-Dense settings (the authors' segmentation / depth protocol): 518 px images, patch 14 (a 37 x 37
-grid, P = 1369 patches), t in {256, 512} latents, widths w in mat_dims and depths l.
+Dense settings (the authors' segmentation protocol, pjjajal/adaperceiver-public
+config/segmentation/vit_huge_soadaperciever_12k.yaml): 518 px images, patch 14 (a 37 x 37 grid,
+P = 1369 patches), t in {256, 512} latents (512 with RoPE scaling), widths w in mat_dims and
+depths l. Their depth protocol (config/depth/...) uses 448 x 602 images (32 x 43 patches) and
+t <= 256: ``encoder_flops(..., img_size=(448, 602))``. Like the authors' ``measure_flops`` of
+``model.backbone`` (adaperceiver_eval_seg.py / _depth.py), the count stops at the per-patch
+features: the dense head is not included.
 
 "Encoder" FLOPs of AdaPerceiver (``adaperceiver.count_flops`` of the distilled backbone, the
 reference's dense count, multiply-add = 2) are everything from the image to the per-patch

@@ -107,7 +107,8 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 class MeanIoU:
     """Accumulates the confusion matrix over batches; ``compute()`` -> dict with ``miou``,
-    ``iou`` (K,), ``pixel_acc``, ``mean_acc`` (all-reduced across ranks when torch.distributed is up)."""
+    ``iou`` (K,), ``pixel_acc``, ``mean_acc`` (all-reduced across ranks when
+    torch.distributed is up)."""
 
     def __init__(self, num_classes: int, ignore_index: Optional[int] = 255):
         self.num_classes, self.ignore_index = num_classes, ignore_index
