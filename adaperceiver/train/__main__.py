@@ -28,6 +28,9 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             ap.error(f"--{name.replace('_', '-')}={v} is not allowed; allowed: >= 1")
+    from ..ops.dispatch import BACKENDS
+    if args.backend is not None and args.backend not in BACKENDS:
+        ap.error(f"--backend {args.backend!r} is not known; allowed: {', '.join(BACKENDS)}")
     import contextlib
 
     import torch
