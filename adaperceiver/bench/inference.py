@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..flops import count_flops
+from .report import align_table
 from .timing import time_interleaved, time_step
 
 __all__ = ["gemm_rate", "full_config_figures", "mixed_batch_figures", "format_figures",
@@ -129,10 +130,4 @@ def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
             f"FLOP ratio {mixed['flops_ratio']:.2f}x +-20%",
             mixed["padded_over_mixed_vs_flops_ratio"] <= TARGETS[
                 "padded_over_mixed_vs_flops_ratio"])
-    widths = [max(len(str(r[i])) for r in rows + [("figure", "value", "target", "met")])
-              for i in range(4)]
-    lines = ["  ".join(str(c).ljust(wd) for c, wd in zip(("figure", "value", "target", "met"),
-                                                          widths))]
-    lines.append("  ".join("-" * wd for wd in widths))
-    lines += ["  ".join(str(c).ljust(wd) for c, wd in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return align_table(("figure", "value", "target", "met"), rows, left="all")

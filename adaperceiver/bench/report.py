@@ -12,7 +12,7 @@ import math
 import os
 from typing import Iterable, Optional, Sequence
 
-__all__ = ["ROW_FIELDS", "ENV_COLUMNS", "format_table", "write_results", "add_speedups",
+__all__ = ["ROW_FIELDS", "ENV_COLUMNS", "align_table", "format_table", "write_results", "add_speedups",
            "read_accuracy_csv"]
 
 # every result row carries exactly these fields (None where a field does not apply)
@@ -62,6 +62,23 @@ def _gflops(v) -> str:
     return format(v, ".2f") if v >= 1 else format(v, ".3g")
 
 
+def align_table(head: Sequence[str], rows: Sequence[Sequence], left=()) -> str:
+    """A plain-text table: header, a dashed rule, then the rows; every column as wide as its
+    widest cell, columns two spaces apart. Columns whose index is in ``left`` are left-aligned,
+    the others right-aligned (``left="all"``: every column)."""
+    head = [str(h) for h in head]
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(head)]
+    everything = left == "all"
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if everything or i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
 def format_table(rows: Sequence[dict], baseline: Optional[str] = None,
                  title: Optional[str] = None) -> str:
     """The final table: config, GFLOPs, params, img/s, ms/step (median, min-max), speedup."""
@@ -79,21 +96,8 @@ def format_table(rows: Sequence[dict], baseline: Optional[str] = None,
             f"{_fmt(r['ms_min'], '.1f')}-{_fmt(r['ms_max'], '.1f')}",
             str(r["rounds"]), _fmt(r["speedup"], ".2f"),
         ))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(head)]
-    left = {0, 1, 2}
-
-    def row(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = []
-    if title:
-        out.append(title)
-    out.append(row(head))
-    out.append("  ".join("-" * w for w in widths))
-    out.extend(row(line) for line in lines)
-    return "\n".join(out)
+    table = align_table(head, lines, left={0, 1, 2})
+    return f"{title}\n{table}" if title else table
 
 
 def _csv_value(v):

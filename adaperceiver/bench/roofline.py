@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .report import align_table
+
 __all__ = ["GPU", "GPUS", "roofline_rows", "format_roofline", "BYTE_MODEL"]
 
 BYTE_MODEL = ("bytes = params_used x bytes_per_el (weights read once per batch) + "
@@ -98,12 +100,4 @@ def format_roofline(rows: Sequence[dict], bytes_per_el: int = 2,
             cells += ([r["bound"], f"{r['time_bound_ms']:.3f}", f"{r['img_per_s_bound']:.0f}"]
                       if r else ["-"] * 3)
         lines.append(cells)
-    widths = [max(len(c), *(len(line[i]) for line in lines)) if lines else len(c)
-              for i, c in enumerate(cols)]
-
-    def fmt(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join(head + [fmt(cols), "  ".join("-" * w for w in widths)]
-                     + [fmt(x) for x in lines])
+    return "\n".join(head + [align_table(cols, lines, left={0, 1})])

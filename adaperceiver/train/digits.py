@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..bench.report import align_table
 from ..data import digits_split
 from ..flops import count_flops
 from .objective import OnceForAll
@@ -156,12 +157,6 @@ def train_digits(recipe: DigitsRecipe = DigitsRecipe(), *, split=None, out_dir=N
     return model, trainer
 
 
-def _fmt_table(rows, header) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def run_digits(recipe: DigitsRecipe = DigitsRecipe(), out_dir: str = "results/digits",
                avit: bool = True, log: Callable = None) -> dict:
     """Train, evaluate every configuration, fit the policies, write table, JSON and plot."""
@@ -217,11 +212,11 @@ def run_digits(recipe: DigitsRecipe = DigitsRecipe(), out_dir: str = "results/di
 
     rows = [(t, w, l, f"{flops[(t, w, l)] / 1e6:.2f}", f"{100 * acc_val[(t, w, l)]:.1f}",
              f"{100 * acc_test[(t, w, l)]:.1f}") for (t, w, l) in confs]
-    table = _fmt_table(rows, ["t", "w", "l", "MFLOPs", "val %", "test %"])
+    table = align_table(["t", "w", "l", "MFLOPs", "val %", "test %"], rows)
     big = flops[largest]
     extra = [(p["name"], f"{p['flops'] / 1e6:.2f}", f"{100 * p['flops'] / big:.0f}%",
               f"{100 * p['accuracy']:.1f}") for p in policies + list(avit_points)]
-    table2 = _fmt_table(extra, ["policy / baseline", "MFLOPs", "of largest", "test %"])
+    table2 = align_table(["policy / baseline", "MFLOPs", "of largest", "test %"], extra)
     l2 = [acc_test[c] for c in confs if c[2] >= 2]
     summary = {
         "largest": {"config": largest, "flops": big, "test_accuracy": acc_test[largest]},
