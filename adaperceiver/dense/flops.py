@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
+
+from ..bench.timing import time_step
 
 __all__ = ["ENCODER_PARTS", "VITS", "REFERENCE_VIT", "EncoderFlops", "encoder_flops",
            "vit_encoder_flops", "dense_configs", "flops_table", "closest_to_ratio",
@@ -210,15 +210,9 @@ def format_table(rows: Sequence[dict], img_size: int = DENSE_IMG_SIZE) -> str:
 
 def time_forward(fn, iters: int = 2, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` over ``iters`` timed calls after ``warmup`` untimed ones,
-    under inference_mode."""
-    times = []
+    under inference_mode (the harness's timer, adaperceiver.bench.timing)."""
     with torch.inference_mode():
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time_step(fn, "cpu", warmup=warmup, rounds=iters).median_ms / 1e3
 
 
 def _log(msg: str) -> None:
