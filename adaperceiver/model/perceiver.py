@@ -288,11 +288,10 @@ class AdaPerceiverDistill(AdaPerceiverClassifier):
     per-patch readout (``output_latents_feat``, ``write_head_feat``, ``output_adapter_feat``);
     ``forward`` returns ``logits`` and ``features`` (B, P, output_feat_dim)."""
 
-    DEFAULTS = dict(patch_size=14, num_classes=11821, output_feat_dim=1280)
-
     def __init__(self, **config):
-        if "config" not in config:
-            config = {**self.DEFAULTS, **config}
+        if "config" not in config:   # defaults: the registry's adaperceiver_v1 entry
+            from ..registry import MODEL_CONFIGS
+            config = {**MODEL_CONFIGS["adaperceiver_v1"], **config}
         super().__init__(**config)
         if not self.config.distilled:
             raise ValueError("AdaPerceiverDistill needs output_feat_dim (a positive int); got "
