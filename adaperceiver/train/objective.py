@@ -146,7 +146,9 @@ class OnceForAll:
         return sorted({L, *(int(i) + 1 for i in perm)})
 
     def __call__(self, model, batch, step: int):
-        x, y, widths = batch if len(batch) == 3 else (*self.prepare(batch, step)[:3],)
+        if len(batch) != 3:      # not prepared by the Trainer: draw the widths here
+            batch = self.prepare(batch, step)
+        x, y, widths = batch
         exits = self.exits(step)
         distilled = bool(getattr(self.config, "distilled", False))
         use_feat = self.teacher is not None and distilled and self.feat_weight > 0
@@ -159,7 +161,7 @@ class OnceForAll:
                                       features=use_feat)
         weights = depth_weights(exits, self.config.depth)
         total = x.new_zeros((), dtype=torch.promote_types(x.dtype, torch.float32))
-        logs = {"ce": 0.0, "kd": 0.0, "feat": 0.0}
+        parts = {"ce": [], "kd": [], "feat": []}    # weighted terms, read back once
         for l, wl in weights.items():
             per_token = []
             for g in self.token_counts:
@@ -169,15 +171,17 @@ class OnceForAll:
                 if y is not None and self.ce_weight:
                     ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
                     loss = loss + self.ce_weight * ce
-                    logs["ce"] += wl * float(ce.detach()) / len(self.token_counts)
+                    parts["ce"].append(wl * ce.detach())
                 if t_logits is not None and self.kd_weight:
                     kd = kd_loss(logits, t_logits)
                     loss = loss + self.kd_weight * kd
-                    logs["kd"] += wl * float(kd.detach()) / len(self.token_counts)
+                    parts["kd"].append(wl * kd.detach())
                 if use_feat:
                     fl = feature_loss(feats, t_tokens)
                     loss = loss + self.feat_weight * fl
-                    logs["feat"] += wl * float(fl.detach()) / len(self.token_counts)
+                    parts["feat"].append(wl * fl.detach())
                 per_token.append(loss)
             total = total + wl * torch.stack(per_token).mean()
+        n = len(self.token_counts)
+        logs = {k: float(torch.stack(v).sum()) / n if v else 0.0 for k, v in parts.items()}
         return total, logs
