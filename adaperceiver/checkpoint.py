@@ -11,7 +11,10 @@ from typing import Optional, Union
 import torch
 
 __all__ = ["save_pretrained", "load_state_dict", "from_pretrained", "strip_prefixes",
-           "check_state_dict"]
+           "check_state_dict", "read_checkpoint", "load_weights", "WEIGHT_NAMES"]
+
+# weight file names a checkpoint directory may hold, in order of preference
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -77,37 +80,51 @@ def check_state_dict(model, state: dict) -> None:
         raise KeyError("checkpoint does not fit the model; " + "; ".join(problems))
 
 
-def from_pretrained(path, config: Optional[dict] = None, *, map_location="cpu", **overrides):
-    """Build the model from a released checkpoint (a directory, or a file plus ``config``)."""
-    from .model import model_class
+def read_checkpoint(path, config: Optional[dict] = None) -> tuple[dict, str]:
+    """(config, weights file) of a checkpoint: a directory with config.json and one of
+    WEIGHT_NAMES, or a weights file with ``config`` given or a config.json beside it."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        cfg_file = os.path.join(path, "config.json")
-        weights = [os.path.join(path, n) for n in ("model.safetensors", "pytorch_model.bin",
-                                                    "model.pt", "model.pth")
+        weights = [os.path.join(path, n) for n in WEIGHT_NAMES
                    if os.path.exists(os.path.join(path, n))]
-        if config is None:
-            if not os.path.exists(cfg_file):
-                raise FileNotFoundError(f"no config.json in {path!r}")
-            with open(cfg_file) as f:
-                config = json.load(f)
+        cfg_file = os.path.join(path, "config.json")
+        if config is None and not os.path.exists(cfg_file):
+            raise FileNotFoundError(f"no config.json in {path!r}; a checkpoint directory holds "
+                                    "config.json + model.safetensors")
         if not weights:
             raise FileNotFoundError(f"no model.safetensors (or .bin/.pt/.pth) in {path!r}")
         weights = weights[0]
     else:
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        if config is None:
-            cfg_file = os.path.join(os.path.dirname(path), "config.json")
-            if not os.path.exists(cfg_file):
-                raise ValueError(f"checkpoint file {path!r} needs config=... (no config.json "
-                                 "beside it)")
-            with open(cfg_file) as f:
-                config = json.load(f)
+        cfg_file = os.path.join(os.path.dirname(path), "config.json")
+        if config is None and not os.path.exists(cfg_file):
+            raise ValueError(f"checkpoint file {path!r} needs config=... (no config.json "
+                             "beside it)")
         weights = path
-    config = {**config, **overrides}
-    model = model_class(config)(**config)
+    if config is None:
+        with open(cfg_file) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_file!r} holds {type(config).__name__}, not a dict of "
+                             "constructor keywords")
+    return config, weights
+
+
+def load_weights(model, weights) -> "torch.nn.Module":
+    """Load a weights file into ``model`` strictly (every key, every shape), prefixes stripped."""
     state = load_state_dict(weights)
     check_state_dict(model, state)
     model.load_state_dict(state, strict=True)
+    return model
+
+
+def from_pretrained(path, config: Optional[dict] = None, *, map_location="cpu", model_cls=None,
+                    **overrides):
+    """Build the model from a released checkpoint (a directory, or a file plus ``config``);
+    ``model_cls`` defaults to the class the config describes (distilled or classifier)."""
+    from .model import model_class
+    config, weights = read_checkpoint(path, config)
+    config = {**config, **overrides}
+    model = load_weights((model_cls or model_class(config))(**config), weights)
     return model.to(map_location) if map_location not in (None, "cpu") else model

@@ -30,19 +30,17 @@ The two classes are thin subclasses of :class:`AdaPerceiverClassifier` and
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional, Union
 
-from .checkpoint import check_state_dict, load_state_dict
+from .checkpoint import WEIGHT_NAMES, load_weights, read_checkpoint
 from .model import AdaPerceiverClassifier, AdaPerceiverDistill
 
 __all__ = ["ClassificationAdaPerceiver", "DistillAdaPerceiver", "resolve_pretrained",
            "hf_offline", "hf_cache_dir"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -102,7 +100,7 @@ def resolve_pretrained(repo_id_or_path, *, revision: Optional[str] = None, cache
     try:
         return snapshot_download(path, revision=revision, cache_dir=cache, token=token,
                                  local_files_only=local_only, force_download=force_download,
-                                 allow_patterns=["config.json", *_WEIGHT_NAMES])
+                                 allow_patterns=["config.json", *WEIGHT_NAMES])
     except LocalEntryNotFoundError as e:
         if local_only:
             why = ("HF_HUB_OFFLINE=1" if offline else "local_files_only=True")
@@ -129,30 +127,9 @@ def resolve_pretrained(repo_id_or_path, *, revision: Optional[str] = None, cache
                               "local cache, or pass a local snapshot folder") from e
 
 
-def _read_checkpoint(path: str):
-    """(config dict, weights file) of a snapshot folder, or of a file with config.json beside."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    cfg_file = os.path.join(folder, "config.json")
-    if not os.path.exists(cfg_file):
-        raise FileNotFoundError(f"no config.json in {folder!r}; a snapshot folder holds "
-                                "config.json + model.safetensors")
-    with open(cfg_file) as f:
-        config = json.load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg_file!r} holds {type(config).__name__}, not a dict of constructor "
-                         "keywords")
-    if os.path.isdir(path):
-        weights = [os.path.join(path, n) for n in _WEIGHT_NAMES
-                   if os.path.exists(os.path.join(path, n))]
-        if not weights:
-            raise FileNotFoundError(f"no model.safetensors (or {', '.join(_WEIGHT_NAMES[1:])}) in "
-                                    f"{path!r}")
-        return config, weights[0]
-    return config, path
-
-
 class _HubMixin:
-    """``from_pretrained`` / ``save_pretrained`` with the authors' (PyTorchModelHubMixin) call."""
+    """``from_pretrained`` with the authors' (PyTorchModelHubMixin) call; ``save_pretrained``
+    is the model's own (config.json + model.safetensors)."""
 
     REPO_ID: str = ""
     _DISTILLED: bool = False
@@ -169,7 +146,7 @@ class _HubMixin:
         path = resolve_pretrained(repo_id_or_path, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only,
                                   force_download=force_download, token=token)
-        config, weights = _read_checkpoint(path)
+        config, weights = read_checkpoint(path)
         config = {**config, **config_overrides}
         distilled = bool(config.get("output_feat_dim"))
         if distilled != cls._DISTILLED:
@@ -181,19 +158,10 @@ class _HubMixin:
                 f"{cls.__name__}.from_pretrained({os.fspath(repo_id_or_path)!r}): the checkpoint "
                 f"is {what}; load it with {other.__name__}.from_pretrained (repo "
                 f"{other.REPO_ID!r}), or with adaperceiver.from_pretrained, which builds either")
-        model = cls(**config)
-        state = load_state_dict(weights)
-        check_state_dict(model, state)
-        model.load_state_dict(state, strict=True)
+        model = load_weights(cls(**config), weights)
         if map_location not in (None, "cpu"):
             model = model.to(map_location)
         return model.eval()
-
-    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (the repositories' layout) into
-        ``path``."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, path)
 
 
 class ClassificationAdaPerceiver(_HubMixin, AdaPerceiverClassifier):

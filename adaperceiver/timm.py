@@ -92,11 +92,9 @@ def _create(name: str, pretrained=False, pretrained_cfg=None, pretrained_cfg_ove
             raise ValueError(f"pretrained=True for {name!r} needs a local checkpoint: pass "
                              "pretrained_cfg_overlay=dict(file=<dir with config.json + "
                              f"model.safetensors, or a .safetensors/.pt file>); got file={path!r}")
-        from .checkpoint import check_state_dict, load_state_dict
-        weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
-        state = load_state_dict(weights)
-        check_state_dict(model, state)
-        model.load_state_dict(state)
+        from .checkpoint import load_weights, read_checkpoint
+        # the config comes from the timm kwargs; only the weights file is taken from ``path``
+        load_weights(model, read_checkpoint(path, model.config.to_dict())[1])
     cfg["num_classes"] = model.config.num_classes
     cfg["input_size"] = (model.config.in_channels, model.config.img_size, model.config.img_size)
     model.pretrained_cfg = model.default_cfg = cfg
