@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench.plot import pareto_front
+
 __all__ = ["BudgetPolicy", "LearnedPolicy", "fit_learned_policy", "evaluate_choices",
            "patch_summary"]
 
@@ -52,12 +54,8 @@ class BudgetPolicy:
 
     def front(self) -> list[Config]:
         """Configurations no other beats on both cost and accuracy, by increasing cost."""
-        out, best = [], float("-inf")
-        for c in sorted(self.cost, key=lambda c: (self.cost[c], -self.accuracy[c])):
-            if self.accuracy[c] > best:
-                out.append(c)
-                best = self.accuracy[c]
-        return out
+        points = [(-self.cost[c], self.accuracy[c], c) for c in self.cost]  # cheaper = faster
+        return [c for _, _, c in pareto_front(points)]
 
 
 @torch.no_grad()

@@ -14,13 +14,14 @@ __all__ = ["pareto_plot", "pareto_front"]
 _MARKERS = "os^Dv<>ph*"
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (speed, quality) not dominated by another (faster and at least as good)."""
+def pareto_front(points: Sequence[tuple]) -> list[tuple]:
+    """Points (speed, quality, ...) not dominated by another (faster and at least as good),
+    fastest first; anything after the first two fields (a label, a key) rides along."""
     front, best = [], float("-inf")
-    for s, q in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if q > best:
-            front.append((s, q))
-            best = q
+    for p in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
     return front
 
 

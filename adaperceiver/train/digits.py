@@ -251,11 +251,8 @@ def _plot(path, confs, flops, acc, policies, avit_points):
     xs = [flops[c] / 1e6 for c in confs]
     ys = [100 * acc[c] for c in confs]
     ax.scatter(xs, ys, s=12, c=[c[2] for c in confs], cmap="viridis", label="AdaPerceiver (t,w,l)")
-    front, best = [], -1.0
-    for c in sorted(confs, key=lambda c: flops[c]):
-        if acc[c] > best:
-            best = acc[c]
-            front.append((flops[c] / 1e6, 100 * acc[c]))
+    from ..policy import BudgetPolicy
+    front = [(flops[c] / 1e6, 100 * acc[c]) for c in BudgetPolicy(flops, acc).front()]
     ax.plot(*zip(*front), "k-", lw=1, label="accuracy-FLOPs front")
     for p, m in zip(policies, ("r*", "m^")):
         ax.plot(p["flops"] / 1e6, 100 * p["accuracy"], m, ms=11, label=p["name"][:40])
