@@ -205,10 +205,8 @@ class Trainer:
     def resume(cls, path, model: nn.Module, loss_fn: Callable, **kwargs) -> "Trainer":
         """Load the weights saved in ``path`` into ``model`` and continue training from the
         saved step with the saved optimizer state (``kwargs`` as for the constructor)."""
-        from ..checkpoint import check_state_dict, load_state_dict
-        state = load_state_dict(os.path.join(path, "model.safetensors"))
-        check_state_dict(unwrap(model), state)
-        unwrap(model).load_state_dict(state)
+        from ..checkpoint import load_weights
+        load_weights(unwrap(model), os.path.join(path, "model.safetensors"))
         trainer = cls(model, loss_fn, **kwargs)
         file = os.path.join(path, STATE_FILE)
         if not os.path.exists(file):
