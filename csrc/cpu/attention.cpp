@@ -7,10 +7,12 @@
 // bound kend = min(row_end[m1 - 1], len): keys >= kend are never read (masked tiles skipped);
 // keys < min(row_end[m0], len) are seen by every row (no mask); only the band between them gets
 // the per-row bound, and only rows of a tile that crosses a group boundary have such a band.
-// Keys are taken in chunks of up to KC with an online softmax across chunks. Each chunk is two
-// small GEMMs on raw pointers (cpu/microkernel.cpp: an AVX-512 register-tiled kernel, BLAS
-// sgemm_ elsewhere; no tensor allocation or dispatch in the inner loop). Scores are kept
-// transposed (key-major) so the softmax runs across the tile's queries with plain vector loads.
+// Keys are taken in chunks of up to KC with an online softmax across chunks; with RoPE on k,
+// each key of a (batch, head) is rotated once into a per-thread scratch that its tiles reuse.
+// Each chunk is two small GEMMs on raw pointers (cpu/microkernel.cpp: an AVX-512
+// register-tiled kernel, BLAS sgemm_ elsewhere; no tensor allocation or dispatch in the inner
+// loop). Scores are kept transposed (key-major) so the softmax runs across the tile's queries
+// with plain vector loads.
 // Rows past seq_lens[b] are written as zeros, lse -inf. Everything is computed in float32;
 // bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
 // Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
@@ -114,7 +116,11 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
     // The scores are kept transposed, st[key][query], so that the softmax runs across the
     // queries of the tile with plain vector loops and P V reads st in place.
     std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
-        sum(BM), kr(krope.cos ? kc_max * D : 0);
+        sum(BM), kr(krope.cos ? Nk * D : 0);
+    // rotated keys of one (batch, head), kept across its query tiles (a thread's items are
+    // consecutive, so the tiles of a head follow each other): keys [0, k_done) of kr_bh are
+    // rotated; each tile rotates only the keys past that
+    int64_t kr_bh = -1, k_done = 0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
@@ -150,10 +156,12 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
         // st (kc x rows) = K[c0:c0+kc] (scale Q)^T
         const float* kchunk = kb + c0 * ksn;
         int64_t krs = ksn;
-        if (krope.cos) {  // rotated keys of this chunk, in a scratch that stays in cache
-          for (int64_t j = 0; j < kc; ++j)
-            rope_row(kb + (c0 + j) * ksn, krope, c0 + j, D, 1.f, kr.data() + j * D, 1);
-          kchunk = kr.data();
+        if (krope.cos) {  // rotated keys of this chunk, rotated once per (batch, head)
+          if (kr_bh != bh) kr_bh = bh, k_done = 0;
+          for (int64_t j = k_done; j < c0 + kc; ++j)
+            rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D, 1);
+          k_done = std::max(k_done, c0 + kc);
+          kchunk = kr.data() + c0 * D;
           krs = D;
         }
         small_gemm(kc, rows, D, kchunk, krs, 1, qt.data(), BM, st.data(), BM, false);
