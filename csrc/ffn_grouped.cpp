@@ -68,10 +68,18 @@ at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::
   for (const auto& g : groups) act_rows = std::max<int64_t>(act_rows, g.idx.size() * N);
   // one activation buffer for all groups (fresh allocations fault in new pages every call)
   at::Tensor act_buf = at::empty({act_rows * w1.size(0)}, xw.options());
+  // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
+  // copied into the GEMM's output first
+  const bool cpu_bias_gelu = xw.device().is_cpu() && wt == at::kFloat;
   auto run_pair = [&](const at::Tensor& xg, int64_t h, at::Tensor& dst) {
     at::Tensor act = act_buf.narrow(0, 0, xg.size(0) * h).view({xg.size(0), h});
-    at::addmm_out(act, b1w.narrow(0, 0, h), xg, w1w.narrow(0, 0, h).t());
-    at::gelu_(act);
+    if (cpu_bias_gelu) {
+      at::mm_out(act, xg, w1w.narrow(0, 0, h).t());
+      cpu::bias_gelu_(act, b1w);
+    } else {
+      at::addmm_out(act, b1w.narrow(0, 0, h), xg, w1w.narrow(0, 0, h).t());
+      at::gelu_(act);
+    }
     at::addmm_out(dst, b2w, act, w2w.narrow(1, 0, h).t());
   };
   for (const auto& g : groups) {

@@ -16,6 +16,11 @@ struct WidthGroup {
 // Samples grouped by width, widest group first.
 std::vector<WidthGroup> groups_by_width(at::IntArrayRef hidden);
 
+namespace cpu {
+// act (rows, h) float32 contiguous, on the CPU: act = GELU(act + bias[:h]) in place.
+void bias_gelu_(at::Tensor& act, const at::Tensor& bias);
+}  // namespace cpu
+
 at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 

@@ -225,6 +225,25 @@ def test_ffn_fp32_matches_reference(case):
     assert (grads[3][:, hw:] == 0).all()
 
 
+def test_ffn_bias_gelu_over_the_whole_range():
+    """fc1's bias and the exact GELU run as one vectorised pass on the CPU (its own erf): with
+    identity fc1/fc2 the op returns GELU(x + b1) + b2, checked against float64 over
+    pre-activations from -12 to 12 (both tails of erf, and 0), at a width with a vector tail."""
+    torch.manual_seed(7)
+    C = 67                                       # 4 x 16 lanes + a tail of 3
+    x = torch.randn(3, 41, C) * 4
+    b1 = torch.linspace(-8, 8, C)
+    b2 = torch.randn(C)
+    eye = torch.eye(C)
+    _poison_heap((3, 41, C))
+    out = ops.matryoshka_ffn_fwd(x, eye, b1, eye, b2, [C, C, 40])
+    pre = (x + b1).double()
+    want = torch.nn.functional.gelu(pre) + b2.double()
+    want[2, :, 40:] = b2[40:].double()           # sample 2 has 40 hidden units
+    assert pre.abs().max() > 10
+    _close(out, want, 1e-6, 1e-6, what="bias + GELU")
+
+
 def test_ffn_random_widths_autograd():
     B, N, C, Hmax, Cout = 6, 5, 28, 45, 28
     hidden = torch.randint(1, Hmax + 1, (B,)).tolist()

@@ -3,9 +3,22 @@
 #include "common.h"
 #include "ffn_grouped.h"
 #include "kernels.h"
+#include "cpu/vec_math.h"
+
+#include <ATen/Parallel.h>
 
 namespace adaperceiver {
 namespace cpu {
+
+void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
+  const int64_t rows = act.size(0), h = act.size(1);
+  float* a = act.data_ptr<float>();
+  const at::Tensor b = bias.narrow(0, 0, h).contiguous();
+  const float* bp = b.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) bias_gelu_row(a + r * h, bp, h);
+  });
+}
 
 at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {

@@ -1,4 +1,5 @@
-// Row kernels of the CPU attention backward (the forward's softmax is in microkernel.cpp),
+// Row kernels of the CPU attention backward (the forward's softmax is in microkernel.cpp) and
+// the FFN's bias + GELU,
 // written as plain loops that GCC vectorizes, built for AVX-512, AVX2 and baseline x86-64
 // through target_clones (the loader picks the best at run time, so the extension stays portable
 // without -march flags). Reductions keep 16 lane accumulators: float sums are not reordered by
@@ -60,6 +61,26 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// erf(x) by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7): the formula of ATen's vectorized
+// float erf, so the GELU below matches at::gelu to float rounding.
+inline float erf_as(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.f / (1.f + 0.3275911f * a);
+  const float r =
+      (((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+      0.254829592f;
+  return std::copysign(1.f - r * t * exp_neg(-a * a), x);
+}
+
+// FFN row: x = GELU(x + b) in place (exact, erf form): fc1's bias and activation in one pass
+// over the GEMM output instead of a bias copy before the GEMM and a GELU pass after it.
+ADAPERCEIVER_CLONES
+inline void bias_gelu_row(float* x, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] + b[i];
+    x[i] = 0.5f * v * (1.f + erf_as(v * 0.7071067811865476f));
+  }
+}
+
 }  // namespace cpu
 }  // namespace adaperceiver
-
