@@ -1,18 +1,25 @@
-// Matryoshka FFN grouped by width, written with ATen GEMMs on weight prefixes (device-generic).
+// Matryoshka FFN on weight prefixes, written with ATen GEMMs (device-generic).
 //
 // Computes out[b] = fc2(GELU(fc1(x[b]))[:, :h_b]) with fc2 reading only its first h_b input
 // columns, i.e. adaperceiver/ops/reference.py ffn_forward/ffn_backward without paying for the
-// masked units. Schedule: samples are grouped by width (widest first); each group runs two
-// GEMMs on the prefixes fc1_weight[:h] and fc2_weight[:, :h]. A group whose samples are adjacent
-// in the batch is read and written in place (views, no copy); otherwise its rows are gathered
-// (the forward also runs in place, run by run, when every run has >= 1024 rows).
+// masked units.
+// Forward schedule (nested bands): samples are put widest first (no copy when they already are;
+// otherwise one gather of x and one scatter of out), so the samples that use hidden unit u are a
+// prefix. The units are cut into bands [lo, hi) at the distinct widths; band [lo, hi) runs fc1
+// rows [lo, hi) and fc2 columns [lo, hi) on the rows of the samples with width >= hi, fc2
+// accumulating into the output in place. Every GEMM covers all the samples that need it, so a
+// mixed batch runs few, tall GEMMs instead of one short one per width.
+// Backward schedule: samples grouped by width (widest first); each group runs its GEMMs on the
+// prefixes fc1_weight[:h] and fc2_weight[:, :h], in place when its samples are adjacent.
 // Skipped: every hidden unit past a sample's width (never computed, gets no gradient).
 // float32 and float64 run as they are; bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
 #include "ffn_grouped.h"
 #include "kernels.h"
 
+#include <algorithm>
 #include <map>
+#include <numeric>
 
 namespace adaperceiver {
 
@@ -49,7 +56,7 @@ at::ScalarType work_type(at::ScalarType t) {
 
 }  // namespace
 
-at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
   const auto wt = work_type(x.scalar_type());
   at::Tensor xw = x.to(wt).contiguous(), w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt),
@@ -57,53 +64,45 @@ at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Cout = w2.size(0);
   at::Tensor out = at::empty({B, N, Cout}, xw.options());
   if (out.numel() == 0) return out.to(x.scalar_type());
-  const auto groups = groups_by_width(hidden);
-  // A group that is one run of adjacent samples is read and written in place (views). Other
-  // groups are gathered with one index_select and scattered with one index_copy_, unless every
-  // run is long (>= kMinRows rows), where per-run GEMMs in place are cheaper than the copies.
-  // Few, large ATen calls matter on a busy machine: each one is a parallel region whose threads
-  // must all be scheduled.
-  constexpr int64_t kMinRows = 1024;
-  int64_t act_rows = 0;
-  for (const auto& g : groups) act_rows = std::max<int64_t>(act_rows, g.idx.size() * N);
-  // one activation buffer for all groups (fresh allocations fault in new pages every call)
-  at::Tensor act_buf = at::empty({act_rows * w1.size(0)}, xw.options());
+  // samples widest first (stable): the samples that use hidden unit u are then a prefix
+  std::vector<int64_t> perm(B);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin(), perm.end(),
+                   [&](int64_t a, int64_t b) { return hidden[a] > hidden[b]; });
+  bool in_order = true;
+  for (int64_t i = 0; i < B; ++i) in_order = in_order && perm[i] == i;
+  at::Tensor pidx;
+  if (!in_order) pidx = at::tensor(perm, at::TensorOptions().dtype(at::kLong)).to(x.device());
+  const at::Tensor xs = (in_order ? xw : xw.index_select(0, pidx)).view({B * N, C});
+  at::Tensor os = in_order ? out.view({B * N, Cout}) : at::empty({B * N, Cout}, xw.options());
+  // one activation buffer for all bands (fresh allocations fault in new pages every call)
+  at::Tensor act_buf = at::empty({B * N * hidden[perm[0]]}, xw.options());
   // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
   // copied into the GEMM's output first
   const bool cpu_bias_gelu = xw.device().is_cpu() && wt == at::kFloat;
-  auto run_pair = [&](const at::Tensor& xg, int64_t h, at::Tensor& dst) {
-    at::Tensor act = act_buf.narrow(0, 0, xg.size(0) * h).view({xg.size(0), h});
+  // bands of hidden units [lo, hi) between consecutive widths, narrowest first; band [lo, hi)
+  // runs on the rows of the n samples with width >= hi (a prefix of xs)
+  int64_t lo = 0;
+  for (int64_t n = B; n > 0;) {
+    const int64_t hi = hidden[perm[n - 1]], rows = n * N, u = hi - lo;
+    at::Tensor act = act_buf.narrow(0, 0, rows * u).view({rows, u});
+    const at::Tensor xr = xs.narrow(0, 0, rows);
     if (cpu_bias_gelu) {
-      at::mm_out(act, xg, w1w.narrow(0, 0, h).t());
-      cpu::bias_gelu_(act, b1w);
+      at::mm_out(act, xr, w1w.narrow(0, lo, u).t());
+      cpu::bias_gelu_(act, b1w.narrow(0, lo, u));
     } else {
-      at::addmm_out(act, b1w.narrow(0, 0, h), xg, w1w.narrow(0, 0, h).t());
+      at::addmm_out(act, b1w.narrow(0, lo, u), xr, w1w.narrow(0, lo, u).t());
       at::gelu_(act);
     }
-    at::addmm_out(dst, b2w, act, w2w.narrow(1, 0, h).t());
-  };
-  for (const auto& g : groups) {
-    // maximal runs of adjacent samples [s, e)
-    std::vector<std::pair<int64_t, int64_t>> runs;
-    for (int64_t b : g.idx) {
-      if (!runs.empty() && runs.back().second == b) ++runs.back().second;
-      else runs.emplace_back(b, b + 1);
-    }
-    bool in_place = true;
-    for (const auto& r : runs) in_place = in_place && (r.second - r.first) * N >= kMinRows;
-    if (in_place || runs.size() == 1) {
-      for (const auto& r : runs) {
-        at::Tensor dst = out.narrow(0, r.first, r.second - r.first).view({-1, Cout});
-        run_pair(xw.narrow(0, r.first, r.second - r.first).view({-1, C}), g.h, dst);
-      }
+    if (lo == 0) {
+      at::addmm_out(os, b2w, act, w2w.narrow(1, lo, u).t());  // every row: fc2's bias here
     } else {
-      const at::Tensor idx = index_tensor(g, x.device());
-      at::Tensor xg = xw.index_select(0, idx).view({-1, C});
-      at::Tensor res = at::empty({xg.size(0), Cout}, xw.options());
-      run_pair(xg, g.h, res);
-      out.index_copy_(0, idx, res.view({-1, N, Cout}));
+      os.narrow(0, 0, rows).addmm_(act, w2w.narrow(1, lo, u).t());
     }
+    lo = hi;
+    while (n > 0 && hidden[perm[n - 1]] <= lo) --n;
   }
+  if (!in_order) out.index_copy_(0, pidx, os.view({B, N, Cout}));
   return out.to(x.scalar_type());
 }
 

@@ -1,4 +1,4 @@
-// Width groups of the Matryoshka FFN (shared by the CPU and CUDA paths).
+// Width groups and bands of the Matryoshka FFN (shared by the CPU and CUDA paths).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,11 +17,12 @@ struct WidthGroup {
 std::vector<WidthGroup> groups_by_width(at::IntArrayRef hidden);
 
 namespace cpu {
-// act (rows, h) float32 contiguous, on the CPU: act = GELU(act + bias[:h]) in place.
+// act (rows, h) float32 contiguous, on the CPU, bias (h,): act = GELU(act + bias) in place.
 void bias_gelu_(at::Tensor& act, const at::Tensor& bias);
 }  // namespace cpu
 
-at::Tensor ffn_fwd_grouped(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                           const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+// The forward in nested width bands (ffn_grouped.cpp).
+at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                          const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 
 }  // namespace adaperceiver

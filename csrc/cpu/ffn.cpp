@@ -1,5 +1,5 @@
-// Matryoshka FFN on the CPU: the width-grouped GEMMs of ffn_grouped.cpp (MKL sgemm on weight
-// prefixes fc1_weight[:h], fc2_weight[:, :h]; units past a sample's width are never computed).
+// Matryoshka FFN on the CPU: the GEMMs of ffn_grouped.cpp (MKL sgemm on weight slices; nested
+// width bands forward, width groups backward; units past a sample's width are never computed).
 #include "common.h"
 #include "ffn_grouped.h"
 #include "kernels.h"
@@ -12,8 +12,10 @@ namespace cpu {
 
 void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
   const int64_t rows = act.size(0), h = act.size(1);
+  TORCH_CHECK(act.is_contiguous() && bias.numel() == h, "bias_gelu_: act must be contiguous and "
+              "bias of its width");
   float* a = act.data_ptr<float>();
-  const at::Tensor b = bias.narrow(0, 0, h).contiguous();
+  const at::Tensor b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) bias_gelu_row(a + r * h, bp, h);
@@ -24,7 +26,7 @@ at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
                    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
   check_ffn_args(x, w1, b1, w2, b2, hidden);
   TORCH_CHECK(x.device().is_cpu(), "matryoshka_ffn_fwd (CPU kernel) got tensors on ", x.device());
-  return ffn_fwd_grouped(x, w1, b1, w2, b2, hidden);
+  return ffn_fwd_banded(x, w1, b1, w2, b2, hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
