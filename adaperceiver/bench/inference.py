@@ -31,37 +31,44 @@ TARGETS = {
 }
 
 
-def gemm_rate(device="cpu", n: int = 2048, rounds: int = 5) -> float:
-    """FLOP/s of an n^3 fp32 matmul (median of ``rounds``)."""
+def _gemm_step(device="cpu", n: int = 2048):
+    """(step, FLOPs): an n^3 fp32 matmul on fresh random operands."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    t = time_step(lambda: torch.mm(a, b), device, warmup=2, rounds=rounds)
-    return 2 * n ** 3 / (t.median_ms / 1e3)
+    return (lambda: torch.mm(a, b)), 2 * n ** 3
 
 
-def _img_s(fn, batch: int, device, rounds: int) -> tuple[float, float]:
-    t = time_step(fn, device, warmup=1, rounds=rounds)
-    return batch / (t.median_ms / 1e3), t.spread_pct
+def gemm_rate(device="cpu", n: int = 2048, rounds: int = 5) -> float:
+    """FLOP/s of an n^3 fp32 matmul (median of ``rounds``)."""
+    step, flops = _gemm_step(device, n)
+    t = time_step(step, device, warmup=2, rounds=rounds)
+    return flops / (t.median_ms / 1e3)
 
 
 @torch.inference_mode()
 def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int = 3,
                         baseline: Optional[torch.nn.Module] = None, device="cpu") -> dict:
-    """img/s of the full configuration, flexivit_large and the GEMM bound, in one run."""
+    """img/s of the full configuration, flexivit_large and the GEMM bound, in one run: the
+    2048^3 matmul, the model and flexivit_large are timed round-robin, so the three sample the
+    same machine load over the same span of time."""
     if baseline is None:
         import timm
         baseline = timm.create_model("flexivit_large", pretrained=False, img_size=img_size)
     baseline = baseline.eval().to(device)
     x = torch.randn(batch, 3, img_size, img_size, device=device)
-    rate = gemm_rate(device)
     cfg = model.config
     needed = count_flops(model, cfg.max_latent_tokens, cfg.embed_dim, cfg.depth,
                          img_size).needed
-    model_ips, model_spread = _img_s(lambda: model(x), batch, device, rounds)
-    base_ips, base_spread = _img_s(lambda: baseline(x), batch, device, rounds)
+    gemm, gemm_flops = _gemm_step(device)
+    t_gemm, t_model, t_base = time_interleaved(
+        [gemm, lambda: model(x), lambda: baseline(x)], device, warmup=1, rounds=rounds)
+    rate = gemm_flops / (t_gemm.median_ms / 1e3)
+    model_ips = batch / (t_model.median_ms / 1e3)
+    base_ips = batch / (t_base.median_ms / 1e3)
     bound = rate / needed
-    return {"gemm_gflops": rate / 1e9, "model_img_s": model_ips, "model_spread_pct": model_spread,
-            "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": base_spread,
+    return {"gemm_gflops": rate / 1e9, "model_img_s": model_ips,
+            "model_spread_pct": t_model.spread_pct,
+            "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": t_base.spread_pct,
             "gemm_bound_img_s": bound, "model_gflops": needed / 1e9,
             "full_vs_flexivit_large": model_ips / base_ips,
             "full_vs_gemm_bound": model_ips / bound}

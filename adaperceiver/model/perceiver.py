@@ -158,7 +158,8 @@ class AdaPerceiverClassifier(nn.Module):
         reach their depth leave from the end of the batch (a slice); per-sample confidence exit
         compacts by gathering. Each sample is written out at its own exit layer."""
         B, dev = call.batch, x.device
-        order = sorted(range(B), key=lambda b: -call.depths[b])
+        # widest first among equal depths: the FFN's width bands then read rows in place
+        order = sorted(range(B), key=lambda b: (-call.depths[b], -call.hidden[b]))
         if order != list(range(B)):
             x = x[torch.tensor(order, device=dev)]
         rope = self._rope(call.num_tokens, dev)
