@@ -1,7 +1,7 @@
-// Matryoshka FFN on the CPU: the GEMMs of ffn_grouped.cpp (MKL sgemm on weight slices; nested
-// width bands forward, width groups backward; units past a sample's width are never computed).
+// Matryoshka FFN on the CPU: the width-banded GEMMs of ffn_banded.cpp (MKL sgemm on weight
+// slices; units past a sample's width are never computed).
 #include "common.h"
-#include "ffn_grouped.h"
+#include "ffn_banded.h"
 #include "kernels.h"
 #include "cpu/vec_math.h"
 
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
   TORCH_CHECK(x.device().is_cpu(), "matryoshka_ffn_bwd (CPU kernel) got tensors on ", x.device());
-  return ffn_bwd_grouped(grad_out, x, w1, b1, w2, b2, hidden);
+  return ffn_bwd_banded(grad_out, x, w1, b1, w2, b2, hidden);
 }
 
 }  // namespace cpu

@@ -7,7 +7,7 @@
 // first hidden unit is past the largest width of its rows is skipped entirely.
 // Kernel 2: out[r, c] = b2[c] + sum_{j < hmax(tile)} act[r, j] W2[c, j]: the reduction stops at
 // the largest width of the row tile (units past a row's own width are the zeros kernel 1 wrote).
-// The backward runs the width-grouped ATen GEMMs of ffn_grouped.cpp (cuBLAS on weight prefixes).
+// The backward runs the width-banded ATen GEMMs of ffn_banded.cpp (cuBLAS on weight slices).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

@@ -54,5 +54,5 @@ TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) {
   m.impl("block_masked_attention_fwd", &adaperceiver::cuda::attention_fwd);
   m.impl("block_masked_attention_bwd", &adaperceiver::cuda::attention_bwd);
   m.impl("matryoshka_ffn_fwd", &adaperceiver::cuda::ffn_fwd);
-  m.impl("matryoshka_ffn_bwd", &adaperceiver::ffn_bwd_grouped);
+  m.impl("matryoshka_ffn_bwd", &adaperceiver::ffn_bwd_banded);
 }

@@ -1,0 +1,151 @@
+// Matryoshka FFN on weight slices, written with ATen GEMMs (device-generic).
+//
+// Computes out[b] = fc2(GELU(fc1(x[b]))[:, :h_b]) with fc2 reading only its first h_b input
+// columns, i.e. adaperceiver/ops/reference.py ffn_forward/ffn_backward without paying for the
+// masked units.
+// Schedule (nested bands), forward and backward: samples are put widest first (no copy when they
+// already are; otherwise one gather of the inputs and one scatter of the outputs), so the samples
+// that use hidden unit u are a prefix. The units are cut into bands [lo, hi) at the distinct
+// widths; band [lo, hi) runs fc1 rows [lo, hi) and fc2 columns [lo, hi) on the rows of the
+// samples with width >= hi, the products over the hidden units (fc2's output, dx) accumulating
+// in place band after band. Every GEMM covers all the samples that need it, so a mixed batch
+// runs few, tall GEMMs instead of one short one per width.
+// Skipped: every hidden unit past a sample's width (never computed, gets no gradient).
+// float32 and float64 run as they are; bfloat16/float16 compute in float32 and cast back.
+#include "common.h"
+#include "ffn_banded.h"
+#include "kernels.h"
+
+#include <algorithm>
+#include <numeric>
+
+namespace adaperceiver {
+
+namespace {
+
+at::ScalarType work_type(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
+}
+
+// The samples widest first (stable) and the bands of hidden units between their widths.
+struct Bands {
+  std::vector<int64_t> perm;  // sample order, widest first
+  bool in_order = true;       // perm is the identity: rows are read and written in place
+  at::Tensor idx;             // perm as a tensor on the data's device (when !in_order)
+  struct Band {
+    int64_t lo, hi, n;        // hidden units [lo, hi), run by the first n samples of perm
+  };
+  std::vector<Band> bands;    // narrowest first: the first band covers every sample
+
+  Bands(at::IntArrayRef hidden, const at::Device& dev) : perm(hidden.size()) {
+    const int64_t B = static_cast<int64_t>(hidden.size());
+    std::iota(perm.begin(), perm.end(), 0);
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int64_t a, int64_t b) { return hidden[a] > hidden[b]; });
+    for (int64_t i = 0; i < B; ++i) in_order = in_order && perm[i] == i;
+    if (!in_order) idx = at::tensor(perm, at::TensorOptions().dtype(at::kLong)).to(dev);
+    int64_t lo = 0;
+    for (int64_t n = B; n > 0;) {
+      const int64_t hi = hidden[perm[n - 1]];
+      bands.push_back({lo, hi, n});
+      lo = hi;
+      while (n > 0 && hidden[perm[n - 1]] <= lo) --n;
+    }
+  }
+
+  // t (B, N, F) as (B * N, F) rows in perm order: a view when in order, else a gather
+  at::Tensor rows(const at::Tensor& t) const {
+    return (in_order ? t : t.index_select(0, idx)).reshape({-1, t.size(2)});
+  }
+
+  // rows (B * N, F) in perm order back into dst (B, N, F) (nothing to do when in order: the
+  // rows were written in place)
+  void scatter(at::Tensor& dst, const at::Tensor& rows) const {
+    if (!in_order) dst.index_copy_(0, idx, rows.view(dst.sizes()));
+  }
+};
+
+}  // namespace
+
+at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                          const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+  const auto wt = work_type(x.scalar_type());
+  at::Tensor xw = x.to(wt).contiguous(), w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt),
+             b2w = b2.to(wt);
+  const int64_t B = x.size(0), N = x.size(1), Cout = w2.size(0);
+  at::Tensor out = at::empty({B, N, Cout}, xw.options());
+  if (out.numel() == 0) return out.to(x.scalar_type());
+  const Bands bands(hidden, x.device());
+  const at::Tensor xs = bands.rows(xw);
+  at::Tensor os = bands.in_order ? out.view({B * N, Cout}) : at::empty({B * N, Cout}, xw.options());
+  // one activation buffer for all bands (fresh allocations fault in new pages every call)
+  at::Tensor act_buf = at::empty({B * N * hidden[bands.perm[0]]}, xw.options());
+  // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
+  // copied into the GEMM's output first
+  const bool cpu_bias_gelu = xw.device().is_cpu() && wt == at::kFloat;
+  for (const auto& band : bands.bands) {
+    const int64_t rows = band.n * N, u = band.hi - band.lo;
+    at::Tensor act = act_buf.narrow(0, 0, rows * u).view({rows, u});
+    const at::Tensor xr = xs.narrow(0, 0, rows);
+    const at::Tensor w1b = w1w.narrow(0, band.lo, u), w2b = w2w.narrow(1, band.lo, u);
+    if (cpu_bias_gelu) {
+      at::mm_out(act, xr, w1b.t());
+      cpu::bias_gelu_(act, b1w.narrow(0, band.lo, u));
+    } else {
+      at::addmm_out(act, b1w.narrow(0, band.lo, u), xr, w1b.t());
+      at::gelu_(act);
+    }
+    if (band.lo == 0) {
+      at::addmm_out(os, b2w, act, w2b.t());  // every row: fc2's bias here
+    } else {
+      os.narrow(0, 0, rows).addmm_(act, w2b.t());
+    }
+  }
+  bands.scatter(out, os);
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_banded(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+  check_ffn_args(x, w1, b1, w2, b2, hidden);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Cout = w2.size(0);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, N, Cout}), "grad_out must be (", B, ", ",
+              N, ", ", Cout, "); got ", shape_str(grad_out));
+  const auto wt = work_type(x.scalar_type());
+  at::Tensor xw = x.to(wt).contiguous(), go = grad_out.to(wt).contiguous();
+  at::Tensor w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt);
+  at::Tensor dx = at::empty({B, N, C}, xw.options());
+  at::Tensor dw1 = at::zeros(w1.sizes(), xw.options()), db1 = at::zeros(b1.sizes(), xw.options());
+  at::Tensor dw2 = at::zeros(w2.sizes(), xw.options());
+  at::Tensor db2 = go.reshape({-1, Cout}).sum(0);
+  if (B * N > 0) {
+    const Bands bands(hidden, x.device());
+    const at::Tensor xs = bands.rows(xw), gs = bands.rows(go);
+    at::Tensor dxs = bands.in_order ? dx.view({B * N, C}) : at::empty({B * N, C}, xw.options());
+    for (const auto& band : bands.bands) {
+      const int64_t rows = band.n * N, u = band.hi - band.lo;
+      const at::Tensor xr = xs.narrow(0, 0, rows), gr = gs.narrow(0, 0, rows);
+      const at::Tensor w1b = w1w.narrow(0, band.lo, u), w2b = w2w.narrow(1, band.lo, u);
+      const at::Tensor pre = at::addmm(b1w.narrow(0, band.lo, u), xr, w1b.t());
+      const at::Tensor dpre = at::gelu_backward(at::mm(gr, w2b), pre);
+      if (band.lo == 0) {
+        at::mm_out(dxs, dpre, w1b);  // every row
+      } else {
+        dxs.narrow(0, 0, rows).addmm_(dpre, w1b);
+      }
+      // each band owns its slice of the weight gradients
+      at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
+      at::mm_out(dw1b, dpre.t(), xr);
+      db1.narrow(0, band.lo, u).copy_(dpre.sum(0));
+      at::mm_out(dw2b, gr.t(), at::gelu(pre));
+    }
+    bands.scatter(dx, dxs);
+  } else {
+    dx.zero_();
+  }
+  return {dx.to(x.scalar_type()), dw1.to(w1.scalar_type()), db1.to(b1.scalar_type()),
+          dw2.to(w2.scalar_type()), db2.to(b2.scalar_type())};
+}
+
+}  // namespace adaperceiver
