@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace adaperceiver {
 namespace cpu {
@@ -78,16 +79,10 @@ struct Rope {
   const float* sin = nullptr;
 };
 
-// Rotate the interleaved pairs of one row x (D values) by position n into dst, times mul.
-inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float mul,
-                     float* dst, int64_t dst_stride) {
-  const float* c = r.cos + n * (D / 2);
-  const float* s = r.sin + n * (D / 2);
-  for (int64_t i = 0; i < D / 2; ++i) {
-    const float x0 = x[2 * i], x1 = x[2 * i + 1];
-    dst[(2 * i) * dst_stride] = mul * (x0 * c[i] - x1 * s[i]);
-    dst[(2 * i + 1) * dst_stride] = mul * (x0 * s[i] + x1 * c[i]);
-  }
+// Rotate the interleaved pairs of one row x (D values) by position n into dst (D contiguous
+// values), times mul; vectorised (vec_math.h).
+inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float mul, float* dst) {
+  rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
 // qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance
@@ -116,7 +111,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
     // The scores are kept transposed, st[key][query], so that the softmax runs across the
     // queries of the tile with plain vector loops and P V reads st in place.
     std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
-        sum(BM), kr(krope.cos ? Nk * D : 0);
+        sum(BM), kr(krope.cos ? Nk * D : 0), qrow(D);
     // rotated keys of one (batch, head), kept across its query tiles (a thread's items are
     // consecutive, so the tiles of a head follow each other): keys [0, k_done) of kr_bh are
     // rotated; each tile rotates only the keys past that
@@ -143,8 +138,9 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       const float* kb = kp + b * ksb + h * ksh;
       const float* vb = vp + b * vsb + h * vsh;
       for (int64_t r = 0; r < rows; ++r) {
-        if (qrope.cos) {
-          rope_row(q + r * qsn, qrope, m0 + r, D, scale, qt.data() + r, BM);
+        if (qrope.cos) {  // rotate (vectorised) into a row, then into column r of the tile
+          rope_row(q + r * qsn, qrope, m0 + r, D, scale, qrow.data());
+          for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = qrow[d];
         } else {
           for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = scale * q[r * qsn + d];
         }
@@ -159,7 +155,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
         if (krope.cos) {  // rotated keys of this chunk, rotated once per (batch, head)
           if (kr_bh != bh) kr_bh = bh, k_done = 0;
           for (int64_t j = k_done; j < c0 + kc; ++j)
-            rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D, 1);
+            rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D);
           k_done = std::max(k_done, c0 + kc);
           kchunk = kr.data() + c0 * D;
           krs = D;
@@ -189,7 +185,11 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
         const float inv = 1.f / l[r];
         const float* o = O.data() + r * Dv;
         out_t* dst = orow + r * H * Dv;
-        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<out_t>(o[d] * inv);
+        if constexpr (std::is_same_v<out_t, float>) {
+          scale_row(dst, o, inv, Dv);
+        } else {
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<out_t>(o[d] * inv);
+        }
         lrow[r] = m[r] + std::log(l[r]);
       }
     }

@@ -82,5 +82,23 @@ inline void bias_gelu_row(float* x, const float* b, int64_t n) {
   }
 }
 
+// Attention forward row: dst = x * s (an output row divided by its softmax sum).
+ADAPERCEIVER_CLONES
+inline void scale_row(float* dst, const float* x, float s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = x[i] * s;
+}
+
+// RoPE of one row of interleaved pairs into a contiguous dst, times mul:
+// (x[2i], x[2i+1]) -> mul * (x[2i] c[i] - x[2i+1] s[i], x[2i] s[i] + x[2i+1] c[i]).
+ADAPERCEIVER_CLONES
+inline void rope_row_contiguous(const float* x, const float* c, const float* s, int64_t half,
+                                float mul, float* dst) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1];
+    dst[2 * i] = mul * (x0 * c[i] - x1 * s[i]);
+    dst[2 * i + 1] = mul * (x0 * s[i] + x1 * c[i]);
+  }
+}
+
 }  // namespace cpu
 }  // namespace adaperceiver
