@@ -11,7 +11,7 @@
 // in place band after band. Every GEMM covers all the samples that need it, so a mixed batch
 // runs few, tall GEMMs instead of one short one per width.
 // Skipped: every hidden unit past a sample's width (never computed, gets no gradient).
-// float32 and float64 run as they are; bfloat16/float16 compute in float32 and cast back.
+// float32 runs as it is; bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"
@@ -22,10 +22,6 @@
 namespace adaperceiver {
 
 namespace {
-
-at::ScalarType work_type(at::ScalarType t) {
-  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
-}
 
 // The samples widest first (stable) and the bands of hidden units between their widths.
 struct Bands {
@@ -69,7 +65,7 @@ struct Bands {
 
 at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                           const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
-  const auto wt = work_type(x.scalar_type());
+  const auto wt = at::kFloat;  // check_ffn_args admits float32, bfloat16 and float16
   at::Tensor xw = x.to(wt).contiguous(), w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt),
              b2w = b2.to(wt);
   const int64_t B = x.size(0), N = x.size(1), Cout = w2.size(0);
@@ -82,7 +78,7 @@ at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::T
   at::Tensor act_buf = at::empty({B * N * hidden[bands.perm[0]]}, xw.options());
   // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
   // copied into the GEMM's output first
-  const bool cpu_bias_gelu = xw.device().is_cpu() && wt == at::kFloat;
+  const bool cpu_bias_gelu = xw.device().is_cpu();
   for (const auto& band : bands.bands) {
     const int64_t rows = band.n * N, u = band.hi - band.lo;
     at::Tensor act = act_buf.narrow(0, 0, rows * u).view({rows, u});
@@ -112,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_b
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Cout = w2.size(0);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, N, Cout}), "grad_out must be (", B, ", ",
               N, ", ", Cout, "); got ", shape_str(grad_out));
-  const auto wt = work_type(x.scalar_type());
+  const auto wt = at::kFloat;
   at::Tensor xw = x.to(wt).contiguous(), go = grad_out.to(wt).contiguous();
   at::Tensor w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt);
   at::Tensor dx = at::empty({B, N, C}, xw.options());

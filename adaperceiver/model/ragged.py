@@ -59,7 +59,7 @@ class Layout:
 
     def ffn_input(self, packed: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The (B', N', C) view and per-sample hidden list the Matryoshka FFN op takes: one
-        sample per row when lengths differ, so rows of each width are grouped by the op."""
+        sample per row when lengths differ, so the op's width bands take rows of any width."""
         if self.rows is None:
             return packed.view(self.batch, self.max_len, -1), list(self.hidden)
         if len(set(self.hidden)) == 1:

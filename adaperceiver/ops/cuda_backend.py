@@ -1,7 +1,8 @@
 """The CUDA backend: ``torch.ops.adaperceiver.*_fwd / *_bwd`` of ``adaperceiver._C`` on CUDA
 tensors (csrc/cuda: flash-style attention forward and backward, grouped Matryoshka FFN forward;
-the FFN backward is the width-grouped cuBLAS path). Importing this module never raises; when the
-extension or its CUDA part is missing, ``why_not_*`` say why."""
+the FFN backward is the width-banded ATen path of csrc/ffn_banded.cpp, on cuBLAS). Importing
+this module never raises; when the extension or its CUDA part is missing, ``why_not_*`` say
+why."""
 from __future__ import annotations
 
 import torch

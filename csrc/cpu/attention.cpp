@@ -87,7 +87,8 @@ inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float 
 
 // qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance
 // heads-last projections seen as (B, H, N, D)); RoPE, when given, is applied as rows are loaded
-// (q into the transposed tile, k chunk by chunk into a scratch), so no rotated copy is written.
+// (q into the transposed tile; k once per (batch, head) into a per-thread scratch that the
+// head's query tiles reuse), so no rotated copy of the inputs is written.
 template <typename out_t>
 void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf,
                           Rope qrope, Rope krope,

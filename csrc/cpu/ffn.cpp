@@ -12,8 +12,11 @@ namespace cpu {
 
 void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
   const int64_t rows = act.size(0), h = act.size(1);
-  TORCH_CHECK(act.is_contiguous() && bias.numel() == h, "bias_gelu_: act must be contiguous and "
-              "bias of its width");
+  TORCH_CHECK(act.dim() == 2 && act.is_contiguous() && act.device().is_cpu() &&
+                  act.scalar_type() == at::kFloat && bias.numel() == h &&
+                  bias.scalar_type() == at::kFloat,
+              "bias_gelu_: act must be a contiguous float32 CPU matrix and bias float32 of its "
+              "width");
   float* a = act.data_ptr<float>();
   const at::Tensor b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
