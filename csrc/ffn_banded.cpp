@@ -54,6 +54,13 @@ struct Bands {
     return (in_order ? t : t.index_select(0, idx)).reshape({-1, t.size(2)});
   }
 
+  // where the rows of dst (B, N, F) are written in perm order: dst itself when in order, else a
+  // scratch that scatter() copies back
+  at::Tensor rows_out(at::Tensor& dst) const {
+    const int64_t rows = dst.size(0) * dst.size(1), f = dst.size(2);
+    return in_order ? dst.view({rows, f}) : at::empty({rows, f}, dst.options());
+  }
+
   // rows (B * N, F) in perm order back into dst (B, N, F) (nothing to do when in order: the
   // rows were written in place)
   void scatter(at::Tensor& dst, const at::Tensor& rows) const {
@@ -73,7 +80,7 @@ at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::T
   if (out.numel() == 0) return out.to(x.scalar_type());
   const Bands bands(hidden, x.device());
   const at::Tensor xs = bands.rows(xw);
-  at::Tensor os = bands.in_order ? out.view({B * N, Cout}) : at::empty({B * N, Cout}, xw.options());
+  at::Tensor os = bands.rows_out(out);
   // one activation buffer for all bands (fresh allocations fault in new pages every call)
   at::Tensor act_buf = at::empty({B * N * hidden[bands.perm[0]]}, xw.options());
   // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
@@ -118,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_b
   if (B * N > 0) {
     const Bands bands(hidden, x.device());
     const at::Tensor xs = bands.rows(xw), gs = bands.rows(go);
-    at::Tensor dxs = bands.in_order ? dx.view({B * N, C}) : at::empty({B * N, C}, xw.options());
+    at::Tensor dxs = bands.rows_out(dx);
     for (const auto& band : bands.bands) {
       const int64_t rows = band.n * N, u = band.hi - band.lo;
       const at::Tensor xr = xs.narrow(0, 0, rows), gr = gs.narrow(0, 0, rows);

@@ -4,7 +4,7 @@
 
 #include <ATen/ATen.h>
 
-#include <vector>
+#include <tuple>
 
 namespace adaperceiver {
 
@@ -15,5 +15,9 @@ void bias_gelu_(at::Tensor& act, const at::Tensor& bias);
 
 at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                           const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_banded(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 
 }  // namespace adaperceiver

@@ -32,12 +32,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
     const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 }  // namespace cpu
 
-// Matryoshka FFN backward in nested width bands (ffn_banded.cpp), written with ATen GEMMs:
-// device-generic, so the CUDA build uses it too (cuBLAS does the products there).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_banded(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
-
 // Compile-time facts of this build, (key, value) strings.
 std::vector<std::pair<std::string, std::string>> build_facts();
 

@@ -18,9 +18,9 @@ import torch
 
 from ..flops import count_flops
 from .report import align_table
-from .timing import time_interleaved, time_step
+from .timing import time_interleaved
 
-__all__ = ["gemm_rate", "full_config_figures", "mixed_batch_figures", "format_figures",
+__all__ = ["full_config_figures", "mixed_batch_figures", "format_figures",
            "TARGETS"]
 
 TARGETS = {
@@ -36,13 +36,6 @@ def _gemm_step(device="cpu", n: int = 2048):
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     return (lambda: torch.mm(a, b)), 2 * n ** 3
-
-
-def gemm_rate(device="cpu", n: int = 2048, rounds: int = 5) -> float:
-    """FLOP/s of an n^3 fp32 matmul (median of ``rounds``)."""
-    step, flops = _gemm_step(device, n)
-    t = time_step(step, device, warmup=2, rounds=rounds)
-    return flops / (t.median_ms / 1e3)
 
 
 @torch.inference_mode()

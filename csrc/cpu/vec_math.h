@@ -1,7 +1,7 @@
 // Row kernels of the CPU attention forward and backward (the forward's softmax is in
-// microkernel.cpp) and of the FFN's bias + GELU, written as plain loops that GCC vectorizes, built for AVX-512, AVX2 and baseline x86-64
-// through target_clones (the loader picks the best at run time, so the extension stays portable
-// without -march flags). Reductions keep 16 lane accumulators: float sums are not reordered by
+// microkernel.cpp) and of the FFN's bias + GELU, written as plain loops that GCC vectorizes,
+// built for AVX-512, AVX2 and baseline x86-64 through target_clones (the loader picks the best
+// at run time, so the extension stays portable without -march flags). Reductions keep 16 lane accumulators: float sums are not reordered by
 // the compiler otherwise.
 #pragma once
 

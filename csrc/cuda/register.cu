@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "ffn_banded.h"
 #include "kernels.h"
 
 namespace adaperceiver {
