@@ -327,13 +327,10 @@ def calibrate_beta(model: AViT, images: torch.Tensor, flops_fraction: float,
     from attention, so its FLOPs come out close to, not exactly at, the target."""
     if not 0.0 < flops_fraction <= 1.0:
         raise ValueError(f"flops_fraction={flops_fraction!r} is not allowed; allowed: (0, 1]")
-    halting = model.halting
-    model.halting = False
     x, xs = model.embed(images), []
-    for blk in model.vit.blocks:
+    for blk in model.vit.blocks:     # the plain blocks: no halting is applied here
         x = blk(x)
         xs.append(x[..., 0])
-    model.halting = halting
     x0 = torch.stack(xs, -1)                                 # (B, N, L)
     full = float(avit_flops(model.vit).mean())
 
@@ -370,24 +367,16 @@ def build_avit_baseline(name: str, img_size: int = 224, device="cpu",
     return model.to(device=device, dtype=dtype)
 
 
-_FLOPS_CACHE: dict = {}
-
-
 @torch.no_grad()
 def avit_baseline_flops(name: str, img_size: int = 224, images: Optional[torch.Tensor] = None
                         ) -> tuple[float, int]:
     """(mean FLOPs per image over ``images``, parameters) of :func:`build_avit_baseline`;
-    ``images`` default to the benchmark harness's (batch 4, seed 0)."""
-    key = (name, img_size) if images is None else None
-    if key in _FLOPS_CACHE:
-        return _FLOPS_CACHE[key]
+    ``images`` default to the benchmark harness's (batch 4, seed 0). Its caller,
+    ``bench.baselines.baseline_flops``, caches the result."""
     model = build_avit_baseline(name, img_size)
     x = benchmark_images(img_size) if images is None else images
     depths = model.forward_halting(x, "compact").depths
-    res = (float(model.flops(depths).mean()), sum(p.numel() for p in model.parameters()))
-    if key is not None:
-        _FLOPS_CACHE[key] = res
-    return res
+    return float(model.flops(depths).mean()), sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------- digits

@@ -200,9 +200,7 @@ class _DenseModel(nn.Module):
         cfg = self.backbone.config
         self.feature_dim = cfg.output_feat_dim if feature == "features" else cfg.embed_dim
         self.patch_size = cfg.patch_size
-        self.backbone_frozen = False
-        self.readout_trainable = False
-        self.freeze_backbone(freeze_backbone)
+        self.freeze_backbone(freeze_backbone)   # sets backbone_frozen, readout_trainable
 
     # ------------------------------------------------------------------ backbone handling
     def freeze_backbone(self, frozen: bool = True, train_readout: bool = False) -> "_DenseModel":

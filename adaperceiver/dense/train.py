@@ -48,13 +48,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..train.trainer import STATE_FILE as HEAD_STATE_FILE   # the Trainer's state file
+from ..train.trainer import Trainer, unwrap, world
 from .heads import READOUT_MODULES, AdaPerceiverDepth, AdaPerceiverSegmenter, _DenseModel
 
 __all__ = ["SegmentationLoss", "DepthLoss", "silog_loss", "train_dense_head", "default_loss",
            "HEAD_STATE_FILE"]
-
-HEAD_STATE_FILE = "trainer_state.pt"
-
 
 def _check_configs(configs) -> Optional[list]:
     if configs is None:
@@ -226,7 +225,6 @@ def train_dense_head(model: _DenseModel, batches: Iterable, steps: int,
     counts ``steps`` on from there.
     Returns the logs of every step (loss, lr and the loss's own logs).
     """
-    from ..train.trainer import Trainer, unwrap, world
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} is not allowed; allowed: an int >= 0")
     dense = unwrap(model)
