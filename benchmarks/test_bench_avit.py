@@ -40,15 +40,8 @@ def bench_images():
     return benchmark_images(224, BATCH)
 
 
-def side_by_side(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """Wall times (s) of each callable per round, calls interleaved round-robin."""
-    with torch.inference_mode():
-        res = time_interleaved(list(fns.values()), "cpu", warmup=warmup, rounds=rounds)
-    return {k: [ms / 1e3 for ms in r.times_ms] for k, r in zip(fns, res)}
-
-
 @pytest.mark.parametrize("name", list(AVIT_MODELS))
-def test_avit_compact_vs_masked(benchmark, bench_images, name):
+def test_avit_compact_vs_masked(benchmark, run_pedantic, bench_images, name):
     benchmark.group = "avit"
     model = build_avit_baseline(name, 224)
     L, N = model.depth, model.vit.patch_embed.num_patches + 1
@@ -63,12 +56,17 @@ def test_avit_compact_vs_masked(benchmark, bench_images, name):
     gf_full = avit_flops(model.vit).item() / 1e9
     gf = model.flops(out.depths).mean().item() / 1e9
     rounds = 15 if "tiny" in name else 9
-    times = side_by_side({"masked": lambda: model.forward_halting(bench_images, "masked"),
-                          "compact": lambda: model.forward_halting(bench_images, "compact"),
-                          "deit": lambda: model.vit(bench_images)}, rounds)
-    t = {k: statistics.median(v) for k, v in times.items()}
+    # calls interleaved round-robin
+    steps = {"masked": lambda: model.forward_halting(bench_images, "masked"),
+             "compact": lambda: model.forward_halting(bench_images, "compact"),
+             "deit": lambda: model.vit(bench_images)}
+    with torch.inference_mode():
+        timings = dict(zip(steps, time_interleaved(list(steps.values()), "cpu", warmup=1,
+                                                   rounds=rounds)))
+    t = {k: tm.median_ms / 1e3 for k, tm in timings.items()}
     # the ratio of each round's neighbouring calls, median over rounds: robust to load drifts
-    speedup = statistics.median(m / c for m, c in zip(times["masked"], times["compact"]))
+    speedup = statistics.median(m / c for m, c in zip(timings["masked"].times_ms,
+                                                      timings["compact"].times_ms))
     ok = speedup >= TARGET * tl_ratio
     rows = [("DeiT (timm, full cost)", tl_masked, gf_full, t["deit"]),
             ("A-ViT masked", tl_masked, gf_full, t["masked"]),
@@ -88,9 +86,7 @@ def test_avit_compact_vs_masked(benchmark, bench_images, name):
                                 token_layers_masked=tl_masked, speedup_vs_masked=speedup,
                                 token_layer_ratio=tl_ratio, target_met=ok,
                                 threads=torch.get_num_threads(), batch_size=BATCH)
-    step = lambda: model.forward_halting(bench_images, "compact").logits  # noqa: E731
-    with torch.inference_mode():
-        benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    run_pedantic(lambda: model.forward_halting(bench_images, "compact").logits, 3)
     _rows[name] = (gf, BATCH / benchmark.stats.stats.median)
     _rows[AVIT_MODELS[name][0]] = (gf_full, BATCH / t["deit"])
     if ASSERT:
