@@ -88,12 +88,12 @@ class LearnedPolicy(nn.Module):
         return {"num_tokens": t, "mat_dim": w, "depth": l, "index": idx}
 
 
-def fit_learned_policy(model, x: torch.Tensor, y: torch.Tensor, configs: Sequence[Config],
+def fit_learned_policy(model, x: torch.Tensor, configs: Sequence[Config],
                        correct: dict, cost: dict, *, cost_weight: float = 0.5,
                        steps: int = 600, samples: int = 8, lr: float = 3e-3,
                        entropy: float = 0.01, seed: int = 0,
                        log: Optional[Callable] = None) -> LearnedPolicy:
-    """REINFORCE on (x, y): ``correct[c]`` is the (N,) bool correctness of configuration c on
+    """REINFORCE on images x: ``correct[c]`` is the (N,) bool correctness of configuration c on
     x (from one pass over all configurations, see digits.evaluate_grid), ``cost[c]`` its cost.
     Reward of choosing c for sample i: correct[c][i] - cost_weight * cost[c] / max cost; the
     baseline is the mean reward of the other samples drawn for the same image."""

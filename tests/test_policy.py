@@ -45,7 +45,7 @@ def test_learned_policy_learns_a_per_sample_rule_and_feeds_a_mixed_batch():
     configs = [cheap, dear]
     correct = {cheap: group_a.clone(), dear: torch.ones(n, dtype=torch.bool)}
     cost = {cheap: 1.0, dear: 4.0}
-    policy = pol.fit_learned_policy(model, x, None, configs, correct, cost, cost_weight=0.4,
+    policy = pol.fit_learned_policy(model, x, configs, correct, cost, cost_weight=0.4,
                                     steps=300, seed=0)
     choice = policy.choose(model, x)
     picked = choice["index"]

@@ -185,7 +185,7 @@ def run_digits(recipe: DigitsRecipe = DigitsRecipe(), out_dir: str = "results/di
         "fitting the configuration policies ...")
     budget = pol.BudgetPolicy(flops, acc_val)
     pick = budget.cheapest_within(acc_val[largest] - 0.005)
-    learned = pol.fit_learned_policy(model, split.x_val, split.y_val, confs, val, flops,
+    learned = pol.fit_learned_policy(model, split.x_val, confs, val, flops,
                                      cost_weight=recipe.policy_cost_weight,
                                      steps=recipe.policy_steps, seed=recipe.seed, log=log)
     chosen = learned.choose(model, split.x_test)
