@@ -199,6 +199,7 @@ class AViT(nn.Module):
 
     # ------------------------------------------------------------------ compacted inference
     def _compact(self, x: torch.Tensor) -> AViTOutput:
+        from adaperceiver.model.ragged import Layout
         from adaperceiver.ops import block_masked_attention
         B, N, C = x.shape
         L, thresh = self.depth, 1.0 - _check_eps(self.eps)
@@ -211,21 +212,16 @@ class AViT(nn.Module):
         acc = torch.zeros_like(rows)                    # ACT sums of the live rows
         depths = torch.full((B * N,), L, dtype=torch.long, device=dev)   # set at halting
         is_cls = pos % N == 0
-        lens = torch.full((B,), N, dtype=torch.int32, device=dev)
-        n_max, dest = N, None                           # dest: row -> slot of (B * n_max)
+        # the live rows, packed sample by sample as the model's ragged latents (no FFN widths)
+        layout = Layout.build([N] * B, [0] * B, dev)
         for l, blk in enumerate(self.vit.blocks):
             a = blk.attn
-            H = a.num_heads
-            qkv = a.qkv(blk.norm1(rows))
-            if dest is not None:
-                buf = qkv.new_zeros(B * n_max, 3 * C)
-                qkv = buf.index_copy_(0, dest, qkv)
-            q, k, v = qkv.view(B, n_max, 3, H, C // H).unbind(2)
+            H, n = a.num_heads, layout.max_len
+            qkv = layout.pad(a.qkv(blk.norm1(rows)))
+            q, k, v = qkv.view(B, n, 3, H, C // H).unbind(2)
             o = block_masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       seq_lens=lens, heads_last=True).reshape(B * n_max, C)
-            if dest is not None:
-                o = o.index_select(0, dest)
-            rows = rows + blk.ls1(a.proj(o))
+                                       seq_lens=layout.seq_lens, heads_last=True)
+            rows = rows + blk.ls1(a.proj(layout.pack(o.reshape(B, n, C))))
             rows = rows + blk.ls2(blk.mlp(blk.norm2(rows)))
             h = self._scores(rows).masked_fill(is_cls, 0.0)
             w, halted, c, r = _act_step(h, c, r, l == L - 1, thresh)
@@ -242,12 +238,8 @@ class AViT(nn.Module):
             keep = (~halted).nonzero().squeeze(1)
             rows, acc, pos, c, r, is_cls = (
                 t.index_select(0, keep) for t in (rows, acc, pos, c, r, is_cls))
-            sample = torch.div(pos, N, rounding_mode="floor")
-            counts = torch.bincount(sample, minlength=B)
-            lens = counts.to(torch.int32)
-            n_max = int(counts.max())
-            start = torch.cumsum(counts, 0) - counts
-            dest = sample * n_max + torch.arange(len(pos), device=dev) - start[sample]
+            counts = torch.bincount(torch.div(pos, N, rounding_mode="floor"), minlength=B)
+            layout = Layout.build(counts.tolist(), [0] * B, dev)
         logits, feats = self._head(out.view(B, N, C))
         return AViTOutput(logits, depths.view(B, N), feats)
 
