@@ -19,10 +19,10 @@ Where ``benchmark.py`` comes from, first found wins:
 
 What the runner adds, and only when needed:
 
-* timm's scripts build every model with timm's generic keywords (``in_chans=3``,
-  ``global_pool='fast'``, ``drop_rate=0.``, ``drop_path_rate``, ``drop_block_rate``); the
-  entrypoints of ``adaperceiver.timm`` take config.json keys, so they are translated
-  (``in_chans`` -> ``in_channels``, ``drop_rate`` -> ``head_drop``, ``drop_path_rate`` ->
+* nothing for timm's generic keywords (``in_chans=3``, ``global_pool='fast'``,
+  ``drop_rate=0.``, ``drop_path_rate``, ``drop_block_rate``, ``device``): the entrypoints of
+  ``adaperceiver.timm`` translate them themselves (``adaperceiver.timm.timm_kwargs_to_config``:
+  ``in_chans`` -> ``in_channels``, ``drop_rate`` -> ``head_drop``, ``drop_path_rate`` ->
   ``drop_path``; ``global_pool`` is dropped: the model reads out with a latent token, it has no
   pooling; a non-zero ``drop_block_rate`` is an error);
 * revisions of ``benchmark.py`` older than ``--device`` / ``--model-kwargs`` get those two flags
@@ -31,7 +31,6 @@ What the runner adds, and only when needed:
 """
 from __future__ import annotations
 
-import functools
 import os
 import runpy
 import sys
@@ -39,11 +38,10 @@ import tarfile
 import urllib.request
 from typing import Optional, Sequence
 
-__all__ = ["find_benchmark", "benchmark_from_sdist", "timm_kwargs_to_config", "run", "main"]
+__all__ = ["find_benchmark", "benchmark_from_sdist", "run", "main"]
 
 GITHUB_RAW = ("https://raw.githubusercontent.com/huggingface/pytorch-image-models/v{version}/"
               "benchmark.py")
-OUR_MODELS = ("adaperceiver_v1_in1k",)
 
 
 def cache_dir(version: str) -> str:
@@ -115,29 +113,10 @@ def find_benchmark(version: str, download: bool = True) -> str:
         f"TIMM_BENCHMARK_PY=<checkout>/benchmark.py, or copy it to {cached!r}")
 
 
-def timm_kwargs_to_config(kwargs: dict) -> dict:
-    """timm's generic create_model keywords -> adaperceiver.timm keywords (the translation
-    lives in adaperceiver.timm, which timm.create_model now applies itself)."""
-    from adaperceiver.timm import timm_kwargs_to_config as translate
-    return translate(kwargs)
-
-
 def _register_ours() -> None:
-    import adaperceiver.timm  # noqa: F401  (registers the entrypoints with timm)
-    from timm.models import _registry
-
-    for name in OUR_MODELS:
-        fn = _registry._model_entrypoints[name]
-        if getattr(fn, "_takes_timm_kwargs", False):
-            continue
-
-        @functools.wraps(fn)
-        def entry(pretrained=False, _fn=fn, **kwargs):
-            device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-            model = _fn(pretrained=pretrained, **timm_kwargs_to_config(kwargs))
-            return model.to(device=device, dtype=dtype) if device or dtype else model
-        entry._takes_timm_kwargs = True
-        _registry._model_entrypoints[name] = entry
+    # registers the entrypoints with timm; they translate timm's generic keywords and take
+    # device / dtype themselves (adaperceiver.timm.timm_kwargs_to_config)
+    import adaperceiver.timm  # noqa: F401
 
 
 def _add_missing_flags(g: dict) -> None:

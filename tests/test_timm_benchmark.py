@@ -23,11 +23,6 @@ def tb(monkeypatch):
         "timm_benchmark_script", os.path.join(ROOT, "scripts", "timm_benchmark.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from timm.models import _registry
-    import adaperceiver.timm  # noqa: F401
-    for name in mod.OUR_MODELS:   # the runner wraps the entrypoint: undo it after the test
-        monkeypatch.setitem(_registry._model_entrypoints, name,
-                            _registry._model_entrypoints[name])
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     return mod
 
@@ -70,12 +65,15 @@ def test_find_benchmark_env_then_cache(tb, tmp_path, monkeypatch):
         tb.find_benchmark("9.9", download=False)
 
 
-def test_timm_kwargs_to_config(tb):
-    out = tb.timm_kwargs_to_config(dict(in_chans=3, global_pool="fast", drop_rate=0.1,
-                                        drop_path_rate=0.2, drop_block_rate=None, num_tokens=8))
+def test_timm_kwargs_to_config():
+    """The translation the entrypoints apply to timm's generic keywords (the runner relies on
+    it: it registers the entrypoints and adds nothing)."""
+    from adaperceiver.timm import timm_kwargs_to_config
+    out = timm_kwargs_to_config(dict(in_chans=3, global_pool="fast", drop_rate=0.1,
+                                     drop_path_rate=0.2, drop_block_rate=None, num_tokens=8))
     assert out == dict(in_channels=3, head_drop=0.1, drop_path=0.2, num_tokens=8)
     with pytest.raises(ValueError, match="drop_block_rate=0.1"):
-        tb.timm_kwargs_to_config(dict(drop_block_rate=0.1))
+        timm_kwargs_to_config(dict(drop_block_rate=0.1))
 
 
 # a benchmark.py of the old shape (no --device, no --model-kwargs) and of the new shape
