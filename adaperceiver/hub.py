@@ -35,7 +35,7 @@ import re
 from typing import Optional, Union
 
 from .checkpoint import WEIGHT_NAMES, load_weights, read_checkpoint
-from .model import AdaPerceiverClassifier, AdaPerceiverDistill
+from .model import AdaPerceiverClassifier, AdaPerceiverDistill, model_class
 
 __all__ = ["ClassificationAdaPerceiver", "DistillAdaPerceiver", "resolve_pretrained",
            "hf_offline", "hf_cache_dir"]
@@ -132,7 +132,6 @@ class _HubMixin:
     is the model's own (config.json + model.safetensors)."""
 
     REPO_ID: str = ""
-    _DISTILLED: bool = False
 
     @classmethod
     def from_pretrained(cls, repo_id_or_path: Union[str, os.PathLike], *,
@@ -148,8 +147,8 @@ class _HubMixin:
                                   force_download=force_download, token=token)
         config, weights = read_checkpoint(path)
         config = {**config, **config_overrides}
-        distilled = bool(config.get("output_feat_dim"))
-        if distilled != cls._DISTILLED:
+        distilled = model_class(config) is AdaPerceiverDistill
+        if distilled != issubclass(cls, AdaPerceiverDistill):
             other = DistillAdaPerceiver if distilled else ClassificationAdaPerceiver
             what = ("a distilled backbone (config.json has output_feat_dim="
                     f"{config.get('output_feat_dim')!r})" if distilled else
@@ -170,7 +169,6 @@ class ClassificationAdaPerceiver(_HubMixin, AdaPerceiverClassifier):
     (B, 1, num_classes)."""
 
     REPO_ID = "pjajal/adaperceiver-v1-in1k-ft"
-    _DISTILLED = False
 
 
 class DistillAdaPerceiver(_HubMixin, AdaPerceiverDistill):
@@ -179,4 +177,3 @@ class DistillAdaPerceiver(_HubMixin, AdaPerceiverDistill):
     ``.features`` (B, P, output_feat_dim)."""
 
     REPO_ID = "pjajal/adaperceiver-v1"
-    _DISTILLED = True

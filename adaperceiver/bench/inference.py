@@ -130,4 +130,4 @@ def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
             f"FLOP ratio {mixed['flops_ratio']:.2f}x +-20%",
             mixed["padded_over_mixed_vs_flops_ratio"] <= TARGETS[
                 "padded_over_mixed_vs_flops_ratio"])
-    return align_table(("figure", "value", "target", "met"), rows, left="all")
+    return align_table(("figure", "value", "target", "met"), rows, left=range(4))

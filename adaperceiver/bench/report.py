@@ -65,15 +65,13 @@ def _gflops(v) -> str:
 def align_table(head: Sequence[str], rows: Sequence[Sequence], left=()) -> str:
     """A plain-text table: header, a dashed rule, then the rows; every column as wide as its
     widest cell, columns two spaces apart. Columns whose index is in ``left`` are left-aligned,
-    the others right-aligned (``left="all"``: every column)."""
+    the others right-aligned."""
     head = [str(h) for h in head]
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(head)]
-    everything = left == "all"
-
     def line(cells):
-        return "  ".join(c.ljust(w) if everything or i in left else c.rjust(w)
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])

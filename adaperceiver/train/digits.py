@@ -128,17 +128,18 @@ def train_digits(recipe: DigitsRecipe = DigitsRecipe(), *, split=None, out_dir=N
     rank runs the same global batches (each computes its slice)."""
     split = split or digits_split(recipe.seed)
     model = trainer.model if trainer is not None else build_digits_model(recipe)
-    objective = OnceForAll(unwrap(model).config, num_exits=recipe.num_exits,
-                           label_smoothing=recipe.label_smoothing, seed=recipe.seed)
     steps_per_epoch = len(split.y_train) // recipe.batch_size
     total = recipe.epochs * steps_per_epoch
-    if trainer is None:
+    stop = total if max_steps is None else min(total, max_steps)
+    if trainer is None:   # a trainer handed in (resume) brings its own objective
+        objective = OnceForAll(unwrap(model).config, num_exits=recipe.num_exits,
+                               label_smoothing=recipe.label_smoothing, seed=recipe.seed)
         trainer = Trainer(model, objective, prepare=objective.prepare, lr=recipe.lr,
                           weight_decay=recipe.weight_decay,
                           warmup_steps=recipe.warmup_epochs * steps_per_epoch, total_steps=total,
                           seed=recipe.seed)
     start = time.time()
-    while trainer.step_count < (total if max_steps is None else min(total, max_steps)):
+    while trainer.step_count < stop:
         epoch = trainer.step_count // steps_per_epoch
         skip = trainer.step_count % steps_per_epoch       # resume mid-epoch exactly
         losses = []
@@ -146,7 +147,7 @@ def train_digits(recipe: DigitsRecipe = DigitsRecipe(), *, split=None, out_dir=N
                                            epoch, recipe.seed, recipe.augment)):
             if i < skip:
                 continue
-            if max_steps is not None and trainer.step_count >= max_steps:
+            if trainer.step_count >= stop:
                 break
             losses.append(trainer.step(batch)["loss"])
         if losses and trainer.rank == 0:

@@ -167,8 +167,8 @@ class Trainer:
             raise FloatingPointError(f"loss is {loss.item()} at step {self.step_count}")
         loss.backward()
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.grad is not None], self.grad_clip)
+            # parameters without a gradient (unused this step) are skipped by clip_grad_norm_
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.step_count += 1
         logs = {"loss": float(loss.detach()), **logs}
