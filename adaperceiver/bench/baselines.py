@@ -11,12 +11,12 @@ benchmark's inputs (batch 4, seed 0, as ``RunSettings.images()``), counted analy
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 __all__ = ["DEFAULT_BASELINES", "REFERENCE_BASELINE", "AVIT_BASELINES", "parse_baselines",
-           "build_baseline", "baseline_flops", "check_timm_name"]
+           "build_baseline", "baseline_flops", "meta_flops", "check_timm_name"]
 
 DEFAULT_BASELINES = ("flexivit_small", "flexivit_base", "flexivit_large", "vit_base_patch16_224",
                      "vit_large_patch16_224", "vit_huge_patch14_224")
@@ -104,11 +104,16 @@ def baseline_flops(name: str, img_size: int = 224) -> tuple[float, int]:
     if name in AVIT_BASELINES:
         from adaperceiver.baselines.avit import avit_baseline_flops
         return avit_baseline_flops(name, img_size)
+    return meta_flops(lambda: _create(name, img_size).eval(), img_size)
+
+
+def meta_flops(build: Callable[[], torch.nn.Module], img_size: int) -> tuple[float, int]:
+    """(FLOPs of one image's forward, parameters) of the model ``build()`` makes, built and
+    run on meta tensors (no memory, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model = _create(name, img_size).eval()
+        model = build()
         x = torch.empty(1, 3, img_size, img_size)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             model(x)
-    params = sum(p.numel() for p in model.parameters())
-    return float(fc.get_total_flops()), int(params)
+    return float(fc.get_total_flops()), int(sum(p.numel() for p in model.parameters()))

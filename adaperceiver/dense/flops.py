@@ -72,13 +72,11 @@ class EncoderFlops:
 
 def _distilled_config(model_or_config=None):
     from ..config import AdaPerceiverConfig
+    from ..flops import _config
     from ..registry import MODEL_CONFIGS
     if model_or_config is None:
         return AdaPerceiverConfig(**MODEL_CONFIGS["adaperceiver_v1"])
-    if isinstance(model_or_config, dict):
-        return AdaPerceiverConfig.from_dict(model_or_config)
-    cfg = model_or_config if isinstance(model_or_config, AdaPerceiverConfig) else \
-        model_or_config.config
+    cfg = _config(model_or_config)
     if not cfg.distilled:
         raise ValueError("encoder FLOPs need the distilled backbone (output_feat_dim set); "
                          "got output_feat_dim=None")
@@ -117,13 +115,8 @@ def build_vit(timm_name: str, img_size: int = DENSE_IMG_SIZE, device="cpu"):
 @lru_cache(maxsize=16)
 def vit_encoder_flops(timm_name: str, img_size: int = DENSE_IMG_SIZE) -> tuple[float, int]:
     """(FLOPs per image, parameters) of a timm ViT's forward without its head, on meta."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model = build_vit(timm_name, img_size, device="meta")
-        x = torch.empty(1, 3, img_size, img_size)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model(x)
-    return float(fc.get_total_flops()), int(sum(p.numel() for p in model.parameters()))
+    from ..bench.baselines import meta_flops
+    return meta_flops(lambda: build_vit(timm_name, img_size, device="meta"), img_size)
 
 
 def dense_configs(tokens: Sequence[int] = (256, 512), widths: Optional[Sequence[int]] = None,
