@@ -174,6 +174,15 @@ def _depth_sums(pred, target, ok):
     return out
 
 
+# the sums of _depth_sums in the order DepthMetrics keeps them (pooled pixels)
+_SUM_KEYS = ("sq", "abs_rel", "delta1", "delta2", "delta3", "count")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("image", "pixel"):
+        raise ValueError(f"reduction={reduction!r} is not allowed; allowed: 'image', 'pixel'")
+
+
 def _finish(s: dict) -> dict:
     c = s["count"]
     return {"rmse": (s["sq"] / c).sqrt(), "abs_rel": s["abs_rel"] / c,
@@ -185,8 +194,7 @@ def depth_metrics(pred: torch.Tensor, target: torch.Tensor, valid: Optional[torc
                   reduction: str = "pixel") -> dict:
     """Dict of float64 0-dim tensors ``rmse``, ``abs_rel``, ``delta1..3`` over valid pixels (see
     the module docstring); NaN when no pixel is valid."""
-    if reduction not in ("image", "pixel"):
-        raise ValueError(f"reduction={reduction!r} is not allowed; allowed: 'image', 'pixel'")
+    _check_reduction(reduction)
     s = _depth_sums(pred, target, _depth_valid(pred, target, valid, min_depth, max_depth))
     if reduction == "pixel":
         return _finish({k: v.sum() for k, v in s.items()})
@@ -202,9 +210,7 @@ class DepthMetrics:
 
     def __init__(self, min_depth: Optional[float] = None, max_depth: Optional[float] = None,
                  reduction: str = "pixel"):
-        if reduction not in ("image", "pixel"):
-            raise ValueError(f"reduction={reduction!r} is not allowed; allowed: 'image', "
-                             "'pixel'")
+        _check_reduction(reduction)
         self.min_depth, self.max_depth, self.reduction = min_depth, max_depth, reduction
         self.sums = torch.zeros(len(DEPTH_METRICS) + 1, dtype=torch.float64)  # + count
 
@@ -212,14 +218,12 @@ class DepthMetrics:
         s = _depth_sums(pred, target, _depth_valid(pred, target, valid, self.min_depth,
                                                    self.max_depth))
         if self.reduction == "pixel":
-            vals = [s["sq"].sum(), s["abs_rel"].sum()] + [s[f"delta{i}"].sum() for i in (1, 2, 3)]
-            n = s["count"].sum()
+            vals = [s[k].sum() for k in _SUM_KEYS]
         else:
             has = s["count"] > 0
             per = _finish({k: v[has] for k, v in s.items()})
-            vals = [per[k].sum() for k in DEPTH_METRICS]
-            n = has.sum().double()
-        self.sums += torch.stack([*(v.cpu() for v in vals), n.cpu()])
+            vals = [per[k].sum() for k in DEPTH_METRICS] + [has.sum().double()]
+        self.sums += torch.stack([v.cpu() for v in vals])
 
     def compute(self, sync: bool = True) -> dict:
         sums = self.sums
@@ -230,7 +234,6 @@ class DepthMetrics:
         if not n:
             return {k: float("nan") for k in DEPTH_METRICS}
         if self.reduction == "pixel":
-            return {"rmse": float((sums[0] / n).sqrt()), "abs_rel": float(sums[1] / n),
-                    **{f"delta{i}": float(sums[1 + i] / n) for i in (1, 2, 3)}}
+            return {k: float(v) for k, v in _finish(dict(zip(_SUM_KEYS, sums))).items()}
         # per-image mean: sums hold sum over images of rmse, abs_rel, deltas
         return {k: float(sums[i] / n) for i, k in enumerate(DEPTH_METRICS)}
