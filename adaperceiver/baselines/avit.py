@@ -340,9 +340,9 @@ def calibrate_beta(model: AViT, images: torch.Tensor, flops_fraction: float,
 
 
 def benchmark_images(img_size: int = 224, batch_size: int = 4, seed: int = 0) -> torch.Tensor:
-    """The benchmark harness's inputs (``RunSettings(...).images(seed)``: randn, seed 0)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, 3, img_size, img_size, generator=g)
+    """The benchmark harness's inputs (randn, seed 0), float32 on the CPU."""
+    from adaperceiver.bench.runner import RunSettings
+    return RunSettings(batch_size=batch_size, img_size=img_size).images(seed)
 
 
 def build_avit_baseline(name: str, img_size: int = 224, device="cpu",
@@ -421,6 +421,7 @@ def train_avit_digits(split, epochs: int = 30, seed: int = 0,
                                 embed_dim=embed_dim, depth=6, num_heads=4, class_token=True,
                                 global_pool="token")
         model = AViT(vit, gamma=gamma, beta=beta, eps=1.0 - thresholds[0])
+        n_tokens = vit.patch_embed.num_patches + 1      # the patches and the class token
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
         x, y = split.x_train, split.y_train
         steps = epochs * math.ceil(len(y) / batch_size)
@@ -449,7 +450,7 @@ def train_avit_digits(split, epochs: int = 30, seed: int = 0,
             if ep == epochs - 1 or ep % 10 == 0:
                 say(f"avit digits epoch {ep + 1}/{epochs}: ce {tot['ce'] / len(y):.3f} ponder "
                     f"{tot['ponder'] / len(y):.4f} distr {tot['distr'] / len(y):.4f} "
-                    f"token-layers {tot['tl'] / len(y):.1f}/{17 * 6}")
+                    f"token-layers {tot['tl'] / len(y):.1f}/{model.depth * n_tokens}")
     model.eval()
     points = []
     settings = [(f"avit thr={t:g}", t, True) for t in thresholds] + [("avit full", None, False)]
