@@ -1,7 +1,8 @@
-// See microkernel.h. The AVX-512 body is compiled with a function-level target attribute and
-// chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
+// See microkernel.h. The AVX-512 and AVX2 bodies are compiled with function-level target
+// attributes and chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
 #include "cpu/microkernel.h"
 
+#include <c10/util/Exception.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -171,20 +172,177 @@ bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
 }
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+// ---- AVX2 + FMA (Zen 2/3, Haswell and later without AVX-512) ----
+// One 6 x 16 tile of C: 12 ymm accumulators, two B vectors and one broadcast (15 of the 16
+// registers). Full = the tile's 16 columns all exist: plain loads; otherwise masked loads
+// (vmaskmovps is slower, so the full case is its own instantiation). Rows past R recompute
+// row R - 1 and are not stored, as in the AVX-512 tile.
+constexpr int MR2 = 6, NR2 = 16;
+
+template <bool Full>
+__attribute__((target("avx2,fma"))) void tile_avx2(int R, int64_t k, const float* a,
+                                                   int64_t rs, int64_t cs, const float* b,
+                                                   int64_t ldb, float* c, int64_t ldc,
+                                                   __m256i m0, __m256i m1, bool accumulate) {
+  const float* a0 = a;
+  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
+  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
+  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
+  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
+  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t p = 0; p < k; ++p) {
+    const float* bp = b + p * ldb;
+    const __m256 b0 = Full ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
+    const __m256 b1 = Full ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
+    const int64_t o = p * cs;
+    __m256 av = _mm256_broadcast_ss(a0 + o);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a1 + o);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a2 + o);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a3 + o);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a4 + o);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a5 + o);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
+  }
+#define ADAPERCEIVER_PUT(r, v0, v1)                                              \
+  if ((r) < R) {                                                               \
+    float* cr = c + (r) * ldc;                                                 \
+    if (Full) {                                                                \
+      if (accumulate) {                                                        \
+        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));                           \
+        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));                       \
+      }                                                                        \
+      _mm256_storeu_ps(cr, v0);                                                \
+      _mm256_storeu_ps(cr + 8, v1);                                            \
+    } else {                                                                   \
+      if (accumulate) {                                                        \
+        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                    \
+        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                \
+      }                                                                        \
+      _mm256_maskstore_ps(cr, m0, v0);                                         \
+      _mm256_maskstore_ps(cr + 8, m1, v1);                                     \
+    }                                                                          \
+  }
+  ADAPERCEIVER_PUT(0, c00, c01)
+  ADAPERCEIVER_PUT(1, c10, c11)
+  ADAPERCEIVER_PUT(2, c20, c21)
+  ADAPERCEIVER_PUT(3, c30, c31)
+  ADAPERCEIVER_PUT(4, c40, c41)
+  ADAPERCEIVER_PUT(5, c50, c51)
+#undef ADAPERCEIVER_PUT
+}
+
+// lane mask of the first w (0..8) of 8 floats, for vmaskmovps
+__attribute__((target("avx2"))) inline __m256i first_lanes(int64_t w) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(w)), idx);
+}
+
+__attribute__((target("avx2,fma"))) void small_gemm_avx2(int64_t m, int64_t n, int64_t k,
+                                                        const float* a, int64_t rs, int64_t cs,
+                                                        const float* b, int64_t ldb, float* c,
+                                                        int64_t ldc, bool accumulate) {
+  for (int64_t j0 = 0; j0 < n; j0 += NR2) {
+    const int64_t w = n - j0 < NR2 ? n - j0 : NR2;
+    const __m256i m0 = first_lanes(std::min<int64_t>(w, 8));
+    const __m256i m1 = first_lanes(std::max<int64_t>(w - 8, 0));
+    for (int64_t i0 = 0; i0 < m; i0 += MR2) {
+      const int R = static_cast<int>(m - i0 < MR2 ? m - i0 : MR2);
+      const float* ai = a + i0 * rs;
+      float* ci = c + i0 * ldc + j0;
+      if (w == NR2) {
+        tile_avx2<true>(R, k, ai, rs, cs, b + j0, ldb, ci, ldc, m0, m1, accumulate);
+      } else {
+        tile_avx2<false>(R, k, ai, rs, cs, b + j0, ldb, ci, ldc, m0, m1, accumulate);
+      }
+    }
+  }
+}
+
+// exp(x) for x <= 0, the same Cephes polynomial as exp512; 2^n through the exponent bits
+// (x >= -87 keeps n + 127 >= 1, a normal float).
+__attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+                                 _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// 8 floats from p, -inf in the lanes past the mask k (f: the same mask as floats)
+__attribute__((target("avx2,fma"))) inline __m256 load_or_ninf(const float* p, __m256i k,
+                                                               __m256 f) {
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(p, k), f);
+}
+
+// col_softmax over 16 columns at a time as two 8-lane vectors; lanes past cols are loaded as
+// -inf (max) or not stored (exp), so the columns past cols are never touched.
+__attribute__((target("avx2,fma"))) void col_softmax_avx2(float* st, int64_t kc, int64_t ld,
+                                                         int64_t cols, const float* m_old,
+                                                         float* m_new, float* sum) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t w = std::min<int64_t>(cols - c0, 16);
+    const __m256i k0 = first_lanes(std::min<int64_t>(w, 8));
+    const __m256i k1 = first_lanes(std::max<int64_t>(w - 8, 0));
+    const __m256 f0 = _mm256_castsi256_ps(k0), f1 = _mm256_castsi256_ps(k1);
+    __m256 mx0 = load_or_ninf(m_old + c0, k0, f0), mx1 = load_or_ninf(m_old + c0 + 8, k1, f1);
+    for (int64_t j = 0; j < kc; ++j) {
+      const float* row = st + j * ld + c0;
+      mx0 = _mm256_max_ps(mx0, load_or_ninf(row, k0, f0));
+      mx1 = _mm256_max_ps(mx1, load_or_ninf(row + 8, k1, f1));
+    }
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kc; ++j) {
+      float* row = st + j * ld + c0;
+      const __m256 e0 = exp256(_mm256_sub_ps(_mm256_maskload_ps(row, k0), mx0));
+      const __m256 e1 = exp256(_mm256_sub_ps(_mm256_maskload_ps(row + 8, k1), mx1));
+      _mm256_maskstore_ps(row, k0, e0);
+      _mm256_maskstore_ps(row + 8, k1, e1);
+      s0 = _mm256_add_ps(s0, _mm256_and_ps(e0, f0));
+      s1 = _mm256_add_ps(s1, _mm256_and_ps(e1, f1));
+    }
+    _mm256_maskstore_ps(m_new + c0, k0, mx0);
+    _mm256_maskstore_ps(m_new + c0 + 8, k1, mx1);
+    _mm256_maskstore_ps(sum + c0, k0, s0);
+    _mm256_maskstore_ps(sum + c0 + 8, k1, s1);
+  }
+}
 #else
 bool has_avx512() { return false; }
+bool has_avx2() { return false; }
 #endif
 
-}  // namespace
-
-void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
-                 float* m_new, float* sum) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx512() && cols <= 32) {
-    col_softmax_avx512(st, kc, ld, cols, m_old, m_new, sum);
-    return;
-  }
-#endif
+void col_softmax_portable(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
+                          float* m_new, float* sum) {
   for (int64_t i = 0; i < cols; ++i) {
     float mx = m_old[i];
     for (int64_t j = 0; j < kc; ++j) mx = std::max(mx, st[j * ld + i]);
@@ -199,22 +357,64 @@ void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m
   }
 }
 
-void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
-                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  if (m == 0 || n == 0) return;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx512()) {
-    small_gemm_avx512(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
-    return;
-  }
-#endif
-  // BLAS fallback: A is row-major (cs == 1) or column-major (rs == 1)
+void small_gemm_blas(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
+                     const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  // A is row-major (cs == 1) or column-major (rs == 1)
   const float beta = accumulate ? 1.f : 0.f;
   if (cs == 1) {
     gemm_rm(false, false, m, n, k, 1.f, a, rs, b, ldb, beta, c, ldc);
   } else {
     gemm_rm(true, false, m, n, k, 1.f, a, cs, b, ldb, beta, c, ldc);
   }
+}
+
+}  // namespace
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return has_avx512();
+    case Isa::kAvx2: return has_avx2();
+    case Isa::kPortable: return true;
+  }
+  return false;
+}
+
+Isa best_isa() {
+  static const Isa best =
+      has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
+  return best;
+}
+
+void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
+                 float* m_new, float* sum) {
+  TORCH_CHECK(isa_supported(isa), "col_softmax: this CPU lacks the requested instruction set");
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == Isa::kAvx512 && cols <= 32) return col_softmax_avx512(st, kc, ld, cols, m_old, m_new, sum);
+  if (isa == Isa::kAvx2) return col_softmax_avx2(st, kc, ld, cols, m_old, m_new, sum);
+#endif
+  col_softmax_portable(st, kc, ld, cols, m_old, m_new, sum);
+}
+
+void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,
+                int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
+                bool accumulate) {
+  TORCH_CHECK(isa_supported(isa), "small_gemm: this CPU lacks the requested instruction set");
+  if (m == 0 || n == 0) return;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == Isa::kAvx512) return small_gemm_avx512(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+  if (isa == Isa::kAvx2) return small_gemm_avx2(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+#endif
+  small_gemm_blas(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+}
+
+void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
+                 float* m_new, float* sum) {
+  col_softmax(best_isa(), st, kc, ld, cols, m_old, m_new, sum);
+}
+
+void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
+                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  small_gemm(best_isa(), m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace cpu

@@ -8,10 +8,12 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
 #include "kernels.h"
+#include "cpu/microkernel.h"
 
 using adaperceiver::OptT;
 
@@ -214,6 +216,73 @@ void dispatcher_case() {
   expect_close(a, r, 0.0, "  matryoshka_ffn_fwd via dispatcher");
 }
 
+// The attention's register-tiled small GEMM and column softmax, on every instruction-set path
+// this CPU supports (the kernels above only run the best one), against double precision:
+// row- and column-major A, tails in m and n, accumulate on poisoned-free random C, and
+// masked (-inf) score entries.
+void microkernel_cases() {
+  using adaperceiver::cpu::Isa;
+  const Isa isas[] = {Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
+  const char* names[] = {"avx512", "avx2", "portable"};
+  for (int ii = 0; ii < 3; ++ii) {
+    if (!adaperceiver::cpu::isa_supported(isas[ii])) {
+      std::printf("skip small_gemm/col_softmax %s: not supported by this CPU\n", names[ii]);
+      continue;
+    }
+    const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 64}, {32, 33, 5}, {13, 16, 3}, {48, 77, 64}};
+    for (const auto& sh : shapes) {
+      const int64_t m = sh[0], n = sh[1], k = sh[2];
+      for (int col_major = 0; col_major < 2; ++col_major) {
+        for (int acc = 0; acc < 2; ++acc) {
+          // A stored with a leading dimension larger than needed; B and C too (ld + 3)
+          const int64_t lda = (col_major ? m : k) + 3, ldb = n + 3, ldc = n + 5;
+          at::Tensor a = at::randn({col_major ? k : m, lda}), b = at::randn({k, ldb});
+          at::Tensor c = at::randn({m, ldc});
+          at::Tensor c0 = c.clone();
+          const int64_t rs = col_major ? 1 : lda, cs = col_major ? lda : 1;
+          adaperceiver::cpu::small_gemm(isas[ii], m, n, k, a.data_ptr<float>(), rs, cs,
+                                        b.data_ptr<float>(), ldb, c.data_ptr<float>(), ldc,
+                                        acc == 1);
+          at::Tensor A = col_major ? a.narrow(1, 0, m).t() : a.narrow(1, 0, k);
+          at::Tensor want = c0.to(at::kDouble);
+          at::Tensor prod = at::mm(A.to(at::kDouble), b.narrow(1, 0, n).to(at::kDouble));
+          want.narrow(1, 0, n).copy_(acc ? want.narrow(1, 0, n) + prod : prod);
+          char what[96];
+          std::snprintf(what, sizeof what, "small_gemm %s %ldx%ldx%ld %s%s", names[ii],
+                        static_cast<long>(m), static_cast<long>(n), static_cast<long>(k),
+                        col_major ? "A col-major" : "A row-major", acc ? " +=" : "");
+          // columns past n (the padding of ldc) must come back untouched
+          expect_close(c, want, 1e-4 * std::sqrt(static_cast<double>(k)), what);
+        }
+      }
+    }
+    for (int64_t cols : {1, 7, 8, 9, 16, 23, 32}) {
+      const int64_t kc = 37, ld = 32 + 3;
+      at::Tensor st = at::randn({kc, ld}) * 4.0, m_old = at::randn({32});
+      m_old[0] = -std::numeric_limits<float>::infinity();  // a first chunk's running max
+      for (int64_t j = 30; j < kc; ++j) st[j][cols - 1] = -std::numeric_limits<float>::infinity();
+      at::Tensor s0 = st.clone(), m_new = at::full({32}, 7.f), sum = at::full({32}, 7.f);
+      adaperceiver::cpu::col_softmax(isas[ii], st.data_ptr<float>(), kc, ld, cols,
+                                     m_old.data_ptr<float>(), m_new.data_ptr<float>(),
+                                     sum.data_ptr<float>());
+      at::Tensor S = s0.to(at::kDouble).narrow(1, 0, cols);
+      at::Tensor mx = at::maximum(std::get<0>(S.max(0)), m_old.narrow(0, 0, cols).to(at::kDouble));
+      at::Tensor e = (S - mx.unsqueeze(0)).exp();
+      at::Tensor want_st = s0.to(at::kDouble);
+      want_st.narrow(1, 0, cols).copy_(e);
+      at::Tensor want_m = at::full({32}, 7.0, at::kDouble), want_s = want_m.clone();
+      want_m.narrow(0, 0, cols).copy_(mx);
+      want_s.narrow(0, 0, cols).copy_(e.sum(0));
+      char what[96];
+      std::snprintf(what, sizeof what, "col_softmax %s cols=%ld", names[ii],
+                    static_cast<long>(cols));
+      expect_close(st, want_st, 1e-6, (std::string(what) + " exp").c_str());
+      expect_close(m_new, want_m, 0.0, (std::string(what) + " max").c_str());
+      expect_close(sum, want_s, 1e-5, (std::string(what) + " sum").c_str());
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -226,6 +295,7 @@ int main() {
   ffn_case(5, 7, 40, 70, 24, {70, 1, 33, 70, 1});
   ffn_case(4, 9, 33, 50, 33, {50, 50, 17, 17});
   dispatcher_case();
+  microkernel_cases();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;
