@@ -16,8 +16,14 @@
 #include "ffn_banded.h"
 #include "kernels.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
+#include <string>
 
 namespace adaperceiver {
 
@@ -68,6 +74,35 @@ struct Bands {
   }
 };
 
+// oneDNN's matmul on plain weights (mkldnn::_linear_pointwise), the library the model's other
+// float32 CPU projections use (adaperceiver/ops/linear.py says why: MKL takes a generic path on
+// AMD CPUs); nullptr when this torch has no oneDNN or ADAPERCEIVER_CPU_GEMM=mkl.
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    const char* env = std::getenv("ADAPERCEIVER_CPU_GEMM");
+    if (env && std::strcmp(env, "mkl") == 0) return std::nullopt;
+    if (!at::hasMKLDNN()) return std::nullopt;
+    return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  }();
+  return op ? &*op : nullptr;
+}
+
+// x (rows, k) times w (n, k) transposed, plus bias when given: a new (rows, n) float32 tensor.
+// On the CPU through oneDNN when available and w is contiguous (a column slice of fc2's weight,
+// a band of a mixed batch, sends oneDNN to its reference GEMM, ~1000x slower), else ATen's GEMM
+// (MKL on the CPU).
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias) {
+  if (x.device().is_cpu() && w.is_contiguous()) {
+    if (const c10::OperatorHandle* op = onednn_linear_op()) {
+      torch::jit::Stack stack{x, w, bias, std::string("none"),
+                              c10::List<std::optional<at::Scalar>>(), std::string("")};
+      op->callBoxed(stack);
+      return stack[0].toTensor();
+    }
+  }
+  return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
+}
+
 }  // namespace
 
 at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -81,27 +116,25 @@ at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::T
   const Bands bands(hidden, x.device());
   const at::Tensor xs = bands.rows(xw);
   at::Tensor os = bands.rows_out(out);
-  // one activation buffer for all bands (fresh allocations fault in new pages every call)
-  at::Tensor act_buf = at::empty({B * N * hidden[bands.perm[0]]}, xw.options());
-  // on the CPU in float32, fc1's bias joins the GELU pass (cpu/ffn.cpp) rather than being
-  // copied into the GEMM's output first
-  const bool cpu_bias_gelu = xw.device().is_cpu();
+  // fc1's bias joins the GELU pass on the CPU (cpu/ffn.cpp) rather than being added to the
+  // GEMM's output first; elsewhere it is the GEMM's beta term
+  const bool cpu = xw.device().is_cpu();
   for (const auto& band : bands.bands) {
     const int64_t rows = band.n * N, u = band.hi - band.lo;
-    at::Tensor act = act_buf.narrow(0, 0, rows * u).view({rows, u});
     const at::Tensor xr = xs.narrow(0, 0, rows);
     const at::Tensor w1b = w1w.narrow(0, band.lo, u), w2b = w2w.narrow(1, band.lo, u);
-    if (cpu_bias_gelu) {
-      at::mm_out(act, xr, w1b.t());
+    at::Tensor act = dense_linear(xr, w1b, cpu ? OptT() : OptT(b1w.narrow(0, band.lo, u)));
+    if (cpu) {
       cpu::bias_gelu_(act, b1w.narrow(0, band.lo, u));
     } else {
-      at::addmm_out(act, b1w.narrow(0, band.lo, u), xr, w1b.t());
       at::gelu_(act);
     }
+    // the first band covers every row and brings fc2's bias; later bands add their units
+    const at::Tensor y = dense_linear(act, w2b, band.lo == 0 ? OptT(b2w) : OptT());
     if (band.lo == 0) {
-      at::addmm_out(os, b2w, act, w2b.t());  // every row: fc2's bias here
+      os.copy_(y);
     } else {
-      os.narrow(0, 0, rows).addmm_(act, w2b.t());
+      os.narrow(0, 0, rows).add_(y);
     }
   }
   bands.scatter(out, os);

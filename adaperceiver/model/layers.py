@@ -41,7 +41,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        act = F.gelu(ops.linear(x, self.fc1.weight, self.fc1.bias))
+        return ops.linear(act, self.fc2.weight, self.fc2.bias)
 
 
 class MatryoshkaMlp(Mlp):
@@ -74,7 +75,7 @@ class Attention(nn.Module):
         separate layers run."""
         lins = [getattr(self, n) for n in names]
         if len(lins) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return [lin(x) for lin in lins]
+            return [ops.linear(x, lin.weight, lin.bias) for lin in lins]
         params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
         key = (names, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         if self._fused is None or self._fused[0] != key:
@@ -83,7 +84,7 @@ class Attention(nn.Module):
                 bias = (torch.cat([lin.bias for lin in lins])
                         if all(lin.bias is not None for lin in lins) else None)
             self._fused = (key, weight, bias)
-        out = F.linear(x, self._fused[1], self._fused[2])
+        out = ops.linear(x, self._fused[1], self._fused[2])
         return list(out.split([lin.out_features for lin in lins], dim=-1))
 
     def _heads(self, t):
@@ -99,15 +100,16 @@ class Attention(nn.Module):
 
     def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
         k, v = self._project(x_kv, "kv")
-        o = self._attend(self.q(x_q), k, v, token_grans, q_rope, k_rope, seq_lens)
-        return self.proj(o)
+        o = self._attend(ops.linear(x_q, self.q.weight, self.q.bias), k, v, token_grans, q_rope,
+                         k_rope, seq_lens)
+        return ops.linear(o, self.proj.weight, self.proj.bias)
 
     def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
         """Self-attention of packed rows x (R, C) laid out by ``layout``: projections run on the
         rows, attention on the padded form with ``seq_lens``."""
         q, k, v = (layout.pad(t) for t in self._project(x, "qkv"))
         o = self._attend(q, k, v, token_grans, rope, rope, layout.seq_lens)
-        return self.proj(layout.pack(o))
+        return ops.linear(layout.pack(o), self.proj.weight, self.proj.bias)
 
 
 class CrossAttentionHead(nn.Module):
@@ -200,7 +202,7 @@ class OutputAdapter(nn.Module):
         self.ffn = nn.Linear(dim, num_classes)
 
     def forward(self, x):
-        return self.ffn(x)
+        return ops.linear(x, self.ffn.weight, self.ffn.bias)
 
 
 class PatchQueries(nn.Module):
@@ -211,7 +213,7 @@ class PatchQueries(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, patches):
-        return self.proj(patches)
+        return ops.linear(patches, self.proj.weight, self.proj.bias)
 
 
 class FeatureAdapter(nn.Module):

@@ -1,7 +1,8 @@
 """The two ops of AdaPerceiver, as torch.library custom ops that dispatch to a backend.
 
 ``block_masked_attention(q, k, v, token_grans=None, *, scale=None, seq_lens=None, q_rope=None,
-k_rope=None)`` and ``matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)``.
+k_rope=None)`` and ``matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)``;
+``linear`` (linear.py) runs the model's projections.
 The custom ops ``adaperceiver::block_masked_attention`` / ``adaperceiver::matryoshka_ffn`` (and
 their ``_backward`` ops) have fake implementations and autograd, so ``torch.compile`` traces
 them as single nodes. Which backend runs is decided in dispatch.py.
@@ -15,11 +16,12 @@ import torch
 
 from . import dispatch
 from .dispatch import NoBackendError, available_backends, forced_backend, use_backend
+from .linear import cpu_gemm_library, linear
 from .schedule import block_mask, check_grans, group_ends, row_end, tile_schedule
 
 __all__ = ["block_masked_attention", "matryoshka_ffn", "use_backend", "forced_backend",
            "available_backends", "NoBackendError", "block_mask", "row_end", "group_ends",
-           "tile_schedule", "normalize_hidden"]
+           "tile_schedule", "normalize_hidden", "linear", "cpu_gemm_library"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -1,0 +1,78 @@
+"""``linear(x, weight, bias)``: the model's projections, with the CPU GEMM library chosen for speed.
+
+On the CPU in float32, when no gradient is recorded, a projection runs as oneDNN's matmul
+(``mkldnn::_linear_pointwise`` on the plain weight: no pre-packed copy, nothing cached) instead
+of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs; on this project's
+machines (AMD EPYC, AVX2) oneDNN runs the model's shapes (1024 rows, K = 832 / 3328) at
+120-135 GFLOP/s against MKL's 85-105 (``benchmarks/test_bench_ops_cpu.py`` prints the ratio).
+Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
+oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
+runs those on its reference kernel, three orders of magnitude slower. ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import) keeps
+every projection on ``F.linear``. The two libraries agree to float32 rounding (they sum in
+different orders); a given input and library always give the same output.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear", "cpu_gemm_library"]
+
+_CHOICES = ("onednn", "mkl")
+
+
+def _library_from_env() -> str:
+    name = os.environ.get("ADAPERCEIVER_CPU_GEMM", "onednn").strip().lower() or "onednn"
+    if name not in _CHOICES:
+        raise ValueError(f"ADAPERCEIVER_CPU_GEMM={name!r} is not one of {', '.join(_CHOICES)}")
+    has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                   "_linear_pointwise")
+    return name if has_onednn else "mkl"
+
+
+_LIBRARY = _library_from_env()
+_onednn_linear = torch.ops.mkldnn._linear_pointwise if _LIBRARY == "onednn" else None
+
+
+def cpu_gemm_library() -> str:
+    """Which library runs float32 CPU projections without gradients: "onednn" or "mkl"."""
+    return _LIBRARY
+
+
+def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    if _LIBRARY != "onednn" or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or x.dim() < 2:
+        return False
+    if not weight.is_contiguous():
+        return False   # a column slice of a weight takes oneDNN's reference GEMM (1000x slower)
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False   # inductor lowers F.linear itself; autocast casts F.linear's inputs
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False   # the oneDNN op has no autograd formula
+    return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; float32 CPU inference runs through oneDNN (see above)."""
+    if _onednn_takes(x, weight, bias):
+        return _onednn_linear(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+# FlopCounterMode (and so count_flops' cross-check) sees the oneDNN op as what it is: a GEMM
+from torch.utils.flop_counter import flop_registry, register_flop_formula  # noqa: E402
+
+if (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
+        torch.ops.mkldnn._linear_pointwise not in flop_registry):
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = 1
+        for s in x_shape[:-1]:
+            rows *= s
+        return 2 * rows * w_shape[0] * w_shape[1]
