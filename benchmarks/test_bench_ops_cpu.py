@@ -6,6 +6,7 @@ Targets (issue text):
   * Matryoshka FFN, one batch of mixed widths: <= 1.1x the sum of the same samples run in
     single-width batches, and >= 0.95 x (B*Hmax)/sum(widths) times faster than the masked
     full-width reference.
+  * (report only) the model's projection GEMMs, ops.linear against F.linear (MKL).
 Run: pytest benchmarks/test_bench_ops_cpu.py -s  (the ratios are printed; set
 ADAPERCEIVER_BENCH_ASSERT=0 to only report them, e.g. on a loaded machine).
 Timing: the two sides alternate call by call and the median of each is compared, so drifts
@@ -104,3 +105,29 @@ def test_matryoshka_ffn_mixed_widths(benchmark):
     if ASSERT:
         assert cost <= 1.1
         assert speedup >= 0.95 * bound
+
+
+PROJECTIONS = [
+    pytest.param(1024, 832, 2496, id="qkv-1024x832x2496"),
+    pytest.param(1024, 832, 3328, id="fc1-1024x832x3328"),
+    pytest.param(1024, 3328, 832, id="fc2-1024x3328x832"),
+]
+
+
+@pytest.mark.parametrize("m,k,n", PROJECTIONS)
+def test_projection_gemm_library(benchmark, m, k, n):
+    """The model's float32 CPU projections (ops.linear: oneDNN unless ADAPERCEIVER_CPU_GEMM=mkl)
+    against F.linear (MKL) on the full configuration's shapes (batch 4 x 256 latents). Report
+    only: the issue sets no target here; the end-to-end figures carry the consequence."""
+    from adaperceiver import ops
+    x, w, b = torch.randn(m, k), torch.randn(n, k) / math.sqrt(k), torch.randn(n)
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+        t = side_by_side({"ops": lambda: ops.linear(x, w, b),
+                          "mkl": lambda: F.linear(x, w, b)}, rounds=9)
+        flops = 2 * m * k * n
+        print(f"\n[projection {m}x{k}x{n}] F.linear (MKL) {flops / t['mkl'] / 1e9:.0f} GFLOP/s, "
+              f"ops.linear ({ops.cpu_gemm_library()}) {flops / t['ops'] / 1e9:.0f} GFLOP/s: "
+              f"{t['mkl'] / t['ops']:.2f}x")
+        benchmark.extra_info.update(library=ops.cpu_gemm_library(), ratio=t["mkl"] / t["ops"])
+        benchmark.pedantic(lambda: ops.linear(x, w, b), rounds=3, iterations=1)
