@@ -339,6 +339,7 @@ def test_inference_flag_adds_the_figures(tmp_path, monkeypatch, capsys):
     assert seen["full"] == (64, {"batch": 4, "img_size": 32, "rounds": 2,
                                  "device": seen["full"][1]["device"]})
     assert seen["mixed"]["batch"] == 4
+    assert seen["mixed"]["rounds"] == inf.MIXED_MIN_ROUNDS   # --rounds 2 is raised for it
     assert "FIGURES {'model_img_s': 1.5} {'mixed_ms': 2.5}" in out["table"]
     doc = json.loads((tmp_path / "i.json").read_text())
     assert doc["inference"] == {"full": {"model_img_s": 1.5}, "mixed": {"mixed_ms": 2.5}}
@@ -366,3 +367,21 @@ def test_a_failing_config_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatc
     assert [r["config"] for r in doc["results"]] == ["t=8 w=32 l=1"]
     assert len(doc["failures"]) == 1 and "t=8 w=32 l=3" in doc["failures"][0]
     assert "kernel exploded" in doc["failures"][0]
+
+
+def test_figures_table_prints_the_library_gemm_rows_without_a_verdict():
+    from adaperceiver.bench.inference import format_figures
+    full = {"gemm_gflops": 102.0, "library": "onednn", "library_gemm_gflops": 124.0,
+            "full_vs_library_gemm_bound": 0.86, "model_img_s": 1.43, "model_spread_pct": 5.0,
+            "flexivit_large_img_s": 0.75, "full_vs_flexivit_large": 1.91,
+            "full_vs_gemm_bound": 1.04}
+    lines = format_figures(full, None).splitlines()
+    lib = [ln for ln in lines if ln.startswith("GEMM rate, onednn")]
+    strict = [ln for ln in lines if ln.startswith("full / GEMM bound at onednn's rate")]
+    assert len(lib) == 1 and "124 GFLOP/s" in lib[0] and lib[0].rstrip().endswith("-")
+    assert len(strict) == 1 and "0.86x" in strict[0] and strict[0].rstrip().endswith("-")
+    bound = [ln for ln in lines if ln.startswith("full / GEMM bound ")]
+    assert "1.04x" in bound[0] and bound[0].rstrip().endswith("yes")
+    # without the library fields (MKL is the model's library, or a GPU) the rows are absent
+    del full["library"], full["library_gemm_gflops"], full["full_vs_library_gemm_bound"]
+    assert "onednn" not in format_figures(full, None)
