@@ -203,24 +203,16 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int R, int64_t k, const float
     const __m256 b0 = Full ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
     const __m256 b1 = Full ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
     const int64_t o = p * cs;
-    __m256 av = _mm256_broadcast_ss(a0 + o);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a1 + o);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a2 + o);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a3 + o);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a4 + o);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a5 + o);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
+    // row r: one broadcast of A's element, two FMAs into its accumulators
+#define ADAPERCEIVER_ROW(r)                              \
+  {                                                      \
+    const __m256 av = _mm256_broadcast_ss(a##r + o);     \
+    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);          \
+    c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);          \
+  }
+    ADAPERCEIVER_ROW(0) ADAPERCEIVER_ROW(1) ADAPERCEIVER_ROW(2)
+    ADAPERCEIVER_ROW(3) ADAPERCEIVER_ROW(4) ADAPERCEIVER_ROW(5)
+#undef ADAPERCEIVER_ROW
   }
 #define ADAPERCEIVER_PUT(r, v0, v1)                                              \
   if ((r) < R) {                                                               \
