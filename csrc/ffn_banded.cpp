@@ -20,8 +20,8 @@
 #include <ATen/core/stack.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
-#include <cstring>
 #include <numeric>
 #include <string>
 
@@ -79,8 +79,15 @@ struct Bands {
 // AMD CPUs); nullptr when this torch has no oneDNN or ADAPERCEIVER_CPU_GEMM=mkl.
 const c10::OperatorHandle* onednn_linear_op() {
   static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    const char* env = std::getenv("ADAPERCEIVER_CPU_GEMM");
-    if (env && std::strcmp(env, "mkl") == 0) return std::nullopt;
+    // read as ops/linear.py reads it (surrounding blanks and case ignored), so the FFN and the
+    // projections always agree on the library; ops/linear.py rejects other values at import
+    std::string env;
+    if (const char* v = std::getenv("ADAPERCEIVER_CPU_GEMM")) env = v;
+    env.erase(0, env.find_first_not_of(" \t\n\r"));
+    env.erase(env.find_last_not_of(" \t\n\r") + 1);
+    std::transform(env.begin(), env.end(), env.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    if (env == "mkl") return std::nullopt;
     if (!at::hasMKLDNN()) return std::nullopt;
     return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
   }();

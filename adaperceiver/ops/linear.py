@@ -2,14 +2,15 @@
 
 On the CPU in float32, when no gradient is recorded, a projection runs as oneDNN's matmul
 (``mkldnn::_linear_pointwise`` on the plain weight: no pre-packed copy, nothing cached) instead
-of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs; on this project's
-machines (AMD EPYC, AVX2) oneDNN runs the model's shapes (1024 rows, K = 832 / 3328) at
-120-135 GFLOP/s against MKL's 85-105 (``benchmarks/test_bench_ops_cpu.py`` prints the ratio).
+of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs; on an AMD EPYC
+(AVX2) oneDNN ran the model's projection shapes (1024 rows, K = 832 / 3328) 1.18-1.33x faster
+than MKL (``pytest benchmarks/test_bench_ops_cpu.py -k projection -s`` prints the ratios).
 Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
 oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
-runs those on its reference kernel, three orders of magnitude slower. ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import) keeps
-every projection on ``F.linear``. The two libraries agree to float32 rounding (they sum in
-different orders); a given input and library always give the same output.
+runs those on its reference kernel, three orders of magnitude slower.
+``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
+same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
+(they sum in different orders); a given input and library always give the same output.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
 # FlopCounterMode (and so count_flops' cross-check) sees the oneDNN op as what it is: a GEMM
 from torch.utils.flop_counter import flop_registry, register_flop_formula  # noqa: E402
 
+# (the registry is keyed by overload: leave a formula torch may one day ship itself in place)
 if (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
-        torch.ops.mkldnn._linear_pointwise not in flop_registry):
+        torch.ops.mkldnn._linear_pointwise.default not in flop_registry):
     @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
     def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         rows = 1

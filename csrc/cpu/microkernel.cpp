@@ -377,9 +377,12 @@ Isa best_isa() {
   return best;
 }
 
-void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
-                 float* m_new, float* sum) {
-  TORCH_CHECK(isa_supported(isa), "col_softmax: this CPU lacks the requested instruction set");
+namespace {
+
+// the kernels of one instruction set, unchecked (the public overloads below check an Isa a
+// caller names; the default ones take best_isa(), supported by construction, and run per tile)
+void run_col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols,
+                     const float* m_old, float* m_new, float* sum) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (isa == Isa::kAvx512 && cols <= 32) return col_softmax_avx512(st, kc, ld, cols, m_old, m_new, sum);
   if (isa == Isa::kAvx2) return col_softmax_avx2(st, kc, ld, cols, m_old, m_new, sum);
@@ -387,10 +390,9 @@ void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const
   col_softmax_portable(st, kc, ld, cols, m_old, m_new, sum);
 }
 
-void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,
-                int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
-                bool accumulate) {
-  TORCH_CHECK(isa_supported(isa), "small_gemm: this CPU lacks the requested instruction set");
+void run_small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,
+                    int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
+                    bool accumulate) {
   if (m == 0 || n == 0) return;
 #if defined(__x86_64__) && defined(__GNUC__)
   if (isa == Isa::kAvx512) return small_gemm_avx512(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
@@ -399,14 +401,29 @@ void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_
   small_gemm_blas(m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
 }
 
+}  // namespace
+
+void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
+                 float* m_new, float* sum) {
+  TORCH_CHECK(isa_supported(isa), "col_softmax: this CPU lacks the requested instruction set");
+  run_col_softmax(isa, st, kc, ld, cols, m_old, m_new, sum);
+}
+
+void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_t rs,
+                int64_t cs, const float* b, int64_t ldb, float* c, int64_t ldc,
+                bool accumulate) {
+  TORCH_CHECK(isa_supported(isa), "small_gemm: this CPU lacks the requested instruction set");
+  run_small_gemm(isa, m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+}
+
 void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
                  float* m_new, float* sum) {
-  col_softmax(best_isa(), st, kc, ld, cols, m_old, m_new, sum);
+  run_col_softmax(best_isa(), st, kc, ld, cols, m_old, m_new, sum);
 }
 
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  small_gemm(best_isa(), m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+  run_small_gemm(best_isa(), m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
 }
 
 }  // namespace cpu
