@@ -385,3 +385,46 @@ def test_figures_table_prints_the_library_gemm_rows_without_a_verdict():
     # without the library fields (MKL is the model's library, or a GPU) the rows are absent
     del full["library"], full["library_gemm_gflops"], full["full_vs_library_gemm_bound"]
     assert "onednn" not in format_figures(full, None)
+
+
+def test_inference_ratios_are_medians_of_per_round_ratios(monkeypatch):
+    """Each figure's ratio pairs the steps of one round; with load that drifts between rounds
+    the median of the per-round ratios differs from the ratio of the medians (which the
+    expected values here would not match)."""
+    import torch
+    import adaperceiver.bench.inference as inf
+    from adaperceiver.bench.timing import Timing
+    from adaperceiver.flops import count_flops
+    from conftest import tiny_model
+
+    model = tiny_model().eval()
+    plan = {}
+
+    def fake_interleaved(steps, device, **kw):
+        return [Timing(list(plan[len(steps)][i]), 1, "fake") for i in range(len(steps))]
+
+    monkeypatch.setattr(inf, "time_interleaved", fake_interleaved)
+    monkeypatch.setattr(inf, "_library_gemm_step", lambda device: None)
+    # mixed (2 samples): mixed, single x 2, padded; round loads 1, 3, 2 (not proportional)
+    plan[4] = [[10.0, 20.0, 60.0], [8.0, 60.0, 30.0], [12.0, 20.0, 30.0],
+               [30.0, 30.0, 240.0]]
+    configs = [(32, 48, 1), (64, 96, 2)]
+    m = inf.mixed_batch_figures(model, configs, batch=2, img_size=64, rounds=3)
+    # per round, singles sum / B = 10, 40, 30: ratios 1, 0.5, 2 -> 1 (medians: 20 / 30)
+    assert m["mixed_vs_single_config_avg"] == pytest.approx(1.0)
+    assert m["padded_over_mixed"] == pytest.approx(3.0)     # 3, 1.5, 4 (medians: 1.5)
+    big = count_flops(model, 64, 96, 2, img_size=64).needed * 2
+    mix = sum(count_flops(model, *c, img_size=64).needed for c in configs)
+    assert m["flops_ratio"] == pytest.approx(big / mix)
+    assert m["padded_over_mixed_vs_flops_ratio"] == pytest.approx(abs(3.0 / (big / mix) - 1))
+    # full config: gemm, model, baseline
+    plan[3] = [[2.0, 1.0, 3.0], [10.0, 10.0, 30.0], [20.0, 15.0, 90.0]]
+    f = inf.full_config_figures(model, batch=2, img_size=64, rounds=3,
+                                baseline=torch.nn.Identity())
+    assert f["full_vs_flexivit_large"] == pytest.approx(2.0)   # 2, 1.5, 3 (medians: 1.5)
+    cfg = model.config
+    needed = count_flops(model, cfg.max_latent_tokens, cfg.embed_dim, cfg.depth, 64).needed
+    per_img = needed * 2 / (2 * 2048 ** 3)
+    # gemm / model per round: 0.2, 0.1, 0.1 -> 0.1 (medians: 2 / 10 = 0.2)
+    assert f["full_vs_gemm_bound"] == pytest.approx(per_img * 0.1)
+    assert f["model_img_s"] == pytest.approx(2 / 0.010)

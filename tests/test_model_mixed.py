@@ -20,9 +20,9 @@ def _backends():
     return out
 
 
-def _random_configs(model, B, rng):
+def _random_configs(model, B, rng, any_tokens=True):
     cfg = model.config
-    t = [rng.choice(GRANS + [rng.randint(1, 256)]) for _ in range(B)]
+    t = [rng.choice(GRANS + ([rng.randint(1, 256)] if any_tokens else [])) for _ in range(B)]
     w = [rng.choice(cfg.mat_dims + [rng.randint(1, cfg.embed_dim)]) for _ in range(B)]
     l = [rng.randint(1, cfg.depth) for _ in range(B)]
     return t, w, l
@@ -32,13 +32,16 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# token counts: any in 1..256 (the FFN takes one row per group, gcd 1 most draws) or mask grans
+# only (multiples of 32: groups of 32 rows or more)
+@pytest.mark.parametrize("any_tokens", [True, False], ids=["any_t", "gran_t"])
 @pytest.mark.parametrize("backend", _backends())
-def test_mixed_batch_equals_each_sample_alone(backend):
+def test_mixed_batch_equals_each_sample_alone(backend, any_tokens):
     rng = random.Random(torch.initial_seed())
     model = tiny_model().eval()
     B = 7
     x = torch.randn(B, 3, 64, 64)
-    t, w, l = _random_configs(model, B, rng)
+    t, w, l = _random_configs(model, B, rng, any_tokens)
     t[0], l[1] = 256, model.config.depth           # the largest of each axis is present
     with adaperceiver.use_backend(backend), torch.no_grad():
         out = model(x, num_tokens=torch.tensor(t), mat_dim=w, depth=torch.tensor(l))
@@ -49,6 +52,20 @@ def test_mixed_batch_equals_each_sample_alone(backend):
             assert _rel(out.logits[b], alone.logits[0]) <= 1e-5, (b, t[b], w[b], l[b])
             assert _rel(feats[b, :t[b]], alone.latents[0]) <= 1e-5
             assert feats[b, t[b]:].abs().max() == 0 if t[b] < 256 else True
+
+
+def test_ffn_rows_go_in_whole_sample_groups():
+    """Layout.ffn_input: rows of ragged samples in groups of gcd(t_b) rows, each group with its
+    sample's width, in the packed order; one row per group when the gcd is 1."""
+    from adaperceiver.model.ragged import Layout
+    packed = torch.randn(96 + 128 + 64, 5)
+    lay = Layout.build([96, 128, 64], [7, 3, 5], "cpu")
+    h, hidden = lay.ffn_input(packed)
+    assert h.shape == (9, 32, 5) and hidden == [7] * 3 + [3] * 4 + [5] * 2
+    assert torch.equal(h.reshape(-1, 5), packed)
+    lay = Layout.build([3, 2], [4, 6], "cpu")
+    h, hidden = lay.ffn_input(packed[:5])
+    assert h.shape == (5, 1, 5) and hidden == [4, 4, 4, 6, 6]
 
 
 def test_mixed_batch_is_not_the_padded_batch():

@@ -10,11 +10,15 @@
   single-configuration batches (per-sample average), and against padding every sample to the
   batch's largest t, w and l (compared with the ratio of the FLOPs).
 
+Every step is timed round-robin; each ratio is the median over rounds of that round's ratio
+(paired), so machine load that drifts between rounds cancels; img/s are medians of times.
+
 Used by ``benchmarks/test_bench_inference.py`` and ``python -m adaperceiver.bench --inference``.
 """
 from __future__ import annotations
 
 import random
+import statistics
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +37,13 @@ TARGETS = {
     "mixed_vs_single_config_avg": 1.2,    # at most, time ratio
     "padded_over_mixed_vs_flops_ratio": 0.2,  # |time ratio / FLOP ratio - 1| at most
 }
+
+
+def _paired(num: Sequence[float], den: Sequence[float]) -> float:
+    """The median over rounds of num[r] / den[r]: both were timed in the same round, so a load
+    that changes between rounds (a shared machine) cancels in each ratio instead of landing on
+    one side of a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 # the mixed batch and its single-config batches take well under a second each, and their ratio
@@ -79,17 +90,21 @@ def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int 
     model_ips = batch / (t_model.median_ms / 1e3)
     base_ips = batch / (t_base.median_ms / 1e3)
     bound = rate / needed
+    # the ratios: per round (paired), then the median; model img/s over the bound's img/s is
+    # (GEMM time x model FLOPs) / (model time x GEMM FLOPs)
+    per_img = needed * batch / gemm_flops
     lib = {}
     if t_lib:
         lib_rate = gemm_flops / (t_lib[0].median_ms / 1e3)
         lib = {"library": ops.cpu_gemm_library(), "library_gemm_gflops": lib_rate / 1e9,
-               "full_vs_library_gemm_bound": model_ips / (lib_rate / needed)}
+               "full_vs_library_gemm_bound": per_img * _paired(t_lib[0].times_ms,
+                                                               t_model.times_ms)}
     return {"gemm_gflops": rate / 1e9, **lib, "model_img_s": model_ips,
             "model_spread_pct": t_model.spread_pct,
             "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": t_base.spread_pct,
             "gemm_bound_img_s": bound, "model_gflops": needed / 1e9,
-            "full_vs_flexivit_large": model_ips / base_ips,
-            "full_vs_gemm_bound": model_ips / bound}
+            "full_vs_flexivit_large": _paired(t_base.times_ms, t_model.times_ms),
+            "full_vs_gemm_bound": per_img * _paired(t_gemm.times_ms, t_model.times_ms)}
 
 
 def random_mixed_configs(model, batch: int, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -121,10 +136,15 @@ def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]]
     flops_mixed = sum(count_flops(model, *c, img_size=img_size).needed for c in configs)
     flops_padded = B * count_flops(model, *big, img_size=img_size).needed
     single_avg = sum(singles) / B
+    # ratios per round (paired), then the median: a round's single-config batches sum to the
+    # per-sample average x B of that round
+    rounds_singles = [sum(r) / B for r in zip(*(tm.times_ms for tm in timings[1:-1]))]
+    padded_over_mixed = _paired(timings[-1].times_ms, timings[0].times_ms)
     return {"configs": configs, "mixed_ms": mixed, "single_config_avg_ms_per_sample": single_avg,
-            "padded_ms": padded, "mixed_vs_single_config_avg": mixed / (single_avg * B),
-            "padded_over_mixed": padded / mixed, "flops_ratio": flops_padded / flops_mixed,
-            "padded_over_mixed_vs_flops_ratio": abs((padded / mixed) /
+            "padded_ms": padded,
+            "mixed_vs_single_config_avg": _paired(timings[0].times_ms, rounds_singles),
+            "padded_over_mixed": padded_over_mixed, "flops_ratio": flops_padded / flops_mixed,
+            "padded_over_mixed_vs_flops_ratio": abs(padded_over_mixed /
                                                     (flops_padded / flops_mixed) - 1)}
 
 

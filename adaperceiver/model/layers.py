@@ -67,15 +67,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self._fused = None   # (key, weight, bias) of the concatenated projections, see _project
 
-    def _project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
+    def _project(self, x: torch.Tensor, names: str, then=None) -> list[torch.Tensor]:
         """The projections ``names`` (a subset of "qkv") of x, as one GEMM when no gradient is
-        recorded. The concatenated weight is derived from the released separate keys and
-        rebuilt whenever any of them changes (their version counters are part of the key), so
-        it never changes a result; with gradients (training) or under torch.compile the
-        separate layers run."""
+        recorded, each passed through ``then`` when given (applied once to the fused output,
+        before it is split). The concatenated weight is derived from the released separate
+        keys and rebuilt whenever any of them changes (their version counters are part of the
+        key), so it never changes a result; with gradients (training) or under torch.compile
+        the separate layers run."""
+        then = then or (lambda t: t)
         lins = [getattr(self, n) for n in names]
         if len(lins) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return [ops.linear(x, lin.weight, lin.bias) for lin in lins]
+            return [then(ops.linear(x, lin.weight, lin.bias)) for lin in lins]
         params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
         key = (names, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         if self._fused is None or self._fused[0] != key:
@@ -84,7 +86,7 @@ class Attention(nn.Module):
                 bias = (torch.cat([lin.bias for lin in lins])
                         if all(lin.bias is not None for lin in lins) else None)
             self._fused = (key, weight, bias)
-        out = ops.linear(x, self._fused[1], self._fused[2])
+        out = then(ops.linear(x, self._fused[1], self._fused[2]))
         return list(out.split([lin.out_features for lin in lins], dim=-1))
 
     def _heads(self, t):
@@ -106,8 +108,9 @@ class Attention(nn.Module):
 
     def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
         """Self-attention of packed rows x (R, C) laid out by ``layout``: projections run on the
-        rows, attention on the padded form with ``seq_lens``."""
-        q, k, v = (layout.pad(t) for t in self._project(x, "qkv"))
+        rows, attention on the padded form with ``seq_lens`` (q, k and v padded as one
+        tensor when they come from one GEMM)."""
+        q, k, v = self._project(x, "qkv", then=layout.pad)
         o = self._attend(q, k, v, token_grans, rope, rope, layout.seq_lens)
         return ops.linear(layout.pack(o), self.proj.weight, self.proj.bias)
 

@@ -7,6 +7,7 @@ kernels skip the padding. When every sample has the same t, packing and padding 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -58,14 +59,17 @@ class Layout:
         return flat if self.rows is None else flat.index_select(0, self.rows)
 
     def ffn_input(self, packed: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """The (B', N', C) view and per-sample hidden list the Matryoshka FFN op takes: one
-        sample per row when lengths differ, so the op's width bands take rows of any width."""
+        """The (B', N', C) view and per-sample hidden list the Matryoshka FFN op takes. When
+        lengths differ, the rows go in groups of g = gcd(t_b) (every sample is a whole number
+        of groups; the released token counts are multiples of 32), one hidden width per group,
+        so the op's width bands take rows of any width with a short list."""
         if self.rows is None:
             return packed.view(self.batch, self.max_len, -1), list(self.hidden)
         if len(set(self.hidden)) == 1:
             return packed[None], [self.hidden[0]]
-        per_row = torch.repeat_interleave(torch.tensor(self.hidden), torch.tensor(self.tokens))
-        return packed[:, None, :], per_row.tolist()
+        g = math.gcd(*self.tokens)
+        per_group = [h for h, t in zip(self.hidden, self.tokens) for _ in range(t // g)]
+        return packed.reshape(-1, g, packed.shape[-1]), per_group
 
     def select(self, keep: Sequence[int], packed: torch.Tensor) -> tuple["Layout", torch.Tensor]:
         """Keep the samples at positions ``keep`` (in that order): the compacted layout and
