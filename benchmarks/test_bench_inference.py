@@ -5,13 +5,13 @@ pytest-benchmark's extra_info; targets are reported, not asserted (this machine 
 import pytest
 import torch
 
-from adaperceiver.bench.inference import (MIXED_MIN_ROUNDS, format_figures,
+from adaperceiver.bench.inference import (FULL_MIN_ROUNDS, MIXED_MIN_ROUNDS, format_figures,
                                           full_config_figures, mixed_batch_figures)
 
 
 @pytest.fixture(scope="module")
 def figures(released_model, device):
-    full = full_config_figures(released_model, batch=4, rounds=3, device=device)
+    full = full_config_figures(released_model, batch=4, rounds=FULL_MIN_ROUNDS, device=device)
     mixed = mixed_batch_figures(released_model, batch=4, rounds=MIXED_MIN_ROUNDS, device=device)
     print("\n" + format_figures(full, mixed))
     return full, mixed

@@ -336,10 +336,10 @@ def test_inference_flag_adds_the_figures(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(inf, "format_figures", lambda f, m: f"FIGURES {f} {m}")
     out = run(TINY + FAST + ["--configs", "t=8", "w=32", "l=1", "--baselines", "none",
                              "--inference", "--results-file", str(tmp_path / "i.json")])
-    assert seen["full"] == (64, {"batch": 4, "img_size": 32, "rounds": 2,
+    assert seen["full"] == (64, {"batch": 4, "img_size": 32, "rounds": inf.FULL_MIN_ROUNDS,
                                  "device": seen["full"][1]["device"]})
     assert seen["mixed"]["batch"] == 4
-    assert seen["mixed"]["rounds"] == inf.MIXED_MIN_ROUNDS   # --rounds 2 is raised for it
+    assert seen["mixed"]["rounds"] == inf.MIXED_MIN_ROUNDS   # --rounds 2 is raised for both
     assert "FIGURES {'model_img_s': 1.5} {'mixed_ms': 2.5}" in out["table"]
     doc = json.loads((tmp_path / "i.json").read_text())
     assert doc["inference"] == {"full": {"model_img_s": 1.5}, "mixed": {"mixed_ms": 2.5}}
