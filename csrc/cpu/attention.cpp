@@ -80,9 +80,9 @@ struct Rope {
 };
 
 // Rotate the interleaved pairs of one row x (D values) by position n into dst (D contiguous
-// values), times mul (cpu::rope_row: AVX2 when the CPU has it).
+// values), times mul; vectorised (vec_math.h).
 inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float mul, float* dst) {
-  cpu::rope_row(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
+  rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
 // qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance

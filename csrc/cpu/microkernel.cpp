@@ -1,7 +1,6 @@
 // See microkernel.h. The AVX-512 and AVX2 bodies are compiled with function-level target
 // attributes and chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
 #include "cpu/microkernel.h"
-#include "cpu/vec_math.h"
 
 #include <c10/util/Exception.h>
 #include <immintrin.h>
@@ -323,7 +322,7 @@ __attribute__((target("avx2,fma"))) void col_block_avx2(float* st, int64_t kc, i
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (int64_t j = 0; j < kc; ++j) {
     float* row = st + j * ld;
-    // masked-out lanes load -inf: exp gives 0, which neither the sum nor (unstored) st sees
+    // lanes past w load -inf and exp to ~1e-38; they are never stored (neither are their sums)
     const __m256 e0 = exp256(_mm256_sub_ps(load_block<Full>(row, k0, f0), mx0));
     const __m256 e1 = exp256(_mm256_sub_ps(load_block<Full>(row + 8, k1, f1), mx1));
     if (Full) {
@@ -356,25 +355,6 @@ __attribute__((target("avx2,fma"))) void col_softmax_avx2(float* st, int64_t kc,
       col_block_avx2<false>(st + c0, kc, ld, w, m_old + c0, m_new + c0, sum + c0);
     }
   }
-}
-
-// RoPE of one row (interleaved pairs times e^(j angle), times mul), 4 pairs per vector:
-// even lanes x0 c - x1 s, odd lanes x1 c + x0 s (one addsub of x * c and swapped(x) * s).
-__attribute__((target("avx2,fma"))) void rope_row_avx2(const float* x, const float* c,
-                                                      const float* s, int64_t half, float mul,
-                                                      float* dst) {
-  const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-  const __m256 m = _mm256_set1_ps(mul);
-  int64_t i = 0;
-  for (; i + 4 <= half; i += 4) {
-    const __m256 xv = _mm256_loadu_ps(x + 2 * i);
-    const __m256 cv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(c + i)), dup);
-    const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + i)), dup);
-    const __m256 xs = _mm256_permute_ps(xv, 0xB1);  // (x1, x0) in each pair
-    const __m256 r = _mm256_addsub_ps(_mm256_mul_ps(xv, cv), _mm256_mul_ps(xs, sv));
-    _mm256_storeu_ps(dst + 2 * i, _mm256_mul_ps(r, m));
-  }
-  rope_row_contiguous(x + 2 * i, c + i, s + i, half - i, mul, dst + 2 * i);  // the tail pairs
 }
 #else
 bool has_avx512() { return false; }
@@ -462,25 +442,6 @@ void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_
                 bool accumulate) {
   TORCH_CHECK(isa_supported(isa), "small_gemm: this CPU lacks the requested instruction set");
   run_small_gemm(isa, m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
-}
-
-void rope_row(Isa isa, const float* x, const float* c, const float* s, int64_t half, float mul,
-              float* dst) {
-  TORCH_CHECK(isa_supported(isa), "rope_row: this CPU lacks the requested instruction set");
-#if defined(__x86_64__) && defined(__GNUC__)
-  // AVX-512 machines run the AVX2 body (it has AVX2): RoPE is a small share of the attention
-  if (isa != Isa::kPortable) return rope_row_avx2(x, c, s, half, mul, dst);
-#endif
-  rope_row_contiguous(x, c, s, half, mul, dst);
-}
-
-void rope_row(const float* x, const float* c, const float* s, int64_t half, float mul,
-              float* dst) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = has_avx2();
-  if (avx2) return rope_row_avx2(x, c, s, half, mul, dst);
-#endif
-  rope_row_contiguous(x, c, s, half, mul, dst);
 }
 
 void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,

@@ -32,13 +32,6 @@ void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m
 void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
                  float* m_new, float* sum);
 
-// RoPE of one row: interleaved pairs (x[2i], x[2i+1]) of x (2 * half values) rotated by the
-// angle whose cos / sin are c[i] / s[i], times mul, into dst (AVX2 when the CPU has it).
-void rope_row(const float* x, const float* c, const float* s, int64_t half, float mul,
-              float* dst);
-void rope_row(Isa isa, const float* x, const float* c, const float* s, int64_t half, float mul,
-              float* dst);
-
 // Row-major GEMM through BLAS: C = alpha * op(A) op(B) + beta * C.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
              int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
