@@ -111,11 +111,12 @@ def test_mixed_arguments_errors():
         model(x, depth_tau=0.5, exit="layer")
 
 
-def test_torch_compile_matches_eager_without_graph_breaks():
+@pytest.mark.parametrize("backend", _backends())
+def test_torch_compile_matches_eager_without_graph_breaks(backend):
     model = tiny_model(depth=2).eval()
     x = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
-    with adaperceiver.use_backend("reference"), torch.no_grad():
+    with adaperceiver.use_backend(backend), torch.no_grad():
         eager = model(x, num_tokens=64, mat_dim=[48, 96]).logits
         compiled = torch.compile(model, fullgraph=True)      # fullgraph: a break is an error
         got = compiled(x, num_tokens=64, mat_dim=[48, 96]).logits
