@@ -118,11 +118,12 @@ at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::T
   at::Tensor xw = x.to(wt).contiguous(), w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt),
              b2w = b2.to(wt);
   const int64_t B = x.size(0), N = x.size(1), Cout = w2.size(0);
-  at::Tensor out = at::empty({B, N, Cout}, xw.options());
-  if (out.numel() == 0) return out.to(x.scalar_type());
+  if (B * N * Cout == 0) return at::empty({B, N, Cout}, x.options());
   const Bands bands(hidden, x.device());
   const at::Tensor xs = bands.rows(xw);
-  at::Tensor os = bands.rows_out(out);
+  // fc2's output rows in perm order: the first band's product (that band covers every row and
+  // brings fc2's bias), later bands' products added in place; no separate output to copy into
+  at::Tensor os;
   // fc1's bias joins the GELU pass on the CPU (cpu/ffn.cpp) rather than being added to the
   // GEMM's output first; elsewhere it is the GEMM's beta term
   const bool cpu = xw.device().is_cpu();
@@ -136,17 +137,15 @@ at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::T
     } else {
       at::gelu_(act);
     }
-    // the first band covers every row and brings fc2's bias; later bands add their units
-    const at::Tensor y = dense_linear(act, w2b, band.lo == 0 ? OptT(b2w) : OptT());
-    if (bands.bands.size() == 1 && bands.in_order) {
-      return y.view({B, N, Cout}).to(x.scalar_type());  // one band over every row: y is out
-    }
+    at::Tensor y = dense_linear(act, w2b, band.lo == 0 ? OptT(b2w) : OptT());
     if (band.lo == 0) {
-      os.copy_(y);
+      os = std::move(y);
     } else {
       os.narrow(0, 0, rows).add_(y);
     }
   }
+  if (bands.in_order) return os.view({B, N, Cout}).to(x.scalar_type());
+  at::Tensor out = at::empty({B, N, Cout}, os.options());
   bands.scatter(out, os);
   return out.to(x.scalar_type());
 }
