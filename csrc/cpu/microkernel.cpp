@@ -308,6 +308,15 @@ __attribute__((target("avx2,fma"))) inline __m256 load_block(const float* p, __m
 }
 
 template <bool Full>
+__attribute__((target("avx2,fma"))) inline void store_block(float* p, __m256i k, __m256 v) {
+  if (Full) {
+    _mm256_storeu_ps(p, v);
+  } else {
+    _mm256_maskstore_ps(p, k, v);
+  }
+}
+
+template <bool Full>
 __attribute__((target("avx2,fma"))) void col_block_avx2(float* st, int64_t kc, int64_t ld,
                                                        int64_t w, const float* m_old,
                                                        float* m_new, float* sum) {
@@ -325,23 +334,15 @@ __attribute__((target("avx2,fma"))) void col_block_avx2(float* st, int64_t kc, i
     // lanes past w load -inf and exp to ~1e-38; they are never stored (neither are their sums)
     const __m256 e0 = exp256(_mm256_sub_ps(load_block<Full>(row, k0, f0), mx0));
     const __m256 e1 = exp256(_mm256_sub_ps(load_block<Full>(row + 8, k1, f1), mx1));
-    if (Full) {
-      _mm256_storeu_ps(row, e0);
-      _mm256_storeu_ps(row + 8, e1);
-    } else {
-      _mm256_maskstore_ps(row, k0, e0);
-      _mm256_maskstore_ps(row + 8, k1, e1);
-    }
+    store_block<Full>(row, k0, e0);
+    store_block<Full>(row + 8, k1, e1);
     s0 = _mm256_add_ps(s0, e0);
     s1 = _mm256_add_ps(s1, e1);
   }
-  if (Full) {
-    _mm256_storeu_ps(m_new, mx0), _mm256_storeu_ps(m_new + 8, mx1);
-    _mm256_storeu_ps(sum, s0), _mm256_storeu_ps(sum + 8, s1);
-  } else {
-    _mm256_maskstore_ps(m_new, k0, mx0), _mm256_maskstore_ps(m_new + 8, k1, mx1);
-    _mm256_maskstore_ps(sum, k0, s0), _mm256_maskstore_ps(sum + 8, k1, s1);
-  }
+  store_block<Full>(m_new, k0, mx0);
+  store_block<Full>(m_new + 8, k1, mx1);
+  store_block<Full>(sum, k0, s0);
+  store_block<Full>(sum + 8, k1, s1);
 }
 
 __attribute__((target("avx2,fma"))) void col_softmax_avx2(float* st, int64_t kc, int64_t ld,
