@@ -26,12 +26,15 @@ def rope_tables(n: int, head_dim: int, theta: float = 10000.0, max_tokens: int =
     freqs_i = 1 / theta^(2i / head_dim); when n > max_tokens every freq is divided by
     n / max_tokens.
     """
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)[: head_dim // 2]
-                             / head_dim))
+    # built on the target device: a table made on the host and copied over would be a
+    # pageable host-to-device copy, which waits for the GPU's queued work, in every forward
+    pos = torch.arange(n, dtype=torch.float32, device=device)
+    i2 = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)[: head_dim // 2]
+    freqs = 1.0 / (theta ** (i2 / head_dim))
     if n > max_tokens:
         freqs = freqs / (n / max_tokens)
-    angles = torch.outer(torch.arange(n, dtype=torch.float32), freqs)
-    return angles.cos().to(device), angles.sin().to(device)
+    angles = torch.outer(pos, freqs)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
