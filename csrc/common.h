@@ -49,19 +49,32 @@ inline std::vector<int64_t> row_end(int64_t n, at::OptionalIntArrayRef grans, in
   return re;
 }
 
-// Per-sample lengths as int64 on the host (empty when seq_lens is None).
-inline std::vector<int64_t> seq_lens_host(const c10::optional<at::Tensor>& seq_lens, int64_t B) {
-  std::vector<int64_t> out;
-  if (!seq_lens.has_value()) return out;
+// seq_lens must be None or an int32/int64 tensor of shape (B,); reads no value (on a GPU,
+// reading one would be a device-to-host copy, a sync).
+inline void check_seq_lens(const c10::optional<at::Tensor>& seq_lens, int64_t B) {
+  if (!seq_lens.has_value()) return;
   const auto& s = *seq_lens;
   TORCH_CHECK(s.dim() == 1 && s.size(0) == B &&
                   (s.scalar_type() == at::kInt || s.scalar_type() == at::kLong),
               "seq_lens must be an int32/int64 tensor of shape (", B, ",), got dtype ",
               s.scalar_type(), " shape ", shape_str(s));
-  auto h = s.to(at::kCPU, at::kLong).contiguous();
+}
+
+// Per-sample lengths as int64 on the host (empty when seq_lens is None); the CPU kernels' use.
+inline std::vector<int64_t> seq_lens_host(const c10::optional<at::Tensor>& seq_lens, int64_t B) {
+  std::vector<int64_t> out;
+  check_seq_lens(seq_lens, B);
+  if (!seq_lens.has_value()) return out;
+  auto h = seq_lens->to(at::kCPU, at::kLong).contiguous();
   const int64_t* p = h.data_ptr<int64_t>();
   out.assign(p, p + B);
   return out;
+}
+
+// A host-built index tensor (pageable memory) copied to dev with non_blocking: CUDA stages the
+// bytes at once and does not wait for the GPU; a blocking copy would synchronise the stream.
+inline at::Tensor host_to_device(const at::Tensor& host, const at::Device& dev) {
+  return host.to(host.options().device(dev), /*non_blocking=*/true);
 }
 
 inline bool is_supported_float(at::ScalarType t) {

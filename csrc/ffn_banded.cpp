@@ -45,7 +45,8 @@ struct Bands {
     std::stable_sort(perm.begin(), perm.end(),
                      [&](int64_t a, int64_t b) { return hidden[a] > hidden[b]; });
     for (int64_t i = 0; i < B; ++i) in_order = in_order && perm[i] == i;
-    if (!in_order) idx = at::tensor(perm, at::TensorOptions().dtype(at::kLong)).to(dev);
+    if (!in_order)
+      idx = host_to_device(at::tensor(perm, at::TensorOptions().dtype(at::kLong)), dev);
     int64_t lo = 0;
     for (int64_t n = B; n > 0;) {
       const int64_t hi = hidden[perm[n - 1]];

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaperceiver.ops.schedule import to_device
+
 __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
 
@@ -313,14 +315,16 @@ def _schedule(hidden, n, block_m, block_h, hmax) -> FfnSchedule:
     return FfnSchedule(order, widths, n, block_m, block_h, tile_width, items, row_bound)
 
 
-def _row_tensors(sched: FfnSchedule, device):
-    """row_ids (sorted row -> original flattened row) and row_h, int32 on ``device``."""
+def _schedule_tensors(sched: FfnSchedule, device):
+    """row_ids (sorted row -> original flattened row), row_h and the work items (row tile,
+    hidden tile) flattened, int32 on ``device``; copied without a host sync (to_device)."""
     n = sched.n_rows_per_sample
     order = torch.tensor(sched.order, dtype=torch.int32)
     ar = torch.arange(n, dtype=torch.int32)
     row_ids = (order[:, None] * n + ar[None, :]).reshape(-1)
     row_h = torch.tensor(sched.widths, dtype=torch.int32).repeat_interleave(n)
-    return row_ids.to(device), row_h.to(device)
+    items = torch.tensor(sched.items, dtype=torch.int32).reshape(-1)
+    return tuple(to_device(t, device, torch.int32) for t in (row_ids, row_h, items))
 
 
 # ----------------------------------------------------------------------------- tile sizes
@@ -464,8 +468,7 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
         return out
     x2 = x.reshape(M, C)
     sched = ffn_schedule(hidden, N, bl.block_m, bl.block_h, hmax)
-    row_ids, row_h = _row_tensors(sched, x.device)
-    items = torch.tensor(sched.items, dtype=torch.int32, device=x.device).reshape(-1)
+    row_ids, row_h, items = _schedule_tensors(sched, x.device)
     # columns a row tile never reaches are never written nor read: no zero fill needed
     act = _hidden_buffer(M, hmax, x.dtype, x.device)
     count = _count_buffer(counters, x.device)
@@ -527,9 +530,8 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
             count.zero_()
 
     sched = ffn_schedule(hidden, N, bl.block_m_bwd, bl.block_h, hmax)
-    row_ids, row_h = _row_tensors(sched, dev)
+    row_ids, row_h, items = _schedule_tensors(sched, dev)
     cnt = count if count is not None else row_h
-    items = torch.tensor(sched.items, dtype=torch.int32, device=dev).reshape(-1)
     act = _hidden_buffer(M, hmax, x.dtype, dev)
     dpre = _hidden_buffer(M, hmax, x.dtype, dev)
     _dpre_kernel[(sched.tiles,)](
@@ -549,7 +551,7 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         HAS_BIAS=False, W_K_PAD=False, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
         COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
     _take("dx")
-    row_bound = torch.tensor(sched.row_bound, dtype=torch.int32, device=dev)
+    row_bound = to_device(sched.row_bound, dev, torch.int32)
     grid = (_cdiv(hmax, bl.block_h), _cdiv(C, bl.block_c))
     _hidden_by_cols_kernel[grid](
         dpre, x2, row_ids, row_h, row_bound, dw1, db1, cnt,

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import AdaPerceiverConfig, CallConfig, resolve_call
 from ..ops.reference import rope_tables
+from ..ops.schedule import to_device
 from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, OutputAdapter,
                      PatchEmbed, PatchQueries)
 from .ragged import Layout
@@ -142,8 +143,7 @@ class AdaPerceiverClassifier(nn.Module):
         tokens = [int(t) for t in tokens]
         out = queries.new_empty(queries.shape)
         for t in sorted(set(tokens)):
-            idx = torch.tensor([b for b, tb in enumerate(tokens) if tb == t],
-                               device=latents.device)
+            idx = to_device([b for b, tb in enumerate(tokens) if tb == t], latents.device)
             lat = latents[idx, :t]
             out[idx] = self.write_head_feat(queries[idx], lat, k_rope=self._write_rope(lat, rope))
         return out
@@ -161,7 +161,7 @@ class AdaPerceiverClassifier(nn.Module):
         # widest first among equal depths: the FFN's width bands then read rows in place
         order = sorted(range(B), key=lambda b: (-call.depths[b], -call.hidden[b]))
         if order != list(range(B)):
-            x = x[torch.tensor(order, device=dev)]
+            x = x[to_device(order, dev)]
         rope = self._rope(call.num_tokens, dev)
         layout = Layout.build([call.tokens[b] for b in order], [call.hidden[b] for b in order],
                               dev)
@@ -192,11 +192,11 @@ class AdaPerceiverClassifier(nn.Module):
             out_layout, out_rows = layout.select(leave, rows)
             padded = out_layout.pad(out_rows)
             if lg is not None:
-                lg = lg[torch.tensor(leave, device=dev)]
+                lg = lg[to_device(leave, dev)]
             elif with_logits:
                 lg = self.forward_head(padded, rope, out_layout.seq_lens)
             if feats is not None:
-                idx = torch.tensor([position[running[j]] for j in leave], device=dev)
+                idx = to_device([position[running[j]] for j in leave], dev)
                 pt = self.forward_patch_tokens(padded, patches[idx], rope, out_layout.tokens)
                 pf = self.output_adapter_feat(pt)
             for n, j in enumerate(leave):

@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops.schedule import to_device
+
 __all__ = ["Layout"]
 
 
@@ -29,8 +31,9 @@ class Layout:
         n = max(tokens)
         if all(t == n for t in tokens):
             return cls(tokens, hidden, None, None)
-        rows = torch.cat([torch.arange(t) + b * n for b, t in enumerate(tokens)]).to(device)
-        seq = torch.tensor(tokens, dtype=torch.int32, device=device)
+        rows = to_device(torch.cat([torch.arange(t) + b * n for b, t in enumerate(tokens)]),
+                         device)
+        seq = to_device(tokens, device, torch.int32)
         return cls(tokens, hidden, rows, seq)
 
     @property
@@ -81,8 +84,9 @@ class Layout:
         if keep == list(range(len(keep))):
             rows = packed[:starts[len(keep)]]          # a prefix of the samples: a slice
         else:
-            idx = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in keep])
-            rows = packed.index_select(0, idx.to(packed.device))
+            idx = to_device(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in keep]),
+                            packed.device)
+            rows = packed.index_select(0, idx)
         layout = Layout.build([self.tokens[i] for i in keep], [self.hidden[i] for i in keep],
                               packed.device)
         return layout, rows

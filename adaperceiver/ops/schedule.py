@@ -19,7 +19,19 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["group_ends", "row_end", "block_mask", "tile_schedule", "TileSchedule", "check_grans"]
+__all__ = ["group_ends", "row_end", "block_mask", "tile_schedule", "TileSchedule", "check_grans",
+           "to_device"]
+
+
+def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
+    """Host-known values (a sequence or a CPU tensor) as a ``dtype`` tensor on ``device``.
+
+    Copied with ``non_blocking=True``: from pageable host memory CUDA stages the bytes at once and
+    returns without waiting for the GPU, where a blocking copy (``torch.tensor(values,
+    device="cuda")``, ``.to("cuda")``) synchronises the stream, a host sync in every forward. On
+    the CPU it is the tensor itself."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=dtype)
+    return host.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def check_grans(token_grans, name: str = "token_grans") -> list[int]:
@@ -58,7 +70,7 @@ def row_end(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = N
     rows = torch.arange(n, dtype=torch.int64)
     # the group of row i ends at the smallest end strictly greater than i
     idx = torch.searchsorted(ends, rows, right=True)
-    return ends[idx].to(torch.int32).to(device)
+    return to_device(ends[idx], device, torch.int32)
 
 
 def block_mask(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = None,

@@ -272,7 +272,7 @@ at::Tensor row_end_device(int64_t Nq, at::OptionalIntArrayRef grans, int64_t Nk,
                           const at::Device& dev) {
   const auto re = row_end(Nq, grans, Nk);
   std::vector<int32_t> re32(re.begin(), re.end());
-  return at::tensor(re32, at::TensorOptions().dtype(at::kInt)).to(dev);
+  return host_to_device(at::tensor(re32, at::TensorOptions().dtype(at::kInt)), dev);
 }
 
 at::Tensor rope_ref(const at::Tensor& x, const OptT& cos, const OptT& sin, float sign) {
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
   at::Tensor lens;
   if (seq_lens.has_value()) {
-    (void)seq_lens_host(seq_lens, B);  // shape/dtype check with a clear message
+    check_seq_lens(seq_lens, B);
     lens = seq_lens->to(q.device(), at::kInt).contiguous();
   }
   OptT qc = q_cos ? OptT(q_cos->contiguous()) : OptT(), qs = q_sin ? OptT(q_sin->contiguous()) : OptT();
@@ -360,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
   at::Tensor lens;
   if (seq_lens.has_value()) {
-    (void)seq_lens_host(seq_lens, B);
+    check_seq_lens(seq_lens, B);
     lens = seq_lens->to(q.device(), at::kInt).contiguous();
   }
   at::Tensor dq = at::empty_like(qf), dk = at::empty_like(kf), dv = at::empty_like(vf);

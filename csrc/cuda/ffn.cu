@@ -154,7 +154,8 @@ at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor
   std::vector<int32_t> rh;
   rh.reserve(B * N);
   for (int64_t b = 0; b < B; ++b) rh.insert(rh.end(), N, static_cast<int32_t>(hidden[b]));
-  at::Tensor row_h = at::tensor(rh, at::TensorOptions().dtype(at::kInt)).to(x.device());
+  at::Tensor row_h =
+      host_to_device(at::tensor(rh, at::TensorOptions().dtype(at::kInt)), x.device());
   at::Tensor act = at::empty({B * N, w1.size(0)}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({B, N, w2.size(0)}, x.options());
   switch (x.scalar_type()) {

@@ -1,0 +1,195 @@
+"""The GPU path's host side, checked without a GPU (none is available to this project).
+
+Parameters and inputs are fake CUDA tensors (FakeTensorMode: shapes, dtypes and devices, no
+data, no driver). On them we check what decides whether a GPU forward runs asynchronously:
+- torch.compile / export: the model traces as one graph (strict export is dynamo with
+  fullgraph: any graph break is an error), our ops are single nodes;
+- no host sync: nothing is read back to the host (``.item()``, ``.tolist()``: on fake tensors
+  those raise), and no host->device copy blocks (a blocking copy synchronises the stream);
+- the Triton wrappers' host code (schedules, index tensors) runs with its kernel launches
+  replaced by no-ops, under the same recorder.
+What this cannot show is the kernels' numbers on a GPU; tests/test_kernels_compile.py compiles
+every kernel for sm_80/sm_90.
+"""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+
+from conftest import tiny_model
+
+
+class HostStalls(TorchFunctionMode):
+    """Records the calls that stall the host on a GPU: a read of a device value (``item``,
+    ``tolist``, ``cpu``, ``numpy``) and a blocking host->device copy (``torch.tensor(...,
+    device=cuda)``, ``.to(cuda)`` / ``.cuda()`` / ``copy_`` without non_blocking)."""
+
+    READS = {"item", "tolist", "cpu", "numpy"}
+    FACTORIES = {"tensor", "as_tensor", "asarray", "from_numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.stalls: list[str] = []
+
+    @staticmethod
+    def _on(t, kind):
+        return isinstance(t, torch.Tensor) and t.device.type == kind
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        non_blocking = kwargs.get("non_blocking", False) or any(a is True for a in args[1:])
+        if name in self.READS and self._on(args[0], "cuda"):
+            self.stalls.append(f"{name}() of a CUDA tensor")
+        if name == "copy_" and self._on(args[0], "cuda") and self._on(args[1], "cpu") \
+                and not non_blocking:
+            self.stalls.append("blocking copy_ host -> cuda")
+        out = func(*args, **kwargs)
+        if name in self.FACTORIES and self._on(out, "cuda"):
+            self.stalls.append(f"torch.{name}(..., device=cuda): a blocking copy")
+        if name in ("to", "cuda") and self._on(args[0], "cpu") and self._on(out, "cuda") \
+                and not non_blocking:
+            self.stalls.append(f"blocking .{name}() host -> cuda of {tuple(args[0].shape)}")
+        return out
+
+
+def _fake_mode():
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _on_fake_cuda(model: torch.nn.Module, fake_mode) -> torch.nn.Module:
+    """The model's parameters and buffers as fake CUDA tensors."""
+    with fake_mode:
+        for mod in model.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                mod._parameters[name] = torch.nn.Parameter(fake_mode.from_tensor(p).to("cuda"),
+                                                           requires_grad=False)
+            for name, b in list(mod.named_buffers(recurse=False)):
+                if b is not None:
+                    mod._buffers[name] = fake_mode.from_tensor(b).to("cuda")
+    return model
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model, config):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, x):
+        return self.model(x, **self.config).logits
+
+
+def test_host_stalls_recorder_sees_what_it_must():
+    """The recorder flags each kind of stall (else the tests below could not fail)."""
+    with _fake_mode(), HostStalls() as rec:
+        torch.tensor([1, 2], device="cuda")
+        torch.arange(3).to("cuda")
+        torch.empty(3, device="cuda").copy_(torch.ones(3))
+        torch.arange(3).to(device="cuda", dtype=torch.int32, non_blocking=True)  # fine
+        torch.ones(3, device="cuda") * 2                                         # fine
+    assert len(rec.stalls) == 3, rec.stalls
+
+
+FIXED = [dict(num_tokens=256, mat_dim=96, depth=4), dict(num_tokens=64, mat_dim=48, depth=2)]
+MIXED = dict(num_tokens=[64, 96, 32], mat_dim=[48, 96, 72], depth=[2, 4, 3])
+
+
+@pytest.mark.parametrize("config", FIXED, ids=["full", "t64_w48_l2"])
+def test_fixed_config_traces_as_one_graph_with_no_host_tensor(config):
+    """torch.compile's GPU path for a fixed config: one graph (strict export), our ops as single
+    nodes, and not one tensor in it on the host (so no host->device copy at all)."""
+    fake = _fake_mode()
+    model = _on_fake_cuda(tiny_model().eval(), fake)
+    torch._dynamo.reset()
+    with fake:
+        x = torch.randn(2, 3, 64, 64, device="cuda")
+        program = torch.export.export(_Logits(model, config), (x,), strict=True)
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    targets = [str(n.target) for n in calls]
+    blocks = config["depth"]
+    # attention: read, every block, write; a width-sliced FFN in every block
+    assert targets.count("adaperceiver.block_masked_attention.default") == blocks + 2
+    assert targets.count("adaperceiver.matryoshka_ffn.default") == blocks
+    assert not [t for t in targets if "_local_scalar_dense" in t or t.endswith(".item")]
+    on_host = []
+    for n in calls:
+        vals = n.meta.get("val")
+        for v in vals if isinstance(vals, (tuple, list)) else [vals]:
+            if isinstance(v, torch.Tensor) and v.device.type != "cuda":
+                on_host.append(f"{n.target} -> {v.device}")
+    assert not on_host, on_host
+    out = [n for n in program.graph.nodes if n.op == "output"][0].args[0][0].meta["val"]
+    assert out.device.type == "cuda" and tuple(out.shape) == (2, 1, 17)
+
+
+@pytest.mark.parametrize("config", FIXED + [MIXED], ids=["full", "t64_w48_l2", "mixed"])
+def test_eager_forward_on_cuda_makes_no_host_stall(config):
+    """The eager forward (our ops' dispatch aside: they run as their fake implementations) of a
+    fixed config and of a mixed batch given as lists: no read-back and no blocking copy. The
+    mixed batch's index tensors are built on the host and copied with non_blocking."""
+    fake = _fake_mode()
+    model = _on_fake_cuda(tiny_model().eval(), fake)
+    with fake, torch.no_grad(), HostStalls() as rec:
+        out = model(torch.randn(3, 3, 64, 64, device="cuda"), **config)
+    assert out.logits.device.type == "cuda" and tuple(out.logits.shape) == (3, 1, 17)
+    assert not rec.stalls, rec.stalls
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](...)`` records the launch, runs
+    nothing (fake tensors have no memory)."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+def _no_launches(monkeypatch, module):
+    """Replace every Triton kernel of ``module`` (helpers too: only kernels are launched from
+    Python); returns the list the launches are recorded in."""
+    from triton.runtime.jit import KernelInterface
+    launches = []
+    for name, obj in list(vars(module).items()):
+        if isinstance(obj, KernelInterface):
+            monkeypatch.setattr(module, name, _NoLaunch(name, launches))
+    return launches
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["one_length", "seq_lens"])
+def test_triton_attention_host_side_makes_no_host_stall(monkeypatch, ragged):
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.ops.reference import rope_tables
+    launches = _no_launches(monkeypatch, tri)
+    with _fake_mode(), HostStalls() as rec:
+        B, H, N, D = 2, 2, 96, 32
+        q, k, v = (torch.randn(B, H, N, D, device="cuda") for _ in range(3))
+        lens = torch.tensor([96, 40], dtype=torch.int32).to("cuda", non_blocking=True) \
+            if ragged else None
+        rope = rope_tables(N, D, device="cuda")
+        out, lse = tri.attention_forward(q, k, v, [32, 64, 96], seq_lens=lens, q_rope=rope,
+                                         k_rope=rope)
+        go = torch.randn_like(out)
+        grads = tri.attention_backward(go, q, k, v, out, lse, [32, 64, 96], seq_lens=lens,
+                                       q_rope=rope, k_rope=rope)
+    assert out.shape == (B, H, N, D) and all(g.device.type == "cuda" for g in grads)
+    assert "_attn_fwd" in launches and "_attn_bwd_dq" in launches, launches
+    assert not rec.stalls, rec.stalls
+
+
+def test_triton_matryoshka_ffn_host_side_makes_no_host_stall(monkeypatch):
+    from adaperceiver.kernels import matryoshka as tri
+    launches = _no_launches(monkeypatch, tri)
+    with _fake_mode(), HostStalls() as rec:
+        B, N, C, Hd = 3, 40, 48, 96
+        x = torch.randn(B, N, C, device="cuda")
+        w1, b1 = torch.randn(Hd, C, device="cuda"), torch.randn(Hd, device="cuda")
+        w2, b2 = torch.randn(C, Hd, device="cuda"), torch.randn(C, device="cuda")
+        hidden = [96, 17, 50]
+        out = tri.ffn_forward(x, w1, b1, w2, b2, hidden)
+        grads = tri.ffn_backward(torch.randn_like(out), x, w1, b1, w2, b2, hidden)
+    assert out.shape == (B, N, C) and len(grads) == 5
+    assert {"_fc1_gelu_kernel", "_rows_by_hidden_kernel", "_dpre_kernel",
+            "_hidden_by_cols_kernel"} <= set(launches), launches
+    assert not rec.stalls, rec.stalls
