@@ -85,6 +85,14 @@ inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float 
   rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
+// Prefetch one row of D floats (a cache line per 16). q and k rows arrive from the fused
+// projection's output, one row per token H * D floats apart in the heads-last layout (~10 kB
+// in the model: a new page per row), a stride the hardware prefetchers do not follow.
+inline void prefetch_row(const float* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d);
+}
+constexpr int64_t kAhead = 8;  // rows prefetched ahead of the one being rotated
+
 // qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance
 // heads-last projections seen as (B, H, N, D)); RoPE, when given, is applied as rows are loaded
 // (q into the transposed tile; k once per (batch, head) into a per-thread scratch that the
@@ -139,6 +147,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       const float* kb = kp + b * ksb + h * ksh;
       const float* vb = vp + b * vsb + h * vsh;
       for (int64_t r = 0; r < rows; ++r) {
+        if (r + kAhead < rows) prefetch_row(q + (r + kAhead) * qsn, D);
         if (qrope.cos) {  // rotate (vectorised) into a row, then into column r of the tile
           rope_row(q + r * qsn, qrope, m0 + r, D, scale, qrow.data());
           for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = qrow[d];
@@ -155,8 +164,10 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
         int64_t krs = ksn;
         if (krope.cos) {  // rotated keys of this chunk, rotated once per (batch, head)
           if (kr_bh != bh) kr_bh = bh, k_done = 0;
-          for (int64_t j = k_done; j < c0 + kc; ++j)
+          for (int64_t j = k_done; j < c0 + kc; ++j) {
+            if (j + kAhead < c0 + kc) prefetch_row(kb + (j + kAhead) * ksn, D);
             rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D);
+          }
           k_done = std::max(k_done, c0 + kc);
           kchunk = kr.data() + c0 * D;
           krs = D;
