@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaperceiver.ops.schedule import to_device
+from adaperceiver.ops.schedule import ranges, to_device
 
 __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
@@ -317,14 +317,13 @@ def _schedule(hidden, n, block_m, block_h, hmax) -> FfnSchedule:
 
 def _schedule_tensors(sched: FfnSchedule, device):
     """row_ids (sorted row -> original flattened row), row_h and the work items (row tile,
-    hidden tile) flattened, int32 on ``device``; copied without a host sync (to_device)."""
+    hidden tile) flattened, int32 on ``device``; built there from per-sample values
+    (ops.schedule.to_device / ranges: short copies, no host sync)."""
     n = sched.n_rows_per_sample
-    order = torch.tensor(sched.order, dtype=torch.int32)
-    ar = torch.arange(n, dtype=torch.int32)
-    row_ids = (order[:, None] * n + ar[None, :]).reshape(-1)
-    row_h = torch.tensor(sched.widths, dtype=torch.int32).repeat_interleave(n)
-    items = torch.tensor(sched.items, dtype=torch.int32).reshape(-1)
-    return tuple(to_device(t, device, torch.int32) for t in (row_ids, row_h, items))
+    row_ids = ranges([b * n for b in sched.order], [n] * len(sched.order), device, torch.int32)
+    row_h = to_device(sched.widths, device, torch.int32).repeat_interleave(n)
+    items = to_device([i for item in sched.items for i in item], device, torch.int32)
+    return row_ids, row_h, items
 
 
 # ----------------------------------------------------------------------------- tile sizes

@@ -121,4 +121,3 @@ def test_torch_compile_matches_eager_without_graph_breaks(backend):
         compiled = torch.compile(model, fullgraph=True)      # fullgraph: a break is an error
         got = compiled(x, num_tokens=64, mat_dim=[48, 96]).logits
     assert _rel(got, eager) <= 1e-5
-

@@ -36,6 +36,25 @@ def test_block_mask_follows_spec_definition():
     assert ops.block_mask(4, None, 7).all() and ops.block_mask(4, None, 7).shape == (4, 7)
 
 
+def test_ranges_and_to_device():
+    """ops.schedule.ranges (the packed-row indices, built from B starts and lengths) against a
+    loop, empty ranges included; to_device converts on the host and refuses device sources."""
+    from adaperceiver.ops.schedule import ranges, to_device
+    rng = random.Random(torch.initial_seed())
+    for _ in range(20):
+        B = rng.randint(1, 7)
+        starts = [rng.randint(0, 500) for _ in range(B)]
+        lengths = [rng.choice([0, rng.randint(1, 40)]) for _ in range(B)]
+        want = [s + i for s, n in zip(starts, lengths) for i in range(n)]
+        for dtype in (torch.int64, torch.int32):
+            got = ranges(starts, lengths, "cpu", dtype)
+            assert got.dtype == dtype and got.tolist() == want
+    got = to_device(torch.tensor([3.0, 7.0]), "cpu", torch.int32)
+    assert got.dtype == torch.int32 and got.tolist() == [3, 7]
+    with pytest.raises(ValueError, match="host values; got a tensor on meta"):
+        to_device(torch.empty(2, device="meta"), "cpu")
+
+
 def test_tile_schedule_counts_exactly_the_tiles_with_allowed_scores():
     rng = random.Random(torch.initial_seed())
     for _ in range(30):

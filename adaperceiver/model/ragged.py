@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ops.schedule import to_device
+from ..ops.schedule import ranges, to_device
 
 __all__ = ["Layout"]
 
@@ -31,8 +31,7 @@ class Layout:
         n = max(tokens)
         if all(t == n for t in tokens):
             return cls(tokens, hidden, None, None)
-        rows = to_device(torch.cat([torch.arange(t) + b * n for b, t in enumerate(tokens)]),
-                         device)
+        rows = ranges([b * n for b in range(len(tokens))], tokens, device)
         seq = to_device(tokens, device, torch.int32)
         return cls(tokens, hidden, rows, seq)
 
@@ -84,8 +83,8 @@ class Layout:
         if keep == list(range(len(keep))):
             rows = packed[:starts[len(keep)]]          # a prefix of the samples: a slice
         else:
-            idx = to_device(torch.cat([torch.arange(starts[i], starts[i + 1]) for i in keep]),
-                            packed.device)
+            idx = ranges([starts[i] for i in keep], [self.tokens[i] for i in keep],
+                         packed.device)
             rows = packed.index_select(0, idx)
         layout = Layout.build([self.tokens[i] for i in keep], [self.hidden[i] for i in keep],
                               packed.device)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .schedule import block_mask
+from .schedule import block_mask, to_device
 
 __all__ = ["rope_tables", "apply_rope", "attention", "attention_forward", "attention_backward",
            "matryoshka_ffn", "ffn_forward", "ffn_backward", "hidden_mask"]
@@ -128,7 +128,7 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
 
 def hidden_mask(hidden: Sequence[int], hmax: int, device, dtype) -> torch.Tensor:
     """(B, 1, Hmax) 0/1 mask: unit j of sample b is on when j < hidden[b]."""
-    h = torch.as_tensor(list(hidden), device=device)
+    h = to_device(list(hidden), device)
     return (torch.arange(hmax, device=device)[None, :] < h[:, None]).to(dtype)[:, None, :]
 
 

@@ -20,18 +20,35 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["group_ends", "row_end", "block_mask", "tile_schedule", "TileSchedule", "check_grans",
-           "to_device"]
+           "to_device", "ranges"]
 
 
 def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
     """Host-known values (a sequence or a CPU tensor) as a ``dtype`` tensor on ``device``.
 
-    Copied with ``non_blocking=True``: from pageable host memory CUDA stages the bytes at once and
-    returns without waiting for the GPU, where a blocking copy (``torch.tensor(values,
-    device="cuda")``, ``.to("cuda")``) synchronises the stream, a host sync in every forward. On
-    the CPU it is the tensor itself."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=dtype)
-    return host.to(device=device, dtype=dtype, non_blocking=True)
+    Converted on the host, then copied with ``non_blocking=True``: from pageable host memory
+    CUDA stages the bytes and returns without waiting for the GPU's queued work, where a
+    blocking copy (``torch.tensor(values, device="cuda")``, ``.to("cuda")``) synchronises the
+    stream, a host sync in every forward. Keep such copies short (B values, not B x N: see
+    :func:`ranges`). On the CPU no copy is made."""
+    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
+        raise ValueError(f"to_device copies host values; got a tensor on {values.device}")
+    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def ranges(starts, lengths, device, dtype=torch.int64) -> torch.Tensor:
+    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` on ``device``, built
+    there from the B starts and lengths (a copy of B values instead of sum(lengths); the output
+    size is known on the host, so repeat_interleave needs no sync)."""
+    starts, lengths = [int(s) for s in starts], [int(n) for n in lengths]
+    total = sum(lengths)
+    offsets, before = [], 0              # each range's start minus the rows before it
+    for s, n in zip(starts, lengths):
+        offsets.append(s - before)
+        before += n
+    shift = torch.repeat_interleave(to_device(offsets, device, dtype),
+                                    to_device(lengths, device), output_size=total)
+    return torch.arange(total, dtype=dtype, device=device) + shift
 
 
 def check_grans(token_grans, name: str = "token_grans") -> list[int]:
@@ -77,7 +94,7 @@ def block_mask(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] 
                device=None) -> torch.Tensor:
     """Dense boolean (n, n_k) mask, True where query i may attend to key k."""
     n_k = n if n_k is None else n_k
-    re = row_end(n, token_grans, n_k).to(device)
+    re = row_end(n, token_grans, n_k, device=device)
     return torch.arange(n_k, device=device)[None, :] < re[:, None]
 
 

@@ -85,9 +85,9 @@ inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float 
   rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
-// Prefetch one row of D floats (a cache line per 16). q and k rows arrive from the fused
-// projection's output, one row per token H * D floats apart in the heads-last layout (~10 kB
-// in the model: a new page per row), a stride the hardware prefetchers do not follow.
+// Prefetch one row of D floats (a cache line per 16). In the model q and k are views of the
+// fused q/k/v projection's output, so consecutive tokens' rows of one head are 3 * H * D floats
+// apart (~10 kB: a new page per row), a stride the hardware prefetchers do not follow.
 inline void prefetch_row(const float* p, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d);
 }
@@ -165,7 +165,7 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
         if (krope.cos) {  // rotated keys of this chunk, rotated once per (batch, head)
           if (kr_bh != bh) kr_bh = bh, k_done = 0;
           for (int64_t j = k_done; j < c0 + kc; ++j) {
-            if (j + kAhead < c0 + kc) prefetch_row(kb + (j + kAhead) * ksn, D);
+            if (j + kAhead < kend) prefetch_row(kb + (j + kAhead) * ksn, D);
             rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D);
           }
           k_done = std::max(k_done, c0 + kc);

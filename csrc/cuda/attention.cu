@@ -275,6 +275,16 @@ at::Tensor row_end_device(int64_t Nq, at::OptionalIntArrayRef grans, int64_t Nk,
   return host_to_device(at::tensor(re32, at::TensorOptions().dtype(at::kInt)), dev);
 }
 
+// seq_lens as contiguous int32 on dev (undefined when None); checked without reading it, and a
+// host tensor is converted on the host and copied without blocking (host_to_device)
+at::Tensor seq_lens_device(const c10::optional<at::Tensor>& seq_lens, int64_t B,
+                           const at::Device& dev) {
+  check_seq_lens(seq_lens, B);
+  if (!seq_lens.has_value()) return at::Tensor();
+  if (seq_lens->is_cpu()) return host_to_device(seq_lens->to(at::kInt).contiguous(), dev);
+  return seq_lens->to(dev, at::kInt).contiguous();
+}
+
 at::Tensor rope_ref(const at::Tensor& x, const OptT& cos, const OptT& sin, float sign) {
   if (!cos.has_value()) return x;
   auto xp = x.unflatten(-1, {-1, 2});
@@ -322,11 +332,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
-  at::Tensor lens;
-  if (seq_lens.has_value()) {
-    check_seq_lens(seq_lens, B);
-    lens = seq_lens->to(q.device(), at::kInt).contiguous();
-  }
+  at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
   OptT qc = q_cos ? OptT(q_cos->contiguous()) : OptT(), qs = q_sin ? OptT(q_sin->contiguous()) : OptT();
   OptT kc = k_cos ? OptT(k_cos->contiguous()) : OptT(), ks = k_sin ? OptT(k_sin->contiguous()) : OptT();
   at::Tensor out = at::empty({B, H, Nq, D}, q.options());
@@ -358,11 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor delta = (gof * out.to(at::kFloat)).sum(-1).contiguous();
   at::Tensor lsef = lse.to(at::kFloat).contiguous();
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
-  at::Tensor lens;
-  if (seq_lens.has_value()) {
-    check_seq_lens(seq_lens, B);
-    lens = seq_lens->to(q.device(), at::kInt).contiguous();
-  }
+  at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
   at::Tensor dq = at::empty_like(qf), dk = at::empty_like(kf), dv = at::empty_like(vf);
   BwdParams p{qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
               gof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data_ptr<float>(),

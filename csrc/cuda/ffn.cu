@@ -151,11 +151,11 @@ at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor
   at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), b1 = b1_.contiguous(),
              w2 = w2_.contiguous(), b2 = b2_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
-  std::vector<int32_t> rh;
-  rh.reserve(B * N);
-  for (int64_t b = 0; b < B; ++b) rh.insert(rh.end(), N, static_cast<int32_t>(hidden[b]));
+  // each row's width: the B widths copied (a short copy), then repeated N times on the device
+  std::vector<int32_t> widths(hidden.begin(), hidden.end());
   at::Tensor row_h =
-      host_to_device(at::tensor(rh, at::TensorOptions().dtype(at::kInt)), x.device());
+      host_to_device(at::tensor(widths, at::TensorOptions().dtype(at::kInt)), x.device())
+          .repeat_interleave(N);
   at::Tensor act = at::empty({B * N, w1.size(0)}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({B, N, w2.size(0)}, x.options());
   switch (x.scalar_type()) {
