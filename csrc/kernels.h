@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "build_facts.h"
+
 #include <string>
 #include <tuple>
 #include <utility>
@@ -31,14 +33,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 }  // namespace cpu
-
-// Compile-time facts of this build, (key, value) strings.
-std::vector<std::pair<std::string, std::string>> build_facts();
-
-#if ADAPERCEIVER_WITH_CUDA
-namespace cuda {
-std::vector<std::pair<std::string, std::string>> build_facts();
-}
-#endif
 
 }  // namespace adaperceiver
