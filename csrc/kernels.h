@@ -27,6 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
     double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
     const OptT& k_sin);
+// self-attention over packed rows (R, H, D), sample b's rows following sample b-1's
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        at::IntArrayRef seq_lens,
+                                                        at::OptionalIntArrayRef token_grans,
+                                                        double scale, const OptT& q_cos,
+                                                        const OptT& q_sin, const OptT& k_cos,
+                                                        const OptT& k_sin);
 at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(

@@ -52,6 +52,13 @@ TORCH_LIBRARY(adaperceiver, m) {
       "block_masked_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, int[]? token_grans, float scale, Tensor? seq_lens, Tensor? q_cos, "
       "Tensor? q_sin, Tensor? k_cos, Tensor? k_sin) -> (Tensor, Tensor, Tensor)");
+  // Self-attention over packed rows: q, k, v (R, H, D), sample b's seq_lens[b] rows after those
+  // of the samples before it; out (R, H, Dv), lse (B, H, max seq_len). A CPU kernel only: other
+  // devices run it padded, through block_masked_attention_fwd (adaperceiver/ops/__init__.py).
+  m.def(
+      "block_masked_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, int[] seq_lens, "
+      "int[]? token_grans, float scale, Tensor? q_cos, Tensor? q_sin, Tensor? k_cos, "
+      "Tensor? k_sin) -> (Tensor, Tensor)");
   m.def(
       "matryoshka_ffn_fwd(Tensor x, Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, "
       "Tensor fc2_bias, int[] hidden) -> Tensor");
@@ -64,6 +71,7 @@ TORCH_LIBRARY(adaperceiver, m) {
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
   m.impl("block_masked_attention_fwd", &adaperceiver::cpu::attention_fwd);
   m.impl("block_masked_attention_bwd", &adaperceiver::cpu::attention_bwd);
+  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::cpu::attention_varlen_fwd);
   m.impl("matryoshka_ffn_fwd", &adaperceiver::cpu::ffn_fwd);
   m.impl("matryoshka_ffn_bwd", &adaperceiver::cpu::ffn_bwd);
 }

@@ -259,3 +259,21 @@ def test_triton_matryoshka_ffn_host_side_makes_no_host_stall(monkeypatch):
     assert {"_fc1_gelu_kernel", "_rows_by_hidden_kernel", "_dpre_kernel",
             "_hidden_by_cols_kernel"} <= set(launches), launches
     assert not rec.stalls, rec.stalls
+
+
+def test_packed_attention_pads_on_cuda_with_no_host_stall(monkeypatch):
+    """block_masked_attention_varlen on CUDA (no packed kernel there): the op's body pads the
+    packed rows with indices built on the device, runs the padded Triton kernel and packs."""
+    from adaperceiver import ops
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.ops.reference import rope_tables
+    launches = _no_launches(monkeypatch, tri)
+    with _fake_mode(), HostStalls() as rec, ops.use_backend("triton"):
+        lens, H, D = [96, 40, 64], 2, 32
+        q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
+        rope = rope_tables(96, D, device="cuda")
+        out, lse = ops._attention_varlen_forward(q, k, v, lens, [32, 64, 96], D ** -0.5, rope,
+                                                 rope)
+    assert out.shape == (sum(lens), H, D) and lse.shape == (3, H, 96)
+    assert out.device.type == "cuda" and "_attn_fwd" in launches, launches
+    assert not rec.stalls, rec.stalls

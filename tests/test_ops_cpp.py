@@ -217,8 +217,13 @@ def test_ffn_fp32_matches_reference(case):
     grads = ops.matryoshka_ffn_bwd(go, *args, hidden)
     ref = R.ffn_backward(go.double(), *d, hidden)
     for name, g, r in zip(("dx", "dW1", "db1", "dW2", "db2"), grads, ref):
-        # weight/bias grads are sums over B*N rows (O(sqrt(B*N)) values): relative 1e-5 there
-        _close(g, r, 1e-5, 1e-6 if name == "dx" else 1e-5, what=name)
+        if name == "dx":
+            _close(g, r, 1e-5, 1e-6, what=name)
+        else:
+            # weight/bias grads are sums over B*N rows (O(sqrt(B*N)) values) in an order the GEMM
+            # library picks per CPU: an element that cancels to near zero keeps the rounding of
+            # its terms, so the bound is relative to the gradient's largest element (1e-5)
+            _close(g, r, 1e-5 * max(1.0, r.abs().max().item()), 1e-5, what=name)
     # units past the widest sample get exactly no gradient
     hw = max(hidden)
     assert (grads[1][hw:] == 0).all() and (grads[2][hw:] == 0).all()

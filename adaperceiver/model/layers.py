@@ -107,12 +107,21 @@ class Attention(nn.Module):
         return ops.linear(o, self.proj.weight, self.proj.bias)
 
     def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
-        """Self-attention of packed rows x (R, C) laid out by ``layout``: projections run on the
-        rows, attention on the padded form with ``seq_lens`` (q, k and v padded as one
-        tensor when they come from one GEMM)."""
-        q, k, v = self._project(x, "qkv", then=layout.pad)
-        o = self._attend(q, k, v, token_grans, rope, rope, layout.seq_lens)
-        return ops.linear(layout.pack(o), self.proj.weight, self.proj.bias)
+        """Self-attention of packed rows x (R, C) laid out by ``layout``. Samples of one length:
+        the rows are the (B, N, C) batch (a view). Samples of their own lengths: attention runs
+        on the packed rows (``block_masked_attention_varlen``), with no padded copy of q, k, v
+        or the output."""
+        q, k, v = self._project(x, "qkv")
+        if not layout.ragged:
+            B, N = layout.batch, layout.max_len
+            o = self._attend(*(t.view(B, N, -1) for t in (q, k, v)), token_grans, rope, rope,
+                             None)
+            return ops.linear(o.reshape(x.shape), self.proj.weight, self.proj.bias)
+        R, H, D = x.shape[0], self.num_heads, self.head_dim
+        o = ops.block_masked_attention_varlen(*(t.view(R, H, D) for t in (q, k, v)),
+                                              layout.tokens, token_grans, q_rope=rope,
+                                              k_rope=rope)
+        return ops.linear(o.view(R, -1), self.proj.weight, self.proj.bias)
 
 
 class CrossAttentionHead(nn.Module):

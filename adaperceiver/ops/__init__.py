@@ -2,7 +2,8 @@
 
 ``block_masked_attention(q, k, v, token_grans=None, *, scale=None, seq_lens=None, q_rope=None,
 k_rope=None)`` and ``matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)``;
-``linear`` (linear.py) runs the model's projections.
+``block_masked_attention_varlen`` is the attention on packed rows (samples of their own lengths,
+no padding); ``linear`` (linear.py) runs the model's projections.
 The custom ops ``adaperceiver::block_masked_attention`` / ``adaperceiver::matryoshka_ffn`` (and
 their ``_backward`` ops) have fake implementations and autograd, so ``torch.compile`` traces
 them as single nodes. Which backend runs is decided in dispatch.py.
@@ -17,9 +18,10 @@ import torch
 from . import dispatch
 from .dispatch import NoBackendError, available_backends, forced_backend, use_backend
 from .linear import cpu_gemm_library, linear
-from .schedule import block_mask, check_grans, group_ends, row_end, tile_schedule
+from .schedule import (block_mask, check_grans, group_ends, ranges, row_end, tile_schedule,
+                       to_device)
 
-__all__ = ["block_masked_attention", "matryoshka_ffn", "use_backend", "forced_backend",
+__all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshka_ffn", "use_backend", "forced_backend",
            "available_backends", "NoBackendError", "block_mask", "row_end", "group_ends",
            "tile_schedule", "normalize_hidden", "linear", "cpu_gemm_library"]
 
@@ -166,6 +168,145 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
     return out if heads_last else out.transpose(1, 2)
 
 
+# ----------------------------------------------------------------------------- packed rows
+# Self-attention of samples of their own lengths with no padding: q, k, v (R, H, D) hold sample
+# b's seq_lens[b] rows after those of the samples before it (the model's packed latents), and the
+# output comes back in the same rows. A backend with a packed kernel (cpp) runs it as it is;
+# elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's backend
+# with seq_lens, and packed again, which gives the same result. The backward always goes the
+# padded way.
+def _padded_rows(seq_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows' places in a (B * N) padded layout, N = max seq_len, and seq_lens as an
+    int32 tensor: host-known values built on ``device`` with no blocking copy."""
+    n = max(seq_lens, default=0)
+    rows = ranges([b * n for b in range(len(seq_lens))], seq_lens, device)
+    return rows, to_device(seq_lens, device, torch.int32)
+
+
+def _pad(t: torch.Tensor, rows: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """(R, H, D) packed rows -> (B, H, N, D), zeros past each sample's length."""
+    B, n = len(seq_lens), max(seq_lens, default=0)
+    out = t.new_zeros(B * n, *t.shape[1:]).index_copy_(0, rows, t)
+    return out.view(B, n, *t.shape[1:]).transpose(1, 2)
+
+
+def _pack(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, D) (heads-last, padded) -> (R, H, D) packed rows."""
+    return t.reshape(-1, *t.shape[2:]).index_select(0, rows)
+
+
+@torch.library.custom_op("adaperceiver::block_masked_attention_varlen", mutates_args=())
+def _attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
+                         token_grans: Optional[list[int]], scale: float,
+                         q_cos: Optional[torch.Tensor], q_sin: Optional[torch.Tensor],
+                         k_cos: Optional[torch.Tensor], k_sin: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    q_rope = None if q_cos is None else (q_cos, q_sin)
+    k_rope = None if k_cos is None else (k_cos, k_sin)
+    return _attention_varlen_forward(q, k, v, seq_lens, token_grans, scale, q_rope, k_rope)
+
+
+def _attention_varlen_forward(q, k, v, seq_lens, token_grans, scale, q_rope, k_rope):
+    """The packed op's body: a backend's packed kernel, else padded through the padded op's."""
+    args = (q, k, v, seq_lens, token_grans, q_rope, k_rope)
+    backend = dispatch.select_kernel("attention_varlen", args, q.device.type)
+    if backend is not None:
+        out, lse = backend.attention_varlen_forward(q, k, v, seq_lens, token_grans, scale,
+                                                    q_rope, k_rope)
+        return out.contiguous(), lse.contiguous()
+    rows, lens = _padded_rows(seq_lens, q.device)
+    qp, kp, vp = (_pad(t, rows, seq_lens) for t in (q, k, v))
+    backend = dispatch.select("attention", (qp, kp, vp, token_grans, lens, q_rope, k_rope),
+                              q.device.type)
+    out, lse = backend.attention_forward(qp, kp, vp, token_grans, scale, lens, q_rope, k_rope)
+    return _pack(out.transpose(1, 2), rows), lse.contiguous()
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, seq_lens, token_grans, scale, q_cos, q_sin, k_cos, k_sin):
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
+            q.new_empty(len(seq_lens), q.shape[1], max(seq_lens, default=0),
+                        dtype=torch.float32))
+
+
+def _attention_varlen_setup(ctx, inputs, output):
+    q, k, v, seq_lens, token_grans, scale, q_cos, q_sin, k_cos, k_sin = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_cos, q_sin, k_cos, k_sin)
+    ctx.seq_lens, ctx.token_grans, ctx.scale = seq_lens, token_grans, scale
+
+
+def _attention_varlen_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, q_cos, q_sin, k_cos, k_sin = ctx.saved_tensors
+    seq_lens = ctx.seq_lens
+    rows, lens = _padded_rows(seq_lens, q.device)
+    qp, kp, vp = (_pad(t, rows, seq_lens) for t in (q, k, v))
+    # the padded backward op takes grad_out and out heads-last, (B, N, H, Dv)
+    go, op = (_pad(t, rows, seq_lens).transpose(1, 2) for t in (grad_out, out))
+    dq, dk, dv = _attention_backward_op(go, qp, kp, vp, op, lse, ctx.token_grans, ctx.scale,
+                                        lens, q_cos, q_sin, k_cos, k_sin)
+    return (*(_pack(g.transpose(1, 2), rows) for g in (dq, dk, dv)),
+            None, None, None, None, None, None, None)
+
+
+_attention_varlen_op.register_autograd(_attention_varlen_grad,
+                                       setup_context=_attention_varlen_setup)
+
+
+def _check_seq_lens_list(seq_lens, rows: int) -> list[int]:
+    if isinstance(seq_lens, torch.Tensor):
+        if seq_lens.dim() != 1 or seq_lens.device.type != "cpu" or seq_lens.is_floating_point():
+            raise ValueError(f"seq_lens must be a sequence of ints or a 1-d CPU int tensor, got "
+                             f"{seq_lens.dtype} shape {tuple(seq_lens.shape)} on "
+                             f"{seq_lens.device}")
+        seq_lens = seq_lens.tolist()
+    seq_lens = list(seq_lens)
+    for n in seq_lens:
+        if isinstance(n, bool) or int(n) != n or n < 0:
+            raise ValueError(f"seq_lens entry {n!r} is not allowed; allowed: ints >= 0")
+    seq_lens = [int(n) for n in seq_lens]
+    if sum(seq_lens) != rows:
+        raise ValueError(f"seq_lens={seq_lens} sum to {sum(seq_lens)} rows; q has {rows} rows "
+                         "(allowed: lengths that sum to q.shape[0])")
+    return seq_lens
+
+
+def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
+                                  token_grans: Optional[Sequence[int]] = None, *,
+                                  scale: Optional[float] = None, q_rope=None,
+                                  k_rope=None) -> torch.Tensor:
+    """Group-causal self-attention over packed rows, each sample with its own length.
+
+    q, k (R, H, D), v (R, H, Dv): sample b's ``seq_lens[b]`` rows follow those of samples
+    0..b-1 (R = sum of seq_lens; host ints, so no device value is read). Each sample attends
+    within its own rows, positions counted from 0, exactly as ``block_masked_attention`` on the
+    padded (B, H, max seq_len, D) form with ``seq_lens``. ``q_rope``/``k_rope``: (cos, sin)
+    tables (max seq_len, D/2). Inputs may be strided views with unit stride along D (the
+    model's fused q/k/v projection split into heads). Returns (R, H, Dv).
+    """
+    q, k, v = _autocast(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float_tensor(name, t, "(R, H, D)")
+    seq_lens = _check_seq_lens_list(seq_lens, q.shape[0])
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} must hold "
+                         "the same packed rows (self-attention)")
+    B, n = len(seq_lens), max(seq_lens, default=0)
+    # the padded op's checks, on (B', H, R, D) views (dtypes, devices, head sizes, grans, RoPE)
+    token_grans, _ = _check_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)),
+                                      token_grans, None, None, None)
+    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
+        if rope is not None and (q.shape[-1] % 2 or len(rope) != 2
+                                 or any(r.shape != (n, q.shape[-1] // 2) for r in rope)):
+            raise ValueError(f"{name} must be (cos, sin) tables of shape ({n}, "
+                             f"{q.shape[-1] // 2}) (the longest sample), got "
+                             f"{[tuple(r.shape) for r in rope]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    qc, qs = _rope_pair(q_rope)
+    kc, ks = _rope_pair(k_rope)
+    return _attention_varlen_op(q, k, v, seq_lens, token_grans, scale, qc, qs, kc, ks)[0]
+
+
 # ----------------------------------------------------------------------------- FFN
 @torch.library.custom_op("adaperceiver::matryoshka_ffn", mutates_args=())
 def _ffn_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
@@ -275,6 +416,11 @@ def _(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.adaperceiver.block_masked_attention_backward)
 def _(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     return 5 * _attention_flops(q_shape, k_shape, v_shape) // 2
+
+
+@register_flop_formula(torch.ops.adaperceiver.block_masked_attention_varlen)
+def _(q_shape, k_shape, v_shape, seq_lens, *args, out_shape=None, **kwargs) -> int:
+    return 2 * q_shape[1] * sum(n * n for n in seq_lens) * (q_shape[2] + v_shape[2])
 
 
 @register_flop_formula(torch.ops.adaperceiver.matryoshka_ffn)

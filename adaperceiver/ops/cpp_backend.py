@@ -43,6 +43,16 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
     return reasons
 
 
+def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
+    reasons = _ext_reasons()
+    reasons += _tensor_reasons("q", q, dtypes=(torch.float32,))
+    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
+        if rope is not None and any(r.dtype != torch.float32 for r in rope):
+            reasons.append(f"{name} tables must be float32 for the cpp backend, got "
+                           f"{[r.dtype for r in rope]}")
+    return reasons
+
+
 def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
     return _ext_reasons() + _tensor_reasons("x", x)
 
@@ -67,6 +77,15 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     grans = None if token_grans is None else [int(g) for g in token_grans]
     return torch.ops.adaperceiver.block_masked_attention_bwd(
         grad_out, q, k, v, out, lse, grans, scale, seq_lens, *_rope(q_rope), *_rope(k_rope))
+
+
+def attention_varlen_forward(q, k, v, seq_lens, token_grans=None, scale=None, q_rope=None,
+                             k_rope=None):
+    _ext.load()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    grans = None if token_grans is None else [int(g) for g in token_grans]
+    return torch.ops.adaperceiver.block_masked_attention_varlen_fwd(
+        q, k, v, [int(n) for n in seq_lens], grans, scale, *_rope(q_rope), *_rope(k_rope))
 
 
 def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):

@@ -27,8 +27,8 @@ import os
 import threading
 from typing import Callable, Optional
 
-__all__ = ["BACKENDS", "use_backend", "forced_backend", "select", "available_backends",
-           "NoBackendError"]
+__all__ = ["BACKENDS", "use_backend", "forced_backend", "select", "select_kernel",
+           "available_backends", "NoBackendError"]
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 _MODULES = {
@@ -111,6 +111,19 @@ def select(op: str, args, device_type: str):
         reasons.extend(f"{name}: {r}" for r in why)
     what = f"forced backend {forced!r} cannot" if forced else "no backend can"
     raise NoBackendError(f"{what} run {op} on this input:\n  " + "\n  ".join(reasons))
+
+
+def select_kernel(op: str, args, device_type: str):
+    """The first backend, in the same order as ``select`` (the forced one alone when forced),
+    that has a kernel for ``op`` and can take ``args``; None when none has. For ops with a generic
+    fallback (``attention_varlen``: pad, run ``attention``, pack), which the caller runs then."""
+    forced = forced_backend()
+    for name in (forced,) if forced else _auto_order(device_type):
+        mod = _load(name)
+        if not isinstance(mod, str) and hasattr(mod, f"why_not_{op}") and not _why_not(name, op,
+                                                                                        args):
+            return mod
+    return None
 
 
 def available_backends(op: str, args, device_type: str) -> dict[str, list[str]]:

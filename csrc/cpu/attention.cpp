@@ -93,26 +93,53 @@ inline void prefetch_row(const float* p, int64_t D) {
 }
 constexpr int64_t kAhead = 8;  // rows prefetched ahead of the one being rotated
 
-// qf, kf, vf: float32 (B, H, N, D) with unit stride along D and any other strides (for instance
-// heads-last projections seen as (B, H, N, D)); RoPE, when given, is applied as rows are loaded
-// (q into the transposed tile; k once per (batch, head) into a per-thread scratch that the
-// head's query tiles reuse), so no rotated copy of the inputs is written.
+// Where each sample's rows of a float32 q, k or v are (unit stride along D): row n of head h of
+// sample b is at p + base[b] + h * sh + n * sn. Padded (B, H, N, D) tensors (any strides, for
+// instance heads-last projections seen as (B, H, N, D)) have base[b] = b * stride(0); packed rows
+// (varlen: (R, H, D), sample b's rows from start[b]) have base[b] = start[b] * stride(0).
+struct Rows {
+  const float* p;
+  int64_t sh, sn;
+  std::vector<int64_t> base;
+};
+
+Rows padded_rows(const at::Tensor& x) {  // (B, H, N, D)
+  Rows r{x.data_ptr<float>(), x.stride(1), x.stride(2), std::vector<int64_t>(x.size(0))};
+  for (int64_t b = 0; b < x.size(0); ++b) r.base[b] = b * x.stride(0);
+  return r;
+}
+
+Rows packed_rows(const at::Tensor& x, const std::vector<int64_t>& start) {  // (R, H, D)
+  Rows r{x.data_ptr<float>(), x.stride(1), x.stride(0), std::vector<int64_t>(start.size())};
+  for (size_t b = 0; b < start.size(); ++b) r.base[b] = start[b] * x.stride(0);
+  return r;
+}
+
+// The forward's problem: sizes (Nq, Nk: the longest sample), inputs, and where the output goes.
+// The output is heads-last: row r of sample b, head h at out + ((out_row[b] + r) * H + h) * Dv,
+// out_row[b] = b * Nq (padded: rows past the sample's length are written as zeros) or start[b]
+// (packed: a sample has no rows past its length). lse is (B, H, Nq) in both layouts.
+struct FwdProblem {
+  int64_t B, H, Nq, Nk, D, Dv;
+  Rows q, k, v;
+  std::vector<int64_t> out_row;
+  bool packed;
+};
+
+// RoPE, when given, is applied as rows are loaded (q into the transposed tile; k once per
+// (batch, head) into a per-thread scratch that the head's query tiles reuse), so no rotated copy
+// of the inputs is written.
 template <typename out_t>
-void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf,
-                          Rope qrope, Rope krope,
+void attention_fwd_kernel(const FwdProblem& pr, Rope qrope, Rope krope,
                           const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
-                          float scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = qf.size(0), H = qf.size(1), Nq = qf.size(2), D = qf.size(3);
-  const int64_t Nk = kf.size(2), Dv = vf.size(3);
+                          float scale, out_t* op, float* lp) {
+  const int64_t B = pr.B, H = pr.H, Nq = pr.Nq, D = pr.D, Nk = pr.Nk, Dv = pr.Dv;
   const int64_t nqt = (Nq + BM - 1) / BM;
-  const int64_t qsb = qf.stride(0), qsh = qf.stride(1), qsn = qf.stride(2);
-  const int64_t ksb = kf.stride(0), ksh = kf.stride(1), ksn = kf.stride(2);
-  const int64_t vsb = vf.stride(0), vsh = vf.stride(1), vsn = vf.stride(2);
-  const float* qp = qf.data_ptr<float>();
-  const float* kp = kf.data_ptr<float>();
-  const float* vp = vf.data_ptr<float>();
-  out_t* op = out.data_ptr<out_t>();
-  float* lp = lse.data_ptr<float>();
+  const int64_t qsh = pr.q.sh, qsn = pr.q.sn, ksh = pr.k.sh, ksn = pr.k.sn;
+  const int64_t vsh = pr.v.sh, vsn = pr.v.sn;
+  const float* qp = pr.q.p;
+  const float* kp = pr.k.p;
+  const float* vp = pr.v.p;
   const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
 
   at::parallel_for(0, B * H * nqt, 1, [&](int64_t begin, int64_t end) {
@@ -130,22 +157,25 @@ void attention_fwd_kernel(const at::Tensor& qf, const at::Tensor& kf, const at::
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
       const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
       const int64_t m1 = std::min(mend, lq);
-      // out is heads-last, (B, Nq, H, Dv): row r of this tile is H * Dv further on
-      out_t* orow = op + ((b * Nq + m0) * H + bh % H) * Dv;
+      // out is heads-last: row r of this tile is H * Dv further on
+      out_t* orow = op + ((pr.out_row[b] + m0) * H + bh % H) * Dv;
       float* lrow = lp + bh * Nq + m0;
       const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
       const int64_t rows = kend > 0 ? m1 - m0 : 0;
-      // rows past the sample's length (or seeing no key): zeros, lse -inf
+      // rows seeing no key: zeros, lse -inf; rows past the sample's length: lse -inf, and zeros
+      // when padded (packed, they are the next sample's rows)
       for (int64_t r = rows; r < mend - m0; ++r) {
-        std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, out_t(0));
+        if (!pr.packed || m0 + r < lq) {
+          std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, out_t(0));
+        }
         lrow[r] = kNegInf;
       }
       if (rows == 0) continue;
       const int64_t kfull = std::min(re[m0], lk);  // keys every row of the tile sees
       const int64_t h = bh % H;
-      const float* q = qp + b * qsb + h * qsh + m0 * qsn;
-      const float* kb = kp + b * ksb + h * ksh;
-      const float* vb = vp + b * vsb + h * vsh;
+      const float* q = qp + pr.q.base[b] + h * qsh + m0 * qsn;
+      const float* kb = kp + pr.k.base[b] + h * ksh;
+      const float* vb = vp + pr.v.base[b] + h * vsh;
       for (int64_t r = 0; r < rows; ++r) {
         if (r + kAhead < rows) prefetch_row(q + (r + kAhead) * qsn, D);
         if (qrope.cos) {  // rotate (vectorised) into a row, then into column r of the tile
@@ -317,15 +347,78 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   }
   // written heads-last and returned as its (B, H, Nq, Dv) view: the op hands the buffer to
   // the model as (B, Nq, C) with no transpose copy
-  at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options()).transpose(1, 2);
+  at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
+  FwdProblem pr{B, H, Nq, Nk, q.size(3), v.size(3), {}, {}, {}, std::vector<int64_t>(B), false};
+  for (int64_t b = 0; b < B; ++b) pr.out_row[b] = b * Nq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd",
                                   [&] {
-                                    attention_fwd_kernel<scalar_t>(qf, kf, vf, qrope, krope,
-                                                                   re, lens,
-                                                                   static_cast<float>(scale),
-                                                                   out, lse);
+                                    pr.q = padded_rows(qf), pr.k = padded_rows(kf);
+                                    pr.v = padded_rows(vf);
+                                    attention_fwd_kernel<scalar_t>(
+                                        pr, qrope, krope, re, lens, static_cast<float>(scale),
+                                        out.data_ptr<scalar_t>(), lse.data_ptr<float>());
                                   });
+  return {out.transpose(1, 2), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                        const at::Tensor& v,
+                                                        at::IntArrayRef seq_lens,
+                                                        at::OptionalIntArrayRef token_grans,
+                                                        double scale, const OptT& q_cos,
+                                                        const OptT& q_sin, const OptT& k_cos,
+                                                        const OptT& k_sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "q, k, v must be 3-d tensors of packed rows (R, H, D); got q", shape_str(q), " k",
+              shape_str(k), " v", shape_str(v));
+  TORCH_CHECK(q.device().is_cpu(), "attention_varlen_fwd (CPU kernel) got tensors on ",
+              q.device());
+  int64_t R = 0, Nmax = 0;
+  std::vector<int64_t> lens(seq_lens.begin(), seq_lens.end()), start(lens.size());
+  for (size_t b = 0; b < lens.size(); ++b) {
+    TORCH_CHECK(lens[b] >= 0, "seq_lens[", b, "]=", lens[b], " is not allowed; allowed: >= 0");
+    start[b] = R;
+    R += lens[b];
+    Nmax = std::max(Nmax, lens[b]);
+  }
+  TORCH_CHECK(q.size(0) == R, "seq_lens sum to ", R, " rows; q has ", q.size(0));
+  // the padded checks on (1, H, R, D) views: dtypes, devices, head sizes, grans, RoPE dtype
+  check_attention_args(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                       v.transpose(0, 1).unsqueeze(0), token_grans, {}, {}, {}, {});
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_varlen_fwd takes float32; got ",
+              q.scalar_type(), " (run other dtypes padded, through block_masked_attention)");
+  TORCH_CHECK(q.size(0) == k.size(0) && v.size(0) == k.size(0),
+              "q, k and v must have the same packed rows (self-attention); got q", shape_str(q),
+              " k", shape_str(k), " v", shape_str(v));
+  const int64_t B = static_cast<int64_t>(lens.size()), H = q.size(1), D = q.size(2);
+  at::Tensor tables[4];  // contiguous q_cos, q_sin, k_cos, k_sin (undefined when not given)
+  auto rope = [&](const char* name, const OptT& c, const OptT& s, at::Tensor* keep) {
+    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
+                "both be None");
+    if (!c.has_value()) return Rope{};
+    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
+    for (const auto* t : {&*c, &*s}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == Nmax && t->size(1) == D / 2, name,
+                  " tables must be (", Nmax, ", ", D / 2, ") (the longest sample); got ",
+                  shape_str(*t));
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_cpu(), name,
+                  " tables must be float32 CPU tensors");
+    }
+    keep[0] = c->contiguous(), keep[1] = s->contiguous();
+    return Rope{keep[0].data_ptr<float>(), keep[1].data_ptr<float>()};
+  };
+  const Rope qrope = rope("q_rope", q_cos, q_sin, tables);
+  const Rope krope = rope("k_rope", k_cos, k_sin, tables + 2);
+  auto unit_d = [](const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); };
+  const at::Tensor qf = unit_d(q), kf = unit_d(k), vf = unit_d(v);
+  const auto re = row_end(Nmax, token_grans, Nmax);
+  at::Tensor out = at::empty({R, H, v.size(2)}, q.options());
+  at::Tensor lse = at::empty({B, H, Nmax}, q.options().dtype(at::kFloat));
+  FwdProblem pr{B, H, Nmax, Nmax, D, v.size(2), packed_rows(qf, start), packed_rows(kf, start),
+                packed_rows(vf, start), start, true};
+  attention_fwd_kernel<float>(pr, qrope, krope, re, lens, static_cast<float>(scale),
+                              out.data_ptr<float>(), lse.data_ptr<float>());
   return {out, lse};
 }
 
