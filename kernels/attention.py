@@ -15,6 +15,10 @@ Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
 What is skipped: query tiles past a sample's length do no work (they store zeros / -inf), key
 tiles past a row tile's bound are never loaded, and only the tiles a row bound cuts (stage 2,
 and its dk/dv mirror) pay for the per-row mask.
+Packed rows (``attention_varlen_forward``, the forward kernel with PACKED): q, k, v and out are
+(R, H, D) rows of samples of their own lengths, one after another; the program of (query tile,
+sample * head) starts at the sample's first row, so a mixed batch is never padded (the
+backward of the packed op pads: adaperceiver/ops/__init__.py).
 Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
 adaperceiver/ops/dispatch.py), -inf on rows that see no key.
 """
@@ -29,9 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from adaperceiver.ops.schedule import check_grans, row_end
+from adaperceiver.ops.schedule import check_grans, row_end, to_device
 
-__all__ = ["attention_forward", "attention_backward", "block_masked_attention", "why_not",
+__all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
+           "block_masked_attention", "why_not", "why_not_varlen",
            "COMPILE_SPECS", "Tiles", "default_tiles"]
 
 LOG2E = 1.4426950408889634   # the kernels work in base 2 (exp2); lse is stored in base e
@@ -191,13 +196,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSi
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counter,
+def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, KSin, Counter,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
               H, N_Q, N_K, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
-              DEBUG: tl.constexpr, PRECISION: tl.constexpr):
+              DEBUG: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -208,11 +213,23 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counte
     if DEBUG:
         tl.atomic_add(Counter, n_end)
 
+    if PACKED:
+        # packed rows (R, H, D): sample b's rows start at row SeqStarts[b] of q, k, v and out,
+        # and it has no rows past its length (the next sample's follow)
+        row0 = tl.load(SeqStarts + b).to(tl.int64)
+        q_base = Q + row0 * stride_qn + h * stride_qh
+        k_base = K + row0 * stride_kn + h * stride_kh
+        v_base = V + row0 * stride_vn + h * stride_vh
+        o_base = Out + row0 * stride_on + h * stride_oh
+        o_rows = len_q
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        o_base = Out + b * stride_ob + h * stride_oh
+        o_rows = N_Q
     # rows and keys past the sample's length are read as zeros: padding costs no traffic
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, len_q, Q_ROPE, QCos,
-                   QSin, HEAD_DIM, BLOCK_M)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q = _load_rows(q_base, offs_m, stride_qn, len_q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -230,9 +247,8 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, QCos, QSin, KCos, KSin, Counte
     out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(valid, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     offs_d = tl.arange(0, HEAD_DIM)
-    o_ptrs = (Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
-              + offs_d[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < N_Q)
+    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < o_rows)
     tl.store(Lse + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
@@ -510,14 +526,79 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_ro
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
     grid = (triton.cdiv(Nq, t.fwd_m), B * H)
     _attn_fwd[grid](
-        q, k, v, out, lse, re, lens, qc, qs, kc, ks,
+        q, k, v, out, lse, re, lens, lens, qc, qs, kc, ks,
         re if visit_counter is None else visit_counter,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Nq, Nk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=seq_lens is not None,
         Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=visit_counter is not None,
-        PRECISION=_precision(q.dtype), num_warps=t.fwd_warps, num_stages=t.fwd_stages)
+        PRECISION=_precision(q.dtype), PACKED=False, num_warps=t.fwd_warps,
+        num_stages=t.fwd_stages)
+    return out, lse
+
+
+def _as_padded_view(t: torch.Tensor) -> torch.Tensor:
+    """Packed rows (R, H, D) seen as one (1, H, R, D) sample: what ``why_not`` checks."""
+    return t.transpose(0, 1)[None]
+
+
+def why_not_varlen(q, k, v, seq_lens, token_grans=None, q_rope=None, k_rope=None) -> list[str]:
+    """Why the packed forward cannot take this input (empty: it can)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            return [f"{name} must be a 3-d tensor of packed rows (R, H, D)"]
+    n = max(seq_lens, default=0)
+    reasons = why_not(*(_as_padded_view(t) for t in (q, k, v)), token_grans)
+    if n == 0 or len(seq_lens) * q.shape[1] > 65535:
+        reasons.append(f"{len(seq_lens)} samples of up to {n} rows: need 1..65535 (sample, head) "
+                       "programs and a non-empty sample")
+    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
+        if rope is not None and (len(rope) != 2 or any(
+                not isinstance(r, torch.Tensor) or r.shape != (n, q.shape[-1] // 2)
+                or not r.dtype.is_floating_point for r in rope)):
+            reasons.append(f"{name} must be (cos, sin) float tables of shape ({n}, "
+                           f"{q.shape[-1] // 2})")
+    return reasons
+
+
+def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None, scale=None,
+                             q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None):
+    """Self-attention over packed rows: q, k, v (R, H, D), sample b's ``seq_lens[b]`` rows (host
+    ints) following those of samples 0..b-1. (out, lse): out (R, H, D) in q's dtype, lse
+    float32 (B, H, max seq_len), -inf past each length. The forward kernel above with
+    PACKED: each program starts at its sample's first row; nothing is padded."""
+    reasons = why_not_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope)
+    if reasons:
+        raise ValueError("the Triton packed attention kernel cannot take this input:\n  "
+                         + "\n  ".join(reasons))
+    token_grans = None if token_grans is None else check_grans(token_grans)
+    R, H, D = q.shape
+    B, n = len(seq_lens), max(seq_lens)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    t = tiles or default_tiles(D, dtype=q.dtype)
+    out = torch.empty((R, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, n), device=q.device, dtype=torch.float32)
+    starts = [0]
+    for L in seq_lens[:-1]:
+        starts.append(starts[-1] + L)
+    # host-known: converted on the host, copied without blocking (no sync on a GPU)
+    lens = to_device(seq_lens, q.device, torch.int32)
+    starts = to_device(starts, q.device, torch.int32)
+    re = row_end(n, token_grans, n, device=q.device)
+    qc, qs = (None, None) if q_rope is None else q_rope
+    kc, ks = (None, None) if k_rope is None else k_rope
+    qc, qs, kc, ks = (_table(x, lse) for x in (qc, qs, kc, ks))
+    grid = (triton.cdiv(n, t.fwd_m), B * H)
+    _attn_fwd[grid](
+        q, k, v, out, lse, re, lens, starts, qc, qs, kc, ks, re,
+        0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
+        0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0),
+        H, n, n, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=True,
+        Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=False,
+        PRECISION=_precision(q.dtype), PACKED=True, num_warps=t.fwd_warps,
+        num_stages=t.fwd_stages)
     return out, lse
 
 
@@ -626,14 +707,18 @@ def _compile_specs() -> list[dict]:
             tag = f"D={D}" + (" rope+lens" if feat else "")
             flags = {"HEAD_DIM": D, "HAS_LENS": feat, "Q_ROPE": feat, "K_ROPE": feat,
                      "DEBUG": False, "PRECISION": "tf32"}
-            fwd_c = {**flags, "BLOCK_M": t.fwd_m, "BLOCK_N": t.fwd_n}
-            specs.append({"name": f"attn_fwd {tag}", "kernel": "_attn_fwd",
-                          "num_warps": t.fwd_warps, "num_stages": t.fwd_stages,
-                          "constexprs": fwd_c, "signature": _signature(
-                              [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32),
-                               ("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)],
-                              strides("q", "k", "v", "o") + ["H", "N_Q", "N_K"], ["qk_scale"],
-                              fwd_c)})
+            # the packed forward (mixed batches' self-attention) is the rope+lens build
+            for packed in (False, True) if feat else (False,):
+                fwd_c = {**flags, "BLOCK_M": t.fwd_m, "BLOCK_N": t.fwd_n, "PACKED": packed}
+                specs.append({"name": f"attn_fwd {tag}" + (" packed" if packed else ""),
+                              "kernel": "_attn_fwd", "num_warps": t.fwd_warps,
+                              "num_stages": t.fwd_stages, "constexprs": fwd_c,
+                              "signature": _signature(
+                                  [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32),
+                                   ("RowEnd", i32), ("SeqLens", i32), ("SeqStarts", i32),
+                                   *tables, ("Counter", i32)],
+                                  strides("q", "k", "v", "o") + ["H", "N_Q", "N_K"],
+                                  ["qk_scale"], fwd_c)})
             bwd_ptrs = [("Q", x), ("K", x), ("V", x), ("DOut", x), ("Lse", f32),
                         ("Delta", f32)]
             rest = [("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)]

@@ -34,11 +34,13 @@ def _run(model, backend, x, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mat_dim", [72, [48, 96, 61]])
-def test_model_forward_and_gradients_equal_reference(backend, mat_dim):
+@pytest.mark.parametrize("mat_dim,num_tokens", [(72, 70), ([48, 96, 61], 70),
+                                                ([48, 96, 61], [70, 33, 50])],
+                         ids=["one_width", "widths", "widths_tokens"])
+def test_model_forward_and_gradients_equal_reference(backend, mat_dim, num_tokens):
     model = tiny_model(depth=2).train()
     x = torch.randn(3, 3, 64, 64)
-    kw = dict(num_tokens=70, mat_dim=mat_dim, token_grans=[16, 32, 50])
+    kw = dict(num_tokens=num_tokens, mat_dim=mat_dim, token_grans=[16, 32, 50])
     ref_out, ref_dx, ref_g = _run(model, "reference", x, **kw)
     out, dx, g = _run(model, backend, x, **kw)
     assert _rel(out, ref_out) <= 1e-4

@@ -1,7 +1,7 @@
 """block_masked_attention_varlen: self-attention over packed rows (samples of their own lengths,
-no padding) against float64 reference attention on the padded form, on every CPU path: the C++
-packed kernel (cpp), the padded fallback (reference; Triton under the interpreter), gradients,
-and the errors."""
+no padding) against float64 reference attention on the padded form, on every CPU path: the
+packed kernels (cpp; Triton under the interpreter), the padded fallback (reference; bfloat16 on
+cpp), gradients, and the errors."""
 import math
 
 import pytest
@@ -77,15 +77,23 @@ def test_varlen_matches_padded_reference(backend, case):
     _close(got, _reference(q, k, v, lens, grans, rope))
 
 
-def test_varlen_triton_pads_and_matches_reference():
-    """Triton has no packed kernel: the op pads, runs Triton's padded kernel, packs."""
+def test_varlen_triton_packed_kernel_matches_reference():
+    """Triton's forward kernel with PACKED (each program starts at its sample's first row),
+    under the interpreter: tails, an empty sample, grans and RoPE."""
     pytest.importorskip("triton")
-    lens, H, D, grans = [40, 17, 64], 1, 32, [16, 32, 64]
+    lens, H, D, grans = [40, 17, 64, 0, 5], 2, 32, [16, 32, 64]
     q, k, v = _packed_inputs(lens, H, D)
     rope = rope_tables(64, D, device="cpu")
+    args = (q, k, v, lens, grans, rope, rope)
     with ops.use_backend("triton"):
+        assert dispatch.select_kernel("attention_varlen", args, "cpu").__name__.endswith(
+            "triton_backend")
         got = ops.block_masked_attention_varlen(q, k, v, lens, grans, q_rope=rope, k_rope=rope)
     _close(got, _reference(q, k, v, lens, grans, rope))
+    from adaperceiver.kernels import attention as A
+    out, lse = A.attention_varlen_forward(q, k, v, lens, grans, None, rope, rope)
+    assert lse.shape == (5, H, 64) and torch.isneginf(lse[1, :, 17:]).all()
+    assert torch.isneginf(lse[3]).all() and torch.isfinite(lse[2]).all()
 
 
 @cpp

@@ -33,6 +33,14 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
     return _why_not("attention", q, (q, k, v, token_grans, seq_lens, q_rope, k_rope))
 
 
+def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
+    mod = _module("attention")
+    if isinstance(mod, str):
+        return [mod]
+    return _device_reasons(q) + list(mod.why_not_varlen(q, k, v, seq_lens, token_grans, q_rope,
+                                                         k_rope))
+
+
 def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
     return _why_not("matryoshka", x, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden))
 
@@ -43,6 +51,10 @@ def attention_forward(*args):
 
 def attention_backward(*args):
     return _module("attention").attention_backward(*args)
+
+
+def attention_varlen_forward(*args):
+    return _module("attention").attention_varlen_forward(*args)
 
 
 def ffn_forward(*args):
