@@ -21,9 +21,10 @@ from .linear import cpu_gemm_library, linear
 from .schedule import (block_mask, check_grans, group_ends, ranges, row_end, tile_schedule,
                        to_device)
 
-__all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshka_ffn", "use_backend", "forced_backend",
-           "available_backends", "NoBackendError", "block_mask", "row_end", "group_ends",
-           "tile_schedule", "normalize_hidden", "linear", "cpu_gemm_library"]
+__all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshka_ffn",
+           "use_backend", "forced_backend", "available_backends", "NoBackendError", "block_mask",
+           "row_end", "group_ends", "tile_schedule", "normalize_hidden", "linear",
+           "cpu_gemm_library"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -171,8 +172,8 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
 # ----------------------------------------------------------------------------- packed rows
 # Self-attention of samples of their own lengths with no padding: q, k, v (R, H, D) hold sample
 # b's seq_lens[b] rows after those of the samples before it (the model's packed latents), and the
-# output comes back in the same rows. A backend with a packed kernel (cpp) runs it as it is;
-# elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's backend
+# output comes back in the same rows. A backend with a packed kernel (cpp, triton) runs it as it
+# is; elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's backend
 # with seq_lens, and packed again, which gives the same result. The backward always goes the
 # padded way.
 def _padded_rows(seq_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,9 @@
 // register-tiled kernel, BLAS sgemm_ elsewhere; no tensor allocation or dispatch in the inner
 // loop). Scores are kept transposed (key-major) so the softmax runs across the tile's queries
 // with plain vector loads.
-// Rows past seq_lens[b] are written as zeros, lse -inf. Everything is computed in float32;
+// Rows past seq_lens[b] are written as zeros, lse -inf. Packed rows (attention_varlen_fwd: q, k,
+// v (R, H, D), samples one after another, no padding) run the same forward with per-sample row
+// bases; there a sample has no rows past its length to write. Everything is computed in float32;
 // bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
 // Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
 // P recomputed from the saved lse, products through the same small_gemm (K and V transposed
