@@ -124,6 +124,61 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   check_rope("k_rope", k_cos, k_sin, k.size(2));
 }
 
+// The packed-rows (varlen) forward's arguments, checked alike by the CPU and CUDA kernels: q, k,
+// v (R, H, D) holding sample b's seq_lens[b] rows after those of samples 0..b-1 (self-attention:
+// one set of rows), R = sum of seq_lens, lengths >= 0, RoPE tables (longest length, D / 2).
+struct VarlenRows {
+  std::vector<int64_t> lens, start;  // per sample: its length and its first row
+  int64_t max_len = 0;
+};
+
+inline VarlenRows check_varlen_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    at::IntArrayRef seq_lens, at::OptionalIntArrayRef grans,
+                                    const c10::optional<at::Tensor>& q_cos,
+                                    const c10::optional<at::Tensor>& q_sin,
+                                    const c10::optional<at::Tensor>& k_cos,
+                                    const c10::optional<at::Tensor>& k_sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "q, k, v must be 3-d tensors of packed rows (R, H, D); got q", shape_str(q), " k",
+              shape_str(k), " v", shape_str(v));
+  VarlenRows r;
+  int64_t rows = 0;
+  for (size_t b = 0; b < seq_lens.size(); ++b) {
+    TORCH_CHECK(seq_lens[b] >= 0, "seq_lens[", b, "]=", seq_lens[b],
+                " is not allowed; allowed: >= 0");
+    r.lens.push_back(seq_lens[b]);
+    r.start.push_back(rows);
+    rows += seq_lens[b];
+    r.max_len = std::max(r.max_len, seq_lens[b]);
+  }
+  TORCH_CHECK(q.size(0) == rows, "seq_lens sum to ", rows, " rows; q has ", q.size(0));
+  TORCH_CHECK(k.size(0) == rows && v.size(0) == rows,
+              "q, k and v must have the same packed rows (self-attention); got q", shape_str(q),
+              " k", shape_str(k), " v", shape_str(v));
+  // the padded checks on (1, H, R, D) views: dtypes, devices, head sizes, grans
+  check_attention_args(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                       v.transpose(0, 1).unsqueeze(0), grans, {}, {}, {}, {});
+  const int64_t D = q.size(2);
+  auto check_rope = [&](const char* name, const c10::optional<at::Tensor>& c,
+                        const c10::optional<at::Tensor>& s) {
+    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
+                "both be None");
+    if (!c.has_value()) return;
+    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
+    for (const auto* t : {&*c, &*s}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == r.max_len && t->size(1) == D / 2, name,
+                  " tables must be (", r.max_len, ", ", D / 2, ") (the longest sample); got ",
+                  shape_str(*t));
+      TORCH_CHECK(t->scalar_type() == at::kFloat, name, " tables must be float32; got ",
+                  t->scalar_type());
+      TORCH_CHECK(t->device() == q.device(), name, " tables must be on ", q.device());
+    }
+  };
+  check_rope("q_rope", q_cos, q_sin);
+  check_rope("k_rope", k_cos, k_sin);
+  return r;
+}
+
 inline void check_ffn_args(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
   TORCH_CHECK(x.dim() == 3, "x must be a 3-d tensor (B, N, C); got ", shape_str(x));

@@ -53,8 +53,8 @@ TORCH_LIBRARY(adaperceiver, m) {
       "Tensor lse, int[]? token_grans, float scale, Tensor? seq_lens, Tensor? q_cos, "
       "Tensor? q_sin, Tensor? k_cos, Tensor? k_sin) -> (Tensor, Tensor, Tensor)");
   // Self-attention over packed rows: q, k, v (R, H, D), sample b's seq_lens[b] rows after those
-  // of the samples before it; out (R, H, Dv), lse (B, H, max seq_len). A CPU kernel only: other
-  // devices run it padded, through block_masked_attention_fwd (adaperceiver/ops/__init__.py).
+  // of the samples before it; out (R, H, Dv), lse (B, H, max seq_len). Its backward is the
+  // padded one (adaperceiver/ops/__init__.py pads for it).
   m.def(
       "block_masked_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, int[] seq_lens, "
       "int[]? token_grans, float scale, Tensor? q_cos, Tensor? q_sin, Tensor? k_cos, "

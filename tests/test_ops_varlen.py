@@ -148,6 +148,7 @@ def test_varlen_takes_the_cpp_kernel_or_says_why():
     why = dispatch.available_backends("attention_varlen", args, "cpu")
     assert why["cpp"] == [] and why["reference"] == ["reference backend has no "
                                                      "attention_varlen kernel"]
+    assert why["cuda"], why       # CPU tensors (or no CUDA part built): it says why
     # bfloat16: no packed kernel takes it, so the op pads and runs the padded cpp kernel
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     argsb = (qb, kb, vb, lens, None, None, None)

@@ -1,8 +1,8 @@
 """The CUDA backend: ``torch.ops.adaperceiver.*_fwd / *_bwd`` of ``adaperceiver._C`` on CUDA
-tensors (csrc/cuda: flash-style attention forward and backward, grouped Matryoshka FFN forward;
-the FFN backward is the width-banded ATen path of csrc/ffn_banded.cpp, on cuBLAS). Importing
-this module never raises; when the extension or its CUDA part is missing, ``why_not_*`` say
-why."""
+tensors (csrc/cuda: flash-style attention forward, on padded or packed rows, and backward;
+grouped Matryoshka FFN forward; the FFN backward is the width-banded ATen path of
+csrc/ffn_banded.cpp, on cuBLAS). Importing this module never raises; when the extension or its
+CUDA part is missing, ``why_not_*`` say why."""
 from __future__ import annotations
 
 import torch
@@ -42,6 +42,10 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
     return reasons
 
 
+def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
+    return why_not_attention(q, k, v, token_grans, None, q_rope, k_rope)
+
+
 def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
     return _ext_reasons() + _tensor_reasons("x", x)
 
@@ -49,5 +53,6 @@ def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[s
 # the op calls are the same as the cpp backend's: the dispatcher picks the CUDA kernels by device
 attention_forward = _common.attention_forward
 attention_backward = _common.attention_backward
+attention_varlen_forward = _common.attention_varlen_forward
 ffn_forward = _common.ffn_forward
 ffn_backward = _common.ffn_backward

@@ -371,55 +371,38 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
                                                         double scale, const OptT& q_cos,
                                                         const OptT& q_sin, const OptT& k_cos,
                                                         const OptT& k_sin) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
-              "q, k, v must be 3-d tensors of packed rows (R, H, D); got q", shape_str(q), " k",
-              shape_str(k), " v", shape_str(v));
+  const VarlenRows rows = check_varlen_args(q, k, v, seq_lens, token_grans, q_cos, q_sin, k_cos,
+                                            k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_varlen_fwd (CPU kernel) got tensors on ",
               q.device());
-  int64_t R = 0, Nmax = 0;
-  std::vector<int64_t> lens(seq_lens.begin(), seq_lens.end()), start(lens.size());
-  for (size_t b = 0; b < lens.size(); ++b) {
-    TORCH_CHECK(lens[b] >= 0, "seq_lens[", b, "]=", lens[b], " is not allowed; allowed: >= 0");
-    start[b] = R;
-    R += lens[b];
-    Nmax = std::max(Nmax, lens[b]);
-  }
-  TORCH_CHECK(q.size(0) == R, "seq_lens sum to ", R, " rows; q has ", q.size(0));
-  // the padded checks on (1, H, R, D) views: dtypes, devices, head sizes, grans, RoPE dtype
-  check_attention_args(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                       v.transpose(0, 1).unsqueeze(0), token_grans, {}, {}, {}, {});
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_varlen_fwd takes float32; got ",
               q.scalar_type(), " (run other dtypes padded, through block_masked_attention)");
-  TORCH_CHECK(q.size(0) == k.size(0) && v.size(0) == k.size(0),
-              "q, k and v must have the same packed rows (self-attention); got q", shape_str(q),
-              " k", shape_str(k), " v", shape_str(v));
-  const int64_t B = static_cast<int64_t>(lens.size()), H = q.size(1), D = q.size(2);
-  at::Tensor tables[4];  // contiguous q_cos, q_sin, k_cos, k_sin (undefined when not given)
-  auto rope = [&](const char* name, const OptT& c, const OptT& s, at::Tensor* keep) {
-    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
-                "both be None");
-    if (!c.has_value()) return Rope{};
-    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
-    for (const auto* t : {&*c, &*s}) {
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == Nmax && t->size(1) == D / 2, name,
-                  " tables must be (", Nmax, ", ", D / 2, ") (the longest sample); got ",
-                  shape_str(*t));
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_cpu(), name,
-                  " tables must be float32 CPU tensors");
-    }
-    keep[0] = c->contiguous(), keep[1] = s->contiguous();
-    return Rope{keep[0].data_ptr<float>(), keep[1].data_ptr<float>()};
-  };
-  const Rope qrope = rope("q_rope", q_cos, q_sin, tables);
-  const Rope krope = rope("k_rope", k_cos, k_sin, tables + 2);
+  const int64_t B = static_cast<int64_t>(rows.lens.size()), R = q.size(0), H = q.size(1);
+  const int64_t D = q.size(2), Nmax = rows.max_len;
+  // contiguous tables (checked above: (Nmax, D/2) float32 on q's device)
+  const at::Tensor qc = q_cos ? q_cos->contiguous() : at::Tensor();
+  const at::Tensor qs = q_sin ? q_sin->contiguous() : at::Tensor();
+  const at::Tensor kc = k_cos ? k_cos->contiguous() : at::Tensor();
+  const at::Tensor ks = k_sin ? k_sin->contiguous() : at::Tensor();
+  const Rope qrope = qc.defined() ? Rope{qc.data_ptr<float>(), qs.data_ptr<float>()} : Rope{};
+  const Rope krope = kc.defined() ? Rope{kc.data_ptr<float>(), ks.data_ptr<float>()} : Rope{};
   auto unit_d = [](const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); };
   const at::Tensor qf = unit_d(q), kf = unit_d(k), vf = unit_d(v);
   const auto re = row_end(Nmax, token_grans, Nmax);
   at::Tensor out = at::empty({R, H, v.size(2)}, q.options());
   at::Tensor lse = at::empty({B, H, Nmax}, q.options().dtype(at::kFloat));
-  FwdProblem pr{B, H, Nmax, Nmax, D, v.size(2), packed_rows(qf, start), packed_rows(kf, start),
-                packed_rows(vf, start), start, true};
-  attention_fwd_kernel<float>(pr, qrope, krope, re, lens, static_cast<float>(scale),
+  FwdProblem pr{B,
+                H,
+                Nmax,
+                Nmax,
+                D,
+                v.size(2),
+                packed_rows(qf, rows.start),
+                packed_rows(kf, rows.start),
+                packed_rows(vf, rows.start),
+                rows.start,
+                true};
+  attention_fwd_kernel<float>(pr, qrope, krope, re, rows.lens, static_cast<float>(scale),
                               out.data_ptr<float>(), lse.data_ptr<float>());
   return {out, lse};
 }

@@ -7,6 +7,8 @@
 // Skipped: key tiles at or past kend = min(row_end[last row of the tile], len) are never loaded;
 // tiles below min(row_end[first row], len) need no per-row test; in between each row stops at its
 // own bound. Online softmax per row. Rows past seq_lens[b] write zeros and lse = -inf.
+// Packed rows (attention_varlen_fwd: q, k, v, out (R, H, D), samples one after another) run the
+// same kernel from each sample's first row; a sample has no rows past its length to write.
 // Backward (kept simple, no atomics): kernel 1, one thread per query row, computes dq; kernel 2,
 // one thread per key row, computes dk and dv over the query rows that see that key (a suffix of
 // the rows, since row_end is nondecreasing). Inputs of the backward are rotated to fp32 by ATen
@@ -43,6 +45,9 @@ struct Params {
   const void* q; const void* k; const void* v; void* out; float* lse;
   const int* row_end;  // (Nq,)
   const int* lens;     // (B,) or nullptr
+  // packed rows: q, k, v, out (R, H, D) contiguous, sample b's rows from starts[b] (B,);
+  // nullptr: padded (B, H, N, D) contiguous
+  const int* starts;
   const float* q_cos; const float* q_sin; const float* k_cos; const float* k_sin;
   int B, H, Nq, Nk;
   float scale;
@@ -60,9 +65,15 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
   const int kend = last >= m0 ? min(p.row_end[last], lk) : 0;
   const bool active = row < lq;
   const int my_end = active ? min(p.row_end[row], lk) : 0;
-  const T* q = static_cast<const T*>(p.q) + ((size_t)bh * p.Nq + (active ? row : 0)) * D;
-  const T* kb = static_cast<const T*>(p.k) + (size_t)bh * p.Nk * D;
-  const T* vb = static_cast<const T*>(p.v) + (size_t)bh * p.Nk * D;
+  // element offsets: row n of head h of sample b at base + h * head + n * step (q, k, v, out)
+  const int h = bh % p.H;
+  const bool packed = p.starts != nullptr;
+  const size_t step = packed ? (size_t)p.H * D : D;
+  const size_t qbase = packed ? ((size_t)p.starts[b] * p.H + h) * D : (size_t)bh * p.Nq * D;
+  const size_t kbase = packed ? qbase : (size_t)bh * p.Nk * D;
+  const T* q = static_cast<const T*>(p.q) + qbase + (active ? row : 0) * step;
+  const T* kb = static_cast<const T*>(p.k) + kbase;
+  const T* vb = static_cast<const T*>(p.v) + kbase;
 
   float qr[D], acc[D];
 #pragma unroll
@@ -86,10 +97,10 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
       const int j = e / (D / 2), i = e % (D / 2), key = t0 + j;
       float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
       if (key < kend) {
-        k0 = to_f(kb[(size_t)key * D + 2 * i]);
-        k1 = to_f(kb[(size_t)key * D + 2 * i + 1]);
-        v0 = to_f(vb[(size_t)key * D + 2 * i]);
-        v1 = to_f(vb[(size_t)key * D + 2 * i + 1]);
+        k0 = to_f(kb[(size_t)key * step + 2 * i]);
+        k1 = to_f(kb[(size_t)key * step + 2 * i + 1]);
+        v0 = to_f(vb[(size_t)key * step + 2 * i]);
+        v1 = to_f(vb[(size_t)key * step + 2 * i + 1]);
         if (p.k_cos) {
           const float c = p.k_cos[key * (D / 2) + i], s = p.k_sin[key * (D / 2) + i];
           const float y0 = k0 * c - k1 * s, y1 = k0 * s + k1 * c;
@@ -119,12 +130,15 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
     __syncthreads();
   }
   if (row < p.Nq) {
-    T* o = static_cast<T*>(p.out) + ((size_t)bh * p.Nq + row) * D;
     const bool seen = my_end > 0;
-    const float inv = seen ? 1.f / l : 0.f;
-#pragma unroll
-    for (int d = 0; d < D; ++d) o[d] = from_f<T>(seen ? acc[d] * inv : 0.f);
     p.lse[(size_t)bh * p.Nq + row] = seen ? m + logf(l) : -INFINITY;
+    // packed: rows past the sample's length are the next sample's (not written)
+    if (!packed || active) {
+      T* o = static_cast<T*>(p.out) + qbase + (size_t)row * step;
+      const float inv = seen ? 1.f / l : 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) o[d] = from_f<T>(seen ? acc[d] * inv : 0.f);
+    }
   }
 }
 
@@ -338,10 +352,53 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   at::Tensor out = at::empty({B, H, Nq, D}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-           re.data_ptr<int>(), lens.defined() ? lens.data_ptr<int>() : nullptr,
+           re.data_ptr<int>(), lens.defined() ? lens.data_ptr<int>() : nullptr, nullptr,
            qc ? qc->data_ptr<float>() : nullptr, qs ? qs->data_ptr<float>() : nullptr,
            kc ? kc->data_ptr<float>() : nullptr, ks ? ks->data_ptr<float>() : nullptr,
            (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
+  else if (D == 64) launch_fwd<64>(p, q.scalar_type(), stream);
+  else launch_fwd<128>(p, q.scalar_type(), stream);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q_, const at::Tensor& k_,
+                                                        const at::Tensor& v_,
+                                                        at::IntArrayRef seq_lens,
+                                                        at::OptionalIntArrayRef token_grans,
+                                                        double scale, const OptT& q_cos,
+                                                        const OptT& q_sin, const OptT& k_cos,
+                                                        const OptT& k_sin) {
+  const VarlenRows rows = check_varlen_args(q_, k_, v_, seq_lens, token_grans, q_cos, q_sin,
+                                            k_cos, k_sin);
+  TORCH_CHECK(q_.is_cuda(), "the CUDA kernels got tensors on ", q_.device());
+  const int64_t D = q_.size(2);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "head_dim=", D,
+              " is not supported by the CUDA kernels; allowed: 32, 64, 128");
+  TORCH_CHECK(v_.size(2) == D, "the CUDA kernels need v's head_dim (", v_.size(2),
+              ") equal to q's (", D, ")");
+  const c10::cuda::CUDAGuard guard(q_.device());
+  // (R, H, D) contiguous: the model's q, k, v are heads of one fused projection (a row stride of
+  // 3 H D), copied here as the padded path copies them
+  at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const int64_t B = static_cast<int64_t>(rows.lens.size()), H = q.size(1), N = rows.max_len;
+  const auto dev = q.device();
+  at::Tensor re = row_end_device(N, token_grans, N, dev);
+  const auto to_int = [&](const std::vector<int64_t>& x) {
+    std::vector<int32_t> x32(x.begin(), x.end());
+    return host_to_device(at::tensor(x32, at::TensorOptions().dtype(at::kInt)), dev);
+  };
+  at::Tensor lens = to_int(rows.lens), starts = to_int(rows.start);
+  OptT qc = q_cos ? OptT(q_cos->contiguous()) : OptT(), qs = q_sin ? OptT(q_sin->contiguous()) : OptT();
+  OptT kc = k_cos ? OptT(k_cos->contiguous()) : OptT(), ks = k_sin ? OptT(k_sin->contiguous()) : OptT();
+  at::Tensor out = at::empty({q.size(0), H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
+           re.data_ptr<int>(), lens.data_ptr<int>(), starts.data_ptr<int>(),
+           qc ? qc->data_ptr<float>() : nullptr, qs ? qs->data_ptr<float>() : nullptr,
+           kc ? kc->data_ptr<float>() : nullptr, ks ? ks->data_ptr<float>() : nullptr,
+           (int)B, (int)H, (int)N, (int)N, (float)scale};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
   else if (D == 64) launch_fwd<64>(p, q.scalar_type(), stream);

@@ -17,6 +17,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, at::OptionalIntArrayRef, double, const OptT&,
     const OptT&, const OptT&, const OptT&, const OptT&);
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, at::IntArrayRef,
+                                                        at::OptionalIntArrayRef, double,
+                                                        const OptT&, const OptT&, const OptT&,
+                                                        const OptT&);
 at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, at::IntArrayRef);
 
@@ -26,6 +31,7 @@ at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, cons
 TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) {
   m.impl("block_masked_attention_fwd", &adaperceiver::cuda::attention_fwd);
   m.impl("block_masked_attention_bwd", &adaperceiver::cuda::attention_bwd);
+  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::cuda::attention_varlen_fwd);
   m.impl("matryoshka_ffn_fwd", &adaperceiver::cuda::ffn_fwd);
   m.impl("matryoshka_ffn_bwd", &adaperceiver::ffn_bwd_banded);
 }
