@@ -50,6 +50,15 @@ def _reference(q, k, v, lens, grans, rope):
     return _packed(ref, lens)
 
 
+def _reference_lse(q, k, v, lens, grans, rope):
+    """(B, H, max len) float32 lse of the padded reference, -inf past each length."""
+    from adaperceiver.ops.reference import attention_forward
+    rope64 = tuple(r.double() for r in rope) if rope is not None else None
+    _, lse = attention_forward(*(_padded(t.double(), lens) for t in (q, k, v)), grans,
+                               seq_lens=torch.tensor(lens), q_rope=rope64, k_rope=rope64)
+    return lse.float()
+
+
 def _close(got, want, dtype=torch.float32):
     atol, rtol = TOLERANCES[dtype]
     assert torch.isfinite(got).all(), "non-finite output"
@@ -92,8 +101,9 @@ def test_varlen_triton_packed_kernel_matches_reference():
     _close(got, _reference(q, k, v, lens, grans, rope))
     from adaperceiver.kernels import attention as A
     out, lse = A.attention_varlen_forward(q, k, v, lens, grans, None, rope, rope)
-    assert lse.shape == (5, H, 64) and torch.isneginf(lse[1, :, 17:]).all()
-    assert torch.isneginf(lse[3]).all() and torch.isfinite(lse[2]).all()
+    torch.testing.assert_close(lse, _reference_lse(q, k, v, lens, grans, rope), atol=1e-5,
+                               rtol=1e-5)
+    assert torch.isneginf(lse[1, :, 17:]).all() and torch.isneginf(lse[3]).all()
 
 
 @cpp
@@ -114,6 +124,8 @@ def test_varlen_cpp_kernel_writes_every_row_and_the_padded_lse():
         *(_padded(t, lens).contiguous() for t in (q, k, v)), grans, scale,
         torch.tensor(lens, dtype=torch.int32), *rope, *rope)
     torch.testing.assert_close(lse, plse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, _reference_lse(q, k, v, lens, grans, rope), atol=1e-5,
+                               rtol=1e-5)
     assert torch.isneginf(lse[1, :, 3:]).all() and torch.isneginf(lse[2]).all()
 
 
@@ -167,12 +179,22 @@ def test_varlen_errors_name_the_parameter():
         ops.block_masked_attention_varlen(q, k, v, [10, 5])
     with pytest.raises(ValueError, match=r"seq_lens entry -1 is not allowed; allowed: ints >= 0"):
         ops.block_masked_attention_varlen(q, k, v, [17, -1])
-    with pytest.raises(ValueError, match=r"q_rope must be \(cos, sin\) tables of shape \(10, 16\)"):
+    with pytest.raises(ValueError,
+                       match=r"q_rope must be \(cos, sin\) float tables of shape \(10, 16\)"):
         ops.block_masked_attention_varlen(q, k, v, [10, 6], q_rope=rope_tables(16, 32))
     with pytest.raises(ValueError, match=r"q must be a 3-d tensor \(R, H, D\)"):
         ops.block_masked_attention_varlen(q[None], k, v, [10, 6])
-    with pytest.raises(ValueError, match=r"must hold the same packed rows"):
+    with pytest.raises(ValueError,
+                       match=r"k\(8, 2, 32\) .* do not fit: need q and k \(R, H, D\)"):
         ops.block_masked_attention_varlen(q, k[:8], v, [10, 6])
+    with pytest.raises(ValueError, match=r"seq_lens=None is not allowed; allowed: a sequence"):
+        ops.block_masked_attention_varlen(q, k, v, None)
+    with pytest.raises(ValueError, match=r"seq_lens entry nan is not allowed"):
+        ops.block_masked_attention_varlen(q, k, v, [10, float("nan")])
+    meta = tuple(t.to("meta") for t in rope_tables(10, 32))
+    with pytest.raises(ValueError, match=r"k_rope must be .* on cpu, got \[\(\(10, 16\), "
+                                         r"torch.float32, 'meta'\)"):
+        ops.block_masked_attention_varlen(q, k, v, [10, 6], k_rope=meta)
 
 
 @cpp
@@ -187,3 +209,38 @@ def test_varlen_cpp_op_checks_its_arguments():
         fwd(q.half(), k.half(), v.half(), [10, 6], None, 1.0, None, None, None, None)
     with pytest.raises(RuntimeError, match=r"q_rope tables must be \(10, 16\)"):
         fwd(q, k, v, [10, 6], None, 1.0, *rope_tables(16, 32), None, None)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=cpp), "reference"])
+def test_varlen_op_passes_opcheck(backend):
+    """torch.library.opcheck: schema, fake implementation (shapes and strides), autograd
+    registration and traced (AOT) forward and backward of the custom op."""
+    lens, H, D = [20, 0, 7], 2, 32
+    q, k, v = _packed_inputs(lens, H, D, requires_grad=True)
+    rope = rope_tables(20, D, device="cpu")
+    with ops.use_backend(backend):
+        torch.library.opcheck(torch.ops.adaperceiver.block_masked_attention_varlen,
+                              (q, k, v, lens, [8, 20], D ** -0.5, *rope, *rope))
+
+
+def test_compiled_training_step_with_per_sample_tokens():
+    """A traced training step of the model with per-sample token counts (the packed op and its
+    padded backward in one graph) gives eager's loss and gradients."""
+    from conftest import tiny_model
+    model = tiny_model(depth=2).train()
+    x = torch.randn(3, 3, 64, 64)
+    kw = dict(num_tokens=[64, 32, 50], mat_dim=[48, 96, 72])
+
+    def step(run):      # the compiled module shares the model's parameters
+        model.zero_grad(set_to_none=True)
+        loss = run(x, **kw).logits.square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    eager_loss, eager_grads = step(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    loss, grads = step(compiled)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=1e-5)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)

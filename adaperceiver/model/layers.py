@@ -55,7 +55,8 @@ class MatryoshkaMlp(Mlp):
 
 class Attention(nn.Module):
     """Multi-head attention with separate q, k, v projections (the released keys) and an output
-    projection; the score work runs in ``ops.block_masked_attention``."""
+    projection; the score work runs in ``ops.block_masked_attention`` (on packed rows of samples
+    of their own lengths, ``ops.block_masked_attention_varlen``)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__()

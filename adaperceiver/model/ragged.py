@@ -3,7 +3,8 @@
 The running latents are kept as packed rows (R, C), R = sum of t_b over the samples still
 running, so every per-token op (LayerNorm, projections, FFN, residuals) costs what the samples
 need, and so does self-attention (``ops.block_masked_attention_varlen`` on the packed rows). Only
-the write-out at a sample's exit sees the padded (B, N, C) form, N = max t_b, with ``seq_lens``.
+the write-out (at a sample's exit, and at every layer under confidence exit) sees the padded
+(B, N, C) form, N = max t_b, with ``seq_lens``.
 When every sample has the same t, packing and padding are views.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ them as single nodes. Which backend runs is decided in dispatch.py.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -88,7 +89,9 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the op returns them (empty_like would keep a transposed input's strides,
+    # and a traced graph would then view the real, contiguous gradients wrongly)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -261,9 +264,14 @@ def _check_seq_lens_list(seq_lens, rows: int) -> list[int]:
                              f"{seq_lens.dtype} shape {tuple(seq_lens.shape)} on "
                              f"{seq_lens.device}")
         seq_lens = seq_lens.tolist()
-    seq_lens = list(seq_lens)
+    try:
+        seq_lens = list(seq_lens)
+    except TypeError:
+        raise ValueError(f"seq_lens={seq_lens!r} is not allowed; allowed: a sequence of ints >= 0 "
+                         "(one per sample) or a 1-d CPU int tensor") from None
     for n in seq_lens:
-        if isinstance(n, bool) or int(n) != n or n < 0:
+        if (isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n)
+                or int(n) != n or n < 0):
             raise ValueError(f"seq_lens entry {n!r} is not allowed; allowed: ints >= 0")
     seq_lens = [int(n) for n in seq_lens]
     if sum(seq_lens) != rows:
@@ -289,19 +297,28 @@ def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_tensor(name, t, "(R, H, D)")
     seq_lens = _check_seq_lens_list(seq_lens, q.shape[0])
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} must hold "
-                         "the same packed rows (self-attention)")
-    B, n = len(seq_lens), max(seq_lens, default=0)
-    # the padded op's checks, on (B', H, R, D) views (dtypes, devices, head sizes, grans, RoPE)
+    R, H, D = q.shape
+    if k.shape != q.shape or v.shape[:2] != (R, H):
+        raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} do not "
+                         "fit: need q and k (R, H, D), v (R, H, Dv), the same packed rows "
+                         "(self-attention)")
+    n = max(seq_lens, default=0)
+    # the padded op's checks, on (1, H, R, D) views: dtypes, devices, grans
     token_grans, _ = _check_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)),
                                       token_grans, None, None, None)
     for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
-        if rope is not None and (q.shape[-1] % 2 or len(rope) != 2
-                                 or any(r.shape != (n, q.shape[-1] // 2) for r in rope)):
-            raise ValueError(f"{name} must be (cos, sin) tables of shape ({n}, "
-                             f"{q.shape[-1] // 2}) (the longest sample), got "
-                             f"{[tuple(r.shape) for r in rope]}")
+        if rope is None:
+            continue
+        if D % 2:
+            raise ValueError(f"{name} needs an even head_dim; got D={D}")
+        if (not isinstance(rope, (tuple, list)) or len(rope) != 2
+                or any(not isinstance(r, torch.Tensor) or r.shape != (n, D // 2)
+                       or not r.dtype.is_floating_point or r.device != q.device for r in rope)):
+            got = ([(tuple(r.shape), r.dtype, str(r.device)) if isinstance(r, torch.Tensor)
+                    else type(r).__name__ for r in rope]
+                   if isinstance(rope, (tuple, list)) else type(rope).__name__)
+            raise ValueError(f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2}) "
+                             f"(the longest sample) on {q.device}, got {got}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     qc, qs = _rope_pair(q_rope)
     kc, ks = _rope_pair(k_rope)
@@ -419,6 +436,7 @@ def _(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) ->
     return 5 * _attention_flops(q_shape, k_shape, v_shape) // 2
 
 
+# (its backward runs the padded backward op, which counts the padded B * N^2 pairs)
 @register_flop_formula(torch.ops.adaperceiver.block_masked_attention_varlen)
 def _(q_shape, k_shape, v_shape, seq_lens, *args, out_shape=None, **kwargs) -> int:
     return 2 * q_shape[1] * sum(n * n for n in seq_lens) * (q_shape[2] + v_shape[2])
