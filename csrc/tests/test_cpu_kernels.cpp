@@ -1,6 +1,7 @@
 // ctest: the CPU kernels of adaperceiver (attention forward/backward, Matryoshka FFN
-// forward/backward) on random input against a naive double-precision C++ reference, plus a
-// call through the dispatcher (torch::ops adaperceiver::*). Exit code 0 when every element of
+// forward/backward) on random input against a naive double-precision C++ reference, plus calls
+// through the dispatcher (torch::ops adaperceiver::*; the packed-rows attention against the
+// padded one). Exit code 0 when every element of
 // every case is within tolerance.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -216,6 +217,45 @@ void dispatcher_case() {
   expect_close(a, r, 0.0, "  matryoshka_ffn_fwd via dispatcher");
 }
 
+// The packed-rows forward (adaperceiver::block_masked_attention_varlen_fwd, through the
+// dispatcher) against the padded forward on the same samples: q, k, v as heads of one fused
+// (R, 3 H D) projection, lengths with tails and an empty sample, RoPE, grans; out and lse.
+void packed_attention_case() {
+  const std::vector<int64_t> lens{45, 0, 64, 7};
+  const int64_t H = 2, D = 32, B = static_cast<int64_t>(lens.size()), N = 64;
+  int64_t R = 0;
+  for (int64_t n : lens) R += n;
+  at::Tensor qkv = at::randn({R, 3 * H * D});
+  auto heads = [&](int64_t i) { return qkv.narrow(1, i * H * D, H * D).view({R, H, D}); };
+  at::Tensor q = heads(0), k = heads(1), v = heads(2);
+  at::Tensor ang = at::rand({N, D / 2}) * 6.0;
+  OptT c = ang.cos(), s = ang.sin();
+  const std::vector<int64_t> grans{16, 32, 64};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("adaperceiver::block_masked_attention_varlen_fwd", "")
+                .typed<std::tuple<at::Tensor, at::Tensor>(
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                    at::OptionalIntArrayRef, double, const OptT&, const OptT&, const OptT&,
+                    const OptT&)>();
+  auto [out, lse] = op.call(q, k, v, lens, grans, scale, c, s, c, s);
+  // the same samples padded to (B, H, N, D)
+  at::Tensor qp = at::zeros({B, H, N, D}), kp = at::zeros_like(qp), vp = at::zeros_like(qp);
+  int64_t row = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (auto [src, dst] : {std::pair{&q, &qp}, std::pair{&k, &kp}, std::pair{&v, &vp}})
+      (*dst)[b].narrow(1, 0, lens[b]).copy_(src->narrow(0, row, lens[b]).transpose(0, 1));
+    row += lens[b];
+  }
+  auto [pout, plse] = adaperceiver::cpu::attention_fwd(qp, kp, vp, grans, scale,
+                                                       at::tensor(lens, at::kLong), c, s, c, s);
+  std::vector<at::Tensor> rows;
+  for (int64_t b = 0; b < B; ++b) rows.push_back(pout[b].narrow(1, 0, lens[b]).transpose(0, 1));
+  std::printf("packed attention (lengths 45, 0, 64, 7)\n");
+  expect_close(out, at::cat(rows), 1e-6, "  out vs padded kernel");
+  expect_close(lse, plse, 1e-6, "  lse vs padded kernel");
+}
+
 // The attention's register-tiled small GEMM and column softmax, on every instruction-set path
 // this CPU supports (the kernels above only run the best one), against double precision:
 // row- and column-major A, tails in m and n, accumulate on poisoned-free random C, and
@@ -295,6 +335,7 @@ int main() {
   ffn_case(5, 7, 40, 70, 24, {70, 1, 33, 70, 1});
   ffn_case(4, 9, 33, 50, 33, {50, 50, 17, 17});
   dispatcher_case();
+  packed_attention_case();
   microkernel_cases();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
