@@ -332,6 +332,24 @@ void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   }
 }
 
+// The forward's launch on contiguous q, k, v (padded (B, H, N, D), or packed (R, H, D) when
+// starts is given) into out and lse, with the RoPE tables (made contiguous) when given.
+void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& lse, const at::Tensor& re, const int* lens, const int* starts,
+             const OptT& q_cos, const OptT& q_sin, const OptT& k_cos, const OptT& k_sin,
+             int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale) {
+  const auto table = [](const OptT& t) { return t ? OptT(t->contiguous()) : OptT(); };
+  const OptT qc = table(q_cos), qs = table(q_sin), kc = table(k_cos), ks = table(k_sin);
+  const auto ptr = [](const OptT& t) { return t ? t->data_ptr<float>() : nullptr; };
+  Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
+           re.data_ptr<int>(), lens, starts, ptr(qc), ptr(qs), ptr(kc), ptr(ks),
+           (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
+  else if (D == 64) launch_fwd<64>(p, q.scalar_type(), stream);
+  else launch_fwd<128>(p, q.scalar_type(), stream);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_,
@@ -347,19 +365,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
   at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
-  OptT qc = q_cos ? OptT(q_cos->contiguous()) : OptT(), qs = q_sin ? OptT(q_sin->contiguous()) : OptT();
-  OptT kc = k_cos ? OptT(k_cos->contiguous()) : OptT(), ks = k_sin ? OptT(k_sin->contiguous()) : OptT();
   at::Tensor out = at::empty({B, H, Nq, D}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
-  Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-           re.data_ptr<int>(), lens.defined() ? lens.data_ptr<int>() : nullptr, nullptr,
-           qc ? qc->data_ptr<float>() : nullptr, qs ? qs->data_ptr<float>() : nullptr,
-           kc ? kc->data_ptr<float>() : nullptr, ks ? ks->data_ptr<float>() : nullptr,
-           (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
-  else if (D == 64) launch_fwd<64>(p, q.scalar_type(), stream);
-  else launch_fwd<128>(p, q.scalar_type(), stream);
+  run_fwd(q, k, v, out, lse, re, lens.defined() ? lens.data_ptr<int>() : nullptr, nullptr, q_cos,
+          q_sin, k_cos, k_sin, B, H, Nq, Nk, D, scale);
   return {out, lse};
 }
 
@@ -372,12 +381,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q_, co
                                                         const OptT& k_sin) {
   const VarlenRows rows = check_varlen_args(q_, k_, v_, seq_lens, token_grans, q_cos, q_sin,
                                             k_cos, k_sin);
-  TORCH_CHECK(q_.is_cuda(), "the CUDA kernels got tensors on ", q_.device());
-  const int64_t D = q_.size(2);
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "head_dim=", D,
-              " is not supported by the CUDA kernels; allowed: 32, 64, 128");
-  TORCH_CHECK(v_.size(2) == D, "the CUDA kernels need v's head_dim (", v_.size(2),
-              ") equal to q's (", D, ")");
+  check_cuda_args(q_.transpose(0, 1).unsqueeze(0), v_.transpose(0, 1).unsqueeze(0));
   const c10::cuda::CUDAGuard guard(q_.device());
   // (R, H, D) contiguous: the model's q, k, v are heads of one fused projection (a row stride of
   // 3 H D), copied here as the padded path copies them
@@ -390,19 +394,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q_, co
     return host_to_device(at::tensor(x32, at::TensorOptions().dtype(at::kInt)), dev);
   };
   at::Tensor lens = to_int(rows.lens), starts = to_int(rows.start);
-  OptT qc = q_cos ? OptT(q_cos->contiguous()) : OptT(), qs = q_sin ? OptT(q_sin->contiguous()) : OptT();
-  OptT kc = k_cos ? OptT(k_cos->contiguous()) : OptT(), ks = k_sin ? OptT(k_sin->contiguous()) : OptT();
-  at::Tensor out = at::empty({q.size(0), H, D}, q.options());
+  at::Tensor out = at::empty({q.size(0), H, q.size(2)}, q.options());
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
-  Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-           re.data_ptr<int>(), lens.data_ptr<int>(), starts.data_ptr<int>(),
-           qc ? qc->data_ptr<float>() : nullptr, qs ? qs->data_ptr<float>() : nullptr,
-           kc ? kc->data_ptr<float>() : nullptr, ks ? ks->data_ptr<float>() : nullptr,
-           (int)B, (int)H, (int)N, (int)N, (float)scale};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
-  else if (D == 64) launch_fwd<64>(p, q.scalar_type(), stream);
-  else launch_fwd<128>(p, q.scalar_type(), stream);
+  run_fwd(q, k, v, out, lse, re, lens.data_ptr<int>(), starts.data_ptr<int>(), q_cos, q_sin,
+          k_cos, k_sin, B, H, N, N, q.size(2), scale);
   return {out, lse};
 }
 
