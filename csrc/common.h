@@ -81,6 +81,23 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// RoPE tables (cos, sin) of one side: both or neither, (n, D / 2) float32 on dev, D even.
+inline void check_rope_tables(const char* name, const c10::optional<at::Tensor>& c,
+                              const c10::optional<at::Tensor>& s, int64_t n, int64_t D,
+                              const at::Device& dev) {
+  TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
+              "both be None");
+  if (!c.has_value()) return;
+  TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
+  for (const auto* t : {&*c, &*s}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == D / 2, name,
+                " tables must be (", n, ", ", D / 2, "); got ", shape_str(*t));
+    TORCH_CHECK(t->scalar_type() == at::kFloat, name, " tables must be float32; got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == dev, name, " tables must be on ", dev, "; got ", t->device());
+  }
+}
+
 // Checks shared by the attention forward and backward (CPU and CUDA).
 inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  at::OptionalIntArrayRef grans,
@@ -106,22 +123,8 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
   check_grans(grans);
   TORCH_CHECK(!grans.has_value() || Nq == k.size(2),
               "token_grans needs self-attention (Nq == Nk); got Nq=", Nq, ", Nk=", k.size(2));
-  auto check_rope = [&](const char* name, const c10::optional<at::Tensor>& c,
-                        const c10::optional<at::Tensor>& s, int64_t n) {
-    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
-                "both be None");
-    if (!c.has_value()) return;
-    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
-    for (const auto* t : {&*c, &*s}) {
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == D / 2, name,
-                  " tables must be (", n, ", ", D / 2, "); got ", shape_str(*t));
-      TORCH_CHECK(t->scalar_type() == at::kFloat, name, " tables must be float32; got ",
-                  t->scalar_type());
-      TORCH_CHECK(t->device() == q.device(), name, " tables must be on ", q.device());
-    }
-  };
-  check_rope("q_rope", q_cos, q_sin, Nq);
-  check_rope("k_rope", k_cos, k_sin, k.size(2));
+  check_rope_tables("q_rope", q_cos, q_sin, Nq, D, q.device());
+  check_rope_tables("k_rope", k_cos, k_sin, k.size(2), D, q.device());
 }
 
 // The packed-rows (varlen) forward's arguments, checked alike by the CPU and CUDA kernels: q, k,
@@ -158,24 +161,9 @@ inline VarlenRows check_varlen_args(const at::Tensor& q, const at::Tensor& k, co
   // the padded checks on (1, H, R, D) views: dtypes, devices, head sizes, grans
   check_attention_args(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                        v.transpose(0, 1).unsqueeze(0), grans, {}, {}, {}, {});
-  const int64_t D = q.size(2);
-  auto check_rope = [&](const char* name, const c10::optional<at::Tensor>& c,
-                        const c10::optional<at::Tensor>& s) {
-    TORCH_CHECK(c.has_value() == s.has_value(), name, ": cos and sin must both be given or "
-                "both be None");
-    if (!c.has_value()) return;
-    TORCH_CHECK(D % 2 == 0, name, " needs an even head_dim; got D=", D);
-    for (const auto* t : {&*c, &*s}) {
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == r.max_len && t->size(1) == D / 2, name,
-                  " tables must be (", r.max_len, ", ", D / 2, ") (the longest sample); got ",
-                  shape_str(*t));
-      TORCH_CHECK(t->scalar_type() == at::kFloat, name, " tables must be float32; got ",
-                  t->scalar_type());
-      TORCH_CHECK(t->device() == q.device(), name, " tables must be on ", q.device());
-    }
-  };
-  check_rope("q_rope", q_cos, q_sin);
-  check_rope("k_rope", k_cos, k_sin);
+  // RoPE positions restart at 0 in every sample: tables as long as the longest sample
+  check_rope_tables("q_rope", q_cos, q_sin, r.max_len, q.size(2), q.device());
+  check_rope_tables("k_rope", k_cos, k_sin, r.max_len, q.size(2), q.device());
   return r;
 }
 
