@@ -97,10 +97,10 @@ const c10::OperatorHandle* onednn_linear_op() {
 
 // Rows from which a column slice of a weight (fc2's band [lo, hi): rows of stride H) is copied
 // to a contiguous block for oneDNN rather than multiplied in place by MKL. oneDNN would run the
-// strided slice on its reference GEMM (~1000x slower); the copy (u x C floats) costs about what
-// a 16-32-row product does, and from ~64 rows oneDNN's kernel repays it: fc2 of a mixed batch
-// (C 832, bands 1603 and 535 units wide, 96-448 rows) ran 5-9% faster that way than on MKL on
-// an AMD EPYC (Zen 4); below it MKL reads the slice in place.
+// strided slice on its reference GEMM (~1000x slower). Measured on an AMD EPYC (Zen 4), the FFN
+// GEMMs of a mixed batch's layers (C 832, bands 1603 and 535 units wide, 224-448 rows) took
+// 5-9% less time with the copy; at 32-96 rows the two ways were within noise of each other
+// (0.7-1.03x in paired runs), so small products keep MKL on the slice in place.
 constexpr int64_t kCopySliceMinRows = 64;
 
 // x (rows, k) times w (n, k) transposed, plus bias when given: a new (rows, n) float32 tensor.

@@ -81,6 +81,14 @@ struct Rope {
   const float* sin = nullptr;
 };
 
+// The kernel's view of (cos, sin) tables: contiguous copies kept in keep_cos / keep_sin (which
+// must outlive the Rope), or no rotation when the tables are not given.
+Rope rope_tables(const OptT& cos, const OptT& sin, at::Tensor& keep_cos, at::Tensor& keep_sin) {
+  if (!cos.has_value()) return Rope{};
+  keep_cos = cos->contiguous(), keep_sin = sin->contiguous();
+  return Rope{keep_cos.data_ptr<float>(), keep_sin.data_ptr<float>()};
+}
+
 // Rotate the interleaved pairs of one row x (D values) by position n into dst (D contiguous
 // values), times mul; vectorised (vec_math.h).
 inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float mul, float* dst) {
@@ -338,15 +346,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor qf = fused ? q : prep(q, q_cos, q_sin), kf = fused ? k : prep(k, k_cos, k_sin);
   at::Tensor vf = fused ? v : prep(v, {}, {});
   at::Tensor qc, qs, kc, ks;
-  Rope qrope, krope;
-  if (fused && q_cos.has_value()) {
-    qc = q_cos->contiguous(), qs = q_sin->contiguous();
-    qrope = {qc.data_ptr<float>(), qs.data_ptr<float>()};
-  }
-  if (fused && k_cos.has_value()) {
-    kc = k_cos->contiguous(), ks = k_sin->contiguous();
-    krope = {kc.data_ptr<float>(), ks.data_ptr<float>()};
-  }
+  const Rope qrope = fused ? rope_tables(q_cos, q_sin, qc, qs) : Rope{};
+  const Rope krope = fused ? rope_tables(k_cos, k_sin, kc, ks) : Rope{};
   // written heads-last and returned as its (B, H, Nq, Dv) view: the op hands the buffer to
   // the model as (B, Nq, C) with no transpose copy
   at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options());
@@ -379,13 +380,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
               q.scalar_type(), " (run other dtypes padded, through block_masked_attention)");
   const int64_t B = static_cast<int64_t>(rows.lens.size()), R = q.size(0), H = q.size(1);
   const int64_t D = q.size(2), Nmax = rows.max_len;
-  // contiguous tables (checked above: (Nmax, D/2) float32 on q's device)
-  const at::Tensor qc = q_cos ? q_cos->contiguous() : at::Tensor();
-  const at::Tensor qs = q_sin ? q_sin->contiguous() : at::Tensor();
-  const at::Tensor kc = k_cos ? k_cos->contiguous() : at::Tensor();
-  const at::Tensor ks = k_sin ? k_sin->contiguous() : at::Tensor();
-  const Rope qrope = qc.defined() ? Rope{qc.data_ptr<float>(), qs.data_ptr<float>()} : Rope{};
-  const Rope krope = kc.defined() ? Rope{kc.data_ptr<float>(), ks.data_ptr<float>()} : Rope{};
+  // (checked above: (Nmax, D/2) float32 on q's device)
+  at::Tensor qc, qs, kc, ks;
+  const Rope qrope = rope_tables(q_cos, q_sin, qc, qs), krope = rope_tables(k_cos, k_sin, kc, ks);
   auto unit_d = [](const at::Tensor& x) { return x.stride(2) == 1 ? x : x.contiguous(); };
   const at::Tensor qf = unit_d(q), kf = unit_d(k), vf = unit_d(v);
   const auto re = row_end(Nmax, token_grans, Nmax);
