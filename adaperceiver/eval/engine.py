@@ -1,0 +1,155 @@
+"""The evaluation loop: top-1/top-5 counts of every (t, w, l), one pass over the data per width.
+
+Per width, every batch runs :func:`adaperceiver.eval.readouts.grid_logits` (one forward, read
+out at every requested (t, l)). Under ``torchrun`` each process takes every world-th batch of
+the single-process batching (:func:`adaperceiver.eval.data.rank_batches`), and the integer
+counts are summed over processes: each image is counted once, and the result is the
+single-process one.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..bench.grid import Config
+from ..flops import count_flops
+from .data import rank_batches
+from .readouts import grid_logits
+
+__all__ = ["EvalResult", "evaluate", "topk_hits"]
+
+
+@dataclass
+class EvalResult:
+    rows: list            # per (t, w, l): t, w, l, top1, top5 (percent), images, gflops
+    policies: list = field(default_factory=list)  # name, top1, top5, images, gflops (mean)
+    images: int = 0
+    seconds: float = 0.0
+    pass_seconds: dict = field(default_factory=dict)   # width or policy -> wall seconds
+
+    def accuracy(self) -> dict:
+        return {(r["t"], r["w"], r["l"]): r["top1"] for r in self.rows}
+
+
+def topk_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    """(top-1 hits, top-5 hits) of logits (B, K) against labels (B,) (top-K when K < 5)."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return int((top[:, 0] == y).sum()), int((top == y[:, None]).any(-1).sum())
+
+
+def _world():
+    from ..train.trainer import world
+    return world()
+
+
+def _all_reduce(t: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+    if _world()[1] == 1:
+        return t
+    on = t.to(device) if dist.get_backend() == "nccl" else t
+    dist.all_reduce(on)
+    return on.cpu()
+
+
+def _check_labels(y: torch.Tensor, num_classes: int):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        bad = y[(y < 0) | (y >= num_classes)][:5].tolist()
+        raise ValueError(f"labels {bad} are outside the model's classes 0..{num_classes - 1} "
+                         "(unlabelled samples are -1); pass --class-map to map folders")
+
+
+def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
+             indices: Optional[Sequence[int]] = None, policies: Sequence = (), workers: int = 0,
+             dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None,
+             img_size=None, progress: bool = True, log: Callable = None) -> EvalResult:
+    """Top-1/top-5 of ``model`` on ``dataset`` ((image, label) samples) at every config, one
+    pass per width; then one pass per policy (:mod:`adaperceiver.eval.policies`). Call it on
+    every rank under torchrun; every rank returns the summed result."""
+    from tqdm import tqdm
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    rank, size = _world()
+    cfg = model.config
+    dev = next(model.parameters()).device
+    dtype = dtype or next(model.parameters()).dtype
+    configs = sorted(set(configs))
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    batches = rank_batches(indices, batch_size, rank, size)
+    mine = sum(len(b) for b in batches)
+    row_of = {c: i for i, c in enumerate(configs)}
+    widths = sorted({c.w for c in configs}, reverse=True)
+    hits = torch.zeros(len(configs), 2, dtype=torch.int64)
+    seen = torch.zeros(len(widths), dtype=torch.int64)
+    pol_sums = torch.zeros(len(policies), 3, dtype=torch.int64)    # top1, top5, FLOPs
+    pol_seen = torch.zeros(len(policies), dtype=torch.int64)
+    amp = (torch.autocast(dev.type, dtype=autocast) if autocast is not None
+           else contextlib.nullcontext())
+    grid_size = None
+    pass_seconds = {}
+    start = time.perf_counter()
+
+    def loader():
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                           pin_memory=dev.type == "cuda",
+                                           persistent_workers=False)
+
+    def bar(desc):
+        return tqdm(total=mine, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+                    disable=not progress or rank != 0, smoothing=0.1)
+
+    model.eval()
+    for wi, w in enumerate(widths):
+        mine_w = [c for c in configs if c.w == w]
+        ts = sorted({c.t for c in mine_w})
+        ls = sorted({c.l for c in mine_w})
+        t0 = time.perf_counter()
+        with bar(f"w={w} ({len(mine_w)} configs)") as pb, torch.inference_mode():
+            for x, y in loader():
+                _check_labels(y, cfg.num_classes)
+                x = x.to(dev, dtype, non_blocking=True)
+                grid_size = tuple(x.shape[-2:])
+                with amp:
+                    out = grid_logits(model, x, w, ts, ls)
+                y = y.to(dev)
+                for c in mine_w:
+                    hits[row_of[c]] += torch.tensor(topk_hits(out[(c.t, c.l)], y))
+                seen[wi] += len(y)
+                pb.update(len(y))
+        pass_seconds[f"w={w}"] = time.perf_counter() - t0
+    for pi, pol in enumerate(policies):
+        t0 = time.perf_counter()
+        with bar(f"policy {pol.name}") as pb, torch.inference_mode():
+            for x, y in loader():
+                _check_labels(y, cfg.num_classes)
+                x = x.to(dev, dtype, non_blocking=True)
+                grid_size = tuple(x.shape[-2:])
+                with amp:
+                    logits, flops = pol.run(model, x)
+                h1, h5 = topk_hits(logits, y.to(dev))
+                pol_sums[pi] += torch.tensor([h1, h5, int(flops.sum())])
+                pol_seen[pi] += len(y)
+                pb.update(len(y))
+        pass_seconds[f"policy {pol.name}"] = time.perf_counter() - t0
+
+    hits, seen = _all_reduce(hits, dev), _all_reduce(seen, dev)
+    pol_sums, pol_seen = _all_reduce(pol_sums, dev), _all_reduce(pol_seen, dev)
+    n = len(indices)
+    if seen.numel() and not bool((seen == n).all()):    # pragma: no cover - a sampler bug
+        raise RuntimeError(f"counted {seen.tolist()} images per width, expected {n}")
+    img = grid_size or img_size or cfg.img_size
+    rows = []
+    for c in configs:
+        h1, h5 = hits[row_of[c]].tolist()
+        f = count_flops(cfg, c.t, c.w, c.l, img_size=img)
+        rows.append({"t": c.t, "w": c.w, "l": c.l, "top1": 100.0 * h1 / n,
+                     "top5": 100.0 * h5 / n, "images": n, "gflops": f.total / 1e9})
+    pol_rows = []
+    for pi, pol in enumerate(policies):
+        h1, h5, fl = pol_sums[pi].tolist()
+        pol_rows.append({"policy": pol.name, "top1": 100.0 * h1 / n, "top5": 100.0 * h5 / n,
+                         "images": n, "gflops": fl / n / 1e9})
+    return EvalResult(rows, pol_rows, n, time.perf_counter() - start, pass_seconds)
