@@ -21,7 +21,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
-	$(PIP) install -q ninja "setuptools>=68" wheel
+	$(PIP) install -q ninja "setuptools>=77" wheel
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	touch $@
 

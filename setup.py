@@ -1,14 +1,19 @@
 """Build of adaperceiver: the Python package, ``adaperceiver.kernels`` mapped from ``kernels/``,
 and the compiled extension ``adaperceiver._C`` from ``csrc/`` when its sources are there.
 
-C++ (CPU kernels) is always compiled when ``csrc/`` has sources. CUDA is compiled when
-``ADAPERCEIVER_BUILD_CUDA=1``, or when torch was built with CUDA and a toolkit is found
-(``ADAPERCEIVER_BUILD_CUDA=0`` turns it off). ``MAX_JOBS`` bounds parallel compile jobs.
+C++ (CPU kernels) is always compiled when ``csrc/`` has sources, unless
+``ADAPERCEIVER_BUILD_EXT=0`` (a pure-Python build in seconds: every op then runs on its reference
+or Triton backend; the packaging tests use it). CUDA is compiled when ``ADAPERCEIVER_BUILD_CUDA=1``,
+or when torch was built with CUDA and a toolkit is found (``ADAPERCEIVER_BUILD_CUDA=0`` turns it
+off). ``MAX_JOBS`` bounds parallel compile jobs.
+
+Every package under ``adaperceiver/`` ships (``find_packages``), so a subpackage added later is in
+the wheel without editing this file; ``kernels/`` ships as ``adaperceiver.kernels``.
 """
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,7 +27,17 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _want_ext():
+    flag = os.environ.get("ADAPERCEIVER_BUILD_EXT", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"ADAPERCEIVER_BUILD_EXT={flag!r} is not allowed; allowed: '1' (build "
+                         "adaperceiver._C, the default) or '0' (pure-Python package)")
+    return flag == "1"
+
+
 def _extensions():
+    if not _want_ext():
+        return [], {}
     cpp = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not cpp:
         return [], {}
@@ -53,8 +68,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["adaperceiver", "adaperceiver.ops", "adaperceiver.model", "adaperceiver.bench",
-              "adaperceiver.kernels"],
+    packages=find_packages(include=["adaperceiver", "adaperceiver.*"]) + ["adaperceiver.kernels"],
     package_dir={"adaperceiver.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
