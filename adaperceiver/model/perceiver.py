@@ -1,14 +1,21 @@
 """AdaPerceiver: image -> patch embedding -> read into latents -> blocks -> write -> head.
 
-One implementation; which kernels run is decided under ``adaperceiver.ops``.
+One implementation; which kernels run is decided under ``adaperceiver.ops``. The model also has
+timm's model API (``num_features``, ``reset_classifier``, ``forward_intermediates``,
+``set_grad_checkpointing``, ``group_matcher``, ``no_weight_decay``); ``adaperceiver.timm`` adds
+timm's calling convention on top (a tensor out of ``forward``, ``forward_head(x, pre_logits)``).
+An empty batch (B = 0) gives empty outputs of the usual shapes, as torch modules do.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import AdaPerceiverConfig, CallConfig, resolve_call
 from ..ops.reference import rope_tables
@@ -17,7 +24,55 @@ from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, Ou
                      PatchEmbed, PatchQueries)
 from .ragged import Layout
 
-__all__ = ["AdaPerceiverClassifier", "AdaPerceiverDistill", "AdaPerceiverOutput", "model_class"]
+__all__ = ["AdaPerceiverClassifier", "AdaPerceiverDistill", "AdaPerceiverOutput", "model_class",
+           "take_indices"]
+
+_NOT_TRACEABLE = (
+    "AdaPerceiver cannot be {what}: its forward validates the per-call (t, w, l) on the host, "
+    "orders and packs the samples by their token counts and widths, and calls custom ops "
+    "(adaperceiver::*), none of which TorchScript or torch.fx symbolic tracing can capture. "
+    "Use torch.compile(model) (fullgraph for a fixed (t, w, l)) or "
+    "torch.export.export(model, (x,)) instead; both trace the custom ops through their fake "
+    "kernels.")
+
+
+def take_indices(num_blocks: int, indices) -> tuple[list[int], int]:
+    """timm's ``indices`` contract of forward_intermediates: None -> every block, an int n ->
+    the last n blocks, a sequence -> those block indices (negative count from the end). Returns
+    (sorted absolute indices, the largest)."""
+    what = (f"None (all), an int n in 1..{num_blocks} (the last n blocks) or a sequence of block "
+            f"indices in -{num_blocks}..{num_blocks - 1}")
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
+    if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)) or isinstance(
+            indices, str):
+        raise TypeError(f"indices={indices!r} is not allowed; allowed: {what}")
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices} is out of range; allowed: {what}")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = []
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"indices={list(indices)!r} holds {i!r}; allowed: {what}")
+            if not -num_blocks <= i < num_blocks:
+                raise ValueError(f"indices={list(indices)!r} holds {i}, out of range; allowed: "
+                                 f"{what}")
+            take.append(i % num_blocks)
+        if not take:
+            raise ValueError(f"indices={list(indices)!r} is empty; allowed: {what}")
+        take = sorted(set(take))
+    return take, take[-1]
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes={num_classes!r} is not allowed; allowed: an int >= 0 (0: "
+                         "no classifier, the head returns the pre-logits features)")
+    return num_classes
 
 
 @dataclass
@@ -57,12 +112,19 @@ class AdaPerceiverClassifier(nn.Module):
             Block(C, cfg.num_heads, hid, cfg.qkv_bias, cfg.proj_bias, cfg.ls_init_values)
             for _ in range(cfg.depth))
         self.write_head = CrossAttentionHead(C, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias)
-        self.output_adapter = OutputAdapter(C, cfg.num_classes)
+        # num_classes=0: no classifier, the head's output is the written-out token (timm's rule)
+        self.output_adapter = (OutputAdapter(C, cfg.num_classes) if cfg.num_classes
+                               else nn.Identity())
         if cfg.distilled:   # per-patch readout of the distilled backbone (SPEC.md)
             self.output_latents_feat = PatchQueries(C)
             self.write_head_feat = CrossAttentionHead(C, cfg.num_heads, cfg.qkv_bias,
                                                       cfg.proj_bias)
             self.output_adapter_feat = FeatureAdapter(C, hid, cfg.output_feat_dim)
+        self.grad_checkpointing = False
+        # timm's feature metadata: one entry per block, the latents (B, N, C); a latent is not a
+        # patch, the reduction is the patch size the latents read from
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=C, reduction=cfg.patch_size)
+                             for i in range(cfg.depth)]
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -77,6 +139,64 @@ class AdaPerceiverClassifier(nn.Module):
                   self.output_latents.token):
             nn.init.trunc_normal_(p, std=0.02)
 
+    # -------------------------------------------------------------------------- timm's API
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """Width of forward_features' latents (B, N, num_features)."""
+        return self.config.embed_dim
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of the pre-logits features (the written-out token)."""
+        return self.config.embed_dim
+
+    def get_classifier(self) -> nn.Module:
+        return self.output_adapter
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier of ``num_classes`` outputs (freshly initialised), or none for 0 (the
+        head then returns the pre-logits features). ``global_pool``: None or 'map' (the write
+        head, a learned query attending to the latents, is this model's pooling)."""
+        num_classes = _check_num_classes(num_classes)
+        if global_pool not in (None, "map"):
+            raise ValueError(f"global_pool={global_pool!r} is not allowed for "
+                             f"{type(self).__name__}; allowed: None or 'map' (the write head)")
+        p = self.patch_embed.pos_embed
+        if num_classes:
+            head = OutputAdapter(self.config.embed_dim, num_classes).to(p.device, p.dtype)
+            nn.init.trunc_normal_(head.ffn.weight, std=0.02)
+            nn.init.zeros_(head.ffn.bias)
+        else:
+            head = nn.Identity()
+        self.output_adapter = head.train(self.training)
+        # a copy: the old config object may be shared; save_pretrained writes the new head's size
+        self.config = copy.deepcopy(self.config)
+        self.config.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise LR decay: the stem (patch embedding and read),
+        one group per block; the rest (write heads, classifier) is unmatched, which timm makes
+        the last group."""
+        return dict(stem=r"^patch_embed|^process_latents|^read_head",
+                    blocks=[(r"^blocks\.(\d+)", None)])
+
+    def no_weight_decay(self) -> set:
+        """Learned embeddings that timm's optimizer factory keeps out of weight decay."""
+        return {"patch_embed.pos_embed", "process_latents.token", "output_latents.token"}
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: refuse with the reason and the alternatives
+        raise RuntimeError(_NOT_TRACEABLE.format(what="scripted with TorchScript "
+                                                      "(torch.jit.script)"))
+
     # -------------------------------------------------------------------------- pieces
     def _check_input(self, x: torch.Tensor):
         p = self.patch_embed.pos_embed
@@ -89,10 +209,72 @@ class AdaPerceiverClassifier(nn.Module):
 
     def resolve(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
                 token_grans=None, exit: str = "batch") -> CallConfig:
-        call = resolve_call(self.config, x, num_tokens, mat_dim, depth, depth_tau, token_grans,
-                            exit)
+        """The validated call. For an empty batch (B = 0) it is the call of a one-image batch
+        (per-sample arguments must then have 0 entries): forward checks ``x.shape[0]`` and
+        returns empty outputs of that call's shapes."""
+        if isinstance(x, torch.fx.Proxy):
+            raise RuntimeError(_NOT_TRACEABLE.format(what="traced with torch.fx "
+                                                          "(symbolic_trace)"))
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == 0:
+            per_sample = {}
+            for name, value in (("num_tokens", num_tokens), ("mat_dim", mat_dim),
+                                ("depth", depth)):
+                if isinstance(value, torch.Tensor) and value.dim() > 0 or isinstance(
+                        value, (list, tuple)):
+                    if len(value) != 0:
+                        raise ValueError(f"{name} has {len(value)} entries but the batch has 0 "
+                                         "samples; allowed: an int or a length-0 sequence")
+                    value = None
+                per_sample[name] = value
+            one = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device="meta")
+            call = resolve_call(self.config, one, per_sample["num_tokens"],
+                                per_sample["mat_dim"], per_sample["depth"], depth_tau,
+                                token_grans, exit)
+        else:
+            call = resolve_call(self.config, x, num_tokens, mat_dim, depth, depth_tau,
+                                token_grans, exit)
         self._check_input(x)
         return call
+
+    def _empty(self, x, call: CallConfig, with_logits: bool = True) -> AdaPerceiverOutput:
+        """The outputs of an empty batch, of the shapes a B-sample batch would have; made from
+        the parameters that produce them, so they are part of the autograd graph as the
+        outputs of torch modules on an empty batch are."""
+        C, N = self.config.embed_dim, call.num_tokens
+        latents = self.process_latents.token.expand(0, N, C).clone()
+        logits = self._empty_readout() if with_logits else None
+        feats = ptoks = None
+        if self.config.distilled and with_logits:
+            ptoks, feats = self._empty_patch_outputs(x, call)
+        return AdaPerceiverOutput(logits=logits, exit_depth=call.depth, latents=latents,
+                                  depths=torch.zeros(0, dtype=torch.long), features=feats,
+                                  patch_tokens=ptoks)
+
+    def _empty_patch_outputs(self, x, call: CallConfig):
+        """Distilled backbone, empty batch: per-patch tokens (0, P, C) and features (0, P, F)."""
+        P, C = call.grid[0] * call.grid[1], self.config.embed_dim
+        ptoks = self.output_latents_feat.proj.bias.expand(0, P, C).clone()
+        fc2 = self.output_adapter_feat.ffn.fc2
+        return ptoks, F.linear(x.new_zeros(0, P, fc2.in_features), fc2.weight, fc2.bias)
+
+    def _empty_readout(self, pre_logits: bool = False) -> torch.Tensor:
+        """(0, 1, K) logits, or (0, 1, C) pre-logits, of an empty batch."""
+        pre = self.output_latents.token.expand(0, 1, -1).clone()
+        if pre_logits or not isinstance(self.output_adapter, OutputAdapter):
+            return pre
+        return F.linear(pre, self.output_adapter.ffn.weight, self.output_adapter.ffn.bias)
+
+    def _block(self, i: int, rows, layout, grans, rope):
+        blk = self.blocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, rows, layout, grans, rope, use_reentrant=False)
+        return blk(rows, layout, grans, rope)
+
+    @staticmethod
+    def _order(call: CallConfig) -> list[int]:
+        """Samples deepest first, widest first among equal depths (the FFN's width bands then
+        read rows in place; samples that reach their depth leave from the end)."""
+        return sorted(range(call.batch), key=lambda b: (-call.depths[b], -call.hidden[b]))
 
     def _rope(self, n: int, device):
         cfg = self.config
@@ -115,15 +297,24 @@ class AdaPerceiverClassifier(nn.Module):
         n = latents.shape[1]
         return self._rope(n, latents.device) if rope is None else (rope[0][:n], rope[1][:n])
 
-    def forward_head(self, latents: torch.Tensor, rope=None, seq_lens=None) -> torch.Tensor:
-        """Logits (B, 1, num_classes) from latents (B, N, C) taken at any exit layer; sample b
-        reads its first seq_lens[b] latents (all when None). latents[:, :g] is the g-token
-        model's readout (the block mask makes it so)."""
+    def readout(self, latents: torch.Tensor, rope=None, seq_lens=None,
+                pre_logits: bool = False) -> torch.Tensor:
+        """Logits (B, 1, num_classes) from latents (B, N, C) taken at any exit layer, or with
+        ``pre_logits`` the written-out token (B, 1, C) before the classifier; sample b reads its
+        first seq_lens[b] latents (all when None). latents[:, :g] is the g-token model's readout
+        (the block mask makes it so)."""
+        if latents.shape[0] == 0:
+            return self._empty_readout(pre_logits)
         out_tok = self.output_latents.token.expand(latents.shape[0], 1, -1).clone(
             memory_format=torch.contiguous_format)
-        return self.output_adapter(self.write_head(out_tok, latents,
-                                                   k_rope=self._write_rope(latents, rope),
-                                                   seq_lens=seq_lens))
+        pre = self.write_head(out_tok, latents, k_rope=self._write_rope(latents, rope),
+                              seq_lens=seq_lens)
+        return pre if pre_logits else self.output_adapter(pre)
+
+    def forward_head(self, latents: torch.Tensor, rope=None, seq_lens=None,
+                     pre_logits: bool = False) -> torch.Tensor:
+        """:meth:`readout` (``adaperceiver.timm`` gives this name timm's signature)."""
+        return self.readout(latents, rope, seq_lens, pre_logits)
 
     def forward_patch_tokens(self, latents: torch.Tensor, patches: torch.Tensor, rope=None,
                              tokens=None) -> torch.Tensor:
@@ -158,8 +349,7 @@ class AdaPerceiverClassifier(nn.Module):
         reach their depth leave from the end of the batch (a slice); per-sample confidence exit
         compacts by gathering. Each sample is written out at its own exit layer."""
         B, dev = call.batch, x.device
-        # widest first among equal depths: the FFN's width bands then read rows in place
-        order = sorted(range(B), key=lambda b: (-call.depths[b], -call.hidden[b]))
+        order = self._order(call)
         if order != list(range(B)):
             x = x[to_device(order, dev)]
         rope = self._rope(call.num_tokens, dev)
@@ -174,11 +364,11 @@ class AdaPerceiverClassifier(nn.Module):
         ptoks = [None] * B if feats is not None else None
         run_rope = rope
         for i in range(call.depth):
-            rows = self.blocks[i](rows, layout, call.grans, run_rope)
+            rows = self._block(i, rows, layout, call.grans, run_rope)
             leave = [j for j, b in enumerate(running) if call.depths[b] == i + 1]
             lg = None
             if call.depth_tau is not None:
-                lg = self.forward_head(layout.pad(rows), rope, layout.seq_lens)
+                lg = self.readout(layout.pad(rows), rope, layout.seq_lens)
                 conf = lg.float().softmax(-1).amax(-1)[:, 0]
                 if call.exit == "batch":
                     # the reference's rule: one host sync per layer on the batch mean
@@ -194,7 +384,7 @@ class AdaPerceiverClassifier(nn.Module):
             if lg is not None:
                 lg = lg[to_device(leave, dev)]
             elif with_logits:
-                lg = self.forward_head(padded, rope, out_layout.seq_lens)
+                lg = self.readout(padded, rope, out_layout.seq_lens)
             if feats is not None:
                 idx = to_device([position[running[j]] for j in leave], dev)
                 pt = self.forward_patch_tokens(padded, patches[idx], rope, out_layout.tokens)
@@ -250,33 +440,118 @@ class AdaPerceiverClassifier(nn.Module):
                              f"{cfg.max_latent_tokens}")
         if features and not cfg.distilled:
             raise ValueError("features=True needs the distilled backbone (output_feat_dim set)")
+        if x.shape[0] == 0:
+            feat = self._empty_patch_outputs(x, call)[1] if features else None
+            return {(e, g): (self._empty_readout(), feat) for e in exits for g in counts}
         rope = self._rope(n, x.device)
         layout = Layout.build(call.tokens, call.hidden, x.device)
         patches = self.patch_embed(x, call.grid)
         rows = layout.pack(self.read_latents(patches, n, rope))
         out = {}
         for i in range(exits[-1]):
-            rows = self.blocks[i](rows, layout, call.grans, rope)
+            rows = self._block(i, rows, layout, call.grans, rope)
             if i + 1 not in exits:
                 continue
             latents = layout.pad(rows)
             for g in counts:
                 lat = latents[:, :g]
                 feat = self.forward_patch_features(lat, patches, rope) if features else None
-                out[(i + 1, g)] = (self.forward_head(lat, rope), feat)
+                out[(i + 1, g)] = (self.readout(lat, rope), feat)
         return out
 
     # -------------------------------------------------------------------------- public
     def forward(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
                 token_grans=None, exit: str = "batch") -> AdaPerceiverOutput:
         call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans, exit)
+        if x.shape[0] == 0:
+            return self._empty(x, call)
         return self._run(x, call)
 
     def forward_features(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,
                          token_grans=None, exit: str = "batch") -> torch.Tensor:
         """The latents (B, N, C) after each sample's last executed block (zero past its t)."""
         call = self.resolve(x, num_tokens, mat_dim, depth, depth_tau, token_grans, exit)
+        if x.shape[0] == 0:
+            return self._empty(x, call, with_logits=False).latents
         return self._run(x, call, with_logits=False).latents
+
+    def forward_intermediates(self, x, indices=None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NLC",
+                              intermediates_only: bool = False, output_dict: bool = False,
+                              num_tokens=None, mat_dim=None, depth=None, token_grans=None):
+        """timm's per-block features: the latents (B, N, C) after the blocks ``indices`` picks
+        (None: all; an int n: the last n; a sequence: those, negative from the end) among the
+        ``depth`` blocks run, zero past each sample's t. ``norm`` applies the write head's input
+        LayerNorm (the norm every readout applies to the latents, this model's final norm);
+        ``stop_early`` runs no block past the last one taken.
+
+        Returns (final latents, as forward_features gives them, list of intermediates), the list
+        alone with ``intermediates_only``, or with ``output_dict`` a dict with
+        'image_intermediates' (and 'image_features'). ``output_fmt`` is 'NLC' only: the latents
+        are learned tokens, not a patch grid, so there is no NCHW map. ``num_tokens`` and
+        ``mat_dim`` may be per sample; ``depth`` is one int (the blocks the indices refer to).
+        """
+        fmt = str(getattr(output_fmt, "value", output_fmt))
+        if fmt != "NLC":
+            raise ValueError(f"output_fmt={fmt!r} is not allowed for AdaPerceiver; allowed: "
+                             "'NLC'. Its features are N latent tokens (B, N, C) read from the "
+                             "patches by cross-attention, not a patch grid, so they have no "
+                             "NCHW layout")
+        if isinstance(depth, (list, tuple)) or isinstance(depth, torch.Tensor) and depth.dim():
+            raise ValueError(f"depth={depth!r} is not allowed in forward_intermediates; allowed: "
+                             "one int for the whole batch (the intermediates are per block)")
+        call = self.resolve(x, num_tokens, mat_dim, depth, None, token_grans)
+        take, last = take_indices(call.depth, indices)
+        if x.shape[0] == 0:
+            final = self._empty(x, call, with_logits=False).latents
+            inter = [final.clone() for _ in take]
+        else:
+            final, inter = self._intermediates(x, call, take, last + 1 if stop_early
+                                               else call.depth, norm)
+        if output_dict:
+            out = {"image_intermediates": inter}
+            if not intermediates_only:
+                out["image_features"] = final
+            return out
+        return inter if intermediates_only else (final, inter)
+
+    def _intermediates(self, x, call: CallConfig, take: list[int], run: int, norm: bool):
+        """Blocks 0..run-1 over the batch (in _run's sample order, so the final latents equal
+        forward_features' exactly), the latents after each block of ``take`` kept."""
+        dev = x.device
+        order = self._order(call)
+        permuted = order != list(range(call.batch))
+        if permuted:
+            x = x[to_device(order, dev)]
+        rope = self._rope(call.num_tokens, dev)
+        layout = Layout.build([call.tokens[b] for b in order], [call.hidden[b] for b in order],
+                              dev)
+        rows = layout.pack(self.read(x, call.num_tokens, call.grid, rope))
+        inter = []
+        for i in range(run):
+            rows = self._block(i, rows, layout, call.grans, rope)
+            if i in take:   # normed before padding: rows past a sample's t stay zero
+                inter.append(layout.pad(self.write_head.src_norm(rows) if norm else rows))
+        final = layout.pad(rows)
+        if permuted:
+            back = to_device(sorted(range(call.batch), key=order.__getitem__), dev)
+            final, inter = final[back], [t[back] for t in inter]
+        return final, inter
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep only the blocks up to the last of ``indices`` (timm's contract; config.depth
+        follows) and, with ``prune_head``, drop the classifier. The write head's norm is what
+        ``norm=True`` applies, so ``prune_norm`` removes nothing. Returns the absolute
+        indices."""
+        take, last = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        self.feature_info = self.feature_info[:last + 1]
+        self.config = copy.deepcopy(self.config)
+        self.config.depth = last + 1
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def save_pretrained(self, path):
         from ..checkpoint import save_pretrained
