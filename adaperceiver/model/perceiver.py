@@ -226,6 +226,9 @@ class AdaPerceiverClassifier(nn.Module):
                                          "samples; allowed: an int or a length-0 sequence")
                     value = None
                 per_sample[name] = value
+            if x.shape[1] != self.config.in_channels:   # (the stand-in would show B = 1)
+                raise ValueError(f"x has shape {tuple(x.shape)}; allowed: (B, "
+                                 f"{self.config.in_channels}, H, W)")
             one = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device="meta")
             call = resolve_call(self.config, one, per_sample["num_tokens"],
                                 per_sample["mat_dim"], per_sample["depth"], depth_tau,
