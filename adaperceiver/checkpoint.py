@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
 
 __all__ = ["save_pretrained", "load_state_dict", "from_pretrained", "strip_prefixes",
-           "check_state_dict", "read_checkpoint", "load_weights", "WEIGHT_NAMES"]
+           "check_state_dict", "check_config", "read_checkpoint", "load_weights", "WEIGHT_NAMES"]
 
 # weight file names a checkpoint directory may hold, in order of preference
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
@@ -47,9 +48,17 @@ def load_state_dict(path: Union[str, os.PathLike]) -> dict:
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise ValueError(f"weights file {path!r} could not be read (truncated or not a "
+                             f"safetensors file?): {type(e).__name__}: {e}") from e
     elif path.endswith((".pt", ".pth", ".bin")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise ValueError(f"weights file {path!r} could not be read: {type(e).__name__}: "
+                             f"{e}") from e
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]
@@ -104,11 +113,27 @@ def read_checkpoint(path, config: Optional[dict] = None) -> tuple[dict, str]:
         weights = path
     if config is None:
         with open(cfg_file) as f:
-            config = json.load(f)
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_file!r} is not valid JSON: {e}") from None
         if not isinstance(config, dict):
             raise ValueError(f"{cfg_file!r} holds {type(config).__name__}, not a dict of "
                              "constructor keywords")
+        check_config(config, cfg_file)
     return config, weights
+
+
+def check_config(config: dict, source: str) -> None:
+    """Raise naming ``source`` (the config.json file) when a key is unknown, of the wrong type
+    or out of range."""
+    from .config import AdaPerceiverConfig
+    try:
+        with warnings.catch_warnings():   # the model built from it warns, once
+            warnings.simplefilter("ignore")
+            AdaPerceiverConfig.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{source}: {e}") from None
 
 
 def load_weights(model, weights) -> "torch.nn.Module":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -56,8 +57,8 @@ class AdaPerceiverConfig:
     output_feat_dim: Optional[int] = None
 
     def __post_init__(self):
+        self._check_types()
         self.mask_token_grans = check_grans(self.mask_token_grans, "mask_token_grans")
-        self.mat_dims = [int(w) for w in self.mat_dims]
         checks = [
             ("act_layer", self.act_layer, ("gelu",)),
             ("norm_layer", self.norm_layer, ("layernorm",)),
@@ -76,10 +77,6 @@ class AdaPerceiverConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported (dropout and "
                                  "stochastic depth are not implemented; the released configs "
                                  "use 0.0); allowed: 0.0")
-        if self.output_feat_dim is not None and (isinstance(self.output_feat_dim, bool) or
-                                                 int(self.output_feat_dim) < 1):
-            raise ValueError(f"output_feat_dim={self.output_feat_dim!r} is not allowed; "
-                             "allowed: a positive int (distilled backbone) or None")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not a multiple of "
                              f"num_heads={self.num_heads}")
@@ -94,6 +91,56 @@ class AdaPerceiverConfig:
                           f"block_mask={self.block_mask!r} says (as the reference does); the "
                           "prefix property (num_tokens=g equals the first g latents of a "
                           "longer run) no longer holds", stacklevel=3)
+
+    # (key, lowest allowed value) of the int keys, and of the real-number keys
+    _INTS = (("depth", 1), ("embed_dim", 1), ("img_size", 1), ("in_channels", 1),
+             ("max_latent_tokens", 1), ("num_classes", 0), ("num_heads", 1), ("patch_size", 1))
+    _REALS = ("ffn_ratio", "ls_init_values", "rope_theta", "attn_drop", "drop_path", "head_drop",
+              "proj_drop")
+    _BOOLS = ("proj_bias", "qkv_bias", "use_embed_ffn", "use_output_ffn")
+
+    def _check_types(self) -> None:
+        """Every key of its type and in range (a config.json value such as "21", 832.0,
+        "false" or -13 is an error naming the key, not a silently different model)."""
+        for name, lo in self._INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+                raise ValueError(f"{name}={value!r} is not allowed; allowed: an int >= {lo}")
+            setattr(self, name, int(value))
+        if self.max_latent_tokens > MAX_NUM_TOKENS:
+            raise ValueError(f"max_latent_tokens={self.max_latent_tokens} is not allowed; "
+                             f"allowed: 1..{MAX_NUM_TOKENS}")
+        for name in self._REALS:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value)):
+                raise ValueError(f"{name}={value!r} is not allowed; allowed: a finite number")
+            setattr(self, name, float(value))
+        for name in ("ffn_ratio", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a "
+                                 "number > 0")
+        for name in self._BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: true "
+                                 "or false (a JSON boolean, not a string)")
+        for name in ("act_layer", "attn_layer", "block_mask", "ffn_layer", "norm_layer",
+                     "process_token_init"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; allowed: a "
+                                 "string")
+        if not isinstance(self.mat_dims, (list, tuple)) or not self.mat_dims or any(
+                isinstance(w, bool) or not isinstance(w, numbers.Integral)
+                for w in self.mat_dims):
+            raise ValueError(f"mat_dims={self.mat_dims!r} is not allowed; allowed: a non-empty "
+                             "list of ints in 1..embed_dim")
+        self.mat_dims = [int(w) for w in self.mat_dims]
+        if self.output_feat_dim is not None and (
+                isinstance(self.output_feat_dim, bool)
+                or not isinstance(self.output_feat_dim, numbers.Integral)
+                or self.output_feat_dim < 1):
+            raise ValueError(f"output_feat_dim={self.output_feat_dim!r} is not allowed; "
+                             "allowed: a positive int (distilled backbone) or None")
 
     @property
     def head_dim(self) -> int:

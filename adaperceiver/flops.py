@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from .config import AdaPerceiverConfig, hidden_size
-from .ops.schedule import row_end
+from .config import MAX_NUM_TOKENS, AdaPerceiverConfig, _as_int, hidden_size
+from .ops.schedule import check_grans, row_end
 
 __all__ = ["FlopCount", "count_flops"]
 
@@ -60,16 +60,27 @@ def count_flops(model_or_config, num_tokens: Optional[int] = None,
     each sample needs (the reference itself pays full width for mixed widths).
     """
     cfg = _config(model_or_config)
-    n = cfg.max_latent_tokens if num_tokens is None else int(num_tokens)
-    l = cfg.depth if depth is None else int(depth)
-    widths = [cfg.embed_dim] if mat_dim is None else (
-        [int(mat_dim)] if isinstance(mat_dim, int) else [int(w) for w in mat_dim])
-    hh, ww = (img_size, img_size) if isinstance(img_size, int) else img_size
-    if not 1 <= l <= cfg.depth:
-        raise ValueError(f"depth={l} is out of range; allowed: 1..{cfg.depth}")
-    for w in widths:
-        if not 1 <= w <= cfg.embed_dim:
-            raise ValueError(f"mat_dim={w} is out of range; allowed: 1..{cfg.embed_dim}")
+    # the same rules as forward's arguments (config.resolve_call)
+    n = _as_int("num_tokens", cfg.max_latent_tokens if num_tokens is None else num_tokens, 1,
+                MAX_NUM_TOKENS, f"an int in 1..{MAX_NUM_TOKENS}")
+    l = _as_int("depth", cfg.depth if depth is None else depth, 1, cfg.depth,
+                f"an int in 1..{cfg.depth}")
+    w_what = f"an int in 1..{cfg.embed_dim} or a non-empty list of them (one per sample)"
+    if mat_dim is None:
+        widths = [cfg.embed_dim]
+    elif isinstance(mat_dim, (list, tuple)) and mat_dim:
+        widths = [_as_int("mat_dim", w, 1, cfg.embed_dim, w_what) for w in mat_dim]
+    else:
+        widths = [_as_int("mat_dim", mat_dim, 1, cfg.embed_dim, w_what)]
+    hh, ww = (img_size, img_size) if not isinstance(img_size, (tuple, list)) else img_size
+    p = cfg.patch_size
+    for side in (hh, ww):
+        _as_int("img_size", side, p, 1 << 20, f"positive multiples of patch_size={p}")
+        if side % p:
+            raise ValueError(f"img_size={img_size!r} is not allowed; allowed: positive "
+                             f"multiples of patch_size={p}")
+    if token_grans is not None:
+        token_grans = check_grans(token_grans)
     C, K, p = cfg.embed_dim, cfg.num_classes, cfg.patch_size
     P = (hh // p) * (ww // p)
     hmax = cfg.ffn_hidden

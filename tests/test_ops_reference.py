@@ -1,5 +1,6 @@
 """The op layer: mask and tile schedule against SPEC.md's definition, the reference ops against
 independent formulas, custom-op registration, and backend dispatch errors."""
+import importlib
 import random
 
 import pytest
@@ -174,7 +175,8 @@ def test_op_errors_name_parameter_value_and_allowed():
         ops.block_masked_attention(q, q, q, [4, 2])
     with pytest.raises(TypeError, match=r"q.dtype=torch.int64"):
         ops.block_masked_attention(q.long(), q, q)
-    with pytest.raises(ValueError, match=r"seq_lens must be .*shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"seq_lens of .*shape \(2,\) is not allowed; allowed:.* of "
+                                         r"1 lengths in 0\.\.8"):
         ops.block_masked_attention(q, q, q, seq_lens=torch.tensor([3, 4]))
     with pytest.raises(ValueError, match=r"token_grans needs self-attention .*Nq=8, Nk=5"):
         ops.block_masked_attention(q, q[:, :, :5], q[:, :, :5], [4])
@@ -191,7 +193,11 @@ def test_dispatch_reasons_and_forcing(monkeypatch):
     with pytest.raises(ValueError, match=r"backend='nope' is not known; allowed: triton, cuda"):
         with adaperceiver.use_backend("nope"):
             pass
-    # a forced backend that cannot take the input raises with its reasons
+    # a forced backend that cannot take the input raises with its reasons. The Triton backend
+    # is imported first, with the interpreter on: kernels jitted while TRITON_INTERPRET is unset
+    # would stay compiled-mode kernels for every later test in this process
+    importlib.import_module("adaperceiver.kernels.attention")
+    importlib.import_module("adaperceiver.kernels.matryoshka")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with adaperceiver.use_backend("triton"):
         with pytest.raises(ops.NoBackendError, match=r"forced backend 'triton'.*\n.*triton: "):

@@ -127,6 +127,18 @@ def _output_ext(parser, flag: str, path: Optional[str], allowed: Sequence[str]):
                      f"allowed: {', '.join(allowed)}")
 
 
+def _check_writable_dir(parser, flag: str, path: Optional[str]) -> None:
+    """Fail before any timing when ``path`` cannot be created or written (not after the run)."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{flag}: cannot create directory {path!r}: {e.strerror}")
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        parser.error(f"{flag}: directory {path!r} is not writable")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console entry point: run the benchmark. Exit status 0; 1 when some configuration
     or baseline failed (the others are still timed and written); 2 for bad flags."""
@@ -158,12 +170,20 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     _check_positive(parser, "--min-rounds", args.min_rounds)
     _check_positive(parser, "--warmup", args.warmup, lo=0)
     _check_positive(parser, "--threads", args.threads, lo=0)
+    if args.min_rounds > args.rounds:
+        parser.error(f"--min-rounds {args.min_rounds} is not allowed with --rounds "
+                     f"{args.rounds}; allowed: --min-rounds <= --rounds")
     if args.budget < 0:
         parser.error(f"--budget {args.budget} is not allowed; allowed: seconds >= 0")
     for b in args.roofline_batch or []:
         _check_positive(parser, "--roofline-batch", b)
     _output_ext(parser, "--results-file", args.results_file, (".json", ".csv"))
     _output_ext(parser, "--plot", args.plot, (".png",))
+    for flag, path in (("--out-dir", args.out_dir),
+                       ("--results-file", args.results_file and os.path.dirname(
+                           os.path.abspath(args.results_file))),
+                       ("--plot", args.plot and os.path.dirname(os.path.abspath(args.plot)))):
+        _check_writable_dir(parser, flag, path)
     try:
         precision = parse_precision(args.precision, args.amp, args.amp_dtype)
     except ValueError as e:

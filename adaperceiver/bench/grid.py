@@ -13,7 +13,7 @@ Grid syntax (``--configs``), space-separated axes, comma-separated values::
                                 ``a-b`` (or ``a..b``) = an inclusive integer range
     t=64                        an axis left out takes its default-subset values
 
-Allowed values: t a positive int (values outside the model's token granularities run, with a
+Allowed values: t an int in 1..MAX_NUM_TOKENS (4096; values outside the model's token granularities run, with a
 warning: the model was not trained at them); w in 1..embed_dim; l in 1..depth.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+from ..config import MAX_NUM_TOKENS
 
 __all__ = ["Config", "ModelAxes", "parse_grid", "default_axes", "all_axes", "GridError"]
 
@@ -129,9 +131,10 @@ def _check(axis: str, values: Sequence[int], axes: ModelAxes) -> None:
         raise GridError(f"--configs: {name} has no values")
     for v in values:
         if axis == "t":
-            if v < 1:
-                raise GridError(f"--configs: {name}={v} is not allowed; t must be a positive "
-                                f"int (the model's granularities are {list(axes.grans)})")
+            if not 1 <= v <= MAX_NUM_TOKENS:
+                raise GridError(f"--configs: {name}={v} is not allowed; allowed: a positive "
+                                f"int up to {MAX_NUM_TOKENS} (the model's granularities are "
+                                f"{list(axes.grans)})")
             if v not in axes.grans:
                 warnings.warn(f"--configs: t={v} is not one of the model's token granularities "
                               f"{list(axes.grans)}; it runs (the last mask group ends at t) "

@@ -88,8 +88,8 @@ def model_config(name: str, overrides: dict):
     d = {**AdaPerceiverConfig().to_dict(), **MODEL_CONFIGS[name], **overrides}
     try:
         return AdaPerceiverConfig.from_dict(d)
-    except TypeError as e:
-        raise ValueError(f"--model-kwargs: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--model-kwargs {overrides}: {e}") from None
 
 
 def build_model(name: str, overrides: dict, settings: RunSettings, pretrained=False):

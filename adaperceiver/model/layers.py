@@ -66,29 +66,13 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self._fused = None   # (key, weight, bias) of the concatenated projections, see _project
 
-    def _project(self, x: torch.Tensor, names: str, then=None) -> list[torch.Tensor]:
-        """The projections ``names`` (a subset of "qkv") of x, as one GEMM when no gradient is
-        recorded, each passed through ``then`` when given (applied once to the fused output,
-        before it is split). The concatenated weight is derived from the released separate
-        keys and rebuilt whenever any of them changes (their version counters are part of the
-        key), so it never changes a result; with gradients (training) or under torch.compile
-        the separate layers run."""
-        then = then or (lambda t: t)
-        lins = [getattr(self, n) for n in names]
-        if len(lins) == 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return [then(ops.linear(x, lin.weight, lin.bias)) for lin in lins]
-        params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
-        key = (names, tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
-        if self._fused is None or self._fused[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                weight = torch.cat([lin.weight for lin in lins])
-                bias = (torch.cat([lin.bias for lin in lins])
-                        if all(lin.bias is not None for lin in lins) else None)
-            self._fused = (key, weight, bias)
-        out = then(ops.linear(x, self._fused[1], self._fused[2]))
-        return list(out.split([lin.out_features for lin in lins], dim=-1))
+    def _project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
+        """The projections ``names`` (a subset of "qkv") of x, one GEMM each on the layers' own
+        weights. No concatenated weight is kept between calls: any such copy could go stale
+        (an in-place edit through ``.data`` bumps no version counter) and the separate GEMMs
+        are as large as the model's other projections."""
+        return [ops.linear(x, lin.weight, lin.bias) for lin in (getattr(self, n) for n in names)]
 
     def _heads(self, t):
         B, N, _ = t.shape

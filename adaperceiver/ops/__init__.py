@@ -28,13 +28,15 @@ __all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshk
            "cpu_gemm_library"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# device types autocast knows (torch.is_autocast_enabled raises on others, "meta" among them)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def _autocast(*tensors):
     """Under autocast, run the op in the autocast dtype (as autocast does for matmuls); RoPE
     tables stay float32."""
     dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
@@ -97,6 +99,9 @@ def _(grad_out, q, k, v, out, lse, token_grans, scale, seq_lens, q_cos, q_sin, k
 def _attention_setup(ctx, inputs, output):
     q, k, v, token_grans, scale, seq_lens, q_cos, q_sin, k_cos, k_sin = inputs
     out, lse = output
+    # lse is an output for kernels to share (the backward reads it), not a differentiable
+    # result: autograd says so instead of returning a zero gradient
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, seq_lens, q_cos, q_sin, k_cos, k_sin)
     ctx.token_grans, ctx.scale = token_grans, scale
 
@@ -122,6 +127,66 @@ def _check_float_tensor(name: str, t, layout: str) -> None:
                         "float32, float64")
 
 
+def _check_rope(name: str, rope, n: int, D: int, device) -> None:
+    """``rope`` is None or (cos, sin) float tables of shape (n, D/2) on ``device``."""
+    if rope is None:
+        return
+    if D % 2:
+        raise ValueError(f"{name} needs an even head_dim; got D={D}")
+    if (not isinstance(rope, (tuple, list)) or len(rope) != 2
+            or any(not isinstance(r, torch.Tensor) or tuple(r.shape) != (n, D // 2)
+                   or not r.dtype.is_floating_point or r.device != device for r in rope)):
+        got = ([(tuple(r.shape), r.dtype, str(r.device))
+                if isinstance(r, torch.Tensor) else type(r).__name__ for r in rope]
+               if isinstance(rope, (tuple, list)) else type(rope).__name__)
+        raise ValueError(f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2}) on "
+                         f"{device}, got {got}")
+
+
+def _check_scale(scale, D: int) -> float:
+    """The softmax scale: 1/sqrt(D) by default, else a real number (NaN and inf are allowed:
+    they propagate as in the reference)."""
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.device.type == "cpu":
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale={scale!r} is not allowed; allowed: a real number or None "
+                        f"(1/sqrt(head_dim) = {1.0 / math.sqrt(D):.4g})")
+    return float(scale)
+
+
+def _check_seq_lens(seq_lens, batch: int, n_max: int, device) -> Optional[torch.Tensor]:
+    """The padded op's ``seq_lens``: None, a sequence of ints or a 1-d int tensor with one
+    length per sample, each in 0..n_max; as int32 on ``device``. Host values are checked; a
+    tensor already on an accelerator is taken as it is (reading it would wait for the device)."""
+    if seq_lens is None:
+        return None
+    what = (f"a sequence or 1-d int tensor of {batch} lengths in 0..{n_max} (one per sample, at "
+            "most max(Nq, Nk))")
+    if isinstance(seq_lens, torch.Tensor):
+        if (seq_lens.shape != (batch,) or seq_lens.dtype.is_floating_point
+                or seq_lens.dtype.is_complex or seq_lens.dtype == torch.bool):
+            raise ValueError(f"seq_lens of dtype {seq_lens.dtype} and shape "
+                             f"{tuple(seq_lens.shape)} is not allowed; allowed: {what}")
+        if seq_lens.device.type != "cpu":
+            return seq_lens.to(device=device, dtype=torch.int32)
+        values = seq_lens.tolist()
+    else:
+        try:
+            values = list(seq_lens)
+        except TypeError:
+            raise ValueError(f"seq_lens={seq_lens!r} is not allowed; allowed: {what}") from None
+        if len(values) != batch:
+            raise ValueError(f"seq_lens has {len(values)} entries, the batch {batch}; allowed: "
+                             f"{what}")
+    for n in values:
+        if (isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n)
+                or int(n) != n or not 0 <= n <= n_max):
+            raise ValueError(f"seq_lens entry {n!r} is not allowed; allowed: {what}")
+    return to_device([int(n) for n in values], device, torch.int32)
+
+
 def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_float_tensor(name, t, "(B, H, N, D)")
@@ -132,23 +197,16 @@ def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
     if k.shape[:2] != (B, H) or v.shape[:3] != k.shape[:3] or k.shape[3] != D:
         raise ValueError(f"shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} do not "
                          "fit: need q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv)")
+    if D < 1 or v.shape[3] < 1:
+        raise ValueError(f"head_dim D={D}, Dv={v.shape[3]} is not allowed; allowed: >= 1")
     if token_grans is not None:
         token_grans = check_grans(token_grans)
         if Nq != k.shape[2]:
             raise ValueError(f"token_grans needs self-attention (Nq == Nk); got Nq={Nq}, "
                              f"Nk={k.shape[2]}")
-    if seq_lens is not None:
-        if (not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (B,)
-                or seq_lens.dtype not in (torch.int32, torch.int64)):
-            raise ValueError(f"seq_lens must be an int32/int64 tensor of shape ({B},), got "
-                             f"{seq_lens!r}")
-        seq_lens = seq_lens.to(device=q.device, dtype=torch.int32)
-    for name, rope, n in (("q_rope", q_rope, Nq), ("k_rope", k_rope, k.shape[2])):
-        if rope is None:
-            continue
-        if D % 2 or len(rope) != 2 or any(r.shape != (n, D // 2) for r in rope):
-            raise ValueError(f"{name} must be (cos, sin) tables of shape ({n}, {D // 2}), got "
-                             f"{[tuple(r.shape) for r in rope]}")
+    seq_lens = _check_seq_lens(seq_lens, B, max(Nq, k.shape[2]), q.device)
+    _check_rope("q_rope", q_rope, Nq, D, q.device)
+    _check_rope("k_rope", k_rope, k.shape[2], D, q.device)
     return token_grans, seq_lens
 
 
@@ -157,15 +215,16 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
                            q_rope=None, k_rope=None, heads_last: bool = False) -> torch.Tensor:
     """Group-causal attention (SPEC.md): q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
 
-    ``token_grans=None``: no mask. ``seq_lens``: (B,) ints; sample b uses its first seq_lens[b]
-    queries and keys, the rest of its output is zero. ``q_rope``/``k_rope``: (cos, sin) tables
+    ``token_grans=None``: no mask. ``seq_lens``: (B,) ints in 0..max(Nq, Nk) (a sequence or an
+    int tensor); sample b uses its first min(seq_lens[b], Nq) queries and min(seq_lens[b], Nk)
+    keys, the rest of its output is zero. ``q_rope``/``k_rope``: (cos, sin) tables
     (N, D/2) applied inside the op as interleaved-pair RoPE. Inputs may be strided views (for
     instance (B, N, H, D) projections transposed). The result is a (B, H, Nq, D) view of a
     heads-last buffer; ``heads_last=True`` returns that buffer, (B, Nq, H, D), contiguous.
     """
     q, k, v = _autocast(q, k, v)
     token_grans, seq_lens = _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = _check_scale(scale, q.shape[-1])
     qc, qs = _rope_pair(q_rope)
     kc, ks = _rope_pair(k_rope)
     out = _attention_op(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)[0]
@@ -236,6 +295,7 @@ def _(q, k, v, seq_lens, token_grans, scale, q_cos, q_sin, k_cos, k_sin):
 def _attention_varlen_setup(ctx, inputs, output):
     q, k, v, seq_lens, token_grans, scale, q_cos, q_sin, k_cos, k_sin = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)   # as for the padded op
     ctx.save_for_backward(q, k, v, out, lse, q_cos, q_sin, k_cos, k_sin)
     ctx.seq_lens, ctx.token_grans, ctx.scale = seq_lens, token_grans, scale
 
@@ -306,20 +366,9 @@ def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
     # the padded op's checks, on (1, H, R, D) views: dtypes, devices, grans
     token_grans, _ = _check_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)),
                                       token_grans, None, None, None)
-    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
-        if rope is None:
-            continue
-        if D % 2:
-            raise ValueError(f"{name} needs an even head_dim; got D={D}")
-        if (not isinstance(rope, (tuple, list)) or len(rope) != 2
-                or any(not isinstance(r, torch.Tensor) or r.shape != (n, D // 2)
-                       or not r.dtype.is_floating_point or r.device != q.device for r in rope)):
-            got = ([(tuple(r.shape), r.dtype, str(r.device)) if isinstance(r, torch.Tensor)
-                    else type(r).__name__ for r in rope]
-                   if isinstance(rope, (tuple, list)) else type(rope).__name__)
-            raise ValueError(f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2}) "
-                             f"(the longest sample) on {q.device}, got {got}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    _check_rope("q_rope", q_rope, n, D, q.device)
+    _check_rope("k_rope", k_rope, n, D, q.device)
+    scale = _check_scale(scale, D)
     qc, qs = _rope_pair(q_rope)
     kc, ks = _rope_pair(k_rope)
     return _attention_varlen_op(q, k, v, seq_lens, token_grans, scale, qc, qs, kc, ks)[0]
@@ -377,15 +426,20 @@ def normalize_hidden(hidden, batch: int, hmax: int) -> list[int]:
                              f"{hidden.dtype} shape {tuple(hidden.shape)}")
         else:
             hidden = hidden.tolist()
-    if isinstance(hidden, bool):
-        raise TypeError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
-    if isinstance(hidden, int):
+    what = f"an int in 1..{hmax} or a length-{batch} sequence of them"
+    if isinstance(hidden, (bool, str, bytes)):
+        raise TypeError(f"hidden={hidden!r} is not allowed; allowed: {what}")
+    if isinstance(hidden, numbers.Real):
         hidden = [hidden] * batch
-    hidden = list(hidden)
+    try:
+        hidden = list(hidden)
+    except TypeError:
+        raise TypeError(f"hidden={hidden!r} is not allowed; allowed: {what}") from None
     if len(hidden) != batch:
         raise ValueError(f"hidden has {len(hidden)} entries; the batch has {batch} samples")
     for h in hidden:
-        if isinstance(h, bool) or int(h) != h or not 1 <= int(h) <= hmax:
+        if (isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h)
+                or int(h) != h or not 1 <= int(h) <= hmax):
             raise ValueError(f"hidden={h!r} is not allowed; allowed: ints in 1..{hmax}")
     return [int(h) for h in hidden]
 
@@ -398,6 +452,14 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
     _check_float_tensor("x", x, "(B, N, C)")
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = _autocast(x, fc1_weight, fc1_bias,
                                                               fc2_weight, fc2_bias)
+    for name, t, layout in (("fc1_weight", fc1_weight, "(Hmax, C)"), ("fc1_bias", fc1_bias,
+                                                                        "(Hmax)"),
+                            ("fc2_weight", fc2_weight, "(C, Hmax)"), ("fc2_bias", fc2_bias,
+                                                                      "(C)")):
+        _check_float_tensor(name, t, layout)
+        if t.device != x.device or t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}: "
+                             "x and the FFN weights must share dtype and device")
     hmax, c = fc1_weight.shape
     if (x.shape[-1] != c or fc1_bias.shape != (hmax,) or fc2_weight.shape[1] != hmax
             or fc2_bias.shape != (fc2_weight.shape[0],)):

@@ -58,9 +58,10 @@ def _valid(seq_lens: Optional[torch.Tensor], n: int, device) -> Optional[torch.T
 
 
 def _mask_scores(s, token_grans, seq_lens):
-    """Scores (B, H, Nq, Nk) with disallowed entries at -inf, and ``seen`` (B, H, Nq, 1): rows
-    that see at least one key. Rows that see none (past a sample's length) keep their scores
-    unmasked so that no NaN reaches the gradients; callers multiply them to zero."""
+    """Scores (B, H, Nq, Nk) with disallowed entries at -inf, ``seen`` (B, H, Nq, 1): rows
+    that see at least one key, and ``allowed`` (B, H, Nq, Nk). Rows that see none (past a
+    sample's length) keep their scores unmasked so that no NaN reaches the gradients; their
+    probabilities are zeroed by :func:`_probs`."""
     B, H, Nq, Nk = s.shape
     allowed = block_mask(Nq, token_grans, Nk, device=s.device)[None, None]
     vq, vk = _valid(seq_lens, Nq, s.device), _valid(seq_lens, Nk, s.device)
@@ -68,7 +69,49 @@ def _mask_scores(s, token_grans, seq_lens):
         allowed = allowed & vk[:, None, None, :] & vq[:, None, :, None]
     allowed = allowed.expand(B, H, Nq, Nk)
     seen = allowed.any(-1, keepdim=True)
-    return s.masked_fill(~allowed & seen, float("-inf")), seen
+    return s.masked_fill(~allowed & seen, float("-inf")), seen, allowed
+
+
+def _probs(s, allowed):
+    """softmax over the allowed keys, exactly 0 elsewhere (also where the softmax of a row
+    holding NaN or +inf is NaN: a key a row does not read leaves no trace in it)."""
+    return torch.softmax(s, dim=-1).masked_fill(~allowed, 0.0)
+
+
+def _allowed_matmul(a, b, allowed):
+    """``a @ b`` summed over the allowed pairs only: out[i, d] = sum over j with allowed[i, j]
+    of a[i, j] * b[j, d], with IEEE semantics for NaN and inf in those terms (a NaN term, inf
+    times 0 or +inf plus -inf give NaN; an inf term gives inf). A dense ``a @ b`` would also
+    multiply the zeros at disallowed pairs by b, and 0 * NaN would leak a value the row never
+    reads into it: kernels skip those pairs, and so does the truth. ``a`` is 0 where not
+    allowed. All finite (checked on the CPU only: on a GPU the check would be a host sync):
+    the plain product, which then has the same value."""
+    if a.device.type == "cpu" and bool(torch.isfinite(a).all()) and bool(
+            torch.isfinite(b).all()):
+        return torch.matmul(a, b)
+    f = a.dtype
+
+    def ind(t):
+        return t.to(f)
+
+    A_ok = allowed
+    a_fin, b_fin = torch.isfinite(a), torch.isfinite(b)
+    clean = torch.matmul(torch.where(a_fin, a, 0.0), torch.where(b_fin, b, 0.0))
+    a_nan, b_nan = ind(a.isnan() & A_ok), ind(b.isnan())
+    a_pinf, a_ninf = ind((a == math.inf) & A_ok), ind((a == -math.inf) & A_ok)
+    b_pinf, b_ninf = ind(b == math.inf), ind(b == -math.inf)
+    a_zero, b_zero = ind((a == 0) & A_ok), ind(b == 0)
+    a_pos, a_neg = ind((a > 0) & a_fin & A_ok), ind((a < 0) & a_fin & A_ok)
+    b_pos, b_neg = ind((b > 0) & b_fin), ind((b < 0) & b_fin)
+    ones = torch.ones_like(b)
+    nan = (torch.matmul(a_nan, ones) + torch.matmul(ind(A_ok), b_nan)
+           + torch.matmul(a_zero, b_pinf + b_ninf) + torch.matmul(a_pinf + a_ninf, b_zero))
+    pos = (torch.matmul(a_pinf, b_pos + b_pinf) + torch.matmul(a_ninf, b_neg + b_ninf)
+           + torch.matmul(a_pos, b_pinf) + torch.matmul(a_neg, b_ninf))
+    neg = (torch.matmul(a_pinf, b_neg + b_ninf) + torch.matmul(a_ninf, b_pos + b_pinf)
+           + torch.matmul(a_pos, b_ninf) + torch.matmul(a_neg, b_pinf))
+    out = torch.where(pos > 0, math.inf, torch.where(neg > 0, -math.inf, clean))
+    return torch.where((nan > 0) | ((pos > 0) & (neg > 0)), math.nan, out)
 
 
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
@@ -82,11 +125,11 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
     if k_rope is not None:
         k = apply_rope(k, *k_rope)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    s, seen = _mask_scores(s, token_grans, seq_lens)
+    s, seen, allowed = _mask_scores(s, token_grans, seq_lens)
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
     lse = lse.masked_fill(~seen[..., 0], float("-inf"))
-    p = torch.softmax(s, dim=-1) * seen
-    out = torch.matmul(p, v)
+    p = _probs(s, allowed)
+    out = _allowed_matmul(p.to(v.dtype), v, allowed)
     return out.to(q.dtype), lse.float()
 
 
@@ -112,13 +155,16 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     kr = apply_rope(k, *k_rope) if k_rope is not None else k
     qr, kr, vw, go = (t.to(work) for t in (qr, kr, v, grad_out))
     s = torch.matmul(qr, kr.transpose(-1, -2)) * scale
-    s, seen = _mask_scores(s, token_grans, seq_lens)
-    p = torch.softmax(s, dim=-1) * seen
-    dv = torch.matmul(p.transpose(-1, -2), go)
-    dp = torch.matmul(go, vw.transpose(-1, -2))
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
-    dq = torch.matmul(ds, kr)
-    dk = torch.matmul(ds.transpose(-1, -2), qr)
+    s, seen, allowed = _mask_scores(s, token_grans, seq_lens)
+    p = _probs(s, allowed)
+    at = allowed.transpose(-1, -2)
+    # every product sums over the allowed (query, key) pairs only, as the forward's
+    dv = _allowed_matmul(p.transpose(-1, -2), go, at)
+    # dp sums over the head dim; pairs not allowed are never read (their NaN is dropped)
+    dp = torch.matmul(go, vw.transpose(-1, -2)).masked_fill(~allowed, 0.0)
+    ds = (p * (dp - (dp * p).sum(-1, keepdim=True)) * scale).masked_fill(~allowed, 0.0)
+    dq = _allowed_matmul(ds, kr, allowed)
+    dk = _allowed_matmul(ds.transpose(-1, -2), qr, at)
     if q_rope is not None:
         dq = _rope_backward(dq, *q_rope)
     if k_rope is not None:

@@ -14,6 +14,7 @@ tests count kernel visits against :func:`tile_schedule`.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -53,12 +54,18 @@ def ranges(starts, lengths, device, dtype=torch.int64) -> torch.Tensor:
 
 def check_grans(token_grans, name: str = "token_grans") -> list[int]:
     """Return ``token_grans`` as a list of ints, or raise naming what is wrong."""
+    allowed = "strictly increasing positive ints"
     try:
-        grans = [int(g) for g in token_grans]
-    except TypeError as e:
-        raise TypeError(f"{name} must be a sequence of ints, got {token_grans!r}") from e
-    if any(isinstance(g, bool) for g in token_grans) or any(int(g) != g for g in token_grans):
-        raise ValueError(f"{name} must hold ints, got {list(token_grans)!r}")
+        values = list(token_grans.tolist() if isinstance(token_grans, torch.Tensor)
+                      else token_grans)
+    except TypeError:
+        raise TypeError(f"{name}={token_grans!r} is not allowed; allowed: a sequence of "
+                        f"{allowed}") from None
+    for g in values:
+        if (isinstance(g, bool) or not isinstance(g, numbers.Real)
+                or isinstance(g, float) and not g.is_integer()):
+            raise ValueError(f"{name}={values!r} holds {g!r}; allowed: {allowed}")
+    grans = [int(g) for g in values]
     if not grans:
         raise ValueError(f"{name} must not be empty; allowed: strictly increasing positive ints")
     if grans[0] < 1 or any(b <= a for a, b in zip(grans, grans[1:])):
