@@ -1,7 +1,7 @@
 """timm's generic per-model contract, run against every model ``adaperceiver.timm`` registers.
 
 The checks are those of timm's own ``tests/test_models.py`` (huggingface/pytorch-image-models,
-Apache-2.0; read at v1.0.31): test_model_forward, test_model_backward,
+Apache-2.0; read at commit aa4b585 of its main branch): test_model_forward, test_model_backward,
 test_model_default_cfgs_non_std (the variant timm applies to transformers, whose features are
 token sequences), test_model_forward_intermediates and
 test_model_forward_intermediates_features, test_model_load_pretrained, and the TorchScript / FX
@@ -12,7 +12,7 @@ model differs, each adaptation said where it is made:
 - forward_intermediates in the NLC layout (the latents are learned tokens, not a patch grid:
   NCHW is refused, checked below);
 - TorchScript and torch.fx are refused with a message naming torch.compile / torch.export (our
-  forward packs samples by their per-call (t, w, l)); torch.export is checked to work instead.
+  forward packs samples by their per-call (t, w, l)); both of those are checked to work instead.
 Everything else goes through timm's own machinery (create_model, build_model_with_cfg,
 FeatureGetterNet, FeatureInfo, resolve_data_config, feature_take_indices, the optimizer
 factory), so a timm upgrade that changes the contract fails here.
@@ -346,9 +346,9 @@ def test_timm_data_config_and_optimizer_factory(model_name):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_torchscript_and_fx_refused_export_works(model_name):
+def test_torchscript_and_fx_refused_compile_and_export_work(model_name):
     """timm's torchscript / fx tests: refused with the reason and the alternatives, and the
-    alternative named (torch.export) gives the eager result."""
+    alternatives named (torch.export, torch.compile with fullgraph) give the eager result."""
     model = randomize_(create(model_name, num_tokens=8)).eval()
     with pytest.raises(RuntimeError, match=r"TorchScript \(torch.jit.script\).*torch.compile"
                                            r".*torch.export"):
@@ -360,5 +360,44 @@ def test_torchscript_and_fx_refused_export_works(model_name):
         fe.create_feature_extractor(model, return_nodes=["blocks.0"])
     x = torch.randn(2, *get_input_size(model))
     exported = torch.export.export(model, (x,)).module()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), model(x))
+        want = model(x)
+        torch.testing.assert_close(exported(x), want)
+        torch.testing.assert_close(compiled(x), want)
+
+
+# timm's own functions, unchanged, when its test file is at hand (it is not in timm's wheel):
+# TIMM_TEST_MODELS=<pytorch-image-models>/tests/test_models.py. They build the released config
+# (144M parameters), hence slow. Run in a subprocess: importing that file changes TorchScript's
+# global executor settings. test_model_default_cfgs (the patch-grid variant) and the
+# TorchScript / FX / NCHW-intermediates tests do not apply (see the module docstring).
+TIMM_OWN = ["test_model_forward", "test_model_backward", "test_model_default_cfgs_non_std"]
+_RUN_TIMM_OWN = """
+import importlib.util, sys
+import adaperceiver.timm
+spec = importlib.util.spec_from_file_location("timm_test_models", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+with adaperceiver.use_backend("reference"):
+    getattr(mod, sys.argv[2])(sys.argv[3], int(sys.argv[4]))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("fn", TIMM_OWN)
+def test_timm_own_test_function(model_name, fn):
+    import os
+    import subprocess
+    import sys
+    path = os.environ.get("TIMM_TEST_MODELS")
+    if not path:
+        pytest.skip("set TIMM_TEST_MODELS=<pytorch-image-models>/tests/test_models.py to run "
+                    "timm's own test functions on our models")
+    batch = 2 if fn == "test_model_backward" else 1
+    res = subprocess.run([sys.executable, "-c", _RUN_TIMM_OWN, path, fn, model_name, str(batch)],
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
