@@ -155,10 +155,14 @@ def _open_folder(path, num_classes, transform, img_mode, split, class_map) -> Op
     mapping = load_class_map(class_map) if class_map else None
     # the reader keeps only classes in its map: read everything first, so that a folder the
     # map does not cover is an error rather than silently dropped
-    reader = create_reader("", root=path, split=split)
+    exts = ", ".join(sorted(get_img_extensions()))
+    try:
+        reader = create_reader("", root=path, split=split)
+    except RuntimeError as e:      # timm's folder reader: "Found 0 images in subfolders of"
+        raise ValueError(f"DATA {path!r} holds no images (looked for {exts} in its class "
+                         f"subfolders; split {split!r}): {e}") from None
     root = getattr(reader, "root", path)
     names = sorted(reader.class_to_idx) if hasattr(reader, "class_to_idx") else []
-    exts = ", ".join(sorted(get_img_extensions()))
     if len(reader) == 0:
         raise ValueError(f"DATA {root!r} holds no images (looked for {exts} in its class "
                          "subfolders)")

@@ -1,0 +1,384 @@
+"""adaperceiver.eval (issue #25): accuracy of every (t, w, l) from real images, one pass per width.
+
+Real images: the digits recipe's test split written out as PNGs (the data ships with
+scikit-learn). Checked: grid readouts equal separate forwards (exactly on the reference backend,
+the counts on every backend), every CSV row equals separate ``model(x, num_tokens=t,
+mat_dim=w, depth=l)`` runs on the same images, a short digits training's checkpoint reproduces
+the recipe's own accuracy table, two gloo processes under torchrun write the same CSV as one,
+per-sample policies, and bad input fails up front naming what is wrong.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("timm")
+
+from adaperceiver.bench.grid import Config, ModelAxes, parse_grid  # noqa: E402
+from adaperceiver.eval import (grid_logits, plan_forwards, topk_hits,  # noqa: E402
+                               write_digits_folder)
+from adaperceiver.eval.__main__ import run  # noqa: E402
+from adaperceiver.eval.data import (DIGITS_FOLDER_CONFIG, limit_indices,  # noqa: E402
+                                    rank_batches)
+
+from conftest import tiny_model  # noqa: E402
+
+DIGITS_KW = [f"--mean={DIGITS_FOLDER_CONFIG['mean'][0]!r}",
+             f"--std={DIGITS_FOLDER_CONFIG['std'][0]!r}", "--crop-pct=1.0"]
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "test"
+    write_digits_folder(str(root), "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few steps of the digits recipe on a smaller model (C=64, 4 layers, widths 16/32/64):
+    a checkpoint written by the recipe whose accuracies differ across (t, w, l)."""
+    from adaperceiver.data import digits_split
+    from adaperceiver.train.digits import DigitsRecipe, train_digits
+    out = tmp_path_factory.mktemp("digits_run")
+    split = digits_split(0)
+    recipe = DigitsRecipe(epochs=2, model=dict(embed_dim=64, num_heads=2, depth=4,
+                                               mat_dims=[16, 32, 64]))
+    model, _ = train_digits(recipe, split=split, out_dir=str(out), log=lambda m: None,
+                            max_steps=6)
+    return model.eval(), split, str(out / "checkpoint")
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _folder_tensors(root, model):
+    """The folder's images through the model's transform, as the CLI reads them."""
+    from timm.data import create_transform
+
+    from adaperceiver.eval.data import data_config, open_dataset
+    cfg = data_config(model, dict(DIGITS_FOLDER_CONFIG))
+    ds = open_dataset(str(root), 10, create_transform(**cfg), img_mode="L").dataset
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+# ---------------------------------------------------------------------------- readouts
+def test_plan_forwards_one_run_for_the_granularities():
+    from adaperceiver.config import AdaPerceiverConfig
+    cfg = AdaPerceiverConfig()
+    assert plan_forwards(cfg, [32, 64, 96, 128, 192, 256]) == [(256, [32, 64, 96, 128, 192,
+                                                                      256])]
+    # 50 is no granularity: its own run; 64 read from the 128 run; 300 > max_latent_tokens
+    assert plan_forwards(cfg, [300, 128, 64, 50]) == [(300, [300]), (128, [64, 128]),
+                                                      (50, [50])]
+    assert plan_forwards(AdaPerceiverConfig(attn_layer="full"), [32, 64]) == [(64, [64]),
+                                                                              (32, [32])]
+    causal = AdaPerceiverConfig(block_mask="causal")
+    assert plan_forwards(causal, [5, 50, 64]) == [(64, [5, 50, 64])]
+
+
+@pytest.mark.parametrize("overrides,counts,exact", [
+    ({}, [32, 64, 96, 128, 192, 256], True),           # the released grans, one run
+    ({}, [20, 64, 100], True),                         # non-granularities: runs of their own
+    ({"attn_layer": "full"}, [32, 64], True),          # no mask: a run per t
+    # every t a prefix; the softmax sums 80 columns (zeros past t) instead of t: last bits
+    ({"block_mask": "causal"}, [7, 33, 80], False),
+])
+def test_grid_logits_equal_separate_forwards_reference(reference_backend, overrides, counts,
+                                                        exact):
+    import warnings
+    model = tiny_model(**overrides).eval()
+    x = torch.randn(2, 3, 64, 64)
+    w = 72
+    # inference mode, as the eval runs (with autograd on, the q/k/v GEMMs are not fused)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")     # attn_layer="full" warns that it drops the mask
+        out = grid_logits(model, x, w, counts, [1, 3, 4])
+        assert set(out) == {(t, l) for t in counts for l in (1, 3, 4)}
+        for (t, l), logits in out.items():
+            ref = model(x, num_tokens=t, mat_dim=w, depth=l).logits[:, 0]
+            if exact:
+                assert torch.equal(logits, ref), (t, l)
+            else:
+                torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-6)
+                assert logits.argmax(-1).tolist() == ref.argmax(-1).tolist()
+        # the same as the training readout (forward_readouts) where it applies, bit for bit
+        grans = [t for t in counts if t in model.config.mask_token_grans]
+        if grans and overrides.get("attn_layer") != "full":
+            fr = model.forward_readouts(x, [1, 3, 4], grans, mat_dim=w)
+            for (l, t), (logits, _) in fr.items():
+                assert torch.equal(out[(t, l)], logits[:, 0]), (t, l)
+
+
+def test_grid_logits_match_separate_forwards_default_backend():
+    model = tiny_model().eval()
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        out = grid_logits(model, x, 48, [32, 96, 256], [2, 4])
+    for (t, l), logits in out.items():
+        with torch.inference_mode():
+            ref = model(x, num_tokens=t, mat_dim=48, depth=l).logits[:, 0]
+        torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+        assert logits.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+def test_grid_logits_bad_exits():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="exits=.*1..4"):
+        grid_logits(model, torch.randn(1, 3, 64, 64), 48, [32], [0, 2])
+
+
+# ---------------------------------------------------------------------------- data split
+@pytest.mark.parametrize("n,b,world", [(359, 32, 2), (10, 4, 3), (5, 8, 2), (64, 16, 4)])
+def test_rank_batches_count_every_image_once(n, b, world):
+    idx = limit_indices(n, None)
+    single = rank_batches(idx, b)
+    parts = [rank_batches(idx, b, r, world) for r in range(world)]
+    got = sorted(i for p in parts for batch in p for i in batch)
+    assert got == list(range(n))                      # no padding, no duplicates
+    assert sorted(map(tuple, (bb for p in parts for bb in p))) == sorted(map(tuple, single))
+
+
+def test_limit_spreads_over_the_set():
+    assert limit_indices(100, 4) == [0, 25, 50, 75]
+    assert limit_indices(5, 10) == list(range(5))
+
+
+# ---------------------------------------------------------------------------- the CLI
+def test_every_row_equals_separate_runs(trained, digits_dir, tmp_path):
+    model, _, ckpt = trained
+    out = tmp_path / "eval.csv"
+    res = run([str(digits_dir), "--pretrained", ckpt, "--out", str(out), "-b", "64",
+               "--limit", "160", "--workers", "0", "--no-progress", *DIGITS_KW])
+    rows = _read(out)
+    assert [tuple(int(r[k]) for k in "twl") for r in rows] == sorted(
+        (t, w, l) for t in (8, 16, 32, 64) for w in (16, 32, 64) for l in range(1, 5))
+    x, y = _folder_tensors(digits_dir, model)
+    keep = limit_indices(len(y), 160)         # the images --limit 160 evaluates
+    x, y = x[keep], y[keep]
+    n = len(y)
+    import adaperceiver
+    accs = set()
+    with torch.inference_mode():
+        for r in rows:
+            t, w, l = int(r["t"]), int(r["w"]), int(r["l"])
+            logits = model(x, num_tokens=t, mat_dim=w, depth=l).logits[:, 0]
+            h1, h5 = topk_hits(logits, y)
+            assert int(r["images"]) == n == 160
+            assert r["top1"] == f"{100 * h1 / n:.4f}", (t, w, l)
+            assert r["top5"] == f"{100 * h5 / n:.4f}", (t, w, l)
+            gf = adaperceiver.count_flops(model.config, t, w, l, img_size=8).total / 1e9
+            assert float(r["gflops"]) == pytest.approx(gf, rel=1e-5)
+            accs.add(r["top1"])
+    assert len(accs) > 5               # the accuracies differ: a mixed-up (t, l) would show
+    assert (tmp_path / "eval.png").stat().st_size > 5000
+    assert "accuracy-FLOPs front" in res["table"]
+    # usable as is by the bench CLI and by BudgetPolicy
+    from adaperceiver.bench.report import read_accuracy_csv
+    from adaperceiver.eval import budget_policy
+    acc = read_accuracy_csv(str(out))
+    assert len(acc) == 48
+    pol = budget_policy(str(out))
+    best = pol.best_under(float("inf"))
+    assert acc[best] == max(acc.values())
+
+
+def test_checkpoint_reproduces_the_recipe_table(trained, digits_dir, tmp_path):
+    """The recipe's own table (evaluate_grid on its test tensors) from the PNG folder."""
+    from adaperceiver.train.digits import evaluate_grid
+    model, split, ckpt = trained
+    table = evaluate_grid(model, split.x_test, split.y_test)
+    out = tmp_path / "eval.csv"
+    run([str(digits_dir), "--pretrained", ckpt, "--out", str(out), "-b", "256",
+         "--workers", "0", "--no-progress", "--plot", "none", *DIGITS_KW])
+    rows = {(int(r["t"]), int(r["w"]), int(r["l"])): r for r in _read(out)}
+    assert set(rows) == set(table)
+    for c, correct in table.items():
+        assert rows[c]["top1"] == f"{100 * int(correct.sum()) / len(correct):.4f}", c
+
+
+def test_two_gloo_processes_write_the_same_csv(trained, digits_dir, tmp_path):
+    _, _, ckpt = trained
+    args = [str(digits_dir), "--pretrained", ckpt, "-b", "16", "--limit", "100",
+            "--configs", "t=all w=16,64 l=1,2,4", "--policy", "tau=0.6,t=32",
+            "--workers", "0", "--no-progress", "--plot", "none", *DIGITS_KW]
+    run(args + ["--out", str(tmp_path / "one.csv")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         "2", "-m", "adaperceiver.eval", *args,
+         "--out", str(tmp_path / "two.csv")],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _read(tmp_path / "one.csv"), _read(tmp_path / "two.csv")
+    assert len(one) == 4 * 2 * 3 and one == two
+    assert all(r["images"] == "100" for r in two)
+    assert (_read(tmp_path / "one_policies.csv") == _read(tmp_path / "two_policies.csv"))
+    assert "2 processes" in proc.stderr
+
+
+def test_confidence_exit_policy(trained, digits_dir, tmp_path):
+    import adaperceiver
+    model, _, ckpt = trained
+    x, y = _folder_tensors(digits_dir, model)
+    with torch.inference_mode():    # tau = the median confidence at layer 1: images part ways
+        first = model(x, num_tokens=64, mat_dim=32, depth=1).logits[:, 0]
+        tau = float(first.softmax(-1).amax(-1).median())
+        o = model(x, num_tokens=64, mat_dim=32, depth_tau=tau, exit="sample")
+    out = tmp_path / "eval.csv"
+    run([str(digits_dir), "--pretrained", ckpt, "--out", str(out), "-b", "359",
+         "--configs", "t=64 w=64 l=4", "--policy", f"tau={tau!r},t=64,w=32",
+         "--workers", "0", "--no-progress", "--plot", "none", *DIGITS_KW])
+    (pol,) = _read(tmp_path / "eval_policies.csv")
+    h1, _ = topk_hits(o.logits[:, 0], y)
+    assert pol["top1"] == f"{100 * h1 / len(y):.4f}"
+    cfg = model.config
+    per = []
+    for d in o.depths.tolist():
+        f = adaperceiver.count_flops(cfg, 64, 32, d, img_size=8)
+        per.append(f.total + (d - 1) * (f.parts["write_proj"] + f.parts["write_attention"]
+                                        + f.parts["head"]))
+    assert float(pol["gflops"]) == pytest.approx(sum(per) / len(per) / 1e9, rel=1e-5)
+    assert len(set(o.depths.tolist())) > 1     # images did leave at different layers
+
+
+def test_learned_policy_round_trip(trained, digits_dir, tmp_path):
+    from adaperceiver.eval import load_learned_policy, save_learned_policy
+    from adaperceiver.eval.policies import parse_policy
+    from adaperceiver.policy import fit_learned_policy
+    model, split, _ = trained
+    configs = [(8, 16, 2), (64, 64, 4)]
+    correct = {c: torch.rand(len(split.y_val)) > 0.5 for c in configs}
+    pol = fit_learned_policy(model, split.x_val, configs, correct,
+                             {configs[0]: 1.0, configs[1]: 10.0}, steps=5)
+    path = str(tmp_path / "policy.pt")
+    save_learned_policy(pol, path)
+    again = load_learned_policy(path)
+    x = split.x_test[:16]
+    assert torch.equal(pol.choose(model, x)["index"], again.choose(model, x)["index"])
+    spec = parse_policy(f"learned={path}", model.config)
+    logits, flops = spec.run(model, x)
+    choice = pol.choose(model, x)
+    with torch.inference_mode():
+        ref = model(x, num_tokens=choice["num_tokens"], mat_dim=choice["mat_dim"],
+                    depth=choice["depth"]).logits[:, 0]
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+    assert set(flops.tolist()) <= {spec.flops(model.config, *c, img_size=(8, 8))
+                                   for c in configs}
+    with pytest.raises(ValueError, match="not a policy written"):
+        (tmp_path / "junk.pt").write_bytes(b"junk")
+        parse_policy(f"learned={tmp_path / 'junk.pt'}", model.config)
+
+
+# ---------------------------------------------------------------------------- bad input
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+DIGITS_MODEL_KW = ["--model-kwargs", "img_size=8", "patch_size=2", "in_channels=1",
+                   "embed_dim=32", "num_heads=2", "depth=2", "max_latent_tokens=16",
+                   "mask_token_grans=[8,16]", "mat_dims=[16,32]", "num_classes=10"]
+
+
+def test_missing_and_empty_folders(capsys, tmp_path):
+    err = _error(capsys, [str(tmp_path / "nope"), *DIGITS_MODEL_KW, *DIGITS_KW])
+    assert "does not exist" in err and "nope" in err
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    err = _error(capsys, [str(tmp_path / "empty"), *DIGITS_MODEL_KW, *DIGITS_KW])
+    assert "holds no images" in err and "empty" in err
+
+
+def test_classes_must_match_or_be_mapped(capsys, digits_dir, tmp_path):
+    import shutil
+    sub = tmp_path / "three"
+    for c in ("1", "4", "7"):
+        shutil.copytree(digits_dir / c, sub / c)
+    out = tmp_path / "eval.csv"
+    base = [str(sub), *DIGITS_MODEL_KW, *DIGITS_KW, "--out", str(out), "--workers", "0",
+            "--no-progress", "--plot", "none"]
+    err = _error(capsys, base)
+    assert "3 class folders" in err and "num_classes=10" in err and "--class-map" in err
+    assert not out.exists()
+    cmap = tmp_path / "map.txt"
+    cmap.write_text("1 1\n4 4\n")
+    err = _error(capsys, base + ["--class-map", str(cmap)])
+    assert "does not map the folders '7'" in err
+    cmap.write_text("1 1\n4 4\n7 12\n")
+    err = _error(capsys, base + ["--class-map", str(cmap)])
+    assert "0..9" in err and "12" in err
+    # mapped: labels are the digits themselves, so a trained-like check holds on counts
+    cmap.write_text("1 1\n4 4\n7 7\n")
+    res = run(base + ["--class-map", str(cmap), "--configs", "t=16 w=32 l=2"])
+    n = sum(len(os.listdir(sub / c)) for c in ("1", "4", "7"))
+    assert res["rows"][0]["images"] == n
+
+
+def test_unreadable_images_fail_before_the_run(capsys, digits_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(digits_dir, bad)
+    (bad / "3" / "zz_broken.png").write_bytes(b"this is not a png")
+    out = tmp_path / "eval.csv"
+    err = _error(capsys, [str(bad), *DIGITS_MODEL_KW, *DIGITS_KW, "--out", str(out),
+                          "--workers", "0", "--no-progress"])
+    assert "unreadable images" in err and "zz_broken.png" in err
+    assert not out.exists()
+
+
+def test_truncated_image_raises_naming_it(digits_dir, tmp_path):
+    """A header that reads and pixels that do not: the run stops naming the file (timm's own
+    dataset would skip it and count the next image twice)."""
+    import io
+    import shutil
+
+    from PIL import Image
+    bad = tmp_path / "trunc"
+    shutil.copytree(digits_dir, bad)
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(buf, format="PNG")
+    (bad / "5" / "zz_cut.png").write_bytes(buf.getvalue()[:200])
+    with pytest.raises(RuntimeError, match="zz_cut.png"):
+        run([str(bad), *DIGITS_MODEL_KW, *DIGITS_KW, "--out", str(tmp_path / "e.csv"),
+             "--workers", "0", "--no-progress", "--configs", "t=8 w=16 l=1"])
+
+
+@pytest.mark.parametrize("spec,match", [
+    (["w=999"], "w \\(mat_dim\\)=999 is not allowed"),
+    (["x=3"], "'x=3' is not understood"),
+    (["l=0"], "l \\(depth\\)=0 is not allowed"),
+])
+def test_unknown_configs(capsys, digits_dir, spec, match):
+    import re
+    err = _error(capsys, [str(digits_dir), *DIGITS_MODEL_KW, *DIGITS_KW, "--configs", *spec])
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--policy", "tau=2"], "tau=2.0 is not allowed"),
+    (["--policy", "speed=fast"], "not understood"),
+    (["--out", "x.json"], "allowed: a .csv path"),
+    (["--model", "nope"], "--model 'nope' is not known"),
+    (["--mean", "0.1", "0.2"], "mean and std need 1 or 1 values"),
+])
+def test_bad_flags(capsys, digits_dir, extra, match):
+    err = _error(capsys, [str(digits_dir), *DIGITS_MODEL_KW, *DIGITS_KW, *extra])
+    assert match in err, err
+
+
+def test_grid_syntax_is_the_bench_one():
+    cfg = tiny_model().config
+    axes = ModelAxes.from_config(cfg)
+    assert len(parse_grid("all", axes)) == 6 * 3 * 4
+    assert parse_grid("t=32 w=48 l=2", axes) == [Config(32, 48, 2)]
