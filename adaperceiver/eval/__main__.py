@@ -87,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fail(parser, msg: str):
+    """Exit 2 with the message; under torchrun rank 0 prints the usage, every other rank the
+    message alone (a bad image may sit in one rank's share only)."""
     from ..train.trainer import world
-    if world()[0] == 0:
+    rank = world()[0]
+    if rank == 0:
         parser.error(msg)
+    print(f"{parser.prog} (rank {rank}): error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
