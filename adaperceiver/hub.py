@@ -36,6 +36,7 @@ from typing import Optional, Union
 
 from .checkpoint import WEIGHT_NAMES, load_weights, read_checkpoint
 from .model import AdaPerceiverClassifier, AdaPerceiverDistill, model_class
+from .registry import HUB_IDS
 
 __all__ = ["ClassificationAdaPerceiver", "DistillAdaPerceiver", "resolve_pretrained",
            "hf_offline", "hf_cache_dir"]
@@ -168,7 +169,7 @@ class ClassificationAdaPerceiver(_HubMixin, AdaPerceiverClassifier):
     Same model as :class:`AdaPerceiverClassifier`; ``forward`` returns ``.logits``
     (B, 1, num_classes)."""
 
-    REPO_ID = "pjajal/adaperceiver-v1-in1k-ft"
+    REPO_ID = HUB_IDS["adaperceiver_v1_in1k"]   # "pjajal/adaperceiver-v1-in1k-ft"
 
 
 class DistillAdaPerceiver(_HubMixin, AdaPerceiverDistill):
@@ -176,4 +177,4 @@ class DistillAdaPerceiver(_HubMixin, AdaPerceiverDistill):
     Same model as :class:`AdaPerceiverDistill`; ``forward`` returns ``.logits`` and
     ``.features`` (B, P, output_feat_dim)."""
 
-    REPO_ID = "pjajal/adaperceiver-v1"
+    REPO_ID = HUB_IDS["adaperceiver_v1"]        # "pjajal/adaperceiver-v1"

@@ -5,7 +5,7 @@ import os
 
 from .config import AdaPerceiverConfig
 
-__all__ = ["create_model", "list_models", "MODEL_CONFIGS"]
+__all__ = ["create_model", "list_models", "MODEL_CONFIGS", "HUB_IDS"]
 
 MODEL_CONFIGS = {
     # ImageNet-1k fine-tuned classifier, patch 16 (SPEC.md)
@@ -19,20 +19,30 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
+# the authors' released checkpoint of each name on the Hugging Face Hub (pretrained=True)
+HUB_IDS = {
+    "adaperceiver_v1_in1k": "pjajal/adaperceiver-v1-in1k-ft",
+    "adaperceiver_v1": "pjajal/adaperceiver-v1",
+}
+
+
 def create_model(name: str = "adaperceiver_v1_in1k", pretrained=False, **overrides):
-    """Build a model by name. ``pretrained`` is False (random init) or a local path to a
-    released checkpoint (a directory with config.json + model.safetensors, or a file);
-    nothing is downloaded. ``overrides`` are config.json keys."""
+    """Build a model by name. ``pretrained``: False (random init), True (the authors' released
+    checkpoint of that name, ``HUB_IDS``: downloaded, or read from the Hugging Face cache; offline
+    rules and errors of :func:`adaperceiver.hub.resolve_pretrained`), a local path to a checkpoint
+    (a directory with config.json + model.safetensors, or a weights file) or a Hugging Face
+    repository id. ``overrides`` are config.json keys."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"model name {name!r} is not known; allowed: {', '.join(list_models())}")
     config = {**AdaPerceiverConfig().to_dict(), **MODEL_CONFIGS[name], **overrides}
-    if pretrained is True:
-        raise ValueError("pretrained=True is not allowed: nothing is downloaded; pass "
-                         "pretrained=<local path to the released checkpoint> or False")
+    if not (pretrained is None or isinstance(pretrained, (bool, str, os.PathLike))):
+        raise TypeError(f"pretrained={pretrained!r} is not allowed; allowed: False, True (the "
+                        f"authors' {HUB_IDS[name]!r}), a local checkpoint path or a Hugging "
+                        "Face repository id")
     if pretrained:
         from .checkpoint import from_pretrained
-        if not os.path.exists(pretrained):
-            raise FileNotFoundError(f"pretrained={pretrained!r} does not exist")
+        from .hub import resolve_pretrained
+        pretrained = resolve_pretrained(HUB_IDS[name] if pretrained is True else pretrained)
         cfg = None if os.path.isdir(pretrained) else config
         return from_pretrained(pretrained, cfg, **(overrides if cfg is None else {}))
     from .model import model_class

@@ -42,11 +42,11 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from .checkpoint import read_checkpoint, strip_prefixes
 from .config import AdaPerceiverConfig, resolve_call
-from .hub import ClassificationAdaPerceiver, resolve_pretrained
+from .hub import resolve_pretrained
 from .model import AdaPerceiverClassifier
 from .model.perceiver import take_indices
 from .ops.schedule import to_device
-from .registry import MODEL_CONFIGS
+from .registry import HUB_IDS, MODEL_CONFIGS
 
 __all__ = ["AdaPerceiverTimm", "default_cfgs", "timm_kwargs_to_config"]
 
@@ -62,7 +62,7 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "adaperceiver_v1_in1k": _cfg(hf_hub_id=ClassificationAdaPerceiver.REPO_ID),
+    "adaperceiver_v1_in1k": _cfg(hf_hub_id=HUB_IDS["adaperceiver_v1_in1k"]),
 })
 
 

@@ -203,3 +203,35 @@ def test_config_overrides_and_strict_weights(tmp_path, offline):
         ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", depth=3)
     with pytest.raises(TypeError, match="unknown config keys"):
         ClassificationAdaPerceiver.from_pretrained(tmp_path / "m", bogus=1)
+
+
+def test_create_model_pretrained_true_reads_the_authors_repo_offline(offline):
+    """adaperceiver.create_model(name, pretrained=True): the authors' checkpoint of that name
+    (registry.HUB_IDS) from the Hugging Face cache, as from_pretrained loads it."""
+    from adaperceiver.registry import HUB_IDS
+    assert HUB_IDS == {"adaperceiver_v1_in1k": ClassificationAdaPerceiver.REPO_ID,
+                       "adaperceiver_v1": DistillAdaPerceiver.REPO_ID}
+    cls, dist = small_classifier(), small_distill()
+    fake_cache(offline, ClassificationAdaPerceiver.REPO_ID, cls)
+    fake_cache(offline, DistillAdaPerceiver.REPO_ID, dist)
+    got = adaperceiver.create_model("adaperceiver_v1_in1k", pretrained=True).eval()
+    assert type(got) is adaperceiver.AdaPerceiverClassifier
+    assert_same_outputs(cls, got, 32, num_tokens=8)
+    got = adaperceiver.create_model("adaperceiver_v1", pretrained=True).eval()
+    assert type(got) is adaperceiver.AdaPerceiverDistill
+    assert_same_outputs(dist, got, 32)
+    # a repository id works as pretrained= too; config overrides still apply
+    got = adaperceiver.create_model("adaperceiver_v1_in1k",
+                                    pretrained=ClassificationAdaPerceiver.REPO_ID,
+                                    block_mask="causal")
+    assert got.config.block_mask == "causal"
+
+
+def test_create_model_pretrained_true_offline_miss_is_from_pretrained_error(offline):
+    with pytest.raises(FileNotFoundError) as ours:
+        adaperceiver.create_model("adaperceiver_v1", pretrained=True)
+    with pytest.raises(FileNotFoundError) as hub:
+        DistillAdaPerceiver.from_pretrained(DistillAdaPerceiver.REPO_ID)
+    assert str(ours.value) == str(hub.value) and "'pjajal/adaperceiver-v1'" in str(ours.value)
+    with pytest.raises(TypeError, match=r"pretrained=3 is not allowed"):
+        adaperceiver.create_model("adaperceiver_v1", pretrained=3)
