@@ -235,3 +235,20 @@ def test_create_model_pretrained_true_offline_miss_is_from_pretrained_error(offl
     assert str(ours.value) == str(hub.value) and "'pjajal/adaperceiver-v1'" in str(ours.value)
     with pytest.raises(TypeError, match=r"pretrained=3 is not allowed"):
         adaperceiver.create_model("adaperceiver_v1", pretrained=3)
+
+
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_reset_classifier_round_trips_through_save_pretrained(tmp_path, offline, num_classes):
+    """reset_classifier changes config.num_classes with the head, so the saved checkpoint
+    describes it (0: no classifier keys, the head returns the written-out token)."""
+    model = small_classifier()
+    model.reset_classifier(num_classes)
+    randomize_(model)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["num_classes"] == num_classes
+    loaded = adaperceiver.from_pretrained(tmp_path / "m")
+    assert loaded.num_classes == num_classes
+    assert any(k.startswith("output_adapter.") for k in loaded.state_dict()) == bool(num_classes)
+    assert_same_outputs(model, loaded, 32, num_tokens=8)
+    out = loaded(torch.randn(2, 3, 32, 32)).logits
+    assert out.shape == (2, 1, num_classes or 64)
