@@ -274,7 +274,7 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
         lens, H, D = [96, 40, 64], 2, 32
         q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
         rope = rope_tables(96, D, device="cuda")
-        out, lse = ops._attention_varlen_forward(q, k, v, lens, [32, 64, 96], D ** -0.5, rope,
+        out, lse = ops.attention._attention_varlen_forward(q, k, v, lens, [32, 64, 96], D ** -0.5, rope,
                                                  rope)
     assert out.shape == (sum(lens), H, D) and lse.shape == (3, H, 96)
     assert out.device.type == "cuda"
