@@ -58,7 +58,7 @@ def _cfg(**kwargs) -> dict:
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
             "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "first_conv": _FIRST_CONV, "classifier": _CLASSIFIER,
-            "license": "mit", **kwargs}
+            "license": "mit", "paper_ids": "arXiv:2511.18105", **kwargs}
 
 
 default_cfgs = generate_default_cfgs({
