@@ -135,9 +135,12 @@ def test_wheel_installs_non_editable_and_imports_every_module(wheel, tmp_path):
     for pkg in sorted(_source_packages()):
         assert pkg in out, f"{pkg} did not import from the installed wheel"
     assert "adaperceiver.baselines.avit" in out and "adaperceiver.dense.train" in out
-    # the package's command-line entry points exist in the installed wheel
-    for mod in ("adaperceiver.train", "adaperceiver.bench"):
+    # every `python -m adaperceiver.<pkg>` of the tree runs from the installed wheel
+    mains = sorted(".".join(m.parent.relative_to(ROOT).parts)
+                   for m in (ROOT / "adaperceiver").rglob("__main__.py"))
+    assert {"adaperceiver.train", "adaperceiver.bench"} <= set(mains)
+    for mod in mains:
         res = _run([str(py), "-m", mod, "--help"], cwd=away, env=env)
-        assert "usage" in res.stdout.lower(), res.stdout
+        assert "usage" in res.stdout.lower(), (mod, res.stdout)
     res = _run([str(venv / "bin" / "adaperceiver-bench"), "--help"], cwd=away, env=env)
     assert "usage" in res.stdout.lower()
