@@ -406,3 +406,40 @@ def test_timm_own_test_function(model_name, fn):
                          capture_output=True, text=True, timeout=900,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_grad_checkpointing_in_every_block_loop(model_name):
+    """set_grad_checkpointing covers the once-for-all readouts (training) and
+    forward_intermediates too: the same gradients, with mixed per-sample widths."""
+    model = randomize_(create(model_name)).train()
+    x = torch.randn(3, *get_input_size(model))
+    mat = [24, 48, 36]
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def readouts():
+        outs = model.forward_readouts(x, exits=[2, 3], token_counts=[8, 16], mat_dim=mat)
+        return sum(lg.square().mean() for lg, _ in outs.values())
+
+    def intermediates():
+        return sum(t.square().mean() for t in model.forward_intermediates(
+            x, indices=[0, 2], intermediates_only=True, mat_dim=mat, num_tokens=[8, 16, 16]))
+
+    calls = []
+    model.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    for fn in (readouts, intermediates):
+        model.set_grad_checkpointing(False)
+        calls.clear()
+        want = grads(fn)
+        plain = len(calls)
+        model.set_grad_checkpointing(True)
+        calls.clear()
+        got = grads(fn)
+        assert len(calls) == 2 * plain       # block 0 ran again in the backward: checkpointed
+        assert got.keys() == want.keys() and len(got) > 0
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
