@@ -175,7 +175,8 @@ class AdaPerceiverConfig:
 
 
 def hidden_size(width: int, ffn_ratio: float) -> int:
-    """FFN hidden units used at Matryoshka width ``width``: int(width * ffn_ratio) (SPEC.md)."""
+    """FFN hidden units used at Matryoshka width ``width``: int(width * ffn_ratio) (docs/design.md,
+    "Matryoshka width")."""
     return int(width * ffn_ratio)
 
 

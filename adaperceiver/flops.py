@@ -35,7 +35,8 @@ class FlopCount:
     @property
     def without_attention(self) -> float:
         """Total less attention matmuls: what FlopCounterMode reports on the authors' model,
-        whose flex_attention it cannot see into (SPEC.md's 71.63 G for (256, 832, 21))."""
+        whose flex_attention it cannot see into (the authors' 71.63 G for (256, 832, 21) at patch
+        16: docs/design.md, "FLOP accounting")."""
         return self.total - self.attention
 
     @property

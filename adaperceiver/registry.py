@@ -8,7 +8,7 @@ from .config import AdaPerceiverConfig
 __all__ = ["create_model", "list_models", "MODEL_CONFIGS", "HUB_IDS"]
 
 MODEL_CONFIGS = {
-    # ImageNet-1k fine-tuned classifier, patch 16 (SPEC.md)
+    # ImageNet-1k fine-tuned classifier, patch 16 (docs/design.md, "Released configurations")
     "adaperceiver_v1_in1k": dict(patch_size=16, num_classes=1000),
     # the distilled backbone (ImageNet-12k): patch 14, 11821 classes, 1280-wide patch features
     "adaperceiver_v1": dict(patch_size=14, num_classes=11821, output_feat_dim=1280),

@@ -8,10 +8,10 @@ three lines.
 
 ``reference_attention`` computes in float64 with an explicit dense mask (the truth every backend
 of this package is tested against); ``block_mask`` / ``tile_schedule`` describe the group-causal
-mask of SPEC.md and the key tiles a query tile must visit. Cases come with tails (lengths that
-are not tile multiples), random grans, seq_lens and RoPE; outputs are poisoned before the kernel
-runs (kernels that allocate their own output are checked for NaN/inf and every element
-compared), and tolerances follow the dtype.
+mask (docs/design.md, "The block mask") and the key tiles a query tile must visit. Cases come
+with tails (lengths that are not tile multiples), random grans, seq_lens and RoPE; outputs are
+poisoned before the kernel runs (kernels that allocate their own output are checked for NaN/inf
+and every element compared), and tolerances follow the dtype.
 """
 from __future__ import annotations
 

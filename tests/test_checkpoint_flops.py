@@ -98,8 +98,9 @@ def test_flop_counter_agrees_with_flopcountermode(released_model, t, w, l):
 @pytest.mark.parametrize("t, w, l, spec_gflops", [(256, 832, 21, 71.63), (256, 416, 21, 52.51),
                                                   (128, 624, 14, 22.38), (32, 416, 1, 2.66)])
 def test_flop_counter_reproduces_spec_figures(t, w, l, spec_gflops):
-    """SPEC.md's FlopCounterMode figures on the authors' model leave out the attention matmuls
-    (flex_attention is opaque to the counter): our count without them matches."""
+    """The authors' FlopCounterMode figures (docs/design.md, "FLOP accounting") leave out the
+    attention matmuls (flex_attention is opaque to the counter): our count without them
+    matches."""
     c = adaperceiver.count_flops(adaperceiver.AdaPerceiverConfig(), t, w, l)
     assert abs(c.without_attention / 1e9 - spec_gflops) < 0.006
     assert c.total > c.without_attention
@@ -108,9 +109,9 @@ def test_flop_counter_reproduces_spec_figures(t, w, l, spec_gflops):
 def test_masked_attention_work(released_model):
     cfg = adaperceiver.AdaPerceiverConfig()
     c = adaperceiver.count_flops(cfg, 256, 832, 21)
-    # SPEC.md's definition (query i sees keys below the smallest gran > i), counted by brute
-    # force: 26624 of the 65536 scores are masked with the released grans (40.6%; SPEC.md's
-    # prose says 25%, which its own definition does not give)
+    # the mask's definition (docs/design.md, "The block mask": query i sees keys below the
+    # smallest gran > i), counted by brute force: 26624 of the 65536 scores are masked with the
+    # released grans (40.6%; a figure of 25% sometimes quoted is not what the definition gives)
     masked = sum(1 for i in range(256) for k in range(256)
                  if k >= min(g for g in cfg.mask_token_grans if g > i))
     assert masked == 26624

@@ -1,4 +1,5 @@
-"""The reference model: SPEC.md's structure, the prefix property, widths, depth, no hidden state."""
+"""The reference model: the structure of docs/design.md ("Data flow"), the prefix property,
+widths, depth, no hidden state."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ GRANS = [32, 64, 96, 128, 192, 256]
 
 
 def _spec_shapes(C=832, P=196, p=16, hid=2138, classes=1000, L=21):
-    """The classifier's keys and shapes, written out from SPEC.md's list."""
+    """The classifier's keys and shapes, written out from docs/design.md's list ("Checkpoint
+    format")."""
     s = {
         "process_latents.token": (C,), "output_latents.token": (1, C),
         "patch_embed.pos_embed": (1, P, C), "patch_embed.embed.proj.weight": (C, 3, p, p),

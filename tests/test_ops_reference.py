@@ -1,5 +1,6 @@
-"""The op layer: mask and tile schedule against SPEC.md's definition, the reference ops against
-independent formulas, custom-op registration, and backend dispatch errors."""
+"""The op layer: mask and tile schedule against the definition in docs/design.md ("The block
+mask"), the reference ops against independent formulas, custom-op registration, and backend
+dispatch errors."""
 import importlib
 import random
 
@@ -18,7 +19,8 @@ def _random_grans(n, rng):
 
 
 def _spec_allowed(i, k, n, grans):
-    """SPEC.md: grans <= n, then n appended; query i sees keys below the smallest end > i."""
+    """docs/design.md, "The block mask": grans <= n, then n appended; query i sees keys below
+    the smallest end > i."""
     ends = [g for g in grans if g <= n]
     if not ends or ends[-1] < n:
         ends.append(n)
@@ -95,7 +97,7 @@ def _dense_attention(q, k, v, allowed, scale):
 
 
 def _rotate(x, n):
-    """SPEC.md RoPE as complex multiplication, independent of apply_rope."""
+    """RoPE as complex multiplication (docs/design.md, "RoPE"), independent of apply_rope."""
     D = x.shape[-1]
     freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     ang = torch.arange(n, dtype=torch.float64)[:, None] * freqs

@@ -111,7 +111,7 @@ class Attention(nn.Module):
 
 class CrossAttentionHead(nn.Module):
     """Read / write: ``sink + CrossAttn(snk_norm(sink), src_norm(source))`` (no LayerScale, no
-    FFN). RoPE goes on q for the read and on k for the write (SPEC.md)."""
+    FFN). RoPE goes on q for the read and on k for the write (docs/design.md, "RoPE")."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__()

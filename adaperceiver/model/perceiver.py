@@ -115,7 +115,7 @@ class AdaPerceiverClassifier(nn.Module):
         # num_classes=0: no classifier, the head's output is the written-out token (timm's rule)
         self.output_adapter = (OutputAdapter(C, cfg.num_classes) if cfg.num_classes
                                else nn.Identity())
-        if cfg.distilled:   # per-patch readout of the distilled backbone (SPEC.md)
+        if cfg.distilled:   # per-patch readout (docs/design.md, "The distilled backbone")
             self.output_latents_feat = PatchQueries(C)
             self.write_head_feat = CrossAttentionHead(C, cfg.num_heads, cfg.qkv_bias,
                                                       cfg.proj_bias)

@@ -183,7 +183,9 @@ def _check_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope):
 def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None, *,
                            scale: Optional[float] = None, seq_lens: Optional[torch.Tensor] = None,
                            q_rope=None, k_rope=None, heads_last: bool = False) -> torch.Tensor:
-    """Group-causal attention (SPEC.md): q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
+    """Group-causal attention: q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
+
+    The mask, the NaN/inf semantics and the lse contract: docs/design.md, "Op contracts".
 
     ``token_grans=None``: no mask. ``seq_lens``: (B,) ints in 0..max(Nq, Nk) (a sequence or an
     int tensor); sample b uses its first min(seq_lens[b], Nq) queries and min(seq_lens[b], Nk)

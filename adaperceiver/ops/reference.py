@@ -21,7 +21,7 @@ __all__ = ["rope_tables", "apply_rope", "attention", "attention_forward", "atten
 
 def rope_tables(n: int, head_dim: int, theta: float = 10000.0, max_tokens: int = 256,
                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each float32 (n, head_dim // 2), for positions 0..n-1 (SPEC.md, RoPE).
+    """(cos, sin), each float32 (n, head_dim // 2), for positions 0..n-1 (docs/design.md, "RoPE").
 
     freqs_i = 1 / theta^(2i / head_dim); when n > max_tokens every freq is divided by
     n / max_tokens.
@@ -135,7 +135,8 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
 
 def attention(q, k, v, token_grans=None, *, scale=None, seq_lens=None, q_rope=None,
               k_rope=None) -> torch.Tensor:
-    """Group-causal attention of SPEC.md with an explicit dense boolean mask (differentiable)."""
+    """Group-causal attention (docs/design.md, "The block mask") with an explicit dense boolean
+    mask (differentiable)."""
     return attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)[0]
 
 
