@@ -145,8 +145,10 @@ class AdaPerceiverTimm(AdaPerceiverClassifier):
         """timm's head: logits (B, num_classes), or the pre-logits features (B, num_features)
         with ``pre_logits`` (the written-out token), from forward_features' latents (B, N, C).
         ``num_tokens``: the token count of each sample when they differ (default: the
-        constructor's), so sample b reads only its first t_b latents. With global_pool='' no
-        readout: the latents themselves, through the classifier unless ``pre_logits``."""
+        constructor's), so sample b reads only its first t_b latents; latents whose last row is
+        all zero (forward_features' padding of a shorter sample) without ``num_tokens`` are an
+        error, not a readout of the padding. With global_pool='' no readout: the latents
+        themselves, through the classifier unless ``pre_logits``."""
         if self.global_pool == "":
             return x if pre_logits or self.num_classes == 0 else self.output_adapter(x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.num_features:
@@ -164,6 +166,13 @@ class AdaPerceiverTimm(AdaPerceiverClassifier):
                                  f"{tuple(x.shape)}; allowed: {B} token counts in 1..{N}")
             if any(int(t) != N for t in tokens):
                 seq_lens = to_device([int(t) for t in tokens], x.device, torch.int32)
+        elif x.shape[0] and x.shape[1] and not torch.compiler.is_compiling():
+            padded = (x[:, -1].abs().amax(-1) == 0).nonzero().flatten().tolist()
+            if padded:
+                raise ValueError(f"latents of samples {padded} end in all-zero rows, the padding "
+                                 "forward_features gives a sample with fewer tokens than the "
+                                 "batch's most; pass each sample's token count: "
+                                 "forward_head(x, num_tokens=[t_0, t_1, ...])")
         return self.readout(x, None, seq_lens, pre_logits)[:, 0]
 
     def forward(self, x, num_tokens=None, mat_dim=None, depth=None, depth_tau=None,

@@ -323,6 +323,9 @@ def test_run_config_through_every_entry_point(model_name):
             create(model_name, **kw)
     with pytest.raises(ValueError, match=r"num_tokens=\[4, 8\] is not allowed for latents"):
         model.forward_head(torch.randn(3, 8, 48), num_tokens=[4, 8])
+    # per-sample latents read without their token counts would read the zero padding
+    with pytest.raises(ValueError, match=r"latents of samples \[1, 2\] end in all-zero rows"):
+        model.forward_head(feats)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
