@@ -201,15 +201,6 @@ class CallConfig:
     def depth(self) -> int:
         return max(self.depths)
 
-    @property
-    def uniform_width(self) -> bool:
-        return len(set(self.widths)) == 1
-
-    @property
-    def uniform(self) -> bool:
-        """One (t, l) for the whole batch (widths may still differ per sample)."""
-        return len(set(self.tokens)) == 1 and len(set(self.depths)) == 1
-
 
 def _as_int(name: str, value, lo: int, hi: int, what: str) -> int:
     if isinstance(value, torch.Tensor) and value.dim() == 0:

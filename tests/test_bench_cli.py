@@ -66,7 +66,7 @@ def test_explicit_axes_ranges_and_missing_axes():
     assert parse_grid("w=default t=all l=21", RELEASED) == parse_grid("t=all l=21", RELEASED)
 
 
-@pytest.mark.parametrize("spec, words", [
+BAD_GRIDS = [
     ("t=0", ["t (num_tokens)=0", "positive"]),
     ("t=-32", ["t (num_tokens)=-32", "positive"]),
     ("", ["empty", "allowed"]),
@@ -79,7 +79,10 @@ def test_explicit_axes_ranges_and_missing_axes():
     ("t=abc", ["'abc'", "not an int", "allowed"]),
     ("x=3", ["'x=3'", "allowed"]),
     ("t=32 t=64", ["twice"]),
-])
+]
+
+
+@pytest.mark.parametrize("spec, words", BAD_GRIDS, ids=[s or "(empty)" for s, _ in BAD_GRIDS])
 def test_bad_grids_name_axis_value_and_allowed(spec, words):
     with pytest.raises(GridError) as e:
         parse_grid(spec, RELEASED)
@@ -95,7 +98,7 @@ def test_t_outside_the_grans_runs_with_a_warning():
 
 
 # ---------------------------------------------------------------------------- CLI errors
-@pytest.mark.parametrize("argv, words", [
+BAD_FLAGS = [
     (["--model", "resnet50"], ["--model 'resnet50'", "adaperceiver_v1_in1k"]),
     (["--configs", "t=0"], ["t (num_tokens)=0", "positive"]),
     (["--configs", "w=65"], ["w (mat_dim)=65", "1..64"]),
@@ -112,7 +115,10 @@ def test_t_outside_the_grans_runs_with_a_warning():
     (["--device", "cuda:0"], ["--device"]),
     (["--backend", "cuda"], ["--backend 'cuda' cannot run t=8 w=32 l=1"]),
     (["--model-kwargs", "no_such_key=1"], ["no_such_key"]),
-])
+]
+
+
+@pytest.mark.parametrize("argv, words", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_exit_with_a_clear_message(argv, words, capsys):
     import torch
     if "cuda" in argv[1] and torch.cuda.is_available():

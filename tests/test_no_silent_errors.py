@@ -232,13 +232,16 @@ def test_unreadable_weights_and_config_name_the_file(tmp_path):
 
 
 # ----------------------------------------------------------------------------- count_flops
-@pytest.mark.parametrize("kw,words", [
+BAD_FLOPS_ARGS = [
     (dict(num_tokens=0), "num_tokens=0"), (dict(num_tokens=99999), "num_tokens=99999"),
     (dict(num_tokens=64.5), "num_tokens=64.5"), (dict(depth=0), "depth=0"),
     (dict(mat_dim=0), "mat_dim=0"), (dict(mat_dim=[]), "mat_dim=[]"),
     (dict(mat_dim="416"), "mat_dim='416'"), (dict(img_size=230), "img_size=230"),
     (dict(token_grans=[64, 32]), "token_grans"),
-])
+]
+
+
+@pytest.mark.parametrize("kw,words", BAD_FLOPS_ARGS, ids=[w for _, w in BAD_FLOPS_ARGS])
 def test_count_flops_validates_as_forward_does(kw, words):
     with pytest.raises((ValueError, TypeError)) as e:
         adaperceiver.count_flops(AdaPerceiverConfig(), **kw)
@@ -281,7 +284,8 @@ def test_padded_seq_lens_follow_one_rule_lists_and_tensors_alike():
     (lambda q: ops.matryoshka_ffn(torch.randn(2, 3, 4), torch.randn(6, 4), torch.randn(6),
                                   torch.randn(4, 6), torch.randn(4), [3, math.inf]),
      r"hidden=inf is not allowed"),
-])
+], ids=["grans-str", "grans-int", "scale-str", "head_dim-0", "hidden-float", "hidden-str",
+        "hidden-inf"])
 def test_op_messages_name_the_parameter(call, words):
     with pytest.raises((ValueError, TypeError), match=words):
         call(torch.randn(1, 2, 8, 4))

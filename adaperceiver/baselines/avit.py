@@ -18,8 +18,8 @@ Two forms of one computation:
   ``seq_lens`` (the C++ kernel skips keys and queries past each sample's length). Halted rows
   leave the packed set; their ACT outputs are written to the (B, N, C) result as they halt.
 
-Hyper-parameters (checked against the authors' code, github.com/NVlabs/A-ViT, as far as it
-could be read here; the paper's text was not available, its values are quoted from memory):
+Hyper-parameters (the paper's values, and where the authors' released code,
+github.com/NVlabs/A-ViT, differs):
 - gate: the paper states gamma=5, beta=-10 (our defaults, GAMMA/BETA). The released training
   commands use other values: ``--gate_scale 10 --gate_center 30`` (A-ViT-T) and ``--gate_center
   75`` (A-ViT-S), i.e. gamma=10, beta=-30/-75 on pretrained DeiT features.

@@ -206,7 +206,7 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
 # ----------------------------------------------------------------------------- packed rows
 # Self-attention of samples of their own lengths with no padding: q, k, v (R, H, D) hold sample
 # b's seq_lens[b] rows after those of the samples before it (the model's packed latents), and the
-# output comes back in the same rows. A backend with a packed kernel (cpp, triton) runs it as it
+# output comes back in the same rows. A backend with a packed kernel (cpp, triton, cuda) runs it as it
 # is; elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's backend
 # with seq_lens, and packed again, which gives the same result. The backward always goes the
 # padded way.
@@ -323,7 +323,7 @@ def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
     within its own rows, positions counted from 0, exactly as ``block_masked_attention`` on the
     padded (B, H, max seq_len, D) form with ``seq_lens``. ``q_rope``/``k_rope``: (cos, sin)
     tables (max seq_len, D/2). Inputs may be strided views with unit stride along D (the
-    model's fused q/k/v projection split into heads). Returns (R, H, Dv).
+    model's q, k, v projections split into heads). Returns (R, H, Dv).
     """
     q, k, v = autocast_inputs(q, k, v)
     for name, t in (("q", q), ("k", k), ("v", v)):
