@@ -206,10 +206,10 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
 # ----------------------------------------------------------------------------- packed rows
 # Self-attention of samples of their own lengths with no padding: q, k, v (R, H, D) hold sample
 # b's seq_lens[b] rows after those of the samples before it (the model's packed latents), and the
-# output comes back in the same rows. A backend with a packed kernel (cpp, triton, cuda) runs it as it
-# is; elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's backend
-# with seq_lens, and packed again, which gives the same result. The backward always goes the
-# padded way.
+# output comes back in the same rows. A backend with a packed kernel (cpp, triton, cuda) runs it
+# as it is; elsewhere the rows are padded to (B, H, max seq_len, D), run through the padded op's
+# backend with seq_lens, and packed again, which gives the same result. The backward always goes
+# the padded way.
 def _padded_rows(seq_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed rows' places in a (B * N) padded layout, N = max seq_len, and seq_lens as an
     int32 tensor: host-known values built on ``device`` with no blocking copy."""
