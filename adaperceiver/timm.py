@@ -28,7 +28,8 @@ cache otherwise, and offline (``HF_HUB_OFFLINE=1``) with nothing cached it fails
 message as ``ClassificationAdaPerceiver.from_pretrained``. ``pretrained_cfg_overlay=dict(file=...)``
 loads a local checkpoint (a directory with model.safetensors, or a weights file) instead. As in
 timm, ``num_classes`` other than 1000 keeps a fresh classifier and ``in_chans`` other than 3
-adapts the patch-embedding convolution; every other weight must fit exactly.
+adapts the patch-embedding convolution, another ``img_size`` resamples the position embedding;
+every other weight must fit exactly.
 The mean/std/crop are timm's ImageNet defaults.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .checkpoint import read_checkpoint, strip_prefixes
 from .config import AdaPerceiverConfig, resolve_call
 from .hub import resolve_pretrained
 from .model import AdaPerceiverClassifier
+from .model.layers import resample_pos_embed
 from .model.perceiver import take_indices
 from .ops.schedule import to_device
 from .registry import HUB_IDS, MODEL_CONFIGS
@@ -52,6 +54,7 @@ __all__ = ["AdaPerceiverTimm", "default_cfgs", "timm_kwargs_to_config"]
 
 _CLASSIFIER = "output_adapter.ffn"
 _FIRST_CONV = "patch_embed.embed.proj"
+_POS_EMBED = "patch_embed.pos_embed"
 
 
 def _cfg(**kwargs) -> dict:
@@ -249,11 +252,19 @@ def _pretrained_source(variant: str, cfg: dict, cache_dir=None) -> dict:
 
 
 def _checkpoint_filter(state: dict, model) -> dict:
-    """Prefixes stripped, then every key checked: only the classifier (num_classes changed) and
-    the patch-embedding convolution (in_chans changed, which timm adapts) may differ; anything
-    else missing, unexpected or mis-shaped is an error naming it (timm would load non-strictly
-    once the classifier is dropped)."""
+    """Prefixes stripped, the position embedding resampled to the model's img_size, then every
+    key checked: only the classifier (num_classes changed) and the patch-embedding convolution
+    (in_chans changed, which timm adapts) may differ; anything else missing, unexpected or
+    mis-shaped is an error naming it (timm would load non-strictly once the classifier is
+    dropped)."""
     state = strip_prefixes(state)
+    # another img_size: the position embedding resampled to the model's grid as the source
+    # model resamples it for an input of that size, so there both give the same outputs
+    pos, own_pos = state.get(_POS_EMBED), model.patch_embed.pos_embed
+    if pos is not None and pos.dim() == 3 and pos.shape[-1] == own_pos.shape[-1] and (
+            pos.shape[1] != own_pos.shape[1]):
+        side = int(round(own_pos.shape[1] ** 0.5))
+        state[_POS_EMBED] = resample_pos_embed(pos, (side, side))
     cfg = model.pretrained_cfg
     free = set()
     if model.num_classes != cfg["num_classes"]:

@@ -88,6 +88,25 @@ def test_pretrained_adapts_classes_and_channels_as_timm_does(tmp_path):
                                                               pre_logits=True)[:, 0])
 
 
+def test_pretrained_at_another_img_size_resamples_the_position_embedding(tmp_path):
+    """timm's img_size= with pretrained weights: the model at 96 px gives, for 96 px images, what
+    the 64 px source model gives for them (it resamples the same way at run time)."""
+    src = randomize_(adaperceiver.create_model(**TINY)).eval()
+    src.save_pretrained(tmp_path / "ckpt")
+    model = timm.create_model("adaperceiver_v1_in1k", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "ckpt")),
+                              **{**TINY, "img_size": 96}).eval()
+    assert model.patch_embed.pos_embed.shape == (1, 36, 96)
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 96, 96)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), src(x).logits[:, 0])
+    with pytest.raises(KeyError, match=r"mis-shaped keys: \['patch_embed\.embed\.proj"):
+        timm.create_model("adaperceiver_v1_in1k", pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "ckpt")),
+                          **{**TINY, "patch_size": 32})
+
+
 def test_pretrained_from_the_hub_id_offline_cache(offline):
     """pretrained=True: the cfg's hf_hub_id (the authors' classifier), read from the Hugging Face
     cache with the network off, gives the weights from_pretrained gives."""
