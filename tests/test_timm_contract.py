@@ -170,11 +170,14 @@ def test_global_pool_and_reset_classifier(model_name):
         out = model(x)
         torch.testing.assert_close(out, model.forward_features(x))   # no readout: the latents
         model.reset_classifier(7, "map")
-        assert model(x).shape == (2, 7) and model.get_classifier().ffn.out_features == 7
+        assert model(x).shape == (2, 7) and model.get_classifier().out_features == 7
+        assert model.get_classifier().in_features == model.num_features
         assert model.config.num_classes == 7 and model.pretrained_cfg["num_classes"] == 0
     model.train()
     model.reset_classifier(3)
     assert model.get_classifier().training    # the new head follows the model's mode
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
     for bad, match in ((dict(num_classes=-1), "num_classes=-1"),
                        (dict(num_classes=2, global_pool="avg"), "global_pool='avg'")):
         with pytest.raises(ValueError, match=match):

@@ -155,7 +155,10 @@ class AdaPerceiverClassifier(nn.Module):
         return self.config.embed_dim
 
     def get_classifier(self) -> nn.Module:
-        return self.output_adapter
+        """The classifier's nn.Linear (timm's convention: ``.in_features``, ``.weight``), or
+        nn.Identity when there is none (num_classes=0)."""
+        head = self.output_adapter
+        return head.ffn if isinstance(head, OutputAdapter) else head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new classifier of ``num_classes`` outputs (freshly initialised), or none for 0 (the
