@@ -199,6 +199,19 @@ class AdaPerceiverTimm(AdaPerceiverClassifier):
                                              **self._call(num_tokens, mat_dim, depth),
                                              token_grans=token_grans)
 
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """The model's resize, with the data config (``pretrained_cfg['input_size']``) and timm's
+        recorded input traits following it."""
+        super().set_input_size(img_size, patch_size)
+        if img_size is not None:
+            from timm.models._input import update_model_input_size
+            update_model_input_size(self, self.config.img_size)
+            cfg = getattr(self, "pretrained_cfg", None)
+            if cfg is not None:
+                self.pretrained_cfg = self.default_cfg = dict(
+                    cfg, input_size=(self.config.in_channels, self.config.img_size,
+                                     self.config.img_size))
+
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
         """A new classifier of ``num_classes`` (0: none); ``global_pool`` None keeps the
         readout, 'map' is the write head, '' drops the readout (forward returns the latents)."""

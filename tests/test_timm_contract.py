@@ -449,3 +449,25 @@ def test_grad_checkpointing_in_every_block_loop(model_name):
         assert got.keys() == want.keys() and len(got) > 0
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_set_input_size(model_name):
+    """timm's set_input_size: the stored position embedding resampled to the new size, as the
+    model resamples it for inputs of that size, so outputs there do not change; the data
+    config follows."""
+    model = randomize_(create(model_name)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want = model(x)
+        model.set_input_size(img_size=48)
+        assert model.patch_embed.pos_embed.shape == (1, 9, 48)
+        assert torch.equal(model(x), want)
+    assert model.config.img_size == 48
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (3, 48, 48)
+    assert model.patch_embed.pos_embed.requires_grad
+    for kw, match in ((dict(img_size=40), "img_size=40 is not allowed"),
+                      (dict(img_size=(32, 48)), r"img_size=\(32, 48\) is not allowed"),
+                      (dict(patch_size=8), "patch_size=8 is not allowed")):
+        with pytest.raises(ValueError, match=match):
+            model.set_input_size(**kw)

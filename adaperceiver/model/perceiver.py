@@ -21,7 +21,7 @@ from ..config import AdaPerceiverConfig, CallConfig, resolve_call
 from ..ops.reference import rope_tables
 from ..ops.schedule import to_device
 from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, OutputAdapter,
-                     PatchEmbed, PatchQueries)
+                     PatchEmbed, PatchQueries, resample_pos_embed)
 from .ragged import Layout
 
 __all__ = ["AdaPerceiverClassifier", "AdaPerceiverDistill", "AdaPerceiverOutput", "model_class",
@@ -179,6 +179,31 @@ class AdaPerceiverClassifier(nn.Module):
         # a copy: the old config object may be shared; save_pretrained writes the new head's size
         self.config = copy.deepcopy(self.config)
         self.config.num_classes = num_classes
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's resize: the position embedding resampled to ``img_size`` (an int or a square
+        (h, w)) as forward resamples it for inputs of that size, and config.img_size with it.
+        Inputs of any multiple of the patch size are accepted without this; it sets the size the
+        parameter is stored at (and the data config). The patch size cannot change."""
+        cfg = self.config
+        if patch_size is not None and tuple(patch_size if isinstance(patch_size, (tuple, list))
+                                            else (patch_size, patch_size)) != (cfg.patch_size,) * 2:
+            raise ValueError(f"patch_size={patch_size!r} is not allowed; allowed: None or "
+                             f"{cfg.patch_size} (the patch embedding is not resampled)")
+        if img_size is None:
+            return
+        size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+        if (len(size) != 2 or size[0] != size[1] or isinstance(size[0], bool)
+                or not isinstance(size[0], int) or size[0] < 1 or size[0] % cfg.patch_size):
+            raise ValueError(f"img_size={img_size!r} is not allowed; allowed: a positive "
+                             f"multiple of patch_size={cfg.patch_size} (square)")
+        grid = size[0] // cfg.patch_size
+        pos = self.patch_embed.pos_embed
+        with torch.no_grad():
+            new = resample_pos_embed(pos.detach(), (grid, grid))
+        self.patch_embed.pos_embed = nn.Parameter(new.clone(), requires_grad=pos.requires_grad)
+        self.config = copy.deepcopy(cfg)
+        self.config.img_size = size[0]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
