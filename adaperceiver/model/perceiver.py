@@ -89,6 +89,43 @@ class AdaPerceiverOutput:
         return getattr(self, key)
 
 
+
+class _Exits:
+    """What each sample leaves the block loop with (depth, latents, logits, distilled per-patch
+    features and readout), recorded as samples reach their exit layer, in the batch's order."""
+
+    def __init__(self, batch: int, logits: bool, features: bool):
+        self.depths = [0] * batch
+        self.latents = [None] * batch
+        self.logits = [None] * batch if logits else None
+        self.features = [None] * batch if features else None
+        self.patch_tokens = [None] * batch if features else None
+
+    def record(self, samples, depth: int, latents, logits=None, features=None,
+               patch_tokens=None) -> None:
+        """Samples ``samples`` (original indices) leave at ``depth``; row n of each tensor is
+        samples[n]'s."""
+        for n, b in enumerate(samples):
+            self.depths[b], self.latents[b] = depth, latents[n]
+            if self.logits is not None:
+                self.logits[b] = logits[n]
+            if self.features is not None:
+                self.features[b], self.patch_tokens[b] = features[n], patch_tokens[n]
+
+    def output(self, tokens, latents_out) -> "AdaPerceiverOutput":
+        """The forward's output; ``latents_out`` (B, N, C) zeros receives each sample's first
+        tokens[b] latents."""
+        for b, t in enumerate(tokens):
+            latents_out[b, :t] = self.latents[b][:t]
+
+        def stack(xs):
+            return torch.stack(xs) if xs is not None else None
+        return AdaPerceiverOutput(
+            logits=stack(self.logits), exit_depth=max(self.depths), latents=latents_out,
+            depths=torch.tensor(self.depths), features=stack(self.features),
+            patch_tokens=stack(self.patch_tokens))
+
+
 class AdaPerceiverClassifier(nn.Module):
     """The released AdaPerceiver classifier (``adaperceiver_v1_in1k``).
 
@@ -390,9 +427,8 @@ class AdaPerceiverClassifier(nn.Module):
         rows = layout.pack(self.read_latents(patches, call.num_tokens, rope))
         position = {b: i for i, b in enumerate(order)}
         running = list(order)                       # original index of each running sample
-        logits, latents, depths = [None] * B, [None] * B, [0] * B
-        feats = [None] * B if self.config.distilled and with_logits else None
-        ptoks = [None] * B if feats is not None else None
+        with_feats = self.config.distilled and with_logits
+        exits = _Exits(B, with_logits, with_feats)
         run_rope = rope
         for i in range(call.depth):
             rows = self._block(i, rows, layout, call.grans, run_rope)
@@ -416,17 +452,12 @@ class AdaPerceiverClassifier(nn.Module):
                 lg = lg[to_device(leave, dev)]
             elif with_logits:
                 lg = self.readout(padded, rope, out_layout.seq_lens)
-            if feats is not None:
+            pt = pf = None
+            if with_feats:
                 idx = to_device([position[running[j]] for j in leave], dev)
                 pt = self.forward_patch_tokens(padded, patches[idx], rope, out_layout.tokens)
                 pf = self.output_adapter_feat(pt)
-            for n, j in enumerate(leave):
-                b = running[j]
-                depths[b], latents[b] = i + 1, padded[n]
-                if lg is not None:
-                    logits[b] = lg[n]
-                if feats is not None:
-                    feats[b], ptoks[b] = pf[n], pt[n]
+            exits.record([running[j] for j in leave], i + 1, padded, lg, pf, pt)
             left = set(leave)
             stay = [j for j in range(len(running)) if j not in left]
             if not stay:
@@ -435,14 +466,7 @@ class AdaPerceiverClassifier(nn.Module):
             running = [running[j] for j in stay]
             # positions 0..n-1 (n <= max_latent_tokens when samples differ): a prefix of the table
             run_rope = (rope[0][:layout.max_len], rope[1][:layout.max_len])
-        out = rows.new_zeros(B, call.num_tokens, rows.shape[-1])
-        for b, t in enumerate(call.tokens):
-            out[b, :t] = latents[b][:t]
-        return AdaPerceiverOutput(
-            logits=torch.stack(logits) if with_logits else None, exit_depth=max(depths),
-            latents=out, depths=torch.tensor(depths),
-            features=torch.stack(feats) if feats is not None else None,
-            patch_tokens=torch.stack(ptoks) if ptoks is not None else None)
+        return exits.output(call.tokens, rows.new_zeros(B, call.num_tokens, rows.shape[-1]))
 
     def forward_readouts(self, x, exits, token_counts=None, mat_dim=None,
                          features: bool = False) -> dict:
