@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import statistics
 
-import pytest
 import torch
 
 from adaperceiver.bench.grid import ModelAxes, all_axes, parse_grid

@@ -224,7 +224,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         result = evaluate(model, opened.dataset, grid, batch_size=args.batch_size,
                           indices=indices, policies=policies, workers=args.workers,
                           dtype=precision.dtype, autocast=precision.amp_dtype,
-                          img_size=tuple(side), progress=not args.no_progress, log=log)
+                          img_size=tuple(side), progress=not args.no_progress)
     out = {"rows": result.rows, "policies": result.policies, "files": [], "result": result}
     if rank != 0:
         return out

@@ -12,7 +12,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -66,12 +66,11 @@ def _check_labels(y: torch.Tensor, num_classes: int):
 def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
              indices: Optional[Sequence[int]] = None, policies: Sequence = (), workers: int = 0,
              dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None,
-             img_size=None, progress: bool = True, log: Callable = None) -> EvalResult:
+             img_size=None, progress: bool = True) -> EvalResult:
     """Top-1/top-5 of ``model`` on ``dataset`` ((image, label) samples) at every config, one
     pass per width; then one pass per policy (:mod:`adaperceiver.eval.policies`). Call it on
     every rank under torchrun; every rank returns the summed result."""
     from tqdm import tqdm
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     rank, size = _world()
     cfg = model.config
     dev = next(model.parameters()).device
