@@ -33,6 +33,16 @@ DIGITS_KW = [f"--mean={DIGITS_FOLDER_CONFIG['mean'][0]!r}",
              f"--std={DIGITS_FOLDER_CONFIG['std'][0]!r}", "--crop-pct=1.0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models here are tiny: one thread (on a shared 2-core machine two threads wait on
+    each other at every small op: a digits training step took 1.5 s instead of 0.35 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits") / "test"
@@ -42,7 +52,7 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A few steps of the digits recipe on a smaller model (C=64, 4 layers, widths 16/32/64):
+    """One epoch of the digits recipe on a smaller model (C=64, 4 layers, widths 16/32/64):
     a checkpoint written by the recipe whose accuracies differ across (t, w, l)."""
     from adaperceiver.data import digits_split
     from adaperceiver.train.digits import DigitsRecipe, train_digits
@@ -51,7 +61,7 @@ def trained(tmp_path_factory):
     recipe = DigitsRecipe(epochs=2, model=dict(embed_dim=64, num_heads=2, depth=4,
                                                mat_dims=[16, 32, 64]))
     model, _ = train_digits(recipe, split=split, out_dir=str(out), log=lambda m: None,
-                            max_steps=6)
+                            max_steps=19)
     return model.eval(), split, str(out / "checkpoint")
 
 
