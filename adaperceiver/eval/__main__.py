@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip opening every image's header before the run")
     m = p.add_argument_group("model")
     m.add_argument("--model", default="adaperceiver_v1_in1k",
-                   help="adaperceiver model name (adaperceiver.list_models())")
+                   help="adaperceiver model name (adaperceiver.list_models()); with "
+                        "--pretrained the checkpoint's config.json decides the architecture")
     m.add_argument("--pretrained", default=None, metavar="PATH_OR_HUB_ID",
                    help="a checkpoint folder (config.json + model.safetensors) or a Hugging "
                         "Face id such as pjajal/adaperceiver-v1-in1k-ft; random init otherwise")
