@@ -21,6 +21,12 @@ sample * head) starts at the sample's first row, so a mixed batch is never padde
 backward of the packed op pads: adaperceiver/ops/__init__.py).
 Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
 adaperceiver/ops/dispatch.py), -inf on rows that see no key.
+NaN / inf: no guard replaces a non-finite value. A NaN or inf that a row reaches through its
+allowed keys (its q, a visible key's k or v, the scale) makes that row's output NaN as in the
+reference (lse +inf for a +inf score, as torch's logsumexp); masked and padded positions are
+never read, so a NaN there reaches only rows that share a loaded tile with it (the dense
+reference, multiplying 0 by NaN, spreads it to every row): tests/test_kernels_attention.py
+checks that the NaN set lies between the block-sparse and the dense reference's.
 """
 from __future__ import annotations
 
@@ -245,7 +251,10 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, K
     valid = offs_m < len_q
     l_safe = tl.where(valid, l_i, 1.0)
     out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(valid, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # a +inf score makes the row's softmax NaN (inf - inf) but its logsumexp +inf, as torch's
+    # logsumexp gives; l is NaN there, so m decides. NaN scores keep lse NaN (through l).
+    lse = tl.where(m_i == float("inf"), m_i, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(valid, lse, float("-inf"))
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < o_rows)
@@ -273,6 +282,16 @@ def _attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
+def _backward_lse(lse_base, offs_m, row_ok):
+    """The rows' lse in base 2 for p = exp2(score - lse). Rows past the length read +inf, so
+    their p is 0. A valid row's +inf lse (a +inf score: its forward output is NaN) becomes NaN,
+    so that its p, hence its dv and dk, are NaN as in the reference, not exp2(x - inf) = 0."""
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(row_ok & (lse == float("inf")), float("nan"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin, lse_base,
                 delta_base, RowEnd, offs_n, len_q, len_k, tile_lo, tile_hi, qk_scale, N_Q,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -284,7 +303,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin,
         q = _load_rows(q_base, offs_m, stride_qn, len_q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
         # rows past the length: lse = +inf makes p = 0 and dO = 0, so they add nothing
         row_ok = offs_m < len_q
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = _backward_lse(lse_base, offs_m, row_ok)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:
             bound = tl.minimum(tl.load(RowEnd + offs_m, mask=offs_m < N_Q, other=0), len_k)
@@ -412,8 +431,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
     offs_d = tl.arange(0, HEAD_DIM)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok,
-                  other=float("inf")) * 1.4426950408889634
+    lse = _backward_lse(Lse + bh.to(tl.int64) * N_Q, offs_m, row_ok)
     delta = tl.load(Delta + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh

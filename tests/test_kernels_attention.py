@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import TRITON_DEVICE, TRITON_LOW_DTYPES, dtype_params, flash_rule
+from adaperceiver.bench.gpu_check import sparse_attention_reference
 from adaperceiver.kernels import attention as A
 from adaperceiver.ops import block_masked_attention as op_attention
 from adaperceiver.ops import use_backend
@@ -90,7 +91,7 @@ def _err(a, b):
     assert a.shape == b.shape
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
     d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
-    return torch.nan_to_num(d, nan=float("inf")).max().item()
+    return torch.nan_to_num(d, nan=float("inf")).max().item() if d.numel() else 0.0
 
 
 def _check(B, H, Nq, Nk, D, grans, *, dtype=torch.float32, lens=None, q_rope=False,
@@ -343,3 +344,71 @@ def test_why_not_and_errors():
                             None, None)
     with pytest.raises(ValueError, match="token_grans"):
         A.attention_forward(q, q, q, [5, 3], None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+POISON = {   # where one non-finite value goes (all inside the sample's length)
+    "q_nan": ("q", (0, 1, 13, 5), float("nan")),
+    "k_nan": ("k", (1, 0, 10, 0), float("nan")),
+    "k_inf": ("k", (1, 1, 10, 3), float("inf")),
+    "v_nan": ("v", (0, 1, 20, 3), float("nan")),
+    "v_inf": ("v", (1, 0, 5, 7), float("-inf")),
+    "scale_nan": ("scale", None, float("nan")),
+    "scale_inf": ("scale", None, float("inf")),
+}
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("poison_at", list(POISON))
+def test_nan_inf_propagate_between_sparse_and_dense_reference(poison_at, rope):
+    """A NaN / inf in q, k, v or the scale (fp32, seq_lens, grans, RoPE): forward, backward and
+    the packed forward. Elementwise, on positions inside each sample's length, the kernels'
+    NaN set holds every NaN of the block-sparse reference (no guard turns a reached NaN into a
+    number) and lies inside the dense reference's (reference_backend: masked zeros times NaN
+    spread further); where the dense reference is finite, ours equals it."""
+    from adaperceiver.ops import reference_backend as RB
+    B, H, N, D, grans, lens = 2, 2, 40, 32, [8, 24, 40], [40, 31]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, lens, rope, rope)
+    scale = 0.3
+    what, at, val = POISON[poison_at]
+    if what == "scale":
+        scale = val
+    else:
+        {"q": q, "k": k, "v": v}[what][at] = val
+    out, lse = A.attention_forward(q, k, v, grans, scale, seq_lens, qr, kr, tiles=SMALL)
+    go = torch.randn_like(out)
+    dq, dk, dv = A.attention_backward(go, q, k, v, out, lse, grans, scale, seq_lens, qr, kr,
+                                      tiles=SMALL)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    d_out, d_lse = RB.attention_forward(q64, k64, v64, grans, scale, seq_lens, qr, kr)
+    d_grads = RB.attention_backward(go.double(), q64, k64, v64, d_out, d_lse, grans, scale,
+                                    seq_lens, qr, kr)
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    s_out, s_lse = sparse_attention_reference(*leaves, grans, scale, seq_lens, qr, kr)
+    s_out.backward(go.double())
+    valid = (torch.arange(N, device=q.device)[None, :]
+             < seq_lens.long()[:, None])[:, None, :]                       # (B, 1, N)
+    for name, ours, sparse, dense in (("out", out, s_out, d_out), ("lse", lse, s_lse, d_lse),
+                                      ("dq", dq, leaves[0].grad, d_grads[0]),
+                                      ("dk", dk, leaves[1].grad, d_grads[1]),
+                                      ("dv", dv, leaves[2].grad, d_grads[2])):
+        m = valid if ours.dim() == 3 else valid[..., None]
+        m = m.expand_as(ours)
+        o, s, d = (torch.isnan(t.detach()) & m for t in (ours, sparse, dense))
+        assert not (s & ~o).any(), (name, "a NaN the sparse reference has became a number",
+                                    int((s & ~o).sum()))
+        assert not (o & ~d).any(), (name, "NaN where the dense reference is finite",
+                                    int((o & ~d).sum()))
+        fin = m & ~torch.isnan(dense)
+        big = dense[fin & torch.isfinite(dense)].abs()
+        assert _err(ours[fin], dense[fin]) <= 1e-4 * max(
+            1.0, big.max().item() if big.numel() else 1.0), name
+    assert not torch.isfinite(out).all()   # the poison reached something
+    # the packed forward (the same samples as packed rows): the same values and NaN
+    rows = torch.cat([torch.arange(b * N, b * N + n) for b, n in enumerate(lens)])
+    pk = [t.transpose(1, 2).reshape(B * N, H, D)[rows] for t in (q, k, v)]
+    p_out = A.attention_varlen_forward(*pk, lens, grans, scale, qr, kr, tiles=SMALL)[0]
+    want = out.transpose(1, 2).reshape(B * N, H, D)[rows]
+    assert torch.equal(torch.isnan(p_out), torch.isnan(want))
+    fin = ~torch.isnan(want)
+    assert _err(p_out[fin], want[fin]) <= 1e-5

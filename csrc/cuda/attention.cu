@@ -131,7 +131,9 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
   }
   if (row < p.Nq) {
     const bool seen = my_end > 0;
-    p.lse[(size_t)bh * p.Nq + row] = seen ? m + logf(l) : -INFINITY;
+    // a +inf score makes the row NaN (inf - inf) but its logsumexp +inf, as torch's logsumexp
+    // (l is NaN then); NaN stays NaN through l: no guard turns a non-finite value into a number
+    p.lse[(size_t)bh * p.Nq + row] = !seen ? -INFINITY : m == INFINITY ? m : m + logf(l);
     // packed: rows past the sample's length are the next sample's (not written)
     if (!packed || active) {
       T* o = static_cast<T*>(p.out) + qbase + (size_t)row * step;
@@ -141,6 +143,10 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
     }
   }
 }
+
+// A row's lse as the backward uses it: +inf (a +inf score; its forward output is NaN) becomes
+// NaN, so that its p, hence its dk and dv, are NaN as in the reference, not exp(x - inf) = 0.
+__device__ __forceinline__ float backward_lse(float lse) { return lse == INFINITY ? NAN : lse; }
 
 struct BwdParams {
   const float *q, *k, *v, *go, *lse, *delta;  // fp32, contiguous; q, k rotated
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(BM) attn_bwd_dq_kernel(BwdParams p) {
     gr[d] = active ? p.go[ro + d] : 0.f;
     dq[d] = 0.f;
   }
-  const float lse = active ? p.lse[(size_t)bh * p.Nq + row] : 0.f;
+  const float lse = active ? backward_lse(p.lse[(size_t)bh * p.Nq + row]) : 0.f;
   const float delta = active ? p.delta[(size_t)bh * p.Nq + row] : 0.f;
   const float* kb = p.k + (size_t)bh * p.Nk * D;
   const float* vb = p.v + (size_t)bh * p.Nk * D;
@@ -241,7 +247,7 @@ __global__ void __launch_bounds__(BM) attn_bwd_dkv_kernel(BwdParams p) {
     }
     for (int i = threadIdx.x; i < BN; i += BM) {
       const int r = i0 + i;
-      ls[i] = r < lq ? p.lse[(size_t)bh * p.Nq + r] : 0.f;
+      ls[i] = r < lq ? backward_lse(p.lse[(size_t)bh * p.Nq + r]) : 0.f;
       dls[i] = r < lq ? p.delta[(size_t)bh * p.Nq + r] : 0.f;
       res[i] = r < lq ? min(p.row_end[r], lk) : 0;
     }
