@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaperceiver.ops.schedule import ranges, to_device
+from adaperceiver.ops.schedule import device_memo, ranges, to_device
 
 __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
@@ -318,7 +318,15 @@ def _schedule(hidden, n, block_m, block_h, hmax) -> FfnSchedule:
 def _schedule_tensors(sched: FfnSchedule, device):
     """row_ids (sorted row -> original flattened row), row_h and the work items (row tile,
     hidden tile) flattened, int32 on ``device``; built there from per-sample values
-    (ops.schedule.to_device / ranges: short copies, no host sync)."""
+    (ops.schedule.to_device / ranges: short copies, no host sync), once per schedule on a GPU
+    (ops.schedule.device_memo, keyed by what determines the schedule: a repeated
+    configuration makes no copy, so it can be captured in a CUDA graph)."""
+    key = ("ffn_schedule", sched.order, sched.widths, sched.n_rows_per_sample, sched.block_m,
+           sched.block_h, len(sched.row_bound))
+    return device_memo(key, device, lambda: _build_schedule_tensors(sched, device))
+
+
+def _build_schedule_tensors(sched: FfnSchedule, device):
     n = sched.n_rows_per_sample
     row_ids = ranges([b * n for b in sched.order], [n] * len(sched.order), device, torch.int32)
     row_h = to_device(sched.widths, device, torch.int32).repeat_interleave(n)

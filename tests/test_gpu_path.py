@@ -35,6 +35,9 @@ class HostStalls(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.stalls: list[str] = []
+        # every host->device copy, blocking or not: a CUDA graph cannot capture one (pageable
+        # memory), so a repeated configuration must make none
+        self.copies: list[str] = []
 
     @staticmethod
     def _on(t, kind):
@@ -59,7 +62,13 @@ class HostStalls(TorchFunctionMode):
         if name in self.INDEXING and self._on(args[0], "cuda") \
                 and any(self._host_index(a) for a in list(args[1:]) + list(kwargs.values())):
             self.stalls.append(f"{name} of a CUDA tensor with a host index")
+        if name == "copy_" and self._on(args[0], "cuda") and self._on(args[1], "cpu"):
+            self.copies.append(f"copy_ host -> cuda of {tuple(args[1].shape)}")
         out = func(*args, **kwargs)
+        if name in ("to", "cuda") and self._on(args[0], "cpu") and self._on(out, "cuda"):
+            self.copies.append(f".{name}() host -> cuda of {tuple(args[0].shape)}")
+        if name in self.FACTORIES and self._on(out, "cuda"):
+            self.copies.append(f"torch.{name}(..., device=cuda)")
         if name in self.FACTORIES and self._on(out, "cuda"):
             self.stalls.append(f"torch.{name}(..., device=cuda): a blocking copy")
         if name in ("to", "cuda") and self._on(args[0], "cpu") and self._on(out, "cuda") \
@@ -128,11 +137,15 @@ FINE = {
 @pytest.mark.parametrize("name", list(STALLS) + list(FINE))
 def test_host_stalls_recorder_sees_what_it_must(name):
     """The recorder flags each kind of stall and nothing else (else the tests below could fail
-    to fail, or fail for nothing)."""
+    to fail, or fail for nothing); it lists every host->device copy, blocking or not."""
     with _fake_mode(), HostStalls() as rec:
         x = torch.ones(4, 3, device="cuda")
         {**STALLS, **FINE}[name](x)
     assert bool(rec.stalls) == (name in STALLS), rec.stalls
+    copies = {"tensor_on_cuda", "blocking_to_cuda", "blocking_copy_to_cuda",
+              "non_blocking_to_cuda", "device_index", "host_tensor_index"}
+    # (host_tensor_index: ATen copies the index out of the mode's sight; a stall, not a copy)
+    assert bool(rec.copies) == (name in copies - {"host_tensor_index"}), rec.copies
 
 
 FIXED = [dict(num_tokens=256, mat_dim=96, depth=4), dict(num_tokens=64, mat_dim=48, depth=2)]
@@ -280,3 +293,123 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
     assert out.device.type == "cuda"
     assert launches == (["_attn_fwd"] if backend == "triton" else []), launches
     assert not rec.stalls, rec.stalls
+
+
+# ----------------------------------------------------------------------------- second call
+# A repeated configuration makes no host->device copy at all (ops.schedule.device_memo: index
+# tensors built once per value), so its forward can be captured in a CUDA graph, where a
+# pageable copy is not allowed, and costs no host-to-device traffic.
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.parametrize("config", FIXED + [MIXED], ids=["full", "t64_w48_l2", "mixed"])
+def test_second_forward_makes_no_host_to_device_copy(config):
+    fake = _fake_mode()
+    model = _on_fake_cuda(tiny_model().eval(), fake)
+    with fake, torch.no_grad():
+        x = torch.randn(3, 3, 64, 64, device="cuda")
+        with HostStalls() as first:
+            model(x, **config)
+        with HostStalls() as second:
+            out = model(torch.randn_like(x), **config)
+    assert out.logits.device.type == "cuda"
+    assert not first.stalls and not second.stalls, (first.stalls, second.stalls)
+    assert not second.copies, second.copies
+    if config is MIXED:     # the mixed batch's indices are host-known: copied the first time
+        assert first.copies
+
+
+def test_triton_host_side_second_call_makes_no_copy(monkeypatch):
+    """The Triton wrappers' index tensors (row_end, seq_lens of a packed batch, sample starts,
+    the FFN schedule) come from the memo on a repeated call; another configuration builds its
+    own (keyed by value)."""
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.kernels import matryoshka as mk
+    from adaperceiver.ops.reference import rope_tables
+    launches = (_no_launches(monkeypatch, tri), _no_launches(monkeypatch, mk))
+    fake = _fake_mode()
+
+    def calls(lens, hidden, grans):
+        H, D = 2, 32
+        q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
+        rope = rope_tables(max(lens), D, device="cuda")
+        tri.attention_varlen_forward(q, k, v, lens, grans, None, rope, rope)
+        qp = torch.randn(len(lens), H, max(lens), D, device="cuda")
+        out, lse = tri.attention_forward(qp, qp, qp, grans)
+        tri.attention_backward(torch.randn_like(out), qp, qp, qp, out, lse, grans)
+        x = torch.randn(len(hidden), 8, 48, device="cuda")
+        w1, b1 = torch.randn(96, 48, device="cuda"), torch.randn(96, device="cuda")
+        w2, b2 = torch.randn(48, 96, device="cuda"), torch.randn(48, device="cuda")
+        y = mk.ffn_forward(x, w1, b1, w2, b2, hidden)
+        mk.ffn_backward(torch.randn_like(y), x, w1, b1, w2, b2, hidden)
+
+    with fake:
+        with HostStalls() as first:
+            calls([96, 40, 64], [96, 17, 50], [32, 64, 96])
+        with HostStalls() as second:
+            calls([96, 40, 64], [96, 17, 50], [32, 64, 96])
+        with HostStalls() as other:
+            calls([90, 40, 64], [96, 17, 51], [32, 64, 90])
+    assert "_attn_fwd" in launches[0] and "_fc1_gelu_kernel" in launches[1], launches
+    assert first.copies and not second.copies, second.copies
+    assert other.copies           # new values: built (the memo is keyed by value)
+    assert not first.stalls and not second.stalls and not other.stalls
+
+
+# ----------------------------------------------------------------------------- the memo itself
+def test_device_memo_is_keyed_by_value_and_never_by_history():
+    """Off the CPU ("meta" here, as a GPU would be): the same values give the same tensor, other
+    values (or dtype, or device) another; the CPU is never memoised; the memo is bounded."""
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    a = S.to_device([3, 1, 2], "meta", torch.int32)
+    assert S.to_device((3, 1, 2), "meta", torch.int32) is a
+    assert S.to_device([3, 1, 4], "meta", torch.int32) is not a
+    assert S.to_device([3, 1, 2], "meta", torch.int64) is not a
+    assert S.to_device([3, 1, 2], "cpu") is not S.to_device([3, 1, 2], "cpu")
+    r = S.ranges([0, 10], [2, 3], "meta")
+    assert S.ranges([0, 10], [2, 3], "meta") is r and r.shape == (5,)
+    assert torch.equal(S.ranges([0, 10], [2, 3], "cpu"), torch.tensor([0, 1, 10, 11, 12]))
+    re = S.row_end(50, [8, 24], device="meta")
+    assert S.row_end(50, [8, 24], device="meta") is re
+    assert S.row_end(50, [8, 25], device="meta") is not re
+    old = S.DEVICE_MEMO_SIZE
+    try:
+        S.DEVICE_MEMO_SIZE = 4
+        first = S.to_device([0], "meta")
+        for i in range(1, 10):
+            S.to_device([i], "meta")
+        assert len(S._memo) <= 4 and S.to_device([0], "meta") is not first
+    finally:
+        S.DEVICE_MEMO_SIZE = old
+        S.clear_device_memo()
+
+
+def test_device_memo_entries_built_in_inference_mode_serve_autograd_later():
+    """An entry first built under torch.inference_mode is a normal tensor: a later training
+    step can save it for backward (an inference tensor could not be)."""
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    with torch.inference_mode():
+        idx = S.ranges([0, 5], [2, 2], "meta")
+    assert not idx.is_inference()
+    x = torch.randn(8, 3, device="meta", requires_grad=True)
+    again = S.ranges([0, 5], [2, 2], "meta")
+    assert again is idx
+    x.index_select(0, again).sum().backward()      # index saved for backward: allowed
+    S.clear_device_memo()
+
+
+def test_fake_mode_entries_stay_with_their_mode():
+    """Entries made under a FakeTensorMode are fake and kept with that mode only: the real memo
+    never hands out a fake tensor, and a new fake mode builds its own."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    fake = _fake_mode()
+    with fake:
+        t = S.to_device([1, 2, 3], "cuda", torch.int32)
+        assert isinstance(t, FakeTensor) and S.to_device([1, 2, 3], "cuda", torch.int32) is t
+    assert not any(isinstance(v, FakeTensor) for v in S._memo.values())
+    with _fake_mode():
+        assert S.to_device([1, 2, 3], "cuda", torch.int32) is not t
+    S.clear_device_memo()
