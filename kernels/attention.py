@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adaperceiver.kernels import fp32_dot_precision
 from adaperceiver.ops.schedule import check_grans, row_end, to_device
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
@@ -521,9 +522,10 @@ def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
 
 
 def _precision(dtype) -> str:
-    # fp32 inputs get ~fp32-accurate products (3xTF32 on tensor cores), not plain TF32 (10-bit
-    # mantissa); "ieee" would lower to FMA loops that spill heavily. fp16/bf16 ignore this.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get ~fp32-accurate products (3xTF32 on tensor cores) at the "highest" float32
+    # matmul precision, plain TF32 at "high"/"medium" (as torch's matmuls); "ieee" would lower
+    # to FMA loops that spill heavily. fp16/bf16 ignore this.
+    return fp32_dot_precision("tf32x3") if dtype == torch.float32 else "tf32"
 
 
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,

@@ -413,3 +413,55 @@ def test_fake_mode_entries_stay_with_their_mode():
     with _fake_mode():
         assert S.to_device([1, 2, 3], "cuda", torch.int32) is not t
     S.clear_device_memo()
+
+
+# ----------------------------------------------------------------------------- fp32 precision
+class _KwargsLaunch:
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append((self.name, kwargs.get("PRECISION")))
+
+
+@pytest.mark.parametrize("setting,attn,ffn", [("highest", "tf32x3", "ieee"),
+                                              ("high", "tf32", "tf32"),
+                                              ("medium", "tf32", "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, attn, ffn):
+    """Every Triton launch of both ops on float32 gets the tl.dot precision that
+    torch.get_float32_matmul_precision() asks for (TF32 at "high"/"medium"); fp16 keeps its
+    own."""
+    from triton.runtime.jit import KernelInterface
+
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.kernels import matryoshka as mk
+    seen = []
+    for mod in (tri, mk):
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, KernelInterface):
+                monkeypatch.setattr(mod, name, _KwargsLaunch(name, seen))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        with _fake_mode():
+            for dtype in (torch.float32, torch.float16):
+                seen.clear()
+                q = torch.randn(2, 2, 40, 32, device="cuda", dtype=dtype)
+                out, lse = tri.attention_forward(q, q, q, [8, 40])
+                tri.attention_backward(torch.randn_like(out), q, q, q, out, lse, [8, 40])
+                tri.attention_varlen_forward(q[0].transpose(0, 1), q[0].transpose(0, 1),
+                                             q[0].transpose(0, 1), [30, 10], [8, 40])
+                x = torch.randn(2, 8, 48, device="cuda", dtype=dtype)
+                w1, b1 = (torch.randn(96, 48, device="cuda", dtype=dtype),
+                          torch.randn(96, device="cuda", dtype=dtype))
+                w2, b2 = (torch.randn(48, 96, device="cuda", dtype=dtype),
+                          torch.randn(48, device="cuda", dtype=dtype))
+                y = mk.ffn_forward(x, w1, b1, w2, b2, [96, 17])
+                mk.ffn_backward(torch.randn_like(y), x, w1, b1, w2, b2, [96, 17])
+                got = {(n.startswith("_attn"), p) for n, p in seen if n != "_attn_bwd_delta"}
+                want = ({(True, attn), (False, ffn)} if dtype == torch.float32
+                        else {(True, "tf32"), (False, "ieee")})
+                assert got == want, (dtype, sorted(seen))
+                assert len(seen) >= 9
+    finally:
+        torch.set_float32_matmul_precision(old)
