@@ -49,7 +49,7 @@ __all__ = ["MODULES", "collect_specs", "compile_all", "format_table", "main"]
 # the kernel modules whose COMPILE_SPECS are compiled (a module that is missing or defines no
 # COMPILE_SPECS is skipped, and reported)
 MODULES = ("adaperceiver.kernels.attention", "adaperceiver.kernels.matryoshka")
-DTYPES = ("fp16", "bf16")
+DTYPES = ("fp16", "bf16", "fp32")
 ARCHS = (80, 90)
 _REQUIRED = ("name", "kernel", "signature", "constexprs")
 
@@ -257,7 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write the markdown table here (default: print it)")
     ap.add_argument("--archs", default="80,90", help="comma-separated, e.g. 80,90")
-    ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16,bf16")
+    ap.add_argument("--dtypes", default="fp16,bf16,fp32",
+                    help="comma-separated: fp16,bf16,fp32")
     ap.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

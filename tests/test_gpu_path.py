@@ -291,7 +291,8 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
                                                  rope)
     assert out.shape == (sum(lens), H, D) and lse.shape == (3, H, 96)
     assert out.device.type == "cuda"
-    assert launches == (["_attn_fwd"] if backend == "triton" else []), launches
+    # (K is rotated once per row by the pre-pass, then read by the forward)
+    assert launches == (["_rope_rows", "_attn_fwd"] if backend == "triton" else []), launches
     assert not rec.stalls, rec.stalls
 
 
@@ -465,3 +466,52 @@ def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, attn, ffn
                 assert len(seen) >= 9
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+# ----------------------------------------------------------------------------- launch geometry
+def test_cuda_launch_grid_takes_batch_heads_above_65535(tmp_path):
+    """csrc/cuda/launch.h, compiled for the host: batch * heads goes on grid.x (limit 2^31 - 1),
+    so B * H > 65535 launches (grid.y would refuse it); row tiles on y; the limits are named when
+    exceeded, and an empty launch is {0, 0}."""
+    import os
+    import shutil
+    import subprocess
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "grid.cpp"
+    src.write_text(r'''
+#include <cstdio>
+#include "launch.h"
+using namespace adaperceiver::cuda;
+void show(long bh, long rows, long bm) {
+  try {
+    Grid2 g = attention_grid(bh, rows, bm);
+    std::printf("ok %ld %ld\n", (long)g.x, (long)g.y);
+  } catch (const std::invalid_argument& e) { std::printf("error %s\n", e.what()); }
+}
+int main() {
+  show(256L * 13, 256, 64);        // the model's batch: (3328, 4)
+  show(8192L * 13, 256, 64);       // B * H = 106496 > 65535: on x
+  show(2147483648L, 64, 64);       // past grid.x
+  show(13, 65535L * 64 + 1, 64);   // 65536 row tiles: past grid.y
+  show(0, 256, 64);                // no work
+  show(13, 0, 64);
+  show(13, 100, 0);                // bad tile
+  Grid2 f = checked_grid(ceil_div(256L * 4096, 32), ceil_div(2138, 32));   // the FFN's
+  std::printf("ok %ld %ld\n", (long)f.x, (long)f.y);
+}
+''')
+    exe = tmp_path / "grid"
+    subprocess.run([cxx, "-std=c++17", "-I", os.path.join(root, "csrc", "cuda"), str(src), "-o",
+                    str(exe)], check=True, capture_output=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert lines[0] == "ok 3328 4"
+    assert lines[1] == "ok 106496 4"
+    assert lines[2].startswith("error grid.x = 2147483648 exceeds the CUDA limit 2147483647")
+    assert lines[3].startswith("error grid.y = 65536 exceeds the CUDA limit 65535")
+    assert lines[4] == lines[5] == "ok 0 0"
+    assert lines[6].startswith("error attention_grid: rows=100, rows_per_block=0")
+    assert lines[7] == "ok 32768 67"

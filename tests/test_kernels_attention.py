@@ -412,3 +412,94 @@ def test_nan_inf_propagate_between_sparse_and_dense_reference(poison_at, rope):
     assert torch.equal(torch.isnan(p_out), torch.isnan(want))
     fin = ~torch.isnan(want)
     assert _err(p_out[fin], want[fin]) <= 1e-5
+
+
+class _Spy:
+    """Wraps a kernel: records each launch's constexpr flags, then launches it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append({k: v for k, v in kwargs.items() if k.isupper()})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_k_rope_applied_once_per_key_row(monkeypatch, packed):
+    """With RoPE on k, the pre-pass rotates each key row once per call (its debug counter
+    counts H x the rows inside the lengths, however many query tiles read them), and the
+    forward kernel reads K already rotated (K_ROPE off): the result is unchanged."""
+    seen = []
+    monkeypatch.setattr(A, "_attn_fwd", _Spy(A._attn_fwd, seen))
+    B, H, N, D, grans, lens = 3, 2, 70, 32, [5, 30, 64], [70, 41, 9]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, lens, True, True)
+    counter = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    if packed:
+        rows = torch.cat([torch.arange(b * N, b * N + n) for b, n in enumerate(lens)])
+        pk = [t.transpose(1, 2).reshape(B * N, H, D)[rows.to(t.device)] for t in (q, k, v)]
+        out = A.attention_varlen_forward(*pk, lens, grans, None, qr, kr, tiles=SMALL,
+                                         rope_counter=counter)[0]
+        want = ref_forward(q.double(), k.double(), v.double(), grans, None, seq_lens, qr,
+                           kr)[0].transpose(1, 2).reshape(B * N, H, D)[rows.to(q.device)]
+    else:
+        out = A.attention_forward(q, k, v, grans, None, seq_lens, qr, kr, tiles=SMALL,
+                                  rope_counter=counter)[0]
+        want = ref_forward(q.double(), k.double(), v.double(), grans, None, seq_lens, qr, kr)[0]
+    assert _err(out, want) <= 1e-5
+    assert int(counter) == H * sum(lens)            # once per key row inside the lengths
+    query_tiles = -(-N // SMALL.fwd_m)
+    assert int(counter) < H * sum(lens) * query_tiles / 2   # not once per query tile
+    assert [s["K_ROPE"] for s in seen] == [False] and seen[0]["Q_ROPE"] is True
+
+
+def test_forward_autotuner_picks_the_fastest_candidate_once_per_bucket(monkeypatch):
+    """The GPU autotuner's logic, run here with a fake GPU gate and fake timings: each shape
+    bucket times every candidate once and memoises the fastest; the forward then launches it
+    (the result is the reference's); a repeated bucket does not time again; while tuning is not
+    allowed (a CUDA graph capture) the memoised choice, else the default, is used."""
+    timed = []
+    fake_ms = {}
+
+    def bench(fn):
+        fn()
+        timed.append(chosen[-1])
+        return fake_ms[chosen[-1]]
+    chosen = []
+    real_fwd = A._attn_fwd
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                chosen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+                return real_fwd[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(A, "_attn_fwd", Record())
+    monkeypatch.setattr(A, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(A, "_bench", bench)
+    allowed = [True]
+    monkeypatch.setattr(A, "_tuning_allowed", lambda t: allowed[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(A, "_TUNED", {})
+    cands = A.fwd_candidates(32, torch.float16)
+    assert len(cands) >= 3 and cands[0] == A.default_tiles(32, interpret=False)
+    for i, c in enumerate(cands):      # the third candidate is the fastest
+        fake_ms[(c.fwd_m, c.fwd_n, c.fwd_warps)] = 1.0 if i == 2 else 2.0 + i
+    best = (cands[2].fwd_m, cands[2].fwd_n, cands[2].fwd_warps)
+
+    q, k, v, seq_lens, qr, kr = _inputs(2, 2, 40, 40, 32, torch.float16, [40, 23], True, True)
+    out = A.attention_forward(q, k, v, [8, 30], None, seq_lens, qr, kr)[0]
+    assert len(timed) == len(cands) and chosen[-1] == best
+    want = ref_forward(q.double(), k.double(), v.double(), [8, 30], None, seq_lens, qr, kr)[0]
+    assert _err(out, want) <= _tol(torch.float16, "out", want)
+    chosen.clear(), timed.clear()
+    A.attention_forward(q, k, v, [8, 30], None, seq_lens, qr, kr)     # same bucket: memo
+    assert not timed and chosen == [best]
+    allowed[0] = False                 # e.g. capturing: no timing; a new bucket gets the default
+    q2, k2, v2, *_ = _inputs(2, 2, 100, 100, 32, torch.float16)
+    chosen.clear()
+    A.attention_forward(q2, k2, v2, None)
+    d = A.default_tiles(32, dtype=torch.float16)     # (the interpreter's, here)
+    assert not timed and chosen == [(d.fwd_m, d.fwd_n, d.fwd_warps)]
