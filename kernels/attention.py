@@ -3,7 +3,11 @@
 Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask of SPEC.md (query
 row i sees keys k < row_end[i], row_end nondecreasing; no mask: row_end = Nk), per-sample
 lengths ``seq_lens`` (rows and keys past the length are dropped, their outputs are zero) and
-optional interleaved-pair RoPE applied to q / k inside the kernels (no rotated copy is written).
+optional interleaved-pair RoPE. RoPE is applied once per row: the operand a program owns (q in
+the forward and dq, k in dk/dv) is rotated on load; the operand it reads tile after tile (k in
+the forward and dq, q in dk/dv) is rotated beforehand by the ``_rope_rows`` pre-pass into a
+scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
+GPU per (head_dim, dtype, arch, shape bucket) among ``fwd_candidates`` (see "autotuning").
 
 Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
   forward / dq: one program per (query tile [m0, m1), batch * head). Key tiles below
@@ -91,8 +95,8 @@ def default_tiles(head_dim: int, interpret: Optional[bool] = None,
         # at head_dim 128 the accumulators fit in registers with 16-row key tiles (dk/dv) and
         # 16-row query tiles (forward, dq)
         if head_dim <= 64:
-            return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=4, fwd_stages=2, dkdv_warps=8,
-                         dkdv_stages=2, dq_warps=4, dq_stages=2)
+            return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
+                         dkdv_stages=2, dq_warps=8, dq_stages=2)
         return Tiles(16, 32, 32, 16, 16, 32, fwd_warps=4, fwd_stages=1, dkdv_warps=8,
                      dkdv_stages=1, dq_warps=8, dq_stages=1)
     if head_dim <= 64:
@@ -110,7 +114,7 @@ def fwd_candidates(head_dim: int, dtype: torch.dtype = torch.float16) -> list[Ti
     (COMPILE_SPECS, benchmarks/triton_resources.md). Only the forward fields differ."""
     t = default_tiles(head_dim, interpret=False, dtype=dtype)
     if dtype == torch.float32:
-        options = [(64, 32, 4, 2)] if head_dim <= 64 else []
+        options = []           # fp32 is for checking: its default tiles only
     elif head_dim <= 64:
         options = [(64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 3)]
     else:

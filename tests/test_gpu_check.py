@@ -18,7 +18,7 @@ def test_dry_run_end_to_end(tmp_path):
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "adaperceiver.bench.gpu_check", "--dry",
                         "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=700)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["mode"] == "dry"

@@ -55,16 +55,17 @@ __all__ = ["STAGES", "TARGETS", "main", "run_check", "format_report", "sparse_at
 # (the kernel tests run last: on a GPU their many tile variants compile first, and they take
 # whatever the earlier stages left of the budget, up to their own limit)
 STAGES = (
-    ("env", 30, 30),
-    ("correctness", 110, 60),
-    ("attention", 110, 60),
-    ("ffn", 45, 60),
-    ("e2e", 95, 60),
-    ("cuda_graph", 50, 60),
-    ("compile", 80, 60),
-    ("pytest", 80, 60),
+    ("env", 30, 120),
+    ("correctness", 110, 120),
+    ("attention", 110, 120),
+    ("ffn", 45, 120),
+    ("e2e", 95, 120),
+    ("cuda_graph", 50, 120),
+    ("compile", 80, 120),
+    ("pytest", 80, 120),
 )
-TOTAL_BUDGET_S = {"gpu": 600, "dry": 300}
+# the dry mode takes about a minute on an idle 2-core CPU; its limits leave room for a loaded CI
+TOTAL_BUDGET_S = {"gpu": 600, "dry": 600}
 
 # what a GPU run must meet (benchmarks/README.md): (key, description, op, bound)
 TARGETS = (
@@ -417,8 +418,16 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)   # conftest decides: the GPU when there is one
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                       timeout=max(5.0, limit_s - 5))
+    try:
+        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                           timeout=max(5.0, limit_s - 10))
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        ctx.record(item="pytest " + " ".join(cmd[5:]), status="error",
+                   detail=f"stopped after {e.timeout:.0f}s (the stage's limit); progress: "
+                          f"{out.strip().splitlines()[-1][-120:] if out.strip() else '-'}",
+                   seconds=round(time.perf_counter() - t0, 1), output=out[-4000:])
+        return
     tail = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-1:] or [r.stderr[-300:]]
     ctx.record(item="pytest " + " ".join(cmd[5:]), status="ok" if r.returncode == 0 else "FAIL",
                detail=tail[0][:300], seconds=round(time.perf_counter() - t0, 1),
