@@ -634,6 +634,9 @@ def _on_gpu(t: torch.Tensor) -> bool:
 def _tuning_allowed(t: torch.Tensor) -> bool:
     if os.environ.get("ADAPERCEIVER_TRITON_AUTOTUNE", "1") == "0":
         return False
+    from torch._guards import detect_fake_mode
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return False           # tracing: nothing runs, nothing can be timed
     return (not torch.cuda.is_current_stream_capturing()
             and torch.cuda.get_sync_debug_mode() == 0)
 

@@ -515,3 +515,13 @@ int main() {
     assert lines[4] == lines[5] == "ok 0 0"
     assert lines[6].startswith("error attention_grid: rows=100, rows_per_block=0")
     assert lines[7] == "ok 32768 67"
+
+
+def test_no_autotuning_while_tracing(monkeypatch):
+    """Under a FakeTensorMode (torch.compile's tracing, these tests) nothing runs, so the
+    forward's tile autotuner must not try to time candidates."""
+    from adaperceiver.kernels import attention as tri
+    monkeypatch.delenv("ADAPERCEIVER_TRITON_AUTOTUNE", raising=False)
+    with _fake_mode():
+        q = torch.randn(2, 2, 40, 32, device="cuda")
+        assert not tri._tuning_allowed(q)
