@@ -366,6 +366,10 @@ def test_device_memo_is_keyed_by_value_and_never_by_history():
     assert S.to_device([3, 1, 4], "meta", torch.int32) is not a
     assert S.to_device([3, 1, 2], "meta", torch.int64) is not a
     assert S.to_device([3, 1, 2], "cpu") is not S.to_device([3, 1, 2], "cpu")
+    t = torch.tensor(5)                  # not a plain value: copied each time, never a key
+    first = S.to_device([t, 1], "meta")
+    t.fill_(6)
+    assert S.to_device([t, 1], "meta") is not first
     r = S.ranges([0, 10], [2, 3], "meta")
     assert S.ranges([0, 10], [2, 3], "meta") is r and r.shape == (5,)
     assert torch.equal(S.ranges([0, 10], [2, 3], "cpu"), torch.tensor([0, 1, 10, 11, 12]))

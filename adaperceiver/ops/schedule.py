@@ -103,6 +103,10 @@ def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
             raise ValueError(f"to_device copies host values; got a tensor on {values.device}")
         return _copy_to_device(values, device, dtype)
     values = tuple(values)
+    if not all(type(v) in (int, float, bool) for v in values):
+        # a key must be its values: anything else (a 0-d tensor, say) hashes by identity and
+        # could change under the same key, so it is copied, not memoised
+        return _copy_to_device(values, device, dtype)
     return device_memo(("to_device", values, dtype), device,
                        lambda: _copy_to_device(values, device, dtype))
 
