@@ -409,10 +409,11 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
         ctx.record(item="pytest", status="skip", detail="no tests/ next to the package (an "
                    "installed copy): nothing to run")
         return
-    files = ["tests/test_kernels_attention.py", "tests/test_kernels_matryoshka.py"]
+    files = ["tests/test_kernels_cuda.py", "tests/test_kernels_attention.py",
+             "tests/test_kernels_matryoshka.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     if ctx.dry:   # the interpreter is slow and CI runs these files itself: one quick slice
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", files[0],
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", files[1],
                "-k", "why_not"]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)   # conftest decides: the GPU when there is one
