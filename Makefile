@@ -12,7 +12,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
 
-.PHONY: test bench install venv ctest pytest clean
+.PHONY: test bench install venv ctest pytest clean gpu-check
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test: install
 
 bench: install
 	$(PY) -m adaperceiver.bench --out-dir results
+
+# make gpu-check: the GPU path checked and timed on one GPU in at most 10 minutes (every stage
+# under its own limit) into results/gpu/ (report.txt + gpu_check.json); without a CUDA device it
+# says so and runs its dry mode (tiny shapes, Triton interpreter), as tests/test_gpu_check.py does.
+gpu-check: install
+	$(PY) -m adaperceiver.bench.gpu_check --out-dir results/gpu
 
 clean:
 	rm -rf build $(VENV) *.egg-info results

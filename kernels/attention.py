@@ -3,7 +3,11 @@
 Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask of SPEC.md (query
 row i sees keys k < row_end[i], row_end nondecreasing; no mask: row_end = Nk), per-sample
 lengths ``seq_lens`` (rows and keys past the length are dropped, their outputs are zero) and
-optional interleaved-pair RoPE applied to q / k inside the kernels (no rotated copy is written).
+optional interleaved-pair RoPE. RoPE is applied once per row: the operand a program owns (q in
+the forward and dq, k in dk/dv) is rotated on load; the operand it reads tile after tile (k in
+the forward and dq, q in dk/dv) is rotated beforehand by the ``_rope_rows`` pre-pass into a
+scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
+GPU per (head_dim, dtype, arch, shape bucket) among ``fwd_candidates`` (see "autotuning").
 
 Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
   forward / dq: one program per (query tile [m0, m1), batch * head). Key tiles below
@@ -21,9 +25,16 @@ sample * head) starts at the sample's first row, so a mixed batch is never padde
 backward of the packed op pads: adaperceiver/ops/__init__.py).
 Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
 adaperceiver/ops/dispatch.py), -inf on rows that see no key.
+NaN / inf: no guard replaces a non-finite value. A NaN or inf that a row reaches through its
+allowed keys (its q, a visible key's k or v, the scale) makes that row's output NaN as in the
+reference (lse +inf for a +inf score, as torch's logsumexp); masked and padded positions are
+never read, so a NaN there reaches only rows that share a loaded tile with it (the dense
+reference, multiplying 0 by NaN, spreads it to every row): tests/test_kernels_attention.py
+checks that the NaN set lies between the block-sparse and the dense reference's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +43,9 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
+from adaperceiver.kernels import fp32_dot_precision
 from adaperceiver.ops.schedule import check_grans, row_end, to_device
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
@@ -79,11 +92,12 @@ def default_tiles(head_dim: int, interpret: Optional[bool] = None,
         return Tiles(32, 32, 32, 32, 32, 32)
     if dtype == torch.float32:
         # fp32 operands (3xTF32 dots) take twice the registers and shared memory of fp16 ones;
-        # at head_dim 128 the backward still spills: fp32 on a GPU is for checking, not speed
+        # at head_dim 128 the accumulators fit in registers with 16-row key tiles (dk/dv) and
+        # 16-row query tiles (forward, dq)
         if head_dim <= 64:
-            return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=4, fwd_stages=2, dkdv_warps=8,
-                         dkdv_stages=2, dq_warps=4, dq_stages=2)
-        return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=1, dkdv_warps=8,
+            return Tiles(32, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
+                         dkdv_stages=2, dq_warps=8, dq_stages=2)
+        return Tiles(16, 32, 32, 16, 16, 32, fwd_warps=4, fwd_stages=1, dkdv_warps=8,
                      dkdv_stages=1, dq_warps=8, dq_stages=1)
     if head_dim <= 64:
         return Tiles(64, 32, 32, 64, 64, 32, fwd_warps=4, fwd_stages=3, dkdv_warps=8,
@@ -92,6 +106,21 @@ def default_tiles(head_dim: int, interpret: Optional[bool] = None,
     # need smaller key tiles and 8 warps to stay in registers
     return Tiles(64, 32, 32, 32, 32, 32, fwd_warps=8, fwd_stages=2, dkdv_warps=8,
                  dkdv_stages=2, dq_warps=8, dq_stages=2)
+
+
+def fwd_candidates(head_dim: int, dtype: torch.dtype = torch.float16) -> list[Tiles]:
+    """The forward tile configurations the GPU autotuner chooses among for (head_dim, dtype)
+    (the default first), each compiled ahead of time for sm_80 and sm_90 without spills
+    (COMPILE_SPECS, benchmarks/triton_resources.md). Only the forward fields differ."""
+    t = default_tiles(head_dim, interpret=False, dtype=dtype)
+    if dtype == torch.float32:
+        options = []           # fp32 is for checking: its default tiles only
+    elif head_dim <= 64:
+        options = [(64, 64, 4, 3), (128, 64, 8, 3), (32, 32, 4, 3)]
+    else:
+        options = [(64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)]
+    return [t] + [dataclasses.replace(t, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=st)
+                  for m, n, w, st in options]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -245,11 +274,44 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, K
     valid = offs_m < len_q
     l_safe = tl.where(valid, l_i, 1.0)
     out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(valid, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    # a +inf score makes the row's softmax NaN (inf - inf) but its logsumexp +inf, as torch's
+    # logsumexp gives; l is NaN there, so m decides. NaN scores keep lse NaN (through l).
+    lse = tl.where(m_i == float("inf"), m_i, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(valid, lse, float("-inf"))
     offs_d = tl.arange(0, HEAD_DIM)
     o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < o_rows)
     tl.store(Lse + bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _rope_rows(X, Out, Cos, Sin, SeqLens, SeqStarts, Counter,
+               stride_xb, stride_xh, stride_xn, stride_ob, stride_oh, stride_on,
+               H, N, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr,
+               PACKED: tl.constexpr, DEBUG: tl.constexpr):
+    """Out = rope(X) for the rows [n0, n0 + BLOCK_N) of one (sample, head), rounded to X's dtype
+    as the kernels' on-load rotation (and the reference) round it. Rows past the sample's
+    length are neither read nor written (no kernel reads them). One program per (row tile,
+    sample * head): each row is rotated once per call, however many tiles later read it."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n_rows, _ = _lengths(SeqLens, b, N, N, HAS_LENS)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PACKED:
+        row0 = tl.load(SeqStarts + b).to(tl.int64)
+        x_base = X + row0 * stride_xn + h * stride_xh
+        o_base = Out + row0 * stride_on + h * stride_oh
+    else:
+        x_base = X + b * stride_xb + h * stride_xh
+        o_base = Out + b * stride_ob + h * stride_oh
+    x = _load_rows(x_base, offs, stride_xn, n_rows, True, Cos, Sin, HEAD_DIM, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(o_base + offs[:, None] * stride_on + offs_d[None, :], x,
+             mask=offs[:, None] < n_rows)
+    if DEBUG:
+        tl.atomic_add(Counter, tl.sum((offs < n_rows).to(tl.int32), 0))
 
 
 @triton.jit
@@ -273,6 +335,16 @@ def _attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
+def _backward_lse(lse_base, offs_m, row_ok):
+    """The rows' lse in base 2 for p = exp2(score - lse). Rows past the length read +inf, so
+    their p is 0. A valid row's +inf lse (a +inf score: its forward output is NaN) becomes NaN,
+    so that its p, hence its dv and dk, are NaN as in the reference, not exp2(x - inf) = 0."""
+    lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
+    lse = tl.where(row_ok & (lse == float("inf")), float("nan"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin, lse_base,
                 delta_base, RowEnd, offs_n, len_q, len_k, tile_lo, tile_hi, qk_scale, N_Q,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
@@ -284,7 +356,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, stride_qn, stride_dn, QCos, QSin,
         q = _load_rows(q_base, offs_m, stride_qn, len_q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
         # rows past the length: lse = +inf makes p = 0 and dO = 0, so they add nothing
         row_ok = offs_m < len_q
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse = _backward_lse(lse_base, offs_m, row_ok)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:
             bound = tl.minimum(tl.load(RowEnd + offs_m, mask=offs_m < N_Q, other=0), len_k)
@@ -412,8 +484,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
     offs_d = tl.arange(0, HEAD_DIM)
     do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse = tl.load(Lse + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok,
-                  other=float("inf")) * 1.4426950408889634
+    lse = _backward_lse(Lse + bh.to(tl.int64) * N_Q, offs_m, row_ok)
     delta = tl.load(Delta + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -490,6 +561,38 @@ def _table(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.to(device=like.device, dtype=torch.float32).contiguous()
 
 
+ROPE_BLOCK = 64   # rows per program of the RoPE pre-pass (32 under the interpreter)
+
+
+def rotate_rows(x, rope, seq_lens=None, *, starts=None, rows_counter=None) -> torch.Tensor:
+    """rope(x) into a new buffer, each row rotated once (the ``_rope_rows`` pre-pass): the
+    forward and the dq kernel then read K already rotated instead of rotating each K tile for
+    every query tile that reads it. ``x`` (B, H, N, D), or packed rows (R, H, D) with ``starts``
+    (B,) and ``seq_lens`` (B,) device int32; rows past a length are left unwritten (no kernel
+    reads them). ``rows_counter`` (int32, 1 element): the rows rotated are added to it."""
+    packed = starts is not None
+    D = x.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if packed:
+        B, H, n = seq_lens.shape[0], x.shape[1], rope[0].shape[0]
+        sx, so = (0, x.stride(1), x.stride(0)), (0, out.stride(1), out.stride(0))
+    else:
+        B, H, n = x.shape[0], x.shape[1], x.shape[2]
+        sx, so = (x.stride(0), x.stride(1), x.stride(2)), (out.stride(0), out.stride(1),
+                                                            out.stride(2))
+    if B * H == 0 or n == 0:
+        return out
+    block = 32 if _interpreting() else ROPE_BLOCK
+    cos, sin = (_table(t, out) for t in rope)
+    lens = seq_lens if seq_lens is not None else cos
+    _rope_rows[(triton.cdiv(n, block), B * H)](
+        x, out, cos, sin, lens, starts if packed else lens,
+        cos if rows_counter is None else rows_counter, *sx, *so, H, n,
+        HEAD_DIM=D, BLOCK_N=block, HAS_LENS=seq_lens is not None, PACKED=packed,
+        DEBUG=rows_counter is not None, num_warps=4)
+    return out
+
+
 def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
     """Device inputs shared by every kernel: row_end, seq_lens, the four RoPE tables. Unused
     pointers get a dummy tensor (their constexpr flag keeps the kernel from reading it)."""
@@ -503,38 +606,102 @@ def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
 
 
 def _precision(dtype) -> str:
-    # fp32 inputs get ~fp32-accurate products (3xTF32 on tensor cores), not plain TF32 (10-bit
-    # mantissa); "ieee" would lower to FMA loops that spill heavily. fp16/bf16 ignore this.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    # fp32 inputs get ~fp32-accurate products (3xTF32 on tensor cores) at the "highest" float32
+    # matmul precision, plain TF32 at "high"/"medium" (as torch's matmuls); "ieee" would lower
+    # to FMA loops that spill heavily. fp16/bf16 ignore this.
+    return fp32_dot_precision("tf32x3") if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------- autotuning
+# On a GPU the forward's tiles are chosen per (head_dim, dtype, GPU arch, shape bucket) among
+# fwd_candidates (each compiled ahead of time without spills): the first call of a bucket times
+# each candidate on the call's own inputs (triton.testing.do_bench, into the call's output
+# buffers, which the final launch then rewrites) and memoises the fastest. The choice changes
+# only the summation order (results agree to rounding); ADAPERCEIVER_TRITON_AUTOTUNE=0 keeps
+# the default tiles. No tuning while a CUDA graph is being captured or the sync-debug mode is on
+# (timing synchronises): those calls use the memoised choice, else the default.
+_TUNED: dict = {}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(4, (max(int(n), 1) - 1).bit_length())
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and not _interpreting()
+
+
+def _tuning_allowed(t: torch.Tensor) -> bool:
+    if os.environ.get("ADAPERCEIVER_TRITON_AUTOTUNE", "1") == "0":
+        return False
+    from torch._guards import detect_fake_mode
+    if torch.compiler.is_compiling() or detect_fake_mode() is not None:
+        return False           # tracing: nothing runs, nothing can be timed
+    return (not torch.cuda.is_current_stream_capturing()
+            and torch.cuda.get_sync_debug_mode() == 0)
+
+
+def _bench(fn) -> float:
+    """ms per call of ``fn`` on the GPU."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def forward_tiles(q: torch.Tensor, shape_key: tuple, launch, tune: bool = True) -> Tiles:
+    """The forward's tiles for this call (see above); ``launch(tiles)`` runs the forward."""
+    D = q.shape[-1]
+    default = default_tiles(D, dtype=q.dtype)
+    if not _on_gpu(q):
+        return default
+    arch = torch.cuda.get_device_capability(q.device)
+    key = (D, q.dtype, arch, shape_key[0], *map(_bucket, shape_key[1:4]), *shape_key[4:])
+    hit = _TUNED.get(key)
+    if hit is not None or not tune or not _tuning_allowed(q):
+        return hit or default
+    times = []
+    for cand in fwd_candidates(D, q.dtype):
+        try:
+            times.append((_bench(lambda c=cand: launch(c)), cand))
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here is not chosen
+            continue
+    best = min(times, key=lambda x: x[0])[1] if times else default
+    _TUNED[key] = best
+    return best
 
 
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,
                       k_rope=None, *, tiles: Optional[Tiles] = None,
-                      visit_counter: Optional[torch.Tensor] = None):
+                      visit_counter: Optional[torch.Tensor] = None,
+                      rope_counter: Optional[torch.Tensor] = None):
     """(out, lse): out (B, H, Nq, D) in q's dtype, lse float32 (B, H, Nq), natural log, -inf
     on rows that see no key. ``visit_counter`` (int32, 1 element): when given, the kernel adds
-    the number of key tiles it loads to it (a DEBUG build of the kernel)."""
+    the number of key tiles it loads to it (a DEBUG build of the kernel); ``rope_counter``: the
+    K rows rotated (by the pre-pass, once per row) are added to it."""
     token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    t = tiles or default_tiles(D, dtype=q.dtype)
     # written heads-last, (B, Nq, H, D), and returned as its (B, H, Nq, D) view: the op hands
     # that buffer to the model as (B, Nq, C) with no transpose copy
     out = torch.empty((B, Nq, H, v.shape[-1]), device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
-    grid = (triton.cdiv(Nq, t.fwd_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, out, lse, re, lens, lens, qc, qs, kc, ks,
-        re if visit_counter is None else visit_counter,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, Nq, Nk, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=seq_lens is not None,
-        Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=visit_counter is not None,
-        PRECISION=_precision(q.dtype), PACKED=False, num_warps=t.fwd_warps,
-        num_stages=t.fwd_stages)
+    # K rotated once per row (the pre-pass), not once per query tile that reads it
+    kr = k if k_rope is None else rotate_rows(k, k_rope, None if seq_lens is None else lens,
+                                              rows_counter=rope_counter)
+
+    def launch(t: Tiles):
+        _attn_fwd[(triton.cdiv(Nq, t.fwd_m), B * H)](
+            q, kr, v, out, lse, re, lens, lens, qc, qs, kc, ks,
+            re if visit_counter is None else visit_counter,
+            q.stride(0), q.stride(1), q.stride(2), kr.stride(0), kr.stride(1), kr.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, Nq, Nk, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=seq_lens is not None,
+            Q_ROPE=q_rope is not None, K_ROPE=False, DEBUG=visit_counter is not None,
+            PRECISION=_precision(q.dtype), PACKED=False, num_warps=t.fwd_warps,
+            num_stages=t.fwd_stages)
+    key = ("padded", Nq, Nk, B * H, seq_lens is not None, q_rope is not None)
+    launch(tiles or forward_tiles(q, key, launch, visit_counter is None))
     return out, lse
 
 
@@ -563,7 +730,8 @@ def why_not_varlen(q, k, v, seq_lens, token_grans=None, q_rope=None, k_rope=None
 
 
 def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None, scale=None,
-                             q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None):
+                             q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None,
+                             rope_counter: Optional[torch.Tensor] = None):
     """Self-attention over packed rows: q, k, v (R, H, D), sample b's ``seq_lens[b]`` rows (host
     ints) following those of samples 0..b-1. (out, lse): out (R, H, D) in q's dtype, lse
     float32 (B, H, max seq_len), -inf past each length. The forward kernel above with
@@ -576,7 +744,6 @@ def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None,
     R, H, D = q.shape
     B, n = len(seq_lens), max(seq_lens)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    t = tiles or default_tiles(D, dtype=q.dtype)
     out = torch.empty((R, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, n), device=q.device, dtype=torch.float32)
     starts = [0]
@@ -589,16 +756,21 @@ def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None,
     qc, qs = (None, None) if q_rope is None else q_rope
     kc, ks = (None, None) if k_rope is None else k_rope
     qc, qs, kc, ks = (_table(x, lse) for x in (qc, qs, kc, ks))
-    grid = (triton.cdiv(n, t.fwd_m), B * H)
-    _attn_fwd[grid](
-        q, k, v, out, lse, re, lens, starts, qc, qs, kc, ks, re,
-        0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0),
-        0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0),
-        H, n, n, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=True,
-        Q_ROPE=q_rope is not None, K_ROPE=k_rope is not None, DEBUG=False,
-        PRECISION=_precision(q.dtype), PACKED=True, num_warps=t.fwd_warps,
-        num_stages=t.fwd_stages)
+    # K rotated once per row (the pre-pass), not once per query tile that reads it
+    kr = k if k_rope is None else rotate_rows(k, k_rope, lens, starts=starts,
+                                              rows_counter=rope_counter)
+    def launch(t: Tiles):
+        _attn_fwd[(triton.cdiv(n, t.fwd_m), B * H)](
+            q, kr, v, out, lse, re, lens, starts, qc, qs, kc, ks, re,
+            0, q.stride(1), q.stride(0), 0, kr.stride(1), kr.stride(0),
+            0, v.stride(1), v.stride(0), 0, out.stride(1), out.stride(0),
+            H, n, n, scale * LOG2E,
+            HEAD_DIM=D, BLOCK_M=t.fwd_m, BLOCK_N=t.fwd_n, HAS_LENS=True,
+            Q_ROPE=q_rope is not None, K_ROPE=False, DEBUG=False,
+            PRECISION=_precision(q.dtype), PACKED=True, num_warps=t.fwd_warps,
+            num_stages=t.fwd_stages)
+    key = ("packed", n, R, B * H, True, q_rope is not None)
+    launch(tiles or forward_tiles(q, key, launch))
     return out, lse
 
 
@@ -620,9 +792,14 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     t = tiles or default_tiles(D, dtype=q.dtype)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
-    flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, Q_ROPE=q_rope is not None,
-                 K_ROPE=k_rope is not None, PRECISION=_precision(q.dtype))
+    flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, PRECISION=_precision(q.dtype))
     counters = visit_counters or {}
+    # the operand each program reads many tiles of comes pre-rotated, once per row: q for
+    # dk/dv (every key tile reads the query tiles that see it), k for dq; the operand a program
+    # owns is rotated on load (once) and its gradient rotated back on store
+    lens_arg = None if seq_lens is None else lens
+    qr = q if q_rope is None else rotate_rows(q, q_rope, lens_arg)
+    kr = k if k_rope is None else rotate_rows(k, k_rope, lens_arg)
 
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(Nq, t.dq_m), B * H)](
@@ -633,19 +810,22 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
-    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2),
-              grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    def strides(qq, kk):
+        return (qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1),
+                kk.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
     _attn_bwd_dkdv[(triton.cdiv(Nk, t.dkdv_n), B * H)](
-        q, k, v, grad_out, lse, delta, dk, dv, re, lens, qc, qs, kc, ks,
-        counters.get("dkdv", re), *common, dk.stride(0), dk.stride(1), dk.stride(2),
+        qr, k, v, grad_out, lse, delta, dk, dv, re, lens, qc, qs, kc, ks,
+        counters.get("dkdv", re), *strides(qr, k), dk.stride(0), dk.stride(1), dk.stride(2),
         H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dkdv_m, BLOCK_N=t.dkdv_n,
-        DEBUG="dkdv" in counters, num_warps=t.dkdv_warps, num_stages=t.dkdv_stages, **flags)
+        DEBUG="dkdv" in counters, num_warps=t.dkdv_warps, num_stages=t.dkdv_stages,
+        Q_ROPE=False, K_ROPE=k_rope is not None, **flags)
     _attn_bwd_dq[(triton.cdiv(Nq, t.dq_m), B * H)](
-        q, k, v, grad_out, lse, delta, dq, re, lens, qc, qs, kc, ks,
-        counters.get("dq", re), *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        q, kr, v, grad_out, lse, delta, dq, re, lens, qc, qs, kc, ks,
+        counters.get("dq", re), *strides(q, kr), dq.stride(0), dq.stride(1), dq.stride(2),
         H, Nq, Nk, scale, scale * LOG2E, BLOCK_M=t.dq_m, BLOCK_N=t.dq_n,
-        DEBUG="dq" in counters, num_warps=t.dq_warps, num_stages=t.dq_stages, **flags)
+        DEBUG="dq" in counters, num_warps=t.dq_warps, num_stages=t.dq_stages,
+        Q_ROPE=q_rope is not None, K_ROPE=False, **flags)
     return dq, dk, dv
 
 
@@ -693,54 +873,75 @@ def _signature(pointers, ints, floats, constexprs):
     return sig
 
 
-def _compile_specs() -> list[dict]:
-    """Every @triton.jit kernel of this file at GPU default tiles, for each head_dim, with every
-    optional feature on (RoPE on q and k, seq_lens: the largest register footprint) and off.
-    Format: see adaperceiver/kernels/compile.py."""
+def _compile_specs(dtype: torch.dtype, dtypes: tuple, suffix: str = "") -> list[dict]:
+    """Every @triton.jit kernel of this file at the GPU default tiles of ``dtype``, for each
+    head_dim, with every optional feature on (RoPE, seq_lens: the largest register footprint;
+    the RoPE flags each kernel is launched with) and off, and every forward tile candidate
+    (FWD_CANDIDATES) with features on. Format: see adaperceiver/kernels/compile.py."""
     x, f32, i32 = "*{dtype}:16", "*fp32:16", "*i32:16"
     tables = [("QCos", f32), ("QSin", f32), ("KCos", f32), ("KSin", f32)]
     strides = lambda *ts: [f"stride_{t}{d}" for t in ts for d in "bhn"]  # noqa: E731
+    prec = "tf32x3" if dtype == torch.float32 else "tf32"
+    fwd_sig = [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32), ("RowEnd", i32),
+               ("SeqLens", i32), ("SeqStarts", i32), *tables, ("Counter", i32)]
+    fwd_ints = strides("q", "k", "v", "o") + ["H", "N_Q", "N_K"]
     specs = []
+
+    def add(name, kernel, warps, stages, consts, signature):
+        specs.append({"name": name + suffix, "kernel": kernel, "num_warps": warps,
+                      "num_stages": stages, "constexprs": consts, "signature": signature,
+                      "dtypes": dtypes})
+
     for D in HEAD_DIMS:
-        t = default_tiles(D, interpret=False)
+        t = default_tiles(D, interpret=False, dtype=dtype)
         for feat in (True, False):
             tag = f"D={D}" + (" rope+lens" if feat else "")
-            flags = {"HEAD_DIM": D, "HAS_LENS": feat, "Q_ROPE": feat, "K_ROPE": feat,
-                     "DEBUG": False, "PRECISION": "tf32"}
-            # the packed forward (mixed batches' self-attention) is the rope+lens build
+            flags = {"HEAD_DIM": D, "HAS_LENS": feat, "DEBUG": False, "PRECISION": prec}
+            # the packed forward (mixed batches' self-attention) is the rope+lens build; K
+            # arrives rotated (the _rope_rows pre-pass), q is rotated on load
             for packed in (False, True) if feat else (False,):
-                fwd_c = {**flags, "BLOCK_M": t.fwd_m, "BLOCK_N": t.fwd_n, "PACKED": packed}
-                specs.append({"name": f"attn_fwd {tag}" + (" packed" if packed else ""),
-                              "kernel": "_attn_fwd", "num_warps": t.fwd_warps,
-                              "num_stages": t.fwd_stages, "constexprs": fwd_c,
-                              "signature": _signature(
-                                  [("Q", x), ("K", x), ("V", x), ("Out", x), ("Lse", f32),
-                                   ("RowEnd", i32), ("SeqLens", i32), ("SeqStarts", i32),
-                                   *tables, ("Counter", i32)],
-                                  strides("q", "k", "v", "o") + ["H", "N_Q", "N_K"],
-                                  ["qk_scale"], fwd_c)})
+                fwd_c = {**flags, "Q_ROPE": feat, "K_ROPE": False, "BLOCK_M": t.fwd_m,
+                         "BLOCK_N": t.fwd_n, "PACKED": packed}
+                add(f"attn_fwd {tag}" + (" packed" if packed else ""), "_attn_fwd",
+                    t.fwd_warps, t.fwd_stages, fwd_c,
+                    _signature(fwd_sig, fwd_ints, ["qk_scale"], fwd_c))
             bwd_ptrs = [("Q", x), ("K", x), ("V", x), ("DOut", x), ("Lse", f32),
                         ("Delta", f32)]
             rest = [("RowEnd", i32), ("SeqLens", i32), *tables, ("Counter", i32)]
             ints = strides("q", "k", "v", "d", "g") + ["H", "N_Q", "N_K"]
-            dkdv_c = {**flags, "BLOCK_M": t.dkdv_m, "BLOCK_N": t.dkdv_n}
-            specs.append({"name": f"attn_bwd_dkdv {tag}", "kernel": "_attn_bwd_dkdv",
-                          "num_warps": t.dkdv_warps, "num_stages": t.dkdv_stages,
-                          "constexprs": dkdv_c, "signature": _signature(
-                              bwd_ptrs + [("DK", x), ("DV", x)] + rest, ints,
-                              ["sm_scale", "qk_scale"], dkdv_c)})
-            dq_c = {**flags, "BLOCK_M": t.dq_m, "BLOCK_N": t.dq_n}
-            specs.append({"name": f"attn_bwd_dq {tag}", "kernel": "_attn_bwd_dq",
-                          "num_warps": t.dq_warps, "num_stages": t.dq_stages,
-                          "constexprs": dq_c, "signature": _signature(
-                              bwd_ptrs + [("DQ", x)] + rest, ints, ["sm_scale", "qk_scale"],
-                              dq_c)})
+            dkdv_c = {**flags, "Q_ROPE": False, "K_ROPE": feat, "BLOCK_M": t.dkdv_m,
+                      "BLOCK_N": t.dkdv_n}
+            add(f"attn_bwd_dkdv {tag}", "_attn_bwd_dkdv", t.dkdv_warps, t.dkdv_stages, dkdv_c,
+                _signature(bwd_ptrs + [("DK", x), ("DV", x)] + rest, ints,
+                           ["sm_scale", "qk_scale"], dkdv_c))
+            dq_c = {**flags, "Q_ROPE": feat, "K_ROPE": False, "BLOCK_M": t.dq_m,
+                    "BLOCK_N": t.dq_n}
+            add(f"attn_bwd_dq {tag}", "_attn_bwd_dq", t.dq_warps, t.dq_stages, dq_c,
+                _signature(bwd_ptrs + [("DQ", x)] + rest, ints, ["sm_scale", "qk_scale"],
+                           dq_c))
         delta_c = {"HEAD_DIM": D, "BLOCK_M": t.dq_m}
-        specs.append({"name": f"attn_bwd_delta D={D}", "kernel": "_attn_bwd_delta",
-                      "num_warps": 4, "num_stages": 1, "constexprs": delta_c,
-                      "signature": _signature([("Out", x), ("DOut", x), ("Delta", f32)],
-                                              strides("o", "d") + ["H", "N_Q"], [], delta_c)})
+        add(f"attn_bwd_delta D={D}", "_attn_bwd_delta", 4, 1, delta_c,
+            _signature([("Out", x), ("DOut", x), ("Delta", f32)],
+                       strides("o", "d") + ["H", "N_Q"], [], delta_c))
+        for packed in (False, True):
+            rope_c = {"HEAD_DIM": D, "BLOCK_N": ROPE_BLOCK, "HAS_LENS": True, "PACKED": packed,
+                      "DEBUG": False}
+            add(f"rope_rows D={D}" + (" packed" if packed else ""), "_rope_rows", 4, 1,
+                rope_c, _signature([("X", x), ("Out", x), ("Cos", f32), ("Sin", f32),
+                                    ("SeqLens", i32), ("SeqStarts", i32), ("Counter", i32)],
+                                   strides("x", "o") + ["H", "N"], [], rope_c))
+        for c in fwd_candidates(D, dtype):
+            if (c.fwd_m, c.fwd_n, c.fwd_warps, c.fwd_stages) == (t.fwd_m, t.fwd_n, t.fwd_warps,
+                                                                  t.fwd_stages):
+                continue
+            fwd_c = {"HEAD_DIM": D, "HAS_LENS": True, "DEBUG": False, "PRECISION": prec,
+                     "Q_ROPE": True, "K_ROPE": False, "BLOCK_M": c.fwd_m, "BLOCK_N": c.fwd_n,
+                     "PACKED": False}
+            add(f"attn_fwd D={D} rope+lens cand {c.fwd_m}x{c.fwd_n} w{c.fwd_warps} "
+                f"s{c.fwd_stages}", "_attn_fwd", c.fwd_warps, c.fwd_stages, fwd_c,
+                _signature(fwd_sig, fwd_ints, ["qk_scale"], fwd_c))
     return specs
 
 
-COMPILE_SPECS = _compile_specs()
+COMPILE_SPECS = (_compile_specs(torch.float16, ("fp16", "bf16"))
+                 + _compile_specs(torch.float32, ("fp32",), " fp32"))

@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adaperceiver.ops.schedule import ranges, to_device
+from adaperceiver.kernels import fp32_dot_precision
+from adaperceiver.ops.schedule import device_memo, ranges, to_device
 
 __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
@@ -47,7 +48,7 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
                      M, C, HMAX, HPAD,
                      stride_xm, stride_xc, stride_w1h, stride_w1c, stride_am,
                      BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     COUNT: tl.constexpr):
+                     COUNT: tl.constexpr, PRECISION: tl.constexpr):
     """act[r, j] = GELU(x[row_ids[r]] . W1[j] + b1[j]) for j < row_h[r], 0 for j >= row_h[r],
     on the (row tile, hidden tile) work item number program_id(0). Columns up to HPAD (the
     scratch's padded width) are written, so readers may round a row's width up to 16."""
@@ -69,9 +70,9 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w1_ptr + offs_h[None, :].to(tl.int64) * stride_w1h + kk[:, None] * stride_w1c,
                     mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        # "ieee": fp32 inputs get full fp32 products like torch's default matmul (no TF32);
-        # ignored for 16-bit inputs
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        # PRECISION: fp32 inputs get full fp32 products ("ieee") at torch's "highest" float32
+        # matmul precision, TF32 at "high"/"medium" (_precision); ignored for 16-bit inputs
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
     b1 = tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     pre = acc + b1[None, :]
     act = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))  # exact GELU, 1/sqrt(2)
@@ -90,7 +91,7 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
                  stride_xm, stride_xc, stride_gm, stride_gc, stride_w1h, stride_w1c,
                  stride_w2c, stride_w2h, stride_am,
                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                 COUNT: tl.constexpr):
+                 COUNT: tl.constexpr, PRECISION: tl.constexpr):
     """Backward, same work items as fc1: recomputes pre = x W1^T + b1 and writes
     act = GELU(pre) and dpre = (grad_out W2[:, tile]) * GELU'(pre), both zero past the row's
     width. The two products share the loop over C."""
@@ -116,12 +117,12 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
                     other=0.0)
         w1 = tl.load(w1_ptr + offs_h64[None, :] * stride_w1h + kk[:, None] * stride_w1c,
                      mask=kh, other=0.0)
-        acc_pre = tl.dot(a, w1, acc_pre, input_precision="ieee")
+        acc_pre = tl.dot(a, w1, acc_pre, input_precision=PRECISION)
         g = tl.load(go_ptr + rows[:, None] * stride_gm + kk[None, :] * stride_gc, mask=mk,
                     other=0.0)
         w2 = tl.load(w2_ptr + kk[:, None].to(tl.int64) * stride_w2c
                      + offs_h64[None, :] * stride_w2h, mask=kh, other=0.0)
-        acc_g = tl.dot(g, w2, acc_g, input_precision="ieee")
+        acc_g = tl.dot(g, w2, acc_g, input_precision=PRECISION)
     b1 = tl.load(b1_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
     pre = acc_pre + b1[None, :]
     cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
@@ -143,7 +144,8 @@ def _rows_by_hidden_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, row_h_p
                            M, C,
                            stride_am, stride_wk, stride_wc, stride_om, stride_oc,
                            HAS_BIAS: tl.constexpr, W_K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COUNT: tl.constexpr):
+                           BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, COUNT: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """out[row_ids[r], c] = sum_{k < row_h[r]} a[r, k] * w[k, c] (+ bias[c]).
 
     fc2 (a = activations, w[k, c] = W2[c, k]) and dx (a = dpre, w = W1). The reduction of a row
@@ -179,7 +181,7 @@ def _rows_by_hidden_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, row_ids_ptr, row_h_p
                     mask=m_ok[:, None] & (kk[None, :] < rh16[:, None]), other=0.0)
         w = tl.load(w_ptr + kk[:, None].to(tl.int64) * stride_wk + offs_c[None, :] * stride_wc,
                     mask=(kk[:, None] < k_lim) & c_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
         n_k += 1
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -196,7 +198,8 @@ def _hidden_by_cols_kernel(a_ptr, x_ptr, row_ids_ptr, row_h_ptr, row_bound_ptr, 
                            HMAX, C,
                            stride_am, stride_xm, stride_xc, stride_oh, stride_oc,
                            HAS_DB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                           BLOCK_R: tl.constexpr, COUNT: tl.constexpr):
+                           BLOCK_R: tl.constexpr, COUNT: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """out[j, c] = sum_r a[r, j] * x[row_ids[r], c] over rows r with j < row_h[r]; db[j] =
     sum_r a[r, j] (C tile 0 only).
 
@@ -225,7 +228,7 @@ def _hidden_by_cols_kernel(a_ptr, x_ptr, row_ids_ptr, row_h_ptr, row_bound_ptr, 
                      mask=(offs_h[:, None] < rh16[None, :]), other=0.0)
         xv = tl.load(x_ptr + rows[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                      mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(at, xv, acc, input_precision="ieee")
+        acc = tl.dot(at, xv, acc, input_precision=PRECISION)
         if HAS_DB:
             dbacc += tl.sum(at.to(tl.float32), axis=1)
         n_r += 1
@@ -318,7 +321,15 @@ def _schedule(hidden, n, block_m, block_h, hmax) -> FfnSchedule:
 def _schedule_tensors(sched: FfnSchedule, device):
     """row_ids (sorted row -> original flattened row), row_h and the work items (row tile,
     hidden tile) flattened, int32 on ``device``; built there from per-sample values
-    (ops.schedule.to_device / ranges: short copies, no host sync)."""
+    (ops.schedule.to_device / ranges: short copies, no host sync), once per schedule on a GPU
+    (ops.schedule.device_memo, keyed by what determines the schedule: a repeated
+    configuration makes no copy, so it can be captured in a CUDA graph)."""
+    key = ("ffn_schedule", sched.order, sched.widths, sched.n_rows_per_sample, sched.block_m,
+           sched.block_h, len(sched.row_bound))
+    return device_memo(key, device, lambda: _build_schedule_tensors(sched, device))
+
+
+def _build_schedule_tensors(sched: FfnSchedule, device):
     n = sched.n_rows_per_sample
     row_ids = ranges([b * n for b in sched.order], [n] * len(sched.order), device, torch.int32)
     row_h = to_device(sched.widths, device, torch.int32).repeat_interleave(n)
@@ -446,6 +457,12 @@ def _k_padded(w: torch.Tensor) -> torch.Tensor:
     return wp[:, :hmax]
 
 
+def _precision(dtype) -> str:
+    """tl.dot's input_precision: fp32 follows torch.get_float32_matmul_precision() ("ieee" at
+    "highest", TF32 otherwise); 16-bit inputs ignore it ("ieee" keeps one build)."""
+    return fp32_dot_precision("ieee") if dtype == torch.float32 else "ieee"
+
+
 def _count_buffer(counters, device):
     return torch.zeros(1, dtype=torch.int32, device=device) if counters is not None else None
 
@@ -477,6 +494,7 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
         M, C, hmax, act.stride(0),
         x2.stride(0), x2.stride(1), fc1_weight.stride(0), fc1_weight.stride(1), act.stride(0),
         BLOCK_M=bl.block_m, BLOCK_H=bl.block_h, BLOCK_K=bl.block_k, COUNT=count is not None,
+        PRECISION=_precision(x.dtype),
         num_warps=bl.num_warps, num_stages=bl.num_stages)
     if counters is not None:
         counters["fc1"] = int(count.item())
@@ -489,7 +507,8 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
         M, C,
         act.stride(0), w2.stride(1), w2.stride(0), out2.stride(0), out2.stride(1),
         HAS_BIAS=True, W_K_PAD=True, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
-        COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     if counters is not None:
         counters["fc2"] = int(count.item())
     return out
@@ -540,6 +559,7 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         fc1_weight.stride(0), fc1_weight.stride(1), fc2_weight.stride(0), fc2_weight.stride(1),
         act.stride(0),
         BLOCK_M=bl.block_m_bwd, BLOCK_H=bl.block_h, BLOCK_K=bl.block_k, COUNT=count is not None,
+        PRECISION=_precision(x.dtype),
         num_warps=bl.num_warps, num_stages=bl.num_stages)
     _take("dpre")
     dx2 = dx.view(M, C)
@@ -548,7 +568,8 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         M, C,
         dpre.stride(0), fc1_weight.stride(0), fc1_weight.stride(1), dx2.stride(0), dx2.stride(1),
         HAS_BIAS=False, W_K_PAD=False, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
-        COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     _take("dx")
     row_bound = to_device(sched.row_bound, dev, torch.int32)
     grid = (_cdiv(hmax, bl.block_h), _cdiv(C, bl.block_c))
@@ -557,7 +578,8 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         hmax, C,
         dpre.stride(0), x2.stride(0), x2.stride(1), dw1.stride(0), dw1.stride(1),
         HAS_DB=True, BLOCK_H=bl.block_h, BLOCK_C=bl.block_c, BLOCK_R=bl.block_r,
-        COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     _take("dw1")
     # dW2[c, j] = sum_r grad_out[r, c] act[r, j]: the same kernel with the output transposed
     _hidden_by_cols_kernel[grid](
@@ -565,7 +587,8 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         hmax, C,
         act.stride(0), g2.stride(0), g2.stride(1), dw2.stride(1), dw2.stride(0),
         HAS_DB=False, BLOCK_H=bl.block_h, BLOCK_C=bl.block_c, BLOCK_R=bl.block_r,
-        COUNT=count is not None, num_warps=bl.num_warps, num_stages=bl.num_stages)
+        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
+        num_stages=bl.num_stages)
     _take("dw2")
     return dx, dw1, db1, dw2, db2
 
@@ -616,7 +639,7 @@ def _spec(name, kernel, types, consts, blocks):
             "num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
 
 
-def _compile_specs(blocks: Blocks) -> list[dict]:
+def _compile_specs(blocks: Blocks, precision: str = "ieee") -> list[dict]:
     idx = {a: "*i32:16" for a in ("row_ids_ptr", "row_h_ptr", "items_ptr", "row_bound_ptr",
                                   "count_ptr")}
     c16 = "i32:16"
@@ -625,31 +648,37 @@ def _compile_specs(blocks: Blocks) -> list[dict]:
               {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_w1h": c16,
                "stride_am": c16},
               {"stride_xc": 1, "stride_w1c": 1, "BLOCK_M": blocks.block_m,
-               "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
+               "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k, "COUNT": False,
+               "PRECISION": precision}, blocks),
         _spec("ffn bwd dpre", "_dpre_kernel",
               {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_gm": c16,
                "stride_w1h": c16, "stride_am": c16},
               {"stride_xc": 1, "stride_gc": 1, "stride_w1c": 1, "stride_w2h": 1,
                "BLOCK_M": blocks.block_m_bwd, "BLOCK_H": blocks.block_h,
-               "BLOCK_K": blocks.block_k, "COUNT": False}, blocks),
+               "BLOCK_K": blocks.block_k, "COUNT": False,
+               "PRECISION": precision}, blocks),
         _spec("ffn fc2", "_rows_by_hidden_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_wc": c16, "stride_om": c16},
               {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "W_K_PAD": True,
                "BLOCK_M": blocks.block_m2,
-               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
+               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False,
+               "PRECISION": precision}, blocks),
         _spec("ffn bwd dx", "_rows_by_hidden_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_wk": c16, "stride_om": c16},
               {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "W_K_PAD": False,
                "BLOCK_M": blocks.block_m2,
-               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False}, blocks),
+               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False,
+               "PRECISION": precision}, blocks),
         _spec("ffn bwd dW1+db1", "_hidden_by_cols_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_xm": c16, "stride_oh": c16},
               {"stride_xc": 1, "stride_oc": 1, "HAS_DB": True, "BLOCK_H": blocks.block_h,
-               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False}, blocks),
+               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False,
+               "PRECISION": precision}, blocks),
         _spec("ffn bwd dW2", "_hidden_by_cols_kernel",
               {**idx, "C": c16, "stride_am": c16, "stride_xm": c16},
               {"stride_xc": 1, "stride_oh": 1, "HAS_DB": False, "BLOCK_H": blocks.block_h,
-               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False}, blocks),
+               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False,
+               "PRECISION": precision}, blocks),
     ]
 
 
@@ -657,8 +686,11 @@ def compile_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
     """The specs at the default GPU tiles of ``dtype``, limited to the dtypes those tiles are
     for ("fp16"/"bf16" share theirs; fp32 has its own, names suffixed " fp32")."""
     if dtype == torch.float32:
-        return [{**s, "name": s["name"] + " fp32", "dtypes": ("fp32",)}
-                for s in _compile_specs(default_blocks(dtype, interpret=False))]
+        # both float32 matmul precisions: "highest" (ieee) and "high"/"medium" (tf32)
+        return [{**s, "name": s["name"] + " fp32" + ("" if p == "ieee" else " tf32"),
+                 "dtypes": ("fp32",)}
+                for p in ("ieee", "tf32")
+                for s in _compile_specs(default_blocks(dtype, interpret=False), p)]
     return [{**s, "dtypes": ("fp16", "bf16")}
             for s in _compile_specs(default_blocks(dtype, interpret=False))]
 

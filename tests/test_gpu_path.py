@@ -35,6 +35,9 @@ class HostStalls(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.stalls: list[str] = []
+        # every host->device copy, blocking or not: a CUDA graph cannot capture one (pageable
+        # memory), so a repeated configuration must make none
+        self.copies: list[str] = []
 
     @staticmethod
     def _on(t, kind):
@@ -59,7 +62,13 @@ class HostStalls(TorchFunctionMode):
         if name in self.INDEXING and self._on(args[0], "cuda") \
                 and any(self._host_index(a) for a in list(args[1:]) + list(kwargs.values())):
             self.stalls.append(f"{name} of a CUDA tensor with a host index")
+        if name == "copy_" and self._on(args[0], "cuda") and self._on(args[1], "cpu"):
+            self.copies.append(f"copy_ host -> cuda of {tuple(args[1].shape)}")
         out = func(*args, **kwargs)
+        if name in ("to", "cuda") and self._on(args[0], "cpu") and self._on(out, "cuda"):
+            self.copies.append(f".{name}() host -> cuda of {tuple(args[0].shape)}")
+        if name in self.FACTORIES and self._on(out, "cuda"):
+            self.copies.append(f"torch.{name}(..., device=cuda)")
         if name in self.FACTORIES and self._on(out, "cuda"):
             self.stalls.append(f"torch.{name}(..., device=cuda): a blocking copy")
         if name in ("to", "cuda") and self._on(args[0], "cpu") and self._on(out, "cuda") \
@@ -128,11 +137,15 @@ FINE = {
 @pytest.mark.parametrize("name", list(STALLS) + list(FINE))
 def test_host_stalls_recorder_sees_what_it_must(name):
     """The recorder flags each kind of stall and nothing else (else the tests below could fail
-    to fail, or fail for nothing)."""
+    to fail, or fail for nothing); it lists every host->device copy, blocking or not."""
     with _fake_mode(), HostStalls() as rec:
         x = torch.ones(4, 3, device="cuda")
         {**STALLS, **FINE}[name](x)
     assert bool(rec.stalls) == (name in STALLS), rec.stalls
+    copies = {"tensor_on_cuda", "blocking_to_cuda", "blocking_copy_to_cuda",
+              "non_blocking_to_cuda", "device_index", "host_tensor_index"}
+    # (host_tensor_index: ATen copies the index out of the mode's sight; a stall, not a copy)
+    assert bool(rec.copies) == (name in copies - {"host_tensor_index"}), rec.copies
 
 
 FIXED = [dict(num_tokens=256, mat_dim=96, depth=4), dict(num_tokens=64, mat_dim=48, depth=2)]
@@ -278,5 +291,241 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
                                                  rope)
     assert out.shape == (sum(lens), H, D) and lse.shape == (3, H, 96)
     assert out.device.type == "cuda"
-    assert launches == (["_attn_fwd"] if backend == "triton" else []), launches
+    # (K is rotated once per row by the pre-pass, then read by the forward)
+    assert launches == (["_rope_rows", "_attn_fwd"] if backend == "triton" else []), launches
     assert not rec.stalls, rec.stalls
+
+
+# ----------------------------------------------------------------------------- second call
+# A repeated configuration makes no host->device copy at all (ops.schedule.device_memo: index
+# tensors built once per value), so its forward can be captured in a CUDA graph, where a
+# pageable copy is not allowed, and costs no host-to-device traffic.
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+@pytest.mark.parametrize("config", FIXED + [MIXED], ids=["full", "t64_w48_l2", "mixed"])
+def test_second_forward_makes_no_host_to_device_copy(config):
+    fake = _fake_mode()
+    model = _on_fake_cuda(tiny_model().eval(), fake)
+    with fake, torch.no_grad():
+        x = torch.randn(3, 3, 64, 64, device="cuda")
+        with HostStalls() as first:
+            model(x, **config)
+        with HostStalls() as second:
+            out = model(torch.randn_like(x), **config)
+    assert out.logits.device.type == "cuda"
+    assert not first.stalls and not second.stalls, (first.stalls, second.stalls)
+    assert not second.copies, second.copies
+    if config is MIXED:     # the mixed batch's indices are host-known: copied the first time
+        assert first.copies
+
+
+def test_triton_host_side_second_call_makes_no_copy(monkeypatch):
+    """The Triton wrappers' index tensors (row_end, seq_lens of a packed batch, sample starts,
+    the FFN schedule) come from the memo on a repeated call; another configuration builds its
+    own (keyed by value)."""
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.kernels import matryoshka as mk
+    from adaperceiver.ops.reference import rope_tables
+    launches = (_no_launches(monkeypatch, tri), _no_launches(monkeypatch, mk))
+    fake = _fake_mode()
+
+    def calls(lens, hidden, grans):
+        H, D = 2, 32
+        q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
+        rope = rope_tables(max(lens), D, device="cuda")
+        tri.attention_varlen_forward(q, k, v, lens, grans, None, rope, rope)
+        qp = torch.randn(len(lens), H, max(lens), D, device="cuda")
+        out, lse = tri.attention_forward(qp, qp, qp, grans)
+        tri.attention_backward(torch.randn_like(out), qp, qp, qp, out, lse, grans)
+        x = torch.randn(len(hidden), 8, 48, device="cuda")
+        w1, b1 = torch.randn(96, 48, device="cuda"), torch.randn(96, device="cuda")
+        w2, b2 = torch.randn(48, 96, device="cuda"), torch.randn(48, device="cuda")
+        y = mk.ffn_forward(x, w1, b1, w2, b2, hidden)
+        mk.ffn_backward(torch.randn_like(y), x, w1, b1, w2, b2, hidden)
+
+    with fake:
+        with HostStalls() as first:
+            calls([96, 40, 64], [96, 17, 50], [32, 64, 96])
+        with HostStalls() as second:
+            calls([96, 40, 64], [96, 17, 50], [32, 64, 96])
+        with HostStalls() as other:
+            calls([90, 40, 64], [96, 17, 51], [32, 64, 90])
+    assert "_attn_fwd" in launches[0] and "_fc1_gelu_kernel" in launches[1], launches
+    assert first.copies and not second.copies, second.copies
+    assert other.copies           # new values: built (the memo is keyed by value)
+    assert not first.stalls and not second.stalls and not other.stalls
+
+
+# ----------------------------------------------------------------------------- the memo itself
+def test_device_memo_is_keyed_by_value_and_never_by_history():
+    """Off the CPU ("meta" here, as a GPU would be): the same values give the same tensor, other
+    values (or dtype, or device) another; the CPU is never memoised; the memo is bounded."""
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    a = S.to_device([3, 1, 2], "meta", torch.int32)
+    assert S.to_device((3, 1, 2), "meta", torch.int32) is a
+    assert S.to_device([3, 1, 4], "meta", torch.int32) is not a
+    assert S.to_device([3, 1, 2], "meta", torch.int64) is not a
+    assert S.to_device([3, 1, 2], "cpu") is not S.to_device([3, 1, 2], "cpu")
+    t = torch.tensor(5)                  # not a plain value: copied each time, never a key
+    first = S.to_device([t, 1], "meta")
+    t.fill_(6)
+    assert S.to_device([t, 1], "meta") is not first
+    r = S.ranges([0, 10], [2, 3], "meta")
+    assert S.ranges([0, 10], [2, 3], "meta") is r and r.shape == (5,)
+    assert torch.equal(S.ranges([0, 10], [2, 3], "cpu"), torch.tensor([0, 1, 10, 11, 12]))
+    re = S.row_end(50, [8, 24], device="meta")
+    assert S.row_end(50, [8, 24], device="meta") is re
+    assert S.row_end(50, [8, 25], device="meta") is not re
+    old = S.DEVICE_MEMO_SIZE
+    try:
+        S.DEVICE_MEMO_SIZE = 4
+        first = S.to_device([0], "meta")
+        for i in range(1, 10):
+            S.to_device([i], "meta")
+        assert len(S._memo) <= 4 and S.to_device([0], "meta") is not first
+    finally:
+        S.DEVICE_MEMO_SIZE = old
+        S.clear_device_memo()
+
+
+def test_device_memo_entries_built_in_inference_mode_serve_autograd_later():
+    """An entry first built under torch.inference_mode is a normal tensor: a later training
+    step can save it for backward (an inference tensor could not be)."""
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    with torch.inference_mode():
+        idx = S.ranges([0, 5], [2, 2], "meta")
+    assert not idx.is_inference()
+    x = torch.randn(8, 3, device="meta", requires_grad=True)
+    again = S.ranges([0, 5], [2, 2], "meta")
+    assert again is idx
+    x.index_select(0, again).sum().backward()      # index saved for backward: allowed
+    S.clear_device_memo()
+
+
+def test_fake_mode_entries_stay_with_their_mode():
+    """Entries made under a FakeTensorMode are fake and kept with that mode only: the real memo
+    never hands out a fake tensor, and a new fake mode builds its own."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from adaperceiver.ops import schedule as S
+    S.clear_device_memo()
+    fake = _fake_mode()
+    with fake:
+        t = S.to_device([1, 2, 3], "cuda", torch.int32)
+        assert isinstance(t, FakeTensor) and S.to_device([1, 2, 3], "cuda", torch.int32) is t
+    assert not any(isinstance(v, FakeTensor) for v in S._memo.values())
+    with _fake_mode():
+        assert S.to_device([1, 2, 3], "cuda", torch.int32) is not t
+    S.clear_device_memo()
+
+
+# ----------------------------------------------------------------------------- fp32 precision
+class _KwargsLaunch:
+    def __init__(self, name, seen):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.seen.append((self.name, kwargs.get("PRECISION")))
+
+
+@pytest.mark.parametrize("setting,attn,ffn", [("highest", "tf32x3", "ieee"),
+                                              ("high", "tf32", "tf32"),
+                                              ("medium", "tf32", "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision(monkeypatch, setting, attn, ffn):
+    """Every Triton launch of both ops on float32 gets the tl.dot precision that
+    torch.get_float32_matmul_precision() asks for (TF32 at "high"/"medium"); fp16 keeps its
+    own."""
+    from triton.runtime.jit import KernelInterface
+
+    from adaperceiver.kernels import attention as tri
+    from adaperceiver.kernels import matryoshka as mk
+    seen = []
+    for mod in (tri, mk):
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, KernelInterface):
+                monkeypatch.setattr(mod, name, _KwargsLaunch(name, seen))
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        with _fake_mode():
+            for dtype in (torch.float32, torch.float16):
+                seen.clear()
+                q = torch.randn(2, 2, 40, 32, device="cuda", dtype=dtype)
+                out, lse = tri.attention_forward(q, q, q, [8, 40])
+                tri.attention_backward(torch.randn_like(out), q, q, q, out, lse, [8, 40])
+                tri.attention_varlen_forward(q[0].transpose(0, 1), q[0].transpose(0, 1),
+                                             q[0].transpose(0, 1), [30, 10], [8, 40])
+                x = torch.randn(2, 8, 48, device="cuda", dtype=dtype)
+                w1, b1 = (torch.randn(96, 48, device="cuda", dtype=dtype),
+                          torch.randn(96, device="cuda", dtype=dtype))
+                w2, b2 = (torch.randn(48, 96, device="cuda", dtype=dtype),
+                          torch.randn(48, device="cuda", dtype=dtype))
+                y = mk.ffn_forward(x, w1, b1, w2, b2, [96, 17])
+                mk.ffn_backward(torch.randn_like(y), x, w1, b1, w2, b2, [96, 17])
+                got = {(n.startswith("_attn"), p) for n, p in seen if n != "_attn_bwd_delta"}
+                want = ({(True, attn), (False, ffn)} if dtype == torch.float32
+                        else {(True, "tf32"), (False, "ieee")})
+                assert got == want, (dtype, sorted(seen))
+                assert len(seen) >= 9
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# ----------------------------------------------------------------------------- launch geometry
+def test_cuda_launch_grid_takes_batch_heads_above_65535(tmp_path):
+    """csrc/cuda/launch.h, compiled for the host: batch * heads goes on grid.x (limit 2^31 - 1),
+    so B * H > 65535 launches (grid.y would refuse it); row tiles on y; the limits are named when
+    exceeded, and an empty launch is {0, 0}."""
+    import os
+    import shutil
+    import subprocess
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "grid.cpp"
+    src.write_text(r'''
+#include <cstdio>
+#include "launch.h"
+using namespace adaperceiver::cuda;
+void show(long bh, long rows, long bm) {
+  try {
+    Grid2 g = attention_grid(bh, rows, bm);
+    std::printf("ok %ld %ld\n", (long)g.x, (long)g.y);
+  } catch (const std::invalid_argument& e) { std::printf("error %s\n", e.what()); }
+}
+int main() {
+  show(256L * 13, 256, 64);        // the model's batch: (3328, 4)
+  show(8192L * 13, 256, 64);       // B * H = 106496 > 65535: on x
+  show(2147483648L, 64, 64);       // past grid.x
+  show(13, 65535L * 64 + 1, 64);   // 65536 row tiles: past grid.y
+  show(0, 256, 64);                // no work
+  show(13, 0, 64);
+  show(13, 100, 0);                // bad tile
+  Grid2 f = checked_grid(ceil_div(256L * 4096, 32), ceil_div(2138, 32));   // the FFN's
+  std::printf("ok %ld %ld\n", (long)f.x, (long)f.y);
+}
+''')
+    exe = tmp_path / "grid"
+    subprocess.run([cxx, "-std=c++17", "-I", os.path.join(root, "csrc", "cuda"), str(src), "-o",
+                    str(exe)], check=True, capture_output=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert lines[0] == "ok 3328 4"
+    assert lines[1] == "ok 106496 4"
+    assert lines[2].startswith("error grid.x = 2147483648 exceeds the CUDA limit 2147483647")
+    assert lines[3].startswith("error grid.y = 65536 exceeds the CUDA limit 65535")
+    assert lines[4] == lines[5] == "ok 0 0"
+    assert lines[6].startswith("error attention_grid: rows=100, rows_per_block=0")
+    assert lines[7] == "ok 32768 67"
+
+
+def test_no_autotuning_while_tracing(monkeypatch):
+    """Under a FakeTensorMode (torch.compile's tracing, these tests) nothing runs, so the
+    forward's tile autotuner must not try to time candidates."""
+    from adaperceiver.kernels import attention as tri
+    monkeypatch.delenv("ADAPERCEIVER_TRITON_AUTOTUNE", raising=False)
+    with _fake_mode():
+        q = torch.randn(2, 2, 40, 32, device="cuda")
+        assert not tri._tuning_allowed(q)

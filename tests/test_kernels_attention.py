@@ -1,11 +1,13 @@
-"""The Triton block-masked attention (adaperceiver.kernels.attention) under TRITON_INTERPRET=1.
+"""The Triton block-masked attention (adaperceiver.kernels.attention) on the GPU when there is
+one, else under TRITON_INTERPRET=1 (conftest.TRITON_DEVICE).
 
 Forward and backward against the float64 reference (adaperceiver.ops.reference, autograd on it)
 on fresh random inputs: mask shapes that are not tile multiples, cross-attention (Nq != Nk,
 Nq = 1), seq_lens (including 0), RoPE on q and/or k, strided layouts. Every tensor the kernels
 allocate is poisoned (NaN / a huge int) so an element a kernel forgets to write fails the test.
 The visit count of every kernel is checked against the shared tile schedule and against an
-independent count from the dense mask. Kept small: the interpreter runs each program in numpy.
+independent count from the dense mask. fp16 (and bf16 on a GPU) are also held to flash-attn's
+rule. Kept small: the interpreter runs each program in numpy.
 """
 import math
 import random
@@ -14,6 +16,8 @@ import types
 import pytest
 import torch
 
+from conftest import TRITON_DEVICE, TRITON_LOW_DTYPES, dtype_params, flash_rule
+from adaperceiver.bench.gpu_check import sparse_attention_reference
 from adaperceiver.kernels import attention as A
 from adaperceiver.ops import block_masked_attention as op_attention
 from adaperceiver.ops import use_backend
@@ -33,9 +37,10 @@ TOL = {torch.float32: dict(out=1e-5, lse=1e-5, grad=2e-5),
 
 
 def _tol(dtype, kind, ref):
-    """Absolute tolerance: fp32 fixed; fp16 relative to the largest finite |ref|."""
+    """Absolute tolerance: fp32 fixed (x4 on a GPU, whose 3xTF32 products round differently
+    from the interpreter's numpy fp32); fp16 relative to the largest finite |ref|."""
     if dtype == torch.float32:
-        return TOL[dtype][kind]
+        return TOL[dtype][kind] * (4 if TRITON_DEVICE == "cuda" else 1)
     finite = ref[torch.isfinite(ref)].abs()
     return TOL[dtype][kind] * max(1.0, finite.max().item() if finite.numel() else 1.0)
 
@@ -62,13 +67,13 @@ def poison(monkeypatch):
     monkeypatch.setattr(A, "torch", _PoisonedTorch())
 
 
-def _inputs(B, H, Nq, Nk, D, dtype, lens=None, q_rope=False, k_rope=False):
-    q = torch.randn(B, H, Nq, D, dtype=dtype)
-    k = torch.randn(B, H, Nk, D, dtype=dtype)
-    v = torch.randn(B, H, Nk, D, dtype=dtype)
-    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32)
-    qr = rope_tables(Nq, D) if q_rope else None
-    kr = rope_tables(Nk, D) if k_rope else None
+def _inputs(B, H, Nq, Nk, D, dtype, lens=None, q_rope=False, k_rope=False, dev=TRITON_DEVICE):
+    q = torch.randn(B, H, Nq, D, dtype=dtype, device=dev)
+    k = torch.randn(B, H, Nk, D, dtype=dtype, device=dev)
+    v = torch.randn(B, H, Nk, D, dtype=dtype, device=dev)
+    seq_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=dev)
+    qr = rope_tables(Nq, D, device=dev) if q_rope else None
+    kr = rope_tables(Nk, D, device=dev) if k_rope else None
     return q, k, v, seq_lens, qr, kr
 
 
@@ -86,7 +91,7 @@ def _err(a, b):
     assert a.shape == b.shape
     both_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
     d = torch.where(both_inf, torch.zeros_like(a), (a - b).abs())
-    return torch.nan_to_num(d, nan=float("inf")).max().item()
+    return torch.nan_to_num(d, nan=float("inf")).max().item() if d.numel() else 0.0
 
 
 def _check(B, H, Nq, Nk, D, grans, *, dtype=torch.float32, lens=None, q_rope=False,
@@ -228,7 +233,8 @@ def test_visit_counts(Nq, Nk, grans, lens):
     B = 3 if lens is None else len(lens)
     q, k, v, seq_lens, *_ = _inputs(B, H, Nq, Nk, D, torch.float32, lens)
     lens = [min(Nq, Nk)] * B if lens is None else lens
-    c_fwd, c_dkdv, c_dq = (torch.zeros(1, dtype=torch.int32) for _ in range(3))
+    c_fwd, c_dkdv, c_dq = (torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+                           for _ in range(3))
     out, lse = A.attention_forward(q, k, v, grans, None, seq_lens, None, None, tiles=tiles,
                                    visit_counter=c_fwd)
     A.attention_backward(torch.randn_like(out), q, k, v, out, lse, grans, None, seq_lens,
@@ -277,6 +283,41 @@ def test_dispatch_and_opcheck():
         torch.library.opcheck(torch.ops.adaperceiver.block_masked_attention, args)
 
 
+@pytest.mark.parametrize("dtype", dtype_params(TRITON_LOW_DTYPES))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_low_precision_flash_rule(dtype, packed):
+    """fp16 (and bf16 on a GPU): out and the gradients' error vs float64 at most 2x that of the
+    plain PyTorch reference run in the same dtype (flash-attn's rule). Grans, RoPE on q and k,
+    seq_lens with a tail; the packed-rows forward on the same samples."""
+    B, H, N, D, grans, lens = 3, 2, 45, 64, [7, 20, 33], [45, 29, 12]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, dtype, lens, True, True)
+    scale = 0.2
+    if packed:
+        rows = torch.cat([torch.arange(b * N, b * N + n) for b, n in enumerate(lens)])
+        pk = [t.transpose(1, 2).reshape(B * N, H, D)[rows.to(t.device)] for t in (q, k, v)]
+        out = A.attention_varlen_forward(*pk, lens, grans, scale, qr, kr, tiles=SMALL)[0]
+        truth, plain = (ref_forward(*(t.to(dt) for t in (q, k, v)), grans, scale, seq_lens,
+                                    qr, kr)[0].transpose(1, 2).reshape(B * N, H, D)[
+                                        rows.to(q.device)]
+                        for dt in (torch.float64, dtype))
+        err, bound = flash_rule(out, plain, truth)
+        assert err <= bound, ("out", err, bound)
+        return
+    out, lse = A.attention_forward(q, k, v, grans, scale, seq_lens, qr, kr, tiles=SMALL)
+    grad_out = torch.randn_like(out)
+    got = (out, *A.attention_backward(grad_out, q, k, v, out, lse, grans, scale, seq_lens, qr,
+                                      kr, tiles=SMALL))
+    truth = _reference(q, k, v, grans, scale, seq_lens, qr, kr, grad_out)
+    ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    plain_out = ref_forward(ql, kl, vl, grans, scale, seq_lens, qr, kr)[0]
+    plain_out.backward(grad_out)
+    plain = (plain_out.detach(), ql.grad, kl.grad, vl.grad)
+    for name, g, p, t in zip(("out", "dq", "dk", "dv"), got, plain, (truth[0], *truth[2:])):
+        assert g.dtype == dtype
+        err, bound = flash_rule(g, p, t)
+        assert err <= bound, (name, err, bound)
+
+
 def test_why_not_and_errors():
     q = torch.randn(1, 2, 8, 32)
     assert A.why_not(q, q, q, [3, 8], None, None, None) == []
@@ -295,9 +336,170 @@ def test_why_not_and_errors():
     h = q.half()
     assert A.why_not(h, h, h, None, None, None, None) == []
     b = q.bfloat16()
-    assert any("bfloat16" in r for r in A.why_not(b, b, b, None, None, None, None))
+    # bf16 is refused by the interpreter only (its bf16 is broken); a GPU runs it
+    assert any("bfloat16" in r for r in A.why_not(b, b, b, None, None, None, None)) == (
+        A._interpreting())
     with pytest.raises(ValueError, match="head_dim=48"):
         A.attention_forward(*(torch.randn(1, 1, 4, 48) for _ in range(3)), None, None, None,
                             None, None)
     with pytest.raises(ValueError, match="token_grans"):
         A.attention_forward(q, q, q, [5, 3], None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+POISON = {   # where one non-finite value goes (all inside the sample's length)
+    "q_nan": ("q", (0, 1, 13, 5), float("nan")),
+    "k_nan": ("k", (1, 0, 10, 0), float("nan")),
+    "k_inf": ("k", (1, 1, 10, 3), float("inf")),
+    "v_nan": ("v", (0, 1, 20, 3), float("nan")),
+    "v_inf": ("v", (1, 0, 5, 7), float("-inf")),
+    "scale_nan": ("scale", None, float("nan")),
+    "scale_inf": ("scale", None, float("inf")),
+}
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("poison_at", list(POISON))
+def test_nan_inf_propagate_between_sparse_and_dense_reference(poison_at, rope):
+    """A NaN / inf in q, k, v or the scale (fp32, seq_lens, grans, RoPE): forward, backward and
+    the packed forward. Elementwise, on positions inside each sample's length, the kernels'
+    NaN set holds every NaN of the block-sparse reference (no guard turns a reached NaN into a
+    number) and lies inside the dense reference's (reference_backend: masked zeros times NaN
+    spread further); where the dense reference is finite, ours equals it."""
+    from adaperceiver.ops import reference_backend as RB
+    B, H, N, D, grans, lens = 2, 2, 40, 32, [8, 24, 40], [40, 31]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, lens, rope, rope)
+    scale = 0.3
+    what, at, val = POISON[poison_at]
+    if what == "scale":
+        scale = val
+    else:
+        {"q": q, "k": k, "v": v}[what][at] = val
+    out, lse = A.attention_forward(q, k, v, grans, scale, seq_lens, qr, kr, tiles=SMALL)
+    go = torch.randn_like(out)
+    dq, dk, dv = A.attention_backward(go, q, k, v, out, lse, grans, scale, seq_lens, qr, kr,
+                                      tiles=SMALL)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    d_out, d_lse = RB.attention_forward(q64, k64, v64, grans, scale, seq_lens, qr, kr)
+    d_grads = RB.attention_backward(go.double(), q64, k64, v64, d_out, d_lse, grans, scale,
+                                    seq_lens, qr, kr)
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    s_out, s_lse = sparse_attention_reference(*leaves, grans, scale, seq_lens, qr, kr)
+    s_out.backward(go.double())
+    valid = (torch.arange(N, device=q.device)[None, :]
+             < seq_lens.long()[:, None])[:, None, :]                       # (B, 1, N)
+    for name, ours, sparse, dense in (("out", out, s_out, d_out), ("lse", lse, s_lse, d_lse),
+                                      ("dq", dq, leaves[0].grad, d_grads[0]),
+                                      ("dk", dk, leaves[1].grad, d_grads[1]),
+                                      ("dv", dv, leaves[2].grad, d_grads[2])):
+        m = valid if ours.dim() == 3 else valid[..., None]
+        m = m.expand_as(ours)
+        o, s, d = (torch.isnan(t.detach()) & m for t in (ours, sparse, dense))
+        assert not (s & ~o).any(), (name, "a NaN the sparse reference has became a number",
+                                    int((s & ~o).sum()))
+        assert not (o & ~d).any(), (name, "NaN where the dense reference is finite",
+                                    int((o & ~d).sum()))
+        fin = m & ~torch.isnan(dense)
+        big = dense[fin & torch.isfinite(dense)].abs()
+        assert _err(ours[fin], dense[fin]) <= 1e-4 * max(
+            1.0, big.max().item() if big.numel() else 1.0), name
+    assert not torch.isfinite(out).all()   # the poison reached something
+    # the packed forward (the same samples as packed rows): the same values and NaN
+    rows = torch.cat([torch.arange(b * N, b * N + n) for b, n in enumerate(lens)])
+    pk = [t.transpose(1, 2).reshape(B * N, H, D)[rows] for t in (q, k, v)]
+    p_out = A.attention_varlen_forward(*pk, lens, grans, scale, qr, kr, tiles=SMALL)[0]
+    want = out.transpose(1, 2).reshape(B * N, H, D)[rows]
+    assert torch.equal(torch.isnan(p_out), torch.isnan(want))
+    fin = ~torch.isnan(want)
+    assert _err(p_out[fin], want[fin]) <= 1e-5
+
+
+class _Spy:
+    """Wraps a kernel: records each launch's constexpr flags, then launches it."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append({k: v for k, v in kwargs.items() if k.isupper()})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_k_rope_applied_once_per_key_row(monkeypatch, packed):
+    """With RoPE on k, the pre-pass rotates each key row once per call (its debug counter
+    counts H x the rows inside the lengths, however many query tiles read them), and the
+    forward kernel reads K already rotated (K_ROPE off): the result is unchanged."""
+    seen = []
+    monkeypatch.setattr(A, "_attn_fwd", _Spy(A._attn_fwd, seen))
+    B, H, N, D, grans, lens = 3, 2, 70, 32, [5, 30, 64], [70, 41, 9]
+    q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, lens, True, True)
+    counter = torch.zeros(1, dtype=torch.int32, device=TRITON_DEVICE)
+    if packed:
+        rows = torch.cat([torch.arange(b * N, b * N + n) for b, n in enumerate(lens)])
+        pk = [t.transpose(1, 2).reshape(B * N, H, D)[rows.to(t.device)] for t in (q, k, v)]
+        out = A.attention_varlen_forward(*pk, lens, grans, None, qr, kr, tiles=SMALL,
+                                         rope_counter=counter)[0]
+        want = ref_forward(q.double(), k.double(), v.double(), grans, None, seq_lens, qr,
+                           kr)[0].transpose(1, 2).reshape(B * N, H, D)[rows.to(q.device)]
+    else:
+        out = A.attention_forward(q, k, v, grans, None, seq_lens, qr, kr, tiles=SMALL,
+                                  rope_counter=counter)[0]
+        want = ref_forward(q.double(), k.double(), v.double(), grans, None, seq_lens, qr, kr)[0]
+    assert _err(out, want) <= 1e-5
+    assert int(counter) == H * sum(lens)            # once per key row inside the lengths
+    query_tiles = -(-N // SMALL.fwd_m)
+    assert int(counter) < H * sum(lens) * query_tiles / 2   # not once per query tile
+    assert [s["K_ROPE"] for s in seen] == [False] and seen[0]["Q_ROPE"] is True
+
+
+def test_forward_autotuner_picks_the_fastest_candidate_once_per_bucket(monkeypatch):
+    """The GPU autotuner's logic, run here with a fake GPU gate and fake timings: each shape
+    bucket times every candidate once and memoises the fastest; the forward then launches it
+    (the result is the reference's); a repeated bucket does not time again; while tuning is not
+    allowed (a CUDA graph capture) the memoised choice, else the default, is used."""
+    timed = []
+    fake_ms = {}
+
+    def bench(fn):
+        fn()
+        timed.append(chosen[-1])
+        return fake_ms[chosen[-1]]
+    chosen = []
+    real_fwd = A._attn_fwd
+
+    class Record:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                chosen.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"]))
+                return real_fwd[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(A, "_attn_fwd", Record())
+    monkeypatch.setattr(A, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(A, "_bench", bench)
+    allowed = [True]
+    monkeypatch.setattr(A, "_tuning_allowed", lambda t: allowed[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(A, "_TUNED", {})
+    cands = A.fwd_candidates(32, torch.float16)
+    assert len(cands) >= 3 and cands[0] == A.default_tiles(32, interpret=False)
+    for i, c in enumerate(cands):      # the third candidate is the fastest
+        fake_ms[(c.fwd_m, c.fwd_n, c.fwd_warps)] = 1.0 if i == 2 else 2.0 + i
+    best = (cands[2].fwd_m, cands[2].fwd_n, cands[2].fwd_warps)
+
+    q, k, v, seq_lens, qr, kr = _inputs(2, 2, 40, 40, 32, torch.float16, [40, 23], True, True)
+    out = A.attention_forward(q, k, v, [8, 30], None, seq_lens, qr, kr)[0]
+    assert len(timed) == len(cands) and chosen[-1] == best
+    want = ref_forward(q.double(), k.double(), v.double(), [8, 30], None, seq_lens, qr, kr)[0]
+    assert _err(out, want) <= _tol(torch.float16, "out", want)
+    chosen.clear(), timed.clear()
+    A.attention_forward(q, k, v, [8, 30], None, seq_lens, qr, kr)     # same bucket: memo
+    assert not timed and chosen == [best]
+    allowed[0] = False                 # e.g. capturing: no timing; a new bucket gets the default
+    q2, k2, v2, *_ = _inputs(2, 2, 100, 100, 32, torch.float16)
+    chosen.clear()
+    A.attention_forward(q2, k2, v2, None)
+    d = A.default_tiles(32, dtype=torch.float16)     # (the interpreter's, here)
+    assert not timed and chosen == [(d.fwd_m, d.fwd_n, d.fwd_warps)]

@@ -1,16 +1,19 @@
-"""Every Triton kernel compiles for a GPU (sm_80, sm_90; fp16, bf16) at its default tile sizes
-without register spills, on this GPU-less machine (adaperceiver.kernels.compile).
+"""Every Triton kernel compiles for a GPU (sm_80, sm_90; fp16, bf16, fp32) at its default tile
+sizes, and the forward at every autotuning candidate, without register spills, on this GPU-less
+machine (adaperceiver.kernels.compile).
 
 The compiles run in subprocesses with TRITON_INTERPRET unset (conftest sets it for this process,
 and interpreted @triton.jit functions cannot be compiled). One batch for the whole file.
 """
 import pytest
+import torch
 
 from adaperceiver.kernels import attention as A
 from adaperceiver.kernels import compile as C
 
 # the kernels that are launched (the other @triton.jit functions are inlined helpers)
-ATTENTION_KERNELS = {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+ATTENTION_KERNELS = {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq",
+                     "_rope_rows"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,14 @@ def test_specs_cover_every_attention_kernel():
         assert set(s["constexprs"]) == {k for k, v in s["signature"].items()
                                         if v == "constexpr"}, s["name"]
     for d in A.HEAD_DIMS:   # every head_dim, with and without the optional features
-        assert sum(f"D={d}" in s["name"] for s in A.COMPILE_SPECS) == 8   # + the packed fwd
+        for dtypes in (("fp16", "bf16"), ("fp32",)):
+            base = [s for s in A.COMPILE_SPECS if f"D={d}" in s["name"] and " cand " not in
+                    s["name"] and s["dtypes"] == dtypes]
+            assert len(base) == 10, (d, dtypes)   # + the packed fwd, delta, rope_rows x 2
+            cands = [s for s in A.COMPILE_SPECS if f"D={d}" in s["name"] and " cand " in
+                     s["name"] and s["dtypes"] == dtypes]
+            dtype = torch.float32 if dtypes == ("fp32",) else torch.float16
+            assert len(cands) == len(A.fwd_candidates(d, dtype)) - 1   # the default is base
 
 
 def test_every_kernel_compiles_without_spills(compiled):
@@ -45,7 +55,7 @@ def test_every_kernel_compiles_without_spills(compiled):
     seen = {(r["module"], r["kernel"], r["arch"], r["dtype"]) for r in rows}
     for kernel in ATTENTION_KERNELS:
         for arch in (80, 90):
-            for dtype in ("fp16", "bf16"):
+            for dtype in ("fp16", "bf16", "fp32"):
                 assert ("adaperceiver.kernels.attention", kernel, arch, dtype) in seen
     failed = [f"{r['module']} {r['name']} sm_{r['arch']} {r['dtype']}: {r['error']}"
               for r in rows if r["error"]]

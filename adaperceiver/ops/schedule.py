@@ -14,14 +14,80 @@ tests count kernel visits against :func:`tile_schedule`.
 """
 from __future__ import annotations
 
+import collections
 import numbers
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 __all__ = ["group_ends", "row_end", "block_mask", "tile_schedule", "TileSchedule", "check_grans",
-           "to_device", "ranges"]
+           "to_device", "ranges", "device_memo", "clear_device_memo", "DEVICE_MEMO_SIZE"]
+
+
+# ----------------------------------------------------------------------------- device memo
+# Index tensors that host-known values determine (row_end of a mask, a batch's seq_lens, packed
+# row starts, the FFN's schedule) are built on a GPU once per value and reused: a second call
+# with the same configuration makes no host-to-device copy at all, so it can run inside a CUDA
+# graph capture (where a pageable copy is not allowed) and costs no host time. The memo is
+# keyed by the values themselves (and the device and dtype), never by call history, and its
+# tensors are never written after they are built (every user reads them), so nothing can make
+# an entry stale. Entries are built outside inference mode (a tensor made under
+# ``torch.inference_mode`` could not be saved for a later backward). Under a FakeTensorMode the
+# entries are fake and live with that mode (a weak key); under torch.compile's tracing nothing
+# is memoised. CPU tensors are never memoised (no copy to save). LRU, DEVICE_MEMO_SIZE entries.
+DEVICE_MEMO_SIZE = 4096
+_memo: "collections.OrderedDict" = collections.OrderedDict()
+_fake_memos: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_memo_lock = threading.Lock()
+
+
+def _active_memo():
+    """The memo for the current mode: the real one, a fake mode's own, or None (tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    from torch._guards import detect_fake_mode
+    fake = detect_fake_mode()
+    if fake is None:
+        return _memo
+    with _memo_lock:
+        return _fake_memos.setdefault(fake, collections.OrderedDict())
+
+
+def device_memo(key, device, build: Callable[[], object]):
+    """``build()`` (tensors on ``device``) memoised under ``(key, device)`` when ``device`` is
+    not the CPU. ``key`` must hold every value the result depends on (hashable). Callers never
+    write into what they get."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    memo = None if device.type == "cpu" else _active_memo()
+    if memo is None:
+        return build()
+    full = (key, str(device))
+    with _memo_lock:
+        hit = memo.get(full)
+        if hit is not None:
+            memo.move_to_end(full)
+            return hit
+    with torch.inference_mode(False):
+        value = build()
+    with _memo_lock:
+        memo[full] = value
+        while len(memo) > DEVICE_MEMO_SIZE:
+            memo.popitem(last=False)
+    return value
+
+
+def clear_device_memo() -> None:
+    """Drop every memoised device index tensor (they are rebuilt on their next use)."""
+    with _memo_lock:
+        _memo.clear()
+        _fake_memos.clear()
+
+
+def _copy_to_device(values, device, dtype) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
@@ -31,17 +97,32 @@ def to_device(values, device, dtype=torch.int64) -> torch.Tensor:
     CUDA stages the bytes and returns without waiting for the GPU's queued work, where a
     blocking copy (``torch.tensor(values, device="cuda")``, ``.to("cuda")``) synchronises the
     stream, a host sync in every forward. Keep such copies short (B values, not B x N: see
-    :func:`ranges`). On the CPU no copy is made."""
-    if isinstance(values, torch.Tensor) and values.device.type != "cpu":
-        raise ValueError(f"to_device copies host values; got a tensor on {values.device}")
-    return torch.as_tensor(values, dtype=dtype).to(device, non_blocking=True)
+    :func:`ranges`). On the CPU no copy is made. Off the CPU the result is memoised by value
+    (see :func:`device_memo`): the same values cost one copy, ever. Do not write into it."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(f"to_device copies host values; got a tensor on {values.device}")
+        return _copy_to_device(values, device, dtype)
+    values = tuple(values)
+    if not all(type(v) in (int, float, bool) for v in values):
+        # a key must be its values: anything else (a 0-d tensor, say) hashes by identity and
+        # could change under the same key, so it is copied, not memoised
+        return _copy_to_device(values, device, dtype)
+    return device_memo(("to_device", values, dtype), device,
+                       lambda: _copy_to_device(values, device, dtype))
 
 
 def ranges(starts, lengths, device, dtype=torch.int64) -> torch.Tensor:
     """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` on ``device``, built
     there from the B starts and lengths (a copy of B values instead of sum(lengths); the output
-    size is known on the host, so repeat_interleave needs no sync)."""
-    starts, lengths = [int(s) for s in starts], [int(n) for n in lengths]
+    size is known on the host, so repeat_interleave needs no sync). Memoised by value off the
+    CPU (:func:`device_memo`); do not write into it."""
+    starts, lengths = tuple(int(s) for s in starts), tuple(int(n) for n in lengths)
+    return device_memo(("ranges", starts, lengths, dtype), device,
+                       lambda: _ranges(starts, lengths, device, dtype))
+
+
+def _ranges(starts, lengths, device, dtype) -> torch.Tensor:
     total = sum(lengths)
     offsets, before = [], 0              # each range's start minus the rows before it
     for s, n in zip(starts, lengths):
@@ -90,11 +171,16 @@ def row_end(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = N
     """
     if token_grans is None:
         return torch.full((n,), n if n_k is None else n_k, dtype=torch.int32, device=device)
-    ends = torch.tensor(group_ends(n, token_grans), dtype=torch.int64)
+    ends = tuple(group_ends(n, token_grans))
+    return device_memo(("row_end", n, ends), device, lambda: _row_end(n, ends, device))
+
+
+def _row_end(n: int, ends: tuple, device) -> torch.Tensor:
+    ends_t = torch.tensor(ends, dtype=torch.int64)
     rows = torch.arange(n, dtype=torch.int64)
     # the group of row i ends at the smallest end strictly greater than i
-    idx = torch.searchsorted(ends, rows, right=True)
-    return to_device(ends[idx], device, torch.int32)
+    idx = torch.searchsorted(ends_t, rows, right=True)
+    return _copy_to_device(ends_t[idx], device, torch.int32)
 
 
 def block_mask(n: int, token_grans: Optional[Sequence[int]], n_k: Optional[int] = None,

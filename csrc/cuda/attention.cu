@@ -1,7 +1,8 @@
 // Block-masked (group-causal) attention on CUDA: a tiled flash-style forward and a two-kernel
 // backward, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90.
 //
-// Forward schedule: one thread block per (query tile of BM = 64 rows, batch * head); one thread
+// Forward schedule: one thread block per (batch * head, query tile of BM = 64 rows): grid.x is
+// batch * head (up to 2^31 - 1), grid.y the query tile (launch.h); one thread
 // per query row holding its rotated, scaled q and its output accumulator in registers. Key/value
 // tiles of BN = 32 rows are staged in shared memory (converted to fp32, RoPE applied on load).
 // Skipped: key tiles at or past kend = min(row_end[last row of the tile], len) are never loaded;
@@ -22,7 +23,9 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "index_memo.h"
 #include "kernels.h"
+#include "launch.h"
 
 namespace adaperceiver {
 namespace cuda {
@@ -57,8 +60,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
   __shared__ float ks[BN][D];
   __shared__ float vs[BN][D];
-  const int bh = blockIdx.y, b = bh / p.H;
-  const int m0 = blockIdx.x * BM, row = m0 + threadIdx.x;
+  const int bh = blockIdx.x, b = bh / p.H;
+  const int m0 = blockIdx.y * BM, row = m0 + threadIdx.x;
   const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
   const int lq = min(p.Nq, len), lk = min(p.Nk, len);
   const int last = min(m0 + BM, lq) - 1;
@@ -131,7 +134,9 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
   }
   if (row < p.Nq) {
     const bool seen = my_end > 0;
-    p.lse[(size_t)bh * p.Nq + row] = seen ? m + logf(l) : -INFINITY;
+    // a +inf score makes the row NaN (inf - inf) but its logsumexp +inf, as torch's logsumexp
+    // (l is NaN then); NaN stays NaN through l: no guard turns a non-finite value into a number
+    p.lse[(size_t)bh * p.Nq + row] = !seen ? -INFINITY : m == INFINITY ? m : m + logf(l);
     // packed: rows past the sample's length are the next sample's (not written)
     if (!packed || active) {
       T* o = static_cast<T*>(p.out) + qbase + (size_t)row * step;
@@ -141,6 +146,10 @@ __global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
     }
   }
 }
+
+// A row's lse as the backward uses it: +inf (a +inf score; its forward output is NaN) becomes
+// NaN, so that its p, hence its dk and dv, are NaN as in the reference, not exp(x - inf) = 0.
+__device__ __forceinline__ float backward_lse(float lse) { return lse == INFINITY ? NAN : lse; }
 
 struct BwdParams {
   const float *q, *k, *v, *go, *lse, *delta;  // fp32, contiguous; q, k rotated
@@ -156,8 +165,8 @@ template <int D>
 __global__ void __launch_bounds__(BM) attn_bwd_dq_kernel(BwdParams p) {
   __shared__ float ks[BN][D];
   __shared__ float vs[BN][D];
-  const int bh = blockIdx.y, b = bh / p.H;
-  const int m0 = blockIdx.x * BM, row = m0 + threadIdx.x;
+  const int bh = blockIdx.x, b = bh / p.H;
+  const int m0 = blockIdx.y * BM, row = m0 + threadIdx.x;
   const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
   const int lq = min(p.Nq, len), lk = min(p.Nk, len);
   const int last = min(m0 + BM, lq) - 1;
@@ -172,7 +181,7 @@ __global__ void __launch_bounds__(BM) attn_bwd_dq_kernel(BwdParams p) {
     gr[d] = active ? p.go[ro + d] : 0.f;
     dq[d] = 0.f;
   }
-  const float lse = active ? p.lse[(size_t)bh * p.Nq + row] : 0.f;
+  const float lse = active ? backward_lse(p.lse[(size_t)bh * p.Nq + row]) : 0.f;
   const float delta = active ? p.delta[(size_t)bh * p.Nq + row] : 0.f;
   const float* kb = p.k + (size_t)bh * p.Nk * D;
   const float* vb = p.v + (size_t)bh * p.Nk * D;
@@ -211,8 +220,8 @@ __global__ void __launch_bounds__(BM) attn_bwd_dkv_kernel(BwdParams p) {
   __shared__ float gs[BN][D];
   __shared__ float ls[BN], dls[BN];
   __shared__ int res[BN];
-  const int bh = blockIdx.y, b = bh / p.H;
-  const int n0 = blockIdx.x * BM, key = n0 + threadIdx.x;
+  const int bh = blockIdx.x, b = bh / p.H;
+  const int n0 = blockIdx.y * BM, key = n0 + threadIdx.x;
   const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
   const int lq = min(p.Nq, len), lk = min(p.Nk, len);
   const bool active = key < lk;
@@ -241,7 +250,7 @@ __global__ void __launch_bounds__(BM) attn_bwd_dkv_kernel(BwdParams p) {
     }
     for (int i = threadIdx.x; i < BN; i += BM) {
       const int r = i0 + i;
-      ls[i] = r < lq ? p.lse[(size_t)bh * p.Nq + r] : 0.f;
+      ls[i] = r < lq ? backward_lse(p.lse[(size_t)bh * p.Nq + r]) : 0.f;
       dls[i] = r < lq ? p.delta[(size_t)bh * p.Nq + r] : 0.f;
       res[i] = r < lq ? min(p.row_end[r], lk) : 0;
     }
@@ -282,20 +291,24 @@ void check_cuda_args(const at::Tensor& q, const at::Tensor& v) {
               ") equal to q's (", D, ")");
 }
 
+// row_end on dev, built once per (Nq, grans, Nk) value (index_memo.h)
 at::Tensor row_end_device(int64_t Nq, at::OptionalIntArrayRef grans, int64_t Nk,
                           const at::Device& dev) {
   const auto re = row_end(Nq, grans, Nk);
-  std::vector<int32_t> re32(re.begin(), re.end());
-  return host_to_device(at::tensor(re32, at::TensorOptions().dtype(at::kInt)), dev);
+  return device_ints(std::vector<int32_t>(re.begin(), re.end()), dev);
 }
 
-// seq_lens as contiguous int32 on dev (undefined when None); checked without reading it, and a
-// host tensor is converted on the host and copied without blocking (host_to_device)
+// seq_lens as contiguous int32 on dev (undefined when None); checked without reading it; a
+// host tensor's values go over once per value (index_memo.h)
 at::Tensor seq_lens_device(const c10::optional<at::Tensor>& seq_lens, int64_t B,
                            const at::Device& dev) {
   check_seq_lens(seq_lens, B);
   if (!seq_lens.has_value()) return at::Tensor();
-  if (seq_lens->is_cpu()) return host_to_device(seq_lens->to(at::kInt).contiguous(), dev);
+  if (seq_lens->is_cpu()) {
+    const at::Tensor h = seq_lens->to(at::kInt).contiguous();
+    const int32_t* v = h.data_ptr<int32_t>();
+    return device_ints(std::vector<int32_t>(v, v + h.numel()), dev);
+  }
   return seq_lens->to(dev, at::kInt).contiguous();
 }
 
@@ -307,9 +320,20 @@ at::Tensor rope_ref(const at::Tensor& x, const OptT& cos, const OptT& sin, float
   return at::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2);
 }
 
+// (batch * head, row tiles) as a dim3; TORCH_CHECK names the limit a launch would exceed
+dim3 grid_of(int64_t batch_heads, int64_t rows) {
+  Grid2 g{0, 0};
+  try {
+    g = attention_grid(batch_heads, rows, BM);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, "the CUDA attention kernels cannot launch: ", e.what());
+  }
+  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
+}
+
 template <int D>
 void launch_fwd(const Params& p, at::ScalarType t, cudaStream_t stream) {
-  const dim3 grid((p.Nq + BM - 1) / BM, p.B * p.H);
+  const dim3 grid = grid_of((int64_t)p.B * p.H, p.Nq);
   if (grid.x == 0 || grid.y == 0) return;
   switch (t) {
     case at::kHalf: attn_fwd_kernel<__half, D><<<grid, BM, 0, stream>>>(p); break;
@@ -321,13 +345,14 @@ void launch_fwd(const Params& p, at::ScalarType t, cudaStream_t stream) {
 
 template <int D>
 void launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  if (p.B * p.H == 0) return;
-  if (p.Nq > 0) {
-    attn_bwd_dq_kernel<D><<<dim3((p.Nq + BM - 1) / BM, p.B * p.H), BM, 0, stream>>>(p);
+  const int64_t bh = (int64_t)p.B * p.H;
+  const dim3 grid_q = grid_of(bh, p.Nq), grid_k = grid_of(bh, p.Nk);
+  if (grid_q.x > 0) {
+    attn_bwd_dq_kernel<D><<<grid_q, BM, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  if (p.Nk > 0) {
-    attn_bwd_dkv_kernel<D><<<dim3((p.Nk + BM - 1) / BM, p.B * p.H), BM, 0, stream>>>(p);
+  if (grid_k.x > 0) {
+    attn_bwd_dkv_kernel<D><<<grid_k, BM, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -389,9 +414,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q_, co
   const int64_t B = static_cast<int64_t>(rows.lens.size()), H = q.size(1), N = rows.max_len;
   const auto dev = q.device();
   at::Tensor re = row_end_device(N, token_grans, N, dev);
+  // built once per value (index_memo.h)
   const auto to_int = [&](const std::vector<int64_t>& x) {
-    std::vector<int32_t> x32(x.begin(), x.end());
-    return host_to_device(at::tensor(x32, at::TensorOptions().dtype(at::kInt)), dev);
+    return device_ints(std::vector<int32_t>(x.begin(), x.end()), dev);
   };
   at::Tensor lens = to_int(rows.lens), starts = to_int(rows.start);
   at::Tensor out = at::empty({q.size(0), H, q.size(2)}, q.options());

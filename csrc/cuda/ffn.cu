@@ -16,7 +16,9 @@
 #include <cuda_fp16.h>
 
 #include "common.h"
+#include "index_memo.h"
 #include "kernels.h"
+#include "launch.h"
 
 namespace adaperceiver {
 namespace cuda {
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(256) fc1_gelu_kernel(const S* x, const S* w1, 
                                                        int C, int Hmax) {
   __shared__ float xs[T][T + 1];
   __shared__ float ws[T][T + 1];
-  const int r0 = blockIdx.y * T, j0 = blockIdx.x * T;
+  const int r0 = blockIdx.x * T, j0 = blockIdx.y * T;  // row tiles on x (launch.h)
   const int hmax = tile_hmax(row_h, r0, rows);
   if (j0 >= hmax) return;  // no row of the tile is this wide: skipped (never read by fc2)
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -91,7 +93,7 @@ __global__ void __launch_bounds__(256) fc2_kernel(const float* act, const S* w2,
                                                   int Cout) {
   __shared__ float as[T][T + 1];
   __shared__ float ws[T][T + 1];
-  const int r0 = blockIdx.y * T, c0 = blockIdx.x * T;
+  const int r0 = blockIdx.x * T, c0 = blockIdx.y * T;  // row tiles on x (launch.h)
   const int hmax = tile_hmax(row_h, r0, rows);
   const int tx = threadIdx.x, ty = threadIdx.y;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -129,12 +131,21 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
   if (rows == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 block(T, 8);
-  fc1_gelu_kernel<S><<<dim3((Hmax + T - 1) / T, (rows + T - 1) / T), block, 0, stream>>>(
+  const auto grid = [](int64_t rows_, int64_t cols) {
+    Grid2 g{0, 0};
+    try {
+      g = checked_grid(ceil_div(rows_, T), ceil_div(cols, T));
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK(false, "the CUDA Matryoshka FFN cannot launch: ", e.what());
+    }
+    return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
+  };
+  fc1_gelu_kernel<S><<<grid(rows, Hmax), block, 0, stream>>>(
       reinterpret_cast<const S*>(x.data_ptr()), reinterpret_cast<const S*>(w1.data_ptr()),
       reinterpret_cast<const S*>(b1.data_ptr()), row_h.data_ptr<int>(), act.data_ptr<float>(),
       rows, C, Hmax);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  fc2_kernel<S><<<dim3((Cout + T - 1) / T, (rows + T - 1) / T), block, 0, stream>>>(
+  fc2_kernel<S><<<grid(rows, Cout), block, 0, stream>>>(
       act.data_ptr<float>(), reinterpret_cast<const S*>(w2.data_ptr()),
       reinterpret_cast<const S*>(b2.data_ptr()), row_h.data_ptr<int>(),
       reinterpret_cast<S*>(out.data_ptr()), rows, Hmax, Cout);
@@ -151,11 +162,10 @@ at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor
   at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), b1 = b1_.contiguous(),
              w2 = w2_.contiguous(), b2 = b2_.contiguous();
   const int64_t B = x.size(0), N = x.size(1);
-  // each row's width: the B widths copied (a short copy), then repeated N times on the device
-  std::vector<int32_t> widths(hidden.begin(), hidden.end());
-  at::Tensor row_h =
-      host_to_device(at::tensor(widths, at::TensorOptions().dtype(at::kInt)), x.device())
-          .repeat_interleave(N);
+  // each row's width: the B widths copied once per value (index_memo.h), then repeated N
+  // times on the device
+  at::Tensor row_h = device_ints(std::vector<int32_t>(hidden.begin(), hidden.end()), x.device())
+                         .repeat_interleave(N);
   at::Tensor act = at::empty({B * N, w1.size(0)}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({B, N, w2.size(0)}, x.options());
   switch (x.scalar_type()) {
