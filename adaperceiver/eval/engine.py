@@ -36,10 +36,17 @@ class EvalResult:
         return {(r["t"], r["w"], r["l"]): r["top1"] for r in self.rows}
 
 
+def _hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 on the logits' device: top-1 and top-5 hits (top-K when K < 5); no host
+    sync, so a GPU run reads the counts back once, at the end."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(-1).sum()])
+
+
 def topk_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     """(top-1 hits, top-5 hits) of logits (B, K) against labels (B,) (top-K when K < 5)."""
-    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    return int((top[:, 0] == y).sum()), int((top == y[:, None]).any(-1).sum())
+    h1, h5 = _hits(logits, y).tolist()
+    return h1, h5
 
 
 def _world():
@@ -81,7 +88,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
     mine = sum(len(b) for b in batches)
     row_of = {c: i for i, c in enumerate(configs)}
     widths = sorted({c.w for c in configs}, reverse=True)
-    hits = torch.zeros(len(configs), 2, dtype=torch.int64)
+    hits = torch.zeros(len(configs), 2, dtype=torch.int64, device=dev)
     seen = torch.zeros(len(widths), dtype=torch.int64)
     pol_sums = torch.zeros(len(policies), 3, dtype=torch.int64)    # top1, top5, FLOPs
     pol_seen = torch.zeros(len(policies), dtype=torch.int64)
@@ -115,7 +122,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
                     out = grid_logits(model, x, w, ts, ls)
                 y = y.to(dev)
                 for c in mine_w:
-                    hits[row_of[c]] += torch.tensor(topk_hits(out[(c.t, c.l)], y))
+                    hits[row_of[c]] += _hits(out[(c.t, c.l)], y)
                 seen[wi] += len(y)
                 pb.update(len(y))
         pass_seconds[f"w={w}"] = time.perf_counter() - t0
@@ -134,7 +141,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
                 pb.update(len(y))
         pass_seconds[f"policy {pol.name}"] = time.perf_counter() - t0
 
-    hits, seen = _all_reduce(hits, dev), _all_reduce(seen, dev)
+    hits, seen = _all_reduce(hits.cpu(), dev), _all_reduce(seen, dev)
     pol_sums, pol_seen = _all_reduce(pol_sums, dev), _all_reduce(pol_seen, dev)
     n = len(indices)
     if seen.numel() and not bool((seen == n).all()):    # pragma: no cover - a sampler bug
