@@ -1,9 +1,9 @@
 """Triton block-masked latent attention of AdaPerceiver (forward and backward).
 
-Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask of SPEC.md (query
-row i sees keys k < row_end[i], row_end nondecreasing; no mask: row_end = Nk), per-sample
-lengths ``seq_lens`` (rows and keys past the length are dropped, their outputs are zero) and
-optional interleaved-pair RoPE. RoPE is applied once per row: the operand a program owns (q in
+Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask (docs/design.md,
+"The block mask": query row i sees keys k < row_end[i], row_end nondecreasing; no mask:
+row_end = Nk), per-sample lengths ``seq_lens`` (rows and keys past the length are dropped,
+their outputs are zero) and optional interleaved-pair RoPE. RoPE is applied once per row: the operand a program owns (q in
 the forward and dq, k in dk/dv) is rotated on load; the operand it reads tile after tile (k in
 the forward and dq, q in dk/dv) is rotated beforehand by the ``_rope_rows`` pre-pass into a
 scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
@@ -22,7 +22,7 @@ and its dk/dv mirror) pay for the per-row mask.
 Packed rows (``attention_varlen_forward``, the forward kernel with PACKED): q, k, v and out are
 (R, H, D) rows of samples of their own lengths, one after another; the program of (query tile,
 sample * head) starts at the sample's first row, so a mixed batch is never padded (the
-backward of the packed op pads: adaperceiver/ops/__init__.py).
+backward of the packed op pads: adaperceiver/ops/attention.py).
 Online softmax in fp32 with exp2; lse is stored in natural log (the backend contract of
 adaperceiver/ops/dispatch.py), -inf on rows that see no key.
 NaN / inf: no guard replaces a non-finite value. A NaN or inf that a row reaches through its

@@ -6,8 +6,9 @@ and bf16 inputs, any C, Hmax and widths.
 
 Tile schedule. Rows are flattened to (B*N, C) and visited in "sorted order": samples sorted by
 width, largest first (stable), so the per-row width ``row_h`` is nonincreasing along the sorted
-rows (ARCHITECTURE.md, "monotone per-row bound"). Rows are never copied: kernels read x /
-grad_out / write out / dx through ``row_ids`` (sorted position -> original flattened row).
+rows (a monotone per-row bound, as the mask's row_end: docs/design.md, "Triton Matryoshka
+FFN"). Rows are never copied: kernels read x / grad_out / write out / dx through ``row_ids``
+(sorted position -> original flattened row).
   * fc1 (+ backward's dpre): one launch over a flat list of (row_tile, hidden_tile) work items
     built on the host; a row tile gets ceil(row_h[first row] / BLOCK_H) hidden tiles, so the
     work follows the sum of the samples' widths, not B * Hmax.
