@@ -3,10 +3,10 @@
 Computes softmax(scale * rope(q) rope(k)^T + mask) v for the group-causal mask (docs/design.md,
 "The block mask": query row i sees keys k < row_end[i], row_end nondecreasing; no mask:
 row_end = Nk), per-sample lengths ``seq_lens`` (rows and keys past the length are dropped,
-their outputs are zero) and optional interleaved-pair RoPE. RoPE is applied once per row: the operand a program owns (q in
-the forward and dq, k in dk/dv) is rotated on load; the operand it reads tile after tile (k in
-the forward and dq, q in dk/dv) is rotated beforehand by the ``_rope_rows`` pre-pass into a
-scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
+their outputs are zero) and optional interleaved-pair RoPE. RoPE is applied once per row: the
+operand a program owns (q in the forward and dq, k in dk/dv) is rotated on load; the operand it
+reads tile after tile (k in the forward and dq, q in dk/dv) is rotated beforehand by the
+``_rope_rows`` pre-pass into a scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
 GPU per (head_dim, dtype, arch, shape bucket) among ``fwd_candidates`` (see "autotuning").
 
 Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
