@@ -1,4 +1,11 @@
 """Triton kernels of adaperceiver, installed as ``adaperceiver.kernels``."""
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET=1, read when asked: tests and
+    tools set it before any kernel is jitted)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fp32_dot_precision(fp32_highest: str) -> str:

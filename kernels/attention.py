@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from adaperceiver.kernels import fp32_dot_precision
+from adaperceiver.kernels import fp32_dot_precision, interpreting
 from adaperceiver.ops.schedule import check_grans, row_end, to_device
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
@@ -80,15 +80,11 @@ class Tiles:
     dq_stages: int = 2
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def default_tiles(head_dim: int, interpret: Optional[bool] = None,
                   dtype: torch.dtype = torch.float16) -> Tiles:
     """GPU tile sizes (fp16/bf16 ones checked spill-free by tests/test_kernels_compile.py), or
     big tiles under the interpreter, whose cost is per program and per op, not per element."""
-    if _interpreting() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return Tiles(32, 32, 32, 32, 32, 32)
     if dtype == torch.float32:
         # fp32 operands (3xTF32 dots) take twice the registers and shared memory of fp16 ones;
@@ -511,7 +507,7 @@ def why_not(q, k, v, token_grans=None, seq_lens=None, q_rope=None, k_rope=None) 
         if t.dtype not in _DTYPES:
             reasons.append(f"{name}.dtype={t.dtype} is not supported; allowed: float16, "
                            "bfloat16, float32")
-        elif t.dtype == torch.bfloat16 and _interpreting():
+        elif t.dtype == torch.bfloat16 and interpreting():
             reasons.append(f"{name}.dtype=bfloat16 is not supported under TRITON_INTERPRET=1 "
                            "(the interpreter's bf16 is broken); allowed there: float16, float32")
         if t.stride(-1) != 1 and t.shape[-1] > 1:
@@ -582,7 +578,7 @@ def rotate_rows(x, rope, seq_lens=None, *, starts=None, rows_counter=None) -> to
                                                             out.stride(2))
     if B * H == 0 or n == 0:
         return out
-    block = 32 if _interpreting() else ROPE_BLOCK
+    block = 32 if interpreting() else ROPE_BLOCK
     cos, sin = (_table(t, out) for t in rope)
     lens = seq_lens if seq_lens is not None else cos
     _rope_rows[(triton.cdiv(n, block), B * H)](
@@ -628,7 +624,7 @@ def _bucket(n: int) -> int:
 
 
 def _on_gpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" and not _interpreting()
+    return t.device.type == "cuda" and not interpreting()
 
 
 def _tuning_allowed(t: torch.Tensor) -> bool:

@@ -25,7 +25,6 @@ the writers' tiles always cover. bf16 runs on GPUs only (the interpreter's bf16 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -34,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaperceiver.kernels import fp32_dot_precision
+from adaperceiver.kernels import fp32_dot_precision, interpreting
 from adaperceiver.ops.schedule import device_memo, ranges, to_device
 
 __all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
@@ -364,15 +363,11 @@ class Blocks:
                 raise ValueError(f"{name}={v!r} is not allowed; allowed: a power of two >= 16")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def default_blocks(dtype: torch.dtype, interpret: Optional[bool] = None) -> Blocks:
     """GPU tiles for ``dtype`` (fp32 halves the row tiles and K steps: at the 16-bit tiles it
     spills registers on sm_80/sm_90), or tiles of 32 under the interpreter (its cost is per
     program, not per element). No spills at these tiles: see COMPILE_SPECS."""
-    if interpret if interpret is not None else _interpreting():
+    if interpret if interpret is not None else interpreting():
         return Blocks(32, 32, 32, 32, 32, 32, 32, 32, 4, 1)
     if dtype == torch.float32:
         return Blocks(block_m=64, block_k=32, block_m_bwd=32, block_m2=64, block_k2=32,
@@ -398,7 +393,7 @@ def why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
                        "must share one dtype")
         if t.device != x.device:
             why.append(f"{name} is on {t.device}, x on {x.device}; all must share one device")
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _interpreting():
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and interpreting():
         why.append("bfloat16 under TRITON_INTERPRET=1 is not supported (the interpreter's bf16 "
                    "arithmetic is wrong); use float16/float32 or a GPU")
     if x.dim() != 3:

@@ -338,7 +338,7 @@ def test_why_not_and_errors():
     b = q.bfloat16()
     # bf16 is refused by the interpreter only (its bf16 is broken); a GPU runs it
     assert any("bfloat16" in r for r in A.why_not(b, b, b, None, None, None, None)) == (
-        A._interpreting())
+        A.interpreting())
     with pytest.raises(ValueError, match="head_dim=48"):
         A.attention_forward(*(torch.randn(1, 1, 4, 48) for _ in range(3)), None, None, None,
                             None, None)

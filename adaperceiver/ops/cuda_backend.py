@@ -1,14 +1,16 @@
 """The CUDA backend: ``torch.ops.adaperceiver.*_fwd / *_bwd`` of ``adaperceiver._C`` on CUDA
-tensors (csrc/cuda: flash-style attention forward, on padded or packed rows, and backward;
-grouped Matryoshka FFN forward; the FFN backward is the width-banded ATen path of
-csrc/ffn_banded.cpp, on cuBLAS). Importing this module never raises; when the extension or its
+tensors (csrc/cuda: attention forward and backward with one thread per query row and scalar
+loops over its keys, on padded or packed rows; grouped Matryoshka FFN forward; the FFN backward
+is the width-banded ATen path of csrc/ffn_banded.cpp, on cuBLAS). Importing this module never raises; when the extension or its
 CUDA part is missing, ``why_not_*`` say why."""
 from __future__ import annotations
 
 import torch
 
 from .. import _ext
-from . import cpp_backend as _common
+from .extension import (attention_backward, attention_forward,  # noqa: F401 - the op calls
+                        attention_varlen_forward, ffn_backward, ffn_forward, rope_reasons,
+                        tensor_reasons)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (32, 64, 128)
@@ -25,7 +27,7 @@ def _ext_reasons() -> list[str]:
 
 
 def _tensor_reasons(name: str, t: torch.Tensor) -> list[str]:
-    return _common.tensor_reasons(name, t, "cuda", "cuda", _DTYPES)
+    return tensor_reasons(name, t, "cuda", "cuda", _DTYPES)
 
 
 def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
@@ -36,10 +38,7 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
     if v.shape[-1] != q.shape[-1]:
         reasons.append(f"the cuda backend needs v's head_dim ({v.shape[-1]}) equal to q's "
                        f"({q.shape[-1]})")
-    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
-        if rope is not None and any(r.dtype != torch.float32 for r in rope):
-            reasons.append(f"{name} tables must be float32 for the cuda backend")
-    return reasons
+    return reasons + rope_reasons("cuda", q_rope, k_rope)
 
 
 def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
@@ -48,11 +47,3 @@ def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> 
 
 def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
     return _ext_reasons() + _tensor_reasons("x", x)
-
-
-# the op calls are the same as the cpp backend's: the dispatcher picks the CUDA kernels by device
-attention_forward = _common.attention_forward
-attention_backward = _common.attention_backward
-attention_varlen_forward = _common.attention_varlen_forward
-ffn_forward = _common.ffn_forward
-ffn_backward = _common.ffn_backward
