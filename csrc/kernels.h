@@ -42,4 +42,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
     const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 }  // namespace cpu
 
+// csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA): the
+// same arguments as the CPU kernels above; the FFN backward is ffn_bwd_banded (ffn_banded.h)
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, at::OptionalIntArrayRef,
+                                                 double, const OptT&, const OptT&, const OptT&,
+                                                 const OptT&, const OptT&);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, at::OptionalIntArrayRef, double, const OptT&,
+    const OptT&, const OptT&, const OptT&, const OptT&);
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, at::IntArrayRef,
+                                                        at::OptionalIntArrayRef, double,
+                                                        const OptT&, const OptT&, const OptT&,
+                                                        const OptT&);
+at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, at::IntArrayRef);
+}  // namespace cuda
+
 }  // namespace adaperceiver

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "convert.h"
 #include "index_memo.h"
 #include "kernels.h"
 #include "launch.h"
@@ -33,16 +34,6 @@ namespace {
 
 constexpr int BM = 64;
 constexpr int BN = 32;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 struct Params {
   const void* q; const void* k; const void* v; void* out; float* lse;

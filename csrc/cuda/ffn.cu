@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "common.h"
+#include "convert.h"
 #include "index_memo.h"
 #include "kernels.h"
 #include "launch.h"
@@ -25,16 +26,6 @@ namespace cuda {
 namespace {
 
 constexpr int T = 32;  // tile edge; blocks of 32 x 8 threads, 4 outputs per thread
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename S> __device__ __forceinline__ S from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
 
 // largest width among rows [r0, r0 + T) of the (rows,) width table
 __device__ int tile_hmax(const int* row_h, int r0, int rows) {

@@ -6,28 +6,6 @@
 #include "ffn_banded.h"
 #include "kernels.h"
 
-namespace adaperceiver {
-namespace cuda {
-
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, at::OptionalIntArrayRef,
-                                                 double, const OptT&, const OptT&, const OptT&,
-                                                 const OptT&, const OptT&);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, at::OptionalIntArrayRef, double, const OptT&,
-    const OptT&, const OptT&, const OptT&, const OptT&);
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&, at::IntArrayRef,
-                                                        at::OptionalIntArrayRef, double,
-                                                        const OptT&, const OptT&, const OptT&,
-                                                        const OptT&);
-at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const at::Tensor&, at::IntArrayRef);
-
-}  // namespace cuda
-}  // namespace adaperceiver
-
 TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) {
   m.impl("block_masked_attention_fwd", &adaperceiver::cuda::attention_fwd);
   m.impl("block_masked_attention_bwd", &adaperceiver::cuda::attention_bwd);
