@@ -45,7 +45,7 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
 
 def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
     reasons = _ext_reasons()
-    reasons += _tensor_reasons("q", q, dtypes=(torch.float32,))
+    reasons += _tensor_reasons("q", q)
     for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
         if rope is not None and any(r.dtype != torch.float32 for r in rope):
             reasons.append(f"{name} tables must be float32 for the cpp backend, got "
