@@ -9,6 +9,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -80,11 +81,14 @@ inline float erf_as(float x) {
 
 // FFN row: x = GELU(x + b) in place (exact, erf form): fc1's bias and activation in one pass
 // over the GEMM output instead of a bias copy before the GEMM and a GELU pass after it.
+// GELU(+inf) is NaN, as torch's float32 / bfloat16 / float16 GELU (the reference) and
+// oneDNN's (the bfloat16 path) give it; GELU(-inf) = -inf * 0 is NaN anyway.
 ADAPERCEIVER_CLONES
 inline void bias_gelu_row(float* x, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i] + b[i];
-    x[i] = 0.5f * v * (1.f + erf_as(v * 0.7071067811865476f));
+    const float g = 0.5f * v * (1.f + erf_as(v * 0.7071067811865476f));
+    x[i] = v > std::numeric_limits<float>::max() ? std::numeric_limits<float>::quiet_NaN() : g;
   }
 }
 
