@@ -15,9 +15,15 @@
 // with plain vector loads.
 // Rows past seq_lens[b] are written as zeros, lse -inf. Packed rows (attention_varlen_fwd: q, k,
 // v (R, H, D), samples one after another, no padding) run the same forward with per-sample row
-// bases; there a sample has no rows past its length to write. Everything is computed in float32;
-// bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
-// Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
+// bases; there a sample has no rows past its length to write. Everything is computed in float32:
+// bfloat16/float16 inputs are read in place and converted as rows are loaded (q into its tile,
+// k and v once per (batch, head) into per-thread scratch), outputs rounded once.
+// NaN and inf follow the reference: the column max is NaN-sticky, exp keeps NaN and gives 0
+// for -inf, a column that is all -inf so far subtracts 0 (so a later chunk can still give it a
+// finite max), lse is +-inf where logsumexp is, and a non-finite scale multiplies the scores
+// rather than q. Rows past a sample's length are zeros (the reference's are 0 * their scores,
+// NaN when k is), and value rows a tile never reads cannot reach it.
+// Backward (float32 inside for every dtype): one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
 // P recomputed from the saved lse, products through the same small_gemm (K and V transposed
 // once per (batch, head) so every right operand is row-major).
 #include "common.h"
