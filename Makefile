@@ -53,6 +53,12 @@ test: install
 
 bench: install
 	$(PY) -m adaperceiver.bench --out-dir results
+	@if $(PY) -c "import sys; from adaperceiver import _ext; sys.exit(0 if _ext.build_info()['cpu_native_bf16'] else 1)"; then \
+	  echo; echo "---- bfloat16 (this CPU runs bf16 natively) ----"; \
+	  $(PY) -m adaperceiver.bench --precision bfloat16 --out-dir results/bf16; \
+	else \
+	  echo; echo "bfloat16 table skipped: no native bf16 on this CPU (AVX512-BF16 / AMX-BF16); bf16 would compute in float32"; \
+	fi
 
 # make gpu-check: the GPU path checked and timed on one GPU in at most 10 minutes (every stage
 # under its own limit) into results/gpu/ (report.txt + gpu_check.json); without a CUDA device it

@@ -63,7 +63,12 @@ def build_info() -> dict:
     Keys: ``cpp_compiled``, ``cuda_compiled`` (bools), ``cuda_archs`` (list like ["8.0", "9.0"]),
     ``nvcc_version``, ``cxx_compiler``, ``torch_version_built`` (torch the extension was compiled
     against), ``torch_version`` (running), ``openmp`` (the _OPENMP date, or None),
-    ``load_error`` (None when the extension loaded), ``path`` of the loaded library.
+    ``load_error`` (None when the extension loaded), ``path`` of the loaded library; and what
+    the CPU kernels run on this machine: ``cpu_isa`` ("avx512", "avx2" or "portable": the
+    attention's microkernel; ``ADAPERCEIVER_CPU_ISA`` picks a lower one), ``cpu_native_bf16`` /
+    ``cpu_native_fp16`` (True: that dtype's FFN GEMMs run natively through oneDNN, AVX512-BF16
+    / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_isa_error`` (why an
+    ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
     facts = _facts()
@@ -80,4 +85,8 @@ def build_info() -> dict:
         "openmp": facts.get("openmp") or None,
         "load_error": _error,
         "path": getattr(mod, "__file__", None),
+        "cpu_isa": facts.get("cpu_isa") or None,
+        "cpu_native_bf16": facts.get("cpu_native_bf16") == "1",
+        "cpu_native_fp16": facts.get("cpu_native_fp16") == "1",
+        "cpu_isa_error": facts.get("cpu_isa_error") or None,
     }

@@ -37,3 +37,40 @@ def test_mixed_batch_vs_single_and_padded(benchmark, figures, released_model, im
         benchmark.pedantic(lambda: released_model(images, num_tokens=t, mat_dim=w, depth=l),
                            rounds=1, iterations=1)
     assert mixed["mixed_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def bf16_figures(released_model, device):
+    """The same figures with the model, flexivit_large, the images and the matmul in bfloat16
+    (on CPUs with native bf16: elsewhere bf16 computes in float32 and the comparison says
+    nothing about the bf16 path)."""
+    import copy
+
+    from adaperceiver import _ext
+    if device.type == "cpu" and not _ext.build_info()["cpu_native_bf16"]:
+        pytest.skip("no native bf16 on this CPU (AVX512-BF16 / AMX-BF16)")
+    model = copy.deepcopy(released_model).to(torch.bfloat16)
+    full = full_config_figures(model, batch=4, rounds=FULL_MIN_ROUNDS, device=device)
+    mixed = mixed_batch_figures(model, batch=4, rounds=MIXED_MIN_ROUNDS, device=device)
+    print("\n[bfloat16]\n" + format_figures(full, mixed))
+    return model, full, mixed
+
+
+def test_full_config_bf16_vs_flexivit_large_and_gemm_bound(benchmark, bf16_figures, images):
+    model, full, _ = bf16_figures
+    benchmark.group = "inference: full config (256, 832, 21), bfloat16"
+    benchmark.extra_info.update(full)
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: model(images.bfloat16()), rounds=1, iterations=1)
+    assert full["model_img_s"] > 0 and full["low_precision"]
+
+
+def test_mixed_batch_bf16(benchmark, bf16_figures, images):
+    model, _, mixed = bf16_figures
+    benchmark.group = "inference: mixed batch, bfloat16"
+    benchmark.extra_info.update({k: v for k, v in mixed.items() if k != "configs"})
+    t, w, l = (list(c) for c in zip(*mixed["configs"]))
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: model(images.bfloat16(), num_tokens=t, mat_dim=w, depth=l),
+                           rounds=1, iterations=1)
+    assert mixed["mixed_ms"] > 0

@@ -1,4 +1,5 @@
-"""CPU extension (adaperceiver._C) vs torch baselines, side by side, 2 threads, float32.
+"""CPU extension (adaperceiver._C) vs torch baselines, side by side, 2 threads, float32 and
+bfloat16 (the bf16 cases on CPUs that run bf16 natively, AVX512-BF16 / AMX: both sides in bf16).
 
 Targets (issue text):
   * block-masked attention vs torch SDPA with a dense boolean mask, B=8, H=13, D=64:
@@ -49,21 +50,33 @@ ATTN = [
 ]
 
 
+def _native(dtype):
+    """Skip a bfloat16 case where the CPU has no native bf16 (it would compute in float32)."""
+    if dtype == torch.bfloat16 and not _ext.build_info()["cpu_native_bf16"]:
+        pytest.skip("no native bf16 on this CPU (AVX512-BF16 / AMX-BF16)")
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,grans,target", ATTN)
-def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target):
+def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
+    _native(dtype)
     B, H, D = 8, 13, 64
-    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    q, k, v = (torch.randn(B, H, n, D).to(dtype) for _ in range(3))
     mask = block_mask(n, grans)
     scale = 1.0 / math.sqrt(D)
     ours = lambda: torch.ops.adaperceiver.block_masked_attention_fwd(  # noqa: E731
         q, k, v, grans, scale, None, None, None, None, None)
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     # same result first (a fast wrong kernel is no win)
-    torch.testing.assert_close(ours()[0], sdpa(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours()[0], sdpa(), atol=TOL[dtype], rtol=TOL[dtype])
     t = side_by_side({"ours": ours, "sdpa": sdpa}, rounds=15 if n == 256 else 7)
     ratio = t["sdpa"] / t["ours"]
     allowed = block_mask(n, grans).float().mean().item()
-    print(f"\n[attention N={n}] sdpa+dense mask {t['sdpa'] * 1e3:.2f} ms, cpp "
+    print(f"\n[attention N={n} {str(dtype)[6:]}] sdpa+dense mask {t['sdpa'] * 1e3:.2f} ms, cpp "
           f"{t['ours'] * 1e3:.2f} ms: {ratio:.2f}x (target {target}x; scores allowed "
           f"{allowed:.3f})")
     benchmark.extra_info.update(ratio=ratio, sdpa_ms=t["sdpa"] * 1e3, ours_ms=t["ours"] * 1e3)
@@ -72,13 +85,15 @@ def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target):
         assert ratio >= target, f"{ratio:.2f}x < {target}x"
 
 
-def test_matryoshka_ffn_mixed_widths(benchmark):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
+    _native(dtype)
     B, N, C = 8, 256, 832
     widths = [2138, 1069, 1603, 1069, 2138, 1603, 1069, 1603]  # interleaved: gathers needed
     hmax = 2138
-    x = torch.randn(B, N, C)
-    w1, b1 = torch.randn(hmax, C) / math.sqrt(C), torch.randn(hmax)
-    w2, b2 = torch.randn(C, hmax) / math.sqrt(hmax), torch.randn(C)
+    x = torch.randn(B, N, C).to(dtype)
+    w1, b1 = (torch.randn(hmax, C) / math.sqrt(C)).to(dtype), torch.randn(hmax).to(dtype)
+    w2, b2 = (torch.randn(C, hmax) / math.sqrt(hmax)).to(dtype), torch.randn(C).to(dtype)
     ffn = torch.ops.adaperceiver.matryoshka_ffn_fwd
     groups = {h: [i for i, w in enumerate(widths) if w == h] for h in sorted(set(widths))}
     xs = {h: x[idx].contiguous() for h, idx in groups.items()}
@@ -90,13 +105,14 @@ def test_matryoshka_ffn_mixed_widths(benchmark):
             ffn(xs[h], w1, b1, w2, b2, [h] * len(idx))
 
     masked = lambda: R.ffn_forward(x, w1, b1, w2, b2, widths)  # noqa: E731
-    torch.testing.assert_close(mixed(), masked(), atol=1e-3, rtol=1e-3)
+    tol = 1e-3 if dtype == torch.float32 else 6e-2
+    torch.testing.assert_close(mixed(), masked(), atol=tol, rtol=tol)
     t = side_by_side({"mixed": mixed, "single": single_width_batches, "masked": masked},
                      rounds=9)
     cost = t["mixed"] / t["single"]
     speedup = t["masked"] / t["mixed"]
     bound = B * hmax / sum(widths)
-    print(f"\n[ffn] mixed batch {t['mixed'] * 1e3:.1f} ms, single-width batches "
+    print(f"\n[ffn {str(dtype)[6:]}] mixed batch {t['mixed'] * 1e3:.1f} ms, single-width batches "
           f"{t['single'] * 1e3:.1f} ms ({cost:.3f}x, target <= 1.1), masked full width "
           f"{t['masked'] * 1e3:.1f} ms: {speedup:.3f}x faster = {speedup / bound:.3f} of the "
           f"work bound {bound:.3f} (target >= 0.95)")

@@ -9,6 +9,9 @@
 #include <torch/version.h>
 
 #include "kernels.h"
+#include "cpu/microkernel.h"
+
+#include <exception>
 
 #ifndef ADAPERCEIVER_WITH_CUDA
 #define ADAPERCEIVER_WITH_CUDA 0
@@ -38,6 +41,16 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
 #if ADAPERCEIVER_WITH_CUDA
   for (auto& kv : cuda::build_facts()) f.push_back(kv);
 #endif
+  // run-time facts of the CPU paths: the attention's instruction set, and whether bfloat16 /
+  // float16 run natively (else they compute in float32); an invalid ADAPERCEIVER_CPU_ISA is
+  // reported as the error instead
+  try {
+    f.emplace_back("cpu_isa", cpu::isa_name(cpu::best_isa()));
+    f.emplace_back("cpu_native_bf16", cpu::native_bf16_gemm() ? "1" : "0");
+    f.emplace_back("cpu_native_fp16", cpu::native_fp16_gemm() ? "1" : "0");
+  } catch (const std::exception& e) {
+    f.emplace_back("cpu_isa_error", e.what());
+  }
   return f;
 }
 

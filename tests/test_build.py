@@ -20,6 +20,40 @@ def test_build_info_reports_cpp_compiled():
         assert key in info
 
 
+def _child_build_info(env_isa):
+    """build_info() of a fresh interpreter with ADAPERCEIVER_CPU_ISA=env_isa (read once)."""
+    import json
+    import os
+    import sys
+    env = dict(os.environ, ADAPERCEIVER_CPU_ISA=env_isa)
+    code = ("import json; from adaperceiver import _ext; i = _ext.build_info(); "
+            "print(json.dumps({k: i[k] for k in ('cpu_isa', 'cpu_native_bf16', "
+            "'cpu_native_fp16', 'cpu_isa_error')}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_build_info_reports_the_cpu_paths():
+    caps = torch._C._cpu._get_cpu_capability()
+    info = _ext.build_info()
+    assert info["cpu_isa_error"] is None
+    want = "avx512" if caps.get("avx512_f") else "avx2" if caps.get("avx2") else "portable"
+    assert info["cpu_isa"] == want
+    assert info["cpu_native_bf16"] == (want == "avx512" and bool(
+        caps.get("avx512_bf16") or caps.get("amx_bf16")))
+    assert info["cpu_native_fp16"] == (want == "avx512" and bool(
+        caps.get("avx512_fp16") or caps.get("amx_fp16")))
+    # a lower instruction set on request: no native low precision below AVX-512
+    child = _child_build_info("portable")
+    assert child["cpu_isa"] == "portable" and child["cpu_isa_error"] is None
+    assert not child["cpu_native_bf16"] and not child["cpu_native_fp16"]
+    child = _child_build_info("sse9")
+    assert child["cpu_isa"] is None
+    assert "ADAPERCEIVER_CPU_ISA=sse9 is not allowed; allowed: avx512, avx2, portable" in \
+        child["cpu_isa_error"]
+
+
 def test_build_info_cuda_facts_consistent():
     info = _ext.build_info()
     if not info["cuda_compiled"]:

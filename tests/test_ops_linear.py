@@ -104,3 +104,40 @@ def test_library_env_is_checked():
                           "from adaperceiver import ops; print(ops.cpu_gemm_library())"],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "mkl", res.stderr
+
+
+_CHILD = r"""
+import torch, torch.nn.functional as F
+from adaperceiver import ops
+from adaperceiver.ops.linear import native_low_precision
+torch.manual_seed(0)
+x, w, b = torch.randn(37, 24), torch.randn(19, 24), torch.randn(19)
+for dt in (torch.bfloat16, torch.float16):
+    xl, wl, bl = (t.to(dt).requires_grad_(True) for t in (x, w, b))
+    out = ops.linear(xl, wl, bl)
+    want = F.linear(xl.float(), wl.float(), bl.float()).to(dt)
+    assert out.dtype == dt
+    assert native_low_precision(dt) is False
+    assert torch.equal(out, want), dt
+    out.sum().backward()
+    assert xl.grad is not None and wl.grad is not None and bl.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast keeps its own choice
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+print("ok")
+"""
+
+
+def test_low_precision_without_native_gemms_runs_float32():
+    """On a CPU without native bf16 / fp16 GEMMs (emulated here by ADAPERCEIVER_CPU_ISA=avx2,
+    which turns the native paths off) a bf16 / fp16 projection is a float32 GEMM rounded once;
+    with native GEMMs it is F.linear in the dtype."""
+    env = dict(os.environ, ADAPERCEIVER_CPU_ISA="avx2")
+    caps = torch._C._cpu._get_cpu_capability()
+    if not caps.get("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    res = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    from adaperceiver.ops.linear import native_low_precision
+    x, w, b = (torch.randn(*s).bfloat16() for s in ((9, 16), (5, 16), (5,)))
+    if native_low_precision(torch.bfloat16):
+        assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))

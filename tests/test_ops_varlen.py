@@ -165,12 +165,18 @@ def test_varlen_takes_the_cpp_kernel_or_says_why():
     assert why["cpp"] == [] and why["reference"] == ["reference backend has no "
                                                      "attention_varlen kernel"]
     assert why["cuda"], why       # CPU tensors (or no CUDA part built): it says why
-    # bfloat16: no packed kernel takes it, so the op pads and runs the padded cpp kernel
+    # bfloat16: the packed cpp kernel takes it (float32 inside)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
     argsb = (qb, kb, vb, lens, None, None, None)
-    assert any("bfloat16" in r for r in dispatch.available_backends(
-        "attention_varlen", argsb, "cpu")["cpp"])
-    assert dispatch.select_kernel("attention_varlen", argsb, "cpu") is None
+    assert dispatch.select_kernel("attention_varlen", argsb, "cpu").__name__.endswith(
+        "cpp_backend")
+    # float64: no packed kernel takes it (cpp says why), so the op pads and runs the padded
+    # reference
+    argsd = tuple(t.double() for t in (q, k, v)) + (lens, None, None, None)
+    assert any("float64" in r for r in dispatch.available_backends(
+        "attention_varlen", argsd, "cpu")["cpp"])
+    assert dispatch.select_kernel("attention_varlen", argsd, "cpu") is None
+    assert ops.block_masked_attention_varlen(*argsd[:4]).dtype == torch.float64
     got = ops.block_masked_attention_varlen(qb, kb, vb, lens)
     assert got.dtype == torch.bfloat16
     _close(got.float(), _reference(qb.float(), kb.float(), vb.float(), lens, None, None),
@@ -209,8 +215,8 @@ def test_varlen_cpp_op_checks_its_arguments():
         fwd(q, k, v, [10, 5], None, 1.0, None, None, None, None)
     with pytest.raises(RuntimeError, match=r"seq_lens\[1\]=-2 is not allowed"):
         fwd(q, k, v, [18, -2], None, 1.0, None, None, None, None)
-    with pytest.raises(RuntimeError, match=r"takes float32; got Half"):
-        fwd(q.half(), k.half(), v.half(), [10, 6], None, 1.0, None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"q.dtype=Double is not supported"):
+        fwd(q.double(), k.double(), v.double(), [10, 6], None, 1.0, None, None, None, None)
     with pytest.raises(RuntimeError, match=r"q_rope tables must be \(10, 16\)"):
         fwd(q, k, v, [10, 6], None, 1.0, *rope_tables(16, 32), None, None)
 

@@ -362,6 +362,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                     mixed_batch_figures)
             bar.set_postfix_str("inference figures (full config, mixed batch)")
             opts = dict(batch=args.batch_size, img_size=args.img_size, device=device)
+            if precision.amp_dtype is not None:  # else: the model's dtype (cast or float32)
+                opts["amp_dtype"] = precision.amp_dtype
             # both ratios are noisy on a shared machine: at least 5 / 7 rounds
             inference = {"full": full_config_figures(model, **opts, rounds=max(
                              settings.rounds, FULL_MIN_ROUNDS)),
@@ -380,6 +382,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
              f"({device}), batch {args.batch_size}, {args.img_size} px, {precision.name}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of the "
              f"timed rounds after {args.warmup} warm-up step(s)")
+    if device.type == "cpu" and env.get("cpu_kernels"):
+        title += f"\nCPU kernels: {env['cpu_kernels']}"
     table = format_table(rows, sp, title)
     if not sp:
         table += (f"\n(speedup column empty: --speedup-baseline {args.speedup_baseline} was "

@@ -2,13 +2,18 @@
 
 * the full configuration (t=256, w=832, l=21) against timm's flexivit_large at 224 px and
   against the GEMM bound: the model's needed FLOPs per image divided by the rate of a 2048^3
-  fp32 matmul (``torch.mm``) measured in the same run; when the model's float32 CPU projections
-  run on another GEMM library (``ops.cpu_gemm_library()``: oneDNN), the same product through
-  that library is timed too and the bound at its rate printed beside it (no target: the
-  stricter reading);
+  matmul (``torch.mm``) in the run's precision, measured in the same run; when the model's
+  float32 CPU projections run on another GEMM library (``ops.cpu_gemm_library()``: oneDNN), the
+  same product through that library is timed too and the bound at its rate printed beside it
+  (no target: the stricter reading);
 * a mixed batch (every sample its own t, w, l) against the same configurations run as
   single-configuration batches (per-sample average), and against padding every sample to the
   batch's largest t, w and l (compared with the ratio of the FLOPs).
+
+Precision: the model's own dtype (``model.to(torch.bfloat16)``: images, flexivit_large and the
+matmul in bfloat16 too) or autocast (``amp_dtype``: float32 weights, every step under
+``torch.autocast`` at that dtype, the matmul in it); the targets are per precision (TARGETS,
+LOW_PRECISION_TARGETS).
 
 Every step is timed round-robin; each ratio is the median over rounds of that round's ratio
 (paired), so machine load that drifts between rounds cancels; img/s are medians of times.
@@ -29,7 +34,8 @@ from .report import align_table
 from .timing import time_interleaved
 
 __all__ = ["full_config_figures", "mixed_batch_figures", "format_figures",
-           "TARGETS", "FULL_MIN_ROUNDS", "MIXED_MIN_ROUNDS"]
+           "TARGETS", "LOW_PRECISION_TARGETS", "targets_for", "FULL_MIN_ROUNDS",
+           "MIXED_MIN_ROUNDS"]
 
 TARGETS = {
     "full_vs_flexivit_large": 1.6,        # at least, img/s ratio
@@ -37,6 +43,30 @@ TARGETS = {
     "mixed_vs_single_config_avg": 1.2,    # at most, time ratio
     "padded_over_mixed_vs_flops_ratio": 0.2,  # |time ratio / FLOP ratio - 1| at most
 }
+# bfloat16 / float16 (cast or autocast): the matmul bound is ~5x higher there (AMX), the
+# model's non-GEMM work weighs more against it
+LOW_PRECISION_TARGETS = {**TARGETS, "full_vs_gemm_bound": 0.75}
+
+
+def targets_for(dtype: torch.dtype) -> dict:
+    return TARGETS if dtype in (torch.float32, torch.float64) else LOW_PRECISION_TARGETS
+
+
+def _run_dtype(model, amp_dtype) -> torch.dtype:
+    """The precision a run computes in: autocast's dtype, else the model's."""
+    return amp_dtype or next(model.parameters()).dtype
+
+
+def _in_precision(fn, device, amp_dtype):
+    """fn run under autocast at amp_dtype (None: as it is)."""
+    if amp_dtype is None:
+        return fn
+    dev = torch.device(device).type
+
+    def step():
+        with torch.autocast(dev, dtype=amp_dtype):
+            return fn()
+    return step
 
 
 def _paired(num: Sequence[float], den: Sequence[float]) -> float:
@@ -55,10 +85,10 @@ FULL_MIN_ROUNDS = 5
 MIXED_MIN_ROUNDS = 7
 
 
-def _gemm_step(device="cpu", n: int = 2048):
-    """(step, FLOPs): an n^3 fp32 matmul on fresh random operands."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def _gemm_step(device="cpu", n: int = 2048, dtype=torch.float32):
+    """(step, FLOPs): an n^3 matmul in dtype on fresh random operands."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return (lambda: torch.mm(a, b)), 2 * n ** 3
 
 
@@ -74,21 +104,28 @@ def _library_gemm_step(device="cpu", n: int = 2048):
 
 @torch.inference_mode()
 def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int = FULL_MIN_ROUNDS,
-                        baseline: Optional[torch.nn.Module] = None, device="cpu") -> dict:
+                        baseline: Optional[torch.nn.Module] = None, device="cpu",
+                        amp_dtype: Optional[torch.dtype] = None) -> dict:
     """img/s of the full configuration, flexivit_large and the GEMM bound, in one run: the
     2048^3 matmul, the model and flexivit_large are timed round-robin, so the three sample the
-    same machine load over the same span of time."""
+    same machine load over the same span of time. In the model's dtype, or under autocast at
+    amp_dtype (see the module's docstring)."""
+    dtype = _run_dtype(model, amp_dtype)
+    model_dtype = next(model.parameters()).dtype
     if baseline is None:
         import timm
         baseline = timm.create_model("flexivit_large", pretrained=False, img_size=img_size)
-    baseline = baseline.eval().to(device)
-    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    baseline = baseline.eval().to(device=device, dtype=model_dtype)
+    x = torch.randn(batch, 3, img_size, img_size, device=device, dtype=model_dtype)
     cfg = model.config
     needed = count_flops(model, cfg.max_latent_tokens, cfg.embed_dim, cfg.depth,
                          img_size).needed
-    gemm, gemm_flops = _gemm_step(device)
-    lib_gemm = _library_gemm_step(device)
-    steps = [gemm, lambda: model(x), lambda: baseline(x)] + ([lib_gemm] if lib_gemm else [])
+    gemm, gemm_flops = _gemm_step(device, dtype=dtype)
+    # (ops.linear picks a library for float32 only: other dtypes take torch.mm's)
+    lib_gemm = _library_gemm_step(device) if dtype == torch.float32 else None
+    steps = [gemm, _in_precision(lambda: model(x), device, amp_dtype),
+             _in_precision(lambda: baseline(x), device, amp_dtype)]
+    steps += [lib_gemm] if lib_gemm else []
     t_gemm, t_model, t_base, *t_lib = time_interleaved(steps, device, warmup=1, rounds=rounds)
     rate = gemm_flops / (t_gemm.median_ms / 1e3)
     model_ips = batch / (t_model.median_ms / 1e3)
@@ -103,12 +140,19 @@ def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int 
         lib = {"library": ops.cpu_gemm_library(), "library_gemm_gflops": lib_rate / 1e9,
                "full_vs_library_gemm_bound": per_img * _paired(t_lib[0].times_ms,
                                                                t_model.times_ms)}
-    return {"gemm_gflops": rate / 1e9, **lib, "model_img_s": model_ips,
+    return {"precision": _precision_name(dtype, amp_dtype),
+            "low_precision": dtype in (torch.bfloat16, torch.float16),
+            "gemm_gflops": rate / 1e9, **lib, "model_img_s": model_ips,
             "model_spread_pct": t_model.spread_pct,
             "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": t_base.spread_pct,
             "gemm_bound_img_s": bound, "model_gflops": needed / 1e9,
             "full_vs_flexivit_large": _paired(t_base.times_ms, t_model.times_ms),
             "full_vs_gemm_bound": per_img * _paired(t_gemm.times_ms, t_model.times_ms)}
+
+
+def _precision_name(dtype, amp_dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    return f"autocast {name}" if amp_dtype is not None else name
 
 
 def random_mixed_configs(model, batch: int, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -121,12 +165,14 @@ def random_mixed_configs(model, batch: int, seed: int = 0) -> list[tuple[int, in
 @torch.inference_mode()
 def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]] = None,
                         batch: int = 4, img_size: int = 224, rounds: int = MIXED_MIN_ROUNDS,
-                        device="cpu", seed: int = 0) -> dict:
+                        device="cpu", seed: int = 0,
+                        amp_dtype: Optional[torch.dtype] = None) -> dict:
     """A batch whose samples have their own (t, w, l), against the same configurations run as
     single-configuration batches of the same size, and against padding to the largest."""
     configs = list(configs or random_mixed_configs(model, batch, seed))
     B = len(configs)
-    x = torch.randn(B, 3, img_size, img_size, device=device)
+    x = torch.randn(B, 3, img_size, img_size, device=device,
+                    dtype=next(model.parameters()).dtype)
     t, w, l = (list(c) for c in zip(*configs))
     big = (max(t), max(w), max(l))
     # interleaved round-robin: the mixed batch, each single-config batch and the padded batch
@@ -134,6 +180,7 @@ def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]]
     steps = [lambda: model(x, num_tokens=t, mat_dim=w, depth=l)]
     steps += [lambda c=c: model(x, num_tokens=c[0], mat_dim=c[1], depth=c[2]) for c in configs]
     steps.append(lambda: model(x, num_tokens=big[0], mat_dim=big[1], depth=big[2]))
+    steps = [_in_precision(s, device, amp_dtype) for s in steps]
     timings = time_interleaved(steps, device, warmup=1, rounds=rounds)
     mixed, padded = timings[0].median_ms, timings[-1].median_ms
     singles = [tm.median_ms / B for tm in timings[1:-1]]
@@ -155,12 +202,14 @@ def mixed_batch_figures(model, configs: Optional[Sequence[tuple[int, int, int]]]
 def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
     """A readable table of the figures and their targets."""
     rows = []
+    tg = LOW_PRECISION_TARGETS if full and full.get("low_precision") else TARGETS
 
     def row(name, value, target, ok):
         rows.append((name, value, target, "-" if ok is None else "yes" if ok else "NO"))
 
     if full:
-        row("GEMM rate (2048^3 fp32)", f"{full['gemm_gflops']:.0f} GFLOP/s", "", True)
+        row(f"GEMM rate (2048^3 {full.get('precision', 'float32')})",
+            f"{full['gemm_gflops']:.0f} GFLOP/s", "", True)
         if "library_gemm_gflops" in full:
             row(f"GEMM rate, {full['library']} (2048^3)",
                 f"{full['library_gemm_gflops']:.0f} GFLOP/s", "the model's projections", None)
@@ -168,11 +217,11 @@ def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
             "", True)
         row("flexivit_large img/s", f"{full['flexivit_large_img_s']:.2f}", "", True)
         row("full / flexivit_large", f"{full['full_vs_flexivit_large']:.2f}x",
-            f">= {TARGETS['full_vs_flexivit_large']}x",
-            full["full_vs_flexivit_large"] >= TARGETS["full_vs_flexivit_large"])
+            f">= {tg['full_vs_flexivit_large']}x",
+            full["full_vs_flexivit_large"] >= tg["full_vs_flexivit_large"])
         row("full / GEMM bound", f"{full['full_vs_gemm_bound']:.2f}x",
-            f">= {TARGETS['full_vs_gemm_bound']}x",
-            full["full_vs_gemm_bound"] >= TARGETS["full_vs_gemm_bound"])
+            f">= {tg['full_vs_gemm_bound']}x",
+            full["full_vs_gemm_bound"] >= tg["full_vs_gemm_bound"])
         if "full_vs_library_gemm_bound" in full:
             row(f"full / GEMM bound at {full['library']}'s rate",
                 f"{full['full_vs_library_gemm_bound']:.2f}x", "(stricter reading)", None)

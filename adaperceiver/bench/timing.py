@@ -171,6 +171,23 @@ def _version(mod: str) -> Optional[str]:
         return None
 
 
+def cpu_kernels_summary() -> str:
+    """Which paths the C++ CPU kernels take on this machine, in words (bench headers)."""
+    from adaperceiver import _ext
+    info = _ext.build_info()
+    if not info["cpp_compiled"]:
+        return "C++ extension not loaded"
+    if info["cpu_isa_error"]:
+        return info["cpu_isa_error"]
+
+    def low(name, native, hw):
+        return (f"{name} native ({hw} via oneDNN)" if native
+                else f"{name} computed in float32 (no {hw} on this CPU or path)")
+    return (f"attention microkernel {info['cpu_isa']}; "
+            f"{low('bf16', info['cpu_native_bf16'], 'AVX512-BF16/AMX-BF16')}; "
+            f"{low('fp16', info['cpu_native_fp16'], 'AVX512-FP16/AMX-FP16')}")
+
+
 def environment(device) -> dict:
     """Versions, device, threads and CPU model: stored with every result file."""
     device = torch.device(device)
@@ -191,6 +208,8 @@ def environment(device) -> dict:
         "numpy": _version("numpy"),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if device.type == "cpu":
+        env["cpu_kernels"] = cpu_kernels_summary()
     try:
         from adaperceiver import build_info  # type: ignore[attr-defined]
         env["adaperceiver_build"] = build_info() if callable(build_info) else build_info

@@ -28,7 +28,7 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
 
 def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
     reasons = _ext_reasons()
-    reasons += _tensor_reasons("q", q, dtypes=(torch.float32,))
+    reasons += _tensor_reasons("q", q)
     return reasons + rope_reasons("cpp", q_rope, k_rope)
 
 

@@ -8,19 +8,26 @@ than MKL (``pytest benchmarks/test_bench_ops_cpu.py -k projection -s`` prints th
 Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
 oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
 runs those on its reference kernel, three orders of magnitude slower.
+bfloat16 / float16 on a CPU without native GEMMs for the dtype (no AVX512-BF16 / AMX-BF16,
+AVX512-FP16 / AMX-FP16; ``adaperceiver._ext.build_info()["cpu_native_bf16"]``): torch would run
+the projection on its emulated low-precision GEMM, several times slower than float32; it runs
+as a float32 GEMM on float32 copies of the operands instead (float32 accumulation and one
+rounding of the result, as the native GEMM does), so a bf16 model is never much slower than the
+float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
 ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
 same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
 (they sum in different orders); a given input and library always give the same output.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "cpu_gemm_library"]
+__all__ = ["linear", "cpu_gemm_library", "native_low_precision"]
 
 _CHOICES = ("onednn", "mkl")
 
@@ -58,11 +65,35 @@ def _onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
 
 
+@functools.lru_cache(maxsize=None)
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs GEMMs in dtype (bfloat16 / float16) natively; True for other
+    dtypes and when the extension is missing (nothing to route then). A fact of the machine
+    (and of ADAPERCEIVER_CPU_ISA, read once), so the memo cannot go stale."""
+    from .. import _ext
+    info = _ext.build_info()
+    if not info["cpp_compiled"] or dtype not in (torch.bfloat16, torch.float16):
+        return True
+    return info["cpu_native_bf16"] if dtype == torch.bfloat16 else info["cpu_native_fp16"]
+
+
+def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 / fp16 on a CPU without native GEMMs for it (see above); not under autocast
+    (autocast picks the GEMM's dtype itself) or torch.compile."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+            and weight.dtype == x.dtype and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu") and not native_low_precision(x.dtype))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; float32 CPU inference runs through oneDNN (see above)."""
+    """``F.linear(x, weight, bias)``; float32 CPU inference runs through oneDNN, bf16 / fp16
+    without native GEMMs as float32 (see above)."""
     if _onednn_takes(x, weight, bias):
         return _onednn_linear(x, weight, bias, "none", [], "")
+    if _float32_takes(x, weight):
+        return F.linear(x.float(), weight.float(),
+                        None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 

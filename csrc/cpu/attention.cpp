@@ -15,9 +15,15 @@
 // with plain vector loads.
 // Rows past seq_lens[b] are written as zeros, lse -inf. Packed rows (attention_varlen_fwd: q, k,
 // v (R, H, D), samples one after another, no padding) run the same forward with per-sample row
-// bases; there a sample has no rows past its length to write. Everything is computed in float32;
-// bfloat16/float16 inputs are converted (and RoPE applied) once up front, outputs cast back.
-// Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
+// bases; there a sample has no rows past its length to write. Everything is computed in float32:
+// bfloat16/float16 inputs are read in place and converted as rows are loaded (q into its tile,
+// k and v once per (batch, head) into per-thread scratch), outputs rounded once.
+// NaN and inf follow the reference: the column max is NaN-sticky, exp keeps NaN and gives 0
+// for -inf, a column that is all -inf so far subtracts 0 (so a later chunk can still give it a
+// finite max), lse is +-inf where logsumexp is, and a non-finite scale multiplies the scores
+// rather than q. Rows past a sample's length are zeros (the reference's are 0 * their scores,
+// NaN when k is), and value rows a tile never reads cannot reach it.
+// Backward (float32 inside for every dtype): one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
 // P recomputed from the saved lse, products through the same small_gemm (K and V transposed
 // once per (batch, head) so every right operand is row-major).
 #include "common.h"
@@ -95,32 +101,37 @@ inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float 
   rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
-// Prefetch one row of D floats (a cache line per 16). In the model q and k are views of the
-// fused q/k/v projection's output, so consecutive tokens' rows of one head are 3 * H * D floats
-// apart (~10 kB: a new page per row), a stride the hardware prefetchers do not follow.
-inline void prefetch_row(const float* p, int64_t D) {
-  for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d);
+// Prefetch one row of D values (a cache line per 64 bytes). In the model q and k are views of
+// the fused q/k/v projection's output, so consecutive tokens' rows of one head are 3 * H * D
+// values apart (a new page per row), a stride the hardware prefetchers do not follow.
+template <typename T>
+inline void prefetch_row(const T* p, int64_t D) {
+  for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + d);
 }
 constexpr int64_t kAhead = 8;  // rows prefetched ahead of the one being rotated
 
-// Where each sample's rows of a float32 q, k or v are (unit stride along D): row n of head h of
-// sample b is at p + base[b] + h * sh + n * sn. Padded (B, H, N, D) tensors (any strides, for
-// instance heads-last projections seen as (B, H, N, D)) have base[b] = b * stride(0); packed rows
-// (varlen: (R, H, D), sample b's rows from start[b]) have base[b] = start[b] * stride(0).
+// Where each sample's rows of q, k or v (element type T) are (unit stride along D): row n of
+// head h of sample b is at p + base[b] + h * sh + n * sn. Padded (B, H, N, D) tensors (any
+// strides, for instance heads-last projections seen as (B, H, N, D)) have base[b] = b *
+// stride(0); packed rows (varlen: (R, H, D), sample b's rows from start[b]) have base[b] =
+// start[b] * stride(0).
+template <typename T>
 struct Rows {
-  const float* p;
+  const T* p;
   int64_t sh, sn;
   std::vector<int64_t> base;
 };
 
-Rows padded_rows(const at::Tensor& x) {  // (B, H, N, D)
-  Rows r{x.data_ptr<float>(), x.stride(1), x.stride(2), std::vector<int64_t>(x.size(0))};
+template <typename T>
+Rows<T> padded_rows(const at::Tensor& x) {  // (B, H, N, D)
+  Rows<T> r{x.data_ptr<T>(), x.stride(1), x.stride(2), std::vector<int64_t>(x.size(0))};
   for (int64_t b = 0; b < x.size(0); ++b) r.base[b] = b * x.stride(0);
   return r;
 }
 
-Rows packed_rows(const at::Tensor& x, const std::vector<int64_t>& start) {  // (R, H, D)
-  Rows r{x.data_ptr<float>(), x.stride(1), x.stride(0), std::vector<int64_t>(start.size())};
+template <typename T>
+Rows<T> packed_rows(const at::Tensor& x, const std::vector<int64_t>& start) {  // (R, H, D)
+  Rows<T> r{x.data_ptr<T>(), x.stride(1), x.stride(0), std::vector<int64_t>(start.size())};
   for (size_t b = 0; b < start.size(); ++b) r.base[b] = start[b] * x.stride(0);
   return r;
 }
@@ -129,46 +140,58 @@ Rows packed_rows(const at::Tensor& x, const std::vector<int64_t>& start) {  // (
 // The output is heads-last: row r of sample b, head h at out + ((out_row[b] + r) * H + h) * Dv,
 // out_row[b] = b * Nq (padded: rows past the sample's length are written as zeros) or start[b]
 // (packed: a sample has no rows past its length). lse is (B, H, Nq) in both layouts.
+template <typename T>
 struct FwdProblem {
   int64_t B, H, Nq, Nk, D, Dv;
-  Rows q, k, v;
+  Rows<T> q, k, v;
   std::vector<int64_t> out_row;
   bool packed;
 };
 
-// RoPE, when given, is applied as rows are loaded (q into the transposed tile; k once per
-// (batch, head) into a per-thread scratch that the head's query tiles reuse), so no rotated copy
-// of the inputs is written.
-template <typename out_t>
-void attention_fwd_kernel(const FwdProblem& pr, Rope qrope, Rope krope,
+// The inputs are read in place in their dtype T (float32, bfloat16 or float16) and converted to
+// float32 as they are loaded: q into the transposed tile (rotated by RoPE when given, times
+// the scale); k (rotated) and, unless float32, v once per (batch, head) into per-thread scratch
+// rows that the head's query tiles reuse. So no converted or rotated copy of the inputs is
+// written, and the products and the softmax run in float32 whatever T is.
+template <typename T>
+void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
                           const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
-                          float scale, out_t* op, float* lp) {
+                          float scale, T* op, float* lp) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
   const int64_t B = pr.B, H = pr.H, Nq = pr.Nq, D = pr.D, Nk = pr.Nk, Dv = pr.Dv;
   const int64_t nqt = (Nq + BM - 1) / BM;
   const int64_t qsh = pr.q.sh, qsn = pr.q.sn, ksh = pr.k.sh, ksn = pr.k.sn;
   const int64_t vsh = pr.v.sh, vsn = pr.v.sn;
-  const float* qp = pr.q.p;
-  const float* kp = pr.k.p;
-  const float* vp = pr.v.p;
+  const T* qp = pr.q.p;
+  const T* kp = pr.k.p;
+  const T* vp = pr.v.p;
   const int64_t kc_max = std::min<int64_t>(KC, std::max<int64_t>(Nk, 1));
+  // The scale is folded into q (one multiply per query element instead of per score). A NaN
+  // or infinite scale is applied to the scores instead, as the reference does ((q k^T) *
+  // scale): folded in, inf * q would sum +inf and -inf terms into NaN where the reference has
+  // +-inf scores, whose softmax and lse (+inf) differ.
+  const bool post_scale = !std::isfinite(scale);
+  const float qmul = post_scale ? 1.f : scale;
+  const bool k_scratch = krope.cos != nullptr || !kF32, v_scratch = !kF32;
 
   at::parallel_for(0, B * H * nqt, 1, [&](int64_t begin, int64_t end) {
     // per-thread scratch, allocated once per range of work items (not per item).
     // The scores are kept transposed, st[key][query], so that the softmax runs across the
     // queries of the tile with plain vector loops and P V reads st in place.
     std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
-        sum(BM), kr(krope.cos ? Nk * D : 0), qrow(D);
-    // rotated keys of one (batch, head), kept across its query tiles (a thread's items are
-    // consecutive, so the tiles of a head follow each other): keys [0, k_done) of kr_bh are
-    // rotated; each tile rotates only the keys past that
-    int64_t kr_bh = -1, k_done = 0;
+        sum(BM), kr(k_scratch ? Nk * D : 0), vr(v_scratch ? Nk * Dv : 0), qrow(D), raw(D);
+    // float32 (rotated) keys and values of one (batch, head), kept across its query tiles (a
+    // thread's items are consecutive, so the tiles of a head follow each other): keys
+    // [0, k_done) and values [0, v_done) of head cur_bh are in kr / vr; each tile converts
+    // only the rows past that
+    int64_t cur_bh = -1, k_done = 0, v_done = 0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
       const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
       const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
       const int64_t m1 = std::min(mend, lq);
       // out is heads-last: row r of this tile is H * Dv further on
-      out_t* orow = op + ((pr.out_row[b] + m0) * H + bh % H) * Dv;
+      T* orow = op + ((pr.out_row[b] + m0) * H + bh % H) * Dv;
       float* lrow = lp + bh * Nq + m0;
       const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
       const int64_t rows = kend > 0 ? m1 - m0 : 0;
@@ -176,23 +199,25 @@ void attention_fwd_kernel(const FwdProblem& pr, Rope qrope, Rope krope,
       // when padded (packed, they are the next sample's rows)
       for (int64_t r = rows; r < mend - m0; ++r) {
         if (!pr.packed || m0 + r < lq) {
-          std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, out_t(0));
+          std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, T(0));
         }
         lrow[r] = kNegInf;
       }
       if (rows == 0) continue;
       const int64_t kfull = std::min(re[m0], lk);  // keys every row of the tile sees
       const int64_t h = bh % H;
-      const float* q = qp + pr.q.base[b] + h * qsh + m0 * qsn;
-      const float* kb = kp + pr.k.base[b] + h * ksh;
-      const float* vb = vp + pr.v.base[b] + h * vsh;
+      const T* q = qp + pr.q.base[b] + h * qsh + m0 * qsn;
+      const T* kb = kp + pr.k.base[b] + h * ksh;
+      const T* vb = vp + pr.v.base[b] + h * vsh;
+      if (cur_bh != bh) cur_bh = bh, k_done = 0, v_done = 0;
       for (int64_t r = 0; r < rows; ++r) {
         if (r + kAhead < rows) prefetch_row(q + (r + kAhead) * qsn, D);
+        const float* qr = float_row(q + r * qsn, D, raw.data());
         if (qrope.cos) {  // rotate (vectorised) into a row, then into column r of the tile
-          rope_row(q + r * qsn, qrope, m0 + r, D, scale, qrow.data());
+          rope_row(qr, qrope, m0 + r, D, qmul, qrow.data());
           for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = qrow[d];
         } else {
-          for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = scale * q[r * qsn + d];
+          for (int64_t d = 0; d < D; ++d) qt[d * BM + r] = qmul * qr[d];
         }
       }
       std::fill(m.begin(), m.end(), kNegInf);
@@ -200,19 +225,29 @@ void attention_fwd_kernel(const FwdProblem& pr, Rope qrope, Rope krope,
       for (int64_t c0 = 0; c0 < kend; c0 += KC) {
         const int64_t kc = std::min(KC, kend - c0);
         // st (kc x rows) = K[c0:c0+kc] (scale Q)^T
-        const float* kchunk = kb + c0 * ksn;
-        int64_t krs = ksn;
-        if (krope.cos) {  // rotated keys of this chunk, rotated once per (batch, head)
-          if (kr_bh != bh) kr_bh = bh, k_done = 0;
+        const float* kchunk;
+        int64_t krs = D;
+        if (k_scratch) {  // float32 (rotated) keys of this chunk, once per (batch, head)
           for (int64_t j = k_done; j < c0 + kc; ++j) {
             if (j + kAhead < kend) prefetch_row(kb + (j + kAhead) * ksn, D);
-            rope_row(kb + j * ksn, krope, j, D, 1.f, kr.data() + j * D);
+            if (krope.cos) {
+              rope_row(float_row(kb + j * ksn, D, raw.data()), krope, j, D, 1.f,
+                       kr.data() + j * D);
+            } else {
+              to_float_row(kb + j * ksn, D, kr.data() + j * D);
+            }
           }
           k_done = std::max(k_done, c0 + kc);
           kchunk = kr.data() + c0 * D;
-          krs = D;
+        } else {
+          kchunk = reinterpret_cast<const float*>(kb) + c0 * ksn;  // float32: T is float
+          krs = ksn;
         }
         small_gemm(kc, rows, D, kchunk, krs, 1, qt.data(), BM, st.data(), BM, false);
+        if (post_scale) {
+          for (int64_t j = 0; j < kc; ++j)
+            for (int64_t r = 0; r < rows; ++r) st[j * BM + r] *= scale;
+        }
         if (c0 + kc > kfull) {
           // the band: keys some rows of the tile may not see (tile crosses a group boundary)
           for (int64_t r = 0; r < rows; ++r) {
@@ -231,18 +266,32 @@ void attention_fwd_kernel(const FwdProblem& pr, Rope qrope, Rope krope,
           m[r] = mx[r];
         }
         // O (+)= P V[c0:c0+kc], P read from st as a column-major (rows x kc) matrix
-        small_gemm(rows, Dv, kc, st.data(), 1, BM, vb + c0 * vsn, vsn, O.data(), Dv, c0 > 0);
+        const float* vchunk;
+        int64_t vrs = Dv;
+        if (v_scratch) {  // float32 values of this chunk, once per (batch, head)
+          for (int64_t j = v_done; j < c0 + kc; ++j) to_float_row(vb + j * vsn, Dv, vr.data() + j * Dv);
+          v_done = std::max(v_done, c0 + kc);
+          vchunk = vr.data() + c0 * Dv;
+        } else {
+          vchunk = reinterpret_cast<const float*>(vb) + c0 * vsn;  // float32: T is float
+          vrs = vsn;
+        }
+        small_gemm(rows, Dv, kc, st.data(), 1, BM, vchunk, vrs, O.data(), Dv, c0 > 0);
       }
       for (int64_t r = 0; r < rows; ++r) {
+        // a row whose scores are all -inf has l = 0: inv = inf and 0 * inf = NaN, the
+        // reference's softmax of an all -inf row
         const float inv = 1.f / l[r];
         const float* o = O.data() + r * Dv;
-        out_t* dst = orow + r * H * Dv;
-        if constexpr (std::is_same_v<out_t, float>) {
+        T* dst = orow + r * H * Dv;
+        if constexpr (kF32) {
           scale_row(dst, o, inv, Dv);
         } else {
-          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<out_t>(o[d] * inv);
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(o[d] * inv);
         }
-        lrow[r] = m[r] + std::log(l[r]);
+        // logsumexp's value: +-inf when the max is (an all -inf row; a +inf score, whose
+        // softmax is NaN), NaN when a score is NaN (m is NaN-sticky), else m + log(sum)
+        lrow[r] = std::isinf(m[r]) ? m[r] : m[r] + std::log(l[r]);
       }
     }
   });
@@ -337,27 +386,23 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
   const auto re = row_end(Nq, token_grans, Nk);
   const auto lens = seq_lens_host(seq_lens, B);
-  // float32 inputs with unit stride along D are read in place and rotated as they are loaded;
-  // other dtypes are converted to float32 (and rotated) once
-  auto direct = [](const at::Tensor& x) {
-    return x.scalar_type() == at::kFloat && x.stride(3) == 1;
-  };
-  const bool fused = direct(q) && direct(k) && direct(v);
-  at::Tensor qf = fused ? q : prep(q, q_cos, q_sin), kf = fused ? k : prep(k, k_cos, k_sin);
-  at::Tensor vf = fused ? v : prep(v, {}, {});
+  // read in place (any dtype, any strides but D's, which must be 1) and rotated as loaded
+  auto unit_d = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+  const at::Tensor qf = unit_d(q), kf = unit_d(k), vf = unit_d(v);
   at::Tensor qc, qs, kc, ks;
-  const Rope qrope = fused ? rope_tables(q_cos, q_sin, qc, qs) : Rope{};
-  const Rope krope = fused ? rope_tables(k_cos, k_sin, kc, ks) : Rope{};
+  const Rope qrope = rope_tables(q_cos, q_sin, qc, qs), krope = rope_tables(k_cos, k_sin, kc, ks);
   // written heads-last and returned as its (B, H, Nq, Dv) view: the op hands the buffer to
   // the model as (B, Nq, C) with no transpose copy
   at::Tensor out = at::empty({B, Nq, H, v.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
-  FwdProblem pr{B, H, Nq, Nk, q.size(3), v.size(3), {}, {}, {}, std::vector<int64_t>(B), false};
-  for (int64_t b = 0; b < B; ++b) pr.out_row[b] = b * Nq;
+  std::vector<int64_t> out_row(B);
+  for (int64_t b = 0; b < B; ++b) out_row[b] = b * Nq;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd",
                                   [&] {
-                                    pr.q = padded_rows(qf), pr.k = padded_rows(kf);
-                                    pr.v = padded_rows(vf);
+                                    const FwdProblem<scalar_t> pr{
+                                        B, H, Nq, Nk, q.size(3), v.size(3),
+                                        padded_rows<scalar_t>(qf), padded_rows<scalar_t>(kf),
+                                        padded_rows<scalar_t>(vf), out_row, false};
                                     attention_fwd_kernel<scalar_t>(
                                         pr, qrope, krope, re, lens, static_cast<float>(scale),
                                         out.data_ptr<scalar_t>(), lse.data_ptr<float>());
@@ -376,8 +421,6 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
                                             k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_varlen_fwd (CPU kernel) got tensors on ",
               q.device());
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention_varlen_fwd takes float32; got ",
-              q.scalar_type(), " (run other dtypes padded, through block_masked_attention)");
   const int64_t B = static_cast<int64_t>(rows.lens.size()), R = q.size(0), H = q.size(1);
   const int64_t D = q.size(2), Nmax = rows.max_len;
   // (checked above: (Nmax, D/2) float32 on q's device)
@@ -388,19 +431,18 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
   const auto re = row_end(Nmax, token_grans, Nmax);
   at::Tensor out = at::empty({R, H, v.size(2)}, q.options());
   at::Tensor lse = at::empty({B, H, Nmax}, q.options().dtype(at::kFloat));
-  FwdProblem pr{B,
-                H,
-                Nmax,
-                Nmax,
-                D,
-                v.size(2),
-                packed_rows(qf, rows.start),
-                packed_rows(kf, rows.start),
-                packed_rows(vf, rows.start),
-                rows.start,
-                true};
-  attention_fwd_kernel<float>(pr, qrope, krope, re, rows.lens, static_cast<float>(scale),
-                              out.data_ptr<float>(), lse.data_ptr<float>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "attention_varlen_fwd", [&] {
+                                    const FwdProblem<scalar_t> pr{
+                                        B, H, Nmax, Nmax, D, v.size(2),
+                                        packed_rows<scalar_t>(qf, rows.start),
+                                        packed_rows<scalar_t>(kf, rows.start),
+                                        packed_rows<scalar_t>(vf, rows.start), rows.start, true};
+                                    attention_fwd_kernel<scalar_t>(
+                                        pr, qrope, krope, re, rows.lens,
+                                        static_cast<float>(scale), out.data_ptr<scalar_t>(),
+                                        lse.data_ptr<float>());
+                                  });
   return {out, lse};
 }
 

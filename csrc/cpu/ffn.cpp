@@ -1,5 +1,6 @@
-// Matryoshka FFN on the CPU: the width-banded GEMMs of ffn_banded.cpp (MKL sgemm on weight
-// slices; units past a sample's width are never computed).
+// Matryoshka FFN on the CPU: the width-banded GEMMs of ffn_banded.cpp (oneDNN / MKL on weight
+// slices, bf16 / fp16 in their dtype where the CPU has native GEMMs for it; units past a
+// sample's width are never computed).
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"

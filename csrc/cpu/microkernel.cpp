@@ -2,11 +2,16 @@
 // attributes and chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
 #include "cpu/microkernel.h"
 
+#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
 
 // The Fortran BLAS sgemm (MKL here) exported by libtorch_cpu. at::native::cpublas::gemm would
 // be the portable spelling but its float overload is not exported from libtorch_cpu.
@@ -121,8 +126,10 @@ __attribute__((target("avx512f"))) void small_gemm_avx512(int64_t m, int64_t n, 
 }
 
 // exp(x) for x <= 0 (Cephes expf polynomial on r = x - n ln2, times 2^n by scalef); ~2 ulp.
+// NaN stays NaN (max_ps returns its second operand when either is NaN); x below -120, -inf
+// included, gives exactly 0 (2^n underflows in scalef), so a masked score weighs nothing.
 __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-120.0f), x);
   const __m512 n = _mm512_roundscale_ps(
       _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -149,14 +156,22 @@ __attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc
   __m512 mx0 = _mm512_mask_loadu_ps(ninf, k0, m_old);
   __m512 mx1 = _mm512_mask_loadu_ps(ninf, k1, m_old + 16);
   for (int64_t j = 0; j < kc; ++j) {
-    mx0 = _mm512_max_ps(mx0, _mm512_mask_loadu_ps(ninf, k0, st + j * ld));
-    mx1 = _mm512_max_ps(mx1, _mm512_mask_loadu_ps(ninf, k1, st + j * ld + 16));
+    const __m512 v0 = _mm512_mask_loadu_ps(ninf, k0, st + j * ld);
+    const __m512 v1 = _mm512_mask_loadu_ps(ninf, k1, st + j * ld + 16);
+    // NaN-sticky max: max_ps(v, mx) keeps a NaN mx; a NaN v is put in by the mask move
+    mx0 = _mm512_mask_mov_ps(_mm512_max_ps(v0, mx0), _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q), v0);
+    mx1 = _mm512_mask_mov_ps(_mm512_max_ps(v1, mx1), _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q), v1);
   }
+  // a column whose scores so far are all -inf subtracts 0 (its entries exp to 0, as masked
+  // ones) instead of -inf (-inf - -inf = NaN): a later chunk may still give it a finite max
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 sub0 = _mm512_mask_mov_ps(mx0, _mm512_cmp_ps_mask(mx0, ninf, _CMP_EQ_OQ), zero);
+  const __m512 sub1 = _mm512_mask_mov_ps(mx1, _mm512_cmp_ps_mask(mx1, ninf, _CMP_EQ_OQ), zero);
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
   for (int64_t j = 0; j < kc; ++j) {
     float* row = st + j * ld;
-    const __m512 e0 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, row), mx0));
-    const __m512 e1 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, row + 16), mx1));
+    const __m512 e0 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k0, row), sub0));
+    const __m512 e1 = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k1, row + 16), sub1));
     _mm512_mask_storeu_ps(row, k0, e0);
     _mm512_mask_storeu_ps(row + 16, k1, e1);
     s0 = _mm512_add_ps(s0, e0);
@@ -270,9 +285,11 @@ __attribute__((target("avx2,fma"))) void small_gemm_avx2(int64_t m, int64_t n, i
 }
 
 // exp(x) for x <= 0, the same Cephes polynomial as exp512; 2^n through the exponent bits
-// (x >= -87 keeps n + 127 >= 1, a normal float).
+// (x clamped to >= -87 keeps n + 127 >= 1, a normal float). NaN stays NaN (max_ps returns its
+// second operand when either is NaN); -inf gives exactly 0.
 __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 is_ninf = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
   const __m256 n = _mm256_floor_ps(
       _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -287,7 +304,7 @@ __attribute__((target("avx2,fma"))) inline __m256 exp256(__m256 x) {
                                  _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(is_ninf, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
 // 8 floats from p, -inf in the lanes past the mask k (f: the same mask as floats)
@@ -325,15 +342,22 @@ __attribute__((target("avx2,fma"))) void col_block_avx2(float* st, int64_t kc, i
   const __m256 f0 = _mm256_castsi256_ps(k0), f1 = _mm256_castsi256_ps(k1);
   __m256 mx0 = load_block<Full>(m_old, k0, f0), mx1 = load_block<Full>(m_old + 8, k1, f1);
   for (int64_t j = 0; j < kc; ++j) {
-    mx0 = _mm256_max_ps(mx0, load_block<Full>(st + j * ld, k0, f0));
-    mx1 = _mm256_max_ps(mx1, load_block<Full>(st + j * ld + 8, k1, f1));
+    const __m256 v0 = load_block<Full>(st + j * ld, k0, f0);
+    const __m256 v1 = load_block<Full>(st + j * ld + 8, k1, f1);
+    // NaN-sticky max, as in col_softmax_avx512
+    mx0 = _mm256_blendv_ps(_mm256_max_ps(v0, mx0), v0, _mm256_cmp_ps(v0, v0, _CMP_UNORD_Q));
+    mx1 = _mm256_blendv_ps(_mm256_max_ps(v1, mx1), v1, _mm256_cmp_ps(v1, v1, _CMP_UNORD_Q));
   }
+  // all -inf so far: subtract 0, not -inf (see col_softmax_avx512)
+  const __m256 ninf = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+  const __m256 sub0 = _mm256_blendv_ps(mx0, zero, _mm256_cmp_ps(mx0, ninf, _CMP_EQ_OQ));
+  const __m256 sub1 = _mm256_blendv_ps(mx1, zero, _mm256_cmp_ps(mx1, ninf, _CMP_EQ_OQ));
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   for (int64_t j = 0; j < kc; ++j) {
     float* row = st + j * ld;
-    // lanes past w load -inf and exp to ~1e-38; they are never stored (neither are their sums)
-    const __m256 e0 = exp256(_mm256_sub_ps(load_block<Full>(row, k0, f0), mx0));
-    const __m256 e1 = exp256(_mm256_sub_ps(load_block<Full>(row + 8, k1, f1), mx1));
+    // lanes past w load -inf and exp to 0; they are never stored (neither are their sums)
+    const __m256 e0 = exp256(_mm256_sub_ps(load_block<Full>(row, k0, f0), sub0));
+    const __m256 e1 = exp256(_mm256_sub_ps(load_block<Full>(row + 8, k1, f1), sub1));
     store_block<Full>(row, k0, e0);
     store_block<Full>(row + 8, k1, e1);
     s0 = _mm256_add_ps(s0, e0);
@@ -366,10 +390,16 @@ void col_softmax_portable(float* st, int64_t kc, int64_t ld, int64_t cols, const
                           float* m_new, float* sum) {
   for (int64_t i = 0; i < cols; ++i) {
     float mx = m_old[i];
-    for (int64_t j = 0; j < kc; ++j) mx = std::max(mx, st[j * ld + i]);
+    for (int64_t j = 0; j < kc; ++j) {
+      const float v = st[j * ld + i];
+      mx = (std::isnan(v) || std::isnan(mx)) ? std::numeric_limits<float>::quiet_NaN()
+                                             : std::max(mx, v);
+    }
+    // all -inf so far: subtract 0, not -inf (see col_softmax_avx512)
+    const float sub = mx == -std::numeric_limits<float>::infinity() ? 0.f : mx;
     float s = 0.f;
     for (int64_t j = 0; j < kc; ++j) {
-      const float e = std::exp(st[j * ld + i] - mx);
+      const float e = std::exp(st[j * ld + i] - sub);
       st[j * ld + i] = e;
       s += e;
     }
@@ -400,10 +430,56 @@ bool isa_supported(Isa isa) {
   return false;
 }
 
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kPortable: return "portable";
+  }
+  return "?";
+}
+
 Isa best_isa() {
-  static const Isa best =
-      has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
+  static const Isa best = [] {
+    const Isa hw = has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
+    std::string env;
+    if (const char* v = std::getenv("ADAPERCEIVER_CPU_ISA")) env = v;
+    env.erase(0, env.find_first_not_of(" \t\n\r"));
+    env.erase(env.find_last_not_of(" \t\n\r") + 1);
+    std::transform(env.begin(), env.end(), env.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    if (env.empty()) return hw;
+    for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+      if (env != isa_name(isa)) continue;
+      TORCH_CHECK(isa_supported(isa), "ADAPERCEIVER_CPU_ISA=", env, " is not supported by this "
+                  "CPU; allowed here: ", isa_name(hw), " or a lower one (avx512 > avx2 > "
+                  "portable)");
+      return isa;
+    }
+    TORCH_CHECK(false, "ADAPERCEIVER_CPU_ISA=", env, " is not allowed; allowed: avx512, avx2, "
+                "portable");
+    return hw;
+  }();
   return best;
+}
+
+// cpuinfo's flags, through ATen (the same detection oneDNN's dispatch relies on)
+static bool cpu_flag(const char* name) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+bool native_bf16_gemm() {
+  static const bool yes = best_isa() == Isa::kAvx512 &&
+                          (cpu_flag("avx512_bf16") || cpu_flag("amx_bf16"));
+  return yes;
+}
+
+bool native_fp16_gemm() {
+  static const bool yes = best_isa() == Isa::kAvx512 &&
+                          (cpu_flag("avx512_fp16") || cpu_flag("amx_fp16"));
+  return yes;
 }
 
 namespace {

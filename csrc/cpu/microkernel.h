@@ -16,7 +16,18 @@ namespace cpu {
 
 enum class Isa { kAvx512, kAvx2, kPortable };
 bool isa_supported(Isa isa);
-Isa best_isa();  // AVX-512 when the CPU has it, else AVX2 + FMA, else portable
+const char* isa_name(Isa isa);  // "avx512", "avx2", "portable"
+// AVX-512 when the CPU has it, else AVX2 + FMA, else portable. ADAPERCEIVER_CPU_ISA=avx512 /
+// avx2 / portable in the environment (read once) picks a lower one, so that the paths a CPU
+// without AVX-512 takes can be run and tested here; a higher one than the CPU has is an error.
+Isa best_isa();
+
+// bfloat16 (float16) GEMMs run natively: the CPU has AVX512-BF16 or AMX-BF16 (AVX512-FP16 or
+// AMX-FP16) and best_isa() is AVX-512. Then the FFN runs those dtypes as they are through
+// oneDNN; otherwise it computes in float32 (a bfloat16 GEMM without the hardware is emulated,
+// slower than float32).
+bool native_bf16_gemm();
+bool native_fp16_gemm();
 
 // accumulate=false: C = A B; accumulate=true: C += A B.
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,

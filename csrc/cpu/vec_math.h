@@ -9,6 +9,11 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ADAPERCEIVER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -19,10 +24,12 @@
 namespace adaperceiver {
 namespace cpu {
 
-// exp(x) for x <= 0 up to ~2 ulp (Cephes expf: 2^n * p(r), r = x - n ln2); x below -87 gives
-// a denormal-sized value instead of 0, harmless next to a row sum >= 1.
-inline float exp_neg(float x) {
-  x = std::max(x, -87.0f);
+// exp(x) for x <= 0 up to ~2 ulp (Cephes expf: 2^n * p(r), r = x - n ln2); x below -87 (-inf
+// included) gives 0 and NaN gives NaN. The polynomial runs on a clamped copy so that the
+// float-to-int conversion of n never sees NaN (undefined behaviour). Selects only (no fmax: a
+// libm call that stops the loops around it from vectorizing).
+inline float exp_neg(float x_in) {
+  const float x = x_in >= -87.0f ? x_in : -87.0f;  // NaN compares false: clamped, n an int
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -34,7 +41,7 @@ inline float exp_neg(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
   const float two_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return y * two_n;
+  return x_in != x_in ? x_in : (x_in < -87.0f ? 0.f : y * two_n);
 }
 
 // Backward row: p = exp(s - lse); ds = p * (dp - delta) * scale, in place in s and dp.
@@ -74,11 +81,14 @@ inline float erf_as(float x) {
 
 // FFN row: x = GELU(x + b) in place (exact, erf form): fc1's bias and activation in one pass
 // over the GEMM output instead of a bias copy before the GEMM and a GELU pass after it.
+// GELU(+inf) is NaN, as torch's float32 / bfloat16 / float16 GELU (the reference) and
+// oneDNN's (the bfloat16 path) give it; GELU(-inf) = -inf * 0 is NaN anyway.
 ADAPERCEIVER_CLONES
 inline void bias_gelu_row(float* x, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float v = x[i] + b[i];
-    x[i] = 0.5f * v * (1.f + erf_as(v * 0.7071067811865476f));
+    const float g = 0.5f * v * (1.f + erf_as(v * 0.7071067811865476f));
+    x[i] = v > std::numeric_limits<float>::max() ? std::numeric_limits<float>::quiet_NaN() : g;
   }
 }
 
@@ -97,6 +107,35 @@ inline void rope_row_contiguous(const float* x, const float* c, const float* s, 
     const float x0 = x[2 * i], x1 = x[2 * i + 1];
     dst[2 * i] = mul * (x0 * c[i] - x1 * s[i]);
     dst[2 * i + 1] = mul * (x0 * s[i] + x1 * c[i]);
+  }
+}
+
+// n bfloat16 values (their bits) as float32: the high half of a float's bits.
+ADAPERCEIVER_CLONES
+inline void bf16_to_float_row(const uint16_t* x, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(x[i]) << 16);
+}
+
+// x (n values of T: float, c10::BFloat16 or c10::Half) as float32 into dst.
+template <typename T>
+inline void to_float_row(const T* x, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(x, x + n, dst);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    bf16_to_float_row(reinterpret_cast<const uint16_t*>(x), n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i]);
+  }
+}
+
+// x as float32 (n values): x itself when T is float, else converted into buf.
+template <typename T>
+inline const float* float_row(const T* x, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    to_float_row(x, n, buf);
+    return buf;
   }
 }
 

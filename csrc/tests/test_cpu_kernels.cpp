@@ -323,9 +323,99 @@ void microkernel_cases() {
   }
 }
 
+// NaN and inf through the column softmax on every instruction-set path this CPU supports, as
+// the attention's online softmax needs them (the reference's softmax / logsumexp semantics):
+// a NaN score makes its column's max NaN (sticky across chunks: a NaN m_old stays) and its
+// exps NaN; a +inf score gives max +inf and a NaN exp for it (inf - inf); a column of -inf
+// (masked, or all -inf so far) gives max -inf and exps of exactly 0, not NaN; other columns
+// are unaffected.
+void microkernel_nan_cases() {
+  using adaperceiver::cpu::Isa;
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  const Isa isas[] = {Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
+  const char* names[] = {"avx512", "avx2", "portable"};
+  for (int ii = 0; ii < 3; ++ii) {
+    if (!adaperceiver::cpu::isa_supported(isas[ii])) continue;
+    for (int64_t cols : {5, 16, 29, 32}) {
+      const int64_t kc = 21, ld = 32 + 3;
+      at::Tensor st = at::randn({kc, ld}), m_old = at::randn({32});
+      st[7][0] = nan;                                   // column 0: a NaN score
+      st[3][1] = inf;                                   // column 1: a +inf score
+      for (int64_t j = 0; j < kc; ++j) st[j][2] = -inf;  // column 2: all -inf
+      m_old[2] = -inf;
+      m_old[3] = nan;                                   // column 3: NaN from an earlier chunk
+      m_old[4] = -inf;                                  // column 4: a first chunk, finite scores
+      at::Tensor clean = st.clone();
+      at::Tensor m_new = at::full({32}, 7.f), sum = at::full({32}, 7.f);
+      adaperceiver::cpu::col_softmax(isas[ii], st.data_ptr<float>(), kc, ld, cols,
+                                     m_old.data_ptr<float>(), m_new.data_ptr<float>(),
+                                     sum.data_ptr<float>());
+      auto mn = m_new.accessor<float, 1>();
+      auto sm = sum.accessor<float, 1>();
+      auto e = st.accessor<float, 2>();
+      bool ok = std::isnan(mn[0]) && std::isnan(sm[0]) && std::isnan(e[7][0]);
+      ok = ok && mn[1] == inf && std::isnan(sm[1]) && std::isnan(e[3][1]) && e[4][1] == 0.f;
+      ok = ok && mn[2] == -inf && sm[2] == 0.f;
+      for (int64_t j = 0; j < kc; ++j) ok = ok && e[j][2] == 0.f;
+      ok = ok && std::isnan(mn[3]) && std::isnan(sm[3]);
+      ok = ok && std::isfinite(mn[4]) && std::isfinite(sm[4]) && sm[4] >= 1.f;
+      // columns 4.. : the plain softmax step of the clean scores
+      at::Tensor S = clean.to(at::kDouble).narrow(1, 4, cols - 4);
+      at::Tensor mx = at::maximum(std::get<0>(S.max(0)),
+                                  m_old.narrow(0, 4, cols - 4).to(at::kDouble));
+      at::Tensor want = (S - mx.unsqueeze(0)).exp();
+      char what[96];
+      std::snprintf(what, sizeof what, "col_softmax NaN/inf %s cols=%ld", names[ii],
+                    static_cast<long>(cols));
+      if (!ok) {
+        std::printf("FAIL %s: NaN/inf columns (max %g %g %g %g, sum %g %g %g %g)\n", what,
+                    mn[0], mn[1], mn[2], mn[3], sm[0], sm[1], sm[2], sm[3]);
+        ++failures;
+      }
+      expect_close(st.narrow(1, 4, cols - 4), want, 1e-6, (std::string(what) + " others").c_str());
+    }
+  }
+}
+
+// The attention forward on poisoned q / k / scale: the rows that see the poison are NaN (lse
+// NaN, or +inf for a +inf score), the other rows equal the clean run exactly.
+void attention_nan_case() {
+  const float nan = std::nanf("");
+  const int64_t B = 1, H = 2, N = 70, D = 32;
+  at::Tensor q = at::randn({B, H, N, D}), k = at::randn({B, H, N, D}), v = at::randn({B, H, N, D});
+  const std::vector<int64_t> grans = {16, 40, 70};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  auto [o0, l0] = adaperceiver::cpu::attention_fwd(q, k, v, grans, scale, {}, {}, {}, {}, {});
+  at::Tensor kp = k.clone();
+  kp[0][1][20][3] = nan;  // key 20: rows 16.. of head 1 see it
+  auto [o1, l1] = adaperceiver::cpu::attention_fwd(q, kp, v, grans, scale, {}, {}, {}, {}, {});
+  const bool rows_nan = at::isnan(o1[0][1].narrow(0, 16, N - 16)).all(-1).all().item<bool>() &&
+                        at::isnan(l1[0][1].narrow(0, 16, N - 16)).all().item<bool>();
+  const bool others = at::equal(o1[0][0], o0[0][0]) &&
+                      at::equal(o1[0][1].narrow(0, 0, 16), o0[0][1].narrow(0, 0, 16)) &&
+                      at::equal(l1[0][0], l0[0][0]);
+  auto [o2, l2] = adaperceiver::cpu::attention_fwd(q, k, v, grans, nan, {}, {}, {}, {}, {});
+  const bool scale_nan = at::isnan(o2).all().item<bool>() && at::isnan(l2).all().item<bool>();
+  if (!(rows_nan && others && scale_nan)) {
+    std::printf("FAIL attention NaN: rows that see a NaN key NaN %d, others exact %d, NaN "
+                "scale all NaN %d\n", rows_nan, others, scale_nan);
+    ++failures;
+  } else {
+    std::printf("ok   attention NaN: poisoned key and scale (%s path)\n",
+                adaperceiver::cpu::isa_name(adaperceiver::cpu::best_isa()));
+  }
+}
+
 }  // namespace
 
 int main() {
+  try {  // the path the attention kernels take (ADAPERCEIVER_CPU_ISA may lower it)
+    std::printf("attention kernels: %s path\n",
+                adaperceiver::cpu::isa_name(adaperceiver::cpu::best_isa()));
+  } catch (const std::exception& e) {
+    std::printf("%s\n", e.what());
+    return 1;
+  }
   at::manual_seed(1234);
   attention_case(2, 3, 77, 77, 64, {5, 20, 32, 64}, {77, 40}, true);
   attention_case(1, 2, 100, 100, 80, {32, 64, 96}, {}, false);
@@ -337,6 +427,8 @@ int main() {
   dispatcher_case();
   packed_attention_case();
   microkernel_cases();
+  microkernel_nan_cases();
+  attention_nan_case();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

@@ -1,0 +1,215 @@
+"""bfloat16 and float16 through the cpp backend, by flash-attn's accuracy rule.
+
+For each op and for the whole model: the error of our result in bf16 / fp16 against a float64
+truth must be at most 2x the error of the plain PyTorch reference (adaperceiver/ops/reference.py,
+or the model on the reference backend) run in the same precision, plus a tiny absolute floor
+(1e-4 of the truth's largest magnitude). Inputs are fresh random values; shapes have tails (rows
+and widths that are not multiples of the tiles), RoPE, token granularities, seq_lens, packed
+rows and per-sample widths. The bf16 model's top-1 on the digits recipe's test split agrees with
+float32 within 0.5 points (slow: trains the recipe).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import adaperceiver
+from adaperceiver import _ext
+from adaperceiver.ops import cpp_backend as C
+from adaperceiver.ops import reference as R
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not _ext.available(),
+                                reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def assert_rule(ours, ref_low, truth, what):
+    truth = truth.double()
+    err = (ours.double() - truth).abs().max().item()
+    err_ref = (ref_low.double() - truth).abs().max().item()
+    floor = 1e-4 * truth.abs().max().item()
+    assert err <= 2 * err_ref + floor, (f"{what}: error {err:.3g} > 2 x the reference's "
+                                        f"{err_ref:.3g} + {floor:.2g}")
+
+
+ATTN_CASES = [
+    # B, H, N, D, grans, seq_lens, rope
+    (2, 3, 77, 64, [5, 20, 32, 64, 77], [77, 40], True),
+    (1, 2, 100, 32, [32, 64, 96], None, False),
+    (1, 1, 600, 16, None, None, True),       # two key chunks (KC = 512)
+    (3, 1, 33, 64, [32], [0, 1, 33], False),
+]
+
+
+def _attn_inputs(B, H, N, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(ATTN_CASES)))
+def test_attention_forward_rule(dtype, case):
+    B, H, N, D, grans, lens, rope = ATTN_CASES[case]
+    q, k, v, _ = _attn_inputs(B, H, N, D, case)
+    q, k, v = (t.to(dtype) for t in (q, k, v))     # the same low-precision inputs for all
+    tables = R.rope_tables(N, D) if rope else None
+    kw = dict(token_grans=grans, seq_lens=None if lens is None else torch.tensor(lens),
+              q_rope=tables, k_rope=tables)
+    out, lse = C.attention_forward(q, k, v, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref, ref_lse = R.attention_forward(q, k, v, **kw)
+    truth, truth_lse = R.attention_forward(q.double(), k.double(), v.double(), **kw)
+    assert_rule(out, ref, truth, "out")
+    fin = truth_lse.isfinite()
+    assert torch.equal(fin, lse.isfinite())
+    assert_rule(lse[fin], ref_lse[fin], truth_lse[fin], "lse")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_attention_backward_rule(dtype, case):
+    B, H, N, D, grans, lens, rope = ATTN_CASES[case]
+    q, k, v, go = _attn_inputs(B, H, N, D, 10 + case)
+    q, k, v, go = (t.to(dtype) for t in (q, k, v, go))
+    tables = R.rope_tables(N, D) if rope else None
+    kw = dict(token_grans=grans, seq_lens=None if lens is None else torch.tensor(lens),
+              q_rope=tables, k_rope=tables)
+    out, lse = C.attention_forward(q, k, v, **kw)
+    ours = C.attention_backward(go, q, k, v, out, lse, **kw)
+
+    def autograd(dt):  # plain PyTorch autograd through the reference in dtype dt
+        leaves = [t.detach().to(dt).clone().requires_grad_(True) for t in (q, k, v)]
+        R.attention(*leaves, grans, seq_lens=kw["seq_lens"], q_rope=tables,
+                    k_rope=tables).backward(go.to(dt))
+        return [t.grad for t in leaves]
+
+    for name, g, r, t in zip(("dq", "dk", "dv"), ours, autograd(dtype), autograd(torch.float64)):
+        assert g.dtype == dtype
+        assert_rule(g, r, t, name)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_packed_attention_rule(dtype):
+    lens, H, D, grans = [50, 0, 37, 64], 2, 64, [16, 32, 64]
+    g = torch.Generator().manual_seed(5)
+    R_ = sum(lens)
+    q, k, v = (torch.randn(R_, H, D, generator=g).to(dtype) for _ in range(3))
+    tables = R.rope_tables(max(lens), D)
+    out, _ = C.attention_varlen_forward(q, k, v, lens, grans, None, tables, tables)
+    assert out.dtype == dtype
+
+    def padded(x):
+        P = torch.zeros(len(lens), H, max(lens), D, dtype=x.dtype)
+        s = 0
+        for b, n in enumerate(lens):
+            P[b, :, :n] = x[s:s + n].transpose(0, 1)
+            s += n
+        return P
+
+    def packed(P):
+        return torch.cat([P[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
+
+    kw = dict(token_grans=grans, seq_lens=torch.tensor(lens), q_rope=tables, k_rope=tables)
+    ref, _ = R.attention_forward(padded(q), padded(k), padded(v), **kw)
+    truth, _ = R.attention_forward(*(padded(t).double() for t in (q, k, v)), **kw)
+    assert_rule(out, packed(ref), packed(truth), "packed out")
+
+
+FFN_CASES = [([40, 17, 29], 7), ([40, 40], 33), ([1, 40, 23, 23], 5)]
+
+
+def _ffn_inputs(hidden, N, seed, dtype, C_=24, Hmax=40, Cout=19):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(len(hidden), N, C_, generator=g), torch.randn(Hmax, C_, generator=g) / 4,
+         torch.randn(Hmax, generator=g), torch.randn(Cout, Hmax, generator=g) / 6,
+         torch.randn(Cout, generator=g)]
+    return [x.to(dtype) for x in t]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_CASES)))
+def test_ffn_forward_rule(dtype, case):
+    hidden, N = FFN_CASES[case]
+    args = _ffn_inputs(hidden, N, case, dtype)
+    out = C.ffn_forward(*args, hidden)
+    assert out.dtype == dtype
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert_rule(out, ref, truth, "ffn out")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_CASES)))
+def test_ffn_backward_rule(dtype, case):
+    hidden, N = FFN_CASES[case]
+    args = _ffn_inputs(hidden, N, 20 + case, dtype)
+    go = torch.randn(len(hidden), N, 19, generator=torch.Generator().manual_seed(9)).to(dtype)
+    ours = C.ffn_backward(go, *args, hidden)
+
+    def autograd(dt):
+        leaves = [a.detach().to(dt).clone().requires_grad_(True) for a in args]
+        R.matryoshka_ffn(*leaves, hidden).backward(go.to(dt))
+        return [a.grad for a in leaves]
+
+    for name, g, r, t in zip(("dx", "dw1", "db1", "dw2", "db2"), ours, autograd(dtype),
+                             autograd(torch.float64)):
+        assert g.dtype == dtype
+        assert_rule(g, r, t, name)
+
+
+MODEL_CONFIGS = [dict(num_tokens=70, mat_dim=96, depth=4), dict(num_tokens=33, mat_dim=48, depth=2),
+                 dict(num_tokens=[70, 33, 50], mat_dim=[48, 96, 61], depth=[4, 1, 3])]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_model().eval()
+
+
+def _logits(model, x, dtype, backend, amp=False, **kw):
+    import copy
+    m = copy.deepcopy(model).to(torch.float32 if amp else dtype)
+    with torch.inference_mode(), adaperceiver.use_backend(backend):
+        if amp:
+            with torch.autocast("cpu", dtype=dtype):
+                return m(x.float(), token_grans=[16, 32, 50, 70], **kw).logits
+        return m(x.to(dtype), token_grans=[16, 32, 50, 70], **kw).logits
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["cast", "autocast"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("cfg", range(len(MODEL_CONFIGS)))
+def test_model_rule(model, cfg, dtype, amp):
+    """The whole model (model.to(dtype), or float32 weights under autocast) on the cpp backend
+    against the same on the reference backend, both against the float64 model."""
+    kw = MODEL_CONFIGS[cfg]
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(cfg)).to(dtype)
+    ours = _logits(model, x, dtype, "cpp", amp, **kw)
+    ref = _logits(model, x, dtype, "reference", amp, **kw)
+    truth = _logits(model, x, torch.float64, "reference", **kw)
+    assert_rule(ours, ref, truth, f"logits {kw}")
+
+
+@pytest.mark.slow
+def test_digits_top1_bf16_agrees_with_fp32():
+    pytest.importorskip("sklearn")
+    from adaperceiver.data import digits_split
+    from adaperceiver.train.digits import DigitsRecipe, train_digits
+    recipe = DigitsRecipe()
+    split = digits_split(recipe.seed)
+    model, _ = train_digits(recipe, split=split, log=lambda m: None)
+    model = model.eval()
+    x, y = split.x_test, split.y_test
+    with torch.inference_mode():
+        # logits (B, 1, classes): one readout
+        top1_32 = (model(x).logits[:, 0].argmax(-1) == y).float().mean().item()
+        mb = model.to(torch.bfloat16)
+        top1_16 = (mb(x.bfloat16()).logits[:, 0].argmax(-1) == y).float().mean().item()
+    assert top1_32 > 0.9, top1_32       # a trained model, or the comparison says nothing
+    assert abs(top1_16 - top1_32) <= 0.005, (top1_32, top1_16)

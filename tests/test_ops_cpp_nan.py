@@ -1,0 +1,259 @@
+"""NaN and inf through the C++ CPU kernels (csrc/cpu): the reference's pattern, never a number.
+
+One element of q, k or v poisoned with NaN, +inf or -inf, or a NaN / infinite scale: the cpp
+backend's output must be NaN / +inf / -inf exactly where the plain PyTorch reference's is (rows
+a sample owns; lse everywhere), and every other element must equal the cpp backend's own
+output on the clean inputs bit for bit. Forward and backward (per head: the same heads get
+non-finite gradients, the other heads' gradients are unchanged), padded and packed rows, RoPE,
+token granularities, seq_lens, float32 / bfloat16 / float16, and every instruction-set path of
+the attention microkernel this CPU has (ADAPERCEIVER_CPU_ISA in a child process).
+
+Where the kernels differ from the reference on purpose (documented, tested below):
+* rows past a sample's length are zeros (lse -inf); the reference leaves their scores unmasked
+  and multiplies by 0, so a NaN anywhere in the sample's k makes them NaN (0 * NaN);
+* a value row v[j] that a query tile never reads (every key of the tile's rows is below j)
+  does not reach that tile; the reference's dense P @ V multiplies it by P = 0 (NaN).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adaperceiver import _ext
+from adaperceiver.ops import cpp_backend as C
+from adaperceiver.ops import reference as R
+
+pytestmark = pytest.mark.skipif(not _ext.available(),
+                                reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
+
+NAN, INF = float("nan"), float("inf")
+B, H, N, D = 2, 3, 45, 16          # N: a full 32-row tile and a tail of 13
+GRANS = [8, 20, 45]
+LENS = [45, 30]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (tensor, (b, h, row, d)): a q row of sample 1 inside its length; a k row every later row
+# sees; a v row every row sees (key < the first granularity: no tile skips it)
+POISON_AT = {"q": (1, 1, 12, 3), "k": (0, 2, 10, 5), "v": (1, 0, 3, 7)}
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, go = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(4))
+    return q, k, v, go
+
+
+def _pattern(t):
+    t = t.float()
+    return torch.stack((t.isnan(), t.isposinf(), t.isneginf()))
+
+
+def _rows_owned(lens):
+    """(B, 1, N, 1) bool: rows < seq_lens[b]."""
+    if lens is None:
+        return torch.ones(B, 1, N, 1, dtype=torch.bool)
+    return (torch.arange(N)[None, :] < torch.tensor(lens)[:, None])[:, None, :, None]
+
+
+def _untouched(poison, lens):
+    """(B, H, N, D) bool: the output rows that do not depend on the poisoned element: other
+    heads, other rows (q), rows whose group ends at or before the poisoned key (k, v)."""
+    far = torch.ones(B, H, N, D, dtype=torch.bool)
+    if poison == "scale":
+        return far & False
+    b, h, j = POISON_AT[poison][:3]
+    if poison == "q":
+        far[b, h, j] = False
+    else:
+        row_end = torch.tensor([next(g for g in GRANS + [N] if g > i) for i in range(N)])
+        far[b, h, row_end > j] = False
+    return far
+
+
+def _check_forward(poison, value, dtype, rope, lens):
+    q, k, v, _ = _inputs(dtype)
+    scale = 1.0 / math.sqrt(D)
+    clean = (q, k, v, scale)
+    if poison == "scale":
+        scale = value
+    else:
+        t = {"q": q, "k": k, "v": v}[poison].clone()
+        t[POISON_AT[poison]] = value
+        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    tables = R.rope_tables(N, D) if rope else None
+    sl = None if lens is None else torch.tensor(lens)
+    kw = dict(token_grans=GRANS, seq_lens=sl, q_rope=tables, k_rope=tables)
+    out, lse = C.attention_forward(q, k, v, scale=scale, **kw)
+    ref, ref_lse = R.attention_forward(q.float(), k.float(), v.float(), scale=scale, **kw)
+    base, base_lse = C.attention_forward(clean[0], clean[1], clean[2], scale=clean[3], **kw)
+    owned = _rows_owned(lens).expand(B, H, N, D)
+    assert torch.equal(_pattern(out)[:, owned], _pattern(ref)[:, owned]), \
+        f"{poison}={value}: NaN/inf pattern of out differs from the reference"
+    assert torch.equal(_pattern(lse), _pattern(ref_lse)), \
+        f"{poison}={value}: NaN/inf pattern of lse differs from the reference"
+    # something must be non-finite, or the case tests nothing
+    assert not out[owned].float().isfinite().all(), f"{poison}={value} poisoned nothing"
+    # rows the poison cannot reach: bit for bit the clean output; the other finite elements
+    # (a key at -inf weighs 0, a +-inf value gives +-inf only where its weight is not 0) close
+    # to the reference
+    far = _untouched(poison, lens)
+    assert torch.equal(out[far], base[far]), f"{poison}={value}: untouched rows changed"
+    assert torch.equal(lse[far[..., 0]], base_lse[far[..., 0]])
+    fin = torch.isfinite(ref) & owned
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out[fin].float(), ref[fin], rtol=tol, atol=tol)
+    if lens is not None:  # rows past a length: zeros, whatever the poison
+        assert torch.equal(out[~owned], torch.zeros_like(out[~owned]))
+    return out, lse
+
+
+CASES = [(p, v) for p in "qkv" for v in (NAN, INF, -INF)] + [("scale", v) for v in
+                                                              (NAN, INF, -INF)]
+
+
+@pytest.mark.parametrize("poison,value", CASES, ids=[f"{p}={v}" for p, v in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_forward_nan_pattern(poison, value, dtype):
+    for rope in (False, True):
+        for lens in (None, LENS):
+            _check_forward(poison, value, dtype, rope, lens)
+
+
+def _check_backward(poison, value, dtype):
+    q, k, v, go = _inputs(dtype, seed=1)
+    scale = 1.0 / math.sqrt(D)
+    kw = dict(token_grans=GRANS, seq_lens=torch.tensor(LENS),
+              q_rope=R.rope_tables(N, D), k_rope=R.rope_tables(N, D))
+    base = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
+                                scale=scale, **kw)
+    if poison == "scale":
+        scale = value
+    else:
+        t = {"q": q, "k": k, "v": v}[poison].clone()
+        t[POISON_AT[poison]] = value
+        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    grads = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
+                                 scale=scale, **kw)
+    qf, kf, vf, gf = (t.float() for t in (q, k, v, go))
+    ref = R.attention_backward(gf, qf, kf, vf, *R.attention_forward(qf, kf, vf, scale=scale,
+                                                                     **kw), scale=scale, **kw)
+    any_bad = False
+    for name, g, r, g0 in zip(("dq", "dk", "dv"), grads, ref, base):
+        bad = ~g.float().isfinite().flatten(2).all(-1)     # (B, H): a head with a non-finite
+        bad_ref = ~r.isfinite().flatten(2).all(-1)
+        assert torch.equal(bad, bad_ref), f"{poison}={value}: heads with non-finite {name}"
+        any_bad |= bool(bad.any())
+        ok = ~bad
+        assert torch.equal(g[ok], g0[ok]), f"{poison}={value}: {name} of clean heads changed"
+    assert any_bad, f"{poison}={value} poisoned no gradient"
+
+
+@pytest.mark.parametrize("poison,value", CASES, ids=[f"{p}={v}" for p, v in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_backward_nan_heads(poison, value, dtype):
+    _check_backward(poison, value, dtype)
+
+
+@pytest.mark.parametrize("poison,value", [("q", NAN), ("k", INF), ("v", -INF), ("scale", NAN)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_attention_nan_pattern(poison, value, dtype):
+    """The packed-rows kernel gives the padded kernel's pattern and values on the owned rows."""
+    out, lse = _check_forward(poison, value, dtype, True, LENS)
+    q, k, v, _ = _inputs(dtype)
+    scale = 1.0 / math.sqrt(D)
+    if poison == "scale":
+        scale = value
+    else:
+        t = {"q": q, "k": k, "v": v}[poison].clone()
+        t[POISON_AT[poison]] = value
+        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    pack = lambda x: torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(LENS)])  # noqa: E731
+    tables = R.rope_tables(max(LENS), D)
+    pout, plse = C.attention_varlen_forward(pack(q), pack(k), pack(v), LENS, GRANS, scale,
+                                            tables, tables)
+    want = pack(out)
+    assert torch.equal(_pattern(pout), _pattern(want))
+    fin = want.float().isfinite()
+    torch.testing.assert_close(pout[fin].float(), want[fin].float(), rtol=0, atol=1e-6)
+    assert torch.equal(_pattern(plse), _pattern(lse))
+
+
+def test_value_rows_a_tile_never_reads_stay_out():
+    """The documented difference: v[j] poisoned, rows whose tiles end below key j are exact
+    (the reference's 0 * NaN makes them NaN); the rows that attend to key j are NaN in both."""
+    n, grans = 100, [32, 64, 100]
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, D, generator=g) for _ in range(3))
+    base, _ = C.attention_forward(q, k, v, grans)
+    v[0, 1, 80, 4] = NAN
+    out, _ = C.attention_forward(q, k, v, grans)
+    ref, _ = R.attention_forward(q, k, v, grans)
+    assert ref[0, 1].isnan().any(-1).all()                  # the reference: every row
+    assert out[0, 1, 64:].isnan().any(-1).all()             # rows that see key 80
+    assert torch.equal(out[0, 1, :64], base[0, 1, :64])     # rows that never read it
+    assert torch.equal(out[0, 0], base[0, 0])               # the other head
+
+
+FFN_CASES = [("x", (1, 3, 5)), ("fc1_weight", (4, 7)), ("fc1_bias", (2,)),
+             ("fc2_weight", (6, 3)), ("fc2_bias", (9,))]
+
+
+@pytest.mark.parametrize("where,idx", FFN_CASES, ids=[c[0] for c in FFN_CASES])
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ffn_nan_pattern(where, idx, value, dtype):
+    """The Matryoshka FFN (forward, mixed widths): the reference's pattern, poisoned units
+    inside every sample's width (past it the reference's 0/1 mask gives 0 * NaN)."""
+    g = torch.Generator().manual_seed(3)
+    Bf, Nf, Cf, Hf = 3, 7, 24, 40
+    hidden = [40, 17, 29]
+    args = {"x": torch.randn(Bf, Nf, Cf, generator=g),
+            "fc1_weight": torch.randn(Hf, Cf, generator=g) / 4,
+            "fc1_bias": torch.randn(Hf, generator=g),
+            "fc2_weight": torch.randn(Cf, Hf, generator=g) / 4,
+            "fc2_bias": torch.randn(Cf, generator=g)}
+    args = {k: t.to(dtype) for k, t in args.items()}
+    base = C.ffn_forward(*args.values(), hidden)
+    args[where] = args[where].clone()
+    args[where][idx] = value
+    out = C.ffn_forward(*args.values(), hidden)
+    # (torch's float32 / bfloat16 / float16 GELU, and oneDNN's, give NaN for +inf, not the
+    # exact +inf of float64: the kernels follow the reference in that too)
+    ref = R.ffn_forward(*(t.float() for t in args.values()), hidden)
+    assert torch.equal(_pattern(out), _pattern(ref)), f"{where}={value}"
+    assert not out.float().isfinite().all()
+    fin = ref.isfinite()
+    assert torch.equal(out[fin], base[fin])
+
+
+def _isas():
+    caps = torch._C._cpu._get_cpu_capability()
+    have = ["portable"] + (["avx2"] if caps.get("avx2") and caps.get("fma3") else []) + \
+        (["avx512"] if caps.get("avx512_f") else [])
+    return have
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def test_every_isa_path(isa):
+    """This file's attention tests again in a child process whose kernels run on another
+    instruction-set path (the parent runs the best one)."""
+    if isa not in _isas():
+        pytest.skip(f"this CPU has no {isa}")
+    if isa == _ext.build_info()["cpu_isa"]:
+        pytest.skip(f"{isa} is this process's path (the tests above ran it)")
+    env = dict(os.environ, ADAPERCEIVER_CPU_ISA=isa, ADAPERCEIVER_NAN_CHILD=isa)
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
+                          "-p", "no:cacheprovider", "-k", "not every_isa and not ffn"],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_child_runs_the_requested_isa():
+    want = os.environ.get("ADAPERCEIVER_NAN_CHILD")
+    if not want:
+        pytest.skip("runs in test_every_isa_path's child processes")
+    assert _ext.build_info()["cpu_isa"] == want
