@@ -1,8 +1,11 @@
 """What the two backends of the compiled extension (cpp: csrc/cpu, cuda: csrc/cuda) share: the
 calls into ``torch.ops.adaperceiver.*_fwd / *_bwd`` (one op schema; the dispatcher runs the CPU
 or CUDA kernel by the tensors' device), the reasons a tensor cannot be taken, and the RoPE
-table check. The op layer resolves scale, grans and lengths before any of these runs."""
+table check. The op layer resolves scale, grans and lengths before it calls these; called directly (tests,
+kernel authors), they take the op's defaults (no mask, scale 1/sqrt(head_dim))."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -40,25 +43,32 @@ def _grans(token_grans):
     return None if token_grans is None else [int(g) for g in token_grans]
 
 
-def attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope):
+def _scale(scale, q) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,
+                      k_rope=None):
     _ext.load()
     return torch.ops.adaperceiver.block_masked_attention_fwd(
-        q, k, v, _grans(token_grans), float(scale), seq_lens, *_rope(q_rope), *_rope(k_rope))
+        q, k, v, _grans(token_grans), _scale(scale, q), seq_lens, *_rope(q_rope),
+        *_rope(k_rope))
 
 
-def attention_backward(grad_out, q, k, v, out, lse, token_grans, scale, seq_lens, q_rope,
-                       k_rope):
+def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None, seq_lens=None,
+                       q_rope=None, k_rope=None):
     _ext.load()
     return torch.ops.adaperceiver.block_masked_attention_bwd(
-        grad_out, q, k, v, out, lse, _grans(token_grans), float(scale), seq_lens,
+        grad_out, q, k, v, out, lse, _grans(token_grans), _scale(scale, q), seq_lens,
         *_rope(q_rope), *_rope(k_rope))
 
 
-def attention_varlen_forward(q, k, v, seq_lens, token_grans, scale, q_rope, k_rope):
+def attention_varlen_forward(q, k, v, seq_lens, token_grans=None, scale=None, q_rope=None,
+                             k_rope=None):
     _ext.load()
     return torch.ops.adaperceiver.block_masked_attention_varlen_fwd(
-        q, k, v, [int(n) for n in seq_lens], _grans(token_grans), float(scale), *_rope(q_rope),
-        *_rope(k_rope))
+        q, k, v, [int(n) for n in seq_lens], _grans(token_grans), _scale(scale, q),
+        *_rope(q_rope), *_rope(k_rope))
 
 
 def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):

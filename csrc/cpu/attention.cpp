@@ -359,7 +359,12 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
                                    ? kc
                                    : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
             for (int64_t j = 0; j < vc; ++j) p[j] *= scale;
-            row_softmax_grad(p, dp, vc, ls[r], delta[r], scale);
+            // a row whose lse is +inf holds a +inf score: its softmax is NaN everywhere (as
+            // the reference's), where exp(s - lse) would give NaN only at that score
+            const float lse_r = ls[r] == std::numeric_limits<float>::infinity()
+                                    ? std::numeric_limits<float>::quiet_NaN()
+                                    : ls[r];
+            row_softmax_grad(p, dp, vc, lse_r, delta[r], scale);
             std::fill(p + vc, p + kc, 0.f);
             std::fill(dp + vc, dp + kc, 0.f);
           }
