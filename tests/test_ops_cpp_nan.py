@@ -8,11 +8,11 @@ non-finite gradients, the other heads' gradients are unchanged), padded and pack
 token granularities, seq_lens, float32 / bfloat16 / float16, and every instruction-set path of
 the attention microkernel this CPU has (ADAPERCEIVER_CPU_ISA in a child process).
 
-Where the kernels differ from the reference on purpose (documented, tested below):
-* rows past a sample's length are zeros (lse -inf); the reference leaves their scores unmasked
-  and multiplies by 0, so a NaN anywhere in the sample's k makes them NaN (0 * NaN);
-* a value row v[j] that a query tile never reads (every key of the tile's rows is below j)
-  does not reach that tile; the reference's dense P @ V multiplies it by P = 0 (NaN).
+The reference sums over the (query, key) pairs a row reads, as the kernels do: rows past a
+sample's length are zeros (lse -inf) and a value row v[j] reaches only the rows that attend to
+key j (tested below). The one slack a tile has, 0 * NaN where a tile crossing a group boundary
+meets a poisoned v (or, backward, q/k/v) at a pair some of its rows do not read, is bounded in
+tests/test_nan_propagation.py.
 """
 from __future__ import annotations
 
