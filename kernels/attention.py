@@ -49,7 +49,7 @@ from adaperceiver.kernels import fp32_dot_precision, interpreting
 from adaperceiver.ops.schedule import check_grans, row_end, to_device
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
-           "block_masked_attention", "why_not", "why_not_varlen",
+           "why_not", "why_not_varlen",
            "COMPILE_SPECS", "Tiles", "default_tiles"]
 
 LOG2E = 1.4426950408889634   # the kernels work in base 2 (exp2); lse is stored in base e
@@ -823,39 +823,6 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
         DEBUG="dq" in counters, num_warps=t.dq_warps, num_stages=t.dq_stages,
         Q_ROPE=q_rope is not None, K_ROPE=False, **flags)
     return dq, dk, dv
-
-
-class _BlockMaskedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks):
-        q_rope = None if qc is None else (qc, qs)
-        k_rope = None if kc is None else (kc, ks)
-        out, lse = attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
-        ctx.save_for_backward(q, k, v, out, lse, seq_lens, qc, qs, kc, ks)
-        ctx.token_grans, ctx.scale = token_grans, scale
-        ctx.mark_non_differentiable(lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, seq_lens, qc, qs, kc, ks = ctx.saved_tensors
-        q_rope = None if qc is None else (qc, qs)
-        k_rope = None if kc is None else (kc, ks)
-        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, ctx.token_grans, ctx.scale,
-                                        seq_lens, q_rope, k_rope)
-        return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None, *,
-                           scale: Optional[float] = None, seq_lens: Optional[torch.Tensor] = None,
-                           q_rope=None, k_rope=None) -> torch.Tensor:
-    """Group-causal attention on the Triton kernels directly (no dispatch), differentiable.
-    Same arguments and result as adaperceiver.ops.block_masked_attention."""
-    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    qc, qs = (None, None) if q_rope is None else q_rope
-    kc, ks = (None, None) if k_rope is None else k_rope
-    return _BlockMaskedAttention.apply(q, k, v, token_grans, scale, seq_lens, qc, qs, kc, ks)
 
 
 # ----------------------------------------------------------------------------- AOT specs

@@ -36,7 +36,7 @@ import triton.language as tl
 from adaperceiver.kernels import fp32_dot_precision, interpreting
 from adaperceiver.ops.schedule import device_memo, ranges, to_device
 
-__all__ = ["ffn_forward", "ffn_backward", "matryoshka_ffn", "why_not", "ffn_schedule",
+__all__ = ["ffn_forward", "ffn_backward", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -587,32 +587,6 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         num_stages=bl.num_stages)
     _take("dw2")
     return dx, dw1, db1, dw2, db2
-
-
-class _MatryoshkaFFN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        ctx.hidden = hidden
-        return ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = ffn_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.hidden)
-        return (*grads, None)
-
-
-def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
-    """Differentiable Triton Matryoshka FFN; ``hidden`` an int or B ints (list or tensor)."""
-    from adaperceiver.ops import normalize_hidden
-
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a 3-d tensor (B, N, C), got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not isinstance(fc1_weight, torch.Tensor) or fc1_weight.dim() != 2:
-        raise ValueError("fc1_weight must be a 2-d tensor (Hmax, C)")
-    hidden = normalize_hidden(hidden, x.shape[0], fc1_weight.shape[0])
-    return _MatryoshkaFFN.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
 
 
 # ----------------------------------------------------------------------------- GPU compiles

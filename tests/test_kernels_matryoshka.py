@@ -16,6 +16,7 @@ import torch
 
 from conftest import TRITON_DEVICE, TRITON_DTYPES, TRITON_LOW_DTYPES, dtype_params, flash_rule
 from adaperceiver.kernels import matryoshka as mk
+from adaperceiver.ops import matryoshka_ffn, use_backend
 from adaperceiver.ops import reference as ref
 
 # many tiles on small shapes (the interpreter default, used when blocks=None, is 32 everywhere)
@@ -160,22 +161,24 @@ def test_strided_inputs():
 
 
 def test_autograd_entry_point():
-    """mk.matryoshka_ffn: int / list / tensor widths, gradients through autograd."""
+    """The custom op with the Triton kernels forced (the one autograd path): int / list /
+    tensor widths, gradients through autograd."""
     B, N, C, H = 3, 5, 26, 47
     x, w1, b1, w2, b2, go = make(B, N, C, H, torch.float32)
-    out_int = mk.matryoshka_ffn(x, w1, b1, w2, b2, 30)
-    assert err(out_int, ref.ffn_forward(*f64((x, w1, b1, w2, b2)), [30] * B)) <= FP32_FWD
-    hidden = [47, 1, 22]
-    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
-    out = mk.matryoshka_ffn(*leaves, torch.tensor(hidden))
-    out.backward(go)
+    with use_backend("triton"):
+        out_int = matryoshka_ffn(x, w1, b1, w2, b2, 30)
+        assert err(out_int, ref.ffn_forward(*f64((x, w1, b1, w2, b2)), [30] * B)) <= FP32_FWD
+        hidden = [47, 1, 22]
+        leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+        out = matryoshka_ffn(*leaves, torch.tensor(hidden))
+        out.backward(go)
     want = ref.ffn_backward(*f64((go, x, w1, b1, w2, b2)), hidden)
     for t, w in zip(leaves, want):
         assert err(t.grad, w) <= FP32_BWD_REL * max(1.0, w.abs().max().item())
     with pytest.raises(ValueError, match="hidden"):
-        mk.matryoshka_ffn(x, w1, b1, w2, b2, [1, 2])
+        matryoshka_ffn(x, w1, b1, w2, b2, [1, 2])
     with pytest.raises(ValueError, match="hidden"):
-        mk.matryoshka_ffn(x, w1, b1, w2, b2, H + 1)
+        matryoshka_ffn(x, w1, b1, w2, b2, H + 1)
 
 
 @pytest.mark.parametrize("dtype", dtype_params(TRITON_LOW_DTYPES))

@@ -14,8 +14,7 @@ from .ffn import matryoshka_ffn
 from .linear import cpu_gemm_library, linear
 from .schedule import block_mask, tile_schedule
 
-# schedule internals and normalize_hidden, importable as before but not public API
-from .ffn import normalize_hidden  # noqa: E402,F401
+# schedule internals, importable as before (benchmarks read row_end) but not public API
 from .schedule import group_ends, row_end  # noqa: E402,F401
 
 __all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshka_ffn",
