@@ -104,10 +104,9 @@ const c10::OperatorHandle* onednn_linear_op() {
 
 // Rows from which a column slice of a weight (fc2's band [lo, hi): rows of stride H) is copied
 // to a contiguous block for oneDNN rather than multiplied in place by MKL. oneDNN would run the
-// strided slice on its reference GEMM (~1000x slower). Measured on an AMD EPYC (Zen 4), the FFN
-// GEMMs of a mixed batch's layers (C 832, bands 1603 and 535 units wide, 224-448 rows) took
-// 5-9% less time with the copy; at 32-96 rows the two ways were within noise of each other
-// (0.7-1.03x in paired runs), so small products keep MKL on the slice in place.
+// strided slice on its reference GEMM (orders of magnitude slower). From a few hundred rows the
+// copy pays for itself in the faster GEMM; for small products the copy costs about what it
+// saves, so they keep MKL on the slice in place (figures: benchmarks/README.md).
 constexpr int64_t kCopySliceMinRows = 64;
 
 // x (rows, k) times w (n, k) transposed, plus bias when given: a new (rows, n) float32 tensor.
@@ -158,9 +157,9 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   at::Tensor os = bands.rows_out(out);
   // One pair of GEMMs per distinct width (its samples' rows are contiguous in perm order), not
   // per band: each output element is then one GEMM's float32 sum rounded once, as in the
-  // reference, where per-band accumulation in the dtype would round once per band (measured:
-  // up to 2.2x the reference's error in float16). Same FLOPs as the bands; fewer rows per GEMM,
-  // which the bf16 GEMMs (AMX) absorb.
+  // reference, where per-band accumulation in the dtype would round once per band (more than
+  // the accuracy rule's 2x the reference's error in float16). Same FLOPs as the bands; fewer
+  // rows per GEMM.
   for (size_t i = 0; i < bands.bands.size(); ++i) {
     const int64_t n_next = i + 1 < bands.bands.size() ? bands.bands[i + 1].n : 0;
     const int64_t r0 = n_next * N, rows = (bands.bands[i].n - n_next) * N;
