@@ -74,16 +74,21 @@ def _untouched(poison, lens):
     return far
 
 
+def _poisoned(poison, value, q, k, v, scale):
+    """(q, k, v, scale) with ``poison`` ("q", "k", "v" at POISON_AT, or "scale") set to
+    ``value``; the inputs are not changed."""
+    if poison == "scale":
+        return q, k, v, value
+    t = {"q": q, "k": k, "v": v}[poison].clone()
+    t[POISON_AT[poison]] = value
+    return (*(t if n == poison else x for n, x in zip("qkv", (q, k, v))), scale)
+
+
 def _check_forward(poison, value, dtype, rope, lens):
     q, k, v, _ = _inputs(dtype)
     scale = 1.0 / math.sqrt(D)
     clean = (q, k, v, scale)
-    if poison == "scale":
-        scale = value
-    else:
-        t = {"q": q, "k": k, "v": v}[poison].clone()
-        t[POISON_AT[poison]] = value
-        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    q, k, v, scale = _poisoned(poison, value, q, k, v, scale)
     tables = R.rope_tables(N, D) if rope else None
     sl = None if lens is None else torch.tensor(lens)
     kw = dict(token_grans=GRANS, seq_lens=sl, q_rope=tables, k_rope=tables)
@@ -130,12 +135,7 @@ def _check_backward(poison, value, dtype):
               q_rope=R.rope_tables(N, D), k_rope=R.rope_tables(N, D))
     base = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
                                 scale=scale, **kw)
-    if poison == "scale":
-        scale = value
-    else:
-        t = {"q": q, "k": k, "v": v}[poison].clone()
-        t[POISON_AT[poison]] = value
-        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    q, k, v, scale = _poisoned(poison, value, q, k, v, scale)
     grads = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
                                  scale=scale, **kw)
     qf, kf, vf, gf = (t.float() for t in (q, k, v, go))
@@ -165,12 +165,7 @@ def test_packed_attention_nan_pattern(poison, value, dtype):
     out, lse = _check_forward(poison, value, dtype, True, LENS)
     q, k, v, _ = _inputs(dtype)
     scale = 1.0 / math.sqrt(D)
-    if poison == "scale":
-        scale = value
-    else:
-        t = {"q": q, "k": k, "v": v}[poison].clone()
-        t[POISON_AT[poison]] = value
-        q, k, v = (t if n == poison else x for n, x in zip("qkv", (q, k, v)))
+    q, k, v, scale = _poisoned(poison, value, q, k, v, scale)
     pack = lambda x: torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(LENS)])  # noqa: E731
     tables = R.rope_tables(max(LENS), D)
     pout, plse = C.attention_varlen_forward(pack(q), pack(k), pack(v), LENS, GRANS, scale,

@@ -249,14 +249,20 @@ def _attention_case(ctx, backend, dtype, *, B, H, N, D, grans, lens, packed):
         o = ref.attention(*lv, grans, scale=scale, seq_lens=seq_lens, q_rope=rope, k_rope=rope)
         o.backward(go.to(dt))
         results[dt] = [o.detach()] + [t.grad for t in lv]
-    worst, parts = "ok", []
-    for part, g, p, t in zip(("out", "dq", "dk", "dv"), got, results[dtype],
-                             results[torch.float64]):
+    return _record_rule(ctx, name, ("out", "dq", "dk", "dv"), got, results[dtype],
+                        results[torch.float64])
+
+
+def _record_rule(ctx, name, parts, ours, plain, truth):
+    """Record one correctness item: every part of ``ours`` within flash-attn's rule against
+    ``truth`` (float64), ``plain`` being the plain reference in the same precision."""
+    worst, detail = "ok", []
+    for part, g, p, t in zip(parts, ours, plain, truth):
         err, bound = flash_rule(g, p, t)
-        parts.append(f"{part} {err:.2g}/{bound:.2g}")
+        detail.append(f"{part} {err:.2g}/{bound:.2g}")
         if not err <= bound:
             worst = "FAIL"
-    return ctx.record(item=name, status=worst, detail="err/bound: " + ", ".join(parts))
+    return ctx.record(item=name, status=worst, detail="err/bound: " + ", ".join(detail))
 
 
 def sparse_attention_reference(q, k, v, grans, scale, seq_lens, qr, kr):
@@ -361,14 +367,8 @@ def _ffn_case(ctx, backend, dtype, *, B, N, C, H, hidden):
         o = ref.matryoshka_ffn(*lv, hidden)
         o.backward(go.to(dt))
         results[dt] = [o.detach()] + [t.grad for t in lv]
-    worst, parts = "ok", []
-    for part, g, p, t in zip(("out", "dx", "dW1", "db1", "dW2", "db2"), got, results[dtype],
-                             results[torch.float64]):
-        err, bound = flash_rule(g, p, t)
-        parts.append(f"{part} {err:.2g}/{bound:.2g}")
-        if not err <= bound:
-            worst = "FAIL"
-    return ctx.record(item=name, status=worst, detail="err/bound: " + ", ".join(parts))
+    return _record_rule(ctx, name, ("out", "dx", "dW1", "db1", "dW2", "db2"), got,
+                        results[dtype], results[torch.float64])
 
 
 def stage_correctness(ctx: Ctx) -> None:
