@@ -23,25 +23,24 @@ def _cell(key, v):
     return str(v)
 
 
-def write_csv(path: str, rows: Sequence[dict]) -> str:
-    """One line per (t, w, l): top1/top5 in percent, images evaluated, GFLOPs per image."""
+def _write_rows(path: str, columns: Sequence[str], rows: Sequence[dict]) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        w.writerow(columns)
         for r in rows:
-            w.writerow([_cell(k, r[k]) for k in CSV_COLUMNS])
+            w.writerow([_cell(k, r[k]) for k in columns])
     return path
+
+
+def write_csv(path: str, rows: Sequence[dict]) -> str:
+    """One line per (t, w, l): top1/top5 in percent, images evaluated, GFLOPs per image."""
+    return _write_rows(path, CSV_COLUMNS, rows)
 
 
 def write_policy_csv(path: str, rows: Sequence[dict]) -> str:
-    cols = ("policy", "top1", "top5", "images", "gflops")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([_cell(k, r[k]) for k in cols])
-    return path
+    """One line per policy: top1/top5 in percent, images evaluated, mean GFLOPs per image."""
+    return _write_rows(path, ("policy", "top1", "top5", "images", "gflops"), rows)
 
 
 def read_eval_csv(path: str) -> tuple[dict, dict]:
