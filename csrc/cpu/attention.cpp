@@ -101,9 +101,9 @@ inline void rope_row(const float* x, const Rope& r, int64_t n, int64_t D, float 
   rope_row_contiguous(x, r.cos + n * (D / 2), r.sin + n * (D / 2), D / 2, mul, dst);
 }
 
-// Prefetch one row of D values (a cache line per 64 bytes). In the model q and k are views of
-// the fused q/k/v projection's output, so consecutive tokens' rows of one head are 3 * H * D
-// values apart (a new page per row), a stride the hardware prefetchers do not follow.
+// Prefetch one row of D values (a cache line per 64 bytes). In the model q and k are heads-last
+// views of the projections' (B, N, H * D) outputs, so consecutive tokens' rows of one head are
+// H * D values apart, a stride the hardware prefetchers do not follow.
 template <typename T>
 inline void prefetch_row(const T* p, int64_t D) {
   for (int64_t d = 0; d < D; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + d);
