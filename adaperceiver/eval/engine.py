@@ -98,10 +98,16 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
     pass_seconds = {}
     start = time.perf_counter()
 
-    def loader():
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                           pin_memory=dev.type == "cuda",
-                                           persistent_workers=False)
+    def device_batches():
+        """This rank's batches, labels checked, images on the device (one pass per call)."""
+        nonlocal grid_size
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
+                                             num_workers=workers, pin_memory=dev.type == "cuda",
+                                             persistent_workers=False)
+        for x, y in loader:
+            _check_labels(y, cfg.num_classes)
+            grid_size = tuple(x.shape[-2:])
+            yield x.to(dev, dtype, non_blocking=True), y
 
     def bar(desc):
         return tqdm(total=mine, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
@@ -114,10 +120,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
         ls = sorted({c.l for c in mine_w})
         t0 = time.perf_counter()
         with bar(f"w={w} ({len(mine_w)} configs)") as pb, torch.inference_mode():
-            for x, y in loader():
-                _check_labels(y, cfg.num_classes)
-                x = x.to(dev, dtype, non_blocking=True)
-                grid_size = tuple(x.shape[-2:])
+            for x, y in device_batches():
                 with amp:
                     out = grid_logits(model, x, w, ts, ls)
                 y = y.to(dev)
@@ -129,10 +132,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
     for pi, pol in enumerate(policies):
         t0 = time.perf_counter()
         with bar(f"policy {pol.name}") as pb, torch.inference_mode():
-            for x, y in loader():
-                _check_labels(y, cfg.num_classes)
-                x = x.to(dev, dtype, non_blocking=True)
-                grid_size = tuple(x.shape[-2:])
+            for x, y in device_batches():
                 with amp:
                     logits, flops = pol.run(model, x)
                 h1, h5 = topk_hits(logits, y.to(dev))
