@@ -11,13 +11,14 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import json
 import os
 import sys
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 __all__ = ["main", "run", "build_parser"]
 
@@ -145,25 +146,66 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if run(argv).get("failures") else 0
 
 
+@dataclasses.dataclass
+class _Plan:
+    """Every flag checked and resolved: what the run will build and time."""
+    args: argparse.Namespace
+    cfg: object                 # the model's Config
+    grid: list                  # the (t, w, l) configurations
+    backends: list[str]
+    base_names: list[str]
+    accuracy: Optional[dict]
+    settings: object            # runner.RunSettings
+    flops: dict                 # configuration -> adaperceiver.count_flops(...)
+    base_flops: dict            # baseline name -> (FLOPs, params)
+
+
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark; returns ``{"rows", "environment", "roofline", "table", "files"}``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     t_start = time.perf_counter()
+    parser = build_parser()
+    plan = _validate(parser, parser.parse_args(argv))
+    from .runner import log
+    from .timing import environment
+    args, settings = plan.args, plan.settings
+    env = environment(settings.device)
+    import torch
+    log(f"adaperceiver-bench: {args.model}, {len(plan.grid)} configs x {len(plan.backends)} "
+        f"backend(s), {len(plan.base_names)} baselines; batch {args.batch_size}, "
+        f"{args.img_size} px, {settings.precision.name}, {settings.device}, "
+        f"{torch.get_num_threads()} threads")
+    if args.dry_run:
+        _print_dry_run(plan)
+        return {"rows": [], "environment": env, "grid": plan.grid, "baselines": plan.base_names}
+    rows, failures, inference = _build_and_time(plan)
+    env["wall_s"] = time.perf_counter() - t_start
+    table = _format_report(plan, rows, failures, inference, env)
+    print(table)
+    roof, roof_doc, roof_text = _roofline(plan)
+    print("\n" + roof_text)
+    extra = {"failures": failures}
+    if inference is not None:
+        extra["inference"] = inference
+    files = _write_outputs(plan, rows, env, table, roof_doc, roof_text, extra)
+    if files:
+        print("\nwrote: " + ", ".join(files))
+    return {"rows": rows, "environment": env, "roofline": roof, "table": table, "files": files,
+            "failures": failures}
 
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Plan:
+    """Check every flag before any expensive work (parser.error names the flag, the value
+    and what is allowed), set the thread count, and resolve what the run will time."""
     import torch
 
     import adaperceiver
+    from adaperceiver.ops.dispatch import BACKENDS
+
     from . import baselines as bl
     from .grid import GridError, ModelAxes, parse_grid
-    from .plot import pareto_plot
-    from .report import add_speedups, format_table, read_accuracy_csv, write_results
-    from .roofline import format_roofline, roofline_rows
-    from .runner import (RunSettings, build_model, log, make_row, model_config,
-                         parse_precision, release_memory, resolved_backend)
-    from .timing import environment
+    from .report import read_accuracy_csv
+    from .runner import RunSettings, log, model_config, parse_precision, resolved_backend
 
-    # ---- validate every flag before any expensive work
     _check_positive(parser, "--batch-size", args.batch_size)
     _check_positive(parser, "--img-size", args.img_size)
     _check_positive(parser, "--rounds", args.rounds)
@@ -197,7 +239,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error(f"--device {dev_name!r}: CUDA is not available here; allowed: cpu")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {dev_name!r} is not supported; allowed: cpu, cuda, cuda:N")
-    from adaperceiver.ops.dispatch import BACKENDS
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     if not backends or any(b not in ("auto",) + BACKENDS for b in backends):
         parser.error(f"--backend {args.backend!r} is not allowed; allowed: comma-separated "
@@ -209,11 +250,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if args.img_size % cfg.patch_size:
         parser.error(f"--img-size {args.img_size} is not allowed; allowed: a multiple of the "
                      f"model's patch_size={cfg.patch_size}")
-    axes = ModelAxes.from_config(cfg)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            grid = parse_grid(args.configs, axes)
+            grid = parse_grid(args.configs, ModelAxes.from_config(cfg))
         for w in caught:
             log(f"warning: {w.message}")
     except GridError as e:
@@ -241,28 +281,137 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             if "none (" in name:
                 parser.error(f"--backend {be!r} cannot run {c.label} on {device} in "
                              f"{precision.name}: {name}")
-    env = environment(device)
-    log(f"adaperceiver-bench: {args.model}, {len(grid)} configs x {len(backends)} backend(s), "
-        f"{len(base_names)} baselines; batch {args.batch_size}, {args.img_size} px, "
-        f"{precision.name}, {device}, {torch.get_num_threads()} threads")
-
     flops = {c: adaperceiver.count_flops(cfg, c.t, c.w, c.l, img_size=args.img_size)
              for c in grid}
     base_flops = {n: bl.baseline_flops(n, args.img_size) for n in base_names}
-    if args.dry_run:
-        for c in grid:
-            f = flops[c]
-            print(f"{c.label:24s} {f.total / 1e9:8.2f} GFLOPs  {f.params / 1e6:7.1f} M params")
-        for n in base_names:
-            print(f"{n:24s} {base_flops[n][0] / 1e9:8.2f} GFLOPs  "
-                  f"{base_flops[n][1] / 1e6:7.1f} M params")
-        return {"rows": [], "environment": env, "grid": grid, "baselines": base_names}
+    return _Plan(args, cfg, grid, backends, base_names, accuracy, settings, flops, base_flops)
 
+
+def _print_dry_run(plan: _Plan) -> None:
+    for c in plan.grid:
+        f = plan.flops[c]
+        print(f"{c.label:24s} {f.total / 1e9:8.2f} GFLOPs  {f.params / 1e6:7.1f} M params")
+    for n in plan.base_names:
+        gf, params = plan.base_flops[n]
+        print(f"{n:24s} {gf / 1e9:8.2f} GFLOPs  {params / 1e6:7.1f} M params")
+
+
+def _items(plan: _Plan, model, runnable, x, bar) -> list[tuple[dict, Callable]]:
+    """(row fields, step factory) per timed item: every (configuration, backend) of the model,
+    then every baseline (built by its factory, so a sequential run holds one at a time)."""
+    from . import baselines as bl
+    from .runner import adaperceiver_step, baseline_step, compile_model, log, resolved_backend
+    args, settings = plan.args, plan.settings
+    items: list[tuple[dict, Callable]] = []
+    done = set()
+    for be in plan.backends:
+        for c in plan.grid:
+            be_name = resolved_backend(model, be, settings, c)
+            if (c, be_name) in done:
+                # e.g. 'auto' resolves to 'reference' when no faster backend is built
+                log(f"note: --backend {be} runs {be_name} at {c.label}, already measured;"
+                    " skipped")
+                bar.total -= 1
+                continue
+            done.add((c, be_name))
+            f = plan.flops[c]
+            meta = dict(kind="adaperceiver", name=args.model, config=c.label,
+                        gflops=f.total / 1e9, gflops_needed=f.needed / 1e9,
+                        params=f.params, cfg=c, backend=be_name)
+            items.append((meta, (lambda c=c, be=be, m=runnable:
+                                 adaperceiver_step(m, c, x, settings, be))))
+    for n in plan.base_names:
+        gf, params = plan.base_flops[n]
+        meta = dict(kind="baseline", name=n, config=n, gflops=gf / 1e9, params=params,
+                    backend="timm")
+
+        def factory(n=n):
+            net = compile_model(bl.build_baseline(n, args.img_size, settings.device,
+                                                  settings.precision.dtype),
+                                args.torchcompile, 1)
+            return baseline_step(net, x, settings)
+        items.append((meta, factory))
+    return items
+
+
+def _row(meta: dict, timing, settings) -> dict:
+    from .runner import make_row
+    meta = dict(meta)
+    kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
+    return make_row(kind, name, config, timing, settings, **meta)
+
+
+def _time_sequential(items, settings, opts, bar, report_error) -> list[dict]:
+    """One item at a time: build, warm up, time, free (least memory)."""
+    from .runner import release_memory
+    from .timing import time_step
+    rows: list[dict] = []
+    bar.set_description("timing")
+    for meta, factory in items:
+        bar.set_postfix_str(f"{meta['config']} [{meta['backend']}]")
+        step = None
+        try:
+            step = factory()
+            timing = time_step(step, settings.device, **opts)
+        except Exception as e:  # noqa: BLE001 - reported; the sweep goes on
+            report_error(meta, e)
+            bar.update(1)
+            continue
+        finally:
+            step = None
+            release_memory()
+        rows.append(_row(meta, timing, settings))
+        bar.update(1)
+        bar.set_postfix_str(f"{meta['config']}: {rows[-1]['img_per_s']:.2f} img/s")
+    return rows
+
+
+def _time_interleaved(items, settings, opts, bar, report_error) -> list[dict]:
+    """Everything built first, then round-robin rounds: every item samples the same load."""
+    from .timing import time_interleaved
+    steps = []
+    for meta, factory in items:
+        bar.set_postfix_str(f"building {meta['config']}")
+        steps.append(factory())
+        bar.update(1)
+    n_steps = len(steps)
+    bar.reset(total=n_steps * (settings.warmup + settings.rounds))
+    bar.set_description("timing (interleaved)")
+
+    def on_step(i, phase, rounds):
+        bar.total = n_steps * (settings.warmup + rounds)
+        bar.set_postfix_str(f"{phase}: {items[i][0]['config']}")
+        bar.update(1)
+
+    timings = time_interleaved(steps, settings.device, on_step=on_step,
+                               on_error=lambda i, e: report_error(items[i][0], e), **opts)
+    return [_row(meta, timing, settings) for (meta, _), timing in zip(items, timings)
+            if timing is not None]
+
+
+def _inference_figures(plan: _Plan, model) -> dict:
+    """The end-to-end figures of adaperceiver.bench.inference, measured on the same model."""
+    from .inference import (FULL_MIN_ROUNDS, MIXED_MIN_ROUNDS, full_config_figures,
+                            mixed_batch_figures)
+    args, settings = plan.args, plan.settings
+    opts = dict(batch=args.batch_size, img_size=args.img_size, device=settings.device)
+    if settings.precision.amp_dtype is not None:  # else: the model's dtype (cast or float32)
+        opts["amp_dtype"] = settings.precision.amp_dtype
+    # both ratios are noisy on a shared machine: at least 5 / 7 rounds
+    return {"full": full_config_figures(model, **opts,
+                                        rounds=max(settings.rounds, FULL_MIN_ROUNDS)),
+            "mixed": mixed_batch_figures(model, **opts,
+                                         rounds=max(settings.rounds, MIXED_MIN_ROUNDS))}
+
+
+def _build_and_time(plan: _Plan) -> tuple[list[dict], list[str], Optional[dict]]:
+    """Build the model (and the baselines), time every item, and the inference figures when
+    asked. Returns (rows, failures, inference figures or None); a failing item is reported
+    and the sweep goes on."""
     from tqdm import tqdm
 
-    from .runner import _compile, adaperceiver_step, baseline_step
-    from .timing import time_interleaved, time_step
-
+    from .runner import build_model, compile_model, log, release_memory
+    args, settings = plan.args, plan.settings
     x = settings.images()
     failures: list[str] = []
 
@@ -272,117 +421,44 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         failures.append(msg)
         log("error: " + msg)
 
-    bar = tqdm(total=len(grid) * len(backends) + len(base_names), desc="building", unit="item",
-               file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
-    # items: (row fields, step-closure factory); models are built lazily when sequential
-    items: list[tuple[dict, object]] = []
+    n_items = len(plan.grid) * len(plan.backends) + len(plan.base_names)
+    bar = tqdm(total=n_items, desc="building", unit="item", file=sys.stderr,
+               disable=args.no_progress, dynamic_ncols=True)
     try:
         bar.set_postfix_str(f"building {args.model}")
         model = build_model(args.model, args.model_kwargs, settings, args.pretrained)
-        runnable = _compile(model, args.torchcompile, len(grid) * len(backends))
-        done = set()
-        for be in backends:
-            for c in grid:
-                be_name = resolved_backend(model, be, settings, c)
-                if (c, be_name) in done:
-                    # e.g. 'auto' resolves to 'reference' when no faster backend is built
-                    log(f"note: --backend {be} runs {be_name} at {c.label}, already measured;"
-                        " skipped")
-                    bar.total -= 1
-                    continue
-                done.add((c, be_name))
-                f = flops[c]
-                meta = dict(kind="adaperceiver", name=args.model, config=c.label,
-                            gflops=f.total / 1e9, gflops_needed=f.needed / 1e9,
-                            params=f.params, cfg=c, backend=be_name)
-                items.append((meta, (lambda c=c, be=be, m=runnable:
-                                     adaperceiver_step(m, c, x, settings, be))))
-        for n in base_names:
-            gf, params = base_flops[n]
-            meta = dict(kind="baseline", name=n, config=n, gflops=gf / 1e9, params=params,
-                        backend="timm")
-
-            def factory(n=n):
-                net = _compile(bl.build_baseline(n, args.img_size, device, precision.dtype),
-                               args.torchcompile, 1)
-                return baseline_step(net, x, settings)
-            items.append((meta, factory))
-
-        rows: list[dict] = []
+        runnable = compile_model(model, args.torchcompile, len(plan.grid) * len(plan.backends))
+        items = _items(plan, model, runnable, x, bar)
         opts = dict(warmup=settings.warmup, rounds=settings.rounds,
                     min_rounds=settings.min_rounds, budget_s=settings.budget_s)
-        if args.schedule == "sequential":
-            bar.set_description("timing")
-            for meta, factory in items:
-                bar.set_postfix_str(f"{meta['config']} [{meta['backend']}]")
-                try:
-                    step = factory()
-                    timing = time_step(step, device, **opts)
-                except Exception as e:  # noqa: BLE001 - reported; the sweep goes on
-                    report_error(meta, e)
-                    bar.update(1)
-                    continue
-                finally:
-                    step = None
-                    release_memory()
-                meta = dict(meta)
-                kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
-                rows.append(make_row(kind, name, config, timing, settings, **meta))
-                bar.update(1)
-                bar.set_postfix_str(f"{config}: {rows[-1]['img_per_s']:.2f} img/s")
-        else:
-            steps = []
-            for meta, factory in items:
-                bar.set_postfix_str(f"building {meta['config']}")
-                steps.append(factory())
-                bar.update(1)
-            n_steps = len(steps)
-            bar.reset(total=n_steps * (settings.warmup + settings.rounds))
-            bar.set_description("timing (interleaved)")
-
-            def on_step(i, phase, rounds):
-                bar.total = n_steps * (settings.warmup + rounds)
-                bar.set_postfix_str(f"{phase}: {items[i][0]['config']}")
-                bar.update(1)
-
-            timings = time_interleaved(steps, device, on_step=on_step,
-                                       on_error=lambda i, e: report_error(items[i][0], e),
-                                       **opts)
-            for (meta, _), timing in zip(items, timings):
-                if timing is None:
-                    continue
-                meta = dict(meta)
-                kind, name, config = meta.pop("kind"), meta.pop("name"), meta.pop("config")
-                rows.append(make_row(kind, name, config, timing, settings, **meta))
-            del steps
+        time_items = _time_sequential if args.schedule == "sequential" else _time_interleaved
+        rows = time_items(items, settings, opts, bar, report_error)
         inference = None
         if args.inference:
-            # end-to-end figures of adaperceiver.bench.inference, measured on the same model
-            from .inference import (FULL_MIN_ROUNDS, MIXED_MIN_ROUNDS, full_config_figures,
-                                    mixed_batch_figures)
             bar.set_postfix_str("inference figures (full config, mixed batch)")
-            opts = dict(batch=args.batch_size, img_size=args.img_size, device=device)
-            if precision.amp_dtype is not None:  # else: the model's dtype (cast or float32)
-                opts["amp_dtype"] = precision.amp_dtype
-            # both ratios are noisy on a shared machine: at least 5 / 7 rounds
-            inference = {"full": full_config_figures(model, **opts, rounds=max(
-                             settings.rounds, FULL_MIN_ROUNDS)),
-                         "mixed": mixed_batch_figures(model, **opts, rounds=max(
-                             settings.rounds, MIXED_MIN_ROUNDS))}
-        del model, runnable
+            inference = _inference_figures(plan, model)
+        del model, runnable, items
         release_memory()
     finally:
         bar.close()
+    return rows, failures, inference
 
-    sp = args.speedup_baseline if args.speedup_baseline in base_names else None
+
+def _format_report(plan: _Plan, rows, failures, inference, env) -> str:
+    """The printed table: title (device, precision, threads, CPU kernels), rows with the
+    speedup column, failures, wall time, and the inference figures when measured."""
+    import torch
+
+    from .report import add_speedups, format_table
+    args, settings = plan.args, plan.settings
+    sp = args.speedup_baseline if args.speedup_baseline in plan.base_names else None
     add_speedups(rows, sp)
-    wall = time.perf_counter() - t_start
-    env["wall_s"] = wall
     title = (f"AdaPerceiver benchmark ({args.model}) - measured on {env['device_name']} "
-             f"({device}), batch {args.batch_size}, {args.img_size} px, {precision.name}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of the "
-             f"timed rounds after {args.warmup} warm-up step(s)")
-    if device.type == "cpu" and env.get("cpu_kernels"):
+             f"({settings.device}), batch {args.batch_size}, {args.img_size} px, "
+             f"{settings.precision.name}, {torch.get_num_threads()} threads, torch "
+             f"{torch.__version__}; median of the timed rounds after {args.warmup} warm-up "
+             "step(s)")
+    if settings.device.type == "cpu" and env.get("cpu_kernels"):
         title += f"\nCPU kernels: {env['cpu_kernels']}"
     table = format_table(rows, sp, title)
     if not sp:
@@ -390,33 +466,41 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                   "not measured)")
     if failures:
         table += "\nFAILED (not timed):\n  " + "\n  ".join(failures)
-    table += f"\nwall time {wall:.0f} s"
+    table += f"\nwall time {env['wall_s']:.0f} s"
     if inference is not None:
         from .inference import format_figures
         table += "\n\n" + format_figures(inference["full"], inference["mixed"])
-    print(table)
+    return table
 
-    # ---- roofline projection, printed and saved apart from the measurements
-    items = [{"kind": "adaperceiver", "config": c.label, "flops": flops[c].needed,
-              "params": flops[c].params, "num_classes": cfg.num_classes} for c in grid]
-    items += [{"kind": "baseline", "config": n, "flops": base_flops[n][0],
-               "params": base_flops[n][1], "num_classes": 1000} for n in base_names]
+
+def _roofline(plan: _Plan) -> tuple[list, dict, str]:
+    """The GPU roofline projection of every item: (rows, JSON document, text)."""
+    from .roofline import format_roofline, roofline_rows
+    args = plan.args
+    items = [{"kind": "adaperceiver", "config": c.label, "flops": plan.flops[c].needed,
+              "params": plan.flops[c].params, "num_classes": plan.cfg.num_classes}
+             for c in plan.grid]
+    items += [{"kind": "baseline", "config": n, "flops": plan.base_flops[n][0],
+               "params": plan.base_flops[n][1], "num_classes": 1000} for n in plan.base_names]
     rb = args.roofline_batch or sorted({args.batch_size, 256})
     roof = roofline_rows(items, rb, args.img_size, bytes_per_el=2)
     roof_text = format_roofline(roof, bytes_per_el=2)
-    print("\n" + roof_text)
     roof_doc = {"note": "PROJECTION, not a measurement", "byte_model": roof_text.splitlines()[2],
                 "rows": roof}
-    extra = {"failures": failures}
-    if inference is not None:
-        extra["inference"] = inference
+    return roof, roof_doc, roof_text
 
-    arg_doc = {k: v for k, v in vars(args).items()}
+
+def _write_outputs(plan: _Plan, rows, env, table, roof_doc, roof_text, extra) -> list[str]:
+    """--results-file, --plot and --out-dir's four files; returns the paths written."""
+    from .plot import pareto_plot
+    from .report import write_results
+    args = plan.args
+    arg_doc = dict(vars(args))
     files = []
     if args.results_file:
         files.append(write_results(args.results_file, rows, env, arg_doc, roof_doc, extra))
     if args.plot:
-        files.append(pareto_plot(rows, args.plot, accuracy))
+        files.append(pareto_plot(rows, args.plot, plan.accuracy))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         d = args.out_dir
@@ -426,14 +510,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             f.write(table + "\n\nenvironment:\n" + json.dumps(env, indent=2, default=str)
                     + "\n")
         files.append(os.path.join(d, "bench.txt"))
-        files.append(pareto_plot(rows, os.path.join(d, "pareto.png"), accuracy))
+        files.append(pareto_plot(rows, os.path.join(d, "pareto.png"), plan.accuracy))
         with open(os.path.join(d, "roofline.txt"), "w") as f:
             f.write(roof_text + "\n")
         files.append(os.path.join(d, "roofline.txt"))
-    if files:
-        print("\nwrote: " + ", ".join(files))
-    return {"rows": rows, "environment": env, "roofline": roof, "table": table, "files": files,
-            "failures": failures}
+    return files
 
 
 if __name__ == "__main__":

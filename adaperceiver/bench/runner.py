@@ -98,7 +98,9 @@ def build_model(name: str, overrides: dict, settings: RunSettings, pretrained=Fa
     return model.eval().to(device=settings.device, dtype=settings.precision.dtype)
 
 
-def _compile(model, backend: Optional[str], n_variants: int = 1):
+def compile_model(model, backend: Optional[str], n_variants: int = 1):
+    """``torch.compile(model, backend=backend)``, or the model itself when backend is empty;
+    dynamo's recompile limit raised to n_variants graphs (one per (t, w, l))."""
     if not backend:
         return model
     import torch._dynamo as dynamo
