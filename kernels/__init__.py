@@ -1,4 +1,6 @@
-"""Triton kernels of adaperceiver, installed as ``adaperceiver.kernels``."""
+"""Triton kernels of adaperceiver, installed as ``adaperceiver.kernels``, and the tile schedule
+every backend follows (schedule.py: plain torch, no Triton; the lowest layer, which the op
+layer above re-exports as ``adaperceiver.ops.schedule``)."""
 import os
 
 

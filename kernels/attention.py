@@ -9,7 +9,7 @@ reads tile after tile (k in the forward and dq, q in dk/dv) is rotated beforehan
 ``_rope_rows`` pre-pass into a scratch copy, instead of once per tile that reads it. The forward's tiles are autotuned on a
 GPU per (head_dim, dtype, arch, shape bucket) among ``fwd_candidates`` (see "autotuning").
 
-Tile schedule (see adaperceiver/ops/schedule.py, the one place it is defined):
+Tile schedule (see kernels/schedule.py, the one place it is defined):
   forward / dq: one program per (query tile [m0, m1), batch * head). Key tiles below
     min(row_end[m0], n) // BLOCK_N are fully visible (stage 1, no mask); key tiles up to
     ceil(min(row_end[m1 - 1], n) / BLOCK_N) are masked per row (stage 2); none beyond.
@@ -46,7 +46,7 @@ import triton.language as tl
 import triton.testing
 
 from adaperceiver.kernels import fp32_dot_precision, interpreting
-from adaperceiver.ops.schedule import check_grans, row_end, to_device
+from adaperceiver.kernels.schedule import check_grans, row_end, to_device
 
 __all__ = ["attention_forward", "attention_backward", "attention_varlen_forward",
            "why_not", "why_not_varlen",
@@ -168,6 +168,25 @@ def _unrope_store(base, x, offs, stride, limit, keep, ROPE: tl.constexpr, Cos, S
 
 
 @triton.jit
+def _program(H):
+    """(tile, bh, b, h) of this program: every kernel here runs on a (tiles, B * H) grid, tile
+    being its query, key or row tile and bh = b * H + h. b and h are int64, so that the base
+    offsets they scale cannot overflow."""
+    bh = tl.program_id(1)
+    return tl.program_id(0), bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _first_row(SeqStarts, b, PACKED: tl.constexpr):
+    """Row of sample b's first row: SeqStarts[b] for packed rows (R, H, D), whose launches pass
+    batch strides of 0; 0 for padded samples, which start at their own batch offset."""
+    row0 = b * 0
+    if PACKED:
+        row0 = tl.load(SeqStarts + b).to(tl.int64)
+    return row0
+
+
+@triton.jit
 def _lengths(SeqLens, b, N_Q, N_K, HAS_LENS: tl.constexpr):
     """(rows, keys) of sample b: its seq_len clips both (cross-attention included)."""
     len_q = N_Q
@@ -228,31 +247,22 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, K
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
               DEBUG: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh, b, h = _program(H)
     len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
     if DEBUG:
         tl.atomic_add(Counter, n_end)
 
+    row0 = _first_row(SeqStarts, b, PACKED)
+    q_base = Q + b * stride_qb + row0 * stride_qn + h * stride_qh
+    k_base = K + b * stride_kb + row0 * stride_kn + h * stride_kh
+    v_base = V + b * stride_vb + row0 * stride_vn + h * stride_vh
+    o_base = Out + b * stride_ob + row0 * stride_on + h * stride_oh
+    # a packed sample has no rows past its length (the next sample's rows follow)
+    o_rows = N_Q
     if PACKED:
-        # packed rows (R, H, D): sample b's rows start at row SeqStarts[b] of q, k, v and out,
-        # and it has no rows past its length (the next sample's follow)
-        row0 = tl.load(SeqStarts + b).to(tl.int64)
-        q_base = Q + row0 * stride_qn + h * stride_qh
-        k_base = K + row0 * stride_kn + h * stride_kh
-        v_base = V + row0 * stride_vn + h * stride_vh
-        o_base = Out + row0 * stride_on + h * stride_oh
         o_rows = len_q
-    else:
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        o_base = Out + b * stride_ob + h * stride_oh
-        o_rows = N_Q
     # rows and keys past the sample's length are read as zeros: padding costs no traffic
     q = _load_rows(q_base, offs_m, stride_qn, len_q, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -289,19 +299,12 @@ def _rope_rows(X, Out, Cos, Sin, SeqLens, SeqStarts, Counter,
     as the kernels' on-load rotation (and the reference) round it. Rows past the sample's
     length are neither read nor written (no kernel reads them). One program per (row tile,
     sample * head): each row is rotated once per call, however many tiles later read it."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_n, bh, b, h = _program(H)
     n_rows, _ = _lengths(SeqLens, b, N, N, HAS_LENS)
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PACKED:
-        row0 = tl.load(SeqStarts + b).to(tl.int64)
-        x_base = X + row0 * stride_xn + h * stride_xh
-        o_base = Out + row0 * stride_on + h * stride_oh
-    else:
-        x_base = X + b * stride_xb + h * stride_xh
-        o_base = Out + b * stride_ob + h * stride_oh
+    row0 = _first_row(SeqStarts, b, PACKED)
+    x_base = X + b * stride_xb + row0 * stride_xn + h * stride_xh
+    o_base = Out + b * stride_ob + row0 * stride_on + h * stride_oh
     x = _load_rows(x_base, offs, stride_xn, n_rows, True, Cos, Sin, HEAD_DIM, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     tl.store(o_base + offs[:, None] * stride_on + offs_d[None, :], x,
@@ -315,10 +318,7 @@ def _attn_bwd_delta(Out, DOut, Delta, stride_ob, stride_oh, stride_on,
                     stride_db, stride_dh, stride_dn, H, N_Q,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in fp32 (rows past a length have O = 0, hence delta = 0)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh, b, h = _program(H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask = offs_m[:, None] < N_Q
@@ -377,10 +377,7 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSi
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
                    DEBUG: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_n, bh, b, h = _program(H)
     len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -464,10 +461,7 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
                  DEBUG: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh, b, h = _program(H)
     len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from adaperceiver.kernels import fp32_dot_precision, interpreting
-from adaperceiver.ops.schedule import device_memo, ranges, to_device
+from adaperceiver.kernels.schedule import device_memo, ranges, to_device
 
 __all__ = ["ffn_forward", "ffn_backward", "why_not", "ffn_schedule",
            "FfnSchedule", "Blocks", "default_blocks", "compile_specs", "COMPILE_SPECS"]
@@ -321,8 +321,8 @@ def _schedule(hidden, n, block_m, block_h, hmax) -> FfnSchedule:
 def _schedule_tensors(sched: FfnSchedule, device):
     """row_ids (sorted row -> original flattened row), row_h and the work items (row tile,
     hidden tile) flattened, int32 on ``device``; built there from per-sample values
-    (ops.schedule.to_device / ranges: short copies, no host sync), once per schedule on a GPU
-    (ops.schedule.device_memo, keyed by what determines the schedule: a repeated
+    (schedule.to_device / ranges: short copies, no host sync), once per schedule on a GPU
+    (schedule.device_memo, keyed by what determines the schedule: a repeated
     configuration makes no copy, so it can be captured in a CUDA graph)."""
     key = ("ffn_schedule", sched.order, sched.widths, sched.n_rows_per_sample, sched.block_m,
            sched.block_h, len(sched.row_bound))

@@ -297,7 +297,7 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
 
 
 # ----------------------------------------------------------------------------- second call
-# A repeated configuration makes no host->device copy at all (ops.schedule.device_memo: index
+# A repeated configuration makes no host->device copy at all (kernels.schedule.device_memo: index
 # tensors built once per value), so its forward can be captured in a CUDA graph, where a
 # pageable copy is not allowed, and costs no host-to-device traffic.
 @pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
@@ -359,7 +359,7 @@ def test_triton_host_side_second_call_makes_no_copy(monkeypatch):
 def test_device_memo_is_keyed_by_value_and_never_by_history():
     """Off the CPU ("meta" here, as a GPU would be): the same values give the same tensor, other
     values (or dtype, or device) another; the CPU is never memoised; the memo is bounded."""
-    from adaperceiver.ops import schedule as S
+    from adaperceiver.kernels import schedule as S
     S.clear_device_memo()
     a = S.to_device([3, 1, 2], "meta", torch.int32)
     assert S.to_device((3, 1, 2), "meta", torch.int32) is a
@@ -391,7 +391,7 @@ def test_device_memo_is_keyed_by_value_and_never_by_history():
 def test_device_memo_entries_built_in_inference_mode_serve_autograd_later():
     """An entry first built under torch.inference_mode is a normal tensor: a later training
     step can save it for backward (an inference tensor could not be)."""
-    from adaperceiver.ops import schedule as S
+    from adaperceiver.kernels import schedule as S
     S.clear_device_memo()
     with torch.inference_mode():
         idx = S.ranges([0, 5], [2, 2], "meta")
@@ -408,7 +408,7 @@ def test_fake_mode_entries_stay_with_their_mode():
     never hands out a fake tensor, and a new fake mode builds its own."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from adaperceiver.ops import schedule as S
+    from adaperceiver.kernels import schedule as S
     S.clear_device_memo()
     fake = _fake_mode()
     with fake:
