@@ -1,10 +1,11 @@
-"""The evaluation loop: top-1/top-5 counts of every (t, w, l), one pass over the data per width.
+"""The evaluation loop: top-1/top-5 counts of every (t, w, l), one forward per width.
 
-Per width, every batch runs :func:`adaperceiver.eval.readouts.grid_logits` (one forward, read
-out at every requested (t, l)). Under ``torchrun`` each process takes every world-th batch of
-the single-process batching (:func:`adaperceiver.eval.data.rank_batches`), and the integer
-counts are summed over processes: each image is counted once, and the result is the
-single-process one.
+Each batch is loaded once (one pass over the data, however many widths and policies): it runs
+:func:`adaperceiver.eval.readouts.grid_readouts` (one forward per width, read out at every
+requested (t, l); one top-k over all readouts), then each policy. Under ``torchrun`` each
+process takes every world-th batch of the single-process batching
+(:func:`adaperceiver.eval.data.rank_batches`), and the integer counts are summed over
+processes: each image is counted once, and the result is the single-process one.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from ..bench.grid import Config
 from ..flops import count_flops
 from .data import rank_batches
-from .readouts import grid_logits
+from ..ops.schedule import to_device
+from .readouts import grid_readouts
 
 __all__ = ["EvalResult", "evaluate", "topk_hits"]
 
@@ -30,22 +32,24 @@ class EvalResult:
     policies: list = field(default_factory=list)  # name, top1, top5, images, gflops (mean)
     images: int = 0
     seconds: float = 0.0
-    pass_seconds: dict = field(default_factory=dict)   # width or policy -> wall seconds
+    pass_seconds: dict = field(default_factory=dict)   # "grid" or policy -> wall seconds
 
     def accuracy(self) -> dict:
         return {(r["t"], r["w"], r["l"]): r["top1"] for r in self.rows}
 
 
 def _hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(2,) int64 on the logits' device: top-1 and top-5 hits (top-K when K < 5); no host
-    sync, so a GPU run reads the counts back once, at the end."""
-    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    return torch.stack([(top[:, 0] == y).sum(), (top == y[:, None]).any(-1).sum()])
+    """(R, 2) int64 on the logits' device: top-1 and top-5 hits (top-K when K < 5) of each of
+    R stacked readouts (R, B, K); one top-k for all of them and no host sync, so a GPU run
+    reads the counts back once, at the end."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices          # (R, B, 5)
+    right = top == y[:, None]
+    return torch.stack([right[..., 0].sum(-1), right.any(-1).sum(-1)], -1)
 
 
 def topk_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
     """(top-1 hits, top-5 hits) of logits (B, K) against labels (B,) (top-K when K < 5)."""
-    h1, h5 = _hits(logits, y).tolist()
+    h1, h5 = _hits(logits[None], y)[0].tolist()
     return h1, h5
 
 
@@ -74,9 +78,10 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
              indices: Optional[Sequence[int]] = None, policies: Sequence = (), workers: int = 0,
              dtype: Optional[torch.dtype] = None, autocast: Optional[torch.dtype] = None,
              img_size=None, progress: bool = True) -> EvalResult:
-    """Top-1/top-5 of ``model`` on ``dataset`` ((image, label) samples) at every config, one
-    pass per width; then one pass per policy (:mod:`adaperceiver.eval.policies`). Call it on
-    every rank under torchrun; every rank returns the summed result."""
+    """Top-1/top-5 of ``model`` on ``dataset`` ((image, label) samples) at every config (one
+    forward per width and batch) and of every policy (:mod:`adaperceiver.eval.policies`), one
+    pass over the data. Call it on every rank under torchrun; every rank returns the summed
+    result."""
     from tqdm import tqdm
     rank, size = _world()
     cfg = model.config
@@ -89,7 +94,7 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
     row_of = {c: i for i, c in enumerate(configs)}
     widths = sorted({c.w for c in configs}, reverse=True)
     hits = torch.zeros(len(configs), 2, dtype=torch.int64, device=dev)
-    seen = torch.zeros(len(widths), dtype=torch.int64)
+    seen = torch.zeros(1, dtype=torch.int64)
     pol_sums = torch.zeros(len(policies), 3, dtype=torch.int64)    # top1, top5, FLOPs
     pol_seen = torch.zeros(len(policies), dtype=torch.int64)
     amp = (torch.autocast(dev.type, dtype=autocast) if autocast is not None
@@ -114,38 +119,44 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
                     disable=not progress or rank != 0, smoothing=0.1)
 
     model.eval()
-    for wi, w in enumerate(widths):
+    groups = {}       # widths that share their token counts and exits: one call for them all
+    for w in widths:
         mine_w = [c for c in configs if c.w == w]
-        ts = sorted({c.t for c in mine_w})
-        ls = sorted({c.l for c in mine_w})
-        t0 = time.perf_counter()
-        with bar(f"w={w} ({len(mine_w)} configs)") as pb, torch.inference_mode():
-            for x, y in device_batches():
+        axes = (tuple(sorted({c.t for c in mine_w})), tuple(sorted({c.l for c in mine_w})))
+        groups.setdefault(axes, []).append(w)
+    with bar(f"{len(configs)} configs ({len(widths)} width{'s' * (len(widths) > 1)})"
+             f"{f' + {len(policies)} policies' if policies else ''}") as pb, \
+            torch.inference_mode():
+        for x, y in device_batches():
+            y = y.to(dev)
+            t0 = time.perf_counter()
+            for (ts, ls), ws in groups.items():
                 with amp:
-                    out = grid_logits(model, x, w, ts, ls)
-                y = y.to(dev)
-                for c in mine_w:
-                    hits[row_of[c]] += _hits(out[(c.t, c.l)], y)
-                seen[wi] += len(y)
-                pb.update(len(y))
-        pass_seconds[f"w={w}"] = time.perf_counter() - t0
-    for pi, pol in enumerate(policies):
-        t0 = time.perf_counter()
-        with bar(f"policy {pol.name}") as pb, torch.inference_mode():
-            for x, y in device_batches():
+                    keys, logits = grid_readouts(model, x, ws, ts, ls)
+                # a grid that is no product ('t=32 l=7' with 't=64 l=14' at one width) reads
+                # out more (t, l) than asked: count the requested ones
+                want = [i for i, k in enumerate(keys) if Config(*k) in row_of]
+                at = to_device([row_of[Config(*keys[i])] for i in want], dev)
+                hits.index_add_(0, at, _hits(logits[want], y))
+            seen += len(y)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            pass_seconds["grid"] = pass_seconds.get("grid", 0.0) + time.perf_counter() - t0
+            for pi, pol in enumerate(policies):
+                t0 = time.perf_counter()
                 with amp:
-                    logits, flops = pol.run(model, x)
-                h1, h5 = topk_hits(logits, y.to(dev))
-                pol_sums[pi] += torch.tensor([h1, h5, int(flops.sum())])
+                    pl, flops = pol.run(model, x)
+                pol_sums[pi] += torch.cat([_hits(pl[None], y)[0].cpu(), flops.sum()[None]])
                 pol_seen[pi] += len(y)
-                pb.update(len(y))
-        pass_seconds[f"policy {pol.name}"] = time.perf_counter() - t0
+                name = f"policy {pol.name}"
+                pass_seconds[name] = pass_seconds.get(name, 0.0) + time.perf_counter() - t0
+            pb.update(len(y))
 
     hits, seen = _all_reduce(hits.cpu(), dev), _all_reduce(seen, dev)
     pol_sums, pol_seen = _all_reduce(pol_sums, dev), _all_reduce(pol_seen, dev)
     n = len(indices)
     if seen.numel() and not bool((seen == n).all()):    # pragma: no cover - a sampler bug
-        raise RuntimeError(f"counted {seen.tolist()} images per width, expected {n}")
+        raise RuntimeError(f"counted {int(seen)} images, expected {n}")
     img = grid_size or img_size or cfg.img_size
     rows = []
     for c in configs:

@@ -7,24 +7,36 @@ largest token count, read out at every requested exit layer and granularity, giv
 of every (t, w, l) of that width.
 
 What differs from ``forward_readouts``: the write-out. Each readout is the write head's
-cross-attention of the one output token over latents[:, :g]; its key/value projections of the
-prefix are the first g rows of the projections of all n latents, and its query is the same at
-every layer. So per exit layer the keys and values of the n latents are projected once and each
-granularity attends over its prefix (one GEMM of n rows per layer, instead of one per (l, g):
-126 readouts of the released model's 'all' grid cost ~45 GFLOPs per image less, more than half
-a full forward). Token counts that are not a prefix of a larger run (not a granularity, above
+cross-attention of ONE query (the output token, the same for every image, layer and g) over
+src_norm(latents[:, :g]), keys rotated by RoPE. Projecting keys and values of all n latents
+at every exit layer would cost a third of a block per layer (about 0.6 full passes for the
+released 'all' grid); instead the query is folded into the projections once per forward:
+
+    score[b, h, j] = (R_j^T q_h / sqrt(D)) . (W_k,h y_bj + b_k,h) = U[h, j] . y_bj + c[h, j]
+    out[b, h]      = sum_{j<g} p_g[b, h, j] (W_v,h y_bj + b_v,h) = W_v,h (sum_{j<g} p_g y_bj) + b_v,h
+
+(y = src_norm(latents), p_g the softmax over the first g scores; the second line uses
+sum_j p = 1). Per exit layer that is one (H, n, C) dot per image for the scores, a g-row
+weighted sum per granularity, and then one GEMM each for W_v, the output projection and the
+head over all granularities' rows together. The result equals the separate forward up to
+rounding (the sums are reassociated), so it is computed in float32 (float64 for float64
+models) whatever the model's precision; each readout reads rows j < g only, so a NaN in a later
+latent reaches none of the shorter readouts, as in the separate forward.
+Token counts that are not a prefix of a larger run (not a granularity, above
 ``max_latent_tokens``, or any t when the model has no block mask) get a forward of their own.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from .. import ops
 from ..model.ragged import Layout
+from ..ops.reference import apply_rope
 
-__all__ = ["plan_forwards", "prefix_token_counts", "grid_logits"]
+__all__ = ["plan_forwards", "prefix_token_counts", "grid_logits", "grid_readouts"]
 
 
 def prefix_token_counts(cfg, n: int) -> set:
@@ -52,48 +64,91 @@ def plan_forwards(cfg, token_counts: Sequence[int]) -> list[tuple[int, list[int]
     return plan
 
 
-def _write_out(model, latents: torch.Tensor, counts: Sequence[int], rope, query) -> dict:
-    """Logits (B, K) of the write head over latents[:, :g] for every g of ``counts``, the
-    keys and values projected once for all n latents. ``query`` = (output token, its projected
-    query), the same at every layer."""
-    head = model.write_head
-    attn = head.cattn
-    sink, q = query
-    k, v = attn._project(head.src_norm(latents), "kv")
-    out = {}
-    for g in counts:
-        o = attn._attend(q, k[:, :g], v[:, :g], None, None, (rope[0][:g], rope[1][:g]), None)
-        written = sink + ops.linear(o, attn.proj.weight, attn.proj.bias)
-        out[g] = model.output_adapter(written)[:, 0]
-    return out
+class _FoldedWrite:
+    """The write head with its query folded into the key and value projections (module doc),
+    for the first n latent positions; built once per forward from the current weights (nothing
+    is kept between calls)."""
+
+    def __init__(self, model, n: int, rope, work: torch.dtype):
+        head = model.write_head
+        attn = head.cattn
+        H, D = attn.num_heads, attn.head_dim
+        C = H * D
+        token = model.output_latents.token.reshape(1, C)
+        q = ops.linear(head.snk_norm(token), attn.q.weight, attn.q.bias).to(work).view(H, 1, D)
+        # R_j^T q_h: the query seen from key position j (RoPE rotates keys by R_j)
+        qr = apply_rope(q.expand(H, n, D), rope[0][:n], -rope[1][:n]) / math.sqrt(D)
+        w_k = attn.k.weight.to(work).view(H, D, C)
+        self.u = torch.bmm(qr, w_k).permute(1, 2, 0).contiguous()          # (n, C, H)
+        self.c = (torch.zeros(H, n, dtype=work, device=q.device) if attn.k.bias is None else
+                  (qr * attn.k.bias.to(work).view(H, 1, D)).sum(-1))     # (H, n)
+        self.w_v = attn.v.weight.to(work).view(H, D, C).transpose(1, 2)   # (H, C, D)
+        self.b_v = None if attn.v.bias is None else attn.v.bias.to(work)
+        self.token, self.head, self.attn, self.work = token, head, attn, work
+        self.H = H
+
+    def logits(self, model, latents: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """(len(counts) * B, K) logits of the write-out over latents[:, :g] for each g of
+        ``counts`` (g-major rows) from latents (B, n, C) taken at one exit layer."""
+        B, n, C = latents.shape
+        y = self.head.src_norm(latents).to(self.work)                      # (B, n, C)
+        scores = torch.bmm(y.transpose(0, 1), self.u).permute(1, 2, 0)      # (B, H, n)
+        scores = scores + self.c
+        sums = torch.stack([torch.bmm(torch.softmax(scores[..., :g], -1), y[:, :g])
+                            for g in counts])                               # (G, B, H, C)
+        G = len(counts)
+        o = torch.bmm(sums.view(G * B, self.H, C).transpose(0, 1), self.w_v)   # (H, G*B, D)
+        o = o.transpose(0, 1).reshape(G * B, C)
+        if self.b_v is not None:
+            o = o + self.b_v
+        o = o.to(latents.dtype)
+        written = self.token + ops.linear(o, self.attn.proj.weight, self.attn.proj.bias)
+        return model.output_adapter(written)
 
 
 @torch.no_grad()
-def grid_logits(model, x: torch.Tensor, mat_dim: int, token_counts: Sequence[int],
-                exits: Sequence[int]) -> dict:
-    """Logits (B, num_classes) of ``model(x, num_tokens=t, mat_dim=mat_dim, depth=l).logits``
-    for every t of ``token_counts`` and l of ``exits``: {(t, l): logits}, from one forward per
-    entry of :func:`plan_forwards` (one for the mask granularities of a trained model)."""
+def grid_readouts(model, x: torch.Tensor, widths: Sequence[int], token_counts: Sequence[int],
+                  exits: Sequence[int]) -> tuple[list, torch.Tensor]:
+    """([(t, w, l)] keys, logits (R, B, num_classes)): row r holds
+    ``model(x, num_tokens=t, mat_dim=w, depth=l).logits[:, 0]`` of keys[r], for every t of
+    ``token_counts``, w of ``widths`` and l of ``exits``. Per entry of :func:`plan_forwards`
+    (one for the mask granularities of a trained model) the patch embedding, the read and the
+    folded write head are computed once, and the blocks run once per width."""
     cfg = model.config
     exits = sorted({int(e) for e in exits})
     if not exits or exits[0] < 1 or exits[-1] > cfg.depth:
         raise ValueError(f"exits={exits} is not allowed; allowed: a non-empty set of layers in "
                          f"1..{cfg.depth}")
-    out = {}
+    widths = sorted({int(w) for w in widths}, reverse=True)
+    if not widths:
+        raise ValueError("widths=[] is not allowed; allowed: one or more Matryoshka widths")
+    B, dev = x.shape[0], x.device
+    keys, parts = [], []
     for n, counts in plan_forwards(cfg, token_counts):
-        call = model.resolve(x, num_tokens=n, mat_dim=int(mat_dim), depth=exits[-1])
-        rope = model._rope(n, x.device)
-        layout = Layout.build(call.tokens, call.hidden, x.device)
-        rows = layout.pack(model.read(x, n, call.grid, rope))
-        B, C = x.shape[0], cfg.embed_dim
-        sink = model.output_latents.token.expand(B, 1, C).clone(
-            memory_format=torch.contiguous_format)
-        attn = model.write_head.cattn
-        query = (sink, ops.linear(model.write_head.snk_norm(sink), attn.q.weight, attn.q.bias))
-        for i in range(exits[-1]):
-            rows = model.blocks[i](rows, layout, call.grans, rope)
-            if i + 1 in exits:
-                for g, logits in _write_out(model, layout.pad(rows), counts, rope,
-                                            query).items():
-                    out[(g, i + 1)] = logits
-    return out
+        rope = model._rope(n, dev)
+        read = write = None
+        for w in widths:
+            call = model.resolve(x, num_tokens=n, mat_dim=w, depth=exits[-1])
+            layout = Layout.build(call.tokens, call.hidden, dev)
+            if read is None:            # the same for every width
+                read = model.read(x, n, call.grid, rope)
+                work = torch.float64 if read.dtype == torch.float64 else torch.float32
+                with torch.autocast(dev.type, enabled=False):
+                    write = _FoldedWrite(model, n, rope, work)
+            rows = layout.pack(read)
+            for i in range(exits[-1]):
+                rows = model.blocks[i](rows, layout, call.grans, rope)
+                if i + 1 in exits:
+                    with torch.autocast(dev.type, enabled=False):
+                        parts.append(write.logits(model, layout.pad(rows), counts))
+                    keys += [(g, w, i + 1) for g in counts]
+    return keys, torch.cat(parts).view(len(keys), B, -1)
+
+
+def grid_logits(model, x: torch.Tensor, mat_dim: int, token_counts: Sequence[int],
+                exits: Sequence[int]) -> dict:
+    """{(t, l): logits (B, num_classes)} at one width (views of :func:`grid_readouts`'
+    tensor): ``model(x, num_tokens=t, mat_dim=mat_dim, depth=l).logits[:, 0]`` for every t of
+    ``token_counts`` and l of ``exits``."""
+    keys, logits = grid_readouts(model, x, [mat_dim], token_counts, exits)
+    return {(t, l): lg for (t, _, l), lg in zip(keys, logits.unbind(0))}
