@@ -322,6 +322,50 @@ def test_learned_policy_round_trip(trained, digits_dir, tmp_path):
         parse_policy(f"learned={tmp_path / 'junk.pt'}", model.config)
 
 
+def test_budget_policy_from_the_grid_and_from_a_table(capsys, trained, digits_dir, tmp_path):
+    """budget=G: the most accurate configuration of at most G GFLOPs per image, chosen from
+    this run's grid (its row) or from a table of other images (val.csv: that configuration run
+    on every image, which gives the grid's row for it)."""
+    _, _, ckpt = trained
+    base = [str(digits_dir), "--pretrained", ckpt, "-b", "128", "--workers", "0",
+            "--no-progress", "--plot", "none", *DIGITS_KW]
+    val = tmp_path / "val.csv"
+    run(base + ["--limit", "120", "--out", str(val)])
+
+    def best_under(rows, budget):
+        ok = [r for r in rows if float(r["gflops"]) <= budget]
+        return max(ok, key=lambda r: (float(r["top1"]), -float(r["gflops"])))
+
+    def key(r):
+        return r["t"], r["w"], r["l"]
+
+    out = tmp_path / "eval.csv"
+    run(base + ["--out", str(out)])
+    grid = _read(out)
+    top = best_under(grid, float("inf"))
+    cheapest = min(float(r["gflops"]) for r in grid)
+    budget = (cheapest + float(top["gflops"])) / 2     # the most accurate row is out of budget
+    assert best_under(grid, budget) != top
+    run(base + ["--out", str(out), "--policy", f"budget={budget!r}",
+                "--policy", f"budget={budget!r},table={val}"])
+    assert _read(out) == grid
+    from_grid, from_table = _read(tmp_path / "eval_policies.csv")
+    best = best_under(grid, budget)
+    assert (from_grid["top1"], from_grid["top5"], from_grid["gflops"]) == (
+        best["top1"], best["top5"], best["gflops"])
+    assert "t={} w={} l={}".format(*key(best)) in from_grid["policy"]
+    chosen = best_under(_read(val), budget)
+    row = next(r for r in grid if key(r) == key(chosen))
+    assert "t={} w={} l={}".format(*key(chosen)) in from_table["policy"]
+    assert (from_table["top1"], from_table["top5"]) == (row["top1"], row["top5"])
+    assert float(from_table["gflops"]) == pytest.approx(float(row["gflops"]), rel=1e-6)
+    for p in (from_grid, from_table):
+        assert float(p["gflops"]) <= budget and p["images"] == "359"
+    # a budget below every configuration of the table
+    err = _error(capsys, base + ["--out", str(out), "--policy", f"budget=1e-9,table={val}"])
+    assert "budget=1e-09 is below the cheapest configuration" in err and "val.csv" in err
+
+
 # ---------------------------------------------------------------------------- bad input
 def _error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
@@ -411,6 +455,13 @@ def test_unknown_configs(capsys, digits_dir, spec, match):
 @pytest.mark.parametrize("extra,match", [
     (["--policy", "tau=2"], "tau=2.0 is not allowed"),
     (["--policy", "speed=fast"], "not understood"),
+    (["--policy", "budget=abc"], "budget='abc' is not allowed; allowed: a finite number"),
+    (["--policy", "budget=-1"], "budget='-1' is not allowed; allowed: a finite number"),
+    (["--policy", "budget=inf"], "budget='inf' is not allowed; allowed: a finite number"),
+    (["--policy", "budget=1e-9"], "budget=1e-09 GFLOPs is below the cheapest configuration "
+                                  "of --configs"),
+    (["--policy", "budget=1,tau=0.5"], "budget= takes only table="),
+    (["--policy", "budget=1,table=nope.csv"], "table='nope.csv' does not exist"),
     (["--out", "x.json"], "allowed: a .csv path"),
     (["--model", "nope"], "--model 'nope' is not known"),
     (["--mean", "0.1", "0.2"], "mean and std need 1 or 1 values"),

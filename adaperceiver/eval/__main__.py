@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all' (every granularity x width x depth), 'default', or axes such as "
                         "'t=32,256 w=all l=7,14,21' (the bench CLI's syntax)")
     m.add_argument("--policy", action="append", default=[], metavar="SPEC",
-                   help="also evaluate a per-sample policy: 'tau=0.9[,t=T][,w=W]' "
-                        "(confidence exit) or 'learned=PATH' (a saved LearnedPolicy); repeatable")
+                   help="also evaluate a policy: 'tau=0.9[,t=T][,w=W]' (confidence exit), "
+                        "'learned=PATH' (a saved LearnedPolicy) or 'budget=GFLOPS[,table=CSV]' "
+                        "(the most accurate configuration within GFLOPS per image, chosen from "
+                        "an eval CSV of a held-out split, or from this run's grid); repeatable")
     m.add_argument("--backend", default="auto",
                    help="ops backend: auto, reference, cpp, triton, cuda")
     r = p.add_argument_group("run")
@@ -194,6 +196,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if side[0] % cfg.patch_size or side[1] % cfg.patch_size:
         _fail(parser, f"input size {side} is not allowed; allowed: multiples of the model's "
                       f"patch_size={cfg.patch_size} (--img-size)")
+    if any(p.from_grid for p in policies):
+        from ..flops import count_flops
+        grid_gflops = {c: count_flops(cfg, c.t, c.w, c.l, img_size=tuple(side)).total / 1e9
+                       for c in grid}
+        try:
+            for p in policies:
+                p.check_budget(grid_gflops)
+        except ValueError as e:
+            _fail(parser, str(e))
     img_mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(cfg.in_channels)
     if img_mode is None:
         _fail(parser, f"the model reads {cfg.in_channels}-channel images; allowed: 1, 3, 4")
