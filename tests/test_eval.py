@@ -471,6 +471,23 @@ def test_bad_flags(capsys, digits_dir, extra, match):
     assert match in err, err
 
 
+def test_console_script_is_the_module_main(capsys):
+    """``adaperceiver-eval`` (pyproject's [project.scripts]) resolves to the module's main,
+    which runs the CLI and returns its exit status."""
+    import importlib
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["adaperceiver-eval"].partition(":")
+    main = getattr(importlib.import_module(module), attr)
+    from adaperceiver.eval.__main__ import main as module_main
+    assert main is module_main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "usage: python -m adaperceiver.eval" in capsys.readouterr().out
+
+
 def test_grid_syntax_is_the_bench_one():
     cfg = tiny_model().config
     axes = ModelAxes.from_config(cfg)
