@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops.linear import native_low_precision
 
 __all__ = ["LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
            "PatchEmbed", "LearnedToken", "OutputAdapter", "PatchQueries", "FeatureAdapter",
@@ -162,12 +163,25 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
 
 
 class _Conv(nn.Module):
+    """Patchify convolution. bf16 / fp16 on a CPU without native GEMMs for the dtype: torch
+    would take its slow reference convolution (oneDNN's low-precision convolution needs the
+    dtype's hardware), many times slower than float32; it runs as a float32 convolution on
+    float32 copies rounded once, as ``ops.linear`` does for the projections."""
+
     def __init__(self, in_channels, dim, patch_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        w, b = self.proj.weight, self.proj.bias
+        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+                and w.dtype == x.dtype and not torch.compiler.is_compiling()
+                and not torch.is_autocast_enabled("cpu") and not native_low_precision(x.dtype)):
+            y = F.conv2d(x.float(), w.float(), None if b is None else b.float(),
+                         stride=self.proj.stride).to(x.dtype)
+        else:
+            y = self.proj(x)
+        return y.flatten(2).transpose(1, 2)
 
 
 class PatchEmbed(nn.Module):
