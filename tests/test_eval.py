@@ -366,6 +366,57 @@ def test_budget_policy_from_the_grid_and_from_a_table(capsys, trained, digits_di
     assert "budget=1e-09 is below the cheapest configuration" in err and "val.csv" in err
 
 
+def _write_mnist_files(raw, images, labels):
+    """torchvision's MNIST raw files (idx format, uncompressed) holding ``images`` (N, H, W)
+    uint8 as the test split; a one-image train split, which torchvision requires to exist."""
+    import numpy as np
+    raw.mkdir(parents=True)
+
+    def idx(name, magic, arr):
+        with open(raw / name, "wb") as f:
+            f.write(np.array([magic, *arr.shape], dtype=">i4").tobytes())
+            f.write(arr.astype(np.uint8).tobytes())
+
+    for split, x, y in (("t10k", images, labels), ("train", images[:1], labels[:1])):
+        idx(f"{split}-images-idx3-ubyte", 0x803, x)
+        idx(f"{split}-labels-idx1-ubyte", 0x801, y)
+
+
+def test_timm_sources_give_the_folder_result(trained, digits_dir, tmp_path):
+    """Sources that are no image folder, read offline: a .tar of the class folders (timm's tar
+    reader, as ``create_dataset('', root=...tar)`` reads it) and ``torch/mnist`` through timm's
+    ``create_dataset`` (torchvision's MNIST files holding the same 8x8 digits in the folder's
+    order), both with the transform of ``resolve_data_config``/``create_transform``: the same
+    CSV as the folder."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from adaperceiver.eval.data import open_dataset
+    _, _, ckpt = trained
+    base = ["--pretrained", ckpt, "-b", "64", "--configs", "t=16,64 w=16,64 l=2,4",
+            "--workers", "0", "--no-progress", "--plot", "none", *DIGITS_KW]
+    run([str(digits_dir), *base, "--out", str(tmp_path / "folder.csv")])
+    tar = tmp_path / "digits.tar"
+    with tarfile.open(tar, "w") as tf:
+        for c in sorted(os.listdir(digits_dir)):
+            tf.add(digits_dir / c, arcname=c)
+    run([str(tar), *base, "--out", str(tmp_path / "tar.csv")])
+    reader = open_dataset(str(digits_dir), 10, lambda im: im, img_mode="L").dataset.reader
+    pixels = np.stack([np.asarray(Image.open(reader[i][0])) for i in range(len(reader))])
+    labels = np.array([int(reader[i][1]) for i in range(len(reader))])
+    _write_mnist_files(tmp_path / "mnist" / "MNIST" / "raw", pixels, labels)
+    res = run(["torch/mnist", "--data-dir", str(tmp_path / "mnist"), *base,
+               "--out", str(tmp_path / "mnist.csv")])
+    folder = _read(tmp_path / "folder.csv")
+    assert len(folder) == 8 and all(r["images"] == "359" for r in folder)
+    assert _read(tmp_path / "tar.csv") == folder
+    assert _read(tmp_path / "mnist.csv") == folder
+    assert len({r["top1"] for r in folder}) > 2       # rows differ: a mix-up would show
+    assert res["rows"][0]["images"] == 359
+
+
 # ---------------------------------------------------------------------------- bad input
 def _error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:

@@ -162,7 +162,7 @@ def _open_folder(path, num_classes, transform, img_mode, split, class_map) -> Op
         raise ValueError(f"DATA {path!r} holds no images (looked for {exts} in its class "
                          f"subfolders; split {split!r}): {e}") from None
     root = getattr(reader, "root", path)
-    names = sorted(reader.class_to_idx) if hasattr(reader, "class_to_idx") else []
+    names = sorted(_class_index(reader))
     if len(reader) == 0:
         raise ValueError(f"DATA {root!r} holds no images (looked for {exts} in its class "
                          "subfolders)")
@@ -189,9 +189,18 @@ def _open_folder(path, num_classes, transform, img_mode, split, class_map) -> Op
         reader = create_reader("", root=path, split=split,
                                class_map={n: mapping[n] for n in names})
     classes = [None] * num_classes
-    for n, i in getattr(reader, "class_to_idx", {}).items():
+    for n, i in _class_index(reader).items():
         classes[i] = n
     return OpenedData(EvalDataset(reader, transform, img_mode), classes, root)
+
+
+def _class_index(reader) -> dict:
+    """{class folder name: index} of a timm reader: ``class_to_idx`` of the folder reader,
+    ``class_name_to_idx`` of the tar readers."""
+    for attr in ("class_to_idx", "class_name_to_idx"):
+        if isinstance(getattr(reader, attr, None), dict):
+            return getattr(reader, attr)
+    return {}
 
 
 def _show(items, k: int = 6) -> str:
