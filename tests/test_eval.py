@@ -266,7 +266,7 @@ def test_two_gloo_processes_write_the_same_csv(trained, digits_dir, tmp_path):
     assert len(one) == 4 * 2 * 3 and one == two
     assert all(r["images"] == "100" for r in two)
     assert (_read(tmp_path / "one_policies.csv") == _read(tmp_path / "two_policies.csv"))
-    assert "2 processes" in proc.stderr
+    assert "2 processes (gloo)" in proc.stderr
 
 
 def test_confidence_exit_policy(trained, digits_dir, tmp_path):
@@ -417,6 +417,40 @@ def test_timm_sources_give_the_folder_result(trained, digits_dir, tmp_path):
     assert res["rows"][0]["images"] == 359
 
 
+@pytest.mark.parametrize("device,env,gpus,want", [
+    (None, {}, 0, ("cpu", None)),
+    (None, {}, 2, ("cuda:0", None)),
+    ("cuda", {"WORLD_SIZE": "1"}, 1, ("cuda:0", None)),
+    ("cuda:1", {}, 2, ("cuda:1", None)),
+    (None, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, ("cuda:1", "nccl")),
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3", "RANK": "7"}, 4, ("cuda:3", "nccl")),
+    ("cpu", {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 2, ("cpu", "gloo")),   # GPUs unused
+    (None, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, 0, ("cpu", "gloo")),
+])
+def test_process_device_and_backend(device, env, gpus, want):
+    """Device and process group backend per process, from --device and torchrun's environment
+    with a given number of visible GPUs (what only a GPU run shows: NCCL itself)."""
+    from adaperceiver.eval.__main__ import process_device
+    dev, backend = process_device(device, env, gpus)
+    assert (str(dev), backend) == want
+
+
+@pytest.mark.parametrize("device,env,gpus,match", [
+    ("cuda", {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 2,
+     "LOCAL_RANK=3 but 2 CUDA devices visible; allowed: --nproc_per_node <= 2"),
+    ("cuda:0", {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, 2,
+     "--device 'cuda:0' under torchrun with 2 processes puts them all on one GPU"),
+    ("cuda", {}, 0, "--device 'cuda': CUDA is not available here; allowed: cpu"),
+    ("cuda:2", {}, 2, "--device 'cuda:2': 2 CUDA devices visible; allowed: cuda:0..cuda:1"),
+    ("banana", {}, 0, "--device 'banana' is not a device; allowed: cpu, cuda, cuda:N"),
+])
+def test_process_device_errors(device, env, gpus, match):
+    from adaperceiver.eval.__main__ import process_device
+    with pytest.raises(ValueError) as e:
+        process_device(device, env, gpus)
+    assert match in str(e.value)
+
+
 # ---------------------------------------------------------------------------- bad input
 def _error(capsys, argv) -> str:
     with pytest.raises(SystemExit) as e:
@@ -513,6 +547,7 @@ def test_unknown_configs(capsys, digits_dir, spec, match):
                                   "of --configs"),
     (["--policy", "budget=1,tau=0.5"], "budget= takes only table="),
     (["--policy", "budget=1,table=nope.csv"], "table='nope.csv' does not exist"),
+    (["--device", "nope"], "--device 'nope' is not a device"),
     (["--out", "x.json"], "allowed: a .csv path"),
     (["--model", "nope"], "--model 'nope' is not known"),
     (["--mean", "0.1", "0.2"], "mean and std need 1 or 1 values"),

@@ -17,9 +17,9 @@ import os
 import sys
 import time
 import warnings
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
-__all__ = ["main", "run", "build_parser"]
+__all__ = ["main", "run", "build_parser", "process_device"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +89,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def process_device(device: Optional[str], env: Mapping[str, str], cuda_count: int
+                   ) -> tuple["torch.device", Optional[str]]:
+    """(this process's device, its process group backend) from ``--device`` and torchrun's
+    environment (WORLD_SIZE, LOCAL_RANK), ``cuda_count`` CUDA devices being visible.
+
+    Default device: cuda when there is one, else cpu. Under torchrun (WORLD_SIZE > 1) ``cuda``
+    means cuda:LOCAL_RANK (one GPU per process); the backend is NCCL for CUDA devices and gloo
+    for everything else (a GPU machine evaluating on its CPUs runs gloo: NCCL reduces CUDA
+    tensors only); a single process has no process group (None)."""
+    import torch
+    world = int(env.get("WORLD_SIZE", "1"))
+    local = int(env.get("LOCAL_RANK", "0"))
+    name = device or ("cuda" if cuda_count else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; allowed: cpu, cuda, cuda:N") \
+            from None
+    if dev.type == "cuda":
+        if not cuda_count:
+            raise ValueError(f"--device {name!r}: CUDA is not available here; allowed: cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local if world > 1 else 0)
+            if dev.index >= cuda_count:
+                raise ValueError(f"--device cuda under torchrun: LOCAL_RANK={local} but "
+                                 f"{cuda_count} CUDA device{'s' * (cuda_count > 1)} visible; "
+                                 f"allowed: --nproc_per_node <= {cuda_count} per node (one GPU "
+                                 "per process) or --device cpu")
+        elif world > 1:
+            raise ValueError(f"--device {name!r} under torchrun with {world} processes puts "
+                             "them all on one GPU (NCCL refuses); allowed: --device cuda "
+                             "(process i on cuda:LOCAL_RANK) or cpu")
+        elif dev.index >= cuda_count:
+            raise ValueError(f"--device {name!r}: {cuda_count} CUDA device"
+                             f"{'s' * (cuda_count > 1)} visible; allowed: cuda:0.."
+                             f"cuda:{cuda_count - 1}")
+    backend = None if world == 1 else ("nccl" if dev.type == "cuda" else "gloo")
+    return dev, backend
+
+
+def init_distributed(device, backend: Optional[str]) -> tuple[int, int]:
+    """Join torchrun's process group with ``backend`` (:func:`process_device`); NCCL binds
+    this process to its GPU first. (rank, world size); (0, 1) for a single process."""
+    import torch
+    import torch.distributed as dist
+
+    from ..train.trainer import world
+    if backend is not None and not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend, device_id=device)
+        else:
+            dist.init_process_group(backend)
+    return world()
+
+
 def _fail(parser, msg: str):
     """Exit 2 with the message; under torchrun rank 0 prints the usage, every other rank the
     message alone (a bad image may sit in one rank's share only)."""
     from ..train.trainer import world
-    rank = world()[0]
+    rank = world()[0] if world()[1] > 1 else int(os.environ.get("RANK", "0"))
     if rank == 0:
         parser.error(msg)
     print(f"{parser.prog} (rank {rank}): error: {msg}", file=sys.stderr, flush=True)
@@ -125,7 +181,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from ..bench.grid import GridError, ModelAxes, parse_grid
     from ..bench.runner import parse_precision
     from ..ops.dispatch import BACKENDS
-    from ..train.trainer import init_distributed
     from . import data as D
     from .engine import evaluate
     from .policies import parse_policy
@@ -154,16 +209,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     except ValueError as e:
         parser.error(str(e))
 
-    rank, size = init_distributed()
-    dev_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev_name == "cuda" and size > 1:
-        dev_name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     try:
-        device = torch.device(dev_name)
-    except RuntimeError:
-        _fail(parser, f"--device {dev_name!r} is not a device; allowed: cpu, cuda, cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _fail(parser, f"--device {dev_name!r}: CUDA is not available here; allowed: cpu")
+        device, backend = process_device(args.device, os.environ, cuda_count)
+    except ValueError as e:
+        _fail(parser, str(e))
+    rank, size = init_distributed(device, backend)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -226,7 +277,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         f"{data_cfg['interpolation']}, crop {data_cfg['crop_pct']}); {len(grid)} configs = "
         f"{len(widths)} passes (w={widths}){f' + {len(policies)} policies' if policies else ''}"
         f"; batch {args.batch_size}, {precision.name}, {device}, {torch.get_num_threads()} "
-        f"threads, {size} process{'es' if size > 1 else ''}")
+        f"threads, {size} process{'es' if size > 1 else ''}"
+        f"{f' ({backend})' if backend else ''}")
 
     from ..ops import use_backend
     import contextlib
