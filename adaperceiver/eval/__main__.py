@@ -17,7 +17,10 @@ import os
 import sys
 import time
 import warnings
-from typing import Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["main", "run", "build_parser", "process_device"]
 
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def process_device(device: Optional[str], env: Mapping[str, str], cuda_count: int
-                   ) -> tuple["torch.device", Optional[str]]:
+                   ) -> tuple[torch.device, Optional[str]]:
     """(this process's device, its process group backend) from ``--device`` and torchrun's
     environment (WORLD_SIZE, LOCAL_RANK), ``cuda_count`` CUDA devices being visible.
 

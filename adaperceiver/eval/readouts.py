@@ -13,7 +13,7 @@ at every exit layer would cost a third of a block per layer (about 0.6 full pass
 released 'all' grid); instead the query is folded into the projections once per forward:
 
     score[b, h, j] = (R_j^T q_h / sqrt(D)) . (W_k,h y_bj + b_k,h) = U[h, j] . y_bj + c[h, j]
-    out[b, h]      = sum_{j<g} p_g[b, h, j] (W_v,h y_bj + b_v,h) = W_v,h (sum_{j<g} p_g y_bj) + b_v,h
+    out[b, h]      = sum_{j<g} p_g[b,h,j] (W_v,h y_bj + b_v,h) = W_v,h (sum_{j<g} p_g y_bj) + b_v,h
 
 (y = src_norm(latents), p_g the softmax over the first g scores; the second line uses
 sum_j p = 1). Per exit layer that is one (H, n, C) dot per image for the scores, a g-row
