@@ -96,21 +96,29 @@ def test_plan_forwards_one_run_for_the_granularities():
     assert plan_forwards(causal, [5, 50, 64]) == [(64, [5, 50, 64])]
 
 
+@pytest.mark.parametrize("chunk_layers", [None, 1, 2])
 @pytest.mark.parametrize("overrides,counts", [
     ({}, [32, 64, 96, 128, 192, 256]),           # the released grans, one run
     ({}, [20, 64, 100]),                         # non-granularities: runs of their own
     ({"attn_layer": "full"}, [32, 64]),          # no mask: a run per t
     ({"block_mask": "causal"}, [7, 33, 80]),     # every t a prefix
 ])
-def test_grid_readouts_equal_separate_forwards_float64(reference_backend, overrides, counts):
+def test_grid_readouts_equal_separate_forwards_float64(reference_backend, monkeypatch,
+                                                       overrides, counts, chunk_layers):
     """In float64 on the reference backend the folded write-out (the query folded into the
     key/value projections, sums reassociated) equals the separate forwards to rounding: a
     wrong prefix, layer, width or RoPE position would be off by far more than 1e-12. Two
-    widths in one call: the read latents they share are not modified by the first."""
+    widths in one call: the read latents they share are not modified by the first. The exit
+    layers written out all in one call (None), one per call, or two per call (3 exits: a full
+    chunk and a remainder) at the largest run's size."""
     import warnings
 
-    from adaperceiver.eval import grid_readouts
+    from adaperceiver.eval import grid_readouts, readouts
     model = tiny_model(**overrides).double().eval()
+    if chunk_layers:
+        n = max(c for _, cs in readouts.plan_forwards(model.config, counts) for c in cs)
+        monkeypatch.setattr(readouts, "_WRITE_CHUNK_BYTES",
+                            chunk_layers * 2 * n * model.config.embed_dim * 8)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")     # attn_layer="full" warns that it drops the mask
@@ -121,6 +129,21 @@ def test_grid_readouts_equal_separate_forwards_float64(reference_backend, overri
         for (t, w, l), got in zip(keys, logits):
             ref = model(x, num_tokens=t, mat_dim=w, depth=l).logits[:, 0]
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=str((t, w, l)))
+
+
+def test_grid_readouts_without_classifier(reference_backend):
+    """num_classes=0 (timm's reset_classifier(0)): the readouts are the written-out features,
+    as the separate forward returns them."""
+    from adaperceiver.eval import grid_readouts
+    model = tiny_model().double().eval()
+    model.reset_classifier(0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        keys, out = grid_readouts(model, x, [48], [32, 256], [2, 4])
+        assert out.shape == (4, 2, model.config.embed_dim)
+        for (t, w, l), got in zip(keys, out):
+            ref = model(x, num_tokens=t, mat_dim=w, depth=l).logits[:, 0]
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float32, None), (torch.bfloat16, None),

@@ -16,9 +16,10 @@ released 'all' grid); instead the query is folded into the projections once per 
     out[b, h]      = sum_{j<g} p_g[b,h,j] (W_v,h y_bj + b_v,h) = W_v,h (sum_{j<g} p_g y_bj) + b_v,h
 
 (y = src_norm(latents), p_g the softmax over the first g scores; the second line uses
-sum_j p = 1). Per exit layer that is one (H, n, C) dot per image for the scores, a g-row
-weighted sum per granularity, and then one GEMM each for W_v, the output projection and the
-head over all granularities' rows together. The result equals the separate forward up to
+sum_j p = 1); the output projection, the output token's residual and the classifier are one
+affine map after W_v. Per exit layer that is one (H, n, C) dot per image for the scores, a
+g-row weighted sum per granularity, then one GEMM for W_v and one for the logits over all
+granularities' rows; the exit layers' latents are written out several layers per call. The result equals the separate forward up to
 rounding (the sums are reassociated), so it is computed in float32 (float64 for float64
 models) whatever the model's precision; each readout reads rows j < g only, so a NaN in a later
 latent reaches none of the shorter readouts, as in the separate forward.
@@ -37,6 +38,8 @@ from ..model.ragged import Layout
 from ..ops.reference import apply_rope
 
 __all__ = ["plan_forwards", "prefix_token_counts", "grid_logits", "grid_readouts"]
+
+_WRITE_CHUNK_BYTES = 256 << 20     # latents of several exit layers written out in one call
 
 
 def prefix_token_counts(cfg, n: int) -> set:
@@ -80,30 +83,42 @@ class _FoldedWrite:
         qr = apply_rope(q.expand(H, n, D), rope[0][:n], -rope[1][:n]) / math.sqrt(D)
         w_k = attn.k.weight.to(work).view(H, D, C)
         self.u = torch.bmm(qr, w_k).permute(1, 2, 0).contiguous()          # (n, C, H)
-        self.c = (torch.zeros(H, n, dtype=work, device=q.device) if attn.k.bias is None else
-                  (qr * attn.k.bias.to(work).view(H, 1, D)).sum(-1))     # (H, n)
+        c = (torch.zeros(H, n, dtype=work, device=q.device) if attn.k.bias is None else
+             (qr * attn.k.bias.to(work).view(H, 1, D)).sum(-1))
+        self.c = c.t().reshape(n, 1, H)                                     # (n, 1, H)
         self.w_v = attn.v.weight.to(work).view(H, D, C).transpose(1, 2)   # (H, C, D)
-        self.b_v = None if attn.v.bias is None else attn.v.bias.to(work)
-        self.token, self.head, self.attn, self.work = token, head, attn, work
-        self.H = H
+        # after the values: logits = W_cls (token + W_p (W_v s + b_v) + b_p) + b_cls, one
+        # affine map of W_v s (the classifier is the identity when num_classes=0)
+        w_p = attn.proj.weight.to(work)
+        bias = token[0].to(work)
+        if attn.proj.bias is not None:
+            bias = bias + attn.proj.bias.to(work)
+        if attn.v.bias is not None:
+            bias = bias + w_p @ attn.v.bias.to(work)
+        cls = model.get_classifier()
+        if isinstance(cls, torch.nn.Linear):
+            self.w_out = cls.weight.to(work) @ w_p                           # (K, C)
+            self.b_out = cls.weight.to(work) @ bias
+            if cls.bias is not None:
+                self.b_out = self.b_out + cls.bias.to(work)
+        else:
+            self.w_out, self.b_out = w_p, bias
+        self.norm, self.H, self.work = head.src_norm, H, work
 
-    def logits(self, model, latents: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    def logits(self, latents: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """(len(counts) * B, K) logits of the write-out over latents[:, :g] for each g of
-        ``counts`` (g-major rows) from latents (B, n, C) taken at one exit layer."""
+        ``counts`` (g-major rows) from latents (B, n, C) taken at exit layers."""
         B, n, C = latents.shape
-        y = self.head.src_norm(latents).to(self.work)                      # (B, n, C)
-        scores = torch.bmm(y.transpose(0, 1), self.u).permute(1, 2, 0)      # (B, H, n)
-        scores = scores + self.c
-        sums = torch.stack([torch.bmm(torch.softmax(scores[..., :g], -1), y[:, :g])
-                            for g in counts])                               # (G, B, H, C)
         G = len(counts)
+        y = self.norm(latents).to(self.work)                                # (B, n, C)
+        scores = torch.baddbmm(self.c, y.transpose(0, 1), self.u)          # (n, B, H)
+        scores = scores.permute(1, 2, 0)                                    # (B, H, n)
+        sums = y.new_empty(G, B, self.H, C)
+        for i, g in enumerate(counts):      # each g reads its first g rows only
+            torch.bmm(torch.softmax(scores[..., :g], -1), y[:, :g], out=sums[i])
         o = torch.bmm(sums.view(G * B, self.H, C).transpose(0, 1), self.w_v)   # (H, G*B, D)
         o = o.transpose(0, 1).reshape(G * B, C)
-        if self.b_v is not None:
-            o = o + self.b_v
-        o = o.to(latents.dtype)
-        written = self.token + ops.linear(o, self.attn.proj.weight, self.attn.proj.bias)
-        return model.output_adapter(written)
+        return ops.linear(o, self.w_out, self.b_out).to(latents.dtype)
 
 
 @torch.no_grad()
@@ -136,12 +151,25 @@ def grid_readouts(model, x: torch.Tensor, widths: Sequence[int], token_counts: S
                 with torch.autocast(dev.type, enabled=False):
                     write = _FoldedWrite(model, n, rope, work)
             rows = layout.pack(read)
+            # the exit layers' latents are written out together, several layers per call (up
+            # to _WRITE_CHUNK_BYTES of latents): the write-out's ~25 small ops then run once per
+            # chunk instead of once per layer (on a busy CPU every small parallel region can
+            # wait for a descheduled thread)
+            per_layer = B * n * cfg.embed_dim * read.element_size()
+            chunk = max(1, _WRITE_CHUNK_BYTES // max(1, per_layer))
+            pending, layers = [], []
             for i in range(exits[-1]):
                 rows = model.blocks[i](rows, layout, call.grans, rope)
-                if i + 1 in exits:
+                if i + 1 not in exits:
+                    continue
+                pending.append(layout.pad(rows))
+                layers.append(i + 1)
+                if len(pending) == chunk or i + 1 == exits[-1]:
+                    latents = pending[0] if len(pending) == 1 else torch.cat(pending)
                     with torch.autocast(dev.type, enabled=False):
-                        parts.append(write.logits(model, layout.pad(rows), counts))
-                    keys += [(g, w, i + 1) for g in counts]
+                        parts.append(write.logits(latents, counts))
+                    keys += [(g, w, l) for g in counts for l in layers]
+                    pending, layers = [], []
     return keys, torch.cat(parts).view(len(keys), B, -1)
 
 
