@@ -19,10 +19,11 @@ released 'all' grid); instead the query is folded into the projections once per 
 sum_j p = 1); the output projection, the output token's residual and the classifier are one
 affine map after W_v. Per exit layer that is one (H, n, C) dot per image for the scores, a
 g-row weighted sum per granularity, then one GEMM for W_v and one for the logits over all
-granularities' rows; the exit layers' latents are written out several layers per call. The result equals the separate forward up to
-rounding (the sums are reassociated), so it is computed in float32 (float64 for float64
-models) whatever the model's precision; each readout reads rows j < g only, so a NaN in a later
-latent reaches none of the shorter readouts, as in the separate forward.
+granularities' rows; the exit layers' latents are written out several layers per call. The
+result equals the separate forward up to rounding (the sums are reassociated), so it is
+computed in float32 (float64 for float64 models) whatever the model's precision; each readout
+reads rows j < g only, so a NaN in a later latent reaches none of the shorter readouts, as in
+the separate forward.
 Token counts that are not a prefix of a larger run (not a granularity, above
 ``max_latent_tokens``, or any t when the model has no block mask) get a forward of their own.
 """
