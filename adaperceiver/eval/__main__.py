@@ -278,10 +278,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         f"{opened.root} ({len(indices)} of {len(opened.dataset)} images, "
         f"{data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}, "
         f"{data_cfg['interpolation']}, crop {data_cfg['crop_pct']}); {len(grid)} configs = "
-        f"{len(widths)} passes (w={widths}){f' + {len(policies)} policies' if policies else ''}"
-        f"; batch {args.batch_size}, {precision.name}, {device}, {torch.get_num_threads()} "
-        f"threads, {size} process{'es' if size > 1 else ''}"
-        f"{f' ({backend})' if backend else ''}")
+        f"{len(widths)} forwards per batch (w={widths})"
+        f"{f' + {len(policies)} policies' if policies else ''}; batch {args.batch_size}, "
+        f"{precision.name}, {device}, {torch.get_num_threads()} threads, "
+        f"{size} process{'es' if size > 1 else ''}{f' ({backend})' if backend else ''}")
 
     from ..ops import use_backend
     import contextlib
