@@ -203,6 +203,28 @@ def test_grid_logits_bad_exits():
         grid_logits(model, torch.randn(1, 3, 64, 64), 48, [32], [0, 2])
 
 
+def test_evaluate_counts_a_grid_that_is_no_product():
+    """evaluate() with configurations that are no product of axes ((32, l=1) and (64, l=2) at
+    one width, (64, l=2) at another): the rows are those configurations, each counting the
+    separate forward's hits (the readouts of the (t, l) not asked for are read but not
+    counted)."""
+    from adaperceiver.eval import evaluate
+    model = tiny_model(num_classes=7).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 3, 64, 64, generator=g)
+    y = torch.randint(0, 7, (10,), generator=g)
+    configs = [Config(32, 72, 1), Config(64, 72, 2), Config(64, 24, 2)]
+    res = evaluate(model, torch.utils.data.TensorDataset(x, y), configs, batch_size=4,
+                   progress=False)
+    want = [(c.t, c.w, c.l) for c in sorted(configs)]
+    assert [(r["t"], r["w"], r["l"]) for r in res.rows] == want
+    with torch.inference_mode():
+        for r in res.rows:
+            logits = model(x, num_tokens=r["t"], mat_dim=r["w"], depth=r["l"]).logits[:, 0]
+            h1, h5 = topk_hits(logits, y)
+            assert (r["top1"], r["top5"], r["images"]) == (100 * h1 / 10, 100 * h5 / 10, 10)
+
+
 # ---------------------------------------------------------------------------- data split
 @pytest.mark.parametrize("n,b,world", [(359, 32, 2), (10, 4, 3), (5, 8, 2), (64, 16, 4)])
 def test_rank_batches_count_every_image_once(n, b, world):

@@ -138,7 +138,8 @@ def evaluate(model, dataset, configs: Sequence[Config], *, batch_size: int = 32,
                 # out more (t, l) than asked: count the requested ones
                 want = [i for i, k in enumerate(keys) if Config(*k) in row_of]
                 at = to_device([row_of[Config(*keys[i])] for i in want], dev)
-                hits.index_add_(0, at, _hits(logits[want], y))
+                hits.index_add_(0, at, _hits(logits if len(want) == len(keys) else
+                                             logits[to_device(want, dev)], y))
             seen += len(y)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
