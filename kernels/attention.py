@@ -215,6 +215,19 @@ def _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+            K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The key tile ``offs_n`` (rows >= key_limit read as 0) and the scaled scores of the query
+    tile against it, -inf where a row's bound cuts them (MASKED): forward and dq."""
+    k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
+    return k, qk
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
                tile_lo, tile_hi, qk_scale, key_limit, HEAD_DIM: tl.constexpr,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_ROPE: tl.constexpr,
@@ -223,11 +236,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSi
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM,
-                       BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
+        k, qk = _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
+                        HEAD_DIM, BLOCK_N, MASKED, K_ROPE, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -438,13 +448,10 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos,
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM,
-                       BLOCK_N)
+        k, qk = _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
+                        HEAD_DIM, BLOCK_N, MASKED, K_ROPE, PRECISION)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
                     mask=offs_n[:, None] < key_limit, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -530,21 +537,31 @@ def why_not(q, k, v, token_grans=None, seq_lens=None, q_rope=None, k_rope=None) 
                                  or seq_lens.shape != (q.shape[0],)
                                  or seq_lens.dtype not in (torch.int32, torch.int64)):
         reasons.append(f"seq_lens must be an int32/int64 tensor of shape ({q.shape[0]},)")
-    for name, rope, n in (("q_rope", q_rope, Nq), ("k_rope", k_rope, Nk)):
-        if rope is None:
-            continue
-        if (len(rope) != 2 or any(not isinstance(r, torch.Tensor) or r.shape != (n, D // 2)
-                                  or not r.dtype.is_floating_point for r in rope)):
-            reasons.append(f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2})")
-    return reasons
+    return reasons + _rope_reasons(q_rope, k_rope, Nq, Nk, D)
 
 
-def _check(q, k, v, token_grans, seq_lens, q_rope, k_rope):
-    reasons = why_not(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+def _rope_reasons(q_rope, k_rope, n_q: int, n_k: int, D: int) -> list[str]:
+    """RoPE tables must be (cos, sin) float tables of shape (n, D/2) (padded: n = Nq for q and
+    Nk for k; packed rows: the longest sample's length for both)."""
+    return [f"{name} must be (cos, sin) float tables of shape ({n}, {D // 2})"
+            for name, rope, n in (("q_rope", q_rope, n_q), ("k_rope", k_rope, n_k))
+            if rope is not None and (len(rope) != 2 or any(
+                not isinstance(r, torch.Tensor) or r.shape != (n, D // 2)
+                or not r.dtype.is_floating_point for r in rope))]
+
+
+def _raise_if(reasons: list[str], what: str) -> None:
     if reasons:
-        raise ValueError("the Triton attention kernels cannot take this input:\n  "
-                         + "\n  ".join(reasons))
+        raise ValueError(f"the Triton {what} cannot take this input:\n  " + "\n  ".join(reasons))
+
+
+def _grans(token_grans) -> Optional[list[int]]:
     return None if token_grans is None else check_grans(token_grans)
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The op's default softmax scale, 1/sqrt(head_dim), for direct callers that give none."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def _table(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -589,10 +606,14 @@ def _args(q, k, token_grans, seq_lens, q_rope, k_rope, dummy_f32):
     Nq, Nk = q.shape[2], k.shape[2]
     re = row_end(Nq, token_grans, Nk, device=q.device)
     lens = re if seq_lens is None else seq_lens.to(device=q.device, dtype=torch.int32)
-    qc, qs = (None, None) if q_rope is None else q_rope
-    kc, ks = (None, None) if k_rope is None else k_rope
-    tables = [_table(t, dummy_f32) for t in (qc, qs, kc, ks)]
-    return re, lens, tables
+    return re, lens, _tables(q_rope, k_rope, dummy_f32)
+
+
+def _tables(q_rope, k_rope, dummy_f32) -> list[torch.Tensor]:
+    """The four RoPE tables (q cos, q sin, k cos, k sin) as float32 kernel arguments; an absent
+    one is ``dummy_f32`` (its constexpr flag keeps the kernel from reading it)."""
+    return [_table(t, dummy_f32) for rope in (q_rope, k_rope)
+            for t in ((None, None) if rope is None else rope)]
 
 
 def _precision(dtype) -> str:
@@ -661,15 +682,18 @@ def forward_tiles(q: torch.Tensor, shape_key: tuple, launch, tune: bool = True) 
 def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None, q_rope=None,
                       k_rope=None, *, tiles: Optional[Tiles] = None,
                       visit_counter: Optional[torch.Tensor] = None,
-                      rope_counter: Optional[torch.Tensor] = None):
+                      rope_counter: Optional[torch.Tensor] = None, check: bool = True):
     """(out, lse): out (B, H, Nq, D) in q's dtype, lse float32 (B, H, Nq), natural log, -inf
     on rows that see no key. ``visit_counter`` (int32, 1 element): when given, the kernel adds
     the number of key tiles it loads to it (a DEBUG build of the kernel); ``rope_counter``: the
-    K rows rotated (by the pre-pass, once per row) are added to it."""
-    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    K rows rotated (by the pre-pass, once per row) are added to it. ``check=False``: the caller
+    has had ``why_not`` say nothing against this input (the dispatcher does)."""
+    if check:
+        _raise_if(why_not(q, k, v, token_grans, seq_lens, q_rope, k_rope), "attention kernels")
+    token_grans = _grans(token_grans)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _scale(scale, D)
     # written heads-last, (B, Nq, H, D), and returned as its (B, H, Nq, D) view: the op hands
     # that buffer to the model as (B, Nq, C) with no transpose copy
     out = torch.empty((B, Nq, H, v.shape[-1]), device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -710,30 +734,24 @@ def why_not_varlen(q, k, v, seq_lens, token_grans=None, q_rope=None, k_rope=None
     if n == 0 or len(seq_lens) * q.shape[1] > 65535:
         reasons.append(f"{len(seq_lens)} samples of up to {n} rows: need 1..65535 (sample, head) "
                        "programs and a non-empty sample")
-    for name, rope in (("q_rope", q_rope), ("k_rope", k_rope)):
-        if rope is not None and (len(rope) != 2 or any(
-                not isinstance(r, torch.Tensor) or r.shape != (n, q.shape[-1] // 2)
-                or not r.dtype.is_floating_point for r in rope)):
-            reasons.append(f"{name} must be (cos, sin) float tables of shape ({n}, "
-                           f"{q.shape[-1] // 2})")
-    return reasons
+    return reasons + _rope_reasons(q_rope, k_rope, n, n, q.shape[-1])
 
 
 def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None, scale=None,
                              q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None,
-                             rope_counter: Optional[torch.Tensor] = None):
+                             rope_counter: Optional[torch.Tensor] = None, check: bool = True):
     """Self-attention over packed rows: q, k, v (R, H, D), sample b's ``seq_lens[b]`` rows (host
     ints) following those of samples 0..b-1. (out, lse): out (R, H, D) in q's dtype, lse
     float32 (B, H, max seq_len), -inf past each length. The forward kernel above with
-    PACKED: each program starts at its sample's first row; nothing is padded."""
-    reasons = why_not_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope)
-    if reasons:
-        raise ValueError("the Triton packed attention kernel cannot take this input:\n  "
-                         + "\n  ".join(reasons))
-    token_grans = None if token_grans is None else check_grans(token_grans)
+    PACKED: each program starts at its sample's first row; nothing is padded. ``check``: as
+    for :func:`attention_forward`."""
+    if check:
+        _raise_if(why_not_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope),
+                  "packed attention kernel")
+    token_grans = _grans(token_grans)
     R, H, D = q.shape
     B, n = len(seq_lens), max(seq_lens)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _scale(scale, D)
     out = torch.empty((R, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, n), device=q.device, dtype=torch.float32)
     starts = [0]
@@ -743,9 +761,7 @@ def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None,
     lens = to_device(seq_lens, q.device, torch.int32)
     starts = to_device(starts, q.device, torch.int32)
     re = row_end(n, token_grans, n, device=q.device)
-    qc, qs = (None, None) if q_rope is None else q_rope
-    kc, ks = (None, None) if k_rope is None else k_rope
-    qc, qs, kc, ks = (_table(x, lse) for x in (qc, qs, kc, ks))
+    qc, qs, kc, ks = _tables(q_rope, k_rope, lse)
     # K rotated once per row (the pre-pass), not once per query tile that reads it
     kr = k if k_rope is None else rotate_rows(k, k_rope, lens, starts=starts,
                                               rows_counter=rope_counter)
@@ -766,12 +782,15 @@ def attention_varlen_forward(q, k, v, seq_lens: Sequence[int], token_grans=None,
 
 def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None, seq_lens=None,
                        q_rope=None, k_rope=None, *, tiles: Optional[Tiles] = None,
-                       visit_counters: Optional[dict] = None):
+                       visit_counters: Optional[dict] = None, check: bool = True):
     """(dq, dk, dv) w.r.t. the unrotated q, k and v. ``out`` and ``lse`` may come from any
     backend (shared contract). ``visit_counters``: optional {"dkdv": t, "dq": t} int32 tensors
     the kernels add their tile visits to (query tiles per key tile; key tiles per query tile).
+    ``check``: as for :func:`attention_forward`.
     """
-    token_grans = _check(q, k, v, token_grans, seq_lens, q_rope, k_rope)
+    if check:
+        _raise_if(why_not(q, k, v, token_grans, seq_lens, q_rope, k_rope), "attention kernels")
+    token_grans = _grans(token_grans)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if grad_out.shape != out.shape or grad_out.stride(-1) != 1:
@@ -779,7 +798,7 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
     if out.stride(-1) != 1:
         out = out.contiguous()
     lse = lse.to(torch.float32).contiguous()
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = _scale(scale, D)
     t = tiles or default_tiles(D, dtype=q.dtype)
     re, lens, (qc, qs, kc, ks) = _args(q, k, token_grans, seq_lens, q_rope, k_rope, lse)
     flags = dict(HEAD_DIM=D, HAS_LENS=seq_lens is not None, PRECISION=_precision(q.dtype))

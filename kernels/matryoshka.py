@@ -44,14 +44,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, act_ptr, count_ptr,
-                     M, C, HMAX, HPAD,
-                     stride_xm, stride_xc, stride_w1h, stride_w1c, stride_am,
-                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                     COUNT: tl.constexpr, PRECISION: tl.constexpr):
-    """act[r, j] = GELU(x[row_ids[r]] . W1[j] + b1[j]) for j < row_h[r], 0 for j >= row_h[r],
-    on the (row tile, hidden tile) work item number program_id(0). Columns up to HPAD (the
-    scratch's padded width) are written, so readers may round a row's width up to 16."""
+def _work_item(items_ptr, row_ids_ptr, row_h_ptr, M, HMAX, BLOCK_M: tl.constexpr,
+               BLOCK_H: tl.constexpr):
+    """The (row tile, hidden tile) work item number program_id(0) of the fc1 / dpre launch:
+    its sorted rows (offs_m, in range: m_ok), their original rows (int64) and widths, and its
+    hidden units (offs_h, in range: h_ok)."""
     pid = tl.program_id(0)
     rt = tl.load(items_ptr + 2 * pid)
     ht = tl.load(items_ptr + 2 * pid + 1)
@@ -60,7 +57,20 @@ def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, a
     rows = tl.load(row_ids_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     rh = tl.load(row_h_ptr + offs_m, mask=m_ok, other=0)
     offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HMAX
+    return offs_m, m_ok, rows, rh, offs_h, offs_h < HMAX
+
+
+@triton.jit
+def _fc1_gelu_kernel(x_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_ptr, act_ptr, count_ptr,
+                     M, C, HMAX, HPAD,
+                     stride_xm, stride_xc, stride_w1h, stride_w1c, stride_am,
+                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                     COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """act[r, j] = GELU(x[row_ids[r]] . W1[j] + b1[j]) for j < row_h[r], 0 for j >= row_h[r],
+    on the (row tile, hidden tile) work item number program_id(0). Columns up to HPAD (the
+    scratch's padded width) are written, so readers may round a row's width up to 16."""
+    offs_m, m_ok, rows, rh, offs_h, h_ok = _work_item(items_ptr, row_ids_ptr, row_h_ptr, M, HMAX,
+                                                      BLOCK_M, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
@@ -95,15 +105,8 @@ def _dpre_kernel(x_ptr, go_ptr, row_ids_ptr, row_h_ptr, items_ptr, w1_ptr, b1_pt
     """Backward, same work items as fc1: recomputes pre = x W1^T + b1 and writes
     act = GELU(pre) and dpre = (grad_out W2[:, tile]) * GELU'(pre), both zero past the row's
     width. The two products share the loop over C."""
-    pid = tl.program_id(0)
-    rt = tl.load(items_ptr + 2 * pid)
-    ht = tl.load(items_ptr + 2 * pid + 1)
-    offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    rows = tl.load(row_ids_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-    rh = tl.load(row_h_ptr + offs_m, mask=m_ok, other=0)
-    offs_h = ht * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HMAX
+    offs_m, m_ok, rows, rh, offs_h, h_ok = _work_item(items_ptr, row_ids_ptr, row_h_ptr, M, HMAX,
+                                                      BLOCK_M, BLOCK_H)
     offs_h64 = offs_h.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     acc_pre = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -422,8 +425,10 @@ def why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
     return why
 
 
-def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
-    why = why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+def _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, check: bool):
+    """Raise with every reason ``why_not`` gives, unless the caller has asked it already
+    (``check=False``: the dispatcher has)."""
+    why = why_not(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) if check else []
     if why:
         raise ValueError("Triton Matryoshka FFN cannot run on this input:\n  " + "\n  ".join(why))
 
@@ -464,13 +469,15 @@ def _count_buffer(counters, device):
 
 
 def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
-                blocks: Optional[Blocks] = None, counters: Optional[dict] = None):
+                blocks: Optional[Blocks] = None, counters: Optional[dict] = None,
+                check: bool = True):
     """out (B, N, C) in x's dtype. ``hidden``: a list of B ints in 1..Hmax.
 
     ``counters``: when a dict is given, the kernels are run with their debug counter on and
     ``counters["fc1"]`` / ``counters["fc2"]`` receive the tiles they computed (fc1: work items;
-    fc2: K steps summed over programs)."""
-    _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    fc2: K steps summed over programs). ``check=False``: the caller has had ``why_not`` say
+    nothing against this input (the dispatcher does)."""
+    _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, check)
     bl = blocks or default_blocks(x.dtype)
     B, N, C = x.shape
     hmax = fc1_weight.shape[0]
@@ -511,13 +518,14 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
 
 
 def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
-                 blocks: Optional[Blocks] = None, counters: Optional[dict] = None):
+                 blocks: Optional[Blocks] = None, counters: Optional[dict] = None,
+                 check: bool = True):
     """(dx, dW1, db1, dW2, db2) of :func:`ffn_forward`; units past a sample's width get none.
 
     fc1 is recomputed (nothing is saved by the forward). dW/db accumulate in fp32 and are
     returned in the weights' dtype. ``counters``: "dpre" (work items), "dx" (K steps),
-    "dw1" / "dw2" (row steps) when a dict is given."""
-    _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    "dw1" / "dw2" (row steps) when a dict is given. ``check``: as for :func:`ffn_forward`."""
+    _check(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, check)
     if grad_out.shape != x.shape[:-1] + (fc2_weight.shape[0],) or grad_out.dtype != x.dtype \
             or grad_out.device != x.device:
         raise ValueError(f"grad_out is {grad_out.dtype} {tuple(grad_out.shape)} on "

@@ -19,6 +19,7 @@ import adaperceiver
 from adaperceiver import _ext
 from adaperceiver.ops import cpp_backend as C
 from adaperceiver.ops import reference as R
+from adaperceiver.ops.inputs import AttentionInputs, FfnInputs, PackedAttentionInputs
 
 from conftest import tiny_model
 
@@ -60,7 +61,7 @@ def test_attention_forward_rule(dtype, case):
     tables = R.rope_tables(N, D) if rope else None
     kw = dict(token_grans=grans, seq_lens=None if lens is None else torch.tensor(lens),
               q_rope=tables, k_rope=tables)
-    out, lse = C.attention_forward(q, k, v, **kw)
+    out, lse = C.attention_forward(AttentionInputs.build(q, k, v, **kw))
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref, ref_lse = R.attention_forward(q, k, v, **kw)
     truth, truth_lse = R.attention_forward(q.double(), k.double(), v.double(), **kw)
@@ -79,8 +80,9 @@ def test_attention_backward_rule(dtype, case):
     tables = R.rope_tables(N, D) if rope else None
     kw = dict(token_grans=grans, seq_lens=None if lens is None else torch.tensor(lens),
               q_rope=tables, k_rope=tables)
-    out, lse = C.attention_forward(q, k, v, **kw)
-    ours = C.attention_backward(go, q, k, v, out, lse, **kw)
+    inputs = AttentionInputs.build(q, k, v, **kw)
+    out, lse = C.attention_forward(inputs)
+    ours = C.attention_backward(inputs, go, out, lse)
 
     def autograd(dt):  # plain PyTorch autograd through the reference in dtype dt
         leaves = [t.detach().to(dt).clone().requires_grad_(True) for t in (q, k, v)]
@@ -100,7 +102,8 @@ def test_packed_attention_rule(dtype):
     R_ = sum(lens)
     q, k, v = (torch.randn(R_, H, D, generator=g).to(dtype) for _ in range(3))
     tables = R.rope_tables(max(lens), D)
-    out, _ = C.attention_varlen_forward(q, k, v, lens, grans, None, tables, tables)
+    out, _ = C.attention_varlen_forward(PackedAttentionInputs.build(q, k, v, lens, grans,
+                                                                    q_rope=tables, k_rope=tables))
     assert out.dtype == dtype
 
     def padded(x):
@@ -136,7 +139,7 @@ def _ffn_inputs(hidden, N, seed, dtype, C_=24, Hmax=40, Cout=19):
 def test_ffn_forward_rule(dtype, case):
     hidden, N = FFN_CASES[case]
     args = _ffn_inputs(hidden, N, case, dtype)
-    out = C.ffn_forward(*args, hidden)
+    out = C.ffn_forward(FfnInputs.build(*args, hidden))
     assert out.dtype == dtype
     ref = R.ffn_forward(*args, hidden)
     truth = R.ffn_forward(*(a.double() for a in args), hidden)
@@ -149,7 +152,7 @@ def test_ffn_backward_rule(dtype, case):
     hidden, N = FFN_CASES[case]
     args = _ffn_inputs(hidden, N, 20 + case, dtype)
     go = torch.randn(len(hidden), N, 19, generator=torch.Generator().manual_seed(9)).to(dtype)
-    ours = C.ffn_backward(go, *args, hidden)
+    ours = C.ffn_backward(FfnInputs.build(*args, hidden), go)
 
     def autograd(dt):
         leaves = [a.detach().to(dt).clone().requires_grad_(True) for a in args]

@@ -6,6 +6,7 @@ import torch
 
 from adaperceiver import _ext
 from adaperceiver.ops import cpp_backend, cuda_backend
+from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
 
 
 def test_build_info_reports_cpp_compiled():
@@ -58,7 +59,8 @@ def test_build_info_cuda_facts_consistent():
     info = _ext.build_info()
     if not info["cuda_compiled"]:
         assert info["cuda_archs"] == [] and info["nvcc_version"] is None
-        reasons = cuda_backend.why_not_ffn(torch.ones(1, 1, 1), None, None, None, None, [1])
+        reasons = cuda_backend.why_not_ffn(FfnInputs(torch.ones(1, 1, 1), None, None, None,
+                                                     None, [1]))
         assert any("without its CUDA part" in r for r in reasons), reasons
         pytest.skip("extension built without CUDA")
     assert info["cuda_archs"] == ["8.0", "9.0"], info["cuda_archs"]
@@ -94,7 +96,7 @@ def test_every_op_has_its_cpu_and_cuda_kernels_registered():
 
 def test_cuda_backend_on_cpu_tensors_says_why():
     q = torch.randn(1, 1, 4, 48)
-    reasons = cuda_backend.why_not_attention(q, q, q, None, None, None, None)
+    reasons = cuda_backend.why_not_attention(AttentionInputs.build(q, q, q))
     assert reasons and all(isinstance(r, str) for r in reasons)
     if _ext.cuda_available():
         assert any("CUDA tensors only" in r for r in reasons)
@@ -107,9 +109,9 @@ def test_backends_import_without_extension(monkeypatch):
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_error", "ImportError: no module named adaperceiver._C")
     x = torch.randn(1, 2, 3)
-    reasons = cpp_backend.why_not_ffn(x, None, None, None, None, [1])
+    reasons = cpp_backend.why_not_ffn(FfnInputs(x, None, None, None, None, [1]))
     assert reasons == ["C++ extension adaperceiver._C failed to load: ImportError: no module "
                        "named adaperceiver._C"]
-    assert cuda_backend.why_not_ffn(x, None, None, None, None, [1])[0].startswith(
+    assert cuda_backend.why_not_ffn(FfnInputs(x, None, None, None, None, [1]))[0].startswith(
         "C++/CUDA extension adaperceiver._C failed to load")
     assert _ext.build_info()["cpp_compiled"] is False

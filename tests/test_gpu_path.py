@@ -281,14 +281,15 @@ def test_packed_attention_on_cuda_makes_no_host_stall(monkeypatch, backend):
     fallback (indices built on the device)."""
     from adaperceiver import ops
     from adaperceiver.kernels import attention as tri
+    from adaperceiver.ops.inputs import PackedAttentionInputs
     from adaperceiver.ops.reference import rope_tables
     launches = _no_launches(monkeypatch, tri)
     with _fake_mode(), HostStalls() as rec, ops.use_backend(backend):
         lens, H, D = [96, 40, 64], 2, 32
         q, k, v = (torch.randn(sum(lens), H, D, device="cuda") for _ in range(3))
         rope = rope_tables(96, D, device="cuda")
-        out, lse = ops.attention._attention_varlen_forward(q, k, v, lens, [32, 64, 96], D ** -0.5, rope,
-                                                 rope)
+        out, lse = ops.attention._attention_varlen_forward(PackedAttentionInputs.build(
+            q, k, v, lens, [32, 64, 96], q_rope=rope, k_rope=rope))
     assert out.shape == (sum(lens), H, D) and lse.shape == (3, H, 96)
     assert out.device.type == "cuda"
     # (K is rotated once per row by the pre-pass, then read by the forward)

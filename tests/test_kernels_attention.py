@@ -22,6 +22,7 @@ from adaperceiver.kernels import attention as A
 from adaperceiver.ops import block_masked_attention as op_attention
 from adaperceiver.ops import use_backend
 from adaperceiver.ops.reference import attention as ref_attention
+from adaperceiver.ops.reference import attention_backward as ref_backward
 from adaperceiver.ops.reference import attention_forward as ref_forward
 from adaperceiver.ops.reference import rope_tables
 from adaperceiver.ops.schedule import block_mask, tile_schedule
@@ -369,7 +370,6 @@ def test_nan_inf_propagate_between_sparse_and_dense_reference(poison_at, rope):
     reads) widened by the tiles' slack: 0 * NaN inside a tile crossing a group boundary, in
     the poisoned v column forward, across the poisoned (sample, head) backward; where the
     bound is finite, ours equals the reference backend."""
-    from adaperceiver.ops import reference_backend as RB
     B, H, N, D, grans, lens = 2, 2, 40, 32, [8, 24, 40], [40, 31]
     q, k, v, seq_lens, qr, kr = _inputs(B, H, N, N, D, torch.float32, lens, rope, rope)
     scale = 0.3
@@ -383,9 +383,9 @@ def test_nan_inf_propagate_between_sparse_and_dense_reference(poison_at, rope):
     dq, dk, dv = A.attention_backward(go, q, k, v, out, lse, grans, scale, seq_lens, qr, kr,
                                       tiles=SMALL)
     q64, k64, v64 = (t.double() for t in (q, k, v))
-    d_out, d_lse = RB.attention_forward(q64, k64, v64, grans, scale, seq_lens, qr, kr)
-    d_grads = RB.attention_backward(go.double(), q64, k64, v64, d_out, d_lse, grans, scale,
-                                    seq_lens, qr, kr)
+    d_out, d_lse = ref_forward(q64, k64, v64, grans, scale, seq_lens, qr, kr)
+    d_grads = ref_backward(go.double(), q64, k64, v64, d_out, d_lse, grans, scale, seq_lens, qr,
+                           kr)
     leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
     s_out, s_lse = sparse_attention_reference(*leaves, grans, scale, seq_lens, qr, kr)
     s_out.backward(go.double())

@@ -55,9 +55,10 @@ def test_cuda_backend_takes_batch_heads_above_65535():
     limit) and every sampled (batch, head) equals the reference."""
     from adaperceiver import ops
     from adaperceiver.ops import reference as ref
+    from adaperceiver.ops.inputs import AttentionInputs
     B, H, N, D = 5100, 13, 16, 32
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float16) for _ in range(3))
-    why = ops.available_backends("attention", (q, k, v, [4, 16], None, None, None), "cuda")
+    why = ops.available_backends("attention", AttentionInputs.build(q, k, v, [4, 16]))
     assert any("65535" in r for r in why["triton"]) and not why["cuda"], why
     with ops.use_backend("cuda"):
         out = ops.block_masked_attention(q, k, v, [4, 16])

@@ -315,7 +315,7 @@ def test_custom_op_runs_triton_backend(monkeypatch):
 
     calls = []
     for name in ("ffn_forward", "ffn_backward"):
-        def spy(*args, _f=getattr(mk, name), _n=name):
+        def spy(*args, _f=getattr(tb, name), _n=name):
             calls.append(_n)
             return _f(*args)
         monkeypatch.setattr(tb, name, spy)

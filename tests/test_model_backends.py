@@ -5,13 +5,14 @@ import torch
 
 import adaperceiver
 from adaperceiver.ops import dispatch
+from adaperceiver.ops.inputs import AttentionInputs
 
 from conftest import tiny_model
 
 
 def _backend(name):
     q = torch.randn(1, 1, 4, 32)
-    why = dispatch._why_not(name, "attention", (q, q, q, None, None, None, None))
+    why = dispatch._why_not(name, "attention", AttentionInputs.build(q, q, q))
     return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
 
 

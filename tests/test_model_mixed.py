@@ -6,6 +6,7 @@ import torch
 
 import adaperceiver
 from adaperceiver.ops import dispatch
+from adaperceiver.ops.inputs import AttentionInputs
 
 from conftest import tiny_model
 
@@ -15,7 +16,7 @@ GRANS = [32, 64, 96, 128, 192, 256]
 def _backends():
     out = [pytest.param("reference")]
     q = torch.randn(1, 1, 4, 32)
-    why = dispatch._why_not("cpp", "attention", (q, q, q, None, None, None, None))
+    why = dispatch._why_not("cpp", "attention", AttentionInputs.build(q, q, q))
     out.append(pytest.param("cpp", marks=pytest.mark.skipif(bool(why), reason="; ".join(why))))
     return out
 

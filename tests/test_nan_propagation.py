@@ -19,13 +19,14 @@ from conftest import INTERPRET
 from adaperceiver import ops
 from adaperceiver.ops import dispatch
 from adaperceiver.ops import reference as R
+from adaperceiver.ops.inputs import AttentionInputs, PackedAttentionInputs
 
 POISON = (math.nan, math.inf, -math.inf)
 
 
-def _can(backend: str, op: str, args) -> bool:
-    """Whether ``backend`` takes ``args`` (cases it cannot take are drawn again)."""
-    ok = not dispatch.available_backends(op, args, "cpu")[backend]
+def _can(backend: str, op: str, inputs) -> bool:
+    """Whether ``backend`` takes ``inputs`` (cases it cannot take are drawn again)."""
+    ok = not dispatch.available_backends(op, inputs)[backend]
     assume(ok)
     return ok
 
@@ -103,7 +104,8 @@ def _padded_forward(backend, c):
     lens = None if c["lens"] is None else torch.tensor(c["lens"])
     want = R.attention(q, k, v, c["grans"], scale=c["scale"], seq_lens=lens, q_rope=rope,
                        k_rope=rope)
-    _can(backend, "attention", (q, k, v, c["grans"], lens, rope, rope))
+    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
+                                                     q_rope=rope, k_rope=rope))
     with adaperceiver.use_backend(backend):
         got = ops.block_masked_attention(q, k, v, c["grans"], scale=c["scale"], seq_lens=lens,
                                          q_rope=rope, k_rope=rope)
@@ -121,7 +123,8 @@ def _packed_forward(backend, c):
                        q_rope=rope, k_rope=rope).transpose(1, 2)
     want = torch.cat([want[b, :n] for b, n in enumerate(lens)])
     qp, kp, vp = (_packed(t, lens) for t in (q, k, v))
-    _can(backend, "attention_varlen", (qp, kp, vp, lens, c["grans"], rope, rope))
+    _can(backend, "attention_varlen", PackedAttentionInputs.build(qp, kp, vp, lens, c["grans"],
+                                                                  q_rope=rope, k_rope=rope))
     with adaperceiver.use_backend(backend):
         got = ops.block_masked_attention_varlen(qp, kp, vp, lens, c["grans"], scale=c["scale"],
                                                 q_rope=rope, k_rope=rope)
@@ -139,7 +142,8 @@ def _padded_backward(backend, c):
     out, lse = R.attention_forward(q, k, v, c["grans"], scale, lens, rope, rope)
     go = torch.randn_like(out)
     want = R.attention_backward(go, q, k, v, out, lse, c["grans"], scale, lens, rope, rope)
-    _can(backend, "attention", (q, k, v, c["grans"], lens, rope, rope))
+    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
+                                                     q_rope=rope, k_rope=rope))
     qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
     with adaperceiver.use_backend(backend):
         o = ops.block_masked_attention(qq, kk, vv, c["grans"], scale=c["scale"], seq_lens=lens,

@@ -18,6 +18,7 @@ from adaperceiver.ops import (NoBackendError, block_masked_attention, matryoshka
                               use_backend)
 from adaperceiver.ops import cpp_backend
 from adaperceiver.ops import reference as R
+from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -160,7 +161,7 @@ def test_attention_autograd_through_public_op():
 
 def test_attention_dispatch_picks_cpp_on_cpu():
     q, k, v, sl, qr, kr = _attn_inputs(1, 1, 8, 8, 16, None, False, False)
-    assert cpp_backend.why_not_attention(q, k, v, [4], None, None, None) == []
+    assert cpp_backend.why_not_attention(AttentionInputs.build(q, k, v, [4])) == []
 
 
 def test_attention_bad_input_errors():
@@ -176,10 +177,12 @@ def test_attention_bad_input_errors():
     with pytest.raises(RuntimeError, match=r"q_rope tables must be \(8, 8\)"):
         c = torch.ones(8, 4)
         ops.block_masked_attention_fwd(q, k, v, None, 0.25, None, c, c, None, None)
-    reasons = cpp_backend.why_not_attention(q.double(), k.double(), v.double(), None, None,
-                                            None, None)
+    reasons = cpp_backend.why_not_attention(AttentionInputs.build(q.double(), k.double(),
+                                                                  v.double()))
     assert any("float64" in r and "float32" in r for r in reasons), reasons
-    reasons = cpp_backend.why_not_attention(q.to("meta"), k, v, None, None, None, None)
+    # (built by hand: q on another device than k and v is no valid input)
+    reasons = cpp_backend.why_not_attention(AttentionInputs(q.to("meta"), k, v, None, 0.25,
+                                                            None, None, None))
     assert any("meta" in r and "CPU tensors only" in r for r in reasons), reasons
     with use_backend("cpp"), pytest.raises(NoBackendError, match=r"cpp: q.dtype=torch.float64"):
         block_masked_attention(q.double(), k.double(), v.double(), [4])
@@ -291,9 +294,9 @@ def test_ffn_bad_input_errors():
         ops.matryoshka_ffn_fwd(*args, [1])
     with pytest.raises(RuntimeError, match=r"x.dtype=Double is not supported"):
         ops.matryoshka_ffn_fwd(*[t.double() for t in args], [1, 1])
-    reasons = cpp_backend.why_not_ffn(args[0].to("meta"), *args[1:], [1, 1])
+    reasons = cpp_backend.why_not_ffn(FfnInputs(args[0].to("meta"), *args[1:], [1, 1]))
     assert any("meta" in r for r in reasons), reasons
-    assert cpp_backend.why_not_ffn(*args, [1, 1]) == []
+    assert cpp_backend.why_not_ffn(FfnInputs.build(*args, [1, 1])) == []
 
 
 # ------------------------------------------------------------------ library coexistence

@@ -27,6 +27,7 @@ import torch
 from adaperceiver import _ext
 from adaperceiver.ops import cpp_backend as C
 from adaperceiver.ops import reference as R
+from adaperceiver.ops.inputs import AttentionInputs, FfnInputs, PackedAttentionInputs
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -84,6 +85,17 @@ def _poisoned(poison, value, q, k, v, scale):
     return (*(t if n == poison else x for n, x in zip("qkv", (q, k, v))), scale)
 
 
+def _forward(q, k, v, token_grans=None, **kw):
+    """(out, lse) of the C++ attention forward (called directly, not through the op)."""
+    return C.attention_forward(AttentionInputs.build(q, k, v, token_grans, **kw))
+
+
+def _backward(go, q, k, v, **kw):
+    """(dq, dk, dv) of the C++ attention backward, after its forward."""
+    inputs = AttentionInputs.build(q, k, v, **kw)
+    return C.attention_backward(inputs, go, *C.attention_forward(inputs))
+
+
 def _check_forward(poison, value, dtype, rope, lens):
     q, k, v, _ = _inputs(dtype)
     scale = 1.0 / math.sqrt(D)
@@ -92,9 +104,9 @@ def _check_forward(poison, value, dtype, rope, lens):
     tables = R.rope_tables(N, D) if rope else None
     sl = None if lens is None else torch.tensor(lens)
     kw = dict(token_grans=GRANS, seq_lens=sl, q_rope=tables, k_rope=tables)
-    out, lse = C.attention_forward(q, k, v, scale=scale, **kw)
+    out, lse = _forward(q, k, v, scale=scale, **kw)
     ref, ref_lse = R.attention_forward(q.float(), k.float(), v.float(), scale=scale, **kw)
-    base, base_lse = C.attention_forward(clean[0], clean[1], clean[2], scale=clean[3], **kw)
+    base, base_lse = _forward(clean[0], clean[1], clean[2], scale=clean[3], **kw)
     owned = _rows_owned(lens).expand(B, H, N, D)
     assert torch.equal(_pattern(out)[:, owned], _pattern(ref)[:, owned]), \
         f"{poison}={value}: NaN/inf pattern of out differs from the reference"
@@ -133,11 +145,9 @@ def _check_backward(poison, value, dtype):
     scale = 1.0 / math.sqrt(D)
     kw = dict(token_grans=GRANS, seq_lens=torch.tensor(LENS),
               q_rope=R.rope_tables(N, D), k_rope=R.rope_tables(N, D))
-    base = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
-                                scale=scale, **kw)
+    base = _backward(go, q, k, v, scale=scale, **kw)
     q, k, v, scale = _poisoned(poison, value, q, k, v, scale)
-    grads = C.attention_backward(go, q, k, v, *C.attention_forward(q, k, v, scale=scale, **kw),
-                                 scale=scale, **kw)
+    grads = _backward(go, q, k, v, scale=scale, **kw)
     qf, kf, vf, gf = (t.float() for t in (q, k, v, go))
     ref = R.attention_backward(gf, qf, kf, vf, *R.attention_forward(qf, kf, vf, scale=scale,
                                                                      **kw), scale=scale, **kw)
@@ -168,8 +178,8 @@ def test_packed_attention_nan_pattern(poison, value, dtype):
     q, k, v, scale = _poisoned(poison, value, q, k, v, scale)
     pack = lambda x: torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(LENS)])  # noqa: E731
     tables = R.rope_tables(max(LENS), D)
-    pout, plse = C.attention_varlen_forward(pack(q), pack(k), pack(v), LENS, GRANS, scale,
-                                            tables, tables)
+    pout, plse = C.attention_varlen_forward(PackedAttentionInputs.build(
+        pack(q), pack(k), pack(v), LENS, GRANS, scale=scale, q_rope=tables, k_rope=tables))
     want = pack(out)
     assert torch.equal(_pattern(pout), _pattern(want))
     fin = want.float().isfinite()
@@ -183,9 +193,9 @@ def test_value_rows_a_tile_never_reads_stay_out():
     n, grans = 100, [32, 64, 100]
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, n, D, generator=g) for _ in range(3))
-    base, _ = C.attention_forward(q, k, v, grans)
+    base, _ = _forward(q, k, v, grans)
     v[0, 1, 80, 4] = NAN
-    out, _ = C.attention_forward(q, k, v, grans)
+    out, _ = _forward(q, k, v, grans)
     ref, _ = R.attention_forward(q, k, v, grans)
     assert ref[0, 1, 64:].isnan().any(-1).all()             # the reference: rows reading it
     assert not ref[0, 1, :64].isnan().any()
@@ -213,10 +223,10 @@ def test_ffn_nan_pattern(where, idx, value, dtype):
             "fc2_weight": torch.randn(Cf, Hf, generator=g) / 4,
             "fc2_bias": torch.randn(Cf, generator=g)}
     args = {k: t.to(dtype) for k, t in args.items()}
-    base = C.ffn_forward(*args.values(), hidden)
+    base = C.ffn_forward(FfnInputs.build(*args.values(), hidden))
     args[where] = args[where].clone()
     args[where][idx] = value
-    out = C.ffn_forward(*args.values(), hidden)
+    out = C.ffn_forward(FfnInputs.build(*args.values(), hidden))
     # (torch's float32 / bfloat16 / float16 GELU, and oneDNN's, give NaN for +inf, not the
     # exact +inf of float64: the kernels follow the reference in that too)
     ref = R.ffn_forward(*(t.float() for t in args.values()), hidden)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import adaperceiver
 from adaperceiver import ops
 from adaperceiver.ops import reference as R
+from adaperceiver.ops.inputs import AttentionInputs
 
 
 def _random_grans(n, rng):
@@ -214,5 +215,5 @@ def test_dispatch_reasons_and_forcing(monkeypatch):
     monkeypatch.setenv("ADAPERCEIVER_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"backend='bogus' is not known"):
         ops.forced_backend()
-    reasons = ops.available_backends("attention", (q, q, q, None, None, None, None), "cpu")
+    reasons = ops.available_backends("attention", AttentionInputs.build(q, q, q))
     assert reasons["reference"] == [] and reasons["cuda"]

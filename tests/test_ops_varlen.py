@@ -9,6 +9,7 @@ import torch
 
 from adaperceiver import _ext, ops
 from adaperceiver.ops import dispatch
+from adaperceiver.ops.inputs import PackedAttentionInputs
 from adaperceiver.ops.reference import rope_tables
 from adaperceiver.testing import TOLERANCES, reference_attention
 from conftest import INTERPRET
@@ -97,9 +98,9 @@ def test_varlen_triton_packed_kernel_matches_reference():
     lens, H, D, grans = [40, 17, 64, 0, 5], 2, 32, [16, 32, 64]
     q, k, v = _packed_inputs(lens, H, D)
     rope = rope_tables(64, D, device="cpu")
-    args = (q, k, v, lens, grans, rope, rope)
+    inputs = PackedAttentionInputs.build(q, k, v, lens, grans, q_rope=rope, k_rope=rope)
     with ops.use_backend("triton"):
-        assert dispatch.select_kernel("attention_varlen", args, "cpu").__name__.endswith(
+        assert dispatch.select_kernel("attention_varlen", inputs).__name__.endswith(
             "triton_backend")
         got = ops.block_masked_attention_varlen(q, k, v, lens, grans, q_rope=rope, k_rope=rope)
     _close(got, _reference(q, k, v, lens, grans, rope))
@@ -158,25 +159,24 @@ def test_varlen_gradients_match_padded_reference(backend):
 def test_varlen_takes_the_cpp_kernel_or_says_why():
     lens, H, D = [40, 24], 2, 32
     q, k, v = _packed_inputs(lens, H, D)
-    args = (q, k, v, lens, None, None, None)
-    assert dispatch.select_kernel("attention_varlen", args, "cpu").__name__.endswith(
-        "cpp_backend")
-    why = dispatch.available_backends("attention_varlen", args, "cpu")
+    inputs = PackedAttentionInputs.build(q, k, v, lens)
+    assert dispatch.select_kernel("attention_varlen", inputs).__name__.endswith("cpp_backend")
+    why = dispatch.available_backends("attention_varlen", inputs)
     assert why["cpp"] == [] and why["reference"] == ["reference backend has no "
                                                      "attention_varlen kernel"]
     assert why["cuda"], why       # CPU tensors (or no CUDA part built): it says why
     # bfloat16: the packed cpp kernel takes it (float32 inside)
     qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-    argsb = (qb, kb, vb, lens, None, None, None)
-    assert dispatch.select_kernel("attention_varlen", argsb, "cpu").__name__.endswith(
-        "cpp_backend")
+    inputs_b = PackedAttentionInputs.build(qb, kb, vb, lens)
+    assert dispatch.select_kernel("attention_varlen", inputs_b).__name__.endswith("cpp_backend")
     # float64: no packed kernel takes it (cpp says why), so the op pads and runs the padded
     # reference
-    argsd = tuple(t.double() for t in (q, k, v)) + (lens, None, None, None)
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    inputs_d = PackedAttentionInputs.build(qd, kd, vd, lens)
     assert any("float64" in r for r in dispatch.available_backends(
-        "attention_varlen", argsd, "cpu")["cpp"])
-    assert dispatch.select_kernel("attention_varlen", argsd, "cpu") is None
-    assert ops.block_masked_attention_varlen(*argsd[:4]).dtype == torch.float64
+        "attention_varlen", inputs_d)["cpp"])
+    assert dispatch.select_kernel("attention_varlen", inputs_d) is None
+    assert ops.block_masked_attention_varlen(qd, kd, vd, lens).dtype == torch.float64
     got = ops.block_masked_attention_varlen(qb, kb, vb, lens)
     assert got.dtype == torch.bfloat16
     _close(got.float(), _reference(qb.float(), kb.float(), vb.float(), lens, None, None),

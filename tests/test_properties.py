@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import adaperceiver
 from adaperceiver import ops
 from adaperceiver.ops import dispatch
+from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
 from adaperceiver.ops.reference import rope_tables
 from adaperceiver.testing import AttentionCase, FfnCase, assert_close_to_reference
 
@@ -26,10 +27,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def _available(name, op):
     q = torch.randn(1, 1, 4, 32)
-    args = ((q, q, q, None, None, None, None) if op == "attention" else
-            (torch.randn(1, 2, 4), torch.randn(3, 4), torch.randn(3), torch.randn(4, 3),
-             torch.randn(4), [3]))
-    why = dispatch._why_not(name, op, args)
+    inputs = (AttentionInputs.build(q, q, q) if op == "attention" else
+              FfnInputs.build(torch.randn(1, 2, 4), torch.randn(3, 4), torch.randn(3),
+                              torch.randn(4, 3), torch.randn(4), [3]))
+    why = dispatch._why_not(name, op, inputs)
     return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
 
 

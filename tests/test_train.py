@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import adaperceiver
 from adaperceiver.ops import dispatch
+from adaperceiver.ops.inputs import AttentionInputs
 from adaperceiver.train import (OnceForAll, Trainer, depth_weights, feature_loss, freeze_backbone,
                                 kd_loss)
 
@@ -30,7 +31,7 @@ def batch(n=6, classes=7):
 
 def _backend(name):
     q = torch.randn(1, 1, 4, 32)
-    why = dispatch._why_not(name, "attention", (q, q, q, None, None, None, None))
+    why = dispatch._why_not(name, "attention", AttentionInputs.build(q, q, q))
     return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
 
 

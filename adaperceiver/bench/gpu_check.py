@@ -200,9 +200,10 @@ def flash_rule(ours, plain, truth, floor: float = 1e-4) -> tuple[float, float]:
     return max_err(ours, truth), 2.0 * max_err(plain, truth) + floor * scale
 
 
-def _why_not(op: str, args, device_type: str, backend: str) -> list[str]:
+def _why_not(op: str, inputs, backend: str) -> list[str]:
+    """What ``backend`` says against running ``op`` on ``inputs`` (an ops.inputs object)."""
     from adaperceiver import ops
-    return ops.available_backends(op, args, device_type)[backend]
+    return ops.available_backends(op, inputs)[backend]
 
 
 def _attention_case(ctx, backend, dtype, *, B, H, N, D, grans, lens, packed):
@@ -211,12 +212,14 @@ def _attention_case(ctx, backend, dtype, *, B, H, N, D, grans, lens, packed):
 
     from adaperceiver import ops
     from adaperceiver.ops import reference as ref
+    from adaperceiver.ops.inputs import AttentionInputs
     dev = ctx.device
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(3))
     seq_lens = torch.tensor(lens, dtype=torch.int32).to(dev)
     rope = ref.rope_tables(N, D, device=dev)
     scale = D ** -0.5
-    why = _why_not("attention", (q, k, v, grans, seq_lens, rope, rope), q.device.type, backend)
+    why = _why_not("attention", AttentionInputs.build(q, k, v, grans, seq_lens=seq_lens,
+                                                      q_rope=rope, k_rope=rope), backend)
     name = (f"attention {backend} {_dname(dtype)} B={B} H={H} N={N} D={D}"
             + (" packed" if packed else ""))
     if why:
@@ -307,6 +310,7 @@ def _attention_nan_case(ctx, backend, dtype, *, B, H, N, D, grans, lens):
 
     from adaperceiver import ops
     from adaperceiver.ops import reference as ref
+    from adaperceiver.ops.inputs import AttentionInputs
     dev = ctx.device
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(3))
     q[0, 0, 3, 5] = float("nan")
@@ -314,7 +318,8 @@ def _attention_nan_case(ctx, backend, dtype, *, B, H, N, D, grans, lens):
     v[0, H - 1, N // 2, 1] = float("nan")
     seq_lens = torch.tensor(lens, dtype=torch.int32).to(dev)
     name = f"attention NaN/inf {backend} {_dname(dtype)}"
-    why = _why_not("attention", (q, k, v, grans, seq_lens, None, None), q.device.type, backend)
+    why = _why_not("attention", AttentionInputs.build(q, k, v, grans, seq_lens=seq_lens),
+                   backend)
     if why:
         return ctx.record(item=name, status="skip", detail="; ".join(why)[:300])
     scale = D ** -0.5
@@ -344,6 +349,7 @@ def _ffn_case(ctx, backend, dtype, *, B, N, C, H, hidden):
 
     from adaperceiver import ops
     from adaperceiver.ops import reference as ref
+    from adaperceiver.ops.inputs import FfnInputs
     dev = ctx.device
     x = torch.randn(B, N, C, device=dev, dtype=dtype)
     w1 = (torch.randn(H, C, device=dev) / C ** 0.5).to(dtype)
@@ -352,7 +358,7 @@ def _ffn_case(ctx, backend, dtype, *, B, N, C, H, hidden):
     b2 = (torch.randn(C, device=dev) * 0.5).to(dtype)
     ins = (x, w1, b1, w2, b2)
     name = f"ffn {backend} {_dname(dtype)} B={B} N={N} C={C} H={H} widths={sorted(set(hidden))}"
-    why = _why_not("ffn", (*ins, hidden), dev, backend)
+    why = _why_not("ffn", FfnInputs.build(*ins, hidden), backend)
     if why:
         return ctx.record(item=name, status="skip", detail="; ".join(why)[:300])
     leaves = [t.clone().requires_grad_() for t in ins]
@@ -468,6 +474,7 @@ def _attention_impls(ctx, B, H, N, D, dtype, grans):
     import torch.nn.functional as F
 
     from adaperceiver import ops
+    from adaperceiver.ops.inputs import AttentionInputs
     from adaperceiver.ops.schedule import row_end
     dev = ctx.device
     q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(3))
@@ -475,7 +482,7 @@ def _attention_impls(ctx, B, H, N, D, dtype, grans):
     for backend in ("triton", "cuda"):
         for mask in (False, True):
             g = grans if mask else None
-            why = _why_not("attention", (q, k, v, g, None, None, None), q.device.type, backend)
+            why = _why_not("attention", AttentionInputs.build(q, k, v, g), backend)
             key = f"ours-{backend}" + (" mask" if mask else "")
             if why:
                 skipped[key] = "; ".join(why)[:200]
@@ -560,6 +567,7 @@ def _ffn_impls(ctx, B, N, C, hmax, hidden, dtype):
     import torch.nn.functional as F
 
     from adaperceiver import ops
+    from adaperceiver.ops.inputs import FfnInputs
     dev = ctx.device
     x = torch.randn(B, N, C, device=dev, dtype=dtype)
     w1 = (torch.randn(hmax, C, device=dev) / C ** 0.5).to(dtype)
@@ -568,7 +576,7 @@ def _ffn_impls(ctx, B, N, C, hmax, hidden, dtype):
     b2 = torch.zeros(C, device=dev, dtype=dtype).normal_()
     impls, skipped = {}, {}
     for backend in ("triton", "cuda"):
-        why = _why_not("ffn", (x, w1, b1, w2, b2, hidden), dev, backend)
+        why = _why_not("ffn", FfnInputs.build(x, w1, b1, w2, b2, hidden), backend)
         if why:
             skipped[f"ours-{backend}"] = "; ".join(why)[:200]
             continue

@@ -121,6 +121,7 @@ def resolved_backend(model, backend: str, settings: RunSettings, cfg: Config) ->
     shaped like the model's (``model``: the model or its config); ``attention=a,ffn=b`` when
     the two ops differ, ``none (reason)`` when no backend can run them."""
     from adaperceiver.ops import dispatch
+    from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
     c = getattr(model, "config", model)
     dev, dt = settings.device, settings.precision.amp_dtype or settings.precision.dtype
     hd = c.embed_dim // c.num_heads
@@ -134,10 +135,11 @@ def resolved_backend(model, backend: str, settings: RunSettings, cfg: Config) ->
     grans = list(c.mask_token_grans)
     names = {}
     with backend_context(backend):
-        for op, args in (("attention", (q, q, q, grans, None, None, None)),
-                         ("ffn", (x, w1, b1, w2, b2, [int(cfg.w * c.ffn_ratio)]))):
+        for op, build in (("attention", lambda: AttentionInputs.build(q, q, q, grans)),
+                          ("ffn", lambda: FfnInputs.build(x, w1, b1, w2, b2,
+                                                          int(cfg.w * c.ffn_ratio)))):
             try:
-                mod = dispatch.select(op, args, dev.type)
+                mod = dispatch.select(op, build())
                 names[op] = mod.__name__.rsplit(".", 1)[-1].replace("_backend", "")
             except Exception as e:  # noqa: BLE001 - reported to the user
                 names[op] = f"none ({' '.join(str(e).split())})"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import AdaPerceiverConfig, CallConfig, resolve_call
+from ..ops.inputs import Rope
 from ..ops.reference import rope_tables
 from ..ops.schedule import to_device
 from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, OutputAdapter,
@@ -363,7 +364,7 @@ class AdaPerceiverClassifier(nn.Module):
 
     def _write_rope(self, latents, rope):
         n = latents.shape[1]
-        return self._rope(n, latents.device) if rope is None else (rope[0][:n], rope[1][:n])
+        return self._rope(n, latents.device) if rope is None else Rope(*rope).rows(n)
 
     def readout(self, latents: torch.Tensor, rope=None, seq_lens=None,
                 pre_logits: bool = False) -> torch.Tensor:
@@ -465,7 +466,7 @@ class AdaPerceiverClassifier(nn.Module):
             layout, rows = layout.select(stay, rows)
             running = [running[j] for j in stay]
             # positions 0..n-1 (n <= max_latent_tokens when samples differ): a prefix of the table
-            run_rope = (rope[0][:layout.max_len], rope[1][:layout.max_len])
+            run_rope = rope.rows(layout.max_len)
         return exits.output(call.tokens, rows.new_zeros(B, call.num_tokens, rows.shape[-1]))
 
     def forward_readouts(self, x, exits, token_counts=None, mat_dim=None,

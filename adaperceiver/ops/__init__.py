@@ -2,9 +2,11 @@
 
 ``block_masked_attention`` / ``block_masked_attention_varlen`` (attention.py) and
 ``matryoshka_ffn`` (ffn.py) are torch.library custom ops with fake implementations and
-autograd; ``linear`` (linear.py) runs the model's projections; dispatch.py picks a backend per
-call (``use_backend`` forces one); schedule.py holds the mask's tile schedule that every backend
-and test reads; reference.py is the plain-PyTorch truth.
+autograd; ``linear`` (linear.py) runs the model's projections; inputs.py holds one call's
+inputs, validated once at the public entry; dispatch.py picks a backend per call
+(``use_backend`` forces one); schedule.py re-exports the mask's tile schedule
+(adaperceiver.kernels.schedule) that every backend and test reads; reference.py is the
+plain-PyTorch truth.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""What both ops' public entries share: the float dtypes they take, autocast, and the tensor
-check whose message names the argument."""
+"""What both ops share: the float dtypes they take, autocast, the tensor check whose message
+names the argument, and how a custom op's autograd keeps its flat arguments for the backward."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOATS", "autocast_inputs", "check_float_tensor"]
+__all__ = ["FLOATS", "autocast_inputs", "check_float_tensor", "save_call", "saved_call"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # device types autocast knows (torch.is_autocast_enabled raises on others, "meta" among them)
@@ -14,6 +14,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 def autocast_inputs(*tensors):
     """Under autocast, run the op in the autocast dtype (as autocast does for matmuls); RoPE
     tables stay float32."""
+    if not isinstance(tensors[0], torch.Tensor):
+        return tensors             # not a tensor: the inputs' check names it
     dev = tensors[0].device.type
     if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return tensors
@@ -30,3 +32,18 @@ def check_float_tensor(name: str, t, layout: str) -> None:
     if t.dtype not in FLOATS:
         raise TypeError(f"{name}.dtype={t.dtype} is not allowed; allowed: float16, bfloat16, "
                         "float32, float64")
+
+
+def save_call(ctx, flat: tuple, outputs: tuple) -> None:
+    """Keep a custom op's flat arguments and its outputs for the backward: tensors (and the
+    None of an absent optional tensor) through ``save_for_backward``, other values on ctx."""
+    ctx.tensor_slots = [i for i, a in enumerate(flat) if a is None or isinstance(a, torch.Tensor)]
+    ctx.other_args = {i: a for i, a in enumerate(flat) if i not in ctx.tensor_slots}
+    ctx.save_for_backward(*(flat[i] for i in ctx.tensor_slots), *outputs)
+
+
+def saved_call(ctx) -> tuple[tuple, tuple]:
+    """(flat arguments, outputs) as ``save_call`` kept them."""
+    saved = ctx.saved_tensors
+    args = {**ctx.other_args, **dict(zip(ctx.tensor_slots, saved))}
+    return tuple(args[i] for i in range(len(args))), tuple(saved[len(ctx.tensor_slots):])

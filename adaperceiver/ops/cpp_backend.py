@@ -22,15 +22,12 @@ def _tensor_reasons(name: str, t: torch.Tensor, dtypes=_DTYPES) -> list[str]:
     return tensor_reasons(name, t, "cpp", "cpu", dtypes)
 
 
-def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
-    return _ext_reasons() + _tensor_reasons("q", q) + rope_reasons("cpp", q_rope, k_rope)
+def why_not_attention(inp) -> list[str]:
+    return _ext_reasons() + _tensor_reasons("q", inp.q) + rope_reasons("cpp", inp)
 
 
-def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
-    reasons = _ext_reasons()
-    reasons += _tensor_reasons("q", q)
-    return reasons + rope_reasons("cpp", q_rope, k_rope)
+why_not_attention_varlen = why_not_attention   # the packed kernel takes what the padded one does
 
 
-def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
-    return _ext_reasons() + _tensor_reasons("x", x)
+def why_not_ffn(inp) -> list[str]:
+    return _ext_reasons() + _tensor_reasons("x", inp.x)

@@ -30,7 +30,8 @@ def _tensor_reasons(name: str, t: torch.Tensor) -> list[str]:
     return tensor_reasons(name, t, "cuda", "cuda", _DTYPES)
 
 
-def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
+def why_not_attention(inp) -> list[str]:
+    q, v = inp.q, inp.v
     reasons = _ext_reasons() + _tensor_reasons("q", q)
     if q.shape[-1] not in _HEAD_DIMS:
         reasons.append(f"head_dim={q.shape[-1]} is not supported by the cuda backend; "
@@ -38,12 +39,11 @@ def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[st
     if v.shape[-1] != q.shape[-1]:
         reasons.append(f"the cuda backend needs v's head_dim ({v.shape[-1]}) equal to q's "
                        f"({q.shape[-1]})")
-    return reasons + rope_reasons("cuda", q_rope, k_rope)
+    return reasons + rope_reasons("cuda", inp)
 
 
-def why_not_attention_varlen(q, k, v, seq_lens, token_grans, q_rope, k_rope) -> list[str]:
-    return why_not_attention(q, k, v, token_grans, None, q_rope, k_rope)
+why_not_attention_varlen = why_not_attention   # the packed kernel takes what the padded one does
 
 
-def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
-    return _ext_reasons() + _tensor_reasons("x", x)
+def why_not_ffn(inp) -> list[str]:
+    return _ext_reasons() + _tensor_reasons("x", inp.x)

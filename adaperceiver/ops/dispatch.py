@@ -1,19 +1,21 @@
 """Backend selection for the two ops, in the manner of xformers' op dispatch.
 
+Every call of an op is one inputs object (inputs.py), validated at the public entry:
+``AttentionInputs`` (padded attention), ``PackedAttentionInputs`` (packed rows), ``FfnInputs``.
 A backend is a module exposing, for each op it implements:
-  attention: ``why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]``,
-             ``attention_forward(q, k, v, token_grans, scale, seq_lens, q_rope, k_rope)
-               -> (out, lse)`` and ``attention_backward(grad_out, q, k, v, out, lse,
-               token_grans, scale, seq_lens, q_rope, k_rope) -> (dq, dk, dv)``;
-  ffn:       ``why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]``,
-             ``ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> out`` and
-             ``ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
-               -> (dx, dW1, db1, dW2, db2)``.
+  attention:        ``why_not_attention(inp) -> list[str]``,
+                    ``attention_forward(inp) -> (out, lse)``,
+                    ``attention_backward(inp, grad_out, out, lse) -> (dq, dk, dv)``;
+  attention_varlen: ``why_not_attention_varlen(inp) -> list[str]``,
+                    ``attention_varlen_forward(inp) -> (out, lse)`` (optional: without it the
+                    op pads the rows and runs ``attention``);
+  ffn:              ``why_not_ffn(inp) -> list[str]``, ``ffn_forward(inp) -> out``,
+                    ``ffn_backward(inp, grad_out) -> (dx, dW1, db1, dW2, db2)``.
 ``lse`` is the natural-log logsumexp of the scaled, masked scores, float32 (B, H, Nq), -inf on
 rows that see no key: every backend writes and reads the same, so they are interchangeable.
-``hidden`` is always a list of B ints here.
 
-Each backend says why it cannot take an input; the dispatcher picks the first that can, in the
+Each backend says why it cannot take an input (only what it cannot take: the input itself was
+checked at the entry); the dispatcher asks once per call and picks the first that can, in the
 order CUDA tensors: triton, cuda, reference; CPU tensors: cpp, reference. A backend forced by
 ``use_backend(name)`` or ``ADAPERCEIVER_BACKEND`` is used or raises with every reason. The Triton
 backend runs CPU tensors only when forced and ``TRITON_INTERPRET=1`` (the interpreter is far too
@@ -85,27 +87,27 @@ def _load(name: str):
         return f"{name} backend could not be loaded: {type(e).__name__}: {e}"
 
 
-def _why_not(name: str, op: str, args) -> list[str]:
+def _why_not(name: str, op: str, inputs) -> list[str]:
     mod = _load(name)
     if isinstance(mod, str):
         return [mod]
     check: Optional[Callable] = getattr(mod, f"why_not_{op}", None)
     if check is None:
         return [f"{name} backend has no {op} kernel"]
-    return list(check(*args))
+    return list(check(inputs))
 
 
 def _auto_order(device_type: str) -> tuple[str, ...]:
     return ("triton", "cuda", "reference") if device_type == "cuda" else ("cpp", "reference")
 
 
-def select(op: str, args, device_type: str):
-    """The backend module to run ``op`` (``"attention"`` or ``"ffn"``) on ``args``."""
+def select(op: str, inputs):
+    """The backend module to run ``op`` (``"attention"`` or ``"ffn"``) on ``inputs``."""
     forced = forced_backend()
-    order = (forced,) if forced else _auto_order(device_type)
+    order = (forced,) if forced else _auto_order(inputs.device.type)
     reasons = []
     for name in order:
-        why = _why_not(name, op, args)
+        why = _why_not(name, op, inputs)
         if not why:
             return _load(name)
         reasons.extend(f"{name}: {r}" for r in why)
@@ -113,19 +115,20 @@ def select(op: str, args, device_type: str):
     raise NoBackendError(f"{what} run {op} on this input:\n  " + "\n  ".join(reasons))
 
 
-def select_kernel(op: str, args, device_type: str):
+def select_kernel(op: str, inputs):
     """The first backend, in the same order as ``select`` (the forced one alone when forced),
-    that has a kernel for ``op`` and can take ``args``; None when none has. For ops with a generic
-    fallback (``attention_varlen``: pad, run ``attention``, pack), which the caller runs then."""
+    that has a kernel for ``op`` and can take ``inputs``; None when none has. For ops with a
+    generic fallback (``attention_varlen``: pad, run ``attention``, pack), which the caller runs
+    then."""
     forced = forced_backend()
-    for name in (forced,) if forced else _auto_order(device_type):
+    for name in (forced,) if forced else _auto_order(inputs.device.type):
         mod = _load(name)
-        if not isinstance(mod, str) and hasattr(mod, f"why_not_{op}") and not _why_not(name, op,
-                                                                                        args):
+        if (not isinstance(mod, str) and hasattr(mod, f"why_not_{op}")
+                and not _why_not(name, op, inputs)):
             return mod
     return None
 
 
-def available_backends(op: str, args, device_type: str) -> dict[str, list[str]]:
-    """For every backend, the reasons it cannot run ``op`` on ``args`` (empty: it can)."""
-    return {name: _why_not(name, op, args) for name in BACKENDS}
+def available_backends(op: str, inputs) -> dict[str, list[str]]:
+    """For every backend, the reasons it cannot run ``op`` on ``inputs`` (empty: it can)."""
+    return {name: _why_not(name, op, inputs) for name in BACKENDS}

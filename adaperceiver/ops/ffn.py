@@ -1,30 +1,28 @@
 """The Matryoshka FFN as torch.library custom ops that dispatch to a backend.
 
 ``matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)``: fc2(GELU(fc1(x)))
-with sample b using only the first ``hidden[b]`` hidden units. The public entry validates the
-user's input once; the custom ops ``adaperceiver::matryoshka_ffn`` / ``_backward`` have fake
-implementations and autograd (torch.compile traces them as single nodes).
+with sample b using only the first ``hidden[b]`` hidden units. The public entry builds one
+``FfnInputs`` per call (inputs.py: the user's input validated once); the custom ops
+``adaperceiver::matryoshka_ffn`` / ``_backward`` have fake implementations and autograd
+(torch.compile traces them as single nodes).
 """
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_inputs, check_float_tensor
+from ._common import autocast_inputs, save_call, saved_call
+from .inputs import FfnInputs
 
-__all__ = ["matryoshka_ffn", "normalize_hidden"]
+__all__ = ["matryoshka_ffn"]
 
 
 @torch.library.custom_op("adaperceiver::matryoshka_ffn", mutates_args=())
 def _ffn_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, hidden: list[int]) -> torch.Tensor:
-    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
-    backend = dispatch.select("ffn", args, x.device.type)
-    return backend.ffn_forward(*args).contiguous()
+    inp = FfnInputs.from_flat(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    return dispatch.select("ffn", inp).ffn_forward(inp).contiguous()
 
 
 @_ffn_op.register_fake
@@ -37,9 +35,8 @@ def _ffn_backward_op(grad_out: torch.Tensor, x: torch.Tensor, fc1_weight: torch.
                      fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
                      hidden: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
-    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
-    backend = dispatch.select("ffn", args, x.device.type)
-    return tuple(g.contiguous() for g in backend.ffn_backward(grad_out, *args))
+    inp = FfnInputs.from_flat(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    return tuple(g.contiguous() for g in dispatch.select("ffn", inp).ffn_backward(inp, grad_out))
 
 
 @_ffn_backward_op.register_fake
@@ -48,44 +45,15 @@ def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, hidden = inputs
-    ctx.save_for_backward(x, w1, b1, w2, b2)
-    ctx.hidden = hidden
+    save_call(ctx, inputs, ())
 
 
 def _ffn_grad(ctx, grad_out):
-    return (*_ffn_backward_op(grad_out, *ctx.saved_tensors, ctx.hidden), None)
+    flat, _ = saved_call(ctx)
+    return (*_ffn_backward_op(grad_out, *flat), None)
 
 
 _ffn_op.register_autograd(_ffn_grad, setup_context=_ffn_setup)
-
-
-def normalize_hidden(hidden, batch: int, hmax: int) -> list[int]:
-    """``hidden`` (an int, or a length-B sequence/tensor of ints in 1..hmax) as a list of B ints."""
-    if isinstance(hidden, torch.Tensor):
-        if hidden.dim() == 0:
-            hidden = int(hidden)
-        elif hidden.dim() != 1 or hidden.dtype.is_floating_point or hidden.dtype == torch.bool:
-            raise ValueError(f"hidden must be an int or a 1-d int tensor, got dtype "
-                             f"{hidden.dtype} shape {tuple(hidden.shape)}")
-        else:
-            hidden = hidden.tolist()
-    what = f"an int in 1..{hmax} or a length-{batch} sequence of them"
-    if isinstance(hidden, (bool, str, bytes)):
-        raise TypeError(f"hidden={hidden!r} is not allowed; allowed: {what}")
-    if isinstance(hidden, numbers.Real):
-        hidden = [hidden] * batch
-    try:
-        hidden = list(hidden)
-    except TypeError:
-        raise TypeError(f"hidden={hidden!r} is not allowed; allowed: {what}") from None
-    if len(hidden) != batch:
-        raise ValueError(f"hidden has {len(hidden)} entries; the batch has {batch} samples")
-    for h in hidden:
-        if (isinstance(h, bool) or not isinstance(h, numbers.Real) or not math.isfinite(h)
-                or int(h) != h or not 1 <= int(h) <= hmax):
-            raise ValueError(f"hidden={h!r} is not allowed; allowed: ints in 1..{hmax}")
-    return [int(h) for h in hidden]
 
 
 def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> torch.Tensor:
@@ -93,25 +61,9 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
 
     x (B, N, C); fc1_weight (Hmax, C); fc2_weight (C, Hmax); ``hidden`` an int or (B,) ints.
     """
-    check_float_tensor("x", x, "(B, N, C)")
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_inputs(x, fc1_weight, fc1_bias,
-                                                              fc2_weight, fc2_bias)
-    for name, t, layout in (("fc1_weight", fc1_weight, "(Hmax, C)"), ("fc1_bias", fc1_bias,
-                                                                        "(Hmax)"),
-                            ("fc2_weight", fc2_weight, "(C, Hmax)"), ("fc2_bias", fc2_bias,
-                                                                      "(C)")):
-        check_float_tensor(name, t, layout)
-        if t.device != x.device or t.dtype != x.dtype:
-            raise ValueError(f"{name} is {t.dtype} on {t.device}; x is {x.dtype} on {x.device}: "
-                             "x and the FFN weights must share dtype and device")
-    hmax, c = fc1_weight.shape
-    if (x.shape[-1] != c or fc1_bias.shape != (hmax,) or fc2_weight.shape[1] != hmax
-            or fc2_bias.shape != (fc2_weight.shape[0],)):
-        raise ValueError(f"shapes x{tuple(x.shape)} fc1_weight{tuple(fc1_weight.shape)} "
-                         f"fc1_bias{tuple(fc1_bias.shape)} fc2_weight{tuple(fc2_weight.shape)} "
-                         f"fc2_bias{tuple(fc2_bias.shape)} do not fit")
-    hidden = normalize_hidden(hidden, x.shape[0], hmax)
-    return _ffn_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
+    inp = FfnInputs.build(*autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
+                          hidden)
+    return _ffn_op(*inp.flat())
 
 
 # ----------------------------------------------------------------------------- FLOP formulas

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .inputs import Rope, default_scale
 from .schedule import block_mask, to_device
 
 __all__ = ["rope_tables", "apply_rope", "attention", "attention_forward", "attention_backward",
@@ -20,8 +21,9 @@ __all__ = ["rope_tables", "apply_rope", "attention", "attention_forward", "atten
 
 
 def rope_tables(n: int, head_dim: int, theta: float = 10000.0, max_tokens: int = 256,
-                device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each float32 (n, head_dim // 2), for positions 0..n-1 (docs/design.md, "RoPE").
+                device=None) -> Rope:
+    """Rope(cos, sin), each float32 (n, head_dim // 2), for positions 0..n-1 (docs/design.md,
+    "RoPE").
 
     freqs_i = 1 / theta^(2i / head_dim); when n > max_tokens every freq is divided by
     n / max_tokens.
@@ -34,7 +36,7 @@ def rope_tables(n: int, head_dim: int, theta: float = 10000.0, max_tokens: int =
     if n > max_tokens:
         freqs = freqs / (n / max_tokens)
     angles = torch.outer(pos, freqs)
-    return angles.cos(), angles.sin()
+    return Rope(angles.cos(), angles.sin())
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -118,8 +120,7 @@ def attention_forward(q, k, v, token_grans=None, scale=None, seq_lens=None,
                       q_rope=None, k_rope=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse): out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32 (natural log,
     -inf on rows that see no key)."""
-    D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     if q_rope is not None:
         q = apply_rope(q, *q_rope)
     if k_rope is not None:
@@ -149,8 +150,7 @@ def attention_backward(grad_out, q, k, v, out, lse, token_grans=None, scale=None
                        seq_lens=None, q_rope=None, k_rope=None):
     """(dq, dk, dv) of :func:`attention`, written out (custom-op implementations run below
     autograd); ``out``/``lse`` are recomputed in the working precision instead of read."""
-    D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = default_scale(q.shape[-1]) if scale is None else scale
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qr = apply_rope(q, *q_rope) if q_rope is not None else q
     kr = apply_rope(k, *k_rope) if k_rope is not None else k

@@ -1,13 +1,32 @@
-"""The reference backend: plain PyTorch on any device and float dtype (see reference.py)."""
+"""The reference backend: plain PyTorch on any device and float dtype (see reference.py), run on
+the op's inputs object (inputs.py)."""
 from __future__ import annotations
 
-from .reference import (attention_backward, attention_forward, ffn_backward,  # noqa: F401
-                        ffn_forward)
+from . import reference
 
 
-def why_not_attention(q, k, v, token_grans, seq_lens, q_rope, k_rope) -> list[str]:
+def why_not_attention(inp) -> list[str]:
     return []
 
 
-def why_not_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> list[str]:
+def why_not_ffn(inp) -> list[str]:
     return []
+
+
+def attention_forward(inp):
+    return reference.attention_forward(inp.q, inp.k, inp.v, inp.token_grans, inp.scale,
+                                       inp.seq_lens, inp.q_rope, inp.k_rope)
+
+
+def attention_backward(inp, grad_out, out, lse):
+    return reference.attention_backward(grad_out, inp.q, inp.k, inp.v, out, lse,
+                                        inp.token_grans, inp.scale, inp.seq_lens, inp.q_rope,
+                                        inp.k_rope)
+
+
+def ffn_forward(inp):
+    return reference.matryoshka_ffn(*inp.flat())
+
+
+def ffn_backward(inp, grad_out):
+    return reference.ffn_backward(grad_out, *inp.flat())
