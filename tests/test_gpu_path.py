@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_model
 
@@ -529,3 +530,196 @@ def test_no_autotuning_while_tracing(monkeypatch):
     with _fake_mode():
         q = torch.randn(2, 2, 40, 32, device="cuda")
         assert not tri._tuning_allowed(q)
+
+
+# ----------------------------------------------------------------------------- compiled CUDA ops
+class HostToDevice(TorchDispatchMode):
+    """Sees the ATen ops that C++ code runs (a function mode sees only Python calls): each copy of
+    a host tensor to a CUDA one and each read of a device value (a sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = str(func.overloadpacket)
+        src = args[1] if name == "aten.copy_" else args[0] if args else None
+        dst = args[0] if name == "aten.copy_" else out
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) \
+                and src.device.type == "cpu" and dst.device.type == "cuda":
+            self.copies.append(f"{name} of {tuple(src.shape)}")
+        if name in ("aten._local_scalar_dense", "aten.item"):
+            self.syncs.append(name)
+        return out
+
+
+def _cuda_ext():
+    from adaperceiver import _ext
+    if not _ext.available() or not _ext.cuda_available():
+        pytest.skip("adaperceiver._C was built without its CUDA part")
+
+
+# widths used by this test only: the C++ memo (csrc/cuda/index_memo.h) lives as long as the
+# process, and another test's fake tensors for the same values would belong to another mode
+# (mixed; widest first already; another order of widths: the memo holds orders, not widths)
+_FFN_WIDTHS = ([37, 96, 61, 96, 13], [96, 96, 61, 37, 13], [96, 37, 62, 13, 96])
+
+
+def test_cuda_ffn_backward_second_call_makes_no_host_to_device_copy():
+    """The compiled CUDA FFN backward (csrc/cuda/ffn.cu, run on fake CUDA tensors: it launches
+    only ATen ops) orders a mixed batch widest first with device permutations from the memo: the
+    first call copies them over, a repeated call copies nothing (CUDA-graph safe), other widths
+    build their own; widths already in order need no index at all; nothing syncs."""
+    from torch._C import DispatchKey, DispatchKeySet
+    _cuda_ext()
+    op = torch.ops.adaperceiver.matryoshka_ffn_bwd.default
+    cuda_kernel = DispatchKeySet(DispatchKey.CUDA)
+    B, N, C, Hd = 5, 7, 24, 96
+    with _fake_mode():
+        x = torch.randn(B, N, C, device="cuda")
+        w1, b1 = torch.randn(Hd, C, device="cuda"), torch.randn(Hd, device="cuda")
+        w2, b2 = torch.randn(C, Hd, device="cuda"), torch.randn(C, device="cuda")
+        go = torch.randn(B, N, C, device="cuda")
+
+        def call(hidden):
+            with HostToDevice() as rec:
+                grads = op.redispatch(cuda_kernel, go, x, w1, b1, w2, b2, hidden)
+            assert [tuple(g.shape) for g in grads] == [(B, N, C), (Hd, C), (Hd,), (C, Hd), (C,)]
+            assert all(g.device.type == "cuda" for g in grads)
+            assert not rec.syncs, rec.syncs
+            return rec.copies
+
+        mixed, in_order, other = _FFN_WIDTHS
+        first = call(mixed)
+        assert len(first) == 2, first           # the order and its inverse, once
+        assert call(mixed) == []                # the second call: from the memo
+        assert call(in_order) == []             # widest first already: rows used in place
+        assert len(call(other)) == 2            # another order: built (keyed by value)
+
+
+def _cuda_source(name):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "csrc", "cuda", name)) as f:
+        return f.read()
+
+
+def _body(src, start):
+    """The brace-matched body that follows the first occurrence of ``start``."""
+    i = src.index("{", src.index(start))
+    depth = 0
+    for j in range(i, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[j], 0)
+        if depth == 0:
+            return src[i:j + 1]
+    raise AssertionError(f"unbalanced braces after {start!r}")
+
+
+def test_cuda_attention_rotates_k_once_per_row_before_the_forward():
+    """csrc/cuda/attention.cu (no GPU runs it here, so its structure is what can be checked):
+    the forward kernel's only argument carries q's RoPE tables and none for K, the kernel reads
+    no table but q's, and the forward's host side runs the rope_rows pre-pass on K (once, one
+    thread per (row, pair) of each (batch, head): every key row rotated once per call) before
+    launching it with the rotated copy. The backward reads q and k through the same pre-pass
+    and rotates dq and dk back with the inverse rotation (sign -1)."""
+    import re
+    src = _cuda_source("attention.cu")
+    params = _body(src, "struct Params")
+    assert "q_cos" in params and "q_sin" in params
+    assert not re.search(r"k_(cos|sin)", params), params
+    fwd = _body(src, "attn_fwd_kernel(Params p)")
+    tables = set(re.findall(r"p\.(\w*(?:cos|sin)\w*)", fwd))
+    assert tables == {"q_cos", "q_sin"}, tables
+    # the pre-pass: (batch * head, row tiles) blocks; a thread's (row, pair) items, each once
+    rope = _body(src, "rope_rows_kernel(RopeParams p)")
+    assert "for (int e = threadIdx.x; e < kRopeRows * half; e += kRopeThreads)" in rope
+    assert "n0 = blockIdx.y * kRopeRows" in rope and "bh = blockIdx.x" in rope
+    assert "grid_of(B * H, N, kRopeRows)" in _body(src, "at::Tensor rope_rows(")
+    run = _body(src, "void run_fwd(")
+    assert run.count("rope_rows(") == 1 and re.search(r"rope_rows\(k, k_cos", run), run
+    assert re.search(r"Params p\{[^}]*kr\.data_ptr\(\)", run), run
+    bwd = _body(src, "attention_bwd(")
+    assert "rope_ref" not in src and "at::stack" not in src      # no per-call ATen rotation
+    assert re.search(r"qf = float2_aligned\(rotated\(q, q_cos, q_sin, Nq, at::kFloat\)\)", bwd)
+    # k as the forward read it (rounded to the input dtype)
+    assert re.search(r"kf = float2_aligned\(rotated\(k, k_cos, k_sin, Nk, T\)\)", bwd)
+    assert "-1.f" in _body(bwd, "const auto unrotated")
+    assert re.search(r"unrotated\(dq, q_cos, q_sin, Nq\), unrotated\(dk, k_cos, k_sin, Nk\)", bwd)
+
+
+# ----------------------------------------------------------------------------- registers / spills
+def _root():
+    import os
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _committed_resources():
+    import os
+    rows = []
+    with open(os.path.join(_root(), "benchmarks", "nvcc_resources.txt")) as f:
+        for line in f:
+            if line.startswith("#") or line.startswith("arch") or not line.strip():
+                continue
+            arch, regs, stack, st, ld, smem, kernel = line.split(None, 6)
+            rows.append(dict(arch=arch, regs=int(regs), stack=int(stack), spill_st=int(st),
+                             spill_ld=int(ld), smem=int(smem), kernel=kernel.strip()))
+    return rows
+
+
+def _expected_kernels():
+    """Every kernel instance the CUDA ops launch (csrc/cuda/attention.cu and ffn.cu)."""
+    types = ("float", "__half", "__nv_bfloat16")
+    want = set()
+    for d in (32, 64, 128):
+        want |= {f"attn_fwd_kernel<{t}, {d}>" for t in types}
+        want |= {f"attn_bwd_dq_kernel<{d}>", f"attn_bwd_dkv_kernel<{d}>"}
+    want |= {f"rope_rows_kernel<{t}, {t}, {t}>" for t in types}                   # K, forward
+    want |= {f"rope_rows_kernel<{t}, float, {r}>" for t in types[1:] for r in ("float", t)}
+    want |= {f"rope_rows_kernel<float, {t}, float>" for t in types[1:]}           # dq, dk back
+    want |= {f"fc1_gelu_kernel<{t}>" for t in types} | {f"fc2_kernel<{t}>" for t in types}
+    return want
+
+
+def _short(kernel: str) -> str:
+    import re
+    name = re.sub(r"^void (\(anonymous namespace\)::|adaperceiver::cuda::)*", "", kernel)
+    name = re.sub(r"adaperceiver::cuda::|\(anonymous namespace\)::", "", name)
+    return name.split("(")[0]
+
+
+def _check_resources(rows):
+    by_arch = {}
+    for r in rows:
+        by_arch.setdefault(r["arch"], set()).add(_short(r["kernel"]))
+    assert set(by_arch) == {"sm_80", "sm_90"}, set(by_arch)
+    for arch, names in by_arch.items():
+        assert names == _expected_kernels(), (arch, names ^ _expected_kernels())
+    spills = [(r["arch"], r["kernel"], r["spill_st"], r["spill_ld"]) for r in rows
+              if r["spill_st"] or r["spill_ld"]]
+    assert not spills, spills
+    assert all(r["regs"] <= 255 and r["smem"] <= 48 * 1024 for r in rows)
+
+
+def test_committed_resource_table_lists_every_kernel_without_spills():
+    """benchmarks/nvcc_resources.txt (csrc/cuda/nvcc_resources.py's output) lists every kernel
+    instance the CUDA ops launch, for sm_80 and sm_90, and none spills."""
+    _check_resources(_committed_resources())
+
+
+@pytest.mark.slow
+def test_cuda_kernels_compile_for_sm80_sm90_without_spills():
+    """Recompiles csrc/cuda/*.cu as the extension does (nvcc -Xptxas -v, sm_80 and sm_90): the
+    same kernel set as the committed table, none spilling."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "nvcc_resources", os.path.join(_root(), "csrc", "cuda", "nvcc_resources.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    nvcc = mod.find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    _check_resources(mod.resources(nvcc))
