@@ -626,7 +626,7 @@ def test_cuda_attention_rotates_k_once_per_row_before_the_forward():
     launching it with the rotated copy. The backward reads q and k through the same pre-pass
     and rotates dq and dk back with the inverse rotation (sign -1)."""
     import re
-    src = _cuda_source("attention.cu")
+    src = _cuda_source("attention_kernels.cuh") + _cuda_source("attention.cu")
     params = _body(src, "struct Params")
     assert "q_cos" in params and "q_sin" in params
     assert not re.search(r"k_(cos|sin)", params), params
@@ -723,3 +723,149 @@ def test_cuda_kernels_compile_for_sm80_sm90_without_spills():
     if nvcc is None:
         pytest.skip("nvcc not found")
     _check_resources(mod.resources(nvcc))
+
+
+# ----------------------------------------------------------------------------- kernels on the host
+# csrc/cuda/attention_kernels.cuh compiled for the host (csrc/cuda/emulation/cuda_on_host.h: a
+# block's threads as std::threads, barriers, warp shuffles) and launched as attention.cu launches
+# them (emulation/attention_main.cc): the fp32 instances' indexing, masking, RoPE pre-pass, row
+# groups and backward run here against a float64 reference.
+@pytest.fixture(scope="module")
+def attention_on_host(tmp_path_factory):
+    import os
+    import shutil
+    import subprocess
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    exe = tmp_path_factory.mktemp("emu") / "attention_main"
+    src = os.path.join(_root(), "csrc", "cuda", "emulation", "attention_main.cc")
+    r = subprocess.run([cxx, "-std=c++20", "-O2", "-pthread", src, "-o", str(exe)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return str(exe)
+
+
+def _row_end(n, grans, n_k):
+    if grans is None:
+        return torch.full((n,), n_k, dtype=torch.int32)
+    ends = [g for g in grans if g <= n]
+    if not ends or ends[-1] < n:
+        ends.append(n)
+    return torch.tensor([min(e for e in ends if e > i) for i in range(n)], dtype=torch.int32)
+
+
+def _rotate(x, tables):
+    c, s = tables
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
+
+
+def _dense_reference(q, k, v, re, lens, scale, q_rope, k_rope):
+    """float64 (out, lse) of padded (B, H, N, D) inputs and the autograd graph behind out."""
+    B, _, Nq, _ = q.shape
+    Nk = k.shape[2]
+    qr = _rotate(q, q_rope) if q_rope else q
+    kr = _rotate(k, k_rope) if k_rope else k
+    s = qr @ kr.transpose(-1, -2) * scale
+    i, j = torch.arange(Nq)[:, None], torch.arange(Nk)[None, :]
+    n = torch.tensor(lens if lens is not None else [max(Nq, Nk)] * B)[:, None, None, None]
+    allowed = (j < re[:, None].long()) & (i < n) & (j < n)
+    seen = allowed.any(-1, keepdim=True)
+    s = torch.where(seen, s.masked_fill(~allowed, float("-inf")), 0.0)
+    lse = torch.logsumexp(s, -1).masked_fill(~seen[..., 0], float("-inf"))
+    p = torch.softmax(s, -1) * allowed
+    return p @ v, lse
+
+
+def _run_on_host(exe, tmp, cfg, arrays):
+    import subprocess
+    import numpy as np
+    for name, t in arrays.items():
+        t.detach().contiguous().numpy().tofile(tmp / f"{name}.bin")
+    (tmp / "cfg.txt").write_text(" ".join(str(c) for c in cfg))
+    r = subprocess.run([exe, str(tmp)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return lambda name, shape: torch.from_numpy(
+        np.fromfile(tmp / f"{name}.bin", dtype=np.float32).reshape(shape)).double()
+
+
+def _tables(n, D, gen):
+    theta = torch.rand(n, D // 2, generator=gen, dtype=torch.float64) * 6.3
+    return theta.cos(), theta.sin()
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=2, H=3, Nq=70, Nk=70, D=32, grans=[1, 5, 40, 65], lens=[70, 33], rope="qk"),
+    dict(B=2, H=2, Nq=97, Nk=97, D=64, grans=[16, 64], lens=[97, 0], rope="k"),
+    dict(B=1, H=2, Nq=45, Nk=77, D=128, grans=None, lens=None, rope="q"),
+], ids=["d32_grans_lens_rope", "d64_empty_sample_k_rope", "d128_cross_q_rope"])
+def test_cuda_attention_kernels_on_host_match_float64(attention_on_host, tmp_path, case):
+    """Forward (K through the RoPE pre-pass) and backward (dq, dk rotated back) of the fp32
+    kernels equal the float64 reference: rows past a length write zeros / lse -inf, tails of
+    the 64-row tiles and 32-key tiles, D / 32 lanes per row (1, 2, 4)."""
+    gen = torch.Generator().manual_seed(sum(map(ord, str(case))))
+    B, H, Nq, Nk, D = case["B"], case["H"], case["Nq"], case["Nk"], case["D"]
+    q, go = (torch.randn(B, H, Nq, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, H, Nk, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    q32, k32, v32, go32 = (t.float() for t in (q, k, v, go))
+    q, k, v = (t.float().double().requires_grad_() for t in (q, k, v))   # the fp32 inputs
+    q_rope = _tables(Nq, D, gen) if "q" in case["rope"] else None
+    k_rope = _tables(Nk, D, gen) if "k" in case["rope"] else None
+    re, scale = _row_end(Nq, case["grans"], Nk), D ** -0.5
+    arrays = dict(q=q32, k=k32, v=v32, go=go32, row_end=re)
+    if case["lens"] is not None:
+        arrays["lens"] = torch.tensor(case["lens"], dtype=torch.int32)
+    for name, tab in (("q", q_rope), ("k", k_rope)):
+        if tab is not None:
+            arrays[f"{name}_cos"], arrays[f"{name}_sin"] = (t.float() for t in tab)
+    cfg = (B, H, Nq, Nk, D, repr(scale), int(q_rope is not None), int(k_rope is not None),
+           int(case["lens"] is not None), 0, 1)
+    got = _run_on_host(attention_on_host, tmp_path, cfg, arrays)
+    tables = lambda t: tuple(x.float().double() for x in t) if t else None   # noqa: E731
+    out, lse = _dense_reference(q, k, v, re, case["lens"], scale, tables(q_rope), tables(k_rope))
+    dq, dk, dv = torch.autograd.grad((out * go32.double()).sum(), (q, k, v))
+    for name, want, shape in (("out", out, (B, H, Nq, D)), ("dq", dq, (B, H, Nq, D)),
+                              ("dk", dk, (B, H, Nk, D)), ("dv", dv, (B, H, Nk, D))):
+        have = got(name, shape)
+        assert not have.isnan().any(), name              # every element written, no NaN
+        err = (have - want.detach()).abs().max().item()
+        assert err <= 1e-4 * max(1.0, want.abs().max().item()), (name, err)
+    have = got("lse", (B, H, Nq))
+    want = lse.detach()
+    assert torch.equal(have.isinf(), want.isinf()) and (have[want.isinf()] < 0).all()
+    fin = ~want.isinf()
+    assert (have[fin] - want[fin]).abs().max().item() <= 1e-4
+
+
+def test_cuda_packed_attention_kernels_on_host_match_float64(attention_on_host, tmp_path):
+    """The packed-rows forward (samples of their own lengths one after another, one of them
+    empty): each sample equals the padded float64 reference of its rows."""
+    gen = torch.Generator().manual_seed(7)
+    lens, H, D, grans = [50, 17, 0, 64], 2, 64, [8, 32, 64]
+    B, N, R = len(lens), max(lens), sum(lens)
+    q, k, v = (torch.randn(R, H, D, generator=gen).double() for _ in range(3))
+    q_rope, k_rope = _tables(N, D, gen), _tables(N, D, gen)
+    re = _row_end(N, grans, N)
+    starts = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)[:-1]), dtype=torch.int32)
+    arrays = dict(q=q.float(), k=k.float(), v=v.float(), row_end=re,
+                  lens=torch.tensor(lens, dtype=torch.int32), starts=starts,
+                  q_cos=q_rope[0].float(), q_sin=q_rope[1].float(), k_cos=k_rope[0].float(),
+                  k_sin=k_rope[1].float())
+    cfg = (B, H, R, N, D, repr(D ** -0.5), 1, 1, 1, 1, 0)
+    got = _run_on_host(attention_on_host, tmp_path, cfg, arrays)
+    out = got("out", (R, H, D))
+    lse = got("lse", (B, H, N))
+    tables = lambda t: tuple(x.float().double() for x in t)   # noqa: E731
+    for b, (s0, n) in enumerate(zip(starts.tolist(), lens)):
+        if n == 0:
+            assert (lse[b] == float("-inf")).all()
+            continue
+        pad = lambda x: torch.zeros(1, H, N, D, dtype=torch.float64).index_copy(  # noqa: E731
+            2, torch.arange(n), x[s0:s0 + n].transpose(0, 1)[None])
+        want, want_lse = _dense_reference(pad(q), pad(k), pad(v), re, [n], D ** -0.5,
+                                          tables(q_rope), tables(k_rope))
+        have = out[s0:s0 + n].transpose(0, 1)
+        assert (have - want[0, :, :n]).abs().max().item() <= 1e-4
+        assert (lse[b, :, :n] - want_lse[0, :, :n]).abs().max().item() <= 1e-4
+        assert (lse[b, :, n:] == float("-inf")).all()

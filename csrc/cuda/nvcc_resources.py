@@ -101,10 +101,13 @@ def table(rows: list[dict], nvcc: str) -> str:
     m = re.search(r"V(\d+\.\d+\.\d+)", ver)
     lines = [
         "# ptxas resource use of the adaperceiver._C CUDA kernels (nvcc -Xptxas -v)",
-        f"# nvcc {m.group(1) if m else '?'}, sm_80 and sm_90, the extension's nvcc flags (setup.py);",
+        f"# nvcc {m.group(1) if m else '?'}, sm_80 and sm_90, the extension's nvcc flags "
+        "(setup.py);",
         "# made by: python csrc/cuda/nvcc_resources.py --out benchmarks/nvcc_resources.txt",
-        "# Compile-only (no GPU on the build machine). smem: static shared memory per block (bytes).",
-        f"{'arch':6s} {'regs':>4s} {'stack':>6s} {'spill_st':>8s} {'spill_ld':>8s} {'smem':>6s}  kernel",
+        "# Compile-only (no GPU on the build machine). smem: static shared memory per block "
+        "(bytes).",
+        f"{'arch':6s} {'regs':>4s} {'stack':>6s} {'spill_st':>8s} {'spill_ld':>8s} "
+        f"{'smem':>6s}  kernel",
     ]
     for r in rows:
         lines.append(f"{r['arch']:6s} {r['regs']:4d} {r['stack']:6d} {r['spill_st']:8d} "
