@@ -97,6 +97,7 @@ OptT contiguous_table(const OptT& t) { return t ? OptT(t->contiguous()) : OptT()
 template <typename In, typename Out, typename Round>
 void launch_rope(const dim3& grid, cudaStream_t stream, const RopeParams& p) {
   rope_rows_kernel<In, Out, Round><<<grid, kRopeThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The rope_rows pre-pass over x (contiguous, padded (B, H, N, D) or packed (R, H, D) with
@@ -149,7 +150,6 @@ at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   } else {
     bad();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -1,10 +1,13 @@
-// Runs the CUDA attention kernels (../attention_kernels.cuh, fp32 instances) on the host through
-// cuda_on_host.h, launched as attention.cu launches them: the K RoPE pre-pass then the forward;
-// the backward's pre-passes, its two kernels, and the inverse rotation of dq and dk. Inputs and
-// outputs are raw little-endian arrays in a directory (tests/test_gpu_path.py writes and reads
-// them); every buffer a kernel writes, and the pre-passes' outputs, start as NaN, so a value read
-// before it is written, or a row left unwritten that should not be, shows.
-//   attention_main DIR   (DIR/cfg.txt: B H Nq Nk D scale q_rope k_rope lens packed backward)
+// Runs the CUDA attention kernels (../attention_kernels.cuh) on the host through
+// cuda_on_host.h, launched as attention.cu launches them: the K RoPE pre-pass (rounded to the
+// element type) then the forward; the backward's pre-passes (q to fp32, k to fp32 rounded to the
+// element type), its two kernels, and the inverse rotation of dq and dk into the element type.
+// Inputs and outputs are raw little-endian float32 arrays in a directory (tests/test_gpu_path.py
+// writes and reads them), converted to and from the element type here; every buffer a kernel
+// writes, and the pre-passes' outputs, start as NaN, so a value read before it is written, or a
+// row left unwritten that should not be, shows.
+//   attention_main DIR   (DIR/cfg.txt: B H Nq Nk D scale q_rope k_rope lens packed backward
+//                         dtype, dtype 0 float32, 1 float16, 2 bfloat16)
 #include "cuda_on_host.h"
 #include "../attention_kernels.cuh"
 
@@ -37,8 +40,23 @@ void write(const char* name, const std::vector<T>& v) {
           static_cast<std::streamsize>(v.size() * sizeof(T)));
 }
 
-std::vector<float> poisoned(size_t n) {
-  return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
+template <typename T = float>
+std::vector<T> poisoned(size_t n) {
+  return std::vector<T>(n, from_f<T>(std::numeric_limits<float>::quiet_NaN()));
+}
+
+template <typename T>
+std::vector<T> to_t(const std::vector<float>& x) {
+  std::vector<T> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = from_f<T>(x[i]);
+  return out;
+}
+
+template <typename T>
+std::vector<float> to_float(const std::vector<T>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = to_f(x[i]);
+  return out;
 }
 
 unsigned tiles(int n, int per) { return static_cast<unsigned>((n + per - 1) / per); }
@@ -46,20 +64,21 @@ unsigned tiles(int n, int per) { return static_cast<unsigned>((n + per - 1) / pe
 struct Cfg {
   int B, H, Nq, Nk, D;
   float scale;
-  int q_rope, k_rope, lens, packed, backward;
+  int q_rope, k_rope, lens, packed, backward, dtype;
 };
 
-std::vector<float> rope(const std::vector<float>& x, const std::vector<float>& c,
-                        const std::vector<float>& s, const Cfg& g, int n, const int* lens,
-                        const int* starts, float sign) {
-  std::vector<float> out = poisoned(x.size());
+template <typename In, typename Out, typename Round>
+std::vector<Out> rope(const std::vector<In>& x, const std::vector<float>& c,
+                      const std::vector<float>& s, const Cfg& g, int n, const int* lens,
+                      const int* starts, float sign) {
+  std::vector<Out> out = poisoned<Out>(x.size());
   RopeParams p{x.data(), out.data(), c.data(), s.data(), lens, starts, g.H, n, g.D, sign};
   cuda_on_host::launch(g.B * g.H, tiles(n, kRopeRows), kRopeThreads,
-                       [&] { rope_rows_kernel<float, float, float>(p); });
+                       [&] { rope_rows_kernel<In, Out, Round>(p); });
   return out;
 }
 
-template <int D>
+template <typename T, int D>
 int run(const Cfg& g) {
   constexpr int threads = BM * row_lanes<D>();
   const size_t R = g.packed ? static_cast<size_t>(g.Nq) : 0;  // packed: Nq holds the row count
@@ -67,7 +86,8 @@ int run(const Cfg& g) {
   const size_t nq = g.packed ? R * g.H * D : static_cast<size_t>(g.B) * g.H * g.Nq * D;
   const size_t nk = g.packed ? nq : static_cast<size_t>(g.B) * g.H * g.Nk * D;
   const int Nq = g.packed ? N : g.Nq, Nk = g.packed ? N : g.Nk;
-  auto q = read<float>("q.bin", nq), k = read<float>("k.bin", nk), v = read<float>("v.bin", nk);
+  const auto q = to_t<T>(read<float>("q.bin", nq)), k = to_t<T>(read<float>("k.bin", nk)),
+             v = to_t<T>(read<float>("v.bin", nk));
   auto re = read<int32_t>("row_end.bin", Nq);
   using Ints = std::vector<int32_t>;
   const Ints lens = g.lens ? read<int32_t>("lens.bin", g.B) : Ints();
@@ -85,36 +105,57 @@ int run(const Cfg& g) {
   }
 
   // forward: K rotated once per row, then the forward kernel with q's tables only
-  const std::vector<float> kr = g.k_rope ? rope(k, kc, ks, g, Nk, lp, sp, 1.f) : k;
-  auto out = poisoned(nq);
+  const std::vector<T> kr = g.k_rope ? rope<T, T, T>(k, kc, ks, g, Nk, lp, sp, 1.f) : k;
+  auto out = poisoned<T>(nq);
   auto lse = poisoned(static_cast<size_t>(g.B) * g.H * Nq);
-  if (g.packed) std::fill(out.begin(), out.end(), 0.f);  // rows the op leaves alone: none
   Params p{q.data(), kr.data(), v.data(), out.data(), lse.data(), re.data(), lp, sp,
            g.q_rope ? qc.data() : nullptr, g.q_rope ? qs.data() : nullptr,
            g.B, g.H, Nq, Nk, g.scale};
-  cuda_on_host::launch(g.B * g.H, tiles(Nq, BM), threads, [&] { attn_fwd_kernel<float, D>(p); });
-  write("out.bin", out);
+  cuda_on_host::launch(g.B * g.H, tiles(Nq, BM), threads, [&] { attn_fwd_kernel<T, D>(p); });
+  const std::vector<float> outf = to_float(out);
+  write("out.bin", outf);
   write("lse.bin", lse);
   if (!g.backward) return 0;
 
-  auto go = read<float>("go.bin", nq);
-  const std::vector<float> qf = g.q_rope ? rope(q, qc, qs, g, Nq, lp, nullptr, 1.f) : q;
-  const std::vector<float> kf = g.k_rope ? rope(k, kc, ks, g, Nk, lp, nullptr, 1.f) : k;
+  // fp32 as the backward reads them: grad_out and out converted by ATen, q rotated in fp32
+  // (as the forward rotates it on load), k rotated and rounded to T (what the forward read)
+  const auto go = to_float(to_t<T>(read<float>("go.bin", nq)));
+  const std::vector<float> qf = g.q_rope ? rope<T, float, float>(q, qc, qs, g, Nq, lp, nullptr, 1.f)
+                                         : to_float(q);
+  const std::vector<float> kf = g.k_rope ? rope<T, float, T>(k, kc, ks, g, Nk, lp, nullptr, 1.f)
+                                         : to_float(k);
+  const std::vector<float> vf = to_float(v);
   std::vector<float> delta(static_cast<size_t>(g.B) * g.H * Nq);
   for (size_t r = 0; r < delta.size(); ++r) {
     float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc += go[r * D + d] * out[r * D + d];
+    for (int d = 0; d < D; ++d) acc += go[r * D + d] * outf[r * D + d];
     delta[r] = acc;
   }
   auto dq = poisoned(nq), dk = poisoned(nk), dv = poisoned(nk);
-  BwdParams b{qf.data(), kf.data(), v.data(), go.data(), lse.data(), delta.data(), dq.data(),
+  BwdParams b{qf.data(), kf.data(), vf.data(), go.data(), lse.data(), delta.data(), dq.data(),
               dk.data(), dv.data(), re.data(), lp, g.B, g.H, Nq, Nk, g.scale};
   cuda_on_host::launch(g.B * g.H, tiles(Nq, BM), threads, [&] { attn_bwd_dq_kernel<D>(b); });
   cuda_on_host::launch(g.B * g.H, tiles(Nk, BM), threads, [&] { attn_bwd_dkv_kernel<D>(b); });
-  write("dq.bin", g.q_rope ? rope(dq, qc, qs, g, Nq, nullptr, nullptr, -1.f) : dq);
-  write("dk.bin", g.k_rope ? rope(dk, kc, ks, g, Nk, nullptr, nullptr, -1.f) : dk);
-  write("dv.bin", dv);
+  // back into T: the inverse rotation when there is RoPE, else a cast (ATen's .to)
+  const auto back = [&](const std::vector<float>& d, bool rot, const std::vector<float>& c,
+                        const std::vector<float>& s, int n) {
+    return to_float(rot ? rope<float, T, float>(d, c, s, g, n, nullptr, nullptr, -1.f)
+                        : to_t<T>(d));
+  };
+  write("dq.bin", back(dq, g.q_rope, qc, qs, Nq));
+  write("dk.bin", back(dk, g.k_rope, kc, ks, Nk));
+  write("dv.bin", to_float(to_t<T>(dv)));
   return 0;
+}
+
+template <typename T>
+int by_dim(const Cfg& g) {
+  switch (g.D) {
+    case 32: return run<T, 32>(g);
+    case 64: return run<T, 64>(g);
+    case 128: return run<T, 128>(g);
+    default: std::fprintf(stderr, "D=%d not instantiated\n", g.D); return 2;
+  }
 }
 
 }  // namespace
@@ -128,15 +169,11 @@ int main(int argc, char** argv) {
   Cfg g{};
   std::ifstream f(dir + "/cfg.txt");
   f >> g.B >> g.H >> g.Nq >> g.Nk >> g.D >> g.scale >> g.q_rope >> g.k_rope >> g.lens >>
-      g.packed >> g.backward;
+      g.packed >> g.backward >> g.dtype;
   if (!f) {
     std::fprintf(stderr, "bad cfg.txt\n");
     return 2;
   }
-  switch (g.D) {
-    case 32: return run<32>(g);
-    case 64: return run<64>(g);
-    case 128: return run<128>(g);
-    default: std::fprintf(stderr, "D=%d not instantiated\n", g.D); return 2;
-  }
+  return g.dtype == 1 ? by_dim<__half>(g) : g.dtype == 2 ? by_dim<__nv_bfloat16>(g)
+                                                           : by_dim<float>(g);
 }

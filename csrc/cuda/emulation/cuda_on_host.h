@@ -2,8 +2,9 @@
 // a block's threads are std::threads, __shared__ arrays are statics (one block runs at a time),
 // __syncthreads is a std::barrier over the block, and __shfl_xor_sync exchanges values through
 // per-thread slots between two barriers of the lanes named by the mask (a row group: they run
-// the same trip count, as the kernels require). fp32 only (to_f / from_f for float). Slow and
-// exact enough to check indexing, masking, RoPE and the numerics of the fp32 instances.
+// the same trip count, as the kernels require). float, __half and __nv_bfloat16 elements (the
+// latter two rounded as the device rounds). Slow; enough to check indexing, masking, RoPE,
+// conversions and the numerics of every instance the ops launch.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -97,10 +99,34 @@ inline float __shfl_xor_sync(unsigned mask, float x, int lane_xor) {
   return y;
 }
 
+// The element types, rounded as the device rounds them (to nearest even): fp16 through the
+// compiler's _Float16, bf16 by its bits.
+struct __half {
+  _Float16 v;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
 namespace adaperceiver {
 namespace cuda {
 inline float to_f(float x) { return x; }
+inline float to_f(__half x) { return static_cast<float>(x.v); }
+inline float to_f(__nv_bfloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 template <typename T> T from_f(float x);
 template <> inline float from_f<float>(float x) { return x; }
+template <> inline __half from_f<__half>(float x) { return {static_cast<_Float16>(x)}; }
+template <> inline __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if (std::isnan(x)) return {0x7fc0};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {static_cast<uint16_t>(u >> 16)};
+}
 }  // namespace cuda
 }  // namespace adaperceiver
