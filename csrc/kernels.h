@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
 }  // namespace cpu
 
 // csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA): the
-// same arguments as the CPU kernels above; the FFN backward is ffn_bwd_banded (ffn_banded.h)
+// same arguments as the CPU kernels above
 namespace cuda {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
                                                  const at::Tensor&, at::OptionalIntArrayRef,
@@ -60,6 +60,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor&, const
                                                         const OptT&);
 at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, at::IntArrayRef);
+// the banded ATen backward (ffn_banded.h) on the samples ordered widest first on the device
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, at::IntArrayRef);
 }  // namespace cuda
 
 }  // namespace adaperceiver

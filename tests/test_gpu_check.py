@@ -1,6 +1,6 @@
 """``make gpu-check`` (adaperceiver.bench.gpu_check): its dry mode runs here end to end, so the
 command cannot rot; the parts a GPU run adds (target verdicts, the report of a GPU run, a stage
-cut at its time limit) are checked on synthetic inputs."""
+cut at its time limit, the exit status) are checked on synthetic inputs."""
 import json
 import os
 import subprocess
@@ -81,14 +81,70 @@ def test_targets_and_report_of_a_gpu_run():
     assert all(x["verdict"] == "not measured" for x in empty)
 
 
-def test_stage_cut_at_its_limit_keeps_its_finished_items(tmp_path):
-    """A stage that runs past its limit is stopped (its process group killed), recorded as a
-    timeout, and keeps the items it finished."""
-    # 1 s: less than the stage's own start-up (importing torch), so it is cut on any machine
-    res = G.run_stage("correctness", "dry", 1.0, str(tmp_path))
-    assert res["status"] == "timeout" and "limit" in res["error"]
-    assert res["seconds"] < 20
-    assert all("item" in r for r in res["rows"])
+# Stands in for a stage's worker process (gpu_check.stage_command): records one item, and for
+# the stage named "correctness" starts a child (a stage's tools run in children) and then sleeps
+# far past any limit the test gives it, recording an item afterwards that must never appear.
+_FAKE_WORKER = r"""
+import json, os, subprocess, sys, time
+stage, rows = sys.argv[1], sys.argv[2]
+def record(item, **kw):
+    with open(rows, "a") as f:
+        f.write(json.dumps({"item": item, "status": "ok", **kw}) + "\n")
+record(stage + " first item", pid=os.getpid())
+if stage == "correctness":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record("child started", pid=child.pid)
+    time.sleep(60)
+    record("after the sleep")
+"""
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its reaper counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_stage_over_its_limit_is_stopped_and_the_rest_run(tmp_path, monkeypatch, capsys):
+    """A stage that sleeps 60 s under a 2 s limit is stopped (its process group killed: the
+    worker and its child), reported as a timeout with the items it finished, the stages after it
+    still run, and the command exits 1 (the module's documented status for a stage not ok)."""
+    import time
+    monkeypatch.setattr(G, "STAGES", (("env", 30, 20), ("correctness", 30, 2),
+                                      ("attention", 30, 20)))
+    monkeypatch.setattr(G, "MIN_STAGE_S", 1.0)
+    monkeypatch.setattr(G, "stage_command", lambda stage, mode, rows, limit:
+                        [sys.executable, "-c", _FAKE_WORKER, stage, rows])
+    out_dir = tmp_path / "out"
+    rc = G.main(["--dry", "--out-dir", str(out_dir)])
+    printed = capsys.readouterr().out
+    assert rc == 1
+    doc = json.loads((out_dir / "gpu_check.json").read_text())
+    by = {s["stage"]: s for s in doc["stages"]}
+    assert list(by) == ["env", "correctness", "attention"]
+    cut = by["correctness"]
+    assert cut["status"] == "timeout" and cut["error"] == "stopped at its 2s limit", cut
+    items = [r["item"] for r in cut["rows"]]
+    assert items == ["correctness first item", "child started"], items
+    assert by["env"]["status"] == by["attention"]["status"] == "ok"
+    assert [r["item"] for r in by["attention"]["rows"]] == ["attention first item"]
+    # the worker and the child it started are both gone (killed with the process group)
+    pids = [r["pid"] for r in cut["rows"]]
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in pids if not _gone(p)]
+    for p in alive:             # a survivor would outlive the test: ended, then reported
+        os.kill(p, 9)
+    assert not alive, f"still running after the stage was stopped: {alive}"
+    report = (out_dir / "report.txt").read_text()
+    line = next(ln for ln in report.splitlines() if ln.lstrip().startswith("correctness"))
+    assert "timeout" in line and "stopped at its 2s limit" in line, line
+    assert "stages not ok: correctness" in printed
 
 
 def test_unknown_stage_is_refused(tmp_path):

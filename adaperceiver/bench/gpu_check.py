@@ -31,6 +31,9 @@ tensors, the Triton kernels in their interpreter, eager stand-ins where a GPU fe
 Its figures mean nothing; it exists so that this command cannot rot (tests/test_gpu_check.py
 runs it). Output: ``<out-dir>/report.txt`` (the tables printed at the end) and
 ``<out-dir>/gpu_check.json``; the targets a GPU run must meet are in benchmarks/README.md.
+Exit status: 0 when every stage chosen ran to its end with no failed item (or was skipped for
+want of budget), 1 when a stage failed, crashed or was stopped at its time limit (the report
+names it; the stages after it still run).
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ STAGES = (
 )
 # the dry mode takes about a minute on an idle 2-core CPU; its limits leave room for a loaded CI
 TOTAL_BUDGET_S = {"gpu": 600, "dry": 600}
+# a stage is started only with at least this much of the total budget left
+MIN_STAGE_S = 5.0
 
 # what a GPU run must meet (benchmarks/README.md): (key, description, op, bound)
 TARGETS = (
@@ -893,12 +898,17 @@ def _stage_env(mode: str) -> dict:
     return env
 
 
+def stage_command(stage: str, mode: str, rows_path: str, limit_s: float) -> list[str]:
+    """The command line of one stage's worker process (it appends its rows to ``rows_path``)."""
+    return [sys.executable, "-m", "adaperceiver.bench.gpu_check", "--worker", stage,
+            "--mode", mode, "--rows", rows_path, "--limit", str(limit_s)]
+
+
 def run_stage(stage: str, mode: str, limit_s: float, tmp: str) -> dict:
     """Run one stage in a subprocess under ``limit_s``; its rows, status and time."""
     rows_path = os.path.join(tmp, f"{stage}.jsonl")
     open(rows_path, "w").close()
-    cmd = [sys.executable, "-m", "adaperceiver.bench.gpu_check", "--worker", stage,
-           "--mode", mode, "--rows", rows_path, "--limit", str(limit_s)]
+    cmd = stage_command(stage, mode, rows_path, limit_s)
     t0 = time.perf_counter()
     print(f"== {stage} (limit {limit_s:.0f}s)", flush=True)
     proc = subprocess.Popen(cmd, env=_stage_env(mode), stdout=None, stderr=subprocess.PIPE,
@@ -1033,7 +1043,7 @@ def run_check(out_dir: str, *, dry: bool = False, stages=None, scale_limits: flo
                 continue
             left = budget - (time.perf_counter() - t_start)
             limit = min((gpu_s if mode == "gpu" else dry_s) * scale_limits, left)
-            if limit < 5:
+            if limit < MIN_STAGE_S:
                 results.append({"stage": stage, "status": "skipped", "limit_s": 0,
                                 "seconds": 0.0, "rows": [],
                                 "error": "the run's total budget is spent"})

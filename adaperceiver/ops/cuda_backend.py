@@ -1,8 +1,9 @@
 """The CUDA backend: ``torch.ops.adaperceiver.*_fwd / *_bwd`` of ``adaperceiver._C`` on CUDA
-tensors (csrc/cuda: attention forward and backward with one thread per query row and scalar
-loops over its keys, on padded or packed rows; grouped Matryoshka FFN forward; the FFN backward
-is the width-banded ATen path of csrc/ffn_banded.cpp, on cuBLAS). Importing this module never raises; when the extension or its
-CUDA part is missing, ``why_not_*`` say why."""
+tensors (csrc/cuda: attention forward and backward with D / 32 lanes per query row and scalar
+loops over its keys, K's RoPE applied by a pre-pass once per key row, on padded or packed rows;
+grouped Matryoshka FFN forward; the FFN backward is the width-banded ATen path of
+csrc/ffn_banded.cpp, on cuBLAS, with its sample order on the device). Importing this module
+never raises; when the extension or its CUDA part is missing, ``why_not_*`` say why."""
 from __future__ import annotations
 
 import torch

@@ -1,19 +1,27 @@
 // Block-masked (group-causal) attention on CUDA: a tiled flash-style forward and a two-kernel
-// backward, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90.
+// backward, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90. The
+// kernels are in attention_kernels.cuh; this file launches them.
 //
 // Forward schedule: one thread block per (batch * head, query tile of BM = 64 rows): grid.x is
-// batch * head (up to 2^31 - 1), grid.y the query tile (launch.h); one thread
-// per query row holding its rotated, scaled q and its output accumulator in registers. Key/value
-// tiles of BN = 32 rows are staged in shared memory (converted to fp32, RoPE applied on load).
+// batch * head (up to 2^31 - 1), grid.y the query tile (launch.h). Each query row is held by
+// D / 32 adjacent lanes of one warp (a "row group"), each lane holding 32 of the row's dims
+// (its rotated, scaled q and its output accumulator) in registers: 64 floats per thread at any
+// head_dim, so nothing spills; a score is the group's partial dot products summed by warp
+// shuffles. Key/value tiles of BN = 32 rows are staged in shared memory as fp32.
+// RoPE: K arrives rotated by the rope_rows pre-pass (once per key row per call, rounded to the
+// input dtype as the reference rounds it), not once per query tile that reads it; q is rotated
+// on load, once per row. The forward kernel never sees K's tables.
 // Skipped: key tiles at or past kend = min(row_end[last row of the tile], len) are never loaded;
 // tiles below min(row_end[first row], len) need no per-row test; in between each row stops at its
 // own bound. Online softmax per row. Rows past seq_lens[b] write zeros and lse = -inf.
 // Packed rows (attention_varlen_fwd: q, k, v, out (R, H, D), samples one after another) run the
-// same kernel from each sample's first row; a sample has no rows past its length to write.
-// Backward (kept simple, no atomics): kernel 1, one thread per query row, computes dq; kernel 2,
-// one thread per key row, computes dk and dv over the query rows that see that key (a suffix of
-// the rows, since row_end is nondecreasing). Inputs of the backward are rotated to fp32 by ATen
-// on the host side; gradients are rotated back there.
+// same kernels from each sample's first row; a sample has no rows past its length to write.
+// Backward (kept simple, no atomics, fp32): kernel 1, one row group per query row, computes dq;
+// kernel 2, one row group per key row, computes dk and dv over the query rows that see that key
+// (a suffix of the rows, since row_end is nondecreasing). Their inputs come from the same
+// pre-pass: q rotated in fp32 (as the forward rotates it on load), k rotated and rounded to the
+// input dtype (the values the forward read); dq and dk (w.r.t. the rotated rows) are rotated
+// back by the pre-pass with the inverse rotation, straight into the input dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,251 +35,11 @@
 #include "index_memo.h"
 #include "kernels.h"
 #include "launch.h"
+#include "attention_kernels.cuh"  // after convert.h: the kernels use to_f / from_f
 
 namespace adaperceiver {
 namespace cuda {
 namespace {
-
-constexpr int BM = 64;
-constexpr int BN = 32;
-
-struct Params {
-  const void* q; const void* k; const void* v; void* out; float* lse;
-  const int* row_end;  // (Nq,)
-  const int* lens;     // (B,) or nullptr
-  // packed rows: q, k, v, out (R, H, D) contiguous, sample b's rows from starts[b] (B,);
-  // nullptr: padded (B, H, N, D) contiguous
-  const int* starts;
-  const float* q_cos; const float* q_sin; const float* k_cos; const float* k_sin;
-  int B, H, Nq, Nk;
-  float scale;
-};
-
-template <typename T, int D>
-__global__ void __launch_bounds__(BM) attn_fwd_kernel(Params p) {
-  __shared__ float ks[BN][D];
-  __shared__ float vs[BN][D];
-  const int bh = blockIdx.x, b = bh / p.H;
-  const int m0 = blockIdx.y * BM, row = m0 + threadIdx.x;
-  const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
-  const int lq = min(p.Nq, len), lk = min(p.Nk, len);
-  const int last = min(m0 + BM, lq) - 1;
-  const int kend = last >= m0 ? min(p.row_end[last], lk) : 0;
-  const bool active = row < lq;
-  const int my_end = active ? min(p.row_end[row], lk) : 0;
-  // element offsets: row n of head h of sample b at base + h * head + n * step (q, k, v, out)
-  const int h = bh % p.H;
-  const bool packed = p.starts != nullptr;
-  const size_t step = packed ? (size_t)p.H * D : D;
-  const size_t qbase = packed ? ((size_t)p.starts[b] * p.H + h) * D : (size_t)bh * p.Nq * D;
-  const size_t kbase = packed ? qbase : (size_t)bh * p.Nk * D;
-  const T* q = static_cast<const T*>(p.q) + qbase + (active ? row : 0) * step;
-  const T* kb = static_cast<const T*>(p.k) + kbase;
-  const T* vb = static_cast<const T*>(p.v) + kbase;
-
-  float qr[D], acc[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) acc[d] = 0.f;
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) {
-    float x0 = active ? to_f(q[2 * i]) : 0.f, x1 = active ? to_f(q[2 * i + 1]) : 0.f;
-    if (p.q_cos && active) {
-      const float c = p.q_cos[row * (D / 2) + i], s = p.q_sin[row * (D / 2) + i];
-      const float y0 = x0 * c - x1 * s, y1 = x0 * s + x1 * c;
-      x0 = y0;
-      x1 = y1;
-    }
-    qr[2 * i] = x0 * p.scale;
-    qr[2 * i + 1] = x1 * p.scale;
-  }
-  float m = -INFINITY, l = 0.f;
-  for (int t0 = 0; t0 < kend; t0 += BN) {
-    // stage K (rotated) and V of this tile in shared memory as fp32
-    for (int e = threadIdx.x; e < BN * D / 2; e += BM) {
-      const int j = e / (D / 2), i = e % (D / 2), key = t0 + j;
-      float k0 = 0.f, k1 = 0.f, v0 = 0.f, v1 = 0.f;
-      if (key < kend) {
-        k0 = to_f(kb[(size_t)key * step + 2 * i]);
-        k1 = to_f(kb[(size_t)key * step + 2 * i + 1]);
-        v0 = to_f(vb[(size_t)key * step + 2 * i]);
-        v1 = to_f(vb[(size_t)key * step + 2 * i + 1]);
-        if (p.k_cos) {
-          const float c = p.k_cos[key * (D / 2) + i], s = p.k_sin[key * (D / 2) + i];
-          const float y0 = k0 * c - k1 * s, y1 = k0 * s + k1 * c;
-          k0 = y0;
-          k1 = y1;
-        }
-      }
-      ks[j][2 * i] = k0;
-      ks[j][2 * i + 1] = k1;
-      vs[j][2 * i] = v0;
-      vs[j][2 * i + 1] = v1;
-    }
-    __syncthreads();
-    const int jn = min(BN, my_end - t0);  // this row's keys in the tile (<= 0: none)
-    for (int j = 0; j < jn; ++j) {
-      float s = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) s += qr[d] * ks[j][d];
-      const float mnew = fmaxf(m, s);
-      const float alpha = __expf(m - mnew);  // m = -inf on the first key: alpha = 0
-      const float pj = __expf(s - mnew);
-      l = l * alpha + pj;
-#pragma unroll
-      for (int d = 0; d < D; ++d) acc[d] = acc[d] * alpha + pj * vs[j][d];
-      m = mnew;
-    }
-    __syncthreads();
-  }
-  if (row < p.Nq) {
-    const bool seen = my_end > 0;
-    // a +inf score makes the row NaN (inf - inf) but its logsumexp +inf, as torch's logsumexp
-    // (l is NaN then); NaN stays NaN through l: no guard turns a non-finite value into a number
-    p.lse[(size_t)bh * p.Nq + row] = !seen ? -INFINITY : m == INFINITY ? m : m + logf(l);
-    // packed: rows past the sample's length are the next sample's (not written)
-    if (!packed || active) {
-      T* o = static_cast<T*>(p.out) + qbase + (size_t)row * step;
-      const float inv = seen ? 1.f / l : 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) o[d] = from_f<T>(seen ? acc[d] * inv : 0.f);
-    }
-  }
-}
-
-// A row's lse as the backward uses it: +inf (a +inf score; its forward output is NaN) becomes
-// NaN, so that its p, hence its dk and dv, are NaN as in the reference, not exp(x - inf) = 0.
-__device__ __forceinline__ float backward_lse(float lse) { return lse == INFINITY ? NAN : lse; }
-
-struct BwdParams {
-  const float *q, *k, *v, *go, *lse, *delta;  // fp32, contiguous; q, k rotated
-  float *dq, *dk, *dv;                        // fp32 outputs (before un-rotation)
-  const int* row_end;
-  const int* lens;
-  int B, H, Nq, Nk;
-  float scale;
-};
-
-// dq_i = scale * sum_j p_ij (dp_ij - delta_i) k_j, one thread per query row.
-template <int D>
-__global__ void __launch_bounds__(BM) attn_bwd_dq_kernel(BwdParams p) {
-  __shared__ float ks[BN][D];
-  __shared__ float vs[BN][D];
-  const int bh = blockIdx.x, b = bh / p.H;
-  const int m0 = blockIdx.y * BM, row = m0 + threadIdx.x;
-  const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
-  const int lq = min(p.Nq, len), lk = min(p.Nk, len);
-  const int last = min(m0 + BM, lq) - 1;
-  const int kend = last >= m0 ? min(p.row_end[last], lk) : 0;
-  const bool active = row < lq;
-  const int my_end = active ? min(p.row_end[row], lk) : 0;
-  const size_t ro = ((size_t)bh * p.Nq + (active ? row : 0)) * D;
-  float qr[D], gr[D], dq[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qr[d] = active ? p.q[ro + d] : 0.f;
-    gr[d] = active ? p.go[ro + d] : 0.f;
-    dq[d] = 0.f;
-  }
-  const float lse = active ? backward_lse(p.lse[(size_t)bh * p.Nq + row]) : 0.f;
-  const float delta = active ? p.delta[(size_t)bh * p.Nq + row] : 0.f;
-  const float* kb = p.k + (size_t)bh * p.Nk * D;
-  const float* vb = p.v + (size_t)bh * p.Nk * D;
-  for (int t0 = 0; t0 < kend; t0 += BN) {
-    for (int e = threadIdx.x; e < BN * D; e += BM) {
-      const int j = e / D, d = e % D, key = t0 + j;
-      ks[j][d] = key < kend ? kb[(size_t)key * D + d] : 0.f;
-      vs[j][d] = key < kend ? vb[(size_t)key * D + d] : 0.f;
-    }
-    __syncthreads();
-    const int jn = min(BN, my_end - t0);
-    for (int j = 0; j < jn; ++j) {
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += qr[d] * ks[j][d];
-        dp += gr[d] * vs[j][d];
-      }
-      const float pj = __expf(s * p.scale - lse);
-      const float ds = pj * (dp - delta) * p.scale;
-#pragma unroll
-      for (int d = 0; d < D; ++d) dq[d] += ds * ks[j][d];
-    }
-    __syncthreads();
-  }
-  if (row < p.Nq) {
-#pragma unroll
-    for (int d = 0; d < D; ++d) p.dq[((size_t)bh * p.Nq + row) * D + d] = active ? dq[d] : 0.f;
-  }
-}
-
-// dk_j, dv_j over the query rows that see key j: rows i in [first_i(j), lq), one thread per key.
-template <int D>
-__global__ void __launch_bounds__(BM) attn_bwd_dkv_kernel(BwdParams p) {
-  __shared__ float qs[BN][D];
-  __shared__ float gs[BN][D];
-  __shared__ float ls[BN], dls[BN];
-  __shared__ int res[BN];
-  const int bh = blockIdx.x, b = bh / p.H;
-  const int n0 = blockIdx.y * BM, key = n0 + threadIdx.x;
-  const int len = p.lens ? max(p.lens[b], 0) : 0x7fffffff;
-  const int lq = min(p.Nq, len), lk = min(p.Nk, len);
-  const bool active = key < lk;
-  const size_t ko = ((size_t)bh * p.Nk + (active ? key : 0)) * D;
-  float kr[D], vr[D], dk[D], dv[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    kr[d] = active ? p.k[ko + d] : 0.f;
-    vr[d] = active ? p.v[ko + d] : 0.f;
-    dk[d] = 0.f;
-    dv[d] = 0.f;
-  }
-  // first query row that sees key n0 (row_end nondecreasing): binary search
-  int lo = 0, hi = lq;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (p.row_end[mid] > n0) hi = mid; else lo = mid + 1;
-  }
-  const float* qb = p.q + (size_t)bh * p.Nq * D;
-  const float* gb = p.go + (size_t)bh * p.Nq * D;
-  for (int i0 = lo; i0 < lq; i0 += BN) {
-    for (int e = threadIdx.x; e < BN * D; e += BM) {
-      const int i = e / D, d = e % D, r = i0 + i;
-      qs[i][d] = r < lq ? qb[(size_t)r * D + d] : 0.f;
-      gs[i][d] = r < lq ? gb[(size_t)r * D + d] : 0.f;
-    }
-    for (int i = threadIdx.x; i < BN; i += BM) {
-      const int r = i0 + i;
-      ls[i] = r < lq ? backward_lse(p.lse[(size_t)bh * p.Nq + r]) : 0.f;
-      dls[i] = r < lq ? p.delta[(size_t)bh * p.Nq + r] : 0.f;
-      res[i] = r < lq ? min(p.row_end[r], lk) : 0;
-    }
-    __syncthreads();
-    for (int i = 0; i < BN; ++i) {
-      if (!active || key >= res[i]) continue;  // row i0 + i does not see this key
-      float s = 0.f, dp = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += qs[i][d] * kr[d];
-        dp += gs[i][d] * vr[d];
-      }
-      const float pj = __expf(s * p.scale - ls[i]);
-      const float ds = pj * (dp - dls[i]) * p.scale;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        dv[d] += pj * gs[i][d];
-        dk[d] += ds * qs[i][d];
-      }
-    }
-    __syncthreads();
-  }
-  if (key < p.Nk) {
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      p.dk[((size_t)bh * p.Nk + key) * D + d] = dk[d];
-      p.dv[((size_t)bh * p.Nk + key) * D + d] = dv[d];
-    }
-  }
-}
 
 void check_cuda_args(const at::Tensor& q, const at::Tensor& v) {
   TORCH_CHECK(q.is_cuda(), "the CUDA kernels got tensors on ", q.device());
@@ -303,33 +71,98 @@ at::Tensor seq_lens_device(const c10::optional<at::Tensor>& seq_lens, int64_t B,
   return seq_lens->to(dev, at::kInt).contiguous();
 }
 
-at::Tensor rope_ref(const at::Tensor& x, const OptT& cos, const OptT& sin, float sign) {
-  if (!cos.has_value()) return x;
-  auto xp = x.unflatten(-1, {-1, 2});
-  auto x0 = xp.select(-1, 0), x1 = xp.select(-1, 1);
-  auto c = *cos, s = *sin * sign;
-  return at::stack({x0 * c - x1 * s, x0 * s + x1 * c}, -1).flatten(-2);
-}
-
-// (batch * head, row tiles) as a dim3; TORCH_CHECK names the limit a launch would exceed
-dim3 grid_of(int64_t batch_heads, int64_t rows) {
+// (batch * head, row tiles of rows_per_block) as a dim3; TORCH_CHECK names the limit a launch
+// would exceed
+dim3 grid_of(int64_t batch_heads, int64_t rows, int64_t rows_per_block = BM) {
   Grid2 g{0, 0};
   try {
-    g = attention_grid(batch_heads, rows, BM);
+    g = attention_grid(batch_heads, rows, rows_per_block);
   } catch (const std::invalid_argument& e) {
     TORCH_CHECK(false, "the CUDA attention kernels cannot launch: ", e.what());
   }
   return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y));
 }
 
+// t (fp32, contiguous) at an 8-byte aligned address: the backward kernels read and write rows
+// as float2. A contiguous view may start at an odd float (a storage offset); it is copied then.
+at::Tensor float2_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % alignof(float2) == 0 ? t : t.clone();
+}
+
+const float* table_ptr(const OptT& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+// The tables as the kernels read them: contiguous float32 (check_rope_tables checked the rest).
+OptT contiguous_table(const OptT& t) { return t ? OptT(t->contiguous()) : OptT(); }
+
+template <typename In, typename Out, typename Round>
+void launch_rope(const dim3& grid, cudaStream_t stream, const RopeParams& p) {
+  rope_rows_kernel<In, Out, Round><<<grid, kRopeThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The rope_rows pre-pass over x (contiguous, padded (B, H, N, D) or packed (R, H, D) with
+// starts) into a new tensor of dtype out_t, rounding to round_t; sign -1: the inverse rotation.
+// lens: rows past a sample's length are left unwritten (nullptr: every row is written).
+at::Tensor rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     int64_t B, int64_t H, int64_t N, const int* lens, const int* starts,
+                     at::ScalarType out_t, at::ScalarType round_t, float sign) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_t));
+  const dim3 grid = grid_of(B * H, N, kRopeRows);
+  if (grid.x == 0 || grid.y == 0) return out;
+  RopeParams p{x.data_ptr(), out.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+               lens, starts, (int)H, (int)N, (int)x.size(-1), sign};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto in_t = x.scalar_type();
+  const auto bad = [&]() {
+    TORCH_CHECK(false, "rope_rows: no instance for ", in_t, " -> ", out_t, " (rounded to ",
+                round_t, ")");
+  };
+  using F16 = __half;
+  using BF16 = __nv_bfloat16;
+  // the instances the ops use: the forward's K (T -> T), the backward's q (T -> fp32) and k
+  // (T -> fp32 rounded to T), its gradients back (fp32 -> T)
+  if (in_t == out_t && out_t == round_t) {
+    switch (in_t) {
+      case at::kHalf: launch_rope<F16, F16, F16>(grid, stream, p); break;
+      case at::kBFloat16: launch_rope<BF16, BF16, BF16>(grid, stream, p); break;
+      case at::kFloat: launch_rope<float, float, float>(grid, stream, p); break;
+      default: bad();
+    }
+  } else if (out_t == at::kFloat && (round_t == at::kFloat || round_t == in_t)) {
+    const bool round = round_t != at::kFloat;
+    switch (in_t) {
+      case at::kHalf:
+        round ? launch_rope<F16, float, F16>(grid, stream, p)
+              : launch_rope<F16, float, float>(grid, stream, p);
+        break;
+      case at::kBFloat16:
+        round ? launch_rope<BF16, float, BF16>(grid, stream, p)
+              : launch_rope<BF16, float, float>(grid, stream, p);
+        break;
+      default: bad();  // fp32 -> fp32 is the first branch
+    }
+  } else if (in_t == at::kFloat && round_t == at::kFloat) {
+    switch (out_t) {
+      case at::kHalf: launch_rope<float, F16, float>(grid, stream, p); break;
+      case at::kBFloat16: launch_rope<float, BF16, float>(grid, stream, p); break;
+      default: bad();
+    }
+  } else {
+    bad();
+  }
+  return out;
+}
+
 template <int D>
 void launch_fwd(const Params& p, at::ScalarType t, cudaStream_t stream) {
   const dim3 grid = grid_of((int64_t)p.B * p.H, p.Nq);
   if (grid.x == 0 || grid.y == 0) return;
+  constexpr int threads = BM * row_lanes<D>();
   switch (t) {
-    case at::kHalf: attn_fwd_kernel<__half, D><<<grid, BM, 0, stream>>>(p); break;
-    case at::kBFloat16: attn_fwd_kernel<__nv_bfloat16, D><<<grid, BM, 0, stream>>>(p); break;
-    default: attn_fwd_kernel<float, D><<<grid, BM, 0, stream>>>(p); break;
+    case at::kHalf: attn_fwd_kernel<__half, D><<<grid, threads, 0, stream>>>(p); break;
+    case at::kBFloat16: attn_fwd_kernel<__nv_bfloat16, D><<<grid, threads, 0, stream>>>(p); break;
+    case at::kFloat: attn_fwd_kernel<float, D><<<grid, threads, 0, stream>>>(p); break;
+    default: TORCH_CHECK(false, "the CUDA attention forward has no kernel for ", t);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -338,27 +171,30 @@ template <int D>
 void launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const int64_t bh = (int64_t)p.B * p.H;
   const dim3 grid_q = grid_of(bh, p.Nq), grid_k = grid_of(bh, p.Nk);
+  constexpr int threads = BM * row_lanes<D>();
   if (grid_q.x > 0) {
-    attn_bwd_dq_kernel<D><<<grid_q, BM, 0, stream>>>(p);
+    attn_bwd_dq_kernel<D><<<grid_q, threads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (grid_k.x > 0) {
-    attn_bwd_dkv_kernel<D><<<grid_k, BM, 0, stream>>>(p);
+    attn_bwd_dkv_kernel<D><<<grid_k, threads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-// The forward's launch on contiguous q, k, v (padded (B, H, N, D), or packed (R, H, D) when
-// starts is given) into out and lse, with the RoPE tables (made contiguous) when given.
+// The forward on contiguous q, k, v (padded (B, H, N, D), or packed (R, H, D) when starts is
+// given) into out and lse: K rotated once per row by the pre-pass when k's tables are given
+// (into a scratch the forward kernel reads), then the forward kernel, with q's tables only.
 void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& lse, const at::Tensor& re, const int* lens, const int* starts,
              const OptT& q_cos, const OptT& q_sin, const OptT& k_cos, const OptT& k_sin,
              int64_t B, int64_t H, int64_t Nq, int64_t Nk, int64_t D, double scale) {
-  const auto table = [](const OptT& t) { return t ? OptT(t->contiguous()) : OptT(); };
-  const OptT qc = table(q_cos), qs = table(q_sin), kc = table(k_cos), ks = table(k_sin);
-  const auto ptr = [](const OptT& t) { return t ? t->data_ptr<float>() : nullptr; };
-  Params p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-           re.data_ptr<int>(), lens, starts, ptr(qc), ptr(qs), ptr(kc), ptr(ks),
+  const OptT qc = contiguous_table(q_cos), qs = contiguous_table(q_sin);
+  const at::Tensor kr = k_cos ? rope_rows(k, k_cos->contiguous(), k_sin->contiguous(), B, H, Nk,
+                                          lens, starts, k.scalar_type(), k.scalar_type(), 1.f)
+                              : k;
+  Params p{q.data_ptr(), kr.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
+           re.data_ptr<int>(), lens, starts, table_ptr(qc), table_ptr(qs),
            (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (D == 32) launch_fwd<32>(p, q.scalar_type(), stream);
@@ -426,26 +262,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_cuda_args(q, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
-  at::Tensor qf = rope_ref(q.to(at::kFloat), q_cos, q_sin, 1.f).contiguous();
-  at::Tensor kf = rope_ref(k.to(at::kFloat), k_cos, k_sin, 1.f).contiguous();
-  at::Tensor vf = v.to(at::kFloat).contiguous(), gof = grad_out.to(at::kFloat).contiguous();
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "grad_out and out must have q's shape ", shape_str(q), "; got grad_out",
+              shape_str(grad_out), " out", shape_str(out));
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Nq,
+              "lse must be (", B, ", ", H, ", ", Nq, "); got ", shape_str(lse));
+  const auto T = q.scalar_type();
+  at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
+  const int* lens_ptr = lens.defined() ? lens.data_ptr<int>() : nullptr;
+  // the rotated rows the forward used, in fp32, once per row: q as it is rotated on load (fp32),
+  // k as the pre-pass gave it to the forward (rounded to the input dtype); rows past a length
+  // are not read
+  const auto rotated = [&](const at::Tensor& x, const OptT& c, const OptT& s, int64_t n,
+                           at::ScalarType round_t) {
+    const at::Tensor xc = x.contiguous();
+    return c ? rope_rows(xc, c->contiguous(), s->contiguous(), B, H, n, lens_ptr, nullptr,
+                         at::kFloat, round_t, 1.f)
+             : xc.to(at::kFloat);
+  };
+  at::Tensor qf = float2_aligned(rotated(q, q_cos, q_sin, Nq, at::kFloat));
+  at::Tensor kf = float2_aligned(rotated(k, k_cos, k_sin, Nk, T));
+  at::Tensor vf = float2_aligned(v.to(at::kFloat).contiguous());
+  at::Tensor gof = float2_aligned(grad_out.to(at::kFloat).contiguous());
   at::Tensor delta = (gof * out.to(at::kFloat)).sum(-1).contiguous();
   at::Tensor lsef = lse.to(at::kFloat).contiguous();
   at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
-  at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
   at::Tensor dq = at::empty_like(qf), dk = at::empty_like(kf), dv = at::empty_like(vf);
   BwdParams p{qf.data_ptr<float>(), kf.data_ptr<float>(), vf.data_ptr<float>(),
               gof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data_ptr<float>(),
               dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-              re.data_ptr<int>(), lens.defined() ? lens.data_ptr<int>() : nullptr,
-              (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
+              re.data_ptr<int>(), lens_ptr, (int)B, (int)H, (int)Nq, (int)Nk, (float)scale};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (D == 32) launch_bwd<32>(p, stream);
   else if (D == 64) launch_bwd<64>(p, stream);
   else launch_bwd<128>(p, stream);
-  dq = rope_ref(dq, q_cos, q_sin, -1.f);
-  dk = rope_ref(dk, k_cos, k_sin, -1.f);
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  // the gradients w.r.t. the unrotated rows: R^T applied to every row (rows past a length hold
+  // zeros), straight into the input dtype
+  const auto unrotated = [&](const at::Tensor& g, const OptT& c, const OptT& s, int64_t n) {
+    return c ? rope_rows(g, c->contiguous(), s->contiguous(), B, H, n, nullptr, nullptr, T,
+                         at::kFloat, -1.f)
+             : g.to(T);
+  };
+  return {unrotated(dq, q_cos, q_sin, Nq), unrotated(dk, k_cos, k_sin, Nk), dv.to(v.scalar_type())};
 }
 
 }  // namespace cuda

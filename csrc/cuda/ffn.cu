@@ -7,7 +7,9 @@
 // first hidden unit is past the largest width of its rows is skipped entirely.
 // Kernel 2: out[r, c] = b2[c] + sum_{j < hmax(tile)} act[r, j] W2[c, j]: the reduction stops at
 // the largest width of the row tile (units past a row's own width are the zeros kernel 1 wrote).
-// The backward runs the width-banded ATen GEMMs of ffn_banded.cpp (cuBLAS on weight slices).
+// The backward runs the width-banded ATen GEMMs of ffn_banded.cpp (cuBLAS on weight slices) on
+// the samples put widest first here, by device-resident permutations from the index memo
+// (index_memo.h): ffn_banded.cpp would build its own order on the host and copy it every call.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,8 +17,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
 #include "common.h"
 #include "convert.h"
+#include "ffn_banded.h"
 #include "index_memo.h"
 #include "kernels.h"
 #include "launch.h"
@@ -165,6 +172,46 @@ at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor
     default: launch<float>(x, w1, b1, w2, b2, row_h, act, out); break;
   }
   return out;
+}
+
+// The samples widest first (stable, as ffn_banded.cpp orders them) and back: perm[i] is the
+// sample at position i, inv[b] the position of sample b.
+struct WidestFirst {
+  std::vector<int32_t> perm, inv;
+  bool in_order = true;
+
+  explicit WidestFirst(at::IntArrayRef hidden) : perm(hidden.size()), inv(hidden.size()) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::stable_sort(perm.begin(), perm.end(),
+                     [&](int32_t a, int32_t b) { return hidden[a] > hidden[b]; });
+    for (size_t i = 0; i < perm.size(); ++i) {
+      inv[perm[i]] = static_cast<int32_t>(i);
+      in_order = in_order && perm[i] == static_cast<int32_t>(i);
+    }
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+  check_ffn_args(x, w1, b1, w2, b2, hidden);
+  TORCH_CHECK(x.is_cuda(), "matryoshka_ffn_bwd (CUDA) got tensors on ", x.device());
+  // no device guard needed: only ATen ops run here (each guards its own launches)
+  const WidestFirst order(hidden);
+  // already widest first: ffn_banded.cpp reads and writes the rows in place (no index tensor)
+  if (order.in_order) return ffn_bwd_banded(grad_out, x, w1, b1, w2, b2, hidden);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == x.size(0), "grad_out must be (",
+              x.size(0), ", N, C_out); got ", shape_str(grad_out));
+  // the permutations on the device, built once per value (index_memo.h): a repeated mixed batch
+  // makes no host-to-device copy
+  const at::Tensor perm = device_ints(order.perm, x.device());
+  const at::Tensor inv = device_ints(order.inv, x.device());
+  std::vector<int64_t> sorted(hidden.size());
+  for (size_t i = 0; i < sorted.size(); ++i) sorted[i] = hidden[order.perm[i]];
+  auto grads = ffn_bwd_banded(grad_out.index_select(0, perm), x.index_select(0, perm), w1, b1,
+                              w2, b2, sorted);
+  std::get<0>(grads) = std::get<0>(grads).index_select(0, inv);
+  return grads;
 }
 
 }  // namespace cuda
