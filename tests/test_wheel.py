@@ -88,6 +88,7 @@ def test_wheel_holds_every_subpackage_and_the_kernels(wheel):
     entry = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "adaperceiver-bench = adaperceiver.bench.__main__:main" in entry
+    assert "adaperceiver-eval = adaperceiver.eval.__main__:main" in entry
 
 
 def test_ext_flag_refuses_other_values(tmp_path):
@@ -138,9 +139,10 @@ def test_wheel_installs_non_editable_and_imports_every_module(wheel, tmp_path):
     # every `python -m adaperceiver.<pkg>` of the tree runs from the installed wheel
     mains = sorted(".".join(m.parent.relative_to(ROOT).parts)
                    for m in (ROOT / "adaperceiver").rglob("__main__.py"))
-    assert {"adaperceiver.train", "adaperceiver.bench"} <= set(mains)
+    assert {"adaperceiver.train", "adaperceiver.bench", "adaperceiver.eval"} <= set(mains)
     for mod in mains:
         res = _run([str(py), "-m", mod, "--help"], cwd=away, env=env)
         assert "usage" in res.stdout.lower(), (mod, res.stdout)
-    res = _run([str(venv / "bin" / "adaperceiver-bench"), "--help"], cwd=away, env=env)
-    assert "usage" in res.stdout.lower()
+    for script in ("adaperceiver-bench", "adaperceiver-eval"):
+        res = _run([str(venv / "bin" / script), "--help"], cwd=away, env=env)
+        assert "usage" in res.stdout.lower(), (script, res.stdout)
