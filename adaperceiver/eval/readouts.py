@@ -89,7 +89,7 @@ def grid_logits(model, x: torch.Tensor, mat_dim: int, token_counts: Sequence[int
         sink = model.output_latents.token.expand(B, 1, C).clone(
             memory_format=torch.contiguous_format)
         attn = model.write_head.cattn
-        query = (sink, ops.linear(model.write_head.snk_norm(sink), attn.q.weight, attn.q.bias))
+        query = (sink, attn._project(model.write_head.snk_norm(sink), "q")[0])
         for i in range(exits[-1]):
             rows = model.blocks[i](rows, layout, call.grans, rope)
             if i + 1 in exits:
