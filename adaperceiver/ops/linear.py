@@ -120,19 +120,17 @@ def row_chunks(rows: int, outputs: int, dtype: torch.dtype) -> int:
 
 def _onednn_linear_chunked(x: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor], chunks: int) -> torch.Tensor:
-    """oneDNN's GEMM on ``chunks`` consecutive row blocks of x (rows a multiple of 32 but the
-    last), each written in place into one output."""
+    """oneDNN's GEMM (bias fused) on ``chunks`` consecutive row blocks of x (rows a multiple of
+    32 but the last), copied into one output. (Not ``addmm(..., out=block)``: its copy of the
+    expanded bias into the block takes an element-wise path for bfloat16 that cost as much as
+    the GEMM.)"""
     x2 = x.reshape(-1, x.shape[-1])
     rows, n = x2.shape[0], weight.shape[0]
     step = -(-rows // chunks // 32) * 32
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    wt = weight.t()
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        if bias is None:
-            torch.mm(x2[r0:r1], wt, out=out[r0:r1])
-        else:
-            torch.addmm(bias, x2[r0:r1], wt, out=out[r0:r1])
+        out[r0:r1].copy_(_onednn_linear(x2[r0:r1], weight, bias, "none", [], ""))
     return out.view(*x.shape[:-1], n)
 
 
