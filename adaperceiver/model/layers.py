@@ -60,10 +60,10 @@ class Attention(nn.Module):
     ``ops.block_masked_attention_varlen``).
 
     Why one Linear: self-attention projects q, k and v with one GEMM of 3C outputs, which runs
-    at up to twice the rate of three GEMMs of C outputs (benchmarks/README.md, "GEMMs"), with no
-    concatenated copy of the weights kept between calls (a copy goes stale: an in-place edit
-    through ``.data`` bumps no version counter). Cross-attention takes the contiguous row
-    slices: q from the sink, k and v from the source.
+    at up to 1.4x the rate of three GEMMs of C outputs (benchmarks/README.md, "GEMMs in
+    bf16"), with no concatenated copy of the weights kept between calls (a copy goes stale: an
+    in-place edit through ``.data`` bumps no version counter). Cross-attention takes the
+    contiguous row slices: q from the sink, k and v from the source.
     The state dict keeps the released names: ``state_dict()`` writes ``q.weight``, ``k.weight``,
     ``v.weight`` (and biases) as row views of ``qkv``, and ``load_state_dict`` reads them into
     ``qkv`` (a checkpoint with ``qkv.*`` itself loads too)."""

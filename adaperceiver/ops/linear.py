@@ -93,7 +93,7 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # product of 768 < n <= 1100 outputs on ONE thread when its rows fall in a band (n = 832: rows
 # 800..1600; n = 1069: 1280..1792; it depends on (rows, n) and on the thread count, not on the
 # values): at 1.0-1.5 TFLOP/s where the same GEMM on 768 rows or fewer uses both threads at
-# 1.9-2.5 (benchmarks/README.md, "GEMM row chunks"). The model's output projection and fc2
+# 1.9-2.5 (benchmarks/README.md, "GEMMs in bf16"). The model's output projection and fc2
 # (n = 832) at batch 4 x 256 latents (1024 rows) sit in that band. Such a product runs as
 # ceil(rows / 768) GEMMs on consecutive row blocks written in place. The transposed product
 # (out^T = W x^T, both threads there) was measured too: its transposition back costs more
