@@ -14,23 +14,28 @@
 // float32 runs as it is. bfloat16/float16 forward on a CPU with native GEMMs for the dtype
 // (cpu::native_bf16_gemm / native_fp16_gemm: AVX512-BF16 / AMX, AVX512-FP16 / AMX-FP16) runs
 // in the dtype through oneDNN, float32 accumulation inside each GEMM: fc1 with its bias and the
-// exact (erf) GELU as the GEMM's post-op, fc2 in place on its column slice, one pair of GEMMs
-// per distinct width (not per band) so that every output element is rounded once; no weight
-// or activation is copied to float32. Otherwise (other CPUs, the backward,
-// other devices) they compute in float32 and cast back.
+// exact (erf) GELU as the GEMM's post-op, fc2 with its bias fused (full width) or in place on
+// its column slice, one pair of GEMMs per distinct width (not per band) so that every output
+// element is rounded once; no weight or activation is copied to float32. GEMMs the row-chunk
+// rule names (row_chunks: oneDNN would run them on one of 2 threads) run on row blocks.
+// Otherwise (other CPUs, the backward, other devices) they compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace adaperceiver {
 
@@ -63,9 +68,32 @@ struct Bands {
     }
   }
 
-  // t (B, N, F) as (B * N, F) rows in perm order: a view when in order, else a gather
+  // t (B, N, F) as (B * N, F) rows in perm order: a view when in order, else a gather (on the
+  // CPU one copy per sample: index_select / index_copy_ take an element-wise path for bfloat16
+  // that cost as much as the GEMMs)
   at::Tensor rows(const at::Tensor& t) const {
-    return (in_order ? t : t.index_select(0, idx)).reshape({-1, t.size(2)});
+    if (in_order) return t.reshape({-1, t.size(2)});
+    if (!t.device().is_cpu()) return t.index_select(0, idx).reshape({-1, t.size(2)});
+    const at::Tensor src = t.contiguous();
+    at::Tensor out = at::empty_like(src);
+    copy_samples(src, out, /*to_perm=*/true);
+    return out.view({-1, t.size(2)});
+  }
+
+  // sample perm[i] of src to sample i of dst (to_perm), or sample i of src to perm[i] of dst;
+  // both contiguous CPU tensors of the same shape (B, ...)
+  void copy_samples(const at::Tensor& src, at::Tensor& dst, bool to_perm) const {
+    const int64_t B = src.size(0);
+    const size_t bytes = static_cast<size_t>(src.numel() / std::max<int64_t>(B, 1)) *
+                         src.element_size();
+    const char* s = static_cast<const char*>(src.data_ptr());
+    char* d = static_cast<char*>(dst.data_ptr());
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t from = to_perm ? perm[i] : i, to = to_perm ? i : perm[i];
+        std::memcpy(d + to * bytes, s + from * bytes, bytes);
+      }
+    });
   }
 
   // where the rows of dst (B, N, F) are written in perm order: dst itself when in order, else a
@@ -78,7 +106,13 @@ struct Bands {
   // rows (B * N, F) in perm order back into dst (B, N, F) (nothing to do when in order: the
   // rows were written in place)
   void scatter(at::Tensor& dst, const at::Tensor& rows) const {
-    if (!in_order) dst.index_copy_(0, idx, rows.view(dst.sizes()));
+    if (in_order) return;
+    const at::Tensor src = rows.view(dst.sizes());
+    if (dst.device().is_cpu() && dst.is_contiguous() && src.is_contiguous()) {
+      copy_samples(src, dst, /*to_perm=*/false);
+    } else {
+      dst.index_copy_(0, idx, src);
+    }
   }
 };
 
@@ -124,17 +158,92 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const OptT& bi
   return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
+// How many consecutive row blocks a bfloat16 GEMM of `rows` x `outputs` runs as: the rule of
+// adaperceiver/ops/linear.py (row_chunks), which says why (with 2 threads oneDNN's AMX matmul
+// runs such products on one thread); the two must agree.
+int64_t row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype) {
+  constexpr int64_t kChunkRows = 768, kBandLo = 800, kBandHi = 1664, kOutLo = 768, kOutHi = 1100;
+  if (dtype != at::kBFloat16 || at::get_num_threads() != 2 || !cpu::native_bf16_gemm()) return 1;
+  if (outputs <= kOutLo || outputs > kOutHi || rows < kBandLo || rows >= kBandHi) return 1;
+  return (rows + kChunkRows - 1) / kChunkRows;
+}
+
+// The row blocks [r0, r1) of a GEMM on `rows` rows (row_chunks of them; starts on multiples of
+// 32 rows)
+std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t outputs,
+                                                    at::ScalarType dtype) {
+  const int64_t chunks = row_chunks(rows, outputs, dtype);
+  const int64_t step = chunks == 1 ? std::max<int64_t>(rows, 1)
+                                   : ((rows + chunks - 1) / chunks + 31) / 32 * 32;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) out.emplace_back(r0, std::min(rows, r0 + step));
+  return out;
+}
+
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
-// addmm and gelu when oneDNN is not there.
+// addmm and gelu when oneDNN is not there. On row blocks (row_chunks) copied into one output
+// when the rule cuts the rows.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (const c10::OperatorHandle* op = onednn_linear_op()) {
-    torch::jit::Stack stack{x, w.contiguous(), b, std::string("gelu"),
+  const c10::OperatorHandle* op = onednn_linear_op();
+  if (!op) return at::gelu(at::addmm(b, x, w.t()));
+  const at::Tensor wc = w.contiguous();
+  auto run = [&](const at::Tensor& xr) {
+    torch::jit::Stack stack{xr, wc, b, std::string("gelu"),
                             c10::List<std::optional<at::Scalar>>(), std::string("none")};
     op->callBoxed(stack);
     return stack[0].toTensor();
+  };
+  const auto blocks = row_blocks(x.size(0), w.size(0), x.scalar_type());
+  if (blocks.size() <= 1) return run(x);
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  for (const auto& [r0, r1] : blocks) out.narrow(0, r0, r1 - r0).copy_(run(x.narrow(0, r0, r1 - r0)));
+  return out;
+}
+
+// Every row of dst (rows x n, unit column stride) set to v (n values of dst's dtype) by row
+// copies: ATen's copy_ of the expanded bias (what addmm does with a bias argument) takes an
+// element-wise path for bfloat16 that cost as much as the GEMM itself.
+void fill_rows(at::Tensor& dst, const at::Tensor& v) {
+  TORCH_CHECK(dst.dim() == 2 && dst.stride(1) == 1 && v.numel() == dst.size(1) &&
+                  v.scalar_type() == dst.scalar_type(),
+              "fill_rows: dst must be a matrix of unit column stride and v one of its rows");
+  const at::Tensor vc = v.contiguous();
+  const size_t bytes = static_cast<size_t>(dst.size(1)) * dst.element_size();
+  const char* src = static_cast<const char*>(vc.data_ptr());
+  char* base = static_cast<char*>(dst.data_ptr());
+  const int64_t row_bytes = dst.stride(0) * dst.element_size();
+  at::parallel_for(0, dst.size(0), 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(base + r * row_bytes, src, bytes);
+  });
+}
+
+// fc2 of one width in the low-precision dtype on the CPU: act (rows x h) times the first h
+// columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
+// returns. The full width (a contiguous weight) in one GEMM runs on oneDNN's inner product
+// with the bias fused; a column slice (oneDNN would take its reference kernel on it) or row
+// blocks (row_chunks) run as ATen's addmm on the slice in place, a BLAS-style leading
+// dimension the bf16 GEMM takes as it is, accumulating into dst filled with the bias.
+at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
+                             int64_t h, at::Tensor dst) {
+  const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
+  const c10::OperatorHandle* op = onednn_linear_op();
+  if (op && h == w2.size(1) && w2.is_contiguous() && blocks.size() == 1) {
+    torch::jit::Stack stack{act, w2, b2, std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), std::string("")};
+    op->callBoxed(stack);
+    if (!dst.defined()) return stack[0].toTensor();
+    dst.copy_(stack[0].toTensor());
+    return dst;
   }
-  return at::gelu(at::addmm(b, x, w.t()));
+  if (!dst.defined()) dst = at::empty({act.size(0), w2.size(0)}, act.options());
+  fill_rows(dst, b2);
+  const at::Tensor w2t = w2.narrow(1, 0, h).t();
+  for (const auto& [q0, q1] : blocks) {
+    at::Tensor d = dst.narrow(0, q0, q1 - q0);
+    at::addmm_out(d, d, act.narrow(0, q0, q1 - q0), w2t);  // d += act w2^T: the bias added
+  }                                                         // in float32, one rounding
+  return dst;
 }
 
 // True when x's dtype runs natively on this CPU (see the file's comment).
@@ -153,6 +262,11 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   if (B * N * Cout == 0) return at::empty({B, N, Cout}, x.options());
   const Bands bands(hidden, x.device());
   const at::Tensor xs = bands.rows(x.contiguous());
+  if (bands.bands.size() == 1) {  // one width: fc2 writes the output itself
+    const int64_t h = bands.bands[0].hi;
+    const at::Tensor act = fc1_gelu_low_precision(xs, w1.narrow(0, 0, h), b1.narrow(0, 0, h));
+    return fc2_low_precision(act, w2, b2, h, at::Tensor()).view({B, N, Cout});
+  }
   at::Tensor out = at::empty({B, N, Cout}, x.options());
   at::Tensor os = bands.rows_out(out);
   // One pair of GEMMs per distinct width (its samples' rows are contiguous in perm order), not
@@ -166,10 +280,8 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
     const int64_t h = bands.bands[i].hi;  // the width of samples [n_next, n) in perm order
     const at::Tensor act = fc1_gelu_low_precision(xs.narrow(0, r0, rows), w1.narrow(0, 0, h),
                                                   b1.narrow(0, 0, h));
-    // fc2 on its column slice in place (a BLAS-style leading dimension, which the bf16 GEMM
-    // takes as it is), bias included
-    at::Tensor dst = os.narrow(0, r0, rows);
-    at::addmm_out(dst, b2, act, w2.narrow(1, 0, h).t());
+    // fc2 into this width's rows of the output, bias included
+    fc2_low_precision(act, w2, b2, h, os.narrow(0, r0, rows));
   }
   bands.scatter(out, os);
   return out;

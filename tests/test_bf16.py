@@ -146,6 +146,37 @@ def test_ffn_forward_rule(dtype, case):
     assert_rule(out, ref, truth, "ffn out")
 
 
+# GEMMs that the row-chunk rule (adaperceiver/ops/linear.py row_chunks, csrc/ffn_banded.cpp)
+# cuts into row blocks with 2 threads: fc1 of 1000 units and fc2 of 833 outputs on 800..1663
+# rows; one width, and a width group of 900 rows beside a narrower one (a column slice of fc2)
+FFN_CHUNKED = [([1000] * 4, 256), ([1000, 517, 1000, 1000], 300)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_CHUNKED)))
+def test_ffn_forward_rule_row_chunks(dtype, case):
+    from adaperceiver.ops.linear import row_chunks
+    hidden, N = FFN_CHUNKED[case]
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = _ffn_inputs(hidden, N, 40 + case, dtype, C_=48, Hmax=1000, Cout=833)
+        rows = N * hidden.count(1000)
+        if dtype == torch.bfloat16 and _ext.build_info()["cpu_native_bf16"]:
+            assert row_chunks(rows, 1000, dtype) > 1 and row_chunks(rows, 833, dtype) > 1
+        args[0][-1, -1, 7] = math.nan               # the last block's last row
+        out = C.ffn_forward(*args, hidden)
+        again = C.ffn_forward(*args, hidden)
+    finally:
+        torch.set_num_threads(old)
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert torch.equal(out.isnan(), truth.isnan()) and out.isnan().any()
+    fin = truth.isfinite()
+    assert_rule(out[fin], ref[fin], truth[fin], "ffn out")
+    torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("case", range(len(FFN_CASES)))
 def test_ffn_backward_rule(dtype, case):

@@ -32,16 +32,20 @@ def _twin(model):
 
 # ----------------------------------------------------------------------------- no state
 WEIGHT_EDITS = {
-    # every way a user or a library changes a weight between two calls
-    "data_inplace": lambda m: m.blocks[0].attn.k.weight.data.mul_(3.0),
-    "no_grad_inplace": lambda m: m.read_head.cattn.v.bias.add_(0.3),
-    "set_data": lambda m: setattr(m.blocks[1].attn.q.weight, "data",
-                                  torch.randn_like(m.blocks[1].attn.q.weight)),
+    # every way a user or a library changes a weight between two calls (q, k, v are the row
+    # thirds of one ``qkv`` Linear; the state dict's q/k/v tensors are views of it)
+    "data_inplace": lambda m: m.blocks[0].attn.qkv.weight.data[96:192].mul_(3.0),
+    "no_grad_inplace": lambda m: m.read_head.cattn.qkv.bias[192:].add_(0.3),
+    "set_data": lambda m: setattr(m.blocks[1].attn.qkv.weight, "data",
+                                  torch.randn_like(m.blocks[1].attn.qkv.weight)),
     "load_state_dict": lambda m: m.load_state_dict(randomize_(tiny_model()).state_dict()),
+    "released_k_only": lambda m: m.load_state_dict(
+        {"blocks.2.attn.k.weight": torch.randn(96, 96) * 0.1}, strict=False),
+    "state_dict_view": lambda m: m.state_dict()["blocks.1.attn.v.weight"].mul_(-2.0),
     "requires_grad_": lambda m: (m.requires_grad_(False),
-                                 m.blocks[0].attn.v.weight.data.mul_(-1.0)),
+                                 m.blocks[0].attn.qkv.weight.data[192:].mul_(-1.0)),
     "parametrization": lambda m: torch.nn.utils.parametrize.register_parametrization(
-        m.blocks[0].attn.k, "weight", _Scale(2.0)),
+        m.blocks[0].attn.qkv, "weight", _Scale(2.0)),
 }
 
 
@@ -66,7 +70,7 @@ def test_a_weight_change_is_seen_by_the_next_call(edit):
     after = _logits(model, x)
     if edit == "parametrization":
         with torch.no_grad():
-            torch.nn.utils.parametrize.remove_parametrizations(model.blocks[0].attn.k, "weight")
+            torch.nn.utils.parametrize.remove_parametrizations(model.blocks[0].attn.qkv, "weight")
     want = _logits(_twin(model), x)
     assert (after - before).abs().max() > 1e-6, "the edit changed nothing: a useless case"
     torch.testing.assert_close(after, want, rtol=0, atol=0)
@@ -120,6 +124,80 @@ def test_the_model_keeps_no_tensor_that_is_not_a_parameter_or_buffer():
             for v in vals:
                 assert not (isinstance(v, torch.Tensor) and id(v) not in known), \
                     f"{name}.{attr} keeps a tensor between calls"
+
+
+# ----------------------------------------------------------------------------- q, k, v
+# Attention holds q, k and v as one ``qkv`` Linear; the state dict keeps the released names.
+ATTENTIONS = ("blocks.1.attn", "read_head.cattn", "write_head.cattn")
+
+
+def _released_layout(model) -> dict:
+    """A state dict in the released layout with fresh values: separate q, k, v tensors, none a
+    view of another, no ``qkv`` key."""
+    state = {k: torch.randn_like(v) * 0.2 for k, v in model.state_dict().items()}
+    assert not any(".qkv." in k for k in state)
+    return state
+
+
+def test_a_checkpoint_in_the_released_layout_loads_and_round_trips(tmp_path):
+    from safetensors.torch import save_file
+    model = tiny_model()
+    state = _released_layout(model)
+    d = tmp_path / "released"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(model.config.to_dict()))
+    save_file(state, str(d / "model.safetensors"))
+    loaded = adaperceiver.from_pretrained(d).eval()
+    got = loaded.state_dict()
+    assert list(got) == list(model.state_dict())          # the released names, in order
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    x, C = torch.randn(5, 7, 96), 96
+    for name in ATTENTIONS:
+        attn = loaded.get_submodule(name)
+        want = [torch.nn.functional.linear(x, state[f"{name}.{p}.weight"],
+                                           state[f"{name}.{p}.bias"]) for p in "qkv"]
+        with torch.no_grad():
+            for names, outs in (("qkv", attn._project(x, "qkv")), ("q", attn._project(x, "q")),
+                                ("kv", attn._project(x, "kv"))):
+                for part, out in zip(names, outs):
+                    torch.testing.assert_close(out, want["qkv".index(part)], rtol=1e-5,
+                                               atol=1e-5)
+        assert tuple(attn.qkv.weight.shape) == (3 * C, C)
+    # written back out and read again: the same tensors
+    adaperceiver.save_pretrained(loaded, tmp_path / "again")
+    again = adaperceiver.from_pretrained(tmp_path / "again").state_dict()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_a_missing_or_misshaped_part_is_named_by_its_released_key():
+    model = tiny_model()
+    state = dict(model.state_dict())
+    del state["blocks.1.attn.k.bias"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: '
+                                           r'"blocks.1.attn.k.bias"') as e:
+        model.load_state_dict(state)
+    assert "qkv" not in str(e.value)
+    state = dict(model.state_dict())
+    state["read_head.cattn.v.weight"] = torch.randn(95, 96)
+    with pytest.raises(RuntimeError, match=r"size mismatch for read_head.cattn.v.weight"):
+        model.load_state_dict(state)
+    # strict=False: the parts given load, the others keep their values, missing by name
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    q = torch.randn(96, 96)
+    res = model.load_state_dict({"blocks.0.attn.q.weight": q}, strict=False)
+    assert "blocks.0.attn.k.weight" in res.missing_keys and not res.unexpected_keys
+    assert not any("qkv" in k for k in res.missing_keys)
+    w = model.blocks[0].attn.qkv.weight
+    assert torch.equal(w[:96], q) and torch.equal(w[96:], before[96:])
+
+
+def test_the_old_separate_modules_are_gone_with_a_message():
+    attn = tiny_model().blocks[0].attn
+    with pytest.raises(AttributeError, match=r"no 'k' module: q, k and v are one Linear, "
+                                             r"``qkv``, whose rows \[1\*dim, 2\*dim\)"):
+        attn.k
+    with pytest.raises(AttributeError, match="no_such"):
+        attn.no_such
 
 
 # ----------------------------------------------------------------------------- devices

@@ -1,4 +1,5 @@
 """ops.linear: the model's projections, on oneDNN for float32 CPU inference, F.linear otherwise."""
+import math
 import os
 import subprocess
 import sys
@@ -141,3 +142,91 @@ def test_low_precision_without_native_gemms_runs_float32():
     x, w, b = (torch.randn(*s).bfloat16() for s in ((9, 16), (5, 16), (5,)))
     if native_low_precision(torch.bfloat16):
         assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+
+
+# ----------------------------------------------------------------------------- bf16 / fp16
+def _native(dtype):
+    from adaperceiver.ops.linear import native_low_precision
+    if not ONEDNN or not native_low_precision(dtype):
+        pytest.skip(f"no native {dtype} GEMM (or no oneDNN) on this CPU")
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _flash_rule(got, plain, x, w, b):
+    """flash-attn's rule against the float64 product: got's error <= 2x the plain bf16/fp16
+    F.linear's error plus a tiny floor."""
+    truth = F.linear(x.double(), w.double(), None if b is None else b.double())
+    err, err_plain = ((t.double() - truth).abs().max().item() for t in (got, plain))
+    assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_runs_onednn_with_native_gemms(monkeypatch, dtype):
+    """bf16 / fp16 inference on a CPU with native GEMMs for them: oneDNN's GEMM on the plain
+    weight (a row slice too: the fused q/k/v weight's parts), within flash-attn's rule."""
+    _native(dtype)
+    x = torch.randn(3, 37, 40).to(dtype)
+    w, b = (torch.randn(3 * 19, 40) / 6).to(dtype), torch.randn(3 * 19).to(dtype)
+    calls = _spy(monkeypatch)
+    with torch.inference_mode():
+        got = ops.linear(x, w[19:], b[19:])
+        _flash_rule(got, F.linear(x, w[19:], b[19:]), x, w[19:], b[19:])
+        assert len(calls) == 1 and got.dtype == dtype and got.shape == (3, 37, 38)
+    wg = w.clone().requires_grad_(True)            # gradients: F.linear
+    ops.linear(x, wg).float().sum().backward()
+    assert wg.grad is not None and len(calls) == 1
+
+
+# rows and outputs inside the band the row-chunk rule cuts (ops/linear.py), with tails: rows
+# and outputs that are not multiples of 16 / 32 / 64
+CHUNKED = [(1031, 833), (800, 1100), (1663, 769), (4 * 256, 832)]
+
+
+@pytest.mark.parametrize("rows,n", CHUNKED)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_row_chunked_bf16_gemm(two_threads, monkeypatch, rows, n, with_bias):
+    """A bf16 GEMM the rule cuts into row blocks: every block written (the output is
+    poisoned first), each row as F.linear within flash-attn's rule, NaN and inf where F.linear
+    has them, and the same output on a second call."""
+    _native(torch.bfloat16)
+    assert linear_mod.row_chunks(rows, n, torch.bfloat16) > 1
+    assert linear_mod.row_chunks(rows, n, torch.float32) == 1
+    x = torch.randn(rows, 72).bfloat16()
+    w, b = (torch.randn(n, 72) / 8).bfloat16(), torch.randn(n).bfloat16() if with_bias else None
+    x[rows - 1, 5] = math.nan                      # the last block's last row
+    w[n - 1, 3] = math.inf                         # the last output column
+    real_empty, poisoned = torch.empty, []
+
+    def empty(*a, **k):                            # the chunked output, poisoned
+        t = real_empty(*a, **k).fill_(math.nan)
+        poisoned.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with torch.inference_mode():
+        got = ops.linear(x, w, b)
+        again = ops.linear(x, w, b)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert poisoned, "the chunked path did not run"
+    want = F.linear(x, w, b)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    fin = want.isfinite()
+    assert fin.sum() > rows * n * 0.9
+    _flash_rule(torch.where(fin, got, 0), torch.where(fin, want, 0), x.nan_to_num(0, 0, 0),
+                w.nan_to_num(0, 0, 0), b)
+    torch.testing.assert_close(got, again, rtol=0, atol=0, equal_nan=True)
+
+
+def test_row_chunk_rule_is_a_rule_of_the_shape(two_threads):
+    """Outside the band, another dtype or another thread count: one GEMM."""
+    for rows, n in ((799, 832), (1664, 832), (1024, 768), (1024, 1101), (1024, 2496)):
+        assert linear_mod.row_chunks(rows, n, torch.bfloat16) == 1, (rows, n)
+    torch.set_num_threads(1)
+    assert linear_mod.row_chunks(1024, 832, torch.bfloat16) == 1

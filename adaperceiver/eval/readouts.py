@@ -79,23 +79,24 @@ class _FoldedWrite:
         H, D = attn.num_heads, attn.head_dim
         C = H * D
         token = model.output_latents.token.reshape(1, C)
-        q = ops.linear(head.snk_norm(token), attn.q.weight, attn.q.bias).to(work).view(H, 1, D)
+        q = attn._project(head.snk_norm(token), "q")[0].to(work).view(H, 1, D)
         # R_j^T q_h: the query seen from key position j (RoPE rotates keys by R_j)
         qr = apply_rope(q.expand(H, n, D), rope[0][:n], -rope[1][:n]) / math.sqrt(D)
-        w_k = attn.k.weight.to(work).view(H, D, C)
+        (k_w, k_b), (v_w, v_b) = attn.part("k"), attn.part("v")
+        w_k = k_w.to(work).view(H, D, C)
         self.u = torch.bmm(qr, w_k).permute(1, 2, 0).contiguous()          # (n, C, H)
-        c = (torch.zeros(H, n, dtype=work, device=q.device) if attn.k.bias is None else
-             (qr * attn.k.bias.to(work).view(H, 1, D)).sum(-1))
+        c = (torch.zeros(H, n, dtype=work, device=q.device) if k_b is None else
+             (qr * k_b.to(work).view(H, 1, D)).sum(-1))
         self.c = c.t().reshape(n, 1, H)                                     # (n, 1, H)
-        self.w_v = attn.v.weight.to(work).view(H, D, C).transpose(1, 2)   # (H, C, D)
+        self.w_v = v_w.to(work).view(H, D, C).transpose(1, 2)             # (H, C, D)
         # after the values: logits = W_cls (token + W_p (W_v s + b_v) + b_p) + b_cls, one
         # affine map of W_v s (the classifier is the identity when num_classes=0)
         w_p = attn.proj.weight.to(work)
         bias = token[0].to(work)
         if attn.proj.bias is not None:
             bias = bias + attn.proj.bias.to(work)
-        if attn.v.bias is not None:
-            bias = bias + w_p @ attn.v.bias.to(work)
+        if v_b is not None:
+            bias = bias + w_p @ v_b.to(work)
         cls = model.get_classifier()
         if isinstance(cls, torch.nn.Linear):
             self.w_out = cls.weight.to(work) @ w_p                           # (K, C)

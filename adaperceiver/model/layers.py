@@ -55,25 +55,61 @@ class MatryoshkaMlp(Mlp):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate q, k, v projections (the released keys) and an output
-    projection; the score work runs in ``ops.block_masked_attention`` (on packed rows of samples
-    of their own lengths, ``ops.block_masked_attention_varlen``)."""
+    """Multi-head attention: q, k and v projected by one ``qkv`` Linear (3C x C, rows q | k | v,
+    as timm's ViT) and an output projection; the score work runs in
+    ``ops.block_masked_attention`` (on packed rows of samples of their own lengths,
+    ``ops.block_masked_attention_varlen``).
+
+    Why one Linear: self-attention projects q, k and v with one GEMM of 3C outputs, which runs
+    at up to 1.4x the rate of three GEMMs of C outputs (benchmarks/README.md, "GEMMs in
+    bf16"), with no concatenated copy of the weights kept between calls (a copy goes stale: an
+    in-place edit through ``.data`` bumps no version counter). Cross-attention takes the
+    contiguous row slices: q from the sink, k and v from the source.
+    The state dict keeps the released names: ``state_dict()`` writes ``q.weight``, ``k.weight``,
+    ``v.weight`` (and biases) as row views of ``qkv``, and ``load_state_dict`` reads them into
+    ``qkv`` (a checkpoint with ``qkv.*`` itself loads too)."""
+
+    _PARTS = ("q", "k", "v")
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.dim = dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.register_state_dict_post_hook(_qkv_state_dict_as_released)
+        self.register_load_state_dict_pre_hook(_qkv_load_released)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in Attention._PARTS:
+                i = Attention._PARTS.index(name)
+                raise AttributeError(
+                    f"Attention has no {name!r} module: q, k and v are one Linear, ``qkv``, "
+                    f"whose rows [{i}*dim, {i + 1}*dim) are {name}'s weight (and bias); the "
+                    f"state dict names them {name}.weight / {name}.bias") from None
+            raise
+
+    def part(self, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) of "q", "k" or "v": row views of ``qkv`` (bias None without one)."""
+        i, C = Attention._PARTS.index(name), self.dim
+        b = self.qkv.bias
+        return (self.qkv.weight.narrow(0, i * C, C),
+                None if b is None else b.narrow(0, i * C, C))
 
     def _project(self, x: torch.Tensor, names: str) -> list[torch.Tensor]:
-        """The projections ``names`` (a subset of "qkv") of x, one GEMM each on the layers' own
-        weights. No concatenated weight is kept between calls: any such copy could go stale
-        (an in-place edit through ``.data`` bumps no version counter) and the separate GEMMs
-        are as large as the model's other projections."""
-        return [ops.linear(x, lin.weight, lin.bias) for lin in (getattr(self, n) for n in names)]
+        """The projections ``names`` ("q", "kv" or "qkv": consecutive parts) of x as one GEMM
+        on the matching rows of ``qkv`` (a view: nothing kept between calls); returns one
+        (..., C) column view of the product per name."""
+        i = "qkv".index(names)
+        C, n = self.dim, len(names)
+        w = self.qkv.weight.narrow(0, i * C, n * C)
+        b = None if self.qkv.bias is None else self.qkv.bias.narrow(0, i * C, n * C)
+        y = ops.linear(x, w, b)
+        return [y] if n == 1 else list(y.split(C, dim=-1))
 
     def _heads(self, t):
         B, N, _ = t.shape
@@ -88,8 +124,8 @@ class Attention(nn.Module):
 
     def forward(self, x_q, x_kv, token_grans=None, q_rope=None, k_rope=None, seq_lens=None):
         k, v = self._project(x_kv, "kv")
-        o = self._attend(ops.linear(x_q, self.q.weight, self.q.bias), k, v, token_grans, q_rope,
-                         k_rope, seq_lens)
+        o = self._attend(self._project(x_q, "q")[0], k, v, token_grans, q_rope, k_rope,
+                         seq_lens)
         return ops.linear(o, self.proj.weight, self.proj.bias)
 
     def self_attention(self, x: torch.Tensor, layout, token_grans=None, rope=None):
@@ -108,6 +144,57 @@ class Attention(nn.Module):
                                               layout.tokens, token_grans, q_rope=rope,
                                               k_rope=rope)
         return ops.linear(o.view(R, -1), self.proj.weight, self.proj.bias)
+
+
+def _qkv_state_dict_as_released(module: "Attention", state: dict, prefix: str, _meta) -> None:
+    """state_dict() post-hook: ``qkv.weight`` / ``qkv.bias`` written as the released
+    ``q.*``, ``k.*``, ``v.*`` (row views of the parameter, as state_dict's tensors are), in the
+    released order, ahead of ``proj.*``. A parametrized ``qkv`` is left as it is."""
+    C = module.dim
+    own = [k for k in state if k.startswith(prefix)]
+    if prefix + "qkv.weight" not in state:
+        return
+    fused = {k: state.pop(prefix + "qkv." + k) for k in ("weight", "bias")
+             if prefix + "qkv." + k in state}
+    rest = {k: state.pop(k) for k in own if k in state}
+    for i, part in enumerate(Attention._PARTS):
+        for k, t in fused.items():
+            state[f"{prefix}{part}.{k}"] = t.narrow(0, i * C, C)
+    state.update(rest)
+
+
+def _qkv_load_released(module: "Attention", state: dict, prefix: str, _meta, strict,
+                       missing: list, unexpected: list, errors: list) -> None:
+    """load_state_dict() pre-hook: the released ``q.*``, ``k.*``, ``v.*`` read into
+    ``qkv.*``. A part the state lacks keeps its current value and is reported missing by its
+    released name (so ``strict=False`` loads the parts given); a mis-shaped part is an error
+    naming it."""
+    C = module.dim
+    for k in ("weight", "bias"):
+        target = getattr(module.qkv, k, None)
+        names = [f"{prefix}{p}.{k}" for p in Attention._PARTS]
+        if target is None or prefix + "qkv." + k in state:
+            continue
+        if not any(n in state for n in names):
+            missing.extend(names)
+            state[prefix + "qkv." + k] = target.detach()
+            continue
+        parts, bad = [], False
+        for i, n in enumerate(names):
+            cur = target.detach().narrow(0, i * C, C)
+            if n not in state:
+                missing.append(n)
+                parts.append(cur)
+                continue
+            t = state.pop(n)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(cur.shape):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                errors.append(f"size mismatch for {n}: copying a param with shape {shape} from "
+                              f"checkpoint, the shape in current model is {tuple(cur.shape)}.")
+                bad = True
+                continue
+            parts.append(t.to(device=cur.device, dtype=cur.dtype))
+        state[prefix + "qkv." + k] = target.detach() if bad else torch.cat(parts)
 
 
 class CrossAttentionHead(nn.Module):
