@@ -67,8 +67,10 @@ def build_info() -> dict:
     the CPU kernels run on this machine: ``cpu_isa`` ("avx512", "avx2" or "portable": the
     attention's microkernel; ``ADAPERCEIVER_CPU_ISA`` picks a lower one), ``cpu_native_bf16`` /
     ``cpu_native_fp16`` (True: that dtype's FFN GEMMs run natively through oneDNN, AVX512-BF16
-    / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_isa_error`` (why an
-    ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
+    / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_attention_bf16`` /
+    ``cpu_attention_fp16`` (the attention forward's path for that dtype: "amx", products on AMX
+    tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off),
+    ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
     facts = _facts()
@@ -88,5 +90,7 @@ def build_info() -> dict:
         "cpu_isa": facts.get("cpu_isa") or None,
         "cpu_native_bf16": facts.get("cpu_native_bf16") == "1",
         "cpu_native_fp16": facts.get("cpu_native_fp16") == "1",
+        "cpu_attention_bf16": facts.get("cpu_attention_bf16") or None,
+        "cpu_attention_fp16": facts.get("cpu_attention_fp16") or None,
         "cpu_isa_error": facts.get("cpu_isa_error") or None,
     }

@@ -3,7 +3,8 @@ bfloat16 (the bf16 cases on CPUs that run bf16 natively, AVX512-BF16 / AMX: both
 
 Targets (issue text):
   * block-masked attention vs torch SDPA with a dense boolean mask, B=8, H=13, D=64:
-    >= 1.25x at N=256 with the released grans, >= 1.8x at N=1024 with grans every 64;
+    >= 1.25x at N=256 with the released grans, >= 1.8x at N=1024 with grans every 64 (float32
+    and bfloat16; float16 reported; each line names the kernel that ran: AMX tiles or float32);
   * Matryoshka FFN, one batch of mixed widths: <= 1.1x the sum of the same samples run in
     single-width batches, and >= 0.95 x (B*Hmax)/sum(widths) times faster than the masked
     full-width reference.
@@ -57,13 +58,27 @@ def _native(dtype):
 
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+# float16 attention: report only (the issue's targets are float32 and bfloat16's); it runs on
+# AMX tiles only on CPUs with AMX-FP16, else in float32 (build_info's cpu_attention_fp16)
+ATTN_DTYPES = DTYPES + [pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+def _attention_path(dtype):
+    """Which kernel the attention forward runs for dtype (the bench line names it)."""
+    if dtype == torch.float32:
+        return "float32 " + _ext.build_info()["cpu_isa"]
+    tag = "bf16" if dtype == torch.bfloat16 else "fp16"
+    path = _ext.build_info()[f"cpu_attention_{tag}"]
+    return "AMX tiles" if path == "amx" else "float32 " + _ext.build_info()["cpu_isa"]
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
 @pytest.mark.parametrize("n,grans,target", ATTN)
 def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
     _native(dtype)
+    if dtype == torch.float16 and not _ext.build_info()["cpu_native_fp16"]:
+        pytest.skip("no native fp16 on this CPU (AVX512-FP16 / AMX-FP16)")
     B, H, D = 8, 13, 64
     q, k, v = (torch.randn(B, H, n, D).to(dtype) for _ in range(3))
     mask = block_mask(n, grans)
@@ -76,12 +91,15 @@ def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
     t = side_by_side({"ours": ours, "sdpa": sdpa}, rounds=15 if n == 256 else 7)
     ratio = t["sdpa"] / t["ours"]
     allowed = block_mask(n, grans).float().mean().item()
-    print(f"\n[attention N={n} {str(dtype)[6:]}] sdpa+dense mask {t['sdpa'] * 1e3:.2f} ms, cpp "
-          f"{t['ours'] * 1e3:.2f} ms: {ratio:.2f}x (target {target}x; scores allowed "
+    report_only = dtype == torch.float16
+    print(f"\n[attention N={n} {str(dtype)[6:]}, {_attention_path(dtype)}] sdpa+dense mask "
+          f"{t['sdpa'] * 1e3:.2f} ms, cpp {t['ours'] * 1e3:.2f} ms: {ratio:.2f}x ("
+          f"{'report only' if report_only else f'target {target}x'}; scores allowed "
           f"{allowed:.3f})")
-    benchmark.extra_info.update(ratio=ratio, sdpa_ms=t["sdpa"] * 1e3, ours_ms=t["ours"] * 1e3)
+    benchmark.extra_info.update(ratio=ratio, sdpa_ms=t["sdpa"] * 1e3, ours_ms=t["ours"] * 1e3,
+                                path=_attention_path(dtype))
     benchmark.pedantic(ours, rounds=3, iterations=1)
-    if ASSERT:
+    if ASSERT and not report_only:
         assert ratio >= target, f"{ratio:.2f}x < {target}x"
 
 

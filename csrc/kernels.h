@@ -35,6 +35,10 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
                                                         double scale, const OptT& q_cos,
                                                         const OptT& q_sin, const OptT& k_cos,
                                                         const OptT& k_sin);
+// Why the bfloat16 / float16 forward of head dims (D, Dv) does not run on AMX tiles here
+// (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
+std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
+const char* attention_path(at::ScalarType dtype);
 at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(

@@ -44,6 +44,9 @@ ATTN_CASES = [
     (1, 2, 100, 32, [32, 64, 96], None, False),
     (1, 1, 600, 16, None, None, True),       # two key chunks (KC = 512)
     (3, 1, 33, 64, [32], [0, 1, 33], False),
+    (1, 2, 300, 80, [37, 100, 256], [300], True),    # D = 80; odd kend; 2 chunks on tiles
+    (2, 1, 520, 128, None, [520, 301], False),       # D = 128; 3 chunks on tiles (KT = 256)
+    (1, 1, 45, 33, [7, 45], None, False),            # odd D (a padded pair on tiles)
 ]
 
 

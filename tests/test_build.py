@@ -51,7 +51,7 @@ def test_build_info_reports_the_cpu_paths():
     assert not child["cpu_native_bf16"] and not child["cpu_native_fp16"]
     child = _child_build_info("sse9")
     assert child["cpu_isa"] is None
-    assert "ADAPERCEIVER_CPU_ISA=sse9 is not allowed; allowed: avx512, avx2, portable" in \
+    assert "ADAPERCEIVER_CPU_ISA=sse9 is not allowed; allowed: amx, avx512, avx2, portable" in \
         child["cpu_isa_error"]
 
 

@@ -5,6 +5,7 @@ ops under use_backend("cpp"): tails (lengths and head dims that are not tile mul
 grans, cross-attention (Nq != Nk, Nq = 1), seq_lens (incl. 0), RoPE, long key ranges (several
 softmax chunks), mixed Matryoshka widths incl. 1 and Hmax; every element checked.
 """
+import contextlib
 import math
 import subprocess
 import sys
@@ -348,3 +349,160 @@ def test_strided_heads_last_inputs_with_rope_read_in_place(n_q, n_k, grans):
                        q_rope=d64(q_rope), k_rope=d64(k_rope))
     assert torch.isfinite(out).all()
     assert (out.double() - want).abs().max().item() <= 1e-5
+
+
+# ---- bfloat16 / float16 on AMX tiles (attention.cpp: attention_fwd_tiles) ----
+# The tile path runs where build_info()["cpu_attention_<dtype>"] == "amx"; the float32 kernel
+# runs the same inputs with torch.backends.mkldnn disabled (the tiles go through oneDNN's
+# brgemm), so both paths are compared in one process.
+# (B, H, Nq, Nk, D, Dv, grans, seq_lens, rope, heads_last)
+TILE_CASES = [
+    (2, 3, 77, 77, 64, 64, [5, 20, 37, 64], [77, 40], True, False),  # odd kend, row/key tails
+    (1, 2, 300, 300, 80, 80, [32, 100, 256], None, True, False),     # D = 80, 2 key chunks
+    (2, 2, 520, 520, 128, 128, None, [520, 301], False, True),       # D = 128, 3 chunks, strided
+    (1, 2, 45, 45, 33, 33, [7, 45], None, False, False),             # odd D: a padded pair
+    (2, 2, 50, 50, 32, 40, [10, 30], [50, 21], True, False),         # Dv != D
+    (2, 2, 13, 196, 64, 64, None, [13, 7], True, False),             # cross attention, lengths
+    (3, 1, 33, 33, 64, 64, [32], [0, 1, 33], False, False),          # empty sample, one row
+]
+LOWP = [torch.bfloat16, torch.float16]
+
+
+@contextlib.contextmanager
+def _mkldnn_off():
+    """torch.backends.mkldnn disabled: the attention takes its float32 kernel."""
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = old
+
+
+def _tile_inputs(case, dtype, seed):
+    B, H, Nq, Nk, D, Dv, grans, lens, rope, heads_last = case
+    g = torch.Generator().manual_seed(seed)
+    if heads_last:  # (B, N, H, D) projections seen as (B, H, N, D), as the model hands them
+        q = torch.randn(B, Nq, H, D, generator=g).to(dtype).transpose(1, 2)
+        k = torch.randn(B, Nk, H, D, generator=g).to(dtype).transpose(1, 2)
+        v = torch.randn(B, Nk, H, Dv, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, Nq, D, generator=g).to(dtype)
+        k = torch.randn(B, H, Nk, D, generator=g).to(dtype)
+        v = torch.randn(B, H, Nk, Dv, generator=g).to(dtype)
+    sl = None if lens is None else torch.tensor(lens)
+    qr = R.rope_tables(Nq, D) if rope else None
+    kr = R.rope_tables(Nk, D) if rope else None
+    return q, k, v, grans, sl, qr, kr
+
+
+def _fwd(q, k, v, grans, sl, qr, kr):
+    B, H, Nq, _ = q.shape
+    _poison_heap((B, Nq, H, v.shape[-1]), (B, H, Nq))
+    return ops.block_masked_attention_fwd(q, k, v, grans, 1.0 / math.sqrt(q.shape[-1]), sl,
+                                          *_pair(qr), *_pair(kr))
+
+
+def _rule_err(x, truth):
+    return (x.double() - truth).abs().max().item()
+
+
+def test_build_info_names_the_attention_paths():
+    """cpu_attention_bf16 / _fp16 say "amx" exactly where the CPU has the tiles for the dtype,
+    nothing lowered them (ADAPERCEIVER_CPU_ISA) and oneDNN is enabled; "float32" otherwise."""
+    import os
+    caps = torch._C._cpu._get_cpu_capability()
+    info = _ext.build_info()
+    env = os.environ.get("ADAPERCEIVER_CPU_ISA", "").strip().lower()
+    tiles = bool(caps.get("avx512_f") and caps.get("amx_tile") and caps.get("amx_bf16")) and \
+        env in ("", "amx")
+    assert info["cpu_attention_bf16"] == ("amx" if tiles else "float32")
+    assert info["cpu_attention_fp16"] == ("amx" if tiles and caps.get("amx_fp16") else "float32")
+    with _mkldnn_off():
+        off = _ext.build_info()
+    assert off["cpu_attention_bf16"] == off["cpu_attention_fp16"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("case", TILE_CASES, ids=[f"t{i}" for i in range(len(TILE_CASES))])
+def test_tiles_match_the_float32_path_and_the_rule(case, dtype):
+    """Both paths on the same 16-bit inputs: each within flash-attn's rule (error vs float64
+    <= 2x the plain reference's in dtype, plus 1e-4 of the largest magnitude), within that of
+    each other, the same lse finiteness, zeros past a sample's length; outputs written into
+    NaN-poisoned memory."""
+    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    q, k, v, grans, sl, qr, kr = _tile_inputs(case, dtype, seed=7)
+    out, lse = _fwd(q, k, v, grans, sl, qr, kr)
+    with _mkldnn_off():
+        assert _ext.build_info()[f"cpu_attention_{tag}"] == "float32"
+        out32, lse32 = _fwd(q, k, v, grans, sl, qr, kr)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    ref, _ = R.attention_forward(q, k, v, grans, scale, sl, qr, kr)
+    d64 = (lambda r: None if r is None else tuple(t.double() for t in r))
+    truth, truth_lse = R.attention_forward(q.double(), k.double(), v.double(), grans, scale, sl,
+                                           d64(qr), d64(kr))
+    floor = 1e-4 * truth.abs().max().item()
+    bound = 2 * _rule_err(ref, truth) + floor
+    assert not out.isnan().any() and not out32.isnan().any()
+    assert _rule_err(out, truth) <= bound, (_rule_err(out, truth), bound)
+    assert _rule_err(out32, truth) <= bound
+    assert _rule_err(out, out32.double()) <= bound
+    fin = truth_lse.isfinite()
+    assert torch.equal(lse.isfinite(), fin) and torch.equal(lse32.isfinite(), fin)
+    assert (lse[fin].double() - truth_lse[fin]).abs().max().item() <= 2e-2
+    if sl is not None:
+        for b, n in enumerate(sl.tolist()):
+            assert (out[b, :, max(n, 0):] == 0).all() and (lse[b, :, max(n, 0):] == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_tiles_packed_rows_match_padded(dtype):
+    """The packed (varlen) kernel on tiles: the padded kernel's values on the owned rows."""
+    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    lens, H, D, grans = [50, 0, 37, 301], 3, 64, [16, 37, 64, 256]
+    g = torch.Generator().manual_seed(11)
+    rows = sum(lens)
+    q, k, v = (torch.randn(rows, H, D, generator=g).to(dtype) for _ in range(3))
+    tables = R.rope_tables(max(lens), D)
+    _poison_heap((rows, H, D))
+    out, lse = ops.block_masked_attention_varlen_fwd(q, k, v, lens, grans, 0.125, *tables,
+                                                     *tables)
+    P = [torch.zeros(len(lens), H, max(lens), D, dtype=dtype) for _ in range(3)]
+    s = 0
+    for b, n in enumerate(lens):
+        for p, x in zip(P, (q, k, v)):
+            p[b, :, :n] = x[s:s + n].transpose(0, 1)
+        s += n
+    pout, plse = ops.block_masked_attention_fwd(*P, grans, 0.125, torch.tensor(lens), *tables,
+                                                *tables)
+    want = torch.cat([pout[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
+    assert torch.equal(out, want)
+    assert torch.equal(lse, plse)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
+def test_tiles_keep_value_rows_past_a_tile_out(dtype):
+    """A tile reads its keys' value rows in chunks rounded up to 32 keys (and pairs of keys):
+    those past its last key must weigh 0 against zeros, not against the next group's values.
+    v poisoned at key 37 (the pair partner of key 36, a tile's last) and at key 40 (inside the
+    rounded chunk): rows 0..31, whose tile ends at key 37, stay bit for bit the clean output."""
+    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    n, grans = 100, [37, 64, 100]
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(dtype) for _ in range(3))
+    base, _ = ops.block_masked_attention_fwd(q, k, v, grans, 0.125, None, None, None, None, None)
+    for key in (37, 40):
+        vp = v.clone()
+        vp[0, 1, key, 4] = NAN
+        out, _ = ops.block_masked_attention_fwd(q, k, vp, grans, 0.125, None, None, None, None,
+                                                None)
+        assert torch.equal(out[0, 1, :32], base[0, 1, :32]), f"v[{key}] reached rows < 32"
+        assert out[0, 1, 37:].isnan().any(-1).all()         # rows that read the key
+        assert torch.equal(out[0, 0], base[0, 0])

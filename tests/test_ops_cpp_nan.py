@@ -6,7 +6,8 @@ a sample owns; lse everywhere), and every other element must equal the cpp backe
 output on the clean inputs bit for bit. Forward and backward (per head: the same heads get
 non-finite gradients, the other heads' gradients are unchanged), padded and packed rows, RoPE,
 token granularities, seq_lens, float32 / bfloat16 / float16, and every instruction-set path of
-the attention microkernel this CPU has (ADAPERCEIVER_CPU_ISA in a child process).
+the attention this CPU has (ADAPERCEIVER_CPU_ISA in a child process: amx, bfloat16 / float16
+products on AMX tiles; avx512, avx2, portable: the float32 microkernel).
 
 The reference sums over the (query, key) pairs a row reads, as the kernels do: rows past a
 sample's length are zeros (lse -inf) and a value row v[j] reaches only the rows that attend to
@@ -239,17 +240,27 @@ def test_ffn_nan_pattern(where, idx, value, dtype):
 def _isas():
     caps = torch._C._cpu._get_cpu_capability()
     have = ["portable"] + (["avx2"] if caps.get("avx2") and caps.get("fma3") else []) + \
-        (["avx512"] if caps.get("avx512_f") else [])
+        (["avx512"] if caps.get("avx512_f") else []) + \
+        (["amx"] if caps.get("avx512_f") and caps.get("amx_tile") and caps.get("amx_bf16")
+         else [])
     return have
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+def _this_path():
+    """This process's attention path: "amx" when bfloat16 runs on AMX tiles (float32 on the
+    microkernel's instruction set), else that instruction set."""
+    info = _ext.build_info()
+    return "amx" if info["cpu_attention_bf16"] == "amx" else info["cpu_isa"]
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])
 def test_every_isa_path(isa):
     """This file's attention tests again in a child process whose kernels run on another
-    instruction-set path (the parent runs the best one)."""
+    instruction-set path (the parent runs the best one; avx512 below amx runs bfloat16 /
+    float16 through the float32 kernel instead of the AMX tiles)."""
     if isa not in _isas():
         pytest.skip(f"this CPU has no {isa}")
-    if isa == _ext.build_info()["cpu_isa"]:
+    if isa == _this_path():
         pytest.skip(f"{isa} is this process's path (the tests above ran it)")
     env = dict(os.environ, ADAPERCEIVER_CPU_ISA=isa, ADAPERCEIVER_NAN_CHILD=isa)
     res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
@@ -262,4 +273,6 @@ def test_child_runs_the_requested_isa():
     want = os.environ.get("ADAPERCEIVER_NAN_CHILD")
     if not want:
         pytest.skip("runs in test_every_isa_path's child processes")
-    assert _ext.build_info()["cpu_isa"] == want
+    info = _ext.build_info()
+    assert info["cpu_isa"] == ("avx512" if want == "amx" else want)
+    assert info["cpu_attention_bf16"] == ("amx" if want == "amx" else "float32")

@@ -1,4 +1,4 @@
-// Block-masked (group-causal) attention on the CPU, forward and backward, float32 inside.
+// Block-masked (group-causal) attention on the CPU, forward and backward.
 //
 // Computes out = softmax(scale * rope(q) rope(k)^T + mask) v and lse (natural log, float32),
 // exactly the semantics of adaperceiver/ops/reference.py (attention_forward/backward).
@@ -7,24 +7,33 @@
 // bound kend = min(row_end[m1 - 1], len): keys >= kend are never read (masked tiles skipped);
 // keys < min(row_end[m0], len) are seen by every row (no mask); only the band between them gets
 // the per-row bound, and only rows of a tile that crosses a group boundary have such a band.
-// Keys are taken in chunks of up to KC with an online softmax across chunks; with RoPE on k,
-// each key of a (batch, head) is rotated once into a per-thread scratch that its tiles reuse.
-// Each chunk is two small GEMMs on raw pointers (cpu/microkernel.cpp: an AVX-512
-// register-tiled kernel, BLAS sgemm_ elsewhere; no tensor allocation or dispatch in the inner
-// loop). Scores are kept transposed (key-major) so the softmax runs across the tile's queries
-// with plain vector loads.
+// Keys are taken in chunks with an online softmax across chunks; keys (rotated by RoPE when
+// given) and values of a (batch, head) are converted once into per-thread scratch that its
+// tiles reuse.
+// Two forward kernels on that schedule:
+//  * float32 inside (float32 inputs; bfloat16 / float16 where the AMX tiles cannot take them):
+//    chunks of up to KC keys, each two small GEMMs on raw pointers (cpu/microkernel.cpp: an
+//    AVX-512 register-tiled kernel, BLAS sgemm_ elsewhere; no tensor allocation or dispatch in
+//    the inner loop). Scores are kept transposed (key-major) so the softmax runs across the
+//    tile's queries with plain vector loads. 16-bit inputs are read in place and converted as
+//    rows are loaded, outputs rounded once.
+//  * bfloat16 / float16 on AMX tiles (attention_fwd_tiles, below): chunks of up to KT keys, the
+//    two products on the 16-bit values with float32 accumulation through torch's
+//    at::native::cpublas::brgemm (oneDNN's ukernel), the softmax in float32, P rounded to the
+//    input type as SDPA rounds it. Taken when tiles_why_not says nothing (the CPU has the tiles
+//    for the dtype, ADAPERCEIVER_CPU_ISA is unset or amx, oneDNN enabled); every head size and
+//    length fits (odd head dims and chunk tails are padded), so no shape falls back.
 // Rows past seq_lens[b] are written as zeros, lse -inf. Packed rows (attention_varlen_fwd: q, k,
-// v (R, H, D), samples one after another, no padding) run the same forward with per-sample row
-// bases; there a sample has no rows past its length to write. Everything is computed in float32:
-// bfloat16/float16 inputs are read in place and converted as rows are loaded (q into its tile,
-// k and v once per (batch, head) into per-thread scratch), outputs rounded once.
-// NaN and inf follow the reference: the column max is NaN-sticky, exp keeps NaN and gives 0
-// for -inf, a column that is all -inf so far subtracts 0 (so a later chunk can still give it a
+// v (R, H, D), samples one after another, no padding) run the same forwards with per-sample row
+// bases; there a sample has no rows past its length to write.
+// NaN and inf follow the reference: the running max is NaN-sticky, exp keeps NaN and gives 0
+// for -inf, a row that is all -inf so far subtracts 0 (so a later chunk can still give it a
 // finite max), lse is +-inf where logsumexp is, and a non-finite scale multiplies the scores
 // rather than q. Rows past a sample's length are zeros (the reference's are 0 * their scores,
 // NaN when k is), and value rows a tile never reads cannot reach it.
-// Backward (float32 inside for every dtype): one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
-// P recomputed from the saved lse, products through the same small_gemm (K and V transposed
+// Backward (float32 inside for every dtype; 16-bit inputs converted up front, not on tiles):
+// one work item per (batch, head) (dk/dv are sums over query tiles), same skipping, P
+// recomputed from the saved lse, products through the same small_gemm (K and V transposed
 // once per (batch, head) so every right operand is row-major).
 #include "common.h"
 #include "kernels.h"
@@ -33,9 +42,12 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 namespace adaperceiver {
@@ -148,6 +160,69 @@ struct FwdProblem {
   bool packed;
 };
 
+// One work item: query rows [m0, m0 + BM) of (batch b, head h). Rows [0, rows) read keys
+// [0, kend) (those < kfull every one of them); the others (past the sample's length, or seeing
+// no key) are written by start_tile: zeros and lse -inf, or, packed, only lse (past a sample's
+// length are the next sample's rows).
+template <typename T>
+struct Tile {
+  int64_t bh, b, h, m0, rows, kend, kfull, lk;
+  T* out;      // row r at out + r * H * Dv (heads-last)
+  float* lse;  // row r at lse[r]
+};
+
+template <typename T>
+Tile<T> start_tile(const FwdProblem<T>& pr, const std::vector<int64_t>& re,
+                   const std::vector<int64_t>& lens, int64_t bm, int64_t item, T* op,
+                   float* lp) {
+  const int64_t nqt = (pr.Nq + bm - 1) / bm, H = pr.H, Dv = pr.Dv;
+  const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
+  const int64_t m0 = t * bm, mend = std::min(m0 + bm, pr.Nq);
+  const int64_t lq = clamp_len(lens, b, pr.Nq), lk = clamp_len(lens, b, pr.Nk);
+  const int64_t m1 = std::min(mend, lq);
+  T* orow = op + ((pr.out_row[b] + m0) * H + bh % H) * Dv;
+  float* lrow = lp + bh * pr.Nq + m0;
+  const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
+  const int64_t rows = kend > 0 ? m1 - m0 : 0;
+  for (int64_t r = rows; r < mend - m0; ++r) {
+    if (!pr.packed || m0 + r < lq) std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, T(0));
+    lrow[r] = kNegInf;
+  }
+  const int64_t kfull = rows > 0 ? std::min(re[m0], lk) : 0;
+  return Tile<T>{bh, b, bh % H, m0, rows, kend, kfull, lk, orow, lrow};
+}
+
+// Keys of chunk [c0, c0 + kc) that row r of the tile sees: all of them below kfull, else its
+// own bound (the tile crosses a group boundary).
+template <typename T>
+inline int64_t keys_seen(const Tile<T>& t, const std::vector<int64_t>& re, int64_t r, int64_t c0,
+                         int64_t kc) {
+  if (c0 + kc <= t.kfull) return kc;
+  return std::clamp<int64_t>(std::min(re[t.m0 + r], t.lk) - c0, 0, kc);
+}
+
+// The tile's output rows O / l (O: rows x Dv, ld ldo, float32), rounded once, and lse.
+template <typename T>
+void finish_tile(const Tile<T>& t, int64_t H, int64_t Dv, const float* O, int64_t ldo,
+                 const float* m, const float* l) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    // a row whose scores are all -inf has l = 0: inv = inf and 0 * inf = NaN, the
+    // reference's softmax of an all -inf row
+    const float inv = 1.f / l[r];
+    const float* o = O + r * ldo;
+    T* dst = t.out + r * H * Dv;
+    if constexpr (std::is_same_v<T, float>) {
+      scale_row(dst, o, inv, Dv);
+    } else {
+      scale_row_lowp(std::is_same_v<T, c10::BFloat16>, o, inv, Dv,
+                     reinterpret_cast<uint16_t*>(dst));
+    }
+    // logsumexp's value: +-inf when the max is (an all -inf row; a +inf score, whose
+    // softmax is NaN), NaN when a score is NaN (m is NaN-sticky), else m + log(sum)
+    t.lse[r] = std::isinf(m[r]) ? m[r] : m[r] + std::log(l[r]);
+  }
+}
+
 // The inputs are read in place in their dtype T (float32, bfloat16 or float16) and converted to
 // float32 as they are loaded: q into the transposed tile (rotated by RoPE when given, times
 // the scale); k (rotated) and, unless float32, v once per (batch, head) into per-thread scratch
@@ -186,26 +261,10 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
     // only the rows past that
     int64_t cur_bh = -1, k_done = 0, v_done = 0;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bh = item / nqt, t = item % nqt, b = bh / H;
-      const int64_t m0 = t * BM, mend = std::min(m0 + BM, Nq);
-      const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
-      const int64_t m1 = std::min(mend, lq);
-      // out is heads-last: row r of this tile is H * Dv further on
-      T* orow = op + ((pr.out_row[b] + m0) * H + bh % H) * Dv;
-      float* lrow = lp + bh * Nq + m0;
-      const int64_t kend = m1 > m0 ? std::min(re[m1 - 1], lk) : 0;
-      const int64_t rows = kend > 0 ? m1 - m0 : 0;
-      // rows seeing no key: zeros, lse -inf; rows past the sample's length: lse -inf, and zeros
-      // when padded (packed, they are the next sample's rows)
-      for (int64_t r = rows; r < mend - m0; ++r) {
-        if (!pr.packed || m0 + r < lq) {
-          std::fill(orow + r * H * Dv, orow + r * H * Dv + Dv, T(0));
-        }
-        lrow[r] = kNegInf;
-      }
+      const Tile<T> tile = start_tile(pr, re, lens, BM, item, op, lp);
+      const int64_t rows = tile.rows, kend = tile.kend, m0 = tile.m0, b = tile.b;
       if (rows == 0) continue;
-      const int64_t kfull = std::min(re[m0], lk);  // keys every row of the tile sees
-      const int64_t h = bh % H;
+      const int64_t bh = tile.bh, h = tile.h;
       const T* q = qp + pr.q.base[b] + h * qsh + m0 * qsn;
       const T* kb = kp + pr.k.base[b] + h * ksh;
       const T* vb = vp + pr.v.base[b] + h * vsh;
@@ -248,10 +307,10 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           for (int64_t j = 0; j < kc; ++j)
             for (int64_t r = 0; r < rows; ++r) st[j * BM + r] *= scale;
         }
-        if (c0 + kc > kfull) {
+        if (c0 + kc > tile.kfull) {
           // the band: keys some rows of the tile may not see (tile crosses a group boundary)
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t vc = std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+            const int64_t vc = keys_seen(tile, re, r, c0, kc);
             for (int64_t j = vc; j < kc; ++j) st[j * BM + r] = kNegInf;
           }
         }
@@ -278,23 +337,147 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
         }
         small_gemm(rows, Dv, kc, st.data(), 1, BM, vchunk, vrs, O.data(), Dv, c0 > 0);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        // a row whose scores are all -inf has l = 0: inv = inf and 0 * inf = NaN, the
-        // reference's softmax of an all -inf row
-        const float inv = 1.f / l[r];
-        const float* o = O.data() + r * Dv;
-        T* dst = orow + r * H * Dv;
-        if constexpr (kF32) {
-          scale_row(dst, o, inv, Dv);
-        } else {
-          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(o[d] * inv);
-        }
-        // logsumexp's value: +-inf when the max is (an all -inf row; a +inf score, whose
-        // softmax is NaN), NaN when a score is NaN (m is NaN-sticky), else m + log(sum)
-        lrow[r] = std::isinf(m[r]) ? m[r] : m[r] + std::log(l[r]);
-      }
+      finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
     }
   });
+}
+
+// ---- bfloat16 / float16 on AMX tiles (at::native::cpublas::brgemm, oneDNN's ukernel) ----
+// The same tiles as above; the two products run on the 16-bit inputs with float32 accumulation:
+// S (rows x kw) = Qt Kp, with Qt the tile's (rotated) queries, row-major, and Kp the head's
+// keys transposed into the VNNI layout (pairs of head-dim values interleaved) in blocks of KT
+// keys; then the softmax on float32 rows (scale applied to the scores, as the reference does),
+// P rounded to T as SDPA rounds it, and O (+)= P Vp with Vp the head's values in VNNI layout
+// (pairs of keys interleaved). Chunk widths are rounded up to KALIGN keys: the extra scores are
+// never read, their weights are 0 and their value rows are zeros (so a value row past kend,
+// even NaN, cannot reach the tile), and the brgemm kernels (generated and cached per shape by
+// torch) come in a bounded set of shapes. An odd head dimension is padded with a zero.
+constexpr int64_t TM = BM;      // query rows per work item, as above (64 measured no faster)
+constexpr int64_t KT = 256;     // keys per chunk: the S block (TM x KT float32) stays in L1
+constexpr int64_t KALIGN = 32;  // chunk widths rounded up to this (two AMX tile columns)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Row x of T (n values) into dst (n values of T), rotated by RoPE at position pos when r has
+// tables (in float32, rounded once), else copied.
+template <typename T>
+inline void lowp_row(const T* x, const Rope& r, int64_t pos, int64_t n, float* raw, float* rot,
+                     T* dst) {
+  if (r.cos) {
+    to_float_row(x, n, raw);
+    rope_row(raw, r, pos, n, 1.f, rot);
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(rot[d]);
+  } else {
+    std::copy(x, x + n, dst);
+  }
+}
+
+template <typename T>
+void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
+                         const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
+                         float scale, T* op, float* lp) {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const int64_t B = pr.B, H = pr.H, Nq = pr.Nq, D = pr.D, Nk = pr.Nk, Dv = pr.Dv;
+  const int64_t Dp = round_up(D, 2), nk_pad = round_up(std::max<int64_t>(Nk, 1), KT);
+  const int64_t nqt = (Nq + TM - 1) / TM;
+  const int64_t qsn = pr.q.sn, ksn = pr.k.sn, vsn = pr.v.sn;
+
+  at::parallel_for(0, B * H * nqt, 1, [&](int64_t begin, int64_t end) {
+    // per-thread scratch (once per range of work items): the query tile, the head's packed
+    // keys and values (kept across its query tiles, as in the float32 kernel: keys [0, k_done)
+    // and values [0, v_done) of head cur_bh are packed, values [v_done, round_up(v_done,
+    // KALIGN)) are zeros), scores, weights and the float32 accumulators
+    std::vector<T> qt(TM * Dp, T(0)), kp(nk_pad * Dp, T(0)), vp(nk_pad * Dv, T(0)),
+        pt(TM * KT), krows(16 * Dp, T(0)), vzero(Dv, T(0));
+    std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM), raw(D), rot(D);
+    int64_t cur_bh = -1, k_done = 0, v_done = 0;
+    for (int64_t item = begin; item < end; ++item) {
+      const Tile<T> tile = start_tile(pr, re, lens, TM, item, op, lp);
+      const int64_t rows = tile.rows, kend = tile.kend, m0 = tile.m0;
+      if (rows == 0) continue;
+      const T* q = pr.q.p + pr.q.base[tile.b] + tile.h * pr.q.sh + m0 * qsn;
+      const T* kb = pr.k.p + pr.k.base[tile.b] + tile.h * pr.k.sh;
+      const T* vb = pr.v.p + pr.v.base[tile.b] + tile.h * pr.v.sh;
+      if (cur_bh != tile.bh) cur_bh = tile.bh, k_done = 0, v_done = 0;
+      for (int64_t r = 0; r < rows; ++r) {  // Qt: rows x Dp, row-major (pad column stays 0)
+        if (r + kAhead < rows) prefetch_row(q + (r + kAhead) * qsn, D);
+        lowp_row(q + r * qsn, qrope, m0 + r, D, raw.data(), rot.data(), qt.data() + r * Dp);
+      }
+      // keys [k_done, kend), up to 16 at a time (within one block of KT): their pairs (d, d+1)
+      // transposed to the keys' columns of the block's VNNI K^T
+      for (int64_t j0 = k_done; j0 < kend;) {
+        const int64_t nj = std::min({int64_t(16), kend - j0, KT - j0 % KT});
+        const uint16_t* src[16];
+        for (int64_t j = 0; j < nj; ++j) {
+          const T* x = kb + (j0 + j) * ksn;
+          if (j0 + j + kAhead < kend) prefetch_row(x + kAhead * ksn, D);
+          if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
+            T* row = krows.data() + j * Dp;
+            lowp_row(x, krope, j0 + j, D, raw.data(), rot.data(), row);
+            x = row;
+          }
+          src[j] = reinterpret_cast<const uint16_t*>(x);
+        }
+        pack_pairs_transposed(src, nj, Dp / 2,
+                              reinterpret_cast<uint16_t*>(kp.data() + (j0 / KT) * Dp * KT +
+                                                          (j0 % KT) * 2), KT);
+        j0 += nj;
+      }
+      k_done = std::max(k_done, kend);
+      // values: pair rows (keys 2p, 2p + 1) from v_done's pair to round_up(kend, KALIGN): keys
+      // past kend, which this tile's last chunk reads with weight 0, are zeros
+      if (kend > v_done) {
+        const auto* zeros = reinterpret_cast<const uint16_t*>(vzero.data());
+        for (int64_t j = v_done & ~int64_t(1); j < round_up(kend, KALIGN); j += 2) {
+          if (j + kAhead < kend) prefetch_row(vb + (j + kAhead) * vsn, Dv);
+          const auto* a = j < kend ? reinterpret_cast<const uint16_t*>(vb + j * vsn) : zeros;
+          const auto* b = j + 1 < kend ? reinterpret_cast<const uint16_t*>(vb + (j + 1) * vsn)
+                                       : nullptr;
+          interleave_pair(a, b, Dv, reinterpret_cast<uint16_t*>(vp.data() + j * Dv));
+        }
+        v_done = kend;
+      }
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t c0 = 0; c0 < kend; c0 += KT) {
+        const int64_t kc = std::min(KT, kend - c0), kw = round_up(kc, KALIGN);
+        at::native::cpublas::brgemm(rows, kw, Dp, Dp, KT, KT, false, qt.data(),
+                                    kp.data() + (c0 / KT) * Dp * KT, st.data(), true);
+        for (int64_t r = 0; r < rows; ++r) {
+          float mn;
+          const float sum = softmax_row_lowp(kBf16, st.data() + r * KT,
+                                             keys_seen(tile, re, r, c0, kc), kw, scale, m[r],
+                                             &mn, reinterpret_cast<uint16_t*>(pt.data() + r * KT));
+          const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mn);
+          if (c0 > 0 && alpha != 1.f) {
+            float* o = O.data() + r * Dv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha;
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = mn;
+        }
+        at::native::cpublas::brgemm(rows, Dv, kw, KT, Dv, Dv, c0 > 0, pt.data(),
+                                    vp.data() + c0 * Dv, O.data(), true);
+      }
+      finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
+    }
+    at::native::cpublas::brgemm_release(true);  // hand the tile state back
+  });
+}
+
+// Runs the forward on the tiles for bfloat16 / float16 when tiles_why_not says nothing, else
+// the float32 kernel.
+template <typename T>
+void attention_fwd_dispatch(const FwdProblem<T>& pr, Rope qrope, Rope krope,
+                            const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
+                            float scale, T* op, float* lp) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    if (tiles_why_not(c10::CppTypeToScalarType<T>::value, pr.D, pr.Dv).empty()) {
+      return attention_fwd_tiles<T>(pr, qrope, krope, re, lens, scale, op, lp);
+    }
+  }
+  attention_fwd_kernel<T>(pr, qrope, krope, re, lens, scale, op, lp);
 }
 
 void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at::Tensor& kf,
@@ -380,6 +563,33 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
 
 }  // namespace
 
+std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    return std::string(c10::toString(dtype)) + " inputs compute in float32 (AMX multiplies only "
+           "bfloat16 / float16)";
+  }
+  if (!amx_tiles()) {
+    return std::getenv("ADAPERCEIVER_CPU_ISA") && *std::getenv("ADAPERCEIVER_CPU_ISA")
+               ? "ADAPERCEIVER_CPU_ISA=" + std::string(std::getenv("ADAPERCEIVER_CPU_ISA")) +
+                     " turns the AMX tiles off"
+               : "this CPU has no AMX-BF16 tiles";
+  }
+  if (!at::globalContext().userEnabledMkldnn()) {
+    return "torch.backends.mkldnn is disabled (the tiles run through oneDNN's brgemm)";
+  }
+  const bool native = dtype == at::kBFloat16 ? native_bf16_gemm() : native_fp16_gemm();
+  if (!native || !at::native::cpublas::could_pack(dtype)) {
+    return std::string("cpublas cannot put ") + c10::toString(dtype) + " on AMX tiles here (" +
+           (dtype == at::kHalf ? "no AMX-FP16" : "no AMX-BF16") + ")";
+  }
+  if (D == 0 || Dv == 0) return "an empty head dimension";
+  return "";
+}
+
+const char* attention_path(at::ScalarType dtype) {
+  return tiles_why_not(dtype, 64, 64).empty() ? "amx" : "float32";
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v,
                                                  at::OptionalIntArrayRef token_grans, double scale,
@@ -408,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                         B, H, Nq, Nk, q.size(3), v.size(3),
                                         padded_rows<scalar_t>(qf), padded_rows<scalar_t>(kf),
                                         padded_rows<scalar_t>(vf), out_row, false};
-                                    attention_fwd_kernel<scalar_t>(
+                                    attention_fwd_dispatch<scalar_t>(
                                         pr, qrope, krope, re, lens, static_cast<float>(scale),
                                         out.data_ptr<scalar_t>(), lse.data_ptr<float>());
                                   });
@@ -443,7 +653,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
                                         packed_rows<scalar_t>(qf, rows.start),
                                         packed_rows<scalar_t>(kf, rows.start),
                                         packed_rows<scalar_t>(vf, rows.start), rows.start, true};
-                                    attention_fwd_kernel<scalar_t>(
+                                    attention_fwd_dispatch<scalar_t>(
                                         pr, qrope, krope, re, rows.lens,
                                         static_cast<float>(scale), out.data_ptr<scalar_t>(),
                                         lse.data_ptr<float>());

@@ -3,6 +3,8 @@
 #include "cpu/microkernel.h"
 
 #include <ATen/cpu/Utils.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 
@@ -181,6 +183,177 @@ __attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc
   _mm512_mask_storeu_ps(m_new + 16, k1, mx1);
   _mm512_mask_storeu_ps(sum, k0, s0);
   _mm512_mask_storeu_ps(sum + 16, k1, s1);
+}
+
+// 2^t for t <= 0 (t = -inf gives 0, NaN stays NaN): 2^round(t) times a degree-5 polynomial of
+// the fraction (relative error ~3e-6, ample for weights rounded to bfloat16 / float16 next).
+// t is clamped at -150 first (max_ps returns its second operand, t, when t is NaN), where 2^t
+// is below the smallest float and scalef gives 0.
+__attribute__((target("avx512f"))) inline __m512 exp2_lowp(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// See softmax_row_lowp in microkernel.h. Pass 1: the NaN-sticky max of scale * s over the
+// valid scores; pass 2: exp(scale * s - m) as 2^((scale * s - m) log2 e), rounded to the
+// 16-bit type (bfloat16: vcvtneps2bf16, round to nearest even, NaN kept; float16:
+// vcvtps2ph) and summed as rounded. AVX512-BF16 for the bfloat16 rounding: every CPU with AMX
+// tiles has it.
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
+    const float* s, int64_t valid, int64_t width, float scale, float m_old, float* m_new,
+    uint16_t* p) {
+  const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 mx = ninf;
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < valid; j += 16) {
+    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (valid - j)) - 1);
+    const __m512 v = _mm512_mask_mul_ps(ninf, k, _mm512_maskz_loadu_ps(k, s + j), vs);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(v, mx);  // a NaN v leaves mx (recorded in nan instead)
+  }
+  float m = _mm512_reduce_max_ps(mx);
+  m = (nan || std::isnan(m_old)) ? std::numeric_limits<float>::quiet_NaN() : std::max(m, m_old);
+  *m_new = m;
+  // all -inf so far: subtract 0, not -inf (see col_softmax_avx512)
+  const __m512 sub = _mm512_set1_ps(m == -INFINITY ? 0.f : m);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < width; j += 16) {
+    // lanes past valid: weight 0 (not computed: they may hold any score)
+    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF)
+                        : valid > j   ? __mmask16((1u << (valid - j)) - 1)
+                                      : __mmask16(0);
+    // (scale * s - m) exactly as pass 1 rounds scale * s, then times log2(e): <= 0 or NaN
+    const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs), sub);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_lowp(_mm512_mul_ps(v, log2e)));
+    __m256i h;
+    __m512 w;
+    if constexpr (kBf16) {
+      h = (__m256i)_mm512_cvtneps_pbh(e);
+      w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      h = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      w = _mm512_cvtph_ps(h);
+    }
+    sum = _mm512_add_ps(sum, w);
+    if (width - j >= 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
+    } else {  // (a masked 16-bit store needs AVX512-BW)
+      alignas(32) uint16_t tail[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), h);
+      std::copy(tail, tail + (width - j), p + j);
+    }
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// 16 x 16 32-bit transpose in registers: r[j] lane i -> r[i] lane j.
+__attribute__((target("avx512f"))) inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // 128-bit blocks: row i now holds lanes {4b + i % 4} of the 4 rows of its group i / 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+__attribute__((target("avx512f"))) void pack_pairs_transposed_avx512(
+    const uint16_t* const* rows, int64_t nrows, int64_t npairs, uint16_t* dst, int64_t ld) {
+  for (int64_t i0 = 0; i0 < npairs; i0 += 16) {
+    const int64_t w = std::min<int64_t>(16, npairs - i0);
+    const __mmask16 k = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j) {
+      r[j] = j < nrows ? _mm512_maskz_loadu_epi32(k, rows[j] + 2 * i0) : _mm512_setzero_si512();
+    }
+    transpose16x16(r);
+    const __mmask16 kr = nrows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nrows) - 1);
+    for (int64_t i = 0; i < w; ++i) {
+      _mm512_mask_storeu_epi32(dst + ((i0 + i) * ld) * 2, kr, r[i]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void interleave_pair_avx512(const uint16_t* a,
+                                                                       const uint16_t* b,
+                                                                       int64_t n,
+                                                                       uint16_t* dst) {
+  // out[2d] = a[d], out[2d + 1] = b[d]: word indices into the pair (a, b) of 32-word vectors
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int d = 0; d < 16; ++d) {
+    lo_idx[2 * d] = d, lo_idx[2 * d + 1] = 32 + d;
+    hi_idx[2 * d] = 16 + d, hi_idx[2 * d + 1] = 48 + d;
+  }
+  const __m512i il = _mm512_load_si512(lo_idx), ih = _mm512_load_si512(hi_idx);
+  for (int64_t d = 0; d < n; d += 32) {
+    const int64_t w = std::min<int64_t>(32, n - d);
+    const __mmask32 k = w >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << w) - 1);
+    const __m512i va = _mm512_maskz_loadu_epi16(k, a + d);
+    const __m512i vb = b ? _mm512_maskz_loadu_epi16(k, b + d) : _mm512_setzero_si512();
+    const __m512i lo = _mm512_permutex2var_epi16(va, il, vb);
+    const __m512i hi = _mm512_permutex2var_epi16(va, ih, vb);
+    const __mmask32 k0 = w >= 16 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (2 * w)) - 1);
+    const __mmask32 k1 = w >= 32 ? __mmask32(0xFFFFFFFFu)
+                         : w > 16 ? __mmask32((1u << (2 * (w - 16))) - 1) : __mmask32(0);
+    _mm512_mask_storeu_epi16(dst + 2 * d, k0, lo);
+    _mm512_mask_storeu_epi16(dst + 2 * d + 32, k1, hi);
+  }
+}
+
+// dst = x * s rounded to bfloat16 / float16 bits (n values)
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void scale_row_lowp_avx512(
+    const float* x, float s, int64_t n, uint16_t* dst) {
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 k = n - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - d)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + d), vs);
+    __m256i h;
+    if constexpr (kBf16) {
+      h = (__m256i)_mm512_cvtneps_pbh(v);
+    } else {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16(dst + d, k, h);
+  }
+}
+
+bool has_avx512_bw() {  // and VL
+  static const bool yes = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return yes;
 }
 
 bool has_avx512() {
@@ -408,6 +581,26 @@ void col_softmax_portable(float* st, int64_t kc, int64_t ld, int64_t cols, const
   }
 }
 
+template <typename T>
+float softmax_row_portable(const float* s, int64_t valid, int64_t width, float scale,
+                           float m_old, float* m_new, uint16_t* p) {
+  float m = m_old;
+  for (int64_t j = 0; j < valid; ++j) {
+    const float v = s[j] * scale;
+    m = (std::isnan(v) || std::isnan(m)) ? std::numeric_limits<float>::quiet_NaN()
+                                         : std::max(m, v);
+  }
+  *m_new = m;
+  const float sub = m == -std::numeric_limits<float>::infinity() ? 0.f : m;
+  float sum = 0.f;
+  for (int64_t j = 0; j < width; ++j) {
+    const T e = static_cast<T>(j < valid ? std::exp(s[j] * scale - sub) : 0.f);
+    sum += static_cast<float>(e);
+    p[j] = e.x;
+  }
+  return sum;
+}
+
 void small_gemm_blas(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   // A is row-major (cs == 1) or column-major (rs == 1)
@@ -439,36 +632,58 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
-Isa best_isa() {
-  static const Isa best = [] {
-    const Isa hw = has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
-    std::string env;
-    if (const char* v = std::getenv("ADAPERCEIVER_CPU_ISA")) env = v;
-    env.erase(0, env.find_first_not_of(" \t\n\r"));
-    env.erase(env.find_last_not_of(" \t\n\r") + 1);
-    std::transform(env.begin(), env.end(), env.begin(),
-                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
-    if (env.empty()) return hw;
-    for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
-      if (env != isa_name(isa)) continue;
-      TORCH_CHECK(isa_supported(isa), "ADAPERCEIVER_CPU_ISA=", env, " is not supported by this "
-                  "CPU; allowed here: ", isa_name(hw), " or a lower one (avx512 > avx2 > "
-                  "portable)");
-      return isa;
-    }
-    TORCH_CHECK(false, "ADAPERCEIVER_CPU_ISA=", env, " is not allowed; allowed: avx512, avx2, "
-                "portable");
-    return hw;
-  }();
-  return best;
-}
-
 // cpuinfo's flags, through ATen (the same detection oneDNN's dispatch relies on)
 static bool cpu_flag(const char* name) {
   const auto caps = at::cpu::get_cpu_capabilities();
   const auto it = caps.find(name);
   return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
+
+namespace {
+
+// What ADAPERCEIVER_CPU_ISA (read once) leaves the kernels: the microkernel's instruction set,
+// and whether the low-precision attention may run on AMX tiles ("amx" is AVX-512 plus the
+// tiles; "avx512" and lower turn the tiles off).
+struct IsaChoice {
+  Isa isa;
+  bool tiles;
+};
+
+const IsaChoice& isa_choice() {
+  static const IsaChoice choice = [] {
+    const bool amx = has_avx512() && cpu_flag("amx_tile") && cpu_flag("amx_bf16");
+    const Isa hw = has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
+    const char* hw_name = amx ? "amx" : isa_name(hw);
+    std::string env;
+    if (const char* v = std::getenv("ADAPERCEIVER_CPU_ISA")) env = v;
+    env.erase(0, env.find_first_not_of(" \t\n\r"));
+    env.erase(env.find_last_not_of(" \t\n\r") + 1);
+    std::transform(env.begin(), env.end(), env.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    if (env.empty()) return IsaChoice{hw, amx};
+    const bool known = env == "amx" || env == "avx512" || env == "avx2" || env == "portable";
+    TORCH_CHECK(known, "ADAPERCEIVER_CPU_ISA=", env, " is not allowed; allowed: amx, avx512, "
+                "avx2, portable");
+    const bool ok = env == "amx" ? amx
+                    : env == "avx512" ? isa_supported(Isa::kAvx512)
+                    : env == "avx2" ? isa_supported(Isa::kAvx2) : true;
+    TORCH_CHECK(ok, "ADAPERCEIVER_CPU_ISA=", env, " is not supported by this CPU; allowed "
+                "here: ", hw_name, " or a lower one (amx > avx512 > avx2 > portable)");
+    if (env == "amx") return IsaChoice{Isa::kAvx512, true};
+    for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
+      if (env == isa_name(isa)) return IsaChoice{isa, false};
+    }
+    return IsaChoice{hw, amx};
+  }();
+  return choice;
+}
+
+}  // namespace
+
+Isa best_isa() { return isa_choice().isa; }
+
+bool amx_tiles() { return isa_choice().tiles; }
+
 
 bool native_bf16_gemm() {
   static const bool yes = best_isa() == Isa::kAvx512 &&
@@ -519,6 +734,47 @@ void small_gemm(Isa isa, int64_t m, int64_t n, int64_t k, const float* a, int64_
                 bool accumulate) {
   TORCH_CHECK(isa_supported(isa), "small_gemm: this CPU lacks the requested instruction set");
   run_small_gemm(isa, m, n, k, a, rs, cs, b, ldb, c, ldc, accumulate);
+}
+
+void pack_pairs_transposed(const uint16_t* const* rows, int64_t nrows, int64_t npairs,
+                           uint16_t* dst, int64_t ld) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (best_isa() == Isa::kAvx512) return pack_pairs_transposed_avx512(rows, nrows, npairs, dst, ld);
+#endif
+  for (int64_t i = 0; i < npairs; ++i)
+    for (int64_t j = 0; j < nrows; ++j)
+      std::copy(rows[j] + 2 * i, rows[j] + 2 * i + 2, dst + (i * ld + j) * 2);
+}
+
+void interleave_pair(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (best_isa() == Isa::kAvx512 && has_avx512_bw()) return interleave_pair_avx512(a, b, n, dst);
+#endif
+  for (int64_t d = 0; d < n; ++d) dst[2 * d] = a[d], dst[2 * d + 1] = b ? b[d] : uint16_t(0);
+}
+
+void scale_row_lowp(bool bf16, const float* x, float s, int64_t n, uint16_t* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (best_isa() == Isa::kAvx512 && has_avx512_bf16() && has_avx512_bw()) {
+    return bf16 ? scale_row_lowp_avx512<true>(x, s, n, dst)
+                : scale_row_lowp_avx512<false>(x, s, n, dst);
+  }
+#endif
+  for (int64_t d = 0; d < n; ++d) {
+    dst[d] = bf16 ? c10::BFloat16(x[d] * s).x : c10::Half(x[d] * s).x;
+  }
+}
+
+float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,
+                       float m_old, float* m_new, uint16_t* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (best_isa() == Isa::kAvx512 && has_avx512_bf16()) {
+    return bf16 ? softmax_row_avx512<true>(s, valid, width, scale, m_old, m_new, p)
+                : softmax_row_avx512<false>(s, valid, width, scale, m_old, m_new, p);
+  }
+#endif
+  return bf16 ? softmax_row_portable<c10::BFloat16>(s, valid, width, scale, m_old, m_new, p)
+              : softmax_row_portable<c10::Half>(s, valid, width, scale, m_old, m_new, p);
 }
 
 void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,

@@ -17,10 +17,14 @@ namespace cpu {
 enum class Isa { kAvx512, kAvx2, kPortable };
 bool isa_supported(Isa isa);
 const char* isa_name(Isa isa);  // "avx512", "avx2", "portable"
-// AVX-512 when the CPU has it, else AVX2 + FMA, else portable. ADAPERCEIVER_CPU_ISA=avx512 /
-// avx2 / portable in the environment (read once) picks a lower one, so that the paths a CPU
-// without AVX-512 takes can be run and tested here; a higher one than the CPU has is an error.
+// AVX-512 when the CPU has it, else AVX2 + FMA, else portable. ADAPERCEIVER_CPU_ISA=amx /
+// avx512 / avx2 / portable in the environment (read once) picks a lower one (amx is AVX-512
+// plus the AMX tiles), so that the paths a CPU without AMX or AVX-512 takes can be run and
+// tested here; a higher one than the CPU has is an error.
 Isa best_isa();
+// The bfloat16 / float16 attention may run on AMX tiles: the CPU has AMX-BF16 and
+// ADAPERCEIVER_CPU_ISA is unset or amx (the attention also asks cpublas, per call).
+bool amx_tiles();
 
 // bfloat16 (float16) GEMMs run natively: the CPU has AVX512-BF16 or AMX-BF16 (AVX512-FP16 or
 // AMX-FP16) and best_isa() is AVX-512. Then the FFN runs those dtypes as they are through
@@ -42,6 +46,24 @@ void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m
                  float* m_new, float* sum);
 void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,
                  float* m_new, float* sum);
+
+// Online-softmax step on one score row for the AMX attention (s: width float32 scores, row-major
+// blocks): m_new = max(m_old, scale * s[j] for j < valid), NaN-sticky; p[j] = exp(scale * s[j] -
+// m_new) rounded to bfloat16 (bf16) or float16 bits for j < valid (m_new = -inf subtracts 0, so
+// masked scores give 0), p[j] = 0 for valid <= j < width. Returns the sum of the rounded p[j]
+// (the weights the value product will use).
+float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,
+                       float m_old, float* m_new, uint16_t* p);
+
+// Packing for the AMX attention (16-bit values as bits). pack_pairs_transposed: nrows (<= 16)
+// rows of 2 * npairs values to the VNNI layout of their transpose, row j's pair i at
+// dst[(i * ld + j) * 2 + {0, 1}] (keys as the columns of K^T). interleave_pair: two rows a, b
+// (b null: zeros) of n values to one VNNI pair row, dst[2d] = a[d], dst[2d + 1] = b[d].
+// scale_row_lowp: dst = x * s rounded to bfloat16 (bf16) or float16 bits.
+void pack_pairs_transposed(const uint16_t* const* rows, int64_t nrows, int64_t npairs,
+                           uint16_t* dst, int64_t ld);
+void interleave_pair(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
+void scale_row_lowp(bool bf16, const float* x, float s, int64_t n, uint16_t* dst);
 
 // Row-major GEMM through BLAS: C = alpha * op(A) op(B) + beta * C.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
