@@ -130,6 +130,19 @@ inline void check_attention_args(const at::Tensor& q, const at::Tensor& k, const
 // The packed-rows (varlen) forward's arguments, checked alike by the CPU and CUDA kernels: q, k,
 // v (R, H, D) holding sample b's seq_lens[b] rows after those of samples 0..b-1 (self-attention:
 // one set of rows), R = sum of seq_lens, lengths >= 0, RoPE tables (longest length, D / 2).
+// The backward's extra arguments: grad_out and out shaped as the forward's output (B, H, Nq, Dv),
+// lse as its (B, H, Nq) log-sum-exp.
+inline void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tensor& out,
+                                     const at::Tensor& lse, const at::Tensor& q,
+                                     const at::Tensor& v) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dv = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() ==
+                  grad_out.sizes(), "grad_out and out must be (", B, ", ", H, ", ", Nq, ", ", Dv,
+              "); got grad_out", shape_str(grad_out), " out", shape_str(out));
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), "lse must be (", B, ", ", H, ", ",
+              Nq, "); got ", shape_str(lse));
+}
+
 struct VarlenRows {
   std::vector<int64_t> lens, start;  // per sample: its length and its first row
   int64_t max_len = 0;

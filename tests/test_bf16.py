@@ -168,8 +168,8 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
         if dtype == torch.bfloat16 and _ext.build_info()["cpu_native_bf16"]:
             assert row_chunks(rows, 1000, dtype) > 1 and row_chunks(rows, 833, dtype) > 1
         args[0][-1, -1, 7] = math.nan               # the last block's last row
-        out = C.ffn_forward(*args, hidden)
-        again = C.ffn_forward(*args, hidden)
+        out = C.ffn_forward(FfnInputs.build(*args, hidden))
+        again = C.ffn_forward(FfnInputs.build(*args, hidden))
     finally:
         torch.set_num_threads(old)
     ref = R.ffn_forward(*args, hidden)

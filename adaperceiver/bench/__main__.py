@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import Callable, Optional, Sequence
 
 __all__ = ["main", "run", "build_parser"]
@@ -202,7 +201,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Pla
     from adaperceiver.ops.dispatch import BACKENDS
 
     from . import baselines as bl
-    from .grid import GridError, ModelAxes, parse_grid
+    from .grid import GridError, parse_grid_for
     from .report import read_accuracy_csv
     from .runner import RunSettings, log, model_config, parse_precision, resolved_backend
 
@@ -251,11 +250,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Pla
         parser.error(f"--img-size {args.img_size} is not allowed; allowed: a multiple of the "
                      f"model's patch_size={cfg.patch_size}")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            grid = parse_grid(args.configs, ModelAxes.from_config(cfg))
-        for w in caught:
-            log(f"warning: {w.message}")
+        grid = parse_grid_for(args.configs, cfg, log)
     except GridError as e:
         parser.error(str(e))
     try:

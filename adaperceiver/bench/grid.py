@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 
 from ..config import MAX_NUM_TOKENS
 
-__all__ = ["Config", "ModelAxes", "parse_grid", "default_axes", "all_axes", "GridError"]
+__all__ = ["Config", "ModelAxes", "parse_grid", "parse_grid_for", "default_axes", "all_axes",
+           "GridError"]
 
 AXES = ("t", "w", "l")
 _AXIS_NAMES = {"t": "t (num_tokens)", "w": "w (mat_dim)", "l": "l (depth)"}
@@ -181,3 +182,15 @@ def parse_grid(spec, axes: ModelAxes = RELEASED) -> list[Config]:
     if not grid:  # pragma: no cover - every axis is checked non-empty above
         raise GridError("--configs names no configuration")
     return sorted(grid)
+
+
+def parse_grid_for(spec, cfg, log) -> list[Config]:
+    """``parse_grid(spec)`` on the axes of model config ``cfg``, for a command line: its
+    warnings (e.g. a token count above the model's largest) go to ``log`` as ``warning: ...``
+    lines beside the progress output rather than through Python's warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grid = parse_grid(spec, ModelAxes.from_config(cfg))
+    for w in caught:
+        log(f"warning: {w.message}")
+    return grid

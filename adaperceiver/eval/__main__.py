@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:
@@ -181,7 +180,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     import torch
 
-    from ..bench.grid import GridError, ModelAxes, parse_grid
+    from ..bench.grid import GridError, parse_grid_for
     from ..bench.runner import parse_precision
     from ..ops.dispatch import BACKENDS
     from . import data as D
@@ -229,11 +228,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     model = model.eval().to(device=device, dtype=precision.dtype)
     cfg = model.config
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            grid = parse_grid(args.configs, ModelAxes.from_config(cfg))
-        for w in caught:
-            log(f"warning: {w.message}")
+        grid = parse_grid_for(args.configs, cfg, log)
         policies = [parse_policy(s, cfg) for s in args.policy]
     except (GridError, ValueError, FileNotFoundError) as e:
         _fail(parser, str(e))

@@ -669,11 +669,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_bwd (CPU kernel) got tensors on ", q.device());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), Dv = v.size(3);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() ==
-                  grad_out.sizes(), "grad_out and out must be (", B, ", ", H, ", ", Nq, ", ", Dv,
-              "); got grad_out", shape_str(grad_out), " out", shape_str(out));
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), "lse must be (", B, ", ", H, ", ",
-              Nq, "); got ", shape_str(lse));
+  check_attention_bwd_args(grad_out, out, lse, q, v);
   const auto re = row_end(Nq, token_grans, Nk);
   const auto lens = seq_lens_host(seq_lens, B);
   at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});

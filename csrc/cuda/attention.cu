@@ -262,11 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_cuda_args(q, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "grad_out and out must have q's shape ", shape_str(q), "; got grad_out",
-              shape_str(grad_out), " out", shape_str(out));
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Nq,
-              "lse must be (", B, ", ", H, ", ", Nq, "); got ", shape_str(lse));
+  check_attention_bwd_args(grad_out, out, lse, q, v);
   const auto T = q.scalar_type();
   at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
   const int* lens_ptr = lens.defined() ? lens.data_ptr<int>() : nullptr;
