@@ -2,9 +2,9 @@
 
 On the CPU in float32, when no gradient is recorded, a projection runs as oneDNN's matmul
 (``mkldnn::_linear_pointwise`` on the plain weight: no pre-packed copy, nothing cached) instead
-of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs; on an AMD EPYC
-(AVX2) oneDNN ran the model's projection shapes (1024 rows, K = 832 / 3328) 1.18-1.33x faster
-than MKL (``pytest benchmarks/test_bench_ops_cpu.py -k projection -s`` prints the ratios).
+of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs, where oneDNN runs
+the model's projection shapes faster (``pytest benchmarks/test_bench_ops_cpu.py -k projection
+-s`` prints the ratio; figures in benchmarks/README.md).
 Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
 oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
 runs those on its reference kernel, three orders of magnitude slower.
