@@ -603,8 +603,16 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
 # (C = 832, Hmax = 2138): unit strides become constexpr 1, and ":16" marks pointers and ints
 # that are multiples of 16 (C-strided rows, the padded activation rows); Hmax-strided ones are
 # not.
-def _spec(name, kernel, types, consts, blocks):
+_INDEX_ARGS = {a: "*i32:16" for a in ("row_ids_ptr", "row_h_ptr", "items_ptr", "row_bound_ptr",
+                                        "count_ptr")}
+
+
+def _spec(name, kernel, types, consts, blocks, precision):
+    """One kernel's compile description: the schedule's index pointers and C (a multiple of
+    16) typed for every kernel, the debug counters off and the given dot precision."""
     fn = globals()[kernel]
+    types = {**_INDEX_ARGS, "C": "i32:16", **types}
+    consts = {**consts, "COUNT": False, "PRECISION": precision}
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:
@@ -618,46 +626,33 @@ def _spec(name, kernel, types, consts, blocks):
 
 
 def _compile_specs(blocks: Blocks, precision: str = "ieee") -> list[dict]:
-    idx = {a: "*i32:16" for a in ("row_ids_ptr", "row_h_ptr", "items_ptr", "row_bound_ptr",
-                                  "count_ptr")}
     c16 = "i32:16"
-    return [
-        _spec("ffn fc1+gelu", "_fc1_gelu_kernel",
-              {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_w1h": c16,
-               "stride_am": c16},
-              {"stride_xc": 1, "stride_w1c": 1, "BLOCK_M": blocks.block_m,
-               "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k, "COUNT": False,
-               "PRECISION": precision}, blocks),
-        _spec("ffn bwd dpre", "_dpre_kernel",
-              {**idx, "C": c16, "HPAD": c16, "stride_xm": c16, "stride_gm": c16,
-               "stride_w1h": c16, "stride_am": c16},
-              {"stride_xc": 1, "stride_gc": 1, "stride_w1c": 1, "stride_w2h": 1,
-               "BLOCK_M": blocks.block_m_bwd, "BLOCK_H": blocks.block_h,
-               "BLOCK_K": blocks.block_k, "COUNT": False,
-               "PRECISION": precision}, blocks),
-        _spec("ffn fc2", "_rows_by_hidden_kernel",
-              {**idx, "C": c16, "stride_am": c16, "stride_wc": c16, "stride_om": c16},
-              {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "W_K_PAD": True,
-               "BLOCK_M": blocks.block_m2,
-               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False,
-               "PRECISION": precision}, blocks),
-        _spec("ffn bwd dx", "_rows_by_hidden_kernel",
-              {**idx, "C": c16, "stride_am": c16, "stride_wk": c16, "stride_om": c16},
-              {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "W_K_PAD": False,
-               "BLOCK_M": blocks.block_m2,
-               "BLOCK_C": blocks.block_c, "BLOCK_K": blocks.block_k2, "COUNT": False,
-               "PRECISION": precision}, blocks),
-        _spec("ffn bwd dW1+db1", "_hidden_by_cols_kernel",
-              {**idx, "C": c16, "stride_am": c16, "stride_xm": c16, "stride_oh": c16},
-              {"stride_xc": 1, "stride_oc": 1, "HAS_DB": True, "BLOCK_H": blocks.block_h,
-               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False,
-               "PRECISION": precision}, blocks),
-        _spec("ffn bwd dW2", "_hidden_by_cols_kernel",
-              {**idx, "C": c16, "stride_am": c16, "stride_xm": c16},
-              {"stride_xc": 1, "stride_oh": 1, "HAS_DB": False, "BLOCK_H": blocks.block_h,
-               "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r, "COUNT": False,
-               "PRECISION": precision}, blocks),
+    fc2_tiles = {"BLOCK_M": blocks.block_m2, "BLOCK_C": blocks.block_c,
+                 "BLOCK_K": blocks.block_k2}
+    dw_tiles = {"BLOCK_H": blocks.block_h, "BLOCK_C": blocks.block_c, "BLOCK_R": blocks.block_r}
+    specs = [
+        ("ffn fc1+gelu", "_fc1_gelu_kernel",
+         {"HPAD": c16, "stride_xm": c16, "stride_w1h": c16, "stride_am": c16},
+         {"stride_xc": 1, "stride_w1c": 1, "BLOCK_M": blocks.block_m,
+          "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k}),
+        ("ffn bwd dpre", "_dpre_kernel",
+         {"HPAD": c16, "stride_xm": c16, "stride_gm": c16, "stride_w1h": c16, "stride_am": c16},
+         {"stride_xc": 1, "stride_gc": 1, "stride_w1c": 1, "stride_w2h": 1,
+          "BLOCK_M": blocks.block_m_bwd, "BLOCK_H": blocks.block_h, "BLOCK_K": blocks.block_k}),
+        ("ffn fc2", "_rows_by_hidden_kernel",
+         {"stride_am": c16, "stride_wc": c16, "stride_om": c16},
+         {"stride_wk": 1, "stride_oc": 1, "HAS_BIAS": True, "W_K_PAD": True, **fc2_tiles}),
+        ("ffn bwd dx", "_rows_by_hidden_kernel",
+         {"stride_am": c16, "stride_wk": c16, "stride_om": c16},
+         {"stride_wc": 1, "stride_oc": 1, "HAS_BIAS": False, "W_K_PAD": False, **fc2_tiles}),
+        ("ffn bwd dW1+db1", "_hidden_by_cols_kernel",
+         {"stride_am": c16, "stride_xm": c16, "stride_oh": c16},
+         {"stride_xc": 1, "stride_oc": 1, "HAS_DB": True, **dw_tiles}),
+        ("ffn bwd dW2", "_hidden_by_cols_kernel",
+         {"stride_am": c16, "stride_xm": c16},
+         {"stride_xc": 1, "stride_oh": 1, "HAS_DB": False, **dw_tiles}),
     ]
+    return [_spec(*spec, blocks, precision) for spec in specs]
 
 
 def compile_specs(dtype: torch.dtype = torch.float16) -> list[dict]:
