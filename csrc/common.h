@@ -8,12 +8,26 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <cstdint>
 #include <sstream>
 #include <string>
 #include <vector>
 
 namespace adaperceiver {
+
+// An environment variable's value with surrounding blanks removed and lower-cased ("" when
+// unset), as the Python side reads the same variables, so both agree on a choice.
+inline std::string env_choice(const char* name) {
+  std::string env;
+  if (const char* v = std::getenv(name)) env = v;
+  env.erase(0, env.find_first_not_of(" \t\n\r"));
+  env.erase(env.find_last_not_of(" \t\n\r") + 1);
+  std::transform(env.begin(), env.end(), env.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return env;
+}
 
 inline std::string shape_str(const at::Tensor& t) {
   std::ostringstream s;

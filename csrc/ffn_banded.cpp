@@ -123,12 +123,7 @@ const c10::OperatorHandle* onednn_linear_op() {
   static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
     // read as ops/linear.py reads it (surrounding blanks and case ignored), so the FFN and the
     // projections always agree on the library; ops/linear.py rejects other values at import
-    std::string env;
-    if (const char* v = std::getenv("ADAPERCEIVER_CPU_GEMM")) env = v;
-    env.erase(0, env.find_first_not_of(" \t\n\r"));
-    env.erase(env.find_last_not_of(" \t\n\r") + 1);
-    std::transform(env.begin(), env.end(), env.begin(),
-                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    const std::string env = env_choice("ADAPERCEIVER_CPU_GEMM");
     if (env == "mkl") return std::nullopt;
     if (!at::hasMKLDNN()) return std::nullopt;
     return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});

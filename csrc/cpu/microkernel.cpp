@@ -1,6 +1,7 @@
 // See microkernel.h. The AVX-512 and AVX2 bodies are compiled with function-level target
 // attributes and chosen at run time (__builtin_cpu_supports), so the library needs no -march flag.
 #include "cpu/microkernel.h"
+#include "common.h"
 
 #include <ATen/cpu/Utils.h>
 #include <c10/util/BFloat16.h>
@@ -654,12 +655,7 @@ const IsaChoice& isa_choice() {
     const bool amx = has_avx512() && cpu_flag("amx_tile") && cpu_flag("amx_bf16");
     const Isa hw = has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
     const char* hw_name = amx ? "amx" : isa_name(hw);
-    std::string env;
-    if (const char* v = std::getenv("ADAPERCEIVER_CPU_ISA")) env = v;
-    env.erase(0, env.find_first_not_of(" \t\n\r"));
-    env.erase(env.find_last_not_of(" \t\n\r") + 1);
-    std::transform(env.begin(), env.end(), env.begin(),
-                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    const std::string env = env_choice("ADAPERCEIVER_CPU_ISA");
     if (env.empty()) return IsaChoice{hw, amx};
     const bool known = env == "amx" || env == "avx512" || env == "avx2" || env == "portable";
     TORCH_CHECK(known, "ADAPERCEIVER_CPU_ISA=", env, " is not allowed; allowed: amx, avx512, "
