@@ -346,6 +346,61 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void scale_row_l
   }
 }
 
+// See rope_row_lowp in microkernel.h. 8 pairs (16 values) per step: the 16-bit values widened
+// to float32 (bfloat16: the high half of a float's bits; float16: vcvtph2ps), the pair
+// partners swapped in-lane, the tables' 8 cosines and sines spread to both lanes of their
+// pair, and out = mul * (x * c + swapped * (-+s)): x0 c + x1 (-s) is x0 c - x1 s exactly, and
+// x1 c + x0 s is x0 s + x1 c. The products and sums use the _round_ intrinsics (builtins, not
+// vector expressions) so that GCC cannot contract them into FMAs, which round once instead
+// of twice and so differ from the reference's float32 rotation in the last bit. Rounded back
+// as scale_row_lowp rounds. kMul: mul != 1 (times 1 is exact, so it is skipped). Full steps
+// use all-ones masks (the loads and stores become plain ones), the last one masked: kp its
+// pairs, kv their values.
+template <bool kBf16, bool kMul>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void rope_step_avx512(
+    const uint16_t* x, const float* c, const float* s, __m512 vmul, __mmask8 kp, __mmask16 kv,
+    uint16_t* dst) {
+  constexpr int kCur = _MM_FROUND_CUR_DIRECTION;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i neg_even = _mm512_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                             INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                             INT32_MIN, 0, INT32_MIN, 0);
+  const __m256i h = _mm256_maskz_loadu_epi16(kv, x);
+  const __m512 v = kBf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                         : _mm512_cvtph_ps(h);
+  const __m512 cv =
+      _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(kp, c)));
+  const __m512 sv = _mm512_castsi512_ps(_mm512_xor_si512(
+      neg_even, _mm512_castps_si512(_mm512_permutexvar_ps(
+                    spread, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(kp, s))))));
+  const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // lanes (1, 0, 3, 2, ...)
+  __m512 out = _mm512_add_round_ps(_mm512_mul_round_ps(v, cv, kCur),
+                                   _mm512_mul_round_ps(swapped, sv, kCur), kCur);
+  if constexpr (kMul) out = _mm512_mul_round_ps(vmul, out, kCur);
+  __m256i r;
+  if constexpr (kBf16) {
+    r = (__m256i)_mm512_cvtneps_pbh(out);
+  } else {
+    r = _mm512_cvtps_ph(out, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_mask_storeu_epi16(dst, kv, r);
+}
+
+template <bool kBf16, bool kMul>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void rope_row_lowp_avx512(
+    const uint16_t* x, const float* c, const float* s, int64_t pairs, float mul, uint16_t* dst) {
+  const __m512 vmul = _mm512_set1_ps(mul);
+  int64_t i = 0;
+  for (; i + 8 <= pairs; i += 8) {
+    rope_step_avx512<kBf16, kMul>(x + 2 * i, c + i, s + i, vmul, 0xFF, 0xFFFF, dst + 2 * i);
+  }
+  if (i < pairs) {
+    const unsigned w = static_cast<unsigned>(pairs - i);
+    rope_step_avx512<kBf16, kMul>(x + 2 * i, c + i, s + i, vmul, __mmask8((1u << w) - 1),
+                                  __mmask16((1u << (2 * w)) - 1), dst + 2 * i);
+  }
+}
+
 bool has_avx512_bw() {  // and VL
   static const bool yes = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
@@ -759,6 +814,63 @@ void scale_row_lowp(bool bf16, const float* x, float s, int64_t n, uint16_t* dst
   for (int64_t d = 0; d < n; ++d) {
     dst[d] = bf16 ? c10::BFloat16(x[d] * s).x : c10::Half(x[d] * s).x;
   }
+}
+
+namespace {
+
+// The rotation value by value (see rope_row_lowp in microkernel.h). The products are rounded
+// one by one as long as nothing contracts them: the baseline x86-64 this file is built for has
+// no FMA (on other architectures, where GCC may fuse them, only this path exists).
+template <typename T>
+void rope_row_lowp_portable(const uint16_t* x, const float* c, const float* s, int64_t pairs,
+                            float mul, uint16_t* dst) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float x0 = static_cast<float>(T(x[2 * i], T::from_bits()));
+    const float x1 = static_cast<float>(T(x[2 * i + 1], T::from_bits()));
+    dst[2 * i] = T(mul * (x0 * c[i] - x1 * s[i])).x;
+    dst[2 * i + 1] = T(mul * (x0 * s[i] + x1 * c[i])).x;
+  }
+}
+
+void run_rope_row_lowp(bool vectorised, bool bf16, const uint16_t* x, const float* c,
+                       const float* s, int64_t pairs, float mul, uint16_t* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vectorised) {
+    const bool times = mul != 1.f;
+    if (bf16) {
+      return times ? rope_row_lowp_avx512<true, true>(x, c, s, pairs, mul, dst)
+                   : rope_row_lowp_avx512<true, false>(x, c, s, pairs, mul, dst);
+    }
+    return times ? rope_row_lowp_avx512<false, true>(x, c, s, pairs, mul, dst)
+                 : rope_row_lowp_avx512<false, false>(x, c, s, pairs, mul, dst);
+  }
+#endif
+  return bf16 ? rope_row_lowp_portable<c10::BFloat16>(x, c, s, pairs, mul, dst)
+              : rope_row_lowp_portable<c10::Half>(x, c, s, pairs, mul, dst);
+}
+
+}  // namespace
+
+bool rope_row_lowp_supported(Isa isa) {
+  if (isa != Isa::kAvx512) return isa_supported(isa);
+#if defined(__x86_64__) && defined(__GNUC__)
+  return has_avx512() && has_avx512_bf16() && has_avx512_bw();
+#else
+  return false;
+#endif
+}
+
+void rope_row_lowp(Isa isa, bool bf16, const uint16_t* x, const float* c, const float* s,
+                   int64_t pairs, float mul, uint16_t* dst) {
+  TORCH_CHECK(rope_row_lowp_supported(isa), "rope_row_lowp: this CPU lacks the instruction set ",
+              isa_name(isa), (isa == Isa::kAvx512 ? " (with AVX512-BF16 and AVX512-BW)" : ""));
+  run_rope_row_lowp(isa == Isa::kAvx512, bf16, x, c, s, pairs, mul, dst);
+}
+
+void rope_row_lowp(bool bf16, const uint16_t* x, const float* c, const float* s, int64_t pairs,
+                   float mul, uint16_t* dst) {
+  static const bool vectorised = best_isa() == Isa::kAvx512 && rope_row_lowp_supported(Isa::kAvx512);
+  run_rope_row_lowp(vectorised, bf16, x, c, s, pairs, mul, dst);
 }
 
 float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,
