@@ -41,70 +41,50 @@ namespace {
 #if defined(__x86_64__) && defined(__GNUC__)
 constexpr int MR = 8, NR = 32;
 
-// One 8 x 32 tile of C (16 of the 32 zmm registers accumulate). Rows past R (the m tail) recompute row R - 1 and are not stored, so the
-// 16 accumulators are named registers (an array of them made GCC spill every k step).
+// The register tiles (AVX-512 8 x 32 here, AVX2 + FMA 6 x 16 below) unrolled over their rows:
+// ADAPERCEIVER_TILE_ROWS_<n>(X, args) is X(r, args) for r = 0 .. n-1. Row r reads A through a<r>
+// and accumulates into two named registers c<r>0, c<r>1 (an array of them made GCC spill every
+// k step). Rows past R (the m tail) recompute row R - 1 and are not stored.
+#define ADAPERCEIVER_TILE_ROWS_6(X, ...) \
+  X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
+  X(5, __VA_ARGS__)
+#define ADAPERCEIVER_TILE_ROWS_8(X, ...) \
+  ADAPERCEIVER_TILE_ROWS_6(X, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__)
+// row r's A pointer and its accumulators (type vec), zeroed
+#define ADAPERCEIVER_TILE_START(r, vec, zero)    \
+  const float* a##r = a + (R > r ? r : R - 1) * rs; \
+  vec c##r##0 = zero(), c##r##1 = c##r##0;
+// row r's k step (A's column offset o, B's vectors b0, b1): broadcast, two FMAs
+#define ADAPERCEIVER_TILE_FMA(r, set1, fmadd) \
+  {                                           \
+    const auto av = set1(a##r[o]);            \
+    c##r##0 = fmadd(av, b0, c##r##0);         \
+    c##r##1 = fmadd(av, b1, c##r##1);         \
+  }
+
+// One 8 x 32 tile of C (16 of the 32 zmm registers accumulate).
 __attribute__((target("avx512f"))) void tile(int R, int64_t k, const float* a, int64_t rs,
                                              int64_t cs, const float* b, int64_t ldb, float* c,
                                              int64_t ldc, __mmask16 m0, __mmask16 m1,
                                              bool accumulate) {
-  const float* a0 = a;
-  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
-  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
-  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
-  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
-  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
-  const float* a6 = a + (R > 6 ? 6 : R - 1) * rs;
-  const float* a7 = a + (R > 7 ? 7 : R - 1) * rs;
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
-         c61 = c00, c70 = c00, c71 = c00;
+  ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_TILE_START, __m512, _mm512_setzero_ps)
   for (int64_t p = 0; p < k; ++p) {
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
     const int64_t o = p * cs;
-    __m512 av = _mm512_set1_ps(a0[o]);
-    c00 = _mm512_fmadd_ps(av, b0, c00);
-    c01 = _mm512_fmadd_ps(av, b1, c01);
-    av = _mm512_set1_ps(a1[o]);
-    c10 = _mm512_fmadd_ps(av, b0, c10);
-    c11 = _mm512_fmadd_ps(av, b1, c11);
-    av = _mm512_set1_ps(a2[o]);
-    c20 = _mm512_fmadd_ps(av, b0, c20);
-    c21 = _mm512_fmadd_ps(av, b1, c21);
-    av = _mm512_set1_ps(a3[o]);
-    c30 = _mm512_fmadd_ps(av, b0, c30);
-    c31 = _mm512_fmadd_ps(av, b1, c31);
-    av = _mm512_set1_ps(a4[o]);
-    c40 = _mm512_fmadd_ps(av, b0, c40);
-    c41 = _mm512_fmadd_ps(av, b1, c41);
-    av = _mm512_set1_ps(a5[o]);
-    c50 = _mm512_fmadd_ps(av, b0, c50);
-    c51 = _mm512_fmadd_ps(av, b1, c51);
-    av = _mm512_set1_ps(a6[o]);
-    c60 = _mm512_fmadd_ps(av, b0, c60);
-    c61 = _mm512_fmadd_ps(av, b1, c61);
-    av = _mm512_set1_ps(a7[o]);
-    c70 = _mm512_fmadd_ps(av, b0, c70);
-    c71 = _mm512_fmadd_ps(av, b1, c71);
+    ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_TILE_FMA, _mm512_set1_ps, _mm512_fmadd_ps)
   }
-#define ADAPERCEIVER_PUT(r, v0, v1)                                        \
-  if ((r) < R) {                                                         \
-    float* cr = c + (r) * ldc;                                           \
-    if (accumulate) {                                                    \
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));             \
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));        \
-    }                                                                    \
-    _mm512_mask_storeu_ps(cr, m0, v0);                                   \
-    _mm512_mask_storeu_ps(cr + 16, m1, v1);                              \
+#define ADAPERCEIVER_PUT(r, ...)                                               \
+  if ((r) < R) {                                                               \
+    float* cr = c + (r) * ldc;                                                 \
+    if (accumulate) {                                                          \
+      c##r##0 = _mm512_add_ps(c##r##0, _mm512_maskz_loadu_ps(m0, cr));         \
+      c##r##1 = _mm512_add_ps(c##r##1, _mm512_maskz_loadu_ps(m1, cr + 16));    \
+    }                                                                          \
+    _mm512_mask_storeu_ps(cr, m0, c##r##0);                                    \
+    _mm512_mask_storeu_ps(cr + 16, m1, c##r##1);                               \
   }
-  ADAPERCEIVER_PUT(0, c00, c01)
-  ADAPERCEIVER_PUT(1, c10, c11)
-  ADAPERCEIVER_PUT(2, c20, c21)
-  ADAPERCEIVER_PUT(3, c30, c31)
-  ADAPERCEIVER_PUT(4, c40, c41)
-  ADAPERCEIVER_PUT(5, c50, c51)
-  ADAPERCEIVER_PUT(6, c60, c61)
-  ADAPERCEIVER_PUT(7, c70, c71)
+  ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_PUT, )
 #undef ADAPERCEIVER_PUT
 }
 
@@ -434,55 +414,34 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int R, int64_t k, const float
                                                    int64_t rs, int64_t cs, const float* b,
                                                    int64_t ldb, float* c, int64_t ldc,
                                                    __m256i m0, __m256i m1, bool accumulate) {
-  const float* a0 = a;
-  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
-  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
-  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
-  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
-  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_TILE_START, __m256, _mm256_setzero_ps)
   for (int64_t p = 0; p < k; ++p) {
     const float* bp = b + p * ldb;
     const __m256 b0 = Full ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
     const __m256 b1 = Full ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
     const int64_t o = p * cs;
-    // row r: one broadcast of A's element, two FMAs into its accumulators
-#define ADAPERCEIVER_ROW(r)                              \
-  {                                                      \
-    const __m256 av = _mm256_broadcast_ss(a##r + o);     \
-    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);          \
-    c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);          \
+    ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_TILE_FMA, _mm256_set1_ps, _mm256_fmadd_ps)
   }
-    ADAPERCEIVER_ROW(0) ADAPERCEIVER_ROW(1) ADAPERCEIVER_ROW(2)
-    ADAPERCEIVER_ROW(3) ADAPERCEIVER_ROW(4) ADAPERCEIVER_ROW(5)
-#undef ADAPERCEIVER_ROW
+#define ADAPERCEIVER_PUT(r, ...)                                                   \
+  if ((r) < R) {                                                                   \
+    float* cr = c + (r) * ldc;                                                     \
+    if (Full) {                                                                    \
+      if (accumulate) {                                                            \
+        c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(cr));                     \
+        c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(cr + 8));                 \
+      }                                                                            \
+      _mm256_storeu_ps(cr, c##r##0);                                               \
+      _mm256_storeu_ps(cr + 8, c##r##1);                                           \
+    } else {                                                                       \
+      if (accumulate) {                                                            \
+        c##r##0 = _mm256_add_ps(c##r##0, _mm256_maskload_ps(cr, m0));              \
+        c##r##1 = _mm256_add_ps(c##r##1, _mm256_maskload_ps(cr + 8, m1));          \
+      }                                                                            \
+      _mm256_maskstore_ps(cr, m0, c##r##0);                                        \
+      _mm256_maskstore_ps(cr + 8, m1, c##r##1);                                    \
+    }                                                                              \
   }
-#define ADAPERCEIVER_PUT(r, v0, v1)                                              \
-  if ((r) < R) {                                                               \
-    float* cr = c + (r) * ldc;                                                 \
-    if (Full) {                                                                \
-      if (accumulate) {                                                        \
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));                           \
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));                       \
-      }                                                                        \
-      _mm256_storeu_ps(cr, v0);                                                \
-      _mm256_storeu_ps(cr + 8, v1);                                            \
-    } else {                                                                   \
-      if (accumulate) {                                                        \
-        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                    \
-        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                \
-      }                                                                        \
-      _mm256_maskstore_ps(cr, m0, v0);                                         \
-      _mm256_maskstore_ps(cr + 8, m1, v1);                                     \
-    }                                                                          \
-  }
-  ADAPERCEIVER_PUT(0, c00, c01)
-  ADAPERCEIVER_PUT(1, c10, c11)
-  ADAPERCEIVER_PUT(2, c20, c21)
-  ADAPERCEIVER_PUT(3, c30, c31)
-  ADAPERCEIVER_PUT(4, c40, c41)
-  ADAPERCEIVER_PUT(5, c50, c51)
+  ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_PUT, )
 #undef ADAPERCEIVER_PUT
 }
 
