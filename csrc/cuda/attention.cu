@@ -1,4 +1,5 @@
-// Block-masked (group-causal) attention on CUDA: a tiled flash-style forward and a two-kernel
+// Block-masked (group-causal) attention on CUDA: a forward with an online softmax over key tiles
+// staged in shared memory (scalar FMAs by row groups of lanes, no tensor cores) and a two-kernel
 // backward, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90. The
 // kernels are in attention_kernels.cuh; this file launches them.
 //
