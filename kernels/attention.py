@@ -232,16 +232,23 @@ def _query_tile(RowEnd, SeqLens, Counter, H, N_Q, N_K, BLOCK_M: tl.constexpr,
 def _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """Key tile t of ``keys`` = (k_base, v_base, stride_kn, stride_vn, key_limit, KCos, KSin):
-    its k and v rows (rows >= key_limit read as 0) and the scaled scores of the query tile
-    against it, -inf where a row's bound cuts them (MASKED): forward and dq."""
-    k_base, v_base, stride_kn, stride_vn, key_limit, KCos, KSin = keys
+    its rows offs_n, its k rows (rows >= key_limit read as 0) and the scaled scores of the
+    query tile against it, -inf where a row's bound cuts them (MASKED): forward and dq."""
+    k_base, _, stride_kn, _, key_limit, KCos, KSin = keys
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
-    v = _load_rows(v_base, offs_n, stride_vn, key_limit, False, KCos, KSin, HEAD_DIM, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
-    return k, v, qk
+    return offs_n, k, qk
+
+
+@triton.jit
+def _value_tile(offs_n, keys, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The v rows offs_n of ``keys`` (rows >= key_limit read as 0). The forward loads them
+    after its softmax step, which keeps the v tile out of the registers the scores need."""
+    _, v_base, _, stride_vn, key_limit, KCos, KSin = keys
+    return _load_rows(v_base, offs_n, stride_vn, key_limit, False, KCos, KSin, HEAD_DIM, BLOCK_N)
 
 
 @triton.jit
@@ -250,12 +257,13 @@ def _fwd_inner(acc, l_i, m_i, q, keys, bound, tile_lo, tile_hi, qk_scale,
                K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """One stage of the online softmax over key tiles [tile_lo, tile_hi)."""
     for t in range(tile_lo, tile_hi):
-        _, v, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED, K_ROPE,
-                             PRECISION)
+        offs_n, _, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED,
+                                  K_ROPE, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        v = _value_tile(offs_n, keys, HEAD_DIM, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -451,8 +459,9 @@ def _dq_inner(dq, q, do, lse, delta, keys, bound, tile_lo, tile_hi, qk_scale,
               K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query tile over key tiles [tile_lo, tile_hi)."""
     for t in range(tile_lo, tile_hi):
-        k, v, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED, K_ROPE,
-                             PRECISION)
+        offs_n, k, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED,
+                                  K_ROPE, PRECISION)
+        v = _value_tile(offs_n, keys, HEAD_DIM, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
