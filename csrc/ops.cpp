@@ -83,10 +83,4 @@ TORCH_LIBRARY(adaperceiver, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
-  m.impl("block_masked_attention_fwd", &adaperceiver::cpu::attention_fwd);
-  m.impl("block_masked_attention_bwd", &adaperceiver::cpu::attention_bwd);
-  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::cpu::attention_varlen_fwd);
-  m.impl("matryoshka_ffn_fwd", &adaperceiver::cpu::ffn_fwd);
-  m.impl("matryoshka_ffn_bwd", &adaperceiver::cpu::ffn_bwd);
-}
+TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) { ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu) }
