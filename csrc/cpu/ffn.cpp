@@ -17,6 +17,7 @@
 #include <numeric>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace adaperceiver {
@@ -91,6 +92,19 @@ std::vector<std::vector<int64_t>> spread(const std::vector<int64_t>& cost, int64
   return lists;
 }
 
+// run(p, scratch) for every panel p (costs cost[p]) on get_num_threads() threads, each with
+// its own scratch from make_scratch(); the tiles' state is handed back at the end.
+template <typename Make, typename Run>
+void run_panels(const std::vector<int64_t>& cost, Make make_scratch, Run run) {
+  const auto lists = spread(cost, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t t0, int64_t t1) {
+    auto scratch = make_scratch();
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t p : lists[t]) run(p, scratch);
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 // Rows [j0, j0 + n) of w (row stride ldw), their first k values (k even), as the VNNI
 // transpose: pair p of row j0 + i at dst[(p * n_ld + i) * 2 + {0, 1}].
 template <typename T>
@@ -136,67 +150,54 @@ at::Tensor ffn_fwd_tiles(const at::Tensor& x_, const at::Tensor& w1_, const at::
   const T* w2d = w2.data_ptr<T>();
   T* op = out.data_ptr<T>();
   std::unique_ptr<T[]> act(new T[rows_total * hk]);
-  const int64_t threads = at::get_num_threads();
 
   // fc1 + bias + GELU -> act, parallel over panels of units
-  const int64_t np1 = (hmax + kUnits - 1) / kUnits;
-  std::vector<int64_t> cost1(np1, 0);
+  std::vector<int64_t> cost1((hmax + kUnits - 1) / kUnits, 0);
   for (const RowBlock& bl : blocks)
     for (int64_t p = 0; p * kUnits < bl.h; ++p) cost1[p] += bl.rows;
-  const auto lists1 = spread(cost1, threads);
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> panel(C * kUnits);
-    std::vector<float> S(kBlockRows * kUnits);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t p : lists1[t]) {
-        const int64_t u0 = p * kUnits, nu_all = std::min(kUnits, hmax - u0);
-        pack_rows_vnni(w1d, C, u0, nu_all, C, panel.data(), kUnits);
-        for (const RowBlock& bl : blocks) {
-          if (bl.h <= u0) continue;
-          const int64_t nu = std::min(kUnits, bl.h - u0);
-          at::native::cpublas::brgemm(bl.rows, round_up(nu, kDepth), C, C, kUnits, kUnits,
-                                      false, xp + bl.row0 * C, panel.data(), S.data(), true);
-          const int64_t zero_to = std::min(round_up(bl.h, kDepth), u0 + kUnits) - u0;
-          for (int64_t r = 0; r < bl.rows; ++r) {
-            float* s = S.data() + r * kUnits;
-            T* a = act.get() + (bl.row0 + r) * hk + u0;
-            bias_gelu_row(s, bias1 + u0, nu);
-            scale_row_lowp(kBf16, s, 1.f, nu, reinterpret_cast<uint16_t*>(a));
-            std::fill(a + nu, a + std::max(nu, zero_to), T(0));
-          }
-        }
+  run_panels(cost1, [&] {
+    return std::make_pair(std::vector<T>(C * kUnits), std::vector<float>(kBlockRows * kUnits));
+  }, [&](int64_t p, auto& scratch) {
+    auto& [panel, S] = scratch;
+    const int64_t u0 = p * kUnits;
+    pack_rows_vnni(w1d, C, u0, std::min(kUnits, hmax - u0), C, panel.data(), kUnits);
+    for (const RowBlock& bl : blocks) {
+      if (bl.h <= u0) continue;
+      const int64_t nu = std::min(kUnits, bl.h - u0);
+      at::native::cpublas::brgemm(bl.rows, round_up(nu, kDepth), C, C, kUnits, kUnits, false,
+                                  xp + bl.row0 * C, panel.data(), S.data(), true);
+      const int64_t zero_to = std::min(round_up(bl.h, kDepth), u0 + kUnits) - u0;
+      for (int64_t r = 0; r < bl.rows; ++r) {
+        float* s = S.data() + r * kUnits;
+        T* a = act.get() + (bl.row0 + r) * hk + u0;
+        bias_gelu_row(s, bias1 + u0, nu);
+        scale_row_lowp(kBf16, s, 1.f, nu, reinterpret_cast<uint16_t*>(a));
+        std::fill(a + nu, a + std::max(nu, zero_to), T(0));
       }
     }
-    at::native::cpublas::brgemm_release(true);
   });
 
   // fc2 + bias -> out, parallel over panels of outputs
-  const int64_t np2 = (Cout + kOut - 1) / kOut;
-  const auto lists2 = spread(std::vector<int64_t>(np2, 1), threads);
   const int64_t hpairs = hmax / 2;  // whole pairs of units below hmax
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> panel(hk * kOut);
-    std::vector<float> Y(kBlockRows * kOut);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t p : lists2[t]) {
-        const int64_t o0 = p * kOut, no = std::min(kOut, Cout - o0);
-        pack_rows_vnni(w2d, H, o0, no, 2 * hpairs, panel.data(), kOut);
-        std::fill(panel.begin() + hpairs * 2 * kOut, panel.end(), T(0));
-        if (hmax % 2)  // the last unit, paired with a zero
-          for (int64_t j = 0; j < no; ++j)
-            panel[(hpairs * kOut + j) * 2] = w2d[(o0 + j) * H + hmax - 1];
-        for (const RowBlock& bl : blocks) {
-          for (int64_t r = 0; r < bl.rows; ++r)
-            std::copy(bias2 + o0, bias2 + o0 + no, Y.data() + r * kOut);
-          at::native::cpublas::brgemm(bl.rows, no, round_up(bl.h, kDepth), hk, kOut, kOut, true,
-                                      act.get() + bl.row0 * hk, panel.data(), Y.data(), true);
-          for (int64_t r = 0; r < bl.rows; ++r)
-            scale_row_lowp(kBf16, Y.data() + r * kOut, 1.f, no,
-                           reinterpret_cast<uint16_t*>(op + (bl.row0 + r) * Cout + o0));
-        }
-      }
+  run_panels(std::vector<int64_t>((Cout + kOut - 1) / kOut, 1), [&] {
+    return std::make_pair(std::vector<T>(hk * kOut), std::vector<float>(kBlockRows * kOut));
+  }, [&](int64_t p, auto& scratch) {
+    auto& [panel, Y] = scratch;
+    const int64_t o0 = p * kOut, no = std::min(kOut, Cout - o0);
+    pack_rows_vnni(w2d, H, o0, no, 2 * hpairs, panel.data(), kOut);
+    std::fill(panel.begin() + hpairs * 2 * kOut, panel.end(), T(0));
+    if (hmax % 2)  // the last unit, paired with a zero
+      for (int64_t j = 0; j < no; ++j)
+        panel[(hpairs * kOut + j) * 2] = w2d[(o0 + j) * H + hmax - 1];
+    for (const RowBlock& bl : blocks) {
+      for (int64_t r = 0; r < bl.rows; ++r)
+        std::copy(bias2 + o0, bias2 + o0 + no, Y.data() + r * kOut);
+      at::native::cpublas::brgemm(bl.rows, no, round_up(bl.h, kDepth), hk, kOut, kOut, true,
+                                  act.get() + bl.row0 * hk, panel.data(), Y.data(), true);
+      for (int64_t r = 0; r < bl.rows; ++r)
+        scale_row_lowp(kBf16, Y.data() + r * kOut, 1.f, no,
+                       reinterpret_cast<uint16_t*>(op + (bl.row0 + r) * Cout + o0));
     }
-    at::native::cpublas::brgemm_release(true);
   });
   return out;
 }
