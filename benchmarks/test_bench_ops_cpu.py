@@ -16,6 +16,8 @@ in machine load hit both sides alike.
 """
 import math
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -103,6 +105,43 @@ def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
         assert ratio >= target, f"{ratio:.2f}x < {target}x"
 
 
+def _thread_cpu_ns() -> dict:
+    """CPU time (ns) of each thread of this process, by thread id (Linux per-thread clocks)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:  # the clock id of thread tid: MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)
+            out[tid] = time.clock_gettime_ns(((~int(tid)) << 3) | 6)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def side_by_side_rounds(fns: dict, rounds: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Each callable timed once per round, round-robin: per round its wall time (s) and the
+    CPU time (s) of the busiest thread of the process during the call. On a machine shared
+    with other jobs the second is what a quiet machine's wall time would be when the threads
+    overlap (OpenMP threads should wait passively: OMP_WAIT_POLICY=PASSIVE)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall = {k: [] for k in fns}
+    busy = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            c0 = _thread_cpu_ns()
+            t0 = time.perf_counter()
+            fn()
+            wall[k].append(time.perf_counter() - t0)
+            c1 = _thread_cpu_ns()
+            busy[k].append(max(c1[t] - c0.get(t, 0) for t in c1) / 1e9)
+    return wall, busy
+
+
+def _median_ratio(num: list, den: list) -> float:
+    """Median over rounds of num[r] / den[r] (both timed in round r)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
     _native(dtype)
@@ -123,22 +162,56 @@ def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
             ffn(xs[h], w1, b1, w2, b2, [h] * len(idx))
 
     masked = lambda: R.ffn_forward(x, w1, b1, w2, b2, widths)  # noqa: E731
+    full = lambda: ffn(x, w1, b1, w2, b2, [hmax] * B)  # noqa: E731
     tol = 1e-3 if dtype == torch.float32 else 6e-2
     torch.testing.assert_close(mixed(), masked(), atol=tol, rtol=tol)
-    t = side_by_side({"mixed": mixed, "single": single_width_batches, "masked": masked},
-                     rounds=9)
-    cost = t["mixed"] / t["single"]
-    speedup = t["masked"] / t["mixed"]
+    wall, busy = side_by_side_rounds({"mixed": mixed, "single": single_width_batches,
+                                      "masked": masked, "full": full}, rounds=9)
     bound = B * hmax / sum(widths)
-    print(f"\n[ffn {str(dtype)[6:]}] mixed batch {t['mixed'] * 1e3:.1f} ms, single-width batches "
-          f"{t['single'] * 1e3:.1f} ms ({cost:.3f}x, target <= 1.1), masked full width "
-          f"{t['masked'] * 1e3:.1f} ms: {speedup:.3f}x faster = {speedup / bound:.3f} of the "
-          f"work bound {bound:.3f} (target >= 0.95)")
-    benchmark.extra_info.update(cost_vs_single=cost, speedup_vs_masked=speedup, bound=bound)
+    figures = {}
+    for name, t in (("wall", wall), ("busiest thread", busy)):
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        cost = _median_ratio(t["mixed"], t["single"])
+        speedup = _median_ratio(t["masked"], t["mixed"])
+        figures[name] = (cost, speedup)
+        print(f"\n[ffn {str(dtype)[6:]}, {name}] mixed batch {med['mixed']:.1f} ms, single-width "
+              f"batches {med['single']:.1f} ms ({cost:.3f}x, target <= 1.1), masked full width "
+              f"{med['masked']:.1f} ms: {speedup:.3f}x faster = {speedup / bound:.3f} of the "
+              f"work bound {bound:.3f} (target >= 0.95); our full width {med['full']:.1f} ms")
+    cost, speedup = figures["wall"]
+    benchmark.extra_info.update(cost_vs_single=cost, speedup_vs_masked=speedup, bound=bound,
+                                busiest_thread=figures["busiest thread"])
     benchmark.pedantic(mixed, rounds=3, iterations=1)
     if ASSERT:
         assert cost <= 1.1
         assert speedup >= 0.95 * bound
+
+
+def test_matryoshka_ffn_small_mixed_batch(benchmark):
+    """The FFN of a mixed batch's deeper layers in bf16 (the model's shapes: two samples of 96
+    and 128 latents at widths 2138 and 1603, packed in groups of 32 rows; the AMX tile path on
+    CPUs with AMX) against the per-sample average of single-width batches of 4 samples. Report
+    only: the end-to-end mixed-batch figure (<= 1.2x) carries the consequence."""
+    _native(torch.bfloat16)
+    dt, C, H = torch.bfloat16, 832, 2138
+    w1, b1 = (torch.randn(H, C) / math.sqrt(C)).to(dt), torch.randn(H).to(dt)
+    w2, b2 = (torch.randn(C, H) / math.sqrt(H)).to(dt), torch.randn(C).to(dt)
+    ffn = torch.ops.adaperceiver.matryoshka_ffn_fwd
+    x = torch.randn(7, 32, C).to(dt)
+    widths = [2138] * 3 + [1603] * 4
+    singles = {(96, 2138): torch.randn(4, 96, C).to(dt),
+               (128, 1603): torch.randn(4, 128, C).to(dt)}
+    steps = {"mixed": lambda: ffn(x, w1, b1, w2, b2, widths)}
+    for (n, h), xs in singles.items():
+        steps[f"{n}x{h}"] = lambda xs=xs, h=h: ffn(xs, w1, b1, w2, b2, [h] * 4)
+    wall, busy = side_by_side_rounds(steps, rounds=15)
+    for name, t in (("wall", wall), ("busiest thread", busy)):
+        per_sample = [(a + b) / 4 for a, b in zip(*(t[k] for k in steps if k != "mixed"))]
+        ratio = _median_ratio(t["mixed"], [2 * p for p in per_sample])
+        ms = statistics.median(t["mixed"]) * 1e3
+        print(f"\n[ffn small mixed batch, {name}] 2 samples {ms:.2f} ms: {ratio:.2f}x the "
+              f"per-sample average of single-width batches (report only)")
+    benchmark.pedantic(steps["mixed"], rounds=3, iterations=1)
 
 
 PROJECTIONS = [

@@ -18,6 +18,8 @@
 // its column slice, one pair of GEMMs per distinct width (not per band) so that every output
 // element is rounded once; no weight or activation is copied to float32. GEMMs the row-chunk
 // rule names (row_chunks: oneDNN would run them on one of 2 threads) run on row blocks.
+// (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
+// which sums every band in float32.)
 // Otherwise (other CPUs, the backward, other devices) they compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"

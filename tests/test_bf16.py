@@ -180,6 +180,52 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
     torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
 
 
+# A small batch of several widths takes the AMX tile path on CPUs with AMX (csrc/cpu/ffn.cpp:
+# at most 384 rows): widths that are not multiples of the tile depth (32) or of the panels (64),
+# an odd widest width, C and Cout not multiples of the panels, the model's own shapes
+FFN_TILES = [
+    # hidden, N, C, Hmax, Cout
+    ([201, 17, 64, 129, 1], 11, 50, 201, 70),
+    ([96, 32, 96, 64], 40, 64, 96, 64),
+    ([2138, 1603, 1603, 1069], 24, 832, 2138, 832),
+    ([40, 7], 192, 24, 41, 19),                       # 384 rows: the largest the tiles take
+]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_TILES)))
+def test_ffn_forward_rule_mixed_widths_small_batch(dtype, case):
+    hidden, N, C_, Hmax, Cout = FFN_TILES[case]
+    args = _ffn_inputs(hidden, N, 60 + case, dtype, C_=C_, Hmax=Hmax, Cout=Cout)
+    out = C.ffn_forward(FfnInputs.build(*args, hidden))
+    assert out.dtype == dtype and out.shape == (len(hidden), N, Cout)
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert_rule(out, ref, truth, "ffn out")
+    for b, h in enumerate(hidden):  # each sample by itself (one width: the oneDNN path)
+        alone = C.ffn_forward(FfnInputs.build(args[0][b:b + 1], *args[1:], [h]))
+        assert_rule(out[b:b + 1], ref[b:b + 1], truth[b:b + 1], f"sample {b}")
+        torch.testing.assert_close(out[b:b + 1], alone, atol=0.02, rtol=0.02)
+    torch.testing.assert_close(C.ffn_forward(FfnInputs.build(*args, hidden)), out, rtol=0,
+                               atol=0)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_ffn_small_batch_without_tiles(isa):
+    """The same cases on the paths of CPUs without AMX (in a child process: avx512 runs bf16 /
+    fp16 per width on oneDNN where the CPU has native GEMMs, avx2 in float32)."""
+    import os
+    import subprocess
+    import sys
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512") and isa == "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    env = dict(os.environ, ADAPERCEIVER_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
+                          "-p", "no:cacheprovider", "-k", "mixed_widths_small_batch"],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("case", range(len(FFN_CASES)))
 def test_ffn_backward_rule(dtype, case):
