@@ -69,7 +69,8 @@ def build_info() -> dict:
     ``cpu_native_fp16`` (True: that dtype's FFN GEMMs run natively through oneDNN, AVX512-BF16
     / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_attention_bf16`` /
     ``cpu_attention_fp16`` (the attention forward's path for that dtype: "amx", products on AMX
-    tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off),
+    tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off; where it says
+    "amx", a small FFN batch of several widths runs on the same tiles, csrc/cpu/ffn.cpp),
     ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
