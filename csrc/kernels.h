@@ -44,6 +44,12 @@ at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
+// csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks
+// of `block` outputs run in parallel (one thread each); float32 -> bfloat16 rounded as
+// c10::BFloat16 rounds, in parallel
+at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                                int64_t block);
+at::Tensor to_bfloat16(const at::Tensor& x);
 }  // namespace cpu
 
 // csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA): the
