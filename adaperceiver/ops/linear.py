@@ -104,7 +104,7 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # 1.9-2.5 (benchmarks/README.md, "GEMMs in bf16"). The model's output projection and fc2
 # (n = 832) at batch 4 x 256 latents (1024 rows) sit in that band. ops.linear runs such a
 # product as two column blocks of about n / 2 outputs, one oneDNN GEMM per thread
-# (column_block; csrc/cpu/gemm_lowp.cpp), which ran 1.15-1.35x faster than cutting its rows
+# (column_block; csrc/cpu/gemm_lowp.cpp), which ran 1.10-1.33x faster than cutting its rows
 # into blocks of <= 768 (row_chunks, what the C++ FFN does, csrc/ffn_banded.cpp). The
 # transposed product (out^T = W x^T, both threads there) was measured too: its transposition
 # back costs more than it saves. Rules of the shape and the thread count only, never of
