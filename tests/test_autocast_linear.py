@@ -11,24 +11,12 @@ import torch.nn.functional as F
 from adaperceiver import _ext, ops
 
 from conftest import tiny_model
+from test_ops_linear import _flash_rule, _native, two_threads  # noqa: F401 (a fixture)
 
 linear_mod = importlib.import_module("adaperceiver.ops.linear")
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
-
-
-def _native(dtype):
-    if ops.cpu_gemm_library() != "onednn" or not linear_mod.native_low_precision(dtype):
-        pytest.skip(f"no native {dtype} GEMM (or no oneDNN) on this CPU")
-
-
-@pytest.fixture
-def two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
 
 
 def _bits(t):
@@ -103,9 +91,7 @@ def test_autocast_projection_is_the_cast_models(two_threads, dtype, shape):
             again = ops.linear(x, w, b)
     assert got.dtype == dtype and got.shape == (B, N, n)
     assert torch.equal(_bits(got), _bits(cast)) and torch.equal(_bits(again), _bits(cast))
-    truth = F.linear(x.double(), w.double(), b.double())
-    err, err_plain = ((t.double() - truth).abs().max().item() for t in (got, plain))
-    assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
+    _flash_rule(got, plain, x, w, b)
 
 
 def test_autocast_projection_runs_onednn_and_keeps_autograd(monkeypatch):
