@@ -15,35 +15,53 @@ namespace adaperceiver {
 
 using OptT = c10::optional<at::Tensor>;
 
-namespace cpu {
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v,
-                                                 at::OptionalIntArrayRef token_grans, double scale,
-                                                 const OptT& seq_lens, const OptT& q_cos,
-                                                 const OptT& q_sin, const OptT& k_cos,
-                                                 const OptT& k_sin);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
-    double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
-    const OptT& k_sin);
+// Each op's parameters in its schema's order (ops.cpp). The CPU kernels (cpu/) and the CUDA
+// kernels (cuda/) are declared and defined with these lists, so neither can drift from the
+// schema or from the other.
+#define ADAPERCEIVER_ATTENTION_FWD_PARAMS                                                   \
+  const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,                           \
+      at::OptionalIntArrayRef token_grans, double scale, const OptT &seq_lens,             \
+      const OptT &q_cos, const OptT &q_sin, const OptT &k_cos, const OptT &k_sin
+#define ADAPERCEIVER_ATTENTION_BWD_PARAMS                                                   \
+  const at::Tensor &grad_out, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, \
+      const at::Tensor &out, const at::Tensor &lse, at::OptionalIntArrayRef token_grans,    \
+      double scale, const OptT &seq_lens, const OptT &q_cos, const OptT &q_sin,            \
+      const OptT &k_cos, const OptT &k_sin
 // self-attention over packed rows (R, H, D), sample b's rows following sample b-1's
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v,
-                                                        at::IntArrayRef seq_lens,
-                                                        at::OptionalIntArrayRef token_grans,
-                                                        double scale, const OptT& q_cos,
-                                                        const OptT& q_sin, const OptT& k_cos,
-                                                        const OptT& k_sin);
+#define ADAPERCEIVER_ATTENTION_VARLEN_FWD_PARAMS                                            \
+  const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::IntArrayRef seq_lens,  \
+      at::OptionalIntArrayRef token_grans, double scale, const OptT &q_cos,                \
+      const OptT &q_sin, const OptT &k_cos, const OptT &k_sin
+#define ADAPERCEIVER_FFN_FWD_PARAMS                                                         \
+  const at::Tensor &x, const at::Tensor &w1, const at::Tensor &b1, const at::Tensor &w2,    \
+      const at::Tensor &b2, at::IntArrayRef hidden
+#define ADAPERCEIVER_FFN_BWD_PARAMS const at::Tensor &grad_out, ADAPERCEIVER_FFN_FWD_PARAMS
+
+// The ops' kernels of one device (namespace cpu or cuda) ...
+#define ADAPERCEIVER_DECLARE_OP_KERNELS                                                     \
+  std::tuple<at::Tensor, at::Tensor> attention_fwd(ADAPERCEIVER_ATTENTION_FWD_PARAMS);      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(                             \
+      ADAPERCEIVER_ATTENTION_BWD_PARAMS);                                                   \
+  std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(                                  \
+      ADAPERCEIVER_ATTENTION_VARLEN_FWD_PARAMS);                                            \
+  at::Tensor ffn_fwd(ADAPERCEIVER_FFN_FWD_PARAMS);                                          \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(           \
+      ADAPERCEIVER_FFN_BWD_PARAMS);
+
+// ... and their registration for its dispatch key (ops.cpp: CPU; cuda/register.cpp: CUDA)
+#define ADAPERCEIVER_IMPL_OP_KERNELS(m, ns)                                                 \
+  m.impl("block_masked_attention_fwd", &adaperceiver::ns::attention_fwd);                   \
+  m.impl("block_masked_attention_bwd", &adaperceiver::ns::attention_bwd);                   \
+  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::ns::attention_varlen_fwd);     \
+  m.impl("matryoshka_ffn_fwd", &adaperceiver::ns::ffn_fwd);                                 \
+  m.impl("matryoshka_ffn_bwd", &adaperceiver::ns::ffn_bwd);
+
+namespace cpu {
+ADAPERCEIVER_DECLARE_OP_KERNELS
 // Why the bfloat16 / float16 forward of head dims (D, Dv) does not run on AMX tiles here
 // (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
-at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                   const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden);
 // csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks
 // of `block` outputs run in parallel (one thread each); float32 -> bfloat16 rounded as
 // c10::BFloat16 rounds, in parallel
@@ -52,28 +70,11 @@ at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, c
 at::Tensor to_bfloat16(const at::Tensor& x);
 }  // namespace cpu
 
-// csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA): the
-// same arguments as the CPU kernels above
+// csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA); the
+// FFN backward is the banded ATen backward (ffn_banded.h) on the samples ordered widest first
+// on the device
 namespace cuda {
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&, at::OptionalIntArrayRef,
-                                                 double, const OptT&, const OptT&, const OptT&,
-                                                 const OptT&, const OptT&);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, at::OptionalIntArrayRef, double, const OptT&,
-    const OptT&, const OptT&, const OptT&, const OptT&);
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&, at::IntArrayRef,
-                                                        at::OptionalIntArrayRef, double,
-                                                        const OptT&, const OptT&, const OptT&,
-                                                        const OptT&);
-at::Tensor ffn_fwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                   const at::Tensor&, at::IntArrayRef);
-// the banded ATen backward (ffn_banded.h) on the samples ordered widest first on the device
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, at::IntArrayRef);
+ADAPERCEIVER_DECLARE_OP_KERNELS
 }  // namespace cuda
 
 }  // namespace adaperceiver

@@ -89,11 +89,7 @@ TORCH_LIBRARY(adaperceiver, m) {
 }
 
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
-  m.impl("block_masked_attention_fwd", &adaperceiver::cpu::attention_fwd);
-  m.impl("block_masked_attention_bwd", &adaperceiver::cpu::attention_bwd);
-  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::cpu::attention_varlen_fwd);
-  m.impl("matryoshka_ffn_fwd", &adaperceiver::cpu::ffn_fwd);
-  m.impl("matryoshka_ffn_bwd", &adaperceiver::cpu::ffn_bwd);
+  ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
   m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
   m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
 }

@@ -215,35 +215,55 @@ def _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-            K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
-    """The key tile ``offs_n`` (rows >= key_limit read as 0) and the scaled scores of the query
-    tile against it, -inf where a row's bound cuts them (MASKED): forward and dq."""
+def _query_tile(RowEnd, SeqLens, Counter, H, N_Q, N_K, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, DEBUG: tl.constexpr):
+    """The program's query tile (forward and dq): (b, h, bh, its rows offs_m, the sample's
+    lengths, the rows' key bounds and the two key-tile stages [0, n_full) / [n_full, n_end))."""
+    pid_m, bh, b, h = _program(H)
+    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
+    if DEBUG:
+        tl.atomic_add(Counter, n_end)
+    return b, h, bh, offs_m, len_q, len_k, bound, n_full, n_end
+
+
+@triton.jit
+def _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Key tile t of ``keys`` = (k_base, v_base, stride_kn, stride_vn, key_limit, KCos, KSin):
+    its rows offs_n, its k rows (rows >= key_limit read as 0) and the scaled scores of the
+    query tile against it, -inf where a row's bound cuts them (MASKED): forward and dq."""
+    k_base, _, stride_kn, _, key_limit, KCos, KSin = keys
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     k = _load_rows(k_base, offs_n, stride_kn, key_limit, K_ROPE, KCos, KSin, HEAD_DIM, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         qk = tl.where(offs_n[None, :] < bound[:, None], qk, float("-inf"))
-    return k, qk
+    return offs_n, k, qk
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
-               tile_lo, tile_hi, qk_scale, key_limit, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_ROPE: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _value_tile(offs_n, keys, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The v rows offs_n of ``keys`` (rows >= key_limit read as 0). The forward loads them
+    after its softmax step, which keeps the v tile out of the registers the scores need."""
+    _, v_base, _, stride_vn, key_limit, KCos, KSin = keys
+    return _load_rows(v_base, offs_n, stride_vn, key_limit, False, KCos, KSin, HEAD_DIM, BLOCK_N)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, keys, bound, tile_lo, tile_hi, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """One stage of the online softmax over key tiles [tile_lo, tile_hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, qk = _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
-                        HEAD_DIM, BLOCK_N, MASKED, K_ROPE, PRECISION)
+        offs_n, _, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED,
+                                  K_ROPE, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=offs_n[:, None] < key_limit, other=0.0)
+        v = _value_tile(offs_n, keys, HEAD_DIM, BLOCK_N)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -257,13 +277,8 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, K
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
               DEBUG: tl.constexpr, PRECISION: tl.constexpr, PACKED: tl.constexpr):
-    pid_m, bh, b, h = _program(H)
-    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
-    if DEBUG:
-        tl.atomic_add(Counter, n_end)
-
+    b, h, bh, offs_m, len_q, len_k, bound, n_full, n_end = _query_tile(
+        RowEnd, SeqLens, Counter, H, N_Q, N_K, BLOCK_M, BLOCK_N, HAS_LENS, DEBUG)
     row0 = _first_row(SeqStarts, b, PACKED)
     q_base = Q + b * stride_qb + row0 * stride_qn + h * stride_qh
     k_base = K + b * stride_kb + row0 * stride_kn + h * stride_kh
@@ -278,14 +293,13 @@ def _attn_fwd(Q, K, V, Out, Lse, RowEnd, SeqLens, SeqStarts, QCos, QSin, KCos, K
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    keys = (k_base, v_base, stride_kn, stride_vn, len_k, KCos, KSin)
     # stage 1: key tiles every row of the tile sees in full
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
-                               KSin, bound, 0, n_full, qk_scale, len_k, HEAD_DIM, BLOCK_N,
-                               False, K_ROPE, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, keys, bound, 0, n_full, qk_scale, HEAD_DIM,
+                               BLOCK_N, False, K_ROPE, PRECISION)
     # stage 2: key tiles cut by some row's bound (or by the sample's length)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, KCos,
-                               KSin, bound, n_full, n_end, qk_scale, len_k, HEAD_DIM, BLOCK_N,
-                               True, K_ROPE, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, keys, bound, n_full, n_end, qk_scale, HEAD_DIM,
+                               BLOCK_N, True, K_ROPE, PRECISION)
 
     valid = offs_m < len_q
     l_safe = tl.where(valid, l_i, 1.0)
@@ -440,18 +454,14 @@ def _attn_bwd_dkdv(Q, K, V, DOut, Lse, Delta, DK, DV, RowEnd, SeqLens, QCos, QSi
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin, bound,
-              tile_lo, tile_hi, qk_scale, key_limit, HEAD_DIM: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, K_ROPE: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _dq_inner(dq, q, do, lse, delta, keys, bound, tile_lo, tile_hi, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              K_ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query tile over key tiles [tile_lo, tile_hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for t in range(tile_lo, tile_hi):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, qk = _scores(q, k_base, offs_n, stride_kn, key_limit, KCos, KSin, bound, qk_scale,
-                        HEAD_DIM, BLOCK_N, MASKED, K_ROPE, PRECISION)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=offs_n[:, None] < key_limit, other=0.0)
+        offs_n, k, qk = _key_tile(t, keys, q, bound, qk_scale, HEAD_DIM, BLOCK_N, MASKED,
+                                  K_ROPE, PRECISION)
+        v = _value_tile(offs_n, keys, HEAD_DIM, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -468,13 +478,8 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LENS: tl.constexpr, Q_ROPE: tl.constexpr, K_ROPE: tl.constexpr,
                  DEBUG: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, bh, b, h = _program(H)
-    len_q, len_k = _lengths(SeqLens, b, N_Q, N_K, HAS_LENS)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    bound, n_full, n_end = _row_schedule(RowEnd, offs_m, len_q, len_k, BLOCK_N)
-    if DEBUG:
-        tl.atomic_add(Counter, n_end)
-
+    b, h, bh, offs_m, len_q, len_k, bound, n_full, n_end = _query_tile(
+        RowEnd, SeqLens, Counter, H, N_Q, N_K, BLOCK_M, BLOCK_N, HAS_LENS, DEBUG)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, len_q, Q_ROPE, QCos,
                    QSin, HEAD_DIM, BLOCK_M)
     row_ok = offs_m < len_q
@@ -483,14 +488,13 @@ def _attn_bwd_dq(Q, K, V, DOut, Lse, Delta, DQ, RowEnd, SeqLens, QCos, QSin, KCo
                  + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = _backward_lse(Lse + bh.to(tl.int64) * N_Q, offs_m, row_ok)
     delta = tl.load(Delta + bh.to(tl.int64) * N_Q + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    keys = (K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, stride_kn,
+            stride_vn, len_k, KCos, KSin)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
-                   bound, 0, n_full, qk_scale, len_k, HEAD_DIM, BLOCK_N, False, K_ROPE, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, KCos, KSin,
-                   bound, n_full, n_end, qk_scale, len_k, HEAD_DIM, BLOCK_N, True, K_ROPE,
-                   PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, keys, bound, 0, n_full, qk_scale, HEAD_DIM, BLOCK_N,
+                   False, K_ROPE, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, keys, bound, n_full, n_end, qk_scale, HEAD_DIM,
+                   BLOCK_N, True, K_ROPE, PRECISION)
     _unrope_store(DQ + b * stride_gb + h * stride_gh, dq * sm_scale, offs_m, stride_gn, N_Q,
                   row_ok, Q_ROPE, QCos, QSin, HEAD_DIM, BLOCK_M)
 

@@ -468,6 +468,20 @@ def _count_buffer(counters, device):
     return torch.zeros(1, dtype=torch.int32, device=device) if counters is not None else None
 
 
+def _rows_by_hidden(a, w, bias, out, row_ids, row_h, cnt, bl: Blocks, *, w_k_pad: bool,
+                    counting: bool) -> None:
+    """out (M, C) = a[r, :row_h[r]] @ w[:row_h[r], :] (+ bias): fc2 in the forward (w = fc2's
+    weight transposed, K-padded), dx in the backward (w = fc1's weight); w may be any strided
+    view. One program per (row tile, column tile)."""
+    M, C = out.shape
+    _rows_by_hidden_kernel[(_cdiv(M, bl.block_m2), _cdiv(C, bl.block_c))](
+        a, w, bias if bias is not None else a, out, row_ids, row_h, cnt, M, C,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, W_K_PAD=w_k_pad, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c,
+        BLOCK_K=bl.block_k2, COUNT=counting, PRECISION=_precision(a.dtype),
+        num_warps=bl.num_warps, num_stages=bl.num_stages)
+
+
 def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
                 blocks: Optional[Blocks] = None, counters: Optional[dict] = None,
                 check: bool = True):
@@ -502,16 +516,9 @@ def ffn_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden, *,
     if counters is not None:
         counters["fc1"] = int(count.item())
         count.zero_()
-    out2 = out.view(M, C)
     w2 = _k_padded(fc2_weight)
-    grid = (_cdiv(M, bl.block_m2), _cdiv(C, bl.block_c))
-    _rows_by_hidden_kernel[grid](
-        act, w2, fc2_bias, out2, row_ids, row_h, cnt,
-        M, C,
-        act.stride(0), w2.stride(1), w2.stride(0), out2.stride(0), out2.stride(1),
-        HAS_BIAS=True, W_K_PAD=True, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
-        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+    _rows_by_hidden(act, w2.t(), fc2_bias, out.view(M, C), row_ids, row_h, cnt, bl,
+                    w_k_pad=True, counting=count is not None)
     if counters is not None:
         counters["fc2"] = int(count.item())
     return out
@@ -566,33 +573,26 @@ def ffn_backward(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden
         PRECISION=_precision(x.dtype),
         num_warps=bl.num_warps, num_stages=bl.num_stages)
     _take("dpre")
-    dx2 = dx.view(M, C)
-    _rows_by_hidden_kernel[(_cdiv(M, bl.block_m2), _cdiv(C, bl.block_c))](
-        dpre, fc1_weight, fc1_bias, dx2, row_ids, row_h, cnt,
-        M, C,
-        dpre.stride(0), fc1_weight.stride(0), fc1_weight.stride(1), dx2.stride(0), dx2.stride(1),
-        HAS_BIAS=False, W_K_PAD=False, BLOCK_M=bl.block_m2, BLOCK_C=bl.block_c, BLOCK_K=bl.block_k2,
-        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+    _rows_by_hidden(dpre, fc1_weight, None, dx.view(M, C), row_ids, row_h, cnt, bl,
+                    w_k_pad=False, counting=count is not None)
     _take("dx")
     row_bound = to_device(sched.row_bound, dev, torch.int32)
-    grid = (_cdiv(hmax, bl.block_h), _cdiv(C, bl.block_c))
-    _hidden_by_cols_kernel[grid](
-        dpre, x2, row_ids, row_h, row_bound, dw1, db1, cnt,
-        hmax, C,
-        dpre.stride(0), x2.stride(0), x2.stride(1), dw1.stride(0), dw1.stride(1),
-        HAS_DB=True, BLOCK_H=bl.block_h, BLOCK_C=bl.block_c, BLOCK_R=bl.block_r,
-        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+
+    def hidden_by_cols(h_rows, c_rows, out, transposed, has_db):
+        """out[j, c] (out[c, j] when transposed) = sum_r h_rows[r, j] c_rows[r, c], one program
+        per (hidden tile, column tile); db1 too when has_db."""
+        out_strides = out.stride()[::-1] if transposed else out.stride()
+        _hidden_by_cols_kernel[(_cdiv(hmax, bl.block_h), _cdiv(C, bl.block_c))](
+            h_rows, c_rows, row_ids, row_h, row_bound, out, db1, cnt, hmax, C,
+            h_rows.stride(0), c_rows.stride(0), c_rows.stride(1), *out_strides,
+            HAS_DB=has_db, BLOCK_H=bl.block_h, BLOCK_C=bl.block_c, BLOCK_R=bl.block_r,
+            COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
+            num_stages=bl.num_stages)
+
+    hidden_by_cols(dpre, x2, dw1, False, True)
     _take("dw1")
     # dW2[c, j] = sum_r grad_out[r, c] act[r, j]: the same kernel with the output transposed
-    _hidden_by_cols_kernel[grid](
-        act, g2, row_ids, row_h, row_bound, dw2, db1, cnt,
-        hmax, C,
-        act.stride(0), g2.stride(0), g2.stride(1), dw2.stride(1), dw2.stride(0),
-        HAS_DB=False, BLOCK_H=bl.block_h, BLOCK_C=bl.block_c, BLOCK_R=bl.block_r,
-        COUNT=count is not None, PRECISION=_precision(x.dtype), num_warps=bl.num_warps,
-        num_stages=bl.num_stages)
+    hidden_by_cols(act, g2, dw2, True, False)
     _take("dw2")
     return dx, dw1, db1, dw2, db2
 

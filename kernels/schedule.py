@@ -136,6 +136,21 @@ def _ranges(starts, lengths, device, dtype) -> torch.Tensor:
 def check_grans(token_grans, name: str = "token_grans") -> list[int]:
     """Return ``token_grans`` as a list of ints, or raise naming what is wrong."""
     allowed = "strictly increasing positive ints"
+    if type(token_grans) is list and all(type(g) is int for g in token_grans):
+        values = token_grans     # the model's own grans: checked below without conversions
+    else:
+        values = _gran_values(token_grans, name, allowed)
+    grans = [int(g) for g in values]
+    if not grans:
+        raise ValueError(f"{name} must not be empty; allowed: strictly increasing positive ints")
+    if grans[0] < 1 or any(b <= a for a, b in zip(grans, grans[1:])):
+        raise ValueError(
+            f"{name}={grans!r} is not allowed: it must be strictly increasing positive ints")
+    return grans
+
+
+def _gran_values(token_grans, name: str, allowed: str) -> list:
+    """The values of a sequence or tensor of grans, each an integral real number."""
     try:
         values = list(token_grans.tolist() if isinstance(token_grans, torch.Tensor)
                       else token_grans)
@@ -146,13 +161,7 @@ def check_grans(token_grans, name: str = "token_grans") -> list[int]:
         if (isinstance(g, bool) or not isinstance(g, numbers.Real)
                 or isinstance(g, float) and not g.is_integer()):
             raise ValueError(f"{name}={values!r} holds {g!r}; allowed: {allowed}")
-    grans = [int(g) for g in values]
-    if not grans:
-        raise ValueError(f"{name} must not be empty; allowed: strictly increasing positive ints")
-    if grans[0] < 1 or any(b <= a for a, b in zip(grans, grans[1:])):
-        raise ValueError(
-            f"{name}={grans!r} is not allowed: it must be strictly increasing positive ints")
-    return grans
+    return values
 
 
 def group_ends(n: int, token_grans: Sequence[int]) -> list[int]:

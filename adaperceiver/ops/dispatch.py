@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -81,6 +82,9 @@ def use_backend(name: str):
 
 def _load(name: str):
     """The backend module, or a string saying why it cannot be loaded."""
+    module = sys.modules.get(_MODULES[name])   # imported already: import_module's checks cost
+    if module is not None:                      # microseconds a call
+        return module
     try:
         return importlib.import_module(_MODULES[name])
     except Exception as e:  # noqa: BLE001 - the reason is reported to the user

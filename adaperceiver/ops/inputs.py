@@ -45,41 +45,58 @@ class _OpInputs:
     optional tables. Built once per call and never changed after (not frozen only because a
     frozen dataclass costs microseconds per construction, and the op builds two per call)."""
     __slots__ = ()
-    _layout: tuple = ()     # (field name, is a RoPE field), in order: set by _inputs_class
 
     @property
     def device(self) -> torch.device:
-        return getattr(self, self._layout[0][0]).device
+        """The device of the first tensor (written by _inputs_class)."""
+        raise NotImplementedError
 
     def flat(self) -> tuple:
-        """The custom ops' arguments, in their schemas' order."""
-        out = []
-        for name, is_rope in self._layout:
-            value = getattr(self, name)
-            if is_rope:
-                out += (None, None) if value is None else (value.cos, value.sin)
-            else:
-                out.append(value)
-        return tuple(out)
+        """The custom ops' arguments, in their schemas' order (written by _inputs_class)."""
+        raise NotImplementedError
 
     @classmethod
     def from_flat(cls, *args):
-        """The object whose ``flat()`` is ``args`` (inside a custom op)."""
-        rest, values = iter(args), []
-        for _, is_rope in cls._layout:
-            if is_rope:
-                cos, sin = next(rest), next(rest)
-                values.append(None if cos is None else Rope(cos, sin))
-            else:
-                values.append(next(rest))
-        return cls(*values)
+        """The object whose ``flat()`` is ``args``, inside a custom op (written by
+        _inputs_class)."""
+        raise NotImplementedError
+
+
+def _rope_tables(rope: Optional["Rope"]) -> tuple:
+    return (None, None) if rope is None else (rope.cos, rope.sin)
+
+
+def _rope_value(cos, sin) -> Optional["Rope"]:
+    return None if cos is None else Rope(cos, sin)
 
 
 def _inputs_class(cls):
-    """An inputs class: a slotted dataclass whose field layout is read once, here (torch.compile
-    traces ``flat()`` through the model and cannot trace ``dataclasses.fields``)."""
+    """An inputs class: a slotted dataclass with ``device``, ``flat`` and ``from_flat`` written
+    out for its fields, as ``dataclasses`` writes ``__init__``: they run twice per op call,
+    where a loop over the fields cost microseconds, and torch.compile traces them as plain
+    attribute reads (it cannot trace ``dataclasses.fields``)."""
     cls = dataclass(slots=True)(cls)
-    cls._layout = tuple((f.name, f.name.endswith("_rope")) for f in fields(cls))
+    names = [f.name for f in fields(cls)]
+    flat, args, values = [], [], []
+    for name in names:
+        if name.endswith("_rope"):
+            flat.append(f"*_rope_tables(self.{name})")
+            args += [f"{name}_cos", f"{name}_sin"]
+            values.append(f"_rope_value({name}_cos, {name}_sin)")
+        else:
+            flat.append(f"self.{name}")
+            args.append(name)
+            values.append(name)
+    source = (f"def device(self):\n    return self.{names[0]}.device\n"
+              f"def flat(self):\n    return ({', '.join(flat)},)\n"
+              f"def from_flat(cls, {', '.join(args)}):\n    return cls({', '.join(values)})\n")
+    scope = {"_rope_tables": _rope_tables, "_rope_value": _rope_value}
+    exec(source, scope)
+    for name in ("flat", "from_flat"):
+        scope[name].__doc__ = getattr(_OpInputs, name).__doc__
+    cls.device = property(scope["device"], doc=_OpInputs.device.__doc__)
+    cls.flat = scope["flat"]
+    cls.from_flat = classmethod(scope["from_flat"])
     return cls
 
 

@@ -590,12 +590,7 @@ const char* attention_path(at::ScalarType dtype) {
   return tiles_why_not(dtype, 64, 64).empty() ? "amx" : "float32";
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v,
-                                                 at::OptionalIntArrayRef token_grans, double scale,
-                                                 const OptT& seq_lens, const OptT& q_cos,
-                                                 const OptT& q_sin, const OptT& k_cos,
-                                                 const OptT& k_sin) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(ADAPERCEIVER_ATTENTION_FWD_PARAMS) {
   check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_fwd (CPU kernel) got tensors on ", q.device());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
@@ -625,13 +620,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   return {out.transpose(1, 2), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                        const at::Tensor& v,
-                                                        at::IntArrayRef seq_lens,
-                                                        at::OptionalIntArrayRef token_grans,
-                                                        double scale, const OptT& q_cos,
-                                                        const OptT& q_sin, const OptT& k_cos,
-                                                        const OptT& k_sin) {
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(
+    ADAPERCEIVER_ATTENTION_VARLEN_FWD_PARAMS) {
   const VarlenRows rows = check_varlen_args(q, k, v, seq_lens, token_grans, q_cos, q_sin, k_cos,
                                             k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_varlen_fwd (CPU kernel) got tensors on ",
@@ -661,11 +651,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q, con
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
-    double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
-    const OptT& k_sin) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(ADAPERCEIVER_ATTENTION_BWD_PARAMS) {
   check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
   TORCH_CHECK(q.device().is_cpu(), "attention_bwd (CPU kernel) got tensors on ", q.device());
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), Dv = v.size(3);

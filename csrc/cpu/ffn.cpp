@@ -26,16 +26,14 @@ void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
   });
 }
 
-at::Tensor ffn_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                   const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+at::Tensor ffn_fwd(ADAPERCEIVER_FFN_FWD_PARAMS) {
   check_ffn_args(x, w1, b1, w2, b2, hidden);
   TORCH_CHECK(x.device().is_cpu(), "matryoshka_ffn_fwd (CPU kernel) got tensors on ", x.device());
   return ffn_fwd_banded(x, w1, b1, w2, b2, hidden);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+    ADAPERCEIVER_FFN_BWD_PARAMS) {
   TORCH_CHECK(x.device().is_cpu(), "matryoshka_ffn_bwd (CPU kernel) got tensors on ", x.device());
   return ffn_bwd_banded(grad_out, x, w1, b1, w2, b2, hidden);
 }

@@ -1,4 +1,5 @@
-// Block-masked (group-causal) attention on CUDA: a tiled flash-style forward and a two-kernel
+// Block-masked (group-causal) attention on CUDA: a forward with an online softmax over key tiles
+// staged in shared memory (scalar FMAs by row groups of lanes, no tensor cores) and a two-kernel
 // backward, fp16/bf16/fp32 inputs with fp32 accumulation, compiled for sm_80 and sm_90. The
 // kernels are in attention_kernels.cuh; this file launches them.
 //
@@ -204,60 +205,46 @@ void run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at::Tensor& k_,
-                                                 const at::Tensor& v_,
-                                                 at::OptionalIntArrayRef token_grans, double scale,
-                                                 const OptT& seq_lens, const OptT& q_cos,
-                                                 const OptT& q_sin, const OptT& k_cos,
-                                                 const OptT& k_sin) {
-  check_attention_args(q_, k_, v_, token_grans, q_cos, q_sin, k_cos, k_sin);
-  check_cuda_args(q_, v_);
-  const c10::cuda::CUDAGuard guard(q_.device());
-  at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+std::tuple<at::Tensor, at::Tensor> attention_fwd(ADAPERCEIVER_ATTENTION_FWD_PARAMS) {
+  check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
+  check_cuda_args(q, v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
-  at::Tensor re = row_end_device(Nq, token_grans, Nk, q.device());
-  at::Tensor lens = seq_lens_device(seq_lens, B, q.device());
-  at::Tensor out = at::empty({B, H, Nq, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
-  run_fwd(q, k, v, out, lse, re, lens.defined() ? lens.data_ptr<int>() : nullptr, nullptr, q_cos,
-          q_sin, k_cos, k_sin, B, H, Nq, Nk, D, scale);
+  at::Tensor re = row_end_device(Nq, token_grans, Nk, qc.device());
+  at::Tensor lens = seq_lens_device(seq_lens, B, qc.device());
+  at::Tensor out = at::empty({B, H, Nq, D}, qc.options());
+  at::Tensor lse = at::empty({B, H, Nq}, qc.options().dtype(at::kFloat));
+  run_fwd(qc, kc, vc, out, lse, re, lens.defined() ? lens.data_ptr<int>() : nullptr, nullptr,
+          q_cos, q_sin, k_cos, k_sin, B, H, Nq, Nk, D, scale);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(const at::Tensor& q_, const at::Tensor& k_,
-                                                        const at::Tensor& v_,
-                                                        at::IntArrayRef seq_lens,
-                                                        at::OptionalIntArrayRef token_grans,
-                                                        double scale, const OptT& q_cos,
-                                                        const OptT& q_sin, const OptT& k_cos,
-                                                        const OptT& k_sin) {
-  const VarlenRows rows = check_varlen_args(q_, k_, v_, seq_lens, token_grans, q_cos, q_sin,
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd(
+    ADAPERCEIVER_ATTENTION_VARLEN_FWD_PARAMS) {
+  const VarlenRows rows = check_varlen_args(q, k, v, seq_lens, token_grans, q_cos, q_sin,
                                             k_cos, k_sin);
-  check_cuda_args(q_.transpose(0, 1).unsqueeze(0), v_.transpose(0, 1).unsqueeze(0));
-  const c10::cuda::CUDAGuard guard(q_.device());
+  check_cuda_args(q.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0));
+  const c10::cuda::CUDAGuard guard(q.device());
   // (R, H, D) contiguous: the model's q, k, v are heads of one fused projection (a row stride of
   // 3 H D), copied here as the padded path copies them
-  at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const int64_t B = static_cast<int64_t>(rows.lens.size()), H = q.size(1), N = rows.max_len;
-  const auto dev = q.device();
+  at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const int64_t B = static_cast<int64_t>(rows.lens.size()), H = qc.size(1), N = rows.max_len;
+  const auto dev = qc.device();
   at::Tensor re = row_end_device(N, token_grans, N, dev);
   // built once per value (index_memo.h)
   const auto to_int = [&](const std::vector<int64_t>& x) {
     return device_ints(std::vector<int32_t>(x.begin(), x.end()), dev);
   };
   at::Tensor lens = to_int(rows.lens), starts = to_int(rows.start);
-  at::Tensor out = at::empty({q.size(0), H, q.size(2)}, q.options());
-  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat));
-  run_fwd(q, k, v, out, lse, re, lens.data_ptr<int>(), starts.data_ptr<int>(), q_cos, q_sin,
-          k_cos, k_sin, B, H, N, N, q.size(2), scale);
+  at::Tensor out = at::empty({qc.size(0), H, qc.size(2)}, qc.options());
+  at::Tensor lse = at::empty({B, H, N}, qc.options().dtype(at::kFloat));
+  run_fwd(qc, kc, vc, out, lse, re, lens.data_ptr<int>(), starts.data_ptr<int>(), q_cos, q_sin,
+          k_cos, k_sin, B, H, N, N, qc.size(2), scale);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, at::OptionalIntArrayRef token_grans,
-    double scale, const OptT& seq_lens, const OptT& q_cos, const OptT& q_sin, const OptT& k_cos,
-    const OptT& k_sin) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(ADAPERCEIVER_ATTENTION_BWD_PARAMS) {
   check_attention_args(q, k, v, token_grans, q_cos, q_sin, k_cos, k_sin);
   check_cuda_args(q, v);
   const c10::cuda::CUDAGuard guard(q.device());

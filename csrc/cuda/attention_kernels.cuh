@@ -43,11 +43,14 @@ __device__ __forceinline__ float2 pair_of(const float* smem_row, int part, int i
 
 // The block's query tile: (sample, head) bh = blockIdx.x, rows [m0, m0 + BM) from blockIdx.y, this
 // thread's row and its part of it (row groups of L lanes), the sample's query / key lengths, the
-// tile's last read key (kend) and this row's (my_end, 0 past the sample's queries).
+// tile's last read key (kend), this row's (my_end, 0 past the sample's queries), whether the row
+// is one of the sample's (active) and the lane mask of its row group. The kernels unpack it with
+// a structured binding, in this order.
 template <int L>
 struct QueryTile {
   int bh, b, m0, row, part, lq, lk, kend, my_end;
   bool active;
+  unsigned mask;
   __device__ QueryTile(int H, int Nq, int Nk, const int* lens, const int* row_end) {
     bh = blockIdx.x;
     b = bh / H;
@@ -61,6 +64,7 @@ struct QueryTile {
     kend = last >= m0 ? min(row_end[last], lk) : 0;
     active = row < lq;
     my_end = active ? min(row_end[row], lk) : 0;
+    mask = group_mask<L>();
   }
 };
 
@@ -81,11 +85,8 @@ __global__ void __launch_bounds__(BM * row_lanes<D>()) attn_fwd_kernel(Params p)
   constexpr int L = row_lanes<D>(), NT = BM * L, PAIRS = kDims / 2;
   __shared__ __align__(16) float ks[BN][D];
   __shared__ __align__(16) float vs[BN][D];
-  const QueryTile<L> tq(p.H, p.Nq, p.Nk, p.lens, p.row_end);
-  const int bh = tq.bh, b = tq.b, m0 = tq.m0, row = tq.row, part = tq.part;
-  const unsigned mask = group_mask<L>();
-  const int lq = tq.lq, lk = tq.lk, kend = tq.kend, my_end = tq.my_end;
-  const bool active = tq.active;
+  const auto [bh, b, m0, row, part, lq, lk, kend, my_end, active, mask] =
+      QueryTile<L>(p.H, p.Nq, p.Nk, p.lens, p.row_end);
   // element offsets: row n of head h of sample b at base + h * head + n * step (q, k, v, out)
   const int h = bh % p.H;
   const bool packed = p.starts != nullptr;
@@ -220,11 +221,8 @@ __global__ void __launch_bounds__(BM * row_lanes<D>()) attn_bwd_dq_kernel(BwdPar
   constexpr int L = row_lanes<D>(), NT = BM * L, PAIRS = kDims / 2;
   __shared__ __align__(16) float ks[BN][D];
   __shared__ __align__(16) float vs[BN][D];
-  const QueryTile<L> tq(p.H, p.Nq, p.Nk, p.lens, p.row_end);
-  const int bh = tq.bh, b = tq.b, m0 = tq.m0, row = tq.row, part = tq.part;
-  const unsigned mask = group_mask<L>();
-  const int lq = tq.lq, lk = tq.lk, kend = tq.kend, my_end = tq.my_end;
-  const bool active = tq.active;
+  const auto [bh, b, m0, row, part, lq, lk, kend, my_end, active, mask] =
+      QueryTile<L>(p.H, p.Nq, p.Nk, p.lens, p.row_end);
   const size_t ro = ((size_t)bh * p.Nq + (active ? row : 0)) * D;
   const float2* qrow = reinterpret_cast<const float2*>(p.q + ro);
   const float2* grow = reinterpret_cast<const float2*>(p.go + ro);

@@ -152,24 +152,23 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
 
 }  // namespace
 
-at::Tensor ffn_fwd(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& b1_,
-                   const at::Tensor& w2_, const at::Tensor& b2_, at::IntArrayRef hidden) {
-  check_ffn_args(x_, w1_, b1_, w2_, b2_, hidden);
-  TORCH_CHECK(x_.is_cuda(), "matryoshka_ffn_fwd (CUDA kernel) got tensors on ", x_.device());
-  const c10::cuda::CUDAGuard guard(x_.device());
-  at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), b1 = b1_.contiguous(),
-             w2 = w2_.contiguous(), b2 = b2_.contiguous();
-  const int64_t B = x.size(0), N = x.size(1);
+at::Tensor ffn_fwd(ADAPERCEIVER_FFN_FWD_PARAMS) {
+  check_ffn_args(x, w1, b1, w2, b2, hidden);
+  TORCH_CHECK(x.is_cuda(), "matryoshka_ffn_fwd (CUDA kernel) got tensors on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor xc = x.contiguous(), w1c = w1.contiguous(), b1c = b1.contiguous(),
+             w2c = w2.contiguous(), b2c = b2.contiguous();
+  const int64_t B = xc.size(0), N = xc.size(1);
   // each row's width: the B widths copied once per value (index_memo.h), then repeated N
   // times on the device
-  at::Tensor row_h = device_ints(std::vector<int32_t>(hidden.begin(), hidden.end()), x.device())
+  at::Tensor row_h = device_ints(std::vector<int32_t>(hidden.begin(), hidden.end()), xc.device())
                          .repeat_interleave(N);
-  at::Tensor act = at::empty({B * N, w1.size(0)}, x.options().dtype(at::kFloat));
-  at::Tensor out = at::empty({B, N, w2.size(0)}, x.options());
-  switch (x.scalar_type()) {
-    case at::kHalf: launch<__half>(x, w1, b1, w2, b2, row_h, act, out); break;
-    case at::kBFloat16: launch<__nv_bfloat16>(x, w1, b1, w2, b2, row_h, act, out); break;
-    default: launch<float>(x, w1, b1, w2, b2, row_h, act, out); break;
+  at::Tensor act = at::empty({B * N, w1c.size(0)}, xc.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({B, N, w2c.size(0)}, xc.options());
+  switch (xc.scalar_type()) {
+    case at::kHalf: launch<__half>(xc, w1c, b1c, w2c, b2c, row_h, act, out); break;
+    case at::kBFloat16: launch<__nv_bfloat16>(xc, w1c, b1c, w2c, b2c, row_h, act, out); break;
+    default: launch<float>(xc, w1c, b1c, w2c, b2c, row_h, act, out); break;
   }
   return out;
 }
@@ -192,8 +191,7 @@ struct WidestFirst {
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+    ADAPERCEIVER_FFN_BWD_PARAMS) {
   check_ffn_args(x, w1, b1, w2, b2, hidden);
   TORCH_CHECK(x.is_cuda(), "matryoshka_ffn_bwd (CUDA) got tensors on ", x.device());
   // no device guard needed: only ATen ops run here (each guards its own launches)

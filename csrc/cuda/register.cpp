@@ -6,10 +6,4 @@
 
 #include "kernels.h"
 
-TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) {
-  m.impl("block_masked_attention_fwd", &adaperceiver::cuda::attention_fwd);
-  m.impl("block_masked_attention_bwd", &adaperceiver::cuda::attention_bwd);
-  m.impl("block_masked_attention_varlen_fwd", &adaperceiver::cuda::attention_varlen_fwd);
-  m.impl("matryoshka_ffn_fwd", &adaperceiver::cuda::ffn_fwd);
-  m.impl("matryoshka_ffn_bwd", &adaperceiver::cuda::ffn_bwd);
-}
+TORCH_LIBRARY_IMPL(adaperceiver, CUDA, m) { ADAPERCEIVER_IMPL_OP_KERNELS(m, cuda) }
