@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from adaperceiver import _ext, ops
 
 from conftest import tiny_model
-from test_ops_linear import _flash_rule, _native, two_threads  # noqa: F401 (a fixture)
+from test_ops_linear import _flash_rule, _native, two_threads  # noqa: F401 (fixture)
 
 linear_mod = importlib.import_module("adaperceiver.ops.linear")
 
@@ -74,7 +74,8 @@ SHAPES = [(3, 37, 40, 19), (1024, 1, 832, 832), (9, 1, 130, 2496)]   # the secon
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_autocast_projection_is_the_cast_models(two_threads, dtype, shape):
+@pytest.mark.usefixtures("two_threads")
+def test_autocast_projection_is_the_cast_models(dtype, shape):
     """Under autocast a projection gives what the model cast to the dtype gives (bit for bit:
     the same casts, the same GEMM), within flash-attn's rule against float64 as torch's own
     autocast F.linear is, and the same on a second call."""
@@ -118,7 +119,8 @@ def test_autocast_projection_runs_onednn_and_keeps_autograd(monkeypatch):
 
 @pytest.mark.parametrize("amp", [False, True], ids=["bf16", "autocast"])
 @pytest.mark.parametrize("rows", [37, 1024])          # one GEMM; column blocks
-def test_in_place_weight_edits_are_seen(two_threads, amp, rows):
+@pytest.mark.usefixtures("two_threads")
+def test_in_place_weight_edits_are_seen(amp, rows):
     """Nothing is kept between calls: an in-place edit of the weight (through ``.data`` too,
     which bumps no version counter) or of the bias between two calls is seen by the second."""
     _native(torch.bfloat16)

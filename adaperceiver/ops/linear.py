@@ -5,9 +5,10 @@ On the CPU in float32, when no gradient is recorded, a projection runs as oneDNN
 of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs, where oneDNN runs
 the model's projection shapes faster (``pytest benchmarks/test_bench_ops_cpu.py -k projection
 -s`` prints the ratio; figures in benchmarks/README.md).
-Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
-oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
-runs those on its reference kernel, three orders of magnitude slower.
+Everything else (gradients, other dtypes and devices, autocast but for the case below,
+torch.compile, a torch without oneDNN) takes ``F.linear``, and so does a non-contiguous weight
+(a Matryoshka column slice): oneDNN runs those on its reference kernel, three orders of
+magnitude slower.
 bfloat16 / float16 on a CPU without native GEMMs for the dtype (no AVX512-BF16 / AMX-BF16,
 AVX512-FP16 / AMX-FP16; ``adaperceiver._ext.build_info()["cpu_native_bf16"]``): torch would run
 the projection on its emulated low-precision GEMM, several times slower than float32; it runs
@@ -215,24 +216,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
 # FlopCounterMode (and so count_flops' cross-check) sees the oneDNN op as what it is: a GEMM
 from torch.utils.flop_counter import flop_registry, register_flop_formula  # noqa: E402
 
-# (the registry is keyed by overload: leave a formula torch may one day ship itself in place)
-if (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
-        torch.ops.mkldnn._linear_pointwise.default not in flop_registry):
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        rows = 1
-        for s in x_shape[:-1]:
-            rows *= s
-        return 2 * rows * w_shape[0] * w_shape[1]
+
+def _gemm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
-def _register_column_blocks_flops() -> None:
-    """The same formula for the column-block op (it calls oneDNN from C++, where the counter
-    cannot see), once the extension is loaded."""
-    op = _column_blocks_op()
+def _register_flops(op) -> None:
+    """The GEMM formula for op (the registry is keyed by overload: a formula torch may one day
+    ship itself is left in place)."""
     if op is not None and op.default not in flop_registry:
-        register_flop_formula(op)(lambda x_shape, w_shape, *args, out_shape=None, **kw:
-                                  2 * (math.prod(x_shape[:-1])) * w_shape[0] * w_shape[1])
+        register_flop_formula(op)(_gemm_flops)
 
 
-_register_column_blocks_flops()
+# oneDNN's op, and the column-block op (it calls oneDNN from C++, where the counter cannot see)
+_register_flops(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
+_register_flops(_column_blocks_op())
