@@ -359,14 +359,13 @@ constexpr int64_t KALIGN = 32;  // chunk widths rounded up to this (two AMX tile
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Row x of T (n values) into dst (n values of T), rotated by RoPE at position pos when r has
-// tables (in float32, rounded once), else copied.
+// tables (in float32, rounded once: one vectorised pass, rope_row_lowp), else copied.
 template <typename T>
-inline void lowp_row(const T* x, const Rope& r, int64_t pos, int64_t n, float* raw, float* rot,
-                     T* dst) {
+inline void lowp_row(const T* x, const Rope& r, int64_t pos, int64_t n, T* dst) {
   if (r.cos) {
-    to_float_row(x, n, raw);
-    rope_row(raw, r, pos, n, 1.f, rot);
-    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(rot[d]);
+    rope_row_lowp(std::is_same_v<T, c10::BFloat16>, reinterpret_cast<const uint16_t*>(x),
+                  r.cos + pos * (n / 2), r.sin + pos * (n / 2), n / 2, 1.f,
+                  reinterpret_cast<uint16_t*>(dst));
   } else {
     std::copy(x, x + n, dst);
   }
@@ -390,7 +389,7 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
     // KALIGN)) are zeros), scores, weights and the float32 accumulators
     std::vector<T> qt(TM * Dp, T(0)), kp(nk_pad * Dp, T(0)), vp(nk_pad * Dv, T(0)),
         pt(TM * KT), krows(16 * Dp, T(0)), vzero(Dv, T(0));
-    std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM), raw(D), rot(D);
+    std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM);
     int64_t cur_bh = -1, k_done = 0, v_done = 0;
     for (int64_t item = begin; item < end; ++item) {
       const Tile<T> tile = start_tile(pr, re, lens, TM, item, op, lp);
@@ -402,7 +401,7 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
       if (cur_bh != tile.bh) cur_bh = tile.bh, k_done = 0, v_done = 0;
       for (int64_t r = 0; r < rows; ++r) {  // Qt: rows x Dp, row-major (pad column stays 0)
         if (r + kAhead < rows) prefetch_row(q + (r + kAhead) * qsn, D);
-        lowp_row(q + r * qsn, qrope, m0 + r, D, raw.data(), rot.data(), qt.data() + r * Dp);
+        lowp_row(q + r * qsn, qrope, m0 + r, D, qt.data() + r * Dp);
       }
       // keys [k_done, kend), up to 16 at a time (within one block of KT): their pairs (d, d+1)
       // transposed to the keys' columns of the block's VNNI K^T
@@ -414,7 +413,7 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           if (j0 + j + kAhead < kend) prefetch_row(x + kAhead * ksn, D);
           if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
             T* row = krows.data() + j * Dp;
-            lowp_row(x, krope, j0 + j, D, raw.data(), rot.data(), row);
+            lowp_row(x, krope, j0 + j, D, row);
             x = row;
           }
           src[j] = reinterpret_cast<const uint16_t*>(x);

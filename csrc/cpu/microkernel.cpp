@@ -41,70 +41,50 @@ namespace {
 #if defined(__x86_64__) && defined(__GNUC__)
 constexpr int MR = 8, NR = 32;
 
-// One 8 x 32 tile of C (16 of the 32 zmm registers accumulate). Rows past R (the m tail) recompute row R - 1 and are not stored, so the
-// 16 accumulators are named registers (an array of them made GCC spill every k step).
+// The register tiles (AVX-512 8 x 32 here, AVX2 + FMA 6 x 16 below) unrolled over their rows:
+// ADAPERCEIVER_TILE_ROWS_<n>(X, args) is X(r, args) for r = 0 .. n-1. Row r reads A through a<r>
+// and accumulates into two named registers c<r>0, c<r>1 (an array of them made GCC spill every
+// k step). Rows past R (the m tail) recompute row R - 1 and are not stored.
+#define ADAPERCEIVER_TILE_ROWS_6(X, ...) \
+  X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
+  X(5, __VA_ARGS__)
+#define ADAPERCEIVER_TILE_ROWS_8(X, ...) \
+  ADAPERCEIVER_TILE_ROWS_6(X, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__)
+// row r's A pointer and its accumulators (type vec), zeroed
+#define ADAPERCEIVER_TILE_START(r, vec, zero)    \
+  const float* a##r = a + (R > r ? r : R - 1) * rs; \
+  vec c##r##0 = zero(), c##r##1 = c##r##0;
+// row r's k step (A's column offset o, B's vectors b0, b1): broadcast, two FMAs
+#define ADAPERCEIVER_TILE_FMA(r, set1, fmadd) \
+  {                                           \
+    const auto av = set1(a##r[o]);            \
+    c##r##0 = fmadd(av, b0, c##r##0);         \
+    c##r##1 = fmadd(av, b1, c##r##1);         \
+  }
+
+// One 8 x 32 tile of C (16 of the 32 zmm registers accumulate).
 __attribute__((target("avx512f"))) void tile(int R, int64_t k, const float* a, int64_t rs,
                                              int64_t cs, const float* b, int64_t ldb, float* c,
                                              int64_t ldc, __mmask16 m0, __mmask16 m1,
                                              bool accumulate) {
-  const float* a0 = a;
-  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
-  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
-  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
-  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
-  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
-  const float* a6 = a + (R > 6 ? 6 : R - 1) * rs;
-  const float* a7 = a + (R > 7 ? 7 : R - 1) * rs;
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
-         c61 = c00, c70 = c00, c71 = c00;
+  ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_TILE_START, __m512, _mm512_setzero_ps)
   for (int64_t p = 0; p < k; ++p) {
     const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + p * ldb);
     const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + p * ldb + 16);
     const int64_t o = p * cs;
-    __m512 av = _mm512_set1_ps(a0[o]);
-    c00 = _mm512_fmadd_ps(av, b0, c00);
-    c01 = _mm512_fmadd_ps(av, b1, c01);
-    av = _mm512_set1_ps(a1[o]);
-    c10 = _mm512_fmadd_ps(av, b0, c10);
-    c11 = _mm512_fmadd_ps(av, b1, c11);
-    av = _mm512_set1_ps(a2[o]);
-    c20 = _mm512_fmadd_ps(av, b0, c20);
-    c21 = _mm512_fmadd_ps(av, b1, c21);
-    av = _mm512_set1_ps(a3[o]);
-    c30 = _mm512_fmadd_ps(av, b0, c30);
-    c31 = _mm512_fmadd_ps(av, b1, c31);
-    av = _mm512_set1_ps(a4[o]);
-    c40 = _mm512_fmadd_ps(av, b0, c40);
-    c41 = _mm512_fmadd_ps(av, b1, c41);
-    av = _mm512_set1_ps(a5[o]);
-    c50 = _mm512_fmadd_ps(av, b0, c50);
-    c51 = _mm512_fmadd_ps(av, b1, c51);
-    av = _mm512_set1_ps(a6[o]);
-    c60 = _mm512_fmadd_ps(av, b0, c60);
-    c61 = _mm512_fmadd_ps(av, b1, c61);
-    av = _mm512_set1_ps(a7[o]);
-    c70 = _mm512_fmadd_ps(av, b0, c70);
-    c71 = _mm512_fmadd_ps(av, b1, c71);
+    ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_TILE_FMA, _mm512_set1_ps, _mm512_fmadd_ps)
   }
-#define ADAPERCEIVER_PUT(r, v0, v1)                                        \
-  if ((r) < R) {                                                         \
-    float* cr = c + (r) * ldc;                                           \
-    if (accumulate) {                                                    \
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cr));             \
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cr + 16));        \
-    }                                                                    \
-    _mm512_mask_storeu_ps(cr, m0, v0);                                   \
-    _mm512_mask_storeu_ps(cr + 16, m1, v1);                              \
+#define ADAPERCEIVER_PUT(r, ...)                                               \
+  if ((r) < R) {                                                               \
+    float* cr = c + (r) * ldc;                                                 \
+    if (accumulate) {                                                          \
+      c##r##0 = _mm512_add_ps(c##r##0, _mm512_maskz_loadu_ps(m0, cr));         \
+      c##r##1 = _mm512_add_ps(c##r##1, _mm512_maskz_loadu_ps(m1, cr + 16));    \
+    }                                                                          \
+    _mm512_mask_storeu_ps(cr, m0, c##r##0);                                    \
+    _mm512_mask_storeu_ps(cr + 16, m1, c##r##1);                               \
   }
-  ADAPERCEIVER_PUT(0, c00, c01)
-  ADAPERCEIVER_PUT(1, c10, c11)
-  ADAPERCEIVER_PUT(2, c20, c21)
-  ADAPERCEIVER_PUT(3, c30, c31)
-  ADAPERCEIVER_PUT(4, c40, c41)
-  ADAPERCEIVER_PUT(5, c50, c51)
-  ADAPERCEIVER_PUT(6, c60, c61)
-  ADAPERCEIVER_PUT(7, c70, c71)
+  ADAPERCEIVER_TILE_ROWS_8(ADAPERCEIVER_PUT, )
 #undef ADAPERCEIVER_PUT
 }
 
@@ -346,6 +326,61 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void scale_row_l
   }
 }
 
+// See rope_row_lowp in microkernel.h. 8 pairs (16 values) per step: the 16-bit values widened
+// to float32 (bfloat16: the high half of a float's bits; float16: vcvtph2ps), the pair
+// partners swapped in-lane, the tables' 8 cosines and sines spread to both lanes of their
+// pair, and out = mul * (x * c + swapped * (-+s)): x0 c + x1 (-s) is x0 c - x1 s exactly, and
+// x1 c + x0 s is x0 s + x1 c. The products and sums use the _round_ intrinsics (builtins, not
+// vector expressions) so that GCC cannot contract them into FMAs, which round once instead
+// of twice and so differ from the reference's float32 rotation in the last bit. Rounded back
+// as scale_row_lowp rounds. kMul: mul != 1 (times 1 is exact, so it is skipped). Full steps
+// use all-ones masks (the loads and stores become plain ones), the last one masked: kp its
+// pairs, kv their values.
+template <bool kBf16, bool kMul>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) inline void rope_step_avx512(
+    const uint16_t* x, const float* c, const float* s, __m512 vmul, __mmask8 kp, __mmask16 kv,
+    uint16_t* dst) {
+  constexpr int kCur = _MM_FROUND_CUR_DIRECTION;
+  const __m512i spread = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i neg_even = _mm512_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                             INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0,
+                                             INT32_MIN, 0, INT32_MIN, 0);
+  const __m256i h = _mm256_maskz_loadu_epi16(kv, x);
+  const __m512 v = kBf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                         : _mm512_cvtph_ps(h);
+  const __m512 cv =
+      _mm512_permutexvar_ps(spread, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(kp, c)));
+  const __m512 sv = _mm512_castsi512_ps(_mm512_xor_si512(
+      neg_even, _mm512_castps_si512(_mm512_permutexvar_ps(
+                    spread, _mm512_castps256_ps512(_mm256_maskz_loadu_ps(kp, s))))));
+  const __m512 swapped = _mm512_permute_ps(v, 0xB1);  // lanes (1, 0, 3, 2, ...)
+  __m512 out = _mm512_add_round_ps(_mm512_mul_round_ps(v, cv, kCur),
+                                   _mm512_mul_round_ps(swapped, sv, kCur), kCur);
+  if constexpr (kMul) out = _mm512_mul_round_ps(vmul, out, kCur);
+  __m256i r;
+  if constexpr (kBf16) {
+    r = (__m256i)_mm512_cvtneps_pbh(out);
+  } else {
+    r = _mm512_cvtps_ph(out, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_mask_storeu_epi16(dst, kv, r);
+}
+
+template <bool kBf16, bool kMul>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void rope_row_lowp_avx512(
+    const uint16_t* x, const float* c, const float* s, int64_t pairs, float mul, uint16_t* dst) {
+  const __m512 vmul = _mm512_set1_ps(mul);
+  int64_t i = 0;
+  for (; i + 8 <= pairs; i += 8) {
+    rope_step_avx512<kBf16, kMul>(x + 2 * i, c + i, s + i, vmul, 0xFF, 0xFFFF, dst + 2 * i);
+  }
+  if (i < pairs) {
+    const unsigned w = static_cast<unsigned>(pairs - i);
+    rope_step_avx512<kBf16, kMul>(x + 2 * i, c + i, s + i, vmul, __mmask8((1u << w) - 1),
+                                  __mmask16((1u << (2 * w)) - 1), dst + 2 * i);
+  }
+}
+
 bool has_avx512_bw() {  // and VL
   static const bool yes = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
@@ -379,55 +414,34 @@ __attribute__((target("avx2,fma"))) void tile_avx2(int R, int64_t k, const float
                                                    int64_t rs, int64_t cs, const float* b,
                                                    int64_t ldb, float* c, int64_t ldc,
                                                    __m256i m0, __m256i m1, bool accumulate) {
-  const float* a0 = a;
-  const float* a1 = a + (R > 1 ? 1 : 0) * rs;
-  const float* a2 = a + (R > 2 ? 2 : R - 1) * rs;
-  const float* a3 = a + (R > 3 ? 3 : R - 1) * rs;
-  const float* a4 = a + (R > 4 ? 4 : R - 1) * rs;
-  const float* a5 = a + (R > 5 ? 5 : R - 1) * rs;
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_TILE_START, __m256, _mm256_setzero_ps)
   for (int64_t p = 0; p < k; ++p) {
     const float* bp = b + p * ldb;
     const __m256 b0 = Full ? _mm256_loadu_ps(bp) : _mm256_maskload_ps(bp, m0);
     const __m256 b1 = Full ? _mm256_loadu_ps(bp + 8) : _mm256_maskload_ps(bp + 8, m1);
     const int64_t o = p * cs;
-    // row r: one broadcast of A's element, two FMAs into its accumulators
-#define ADAPERCEIVER_ROW(r)                              \
-  {                                                      \
-    const __m256 av = _mm256_broadcast_ss(a##r + o);     \
-    c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);          \
-    c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);          \
+    ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_TILE_FMA, _mm256_set1_ps, _mm256_fmadd_ps)
   }
-    ADAPERCEIVER_ROW(0) ADAPERCEIVER_ROW(1) ADAPERCEIVER_ROW(2)
-    ADAPERCEIVER_ROW(3) ADAPERCEIVER_ROW(4) ADAPERCEIVER_ROW(5)
-#undef ADAPERCEIVER_ROW
+#define ADAPERCEIVER_PUT(r, ...)                                                   \
+  if ((r) < R) {                                                                   \
+    float* cr = c + (r) * ldc;                                                     \
+    if (Full) {                                                                    \
+      if (accumulate) {                                                            \
+        c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(cr));                     \
+        c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(cr + 8));                 \
+      }                                                                            \
+      _mm256_storeu_ps(cr, c##r##0);                                               \
+      _mm256_storeu_ps(cr + 8, c##r##1);                                           \
+    } else {                                                                       \
+      if (accumulate) {                                                            \
+        c##r##0 = _mm256_add_ps(c##r##0, _mm256_maskload_ps(cr, m0));              \
+        c##r##1 = _mm256_add_ps(c##r##1, _mm256_maskload_ps(cr + 8, m1));          \
+      }                                                                            \
+      _mm256_maskstore_ps(cr, m0, c##r##0);                                        \
+      _mm256_maskstore_ps(cr + 8, m1, c##r##1);                                    \
+    }                                                                              \
   }
-#define ADAPERCEIVER_PUT(r, v0, v1)                                              \
-  if ((r) < R) {                                                               \
-    float* cr = c + (r) * ldc;                                                 \
-    if (Full) {                                                                \
-      if (accumulate) {                                                        \
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cr));                           \
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cr + 8));                       \
-      }                                                                        \
-      _mm256_storeu_ps(cr, v0);                                                \
-      _mm256_storeu_ps(cr + 8, v1);                                            \
-    } else {                                                                   \
-      if (accumulate) {                                                        \
-        v0 = _mm256_add_ps(v0, _mm256_maskload_ps(cr, m0));                    \
-        v1 = _mm256_add_ps(v1, _mm256_maskload_ps(cr + 8, m1));                \
-      }                                                                        \
-      _mm256_maskstore_ps(cr, m0, v0);                                         \
-      _mm256_maskstore_ps(cr + 8, m1, v1);                                     \
-    }                                                                          \
-  }
-  ADAPERCEIVER_PUT(0, c00, c01)
-  ADAPERCEIVER_PUT(1, c10, c11)
-  ADAPERCEIVER_PUT(2, c20, c21)
-  ADAPERCEIVER_PUT(3, c30, c31)
-  ADAPERCEIVER_PUT(4, c40, c41)
-  ADAPERCEIVER_PUT(5, c50, c51)
+  ADAPERCEIVER_TILE_ROWS_6(ADAPERCEIVER_PUT, )
 #undef ADAPERCEIVER_PUT
 }
 
@@ -759,6 +773,63 @@ void scale_row_lowp(bool bf16, const float* x, float s, int64_t n, uint16_t* dst
   for (int64_t d = 0; d < n; ++d) {
     dst[d] = bf16 ? c10::BFloat16(x[d] * s).x : c10::Half(x[d] * s).x;
   }
+}
+
+namespace {
+
+// The rotation value by value (see rope_row_lowp in microkernel.h). The products are rounded
+// one by one as long as nothing contracts them: the baseline x86-64 this file is built for has
+// no FMA (on other architectures, where GCC may fuse them, only this path exists).
+template <typename T>
+void rope_row_lowp_portable(const uint16_t* x, const float* c, const float* s, int64_t pairs,
+                            float mul, uint16_t* dst) {
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float x0 = static_cast<float>(T(x[2 * i], T::from_bits()));
+    const float x1 = static_cast<float>(T(x[2 * i + 1], T::from_bits()));
+    dst[2 * i] = T(mul * (x0 * c[i] - x1 * s[i])).x;
+    dst[2 * i + 1] = T(mul * (x0 * s[i] + x1 * c[i])).x;
+  }
+}
+
+void run_rope_row_lowp(bool vectorised, bool bf16, const uint16_t* x, const float* c,
+                       const float* s, int64_t pairs, float mul, uint16_t* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vectorised) {
+    const bool times = mul != 1.f;
+    if (bf16) {
+      return times ? rope_row_lowp_avx512<true, true>(x, c, s, pairs, mul, dst)
+                   : rope_row_lowp_avx512<true, false>(x, c, s, pairs, mul, dst);
+    }
+    return times ? rope_row_lowp_avx512<false, true>(x, c, s, pairs, mul, dst)
+                 : rope_row_lowp_avx512<false, false>(x, c, s, pairs, mul, dst);
+  }
+#endif
+  return bf16 ? rope_row_lowp_portable<c10::BFloat16>(x, c, s, pairs, mul, dst)
+              : rope_row_lowp_portable<c10::Half>(x, c, s, pairs, mul, dst);
+}
+
+}  // namespace
+
+bool rope_row_lowp_supported(Isa isa) {
+  if (isa != Isa::kAvx512) return isa_supported(isa);
+#if defined(__x86_64__) && defined(__GNUC__)
+  return has_avx512() && has_avx512_bf16() && has_avx512_bw();
+#else
+  return false;
+#endif
+}
+
+void rope_row_lowp(Isa isa, bool bf16, const uint16_t* x, const float* c, const float* s,
+                   int64_t pairs, float mul, uint16_t* dst) {
+  TORCH_CHECK(rope_row_lowp_supported(isa), "rope_row_lowp: this CPU lacks the instruction set ",
+              isa_name(isa), (isa == Isa::kAvx512 ? " (with AVX512-BF16 and AVX512-BW)" : ""));
+  run_rope_row_lowp(isa == Isa::kAvx512, bf16, x, c, s, pairs, mul, dst);
+}
+
+void rope_row_lowp(bool bf16, const uint16_t* x, const float* c, const float* s, int64_t pairs,
+                   float mul, uint16_t* dst) {
+  static const bool vectorised = best_isa() == Isa::kAvx512 && rope_row_lowp_supported(Isa::kAvx512);
+  run_rope_row_lowp(vectorised, bf16, x, c, s, pairs, mul, dst);
 }
 
 float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,

@@ -65,6 +65,21 @@ void pack_pairs_transposed(const uint16_t* const* rows, int64_t nrows, int64_t n
 void interleave_pair(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst);
 void scale_row_lowp(bool bf16, const float* x, float s, int64_t n, uint16_t* dst);
 
+// RoPE of one row of 16-bit values for the AMX attention (bits of bfloat16 (bf16) or float16):
+// its pairs (x[2i], x[2i+1]), i < pairs, rotated by the angle whose cosine and sine are c[i],
+// s[i], times mul, rounded once to the 16-bit type:
+//   dst[2i] = round(mul * (x0 c - x1 s)), dst[2i+1] = round(mul * (x0 s + x1 c)),
+// in float32 with every product and sum rounded (no fused multiply-add): the reference's
+// float32 rotation (ops/reference.py apply_rope) rounded once, bit for bit (a NaN is a NaN,
+// its payload aside). dst may be x. The Isa overload exists for tests: kAvx512 is the one-pass
+// AVX-512 body (it needs AVX512-BF16 and -BW, as every CPU with AMX has), the others the
+// portable loop (convert, rotate, round value by value).
+void rope_row_lowp(bool bf16, const uint16_t* x, const float* c, const float* s, int64_t pairs,
+                   float mul, uint16_t* dst);
+void rope_row_lowp(Isa isa, bool bf16, const uint16_t* x, const float* c, const float* s,
+                   int64_t pairs, float mul, uint16_t* dst);
+bool rope_row_lowp_supported(Isa isa);
+
 // Row-major GEMM through BLAS: C = alpha * op(A) op(B) + beta * C.
 void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
              int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);

@@ -406,6 +406,81 @@ void attention_nan_case() {
   }
 }
 
+// rope_row_lowp (the AMX attention's RoPE of 16-bit rows) on each of its paths this CPU has,
+// against the reference's rotation written with ATen ops (apply_rope in ops/reference.py: each
+// product and sum a separate float32 kernel, so rounded one by one), times mul, rounded once:
+// bit for bit (a NaN only as NaN). Pair counts around the 8-pair step (D = 2, 30, 64, 66, 130),
+// random angles, magnitudes over a wide range, NaN / +-inf / overflowing values sprinkled in,
+// the values past the row left untouched, and in place (dst = x).
+void rope_lowp_cases() {
+  using adaperceiver::cpu::Isa;
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t rows = 4096;  // many values: a last-bit difference changes few roundings
+  for (const Isa isa : {Isa::kAvx512, Isa::kPortable}) {
+    if (!adaperceiver::cpu::rope_row_lowp_supported(isa)) {
+      std::printf("skip rope_row_lowp %s: not supported by this CPU\n",
+                  adaperceiver::cpu::isa_name(isa));
+      continue;
+    }
+    for (const bool bf16 : {true, false}) {
+      const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kHalf;
+      const int before = failures;
+      for (const int64_t pairs : {1, 15, 32, 33, 65}) {
+        for (const float mul : {1.f, 0.125f, 0.3f}) {
+          const int64_t D = 2 * pairs;
+          at::Tensor xf = at::randn({rows, D}) * at::exp(at::randn({rows, D}) * 2.0);
+          xf[3][D - 1] = std::nanf("");
+          xf[5][0] = inf;
+          xf[7][D / 2] = -inf;
+          xf[9][D - 2] = 60000.f;  // float16: rotated and times mul it may overflow to inf
+          at::Tensor x = xf.to(dt).contiguous();
+          at::Tensor ang = at::rand({rows, pairs}) * 6.3;
+          at::Tensor c = ang.cos().contiguous(), s = ang.sin().contiguous();
+          // reference: float32 of the 16-bit values, apply_rope's products, times mul, rounded
+          at::Tensor x0 = x.slice(1, 0, D, 2).to(at::kFloat), x1 = x.slice(1, 1, D, 2).to(at::kFloat);
+          at::Tensor r0 = (x0 * c - x1 * s) * mul, r1 = (x0 * s + x1 * c) * mul;
+          at::Tensor want = at::stack({r0, r1}, -1).flatten(-2).to(dt).contiguous();
+          // one guard value past each row: must come back unchanged
+          const int64_t ld = D + 1;
+          at::Tensor out = at::full({rows, ld}, 7.0, dt), inplace = x.clone();
+          auto bits = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* cr = c.data_ptr<float>() + r * pairs;
+            const float* sr = s.data_ptr<float>() + r * pairs;
+            adaperceiver::cpu::rope_row_lowp(isa, bf16, bits(x) + r * D, cr, sr, pairs, mul,
+                                             bits(out) + r * ld);
+            adaperceiver::cpu::rope_row_lowp(isa, bf16, bits(inplace) + r * D, cr, sr, pairs,
+                                             mul, bits(inplace) + r * D);
+          }
+          at::Tensor got = out.narrow(1, 0, D);
+          auto same = [&](const at::Tensor& g) {
+            at::Tensor nan_g = at::isnan(g), nan_w = at::isnan(want);
+            at::Tensor gb = g.contiguous().view(at::kShort), wb = want.view(at::kShort);
+            return at::equal(nan_g, nan_w) && at::equal(at::where(nan_w, 0, gb), at::where(nan_w, 0, wb));
+          };
+          const bool guard = (out.select(1, D) == 7.0).all().item<bool>();
+          const bool ok = same(got) && same(inplace) && guard;
+          const int64_t off = at::ne(got.contiguous().view(at::kShort), want.view(at::kShort))
+                                  .logical_and(at::isnan(want).logical_not()).sum().item<int64_t>();
+          char what[128];
+          std::snprintf(what, sizeof what, "rope_row_lowp %s %s D=%ld mul=%g",
+                        adaperceiver::cpu::isa_name(isa), bf16 ? "bf16" : "fp16", (long)D, mul);
+          if (!ok) {
+            std::printf("FAIL %s: %ld values differ from the reference, in place %s, guard %s\n",
+                        what, (long)off, same(inplace) ? "ok" : "differs",
+                        guard ? "kept" : "overwritten");
+            ++failures;
+          }
+        }
+      }
+      if (failures == before) {
+        std::printf("ok   rope_row_lowp %s %s: D = 2, 30, 64, 66, 130, mul = 1, 0.125, 0.3 bit for "
+                    "bit\n", adaperceiver::cpu::isa_name(isa), bf16 ? "bf16" : "fp16");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -428,6 +503,7 @@ int main() {
   packed_attention_case();
   microkernel_cases();
   microkernel_nan_cases();
+  rope_lowp_cases();
   attention_nan_case();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
