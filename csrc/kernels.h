@@ -62,6 +62,12 @@ ADAPERCEIVER_DECLARE_OP_KERNELS
 // (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
+// csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks
+// of `block` outputs run in parallel (one thread each); float32 -> bfloat16 rounded as
+// c10::BFloat16 rounds, in parallel
+at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                                int64_t block);
+at::Tensor to_bfloat16(const at::Tensor& x);
 }  // namespace cpu
 
 // csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA); the

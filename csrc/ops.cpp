@@ -81,6 +81,15 @@ TORCH_LIBRARY(adaperceiver, m) {
       "matryoshka_ffn_bwd(Tensor grad_out, Tensor x, Tensor fc1_weight, Tensor fc1_bias, "
       "Tensor fc2_weight, Tensor fc2_bias, int[] hidden) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // csrc/cpu/gemm_lowp.cpp (CPU only), used by adaperceiver/ops/linear.py: x (..., K) times
+  // weight (N, K)^T plus bias as oneDNN GEMMs on column blocks of `block` outputs run in
+  // parallel; float32 -> bfloat16 (round to nearest even, as Tensor.to)
+  m.def("linear_column_blocks(Tensor x, Tensor weight, Tensor? bias, int block) -> Tensor");
+  m.def("to_bfloat16(Tensor x) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) { ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu) }
+TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
+  ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
+  m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
+  m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
+}

@@ -20,7 +20,8 @@ def autocast_inputs(*tensors):
     if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    from .linear import to_dtype   # float32 -> bfloat16 weights: the parallel conversion
+    return tuple(to_dtype(t, dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def check_float_tensor(name: str, t, layout: str) -> None:

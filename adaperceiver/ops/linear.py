@@ -5,9 +5,10 @@ On the CPU in float32, when no gradient is recorded, a projection runs as oneDNN
 of ``F.linear``'s MKL sgemm. Why: MKL takes a generic code path on AMD CPUs, where oneDNN runs
 the model's projection shapes faster (``pytest benchmarks/test_bench_ops_cpu.py -k projection
 -s`` prints the ratio; figures in benchmarks/README.md).
-Everything else (gradients, other dtypes and devices, autocast, torch.compile, a torch without
-oneDNN) takes ``F.linear``, and so does a non-contiguous weight (a Matryoshka column slice): oneDNN
-runs those on its reference kernel, three orders of magnitude slower.
+Everything else (gradients, other dtypes and devices, autocast but for the case below,
+torch.compile, a torch without oneDNN) takes ``F.linear``, and so does a non-contiguous weight
+(a Matryoshka column slice): oneDNN runs those on its reference kernel, three orders of
+magnitude slower.
 bfloat16 / float16 on a CPU without native GEMMs for the dtype (no AVX512-BF16 / AMX-BF16,
 AVX512-FP16 / AMX-FP16; ``adaperceiver._ext.build_info()["cpu_native_bf16"]``): torch would run
 the projection on its emulated low-precision GEMM, several times slower than float32; it runs
@@ -17,17 +18,25 @@ float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
 ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
 same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
 (they sum in different orders); a given input and library always give the same output.
+Under CPU autocast (bfloat16 / float16 with native GEMMs, no gradient recorded) a projection
+casts its operands as autocast would (weight, bias and a float32 x to the autocast dtype;
+float32 -> bfloat16 through the extension's parallel conversion, bit for bit Tensor.to's) and
+takes the same oneDNN path as the model cast to that dtype, so autocast and ``model.to(dtype)``
+give the same projections. Nothing is cached: every call casts the weight it is given (a memo
+of casts could not be kept fresh: an in-place edit through ``.data`` bumps no version counter).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "cpu_gemm_library", "native_low_precision", "row_chunks"]
+__all__ = ["linear", "cpu_gemm_library", "native_low_precision", "row_chunks", "column_block",
+           "to_dtype"]
 
 _CHOICES = ("onednn", "mkl")
 
@@ -89,61 +98,115 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not native_low_precision(x.dtype))
 
 
-# Row chunks for bfloat16 / float16 GEMMs on AMX. With 2 threads, oneDNN's AMX matmul runs a
-# product of 768 < n <= 1100 outputs on ONE thread when its rows fall in a band (n = 832: rows
+# GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs a
+# product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832: rows
 # 800..1600; n = 1069: 1280..1792; it depends on (rows, n) and on the thread count, not on the
 # values): at 1.0-1.5 TFLOP/s where the same GEMM on 768 rows or fewer uses both threads at
 # 1.9-2.5 (benchmarks/README.md, "GEMMs in bf16"). The model's output projection and fc2
-# (n = 832) at batch 4 x 256 latents (1024 rows) sit in that band. Such a product runs as
-# ceil(rows / 768) GEMMs on consecutive row blocks written in place. The transposed product
-# (out^T = W x^T, both threads there) was measured too: its transposition back costs more
-# than it saves. A rule of the shape and the thread count only, never of timings: the same
-# inputs give the same outputs whatever ran before. Measured on AMX-BF16 with 2 threads and
-# applied there: bfloat16 on a CPU with native bf16 GEMMs (build_info "cpu_native_bf16", the
-# machine fact the project has; it does not tell AMX from AVX512-BF16 alone, whose oneDNN
-# kernels, on AMD Zen 4, were not measured) and 2 threads; elsewhere one GEMM.
+# (n = 832) at batch 4 x 256 latents (1024 rows) sit in that band. ops.linear runs such a
+# product as two column blocks of about n / 2 outputs, one oneDNN GEMM per thread
+# (column_block; csrc/cpu/gemm_lowp.cpp), which ran 1.10-1.33x faster than cutting its rows
+# into blocks of <= 768 (row_chunks, what the C++ FFN does, csrc/ffn_banded.cpp). The
+# transposed product (out^T = W x^T, both threads there) was measured too: its transposition
+# back costs more than it saves. Rules of the shape and the thread count only, never of
+# timings: the same inputs give the same outputs whatever ran before. Measured on AMX-BF16 with
+# 2 threads and applied there: bfloat16 on a CPU with native bf16 GEMMs (build_info
+# "cpu_native_bf16", the machine fact the project has; it does not tell AMX from AVX512-BF16
+# alone, whose oneDNN kernels, on AMD Zen 4, were not measured) and 2 threads; elsewhere one GEMM.
 _CHUNK_ROWS = 768
 _CHUNK_BAND = (800, 1664)          # rows
 _CHUNK_OUTPUTS = (768, 1100)       # (lo, hi]: output features
 
 
+def _one_thread_band(rows: int, outputs: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's 2-thread matmul would run this GEMM on one thread (see above)."""
+    return (dtype == torch.bfloat16 and torch.get_num_threads() == 2
+            and _CHUNK_OUTPUTS[0] < outputs <= _CHUNK_OUTPUTS[1]
+            and _CHUNK_BAND[0] <= rows < _CHUNK_BAND[1] and native_low_precision(dtype))
+
+
 def row_chunks(rows: int, outputs: int, dtype: torch.dtype) -> int:
     """How many consecutive row blocks a CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` runs
-    as (1: one GEMM); the C++ FFN applies the same rule (csrc/ffn_banded.cpp)."""
-    if dtype != torch.bfloat16 or torch.get_num_threads() != 2:
-        return 1
-    if not (_CHUNK_OUTPUTS[0] < outputs <= _CHUNK_OUTPUTS[1]
-            and _CHUNK_BAND[0] <= rows < _CHUNK_BAND[1]) or not native_low_precision(dtype):
-        return 1
-    return -(-rows // _CHUNK_ROWS)
+    as in the C++ FFN (1: one GEMM; csrc/ffn_banded.cpp applies the same rule)."""
+    return -(-rows // _CHUNK_ROWS) if _one_thread_band(rows, outputs, dtype) else 1
 
 
-def _onednn_linear_chunked(x: torch.Tensor, weight: torch.Tensor,
-                           bias: Optional[torch.Tensor], chunks: int) -> torch.Tensor:
-    """oneDNN's GEMM (bias fused) on ``chunks`` consecutive row blocks of x (rows a multiple of
-    32 but the last), copied into one output. (Not ``addmm(..., out=block)``: its copy of the
-    expanded bias into the block takes an element-wise path for bfloat16 that cost as much as
-    the GEMM.)"""
-    x2 = x.reshape(-1, x.shape[-1])
-    rows, n = x2.shape[0], weight.shape[0]
-    step = -(-rows // chunks // 32) * 32
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        out[r0:r1].copy_(_onednn_linear(x2[r0:r1], weight, bias, "none", [], ""))
-    return out.view(*x.shape[:-1], n)
+def column_block(rows: int, outputs: int, dtype: torch.dtype) -> int:
+    """Outputs per column block (a multiple of 16, about half of them) ``ops.linear`` runs a
+    CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` as, one oneDNN GEMM per thread; 0: one GEMM
+    (also when the extension is not loaded)."""
+    if not _one_thread_band(rows, outputs, dtype) or _column_blocks_op() is None:
+        return 0
+    return -(-outputs // 32) * 16
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_op(name: str):
+    """torch.ops.adaperceiver.<name> of the compiled extension, None without it (a fact of the
+    install, so the memo cannot go stale)."""
+    from .. import _ext
+    if not _ext.available():
+        return None
+    return getattr(torch.ops.adaperceiver, name, None)
+
+
+def _column_blocks_op():
+    return _extension_op("linear_column_blocks")
+
+
+def to_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t.to(dtype)`` (None stays None), bit for bit; float32 -> bfloat16 on the CPU, when no
+    gradient is recorded, through the extension's parallel conversion (csrc/cpu/gemm_lowp.cpp),
+    which autocast makes of every float32 weight on every call."""
+    if t is None or t.dtype == dtype:
+        return t
+    op = _extension_op("to_bfloat16")
+    if (op is not None and dtype == torch.bfloat16 and t.dtype == torch.float32
+            and t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and t.requires_grad)):
+        return op(t)
+    return t.to(dtype)
+
+
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype CPU autocast runs this projection in when ops.linear does the casts itself
+    (see above), else None (F.linear under autocast, which casts on its own)."""
+    if (_LIBRARY != "onednn" or x.device.type != "cpu" or weight.device.type != "cpu"
+            or torch.compiler.is_compiling() or not torch.is_autocast_enabled("cpu")):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    if dtype not in (torch.bfloat16, torch.float16) or not native_low_precision(dtype):
+        return None
+    ts = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.dtype not in (torch.float32, dtype) or t.device.type != "cpu" for t in ts):
+        return None   # float64 and the like: autocast's own rules
+    if x.dim() < 2 or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return None   # the oneDNN op has no autograd formula
+    return dtype
+
+
+def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's GEMM (bias fused): one call, or column blocks in parallel (column_block)."""
+    block = column_block(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.dtype)
+    if block:
+        return _column_blocks_op()(x, weight, bias, block)
+    return _onednn_linear(x, weight, bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; CPU inference runs through oneDNN (float32, and bf16 /
-    fp16 where the CPU has native GEMMs for them), bf16 / fp16 without native GEMMs as float32
-    (see above)."""
+    fp16 where the CPU has native GEMMs for them, autocast included), bf16 / fp16 without
+    native GEMMs as float32 (see above)."""
     if _onednn_takes(x, weight, bias):
-        chunks = row_chunks(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.dtype)
-        if chunks > 1:
-            return _onednn_linear_chunked(x, weight, bias, chunks)
-        return _onednn_linear(x, weight, bias, "none", [], "")
+        return _onednn_gemm(x, weight, bias)
+    dtype = _autocast_dtype(x, weight, bias)
+    if dtype is not None:
+        return _onednn_gemm(*(to_dtype(t, dtype) for t in (x, weight, bias)))
     if _float32_takes(x, weight):
         return F.linear(x.float(), weight.float(),
                         None if bias is None else bias.float()).to(x.dtype)
@@ -153,12 +216,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
 # FlopCounterMode (and so count_flops' cross-check) sees the oneDNN op as what it is: a GEMM
 from torch.utils.flop_counter import flop_registry, register_flop_formula  # noqa: E402
 
-# (the registry is keyed by overload: leave a formula torch may one day ship itself in place)
-if (hasattr(torch.ops.mkldnn, "_linear_pointwise") and
-        torch.ops.mkldnn._linear_pointwise.default not in flop_registry):
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        rows = 1
-        for s in x_shape[:-1]:
-            rows *= s
-        return 2 * rows * w_shape[0] * w_shape[1]
+
+def _gemm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+def _register_flops(op) -> None:
+    """The GEMM formula for op (the registry is keyed by overload: a formula torch may one day
+    ship itself is left in place)."""
+    if op is not None and op.default not in flop_registry:
+        register_flop_formula(op)(_gemm_flops)
+
+
+# oneDNN's op, and the column-block op (it calls oneDNN from C++, where the counter cannot see)
+_register_flops(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
+_register_flops(_column_blocks_op())

@@ -1,0 +1,154 @@
+// Two helpers of the bfloat16 projections (adaperceiver/ops/linear.py says when each runs).
+//
+// linear_column_blocks(x, weight, bias, block): out (M, N) = x (M, K) weight^T + bias as
+// oneDNN's matmul (mkldnn::_linear_pointwise on the plain weight) on column blocks of `block`
+// outputs: at::parallel_for hands each thread whole blocks, each block one oneDNN call run on
+// that thread alone (inside the parallel region oneDNN sees one thread), copied into its
+// columns of out. Why: with 2 threads oneDNN's AMX matmul runs some shapes (832 outputs on
+// 800..1600 rows, the model's output projection at batch 4) on ONE thread; split by columns,
+// both threads work and neither needs the other's reordered weights. The blocks are a function
+// of (N, block) only and each output is one oneDNN product over the full K, so the thread count
+// and what ran before never change a result.
+// What it skips: nothing is cached between calls (each call reorders its weight block, as
+// oneDNN's own call does), so an in-place weight edit is always seen.
+//
+// to_bfloat16(x): float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's
+// rounding, bit for bit), AVX-512 BW in parallel chunks: the casts autocast makes of every
+// float32 weight on every call, about 1.3x the rate of Tensor.to's conversion here.
+//
+// Why not a GEMM of our own on cpublas::brgemm (oneDNN's AMX ukernel) with per-call VNNI
+// packing: at the model's shapes its brgemm calls alone ran at about 0.6 of oneDNN's matmul
+// rate (benchmarks/README.md, "GEMMs in bf16").
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/BFloat16.h>
+
+#include "kernels.h"
+#include "cpu/microkernel.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace adaperceiver {
+namespace cpu {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// 16 float32 lanes -> bfloat16 bits with c10::BFloat16's rounding (round_to_nearest_even)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_rne(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0)));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void to_bf16_avx512(const float* src,
+                                                                         int64_t n,
+                                                                         uint16_t* dst) {
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), bf16_rne(_mm512_loadu_ps(src + d)));
+  }
+  if (d < n) {
+    const __mmask16 k = __mmask16((1u << (n - d)) - 1);
+    _mm256_mask_storeu_epi16(dst + d, k, bf16_rne(_mm512_maskz_loadu_ps(k, src + d)));
+  }
+}
+
+bool avx512_bw() {
+  static const bool yes = best_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+#endif
+
+void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512_bw()) return to_bf16_avx512(src, n, dst);
+#endif
+  for (int64_t d = 0; d < n; ++d) dst[d] = c10::BFloat16(src[d]).x;
+}
+
+const c10::OperatorHandle& onednn_linear() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  return op;
+}
+
+}  // namespace
+
+at::Tensor to_bfloat16(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "to_bfloat16: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
+              x.device());
+  const at::Tensor src = x.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
+  const float* s = src.data_ptr<float>();
+  uint16_t* d = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, src.numel(), int64_t(1) << 15,
+                   [&](int64_t a, int64_t b) { to_bf16(s + a, b - a, d + a); });
+  return out;
+}
+
+at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                                int64_t block) {
+  TORCH_CHECK(block > 0, "linear_column_blocks: block must be positive, got ", block);
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
+              "linear_column_blocks: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "linear_column_blocks: x (..., K) and weight (N, K) must agree on K; got x ",
+              x.sizes(), ", weight ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
+              "linear_column_blocks: x and weight must have one dtype, got ", x.scalar_type(),
+              " and ", weight.scalar_type());
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
+                "linear_column_blocks: bias must be (", N, ",) in ", x.scalar_type(), ", got ",
+                bias->sizes(), " in ", bias->scalar_type());
+  }
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const int64_t M = x2.size(0), es = x2.element_size();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor out = at::empty({M, N}, x2.options());
+  if (M == 0 || N == 0) return out.view(shape);
+  // the blocks' operands as views made here (the workers only read them)
+  std::vector<at::Tensor> wb, bb;
+  for (int64_t j0 = 0; j0 < N; j0 += block) {
+    wb.push_back(w.narrow(0, j0, std::min(block, N - j0)));
+    bb.push_back(has_bias ? b.narrow(0, j0, std::min(block, N - j0)) : at::Tensor());
+  }
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, int64_t(wb.size()), 1, [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode guard;  // the block products are temporaries no autograd will see
+    for (int64_t i = b0; i < b1; ++i) {
+      const int64_t j0 = i * block, n = wb[i].size(0);
+      torch::jit::Stack stack{x2, wb[i], bb[i].defined() ? OptT(bb[i]) : OptT(),
+                              std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                              std::string("")};
+      onednn_linear().callBoxed(stack);
+      const at::Tensor y = stack[0].toTensor().contiguous();
+      const char* src = static_cast<const char*>(y.data_ptr());
+      for (int64_t r = 0; r < M; ++r) {
+        std::memcpy(dst + (r * N + j0) * es, src + r * n * es, n * es);
+      }
+    }
+  });
+  return out.view(shape);
+}
+
+}  // namespace cpu
+}  // namespace adaperceiver

@@ -1,0 +1,172 @@
+"""ops.linear under CPU autocast (operands cast per call, the bf16 oneDNN path) and the float32 ->
+bfloat16 conversion it casts with (``to_dtype`` / ``torch.ops.adaperceiver.to_bfloat16``)."""
+import copy
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaperceiver import _ext, ops
+
+from conftest import tiny_model
+from test_ops_linear import _flash_rule, _native, two_threads  # noqa: F401 (fixture)
+
+linear_mod = importlib.import_module("adaperceiver.ops.linear")
+
+pytestmark = pytest.mark.skipif(not _ext.available(),
+                                reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
+
+
+def _bits(t):
+    return t.view(torch.int16)
+
+
+# ----------------------------------------------------------------------------- to_bfloat16
+SPECIAL = [0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 1e-45, -1e-45, 1e-40, 1.1754942e-38,
+           3.4028235e38, -3.4028235e38, 3.3961776e38,       # the largest floats round to inf
+           1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20,   # ties to even, above
+           -(1.0 + 2 ** -8), 65504.0, 2 ** -126, 0.1, -7.3]
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 40, 100_003])
+def test_to_bfloat16_is_tensor_to_bit_for_bit(n):
+    """Every length (vector tails, several parallel chunks), exponents across the whole range,
+    ties, denormals, inf and NaN: the same bits as Tensor.to."""
+    g = torch.Generator().manual_seed(n)
+    mant = torch.rand(n, generator=g) + 1.0
+    expo = torch.randint(-140, 128, (n,), generator=g).float()
+    x = (mant * torch.exp2(expo) * torch.sign(torch.randn(n, generator=g))).float()
+    special = torch.tensor(SPECIAL, dtype=torch.float32)
+    x[:min(n, len(special))] = special[:min(n, len(special))]
+    # raw bit patterns too (NaN payloads, every mantissa tail)
+    raw = torch.randint(-2 ** 31, 2 ** 31 - 1, (n,), generator=g, dtype=torch.int64)
+    for src in (x, raw.to(torch.int32).view(torch.float32)):
+        got = torch.ops.adaperceiver.to_bfloat16(src)
+        want = src.to(torch.bfloat16)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+        assert got.shape == src.shape
+
+
+def test_to_dtype_shapes_and_fallbacks():
+    x = torch.randn(6, 9, 5)[:, 2:7].transpose(0, 2)          # not contiguous
+    got = linear_mod.to_dtype(x, torch.bfloat16)
+    assert got.shape == x.shape and torch.equal(_bits(got), _bits(x.to(torch.bfloat16)))
+    assert linear_mod.to_dtype(None, torch.bfloat16) is None
+    y = torch.randn(3).bfloat16()
+    assert linear_mod.to_dtype(y, torch.bfloat16) is y
+    h = linear_mod.to_dtype(x, torch.float16)
+    assert h.dtype == torch.float16 and torch.equal(h, x.half())
+    w = torch.randn(4, 4, requires_grad=True)                 # a recorded cast: Tensor.to
+    c = linear_mod.to_dtype(w, torch.bfloat16)
+    c.float().sum().backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.ones(4, 4))
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        torch.ops.adaperceiver.to_bfloat16(torch.randn(3).double())
+
+
+# ----------------------------------------------------------------------------- autocast
+SHAPES = [(3, 37, 40, 19), (1024, 1, 832, 832), (9, 1, 130, 2496)]   # the second: column blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.usefixtures("two_threads")
+def test_autocast_projection_is_the_cast_models(dtype, shape):
+    """Under autocast a projection gives what the model cast to the dtype gives (bit for bit:
+    the same casts, the same GEMM), within flash-attn's rule against float64 as torch's own
+    autocast F.linear is, and the same on a second call."""
+    _native(dtype)
+    B, N, K, n = shape
+    x = torch.randn(B, N, K)
+    w, b = torch.randn(n, K) / math.sqrt(K), torch.randn(n)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=dtype):
+            got = ops.linear(x, w, b)
+            plain = F.linear(x, w, b)
+        cast = ops.linear(x.to(dtype), w.to(dtype), b.to(dtype))
+        with torch.autocast("cpu", dtype=dtype):
+            again = ops.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (B, N, n)
+    assert torch.equal(_bits(got), _bits(cast)) and torch.equal(_bits(again), _bits(cast))
+    _flash_rule(got, plain, x, w, b)
+
+
+def test_autocast_projection_runs_onednn_and_keeps_autograd(monkeypatch):
+    """No gradient recorded: oneDNN on the casts; gradients: F.linear (autocast's own casts),
+    and they flow."""
+    _native(torch.bfloat16)
+    calls = []
+    real = linear_mod._onednn_linear
+    monkeypatch.setattr(linear_mod, "_onednn_linear",
+                        lambda *a: calls.append((a[0].dtype, a[1].dtype)) or real(*a))
+    x, w = torch.randn(5, 24), torch.randn(7, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            ops.linear(x, w)
+        assert calls == [(torch.bfloat16, torch.bfloat16)]
+        out = ops.linear(x, w)
+    out.float().sum().backward()
+    assert len(calls) == 1 and out.dtype == torch.bfloat16 and w.grad is not None
+    # float64 inputs: autocast's rules (F.linear in float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.linear(x.double(), w.double()).dtype == torch.float64
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["bf16", "autocast"])
+@pytest.mark.parametrize("rows", [37, 1024])          # one GEMM; column blocks
+@pytest.mark.usefixtures("two_threads")
+def test_in_place_weight_edits_are_seen(amp, rows):
+    """Nothing is kept between calls: an in-place edit of the weight (through ``.data`` too,
+    which bumps no version counter) or of the bias between two calls is seen by the second."""
+    _native(torch.bfloat16)
+    lin = torch.nn.Linear(832, 832)
+    if not amp:
+        lin = lin.to(torch.bfloat16)
+    x = torch.randn(rows, 832).to(lin.weight.dtype)
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return ops.linear(x, lin.weight, lin.bias)
+
+    def fresh():
+        with torch.inference_mode():
+            return ops.linear(x.bfloat16(), lin.weight.detach().bfloat16().clone(),
+                              lin.bias.detach().bfloat16().clone())
+
+    first = run()
+    assert torch.equal(first, fresh())
+    lin.weight.data[:, :400].mul_(-3.0)                 # through .data: no version bump
+    second = run()
+    assert not torch.equal(second, first) and torch.equal(second, fresh())
+    with torch.no_grad():
+        lin.weight.add_(0.5)
+        lin.bias.mul_(2.0)
+    third = run()
+    assert not torch.equal(third, second) and torch.equal(third, fresh())
+
+
+def test_autocast_model_within_the_rule(monkeypatch):
+    """The whole model under autocast with ops.linear casting for itself, against the same with
+    every projection on torch's autocast F.linear, both against the float64 model."""
+    _native(torch.bfloat16)
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 64, 64)
+    kw = dict(num_tokens=[70, 33, 50], mat_dim=[48, 96, 61], depth=[4, 1, 3])
+
+    def logits():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, **kw).logits
+
+    ours = logits()
+    monkeypatch.setattr(linear_mod, "_autocast_dtype", lambda *a: None)
+    plain = logits()
+    with torch.inference_mode():
+        truth = copy.deepcopy(model).double()(x.double(), **kw).logits
+    err, err_plain = ((t.double() - truth).abs().max().item() for t in (ours, plain))
+    assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
