@@ -17,7 +17,8 @@
 // exact (erf) GELU as the GEMM's post-op, fc2 with its bias fused (full width) or in place on
 // its column slice, one pair of GEMMs per distinct width (not per band) so that every output
 // element is rounded once; no weight or activation is copied to float32. GEMMs the row-chunk
-// rule names (row_chunks: oneDNN would run them on one of 2 threads) run on row blocks.
+// rule names (row_chunks: oneDNN would run them on one of 2 threads) run on row blocks, fc2 at
+// full width as two column blocks instead (cpu::linear_column_blocks).
 // (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
 // which sums every band in float32.)
 // Otherwise (other CPUs, the backward, other devices) they compute in float32 and cast back.
@@ -217,20 +218,29 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 
 // fc2 of one width in the low-precision dtype on the CPU: act (rows x h) times the first h
 // columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
-// returns. The full width (a contiguous weight) in one GEMM runs on oneDNN's inner product
-// with the bias fused; a column slice (oneDNN would take its reference kernel on it) or row
-// blocks (row_chunks) run as ATen's addmm on the slice in place, a BLAS-style leading
-// dimension the bf16 GEMM takes as it is, accumulating into dst filled with the bias.
+// returns. The full width (a contiguous weight) runs on oneDNN's inner product with the bias
+// fused: one GEMM, or, where the rule says oneDNN would run it on one of 2 threads, two column
+// blocks of about Cout / 2 outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as
+// ops.linear runs the model's projections of that shape). A column slice (oneDNN would take its
+// reference kernel on it) runs as ATen's addmm on the slice in place (on row blocks in that
+// band), a BLAS-style leading dimension the bf16 GEMM takes as it is, accumulating into dst
+// filled with the bias.
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
   const c10::OperatorHandle* op = onednn_linear_op();
-  if (op && h == w2.size(1) && w2.is_contiguous() && blocks.size() == 1) {
-    torch::jit::Stack stack{act, w2, b2, std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), std::string("")};
-    op->callBoxed(stack);
-    if (!dst.defined()) return stack[0].toTensor();
-    dst.copy_(stack[0].toTensor());
+  if (op && h == w2.size(1) && w2.is_contiguous()) {
+    at::Tensor y;
+    if (blocks.size() == 1) {
+      torch::jit::Stack stack{act, w2, b2, std::string("none"),
+                              c10::List<std::optional<at::Scalar>>(), std::string("")};
+      op->callBoxed(stack);
+      y = stack[0].toTensor();
+    } else {  // the one-thread band: the column-block size is ops.linear's column_block
+      y = cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16);
+    }
+    if (!dst.defined()) return y;
+    dst.copy_(y);
     return dst;
   }
   if (!dst.defined()) dst = at::empty({act.size(0), w2.size(0)}, act.options());

@@ -149,9 +149,10 @@ def test_ffn_forward_rule(dtype, case):
     assert_rule(out, ref, truth, "ffn out")
 
 
-# GEMMs that the row-chunk rule (adaperceiver/ops/linear.py row_chunks, csrc/ffn_banded.cpp)
-# cuts into row blocks with 2 threads: fc1 of 1000 units and fc2 of 833 outputs on 800..1663
-# rows; one width, and a width group of 900 rows beside a narrower one (a column slice of fc2)
+# GEMMs that oneDNN would run on one of 2 threads (adaperceiver/ops/linear.py, csrc/ffn_banded.cpp):
+# fc1 of 1000 units on 800..1663 rows (row blocks) and fc2 of 833 outputs there (column blocks
+# of 416 and 417 at full width, row blocks on a column slice); one width, and a width group of
+# 900 rows beside a narrower one (a column slice of fc2)
 FFN_CHUNKED = [([1000] * 4, 256), ([1000, 517, 1000, 1000], 300)]
 
 
