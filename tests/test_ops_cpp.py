@@ -486,6 +486,29 @@ def test_tiles_packed_rows_match_padded(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_tiles_keep_nonfinite_values_from_rows_that_do_not_see_them(dtype, bad):
+    """Grans that split a query tile (20, 40 inside tiles of 32 or 64 rows): a NaN / inf value
+    row at key 25 reaches exactly the rows that see key 25, as in the reference; rows 0..19 have
+    weight 0 on it, and 0 times a non-finite value must not reach them."""
+    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    n, grans = 300, [20, 40, 130, 300]     # 300 keys: the non-finite rows sit in two chunks
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, n, 64, generator=g).to(dtype) for _ in range(3))
+    v[0, 1, 25, 3] = bad
+    v[1, 0, 270, 60] = bad                   # in the second chunk of 256 keys, group 130..299
+    out, _ = ops.block_masked_attention_fwd(q, k, v, grans, 0.125, None, None, None, None, None)
+    ref = R.attention(q.double(), k.double(), v.double(), grans, scale=0.125)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = out.isfinite()
+    assert not fin[0, 1, 20:].all(-1).any() and fin[0, 1, :20].all()
+    assert not fin[1, 0, 130:].all(-1).any() and fin[1, 0, :130].all()  # the group 130..299
+    torch.testing.assert_close(out[fin].double(), ref[fin], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
 def test_tiles_keep_value_rows_past_a_tile_out(dtype):
     """A tile reads its keys' value rows in chunks rounded up to 32 keys (and pairs of keys):
     those past its last key must weigh 0 against zeros, not against the next group's values.

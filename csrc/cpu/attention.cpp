@@ -50,6 +50,8 @@
 #include <string>
 #include <type_traits>
 
+#include <immintrin.h>
+
 namespace adaperceiver {
 namespace cpu {
 namespace {
@@ -352,11 +354,29 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
 // never read, their weights are 0 and their value rows are zeros (so a value row past kend,
 // even NaN, cannot reach the tile), and the brgemm kernels (generated and cached per shape by
 // torch) come in a bounded set of shapes. An odd head dimension is padded with a zero.
-constexpr int64_t TM = BM;      // query rows per work item, as above (64 measured no faster)
-constexpr int64_t KT = 256;     // keys per chunk: the S block (TM x KT float32) stays in L1
+// query rows per work item: twice the float32 kernel's, since each brgemm call has a fixed cost
+// and 64 rows halve the calls (benchmarks/README.md has the figures)
+constexpr int64_t TM = 64;
+constexpr int64_t KT = 256;     // keys per chunk (the S block, TM x KT float32, is 64 KiB)
 constexpr int64_t KALIGN = 32;  // chunk widths rounded up to this (two AMX tile columns)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Whether a row of n 16-bit values (bfloat16: exponent mask 0x7F80, float16: 0x7C00) holds a
+// NaN or an infinity: all exponent bits set. AVX-512 BW, 32 values a step (the tiles run only
+// on CPUs with AMX, which have it).
+__attribute__((target("avx512f,avx512bw"))) inline bool nonfinite_row(const uint16_t* x,
+                                                                        int64_t n,
+                                                                        uint16_t exp_mask) {
+  const __m512i m = _mm512_set1_epi16(static_cast<short>(exp_mask));
+  __mmask32 bad = 0;
+  for (int64_t d = 0; d < n; d += 32) {
+    const __mmask32 k = n - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - d)) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi16(k, x + d);
+    bad |= _mm512_mask_cmpeq_epi16_mask(k, _mm512_and_si512(v, m), m);
+  }
+  return bad != 0;
+}
 
 // Row x of T (n values) into dst (n values of T), rotated by RoPE at position pos when r has
 // tables (in float32, rounded once: one vectorised pass, rope_row_lowp), else copied.
@@ -389,7 +409,12 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
     // KALIGN)) are zeros), scores, weights and the float32 accumulators
     std::vector<T> qt(TM * Dp, T(0)), kp(nk_pad * Dp, T(0)), vp(nk_pad * Dv, T(0)),
         pt(TM * KT), krows(16 * Dp, T(0)), vzero(Dv, T(0));
-    std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM);
+    std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM), keep(TM * Dv);
+    // vbad[j]: value row j holds a NaN or inf (set as the values are packed); seen[r]: the keys
+    // row r sees in the current chunk
+    std::vector<uint8_t> vbad(nk_pad, 0);
+    std::vector<int64_t> seen(TM);
+    const uint16_t exp_mask = kBf16 ? 0x7F80 : 0x7C00;
     int64_t cur_bh = -1, k_done = 0, v_done = 0;
     for (int64_t item = begin; item < end; ++item) {
       const Tile<T> tile = start_tile(pr, re, lens, TM, item, op, lp);
@@ -434,6 +459,8 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           const auto* b = j + 1 < kend ? reinterpret_cast<const uint16_t*>(vb + (j + 1) * vsn)
                                        : nullptr;
           interleave_pair(a, b, Dv, reinterpret_cast<uint16_t*>(vp.data() + j * Dv));
+          vbad[j] = j < kend && nonfinite_row(a, Dv, exp_mask);
+          vbad[j + 1] = b != nullptr && nonfinite_row(b, Dv, exp_mask);
         }
         v_done = kend;
       }
@@ -445,8 +472,8 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
                                     kp.data() + (c0 / KT) * Dp * KT, st.data(), true);
         for (int64_t r = 0; r < rows; ++r) {
           float mn;
-          const float sum = softmax_row_lowp(kBf16, st.data() + r * KT,
-                                             keys_seen(tile, re, r, c0, kc), kw, scale, m[r],
+          seen[r] = keys_seen(tile, re, r, c0, kc);
+          const float sum = softmax_row_lowp(kBf16, st.data() + r * KT, seen[r], kw, scale, m[r],
                                              &mn, reinterpret_cast<uint16_t*>(pt.data() + r * KT));
           const float alpha = m[r] == kNegInf ? 0.f : std::exp(m[r] - mn);
           if (c0 > 0 && alpha != 1.f) {
@@ -456,8 +483,28 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           l[r] = l[r] * alpha + sum;
           m[r] = mn;
         }
+        // A row's weights past the keys it sees are 0, but 0 times a NaN or inf value is NaN:
+        // rows that stop before the chunk's last non-finite value row are redone from the
+        // values they see (their O kept, the tile product replaced), as the reference has it.
+        int64_t last_bad = -1;
+        for (int64_t j = c0 + kc - 1; j >= c0 && last_bad < 0; --j)
+          if (vbad[j]) last_bad = j - c0;
+        for (int64_t r = 0; r < rows && last_bad >= 0; ++r)
+          if (seen[r] <= last_bad)
+            std::copy_n(O.data() + r * Dv, Dv, keep.data() + r * Dv);
         at::native::cpublas::brgemm(rows, Dv, kw, KT, Dv, Dv, c0 > 0, pt.data(),
                                     vp.data() + c0 * Dv, O.data(), true);
+        for (int64_t r = 0; r < rows && last_bad >= 0; ++r) {
+          if (seen[r] > last_bad) continue;
+          float* o = O.data() + r * Dv;
+          if (c0 > 0) std::copy_n(keep.data() + r * Dv, Dv, o);
+          else std::fill_n(o, Dv, 0.f);
+          for (int64_t j = 0; j < seen[r]; ++j) {
+            const float p = static_cast<float>(pt[r * KT + j]);
+            const T* vr = vb + (c0 + j) * vsn;
+            for (int64_t d = 0; d < Dv; ++d) o[d] += p * static_cast<float>(vr[d]);
+          }
+        }
       }
       finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
     }
