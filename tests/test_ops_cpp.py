@@ -485,15 +485,17 @@ def test_tiles_packed_rows_match_padded(dtype):
     assert torch.equal(lse, plse)
 
 
-@pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("dtype", [*LOWP, torch.float32], ids=str)
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
-def test_tiles_keep_nonfinite_values_from_rows_that_do_not_see_them(dtype, bad):
+def test_nonfinite_values_reach_only_rows_that_see_them(dtype, bad):
     """Grans that split a query tile (20, 40 inside tiles of 32 or 64 rows): a NaN / inf value
     row at key 25 reaches exactly the rows that see key 25, as in the reference; rows 0..19 have
-    weight 0 on it, and 0 times a non-finite value must not reach them."""
-    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    weight 0 on it, and 0 times a non-finite value must not reach them. float32: the float32
+    kernel's band; bfloat16 / float16: the AMX tiles (skipped where they do not run)."""
+    if dtype != torch.float32:
+        tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+            pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
     n, grans = 300, [20, 40, 130, 300]     # 300 keys: the non-finite rows sit in two chunks
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, n, 64, generator=g).to(dtype) for _ in range(3))

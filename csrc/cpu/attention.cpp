@@ -44,6 +44,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -256,7 +257,9 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
     // The scores are kept transposed, st[key][query], so that the softmax runs across the
     // queries of the tile with plain vector loops and P V reads st in place.
     std::vector<float> qt(D * BM), st(kc_max * BM), O(BM * Dv), m(BM), l(BM), mx(BM),
-        sum(BM), kr(k_scratch ? Nk * D : 0), vr(v_scratch ? Nk * Dv : 0), qrow(D), raw(D);
+        sum(BM), kr(k_scratch ? Nk * D : 0), vr(v_scratch ? Nk * Dv : 0), qrow(D), raw(D),
+        keep(BM * Dv);
+    std::vector<int64_t> seen(BM);  // keys each row sees in the current chunk (the band)
     // float32 (rotated) keys and values of one (batch, head), kept across its query tiles (a
     // thread's items are consecutive, so the tiles of a head follow each other): keys
     // [0, k_done) and values [0, v_done) of head cur_bh are in kr / vr; each tile converts
@@ -309,10 +312,11 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           for (int64_t j = 0; j < kc; ++j)
             for (int64_t r = 0; r < rows; ++r) st[j * BM + r] *= scale;
         }
-        if (c0 + kc > tile.kfull) {
+        const bool band = c0 + kc > tile.kfull;
+        if (band) {
           // the band: keys some rows of the tile may not see (tile crosses a group boundary)
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t vc = keys_seen(tile, re, r, c0, kc);
+            const int64_t vc = seen[r] = keys_seen(tile, re, r, c0, kc);
             for (int64_t j = vc; j < kc; ++j) st[j * BM + r] = kNegInf;
           }
         }
@@ -337,7 +341,27 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           vchunk = reinterpret_cast<const float*>(vb) + c0 * vsn;  // float32: T is float
           vrs = vsn;
         }
+        // In the band a row's weights past its keys are 0, but 0 times a NaN or inf value is
+        // NaN: rows that stop before the chunk's last non-finite value row are redone from the
+        // values they see (their O kept, the product replaced), as the reference has it.
+        int64_t last_bad = -1;
+        if (band) {
+          const int64_t lo = *std::min_element(seen.begin(), seen.begin() + rows);
+          for (int64_t j = kc - 1; j >= lo && last_bad < 0; --j)
+            for (int64_t d = 0; d < Dv; ++d)
+              if (!std::isfinite(vchunk[j * vrs + d])) { last_bad = j; break; }
+        }
+        for (int64_t r = 0; r < rows && last_bad >= 0; ++r)
+          if (seen[r] <= last_bad) std::copy_n(O.data() + r * Dv, Dv, keep.data() + r * Dv);
         small_gemm(rows, Dv, kc, st.data(), 1, BM, vchunk, vrs, O.data(), Dv, c0 > 0);
+        for (int64_t r = 0; r < rows && last_bad >= 0; ++r) {
+          if (seen[r] > last_bad) continue;
+          float* o = O.data() + r * Dv;
+          if (c0 > 0) std::copy_n(keep.data() + r * Dv, Dv, o);
+          else std::fill_n(o, Dv, 0.f);
+          for (int64_t j = 0; j < seen[r]; ++j)
+            for (int64_t d = 0; d < Dv; ++d) o[d] += st[j * BM + r] * vchunk[j * vrs + d];
+        }
       }
       finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
     }
