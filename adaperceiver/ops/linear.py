@@ -100,19 +100,16 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 # GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs a
 # product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832: rows
-# 800..1600; n = 1069: 1280..1792; it depends on (rows, n) and on the thread count, not on the
-# values): at 1.0-1.5 TFLOP/s where the same GEMM on 768 rows or fewer uses both threads at
-# 1.9-2.5 (benchmarks/README.md, "GEMMs in bf16"). The model's output projection and fc2
-# (n = 832) at batch 4 x 256 latents (1024 rows) sit in that band. ops.linear runs such a
-# product as two column blocks of about n / 2 outputs, one oneDNN GEMM per thread
-# (column_block; csrc/cpu/gemm_lowp.cpp), which ran 1.10-1.33x faster than cutting its rows
-# into blocks of <= 768 (row_chunks, what the C++ FFN does, csrc/ffn_banded.cpp). The
-# transposed product (out^T = W x^T, both threads there) was measured too: its transposition
-# back costs more than it saves. Rules of the shape and the thread count only, never of
-# timings: the same inputs give the same outputs whatever ran before. Measured on AMX-BF16 with
-# 2 threads and applied there: bfloat16 on a CPU with native bf16 GEMMs (build_info
-# "cpu_native_bf16", the machine fact the project has; it does not tell AMX from AVX512-BF16
-# alone, whose oneDNN kernels, on AMD Zen 4, were not measured) and 2 threads; elsewhere one GEMM.
+# 800..1600; n = 1069: 1280..1792); the band depends on (rows, n) and the thread count, not on
+# the values. The model's output projection and fc2 (n = 832) at batch 4 x 256 latents (1024
+# rows) sit in it. ops.linear runs such a product as two column blocks of about n / 2 outputs,
+# one oneDNN GEMM per thread (column_block; csrc/cpu/gemm_lowp.cpp): faster than cutting its
+# rows into blocks of <= 768 (row_chunks, what the C++ FFN does for its other GEMMs) and than the
+# transposed product (out^T = W x^T), whose transposition back costs more than it saves; the
+# figures are in benchmarks/README.md ("GEMMs in bf16"). The rule reads the shape and the thread
+# count only, never timings, so the same inputs give the same outputs whatever ran before. It
+# applies to bfloat16 on a CPU with native bf16 GEMMs (build_info "cpu_native_bf16", which does
+# not tell AMX from AVX512-BF16 alone) at 2 threads; elsewhere one GEMM runs.
 _CHUNK_ROWS = 768
 _CHUNK_BAND = (800, 1664)          # rows
 _CHUNK_OUTPUTS = (768, 1100)       # (lo, hi]: output features
