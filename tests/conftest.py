@@ -1,56 +1,9 @@
-import os
+"""Fixtures of the test suite; the shared helpers and constants are in helpers.py (imported
+first: it decides Triton's interpreter mode before anything imports Triton)."""
+import helpers  # noqa: F401  (sets TRITON_INTERPRET)
 
+import pytest
 import torch
-
-# Triton's interpreter only where no CUDA device is present, or when asked
-# (ADAPERCEIVER_TEST_INTERPRET=1, or TRITON_INTERPRET set by the caller). It must be decided
-# before any @triton.jit is applied, i.e. before adaperceiver.kernels is imported: importing
-# torch and asking for a device does not import Triton.
-if "TRITON_INTERPRET" not in os.environ:
-    _ask = os.environ.get("ADAPERCEIVER_TEST_INTERPRET", "") == "1"
-    os.environ["TRITON_INTERPRET"] = "1" if _ask or not torch.cuda.is_available() else "0"
-
-import pytest  # noqa: E402
-
-# Where the kernels under test run. INTERPRET: Triton runs CPU tensors in its interpreter
-# (fp32/fp16 only: its bf16 is broken); otherwise Triton and the CUDA extension run on the GPU.
-INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-HAS_CUDA = torch.cuda.is_available()
-TRITON_DEVICE = "cpu" if INTERPRET or not HAS_CUDA else "cuda"
-# the devices the model / op tests run on (every one present)
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-# the Triton kernels' dtypes on TRITON_DEVICE, the low-precision ones held to flash-attn's rule
-TRITON_DTYPES = ([torch.float32, torch.float16] if TRITON_DEVICE == "cpu"
-                 else [torch.float32, torch.float16, torch.bfloat16])
-TRITON_LOW_DTYPES = [d for d in TRITON_DTYPES if d != torch.float32]
-
-
-def device_params(devices=None):
-    """pytest params over ``devices`` (default: every device present), ids "cpu"/"cuda"."""
-    return [pytest.param(d, id=d) for d in (DEVICES if devices is None else devices)]
-
-
-def dtype_params(dtypes):
-    return [pytest.param(d, id=str(d).replace("torch.", "")) for d in dtypes]
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in float64; infinities of the same sign count as equal, NaN as inf."""
-    a, b = a.double(), b.to(a.device).double()
-    assert a.shape == b.shape, (a.shape, b.shape)
-    both = torch.isinf(a) & torch.isinf(b) & (a == b)
-    d = torch.where(both, torch.zeros_like(a), (a - b).abs())
-    return torch.nan_to_num(d, nan=float("inf")).max().item() if d.numel() else 0.0
-
-
-def flash_rule(ours: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, *,
-               factor: float = 2.0, floor: float = 1e-4) -> tuple[float, float]:
-    """flash-attn's rule for low precision: the error of ``ours`` against the float64 ``truth``
-    is at most ``factor`` x the error of ``plain`` (the plain PyTorch reference run in the same
-    low precision) plus a tiny absolute ``floor`` scaled by the truth's magnitude. Returns
-    (error, bound); the caller asserts error <= bound."""
-    scale = max(1.0, truth.abs().max().item() if truth.numel() else 1.0)
-    return max_err(ours, truth), factor * max_err(plain, truth) + floor * scale
 
 
 @pytest.fixture(autouse=True)
@@ -59,32 +12,6 @@ def _fresh_seed(request):
     import zlib
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
-
-
-def randomize_(model: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
-    """Give every parameter a random value of order ``scale`` (LayerScale included), so that no
-    block is a near-identity and every test of the model exercises every layer."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.uniform_(0.3, 1.0)
-            elif p.dim() >= 2:
-                p.normal_(0.0, scale / p.shape[-1] ** 0.5 if "pos_embed" not in name else scale)
-            else:
-                p.normal_(0.0, scale * 0.2)
-            if name.endswith("norm.weight") or ".norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-TINY = dict(embed_dim=96, num_heads=3, depth=4, img_size=64, patch_size=16, num_classes=17,
-            mat_dims=[48, 72, 96])
-
-
-def tiny_model(**overrides):
-    """A small AdaPerceiver with the released token grans (N up to 256), randomized."""
-    import adaperceiver
-    return randomize_(adaperceiver.create_model("adaperceiver_v1_in1k", **{**TINY, **overrides}))
 
 
 @pytest.fixture
@@ -99,27 +26,3 @@ def released_model():
     """The released classifier's architecture at random init (built once: 144M parameters)."""
     import adaperceiver
     return adaperceiver.create_model("adaperceiver_v1_in1k").eval()
-
-
-def hard_exit(worker):
-    """For torch.multiprocessing workers: leave with os._exit once the work is done (0) or has
-    failed (1, traceback printed). Torch's gloo teardown at interpreter exit intermittently
-    aborts a finished worker ("terminate called without an active exception"), which would fail
-    a test whose work succeeded."""
-    import functools
-
-    @functools.wraps(worker)
-    def run(*args, **kwargs):
-        import os
-        import sys
-        import traceback
-        code = 0
-        try:
-            worker(*args, **kwargs)
-        except BaseException:  # noqa: BLE001 - reported, then the exit code says it failed
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return run

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from adaperceiver import _ext, ops
 
-from conftest import tiny_model
+from helpers import tiny_model
 from test_ops_linear import _flash_rule, _native, two_threads  # noqa: F401 (fixture)
 
 linear_mod = importlib.import_module("adaperceiver.ops.linear")

@@ -401,7 +401,7 @@ def test_inference_ratios_are_medians_of_per_round_ratios(monkeypatch):
     import adaperceiver.bench.inference as inf
     from adaperceiver.bench.timing import Timing
     from adaperceiver.flops import count_flops
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     model = tiny_model().eval()
     plan = {}

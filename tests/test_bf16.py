@@ -21,7 +21,7 @@ from adaperceiver.ops import cpp_backend as C
 from adaperceiver.ops import reference as R
 from adaperceiver.ops.inputs import AttentionInputs, FfnInputs, PackedAttentionInputs
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import adaperceiver
 from adaperceiver.checkpoint import load_state_dict
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 

@@ -18,7 +18,7 @@ import torch
 from adaperceiver import _ext
 from adaperceiver.ops import reference as R
 
-from conftest import flash_rule
+from helpers import flash_rule
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")

@@ -18,7 +18,7 @@ from adaperceiver.dense import (AdaPerceiverDepth, AdaPerceiverSegmenter, DepthL
 from adaperceiver.dense.heads import READOUT_MODULES, SegmentationHead, bin_centers
 from adaperceiver.dense.train import silog_loss
 
-from conftest import randomize_, hard_exit
+from helpers import randomize_, hard_exit
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, mask_token_grans=[8, 16], max_latent_tokens=16,
             img_size=56, patch_size=14, mat_dims=[32, 64], output_feat_dim=48, num_classes=10)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import adaperceiver
-from conftest import randomize_
+from helpers import randomize_
 
 SMALL = dict(depth=3, embed_dim=48, num_heads=2, mask_token_grans=[8, 16], max_latent_tokens=16,
              img_size=32, patch_size=16, mat_dims=[24, 48], num_classes=7)

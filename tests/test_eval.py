@@ -27,7 +27,7 @@ from adaperceiver.eval.__main__ import run  # noqa: E402
 from adaperceiver.eval.data import (DIGITS_FOLDER_CONFIG, limit_indices,  # noqa: E402
                                     rank_batches)
 
-from conftest import tiny_model  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 DIGITS_KW = [f"--mean={DIGITS_FOLDER_CONFIG['mean'][0]!r}",
              f"--std={DIGITS_FOLDER_CONFIG['std'][0]!r}", "--crop-pct=1.0"]

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 class HostStalls(TorchFunctionMode):
@@ -202,7 +202,7 @@ def test_distilled_backbone_mixed_batch_makes_no_host_stall():
     """The distilled backbone's per-patch features of a mixed batch (its write head groups the
     samples by token count)."""
     import adaperceiver
-    from conftest import randomize_
+    from helpers import randomize_
     cfg = dict(depth=2, embed_dim=64, num_heads=2, mask_token_grans=[8, 16], max_latent_tokens=16,
                img_size=56, patch_size=14, mat_dims=[32, 64], output_feat_dim=48, num_classes=10)
     fake = _fake_mode()

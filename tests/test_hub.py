@@ -11,7 +11,7 @@ import torch
 import adaperceiver
 from adaperceiver import ClassificationAdaPerceiver, DistillAdaPerceiver
 from adaperceiver.hub import hf_cache_dir, resolve_pretrained
-from conftest import randomize_
+from helpers import randomize_
 
 SMALL = dict(depth=2, embed_dim=64, num_heads=2, mask_token_grans=[8, 16], max_latent_tokens=16,
              img_size=32, patch_size=16, mat_dims=[32, 64])

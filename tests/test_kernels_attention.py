@@ -1,5 +1,5 @@
 """The Triton block-masked attention (adaperceiver.kernels.attention) on the GPU when there is
-one, else under TRITON_INTERPRET=1 (conftest.TRITON_DEVICE).
+one, else under TRITON_INTERPRET=1 (helpers.TRITON_DEVICE).
 
 Forward and backward against the float64 reference (adaperceiver.ops.reference, autograd on it)
 on fresh random inputs: mask shapes that are not tile multiples, cross-attention (Nq != Nk,
@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, TRITON_LOW_DTYPES, dtype_params, flash_rule
+from helpers import TRITON_DEVICE, TRITON_LOW_DTYPES, dtype_params, flash_rule
 from adaperceiver.bench.gpu_check import sparse_attention_reference
 from adaperceiver.kernels import attention as A
 from adaperceiver.ops import block_masked_attention as op_attention

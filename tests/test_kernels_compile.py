@@ -2,7 +2,7 @@
 sizes, and the forward at every autotuning candidate, without register spills, on this GPU-less
 machine (adaperceiver.kernels.compile).
 
-The compiles run in subprocesses with TRITON_INTERPRET unset (conftest sets it for this process,
+The compiles run in subprocesses with TRITON_INTERPRET unset (helpers.py sets it for this process,
 and interpreted @triton.jit functions cannot be compiled). One batch for the whole file.
 """
 import pytest

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adaperceiver.bench import gpu_check as G
-from conftest import HAS_CUDA, dtype_params
+from helpers import HAS_CUDA, dtype_params
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 

@@ -1,6 +1,6 @@
 """Triton Matryoshka FFN (kernels/matryoshka.py) against the float64 masked full-width reference
 (adaperceiver.ops.reference), on the GPU when there is one, else under TRITON_INTERPRET=1
-(conftest.TRITON_DEVICE).
+(helpers.TRITON_DEVICE).
 
 Every output and scratch buffer the kernels get is NaN-filled first (``poison`` fixture), so a
 result element that is not written, or a scratch element read before it is written, shows up
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, TRITON_DTYPES, TRITON_LOW_DTYPES, dtype_params, flash_rule
+from helpers import TRITON_DEVICE, TRITON_DTYPES, TRITON_LOW_DTYPES, dtype_params, flash_rule
 from adaperceiver.kernels import matryoshka as mk
 from adaperceiver.ops import matryoshka_ffn, use_backend
 from adaperceiver.ops import reference as ref

@@ -8,7 +8,7 @@ import adaperceiver
 from adaperceiver.ops import block_mask
 from adaperceiver.ops.reference import rope_tables
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 

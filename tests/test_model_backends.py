@@ -7,7 +7,7 @@ import adaperceiver
 from adaperceiver.ops import dispatch
 from adaperceiver.ops.inputs import AttentionInputs
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def _backend(name):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaperceiver
-from conftest import device_params, flash_rule, tiny_model
+from helpers import device_params, flash_rule, tiny_model
 
 CALLS = {"fixed": dict(num_tokens=64, mat_dim=72, depth=3),
          "mixed": dict(num_tokens=[64, 32, 50], mat_dim=[48, 96, 72], depth=[4, 2, 3])}

@@ -8,7 +8,7 @@ import adaperceiver
 from adaperceiver.ops import dispatch
 from adaperceiver.ops.inputs import AttentionInputs
 
-from conftest import tiny_model
+from helpers import tiny_model
 
 GRANS = [32, 64, 96, 128, 192, 256]
 

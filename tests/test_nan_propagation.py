@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import adaperceiver
-from conftest import INTERPRET
+from helpers import INTERPRET
 from adaperceiver import ops
 from adaperceiver.ops import dispatch
 from adaperceiver.ops import reference as R
@@ -183,7 +183,7 @@ for _name, _check, _packed_case in (("padded_forward", _padded_forward, False),
                                    "ffn.fc1.weight", "ffn.fc2.bias"])
 def test_a_nan_weight_gives_nan_logits(backend, where):
     """The issue's example: a NaN in one weight of block 3 must reach the logits."""
-    from conftest import tiny_model
+    from helpers import tiny_model
     model = tiny_model(depth=4).eval()
     with torch.no_grad():   # the state dict's tensors are views of the parameters (q, k, v:
         # row views of the one qkv Linear)

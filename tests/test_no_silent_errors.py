@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, randomize_, tiny_model
+from helpers import TINY, randomize_, tiny_model
 
 import adaperceiver
 from adaperceiver import ops

@@ -12,7 +12,7 @@ from adaperceiver.ops import dispatch
 from adaperceiver.ops.inputs import PackedAttentionInputs
 from adaperceiver.ops.reference import rope_tables
 from adaperceiver.testing import TOLERANCES, reference_attention
-from conftest import INTERPRET
+from helpers import INTERPRET
 
 NAN = float("nan")
 cpp = pytest.mark.skipif(not _ext.available(),
@@ -236,7 +236,7 @@ def test_varlen_op_passes_opcheck(backend):
 def test_compiled_training_step_with_per_sample_tokens():
     """A traced training step of the model with per-sample token counts (the packed op and its
     padded backward in one graph) gives eager's loss and gradients."""
-    from conftest import tiny_model
+    from helpers import tiny_model
     model = tiny_model(depth=2).train()
     x = torch.randn(3, 3, 64, 64)
     kw = dict(num_tokens=[64, 32, 50], mat_dim=[48, 96, 72])

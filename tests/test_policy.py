@@ -8,7 +8,7 @@ import torch
 import adaperceiver
 from adaperceiver import policy as pol
 
-from conftest import randomize_
+from helpers import randomize_
 
 
 def test_budget_policy_on_a_hand_built_table():

@@ -13,7 +13,7 @@ import adaperceiver  # noqa: E402
 import adaperceiver.timm  # noqa: E402,F401  (registers the models)
 from adaperceiver.timm import AdaPerceiverTimm  # noqa: E402
 
-from conftest import TINY, randomize_  # noqa: E402
+from helpers import TINY, randomize_  # noqa: E402
 from test_hub import fake_cache, no_network, offline  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("reference_backend")

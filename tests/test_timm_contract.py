@@ -32,7 +32,7 @@ from timm.models import FeatureInfo  # noqa: E402
 from timm.models._features import FeatureGetterNet, feature_take_indices  # noqa: E402
 import timm.optim  # noqa: E402
 
-from conftest import randomize_  # noqa: E402
+from helpers import randomize_  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 

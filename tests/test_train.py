@@ -15,7 +15,7 @@ from adaperceiver.ops.inputs import AttentionInputs
 from adaperceiver.train import (OnceForAll, Trainer, depth_weights, feature_loss, freeze_backbone,
                                 kd_loss)
 
-from conftest import randomize_, hard_exit
+from helpers import randomize_, hard_exit
 
 SMALL = dict(embed_dim=64, num_heads=2, depth=3, img_size=32, patch_size=8, num_classes=7,
              mask_token_grans=[4, 8, 12], max_latent_tokens=12, mat_dims=[16, 32, 64])
