@@ -26,3 +26,34 @@ def released_model():
     """The released classifier's architecture at random init (built once: 144M parameters)."""
     import adaperceiver
     return adaperceiver.create_model("adaperceiver_v1_in1k").eval()
+
+
+def _readable(val, depth=0):
+    """A short readable rendering of a parameter value, or None (pytest's default id)."""
+    if isinstance(val, torch.dtype):
+        return str(val).replace("torch.", "")
+    if val is None or isinstance(val, (bool, int, float, str)):
+        return str(val)
+    if depth == 0 and isinstance(val, (list, tuple)):
+        parts = [_readable(v, 1) for v in val]
+        if None in parts:
+            return None
+        if len(parts) > 6:  # long lists (e.g. grans every 64): first..last, then the count
+            return f"[{parts[0]},..,{parts[-1]}]({len(parts)})"
+        return "[" + ",".join(parts) + "]"
+    if depth == 0 and isinstance(val, dict):
+        parts = [(k, _readable(v, 1)) for k, v in val.items()]
+        if any(p is None for _, p in parts):
+            return None
+        return "{" + ",".join(f"{k}={p}" for k, p in parts) + "}"
+    return None
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Parameter ids that say what the case is (``grans=[32,64]``, ``{N=70,D=30}``,
+    ``bfloat16``) instead of pytest's ``grans0`` / ``case0`` / ``dtype0``."""
+    text = _readable(val)
+    if text is None or len(text) > 60:
+        return None
+    return text if isinstance(val, (torch.dtype, bool, int, float, str)) or val is None \
+        else f"{argname}={text}"

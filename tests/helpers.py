@@ -103,3 +103,24 @@ def hard_exit(worker):
         sys.stderr.flush()
         os._exit(code)
     return run
+
+
+def case_id(case, fields: str) -> str:
+    """A readable pytest id for a tuple ``case`` whose entries are named by ``fields`` (space
+    separated): numbers as ``B2``, lists as ``grans=5,20,32``, True flags by their name, False
+    and None left out. E.g. case_id((2, 77, [5, 20], None, True), "B N grans lens rope")
+    -> "B2-N77-grans=5,20-rope"."""
+    parts = []
+    for name, v in zip(fields.split(), case):
+        if v is None or v is False:
+            continue
+        if v is True:
+            parts.append(name)
+        elif isinstance(v, (list, tuple)):
+            vals = [str(x) for x in v]
+            if len(vals) > 6:
+                vals = [vals[0], "..", vals[-1]]
+            parts.append(f"{name}=" + ",".join(vals))
+        else:
+            parts.append(f"{name}{v}")
+    return "-".join(parts)

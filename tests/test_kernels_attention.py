@@ -134,7 +134,8 @@ def _random_grans(n):
     ((60, 75), 64, True, True, True, SMALL),
     ((40, 70), 64, True, True, True, None),
     ((30, 45), 128, True, False, True, None),
-])
+], ids=["N33-50-D32-small-tiles", "N60-75-D64-rope-lens-small-tiles", "N40-70-D64-rope-lens",
+        "N30-45-D128-qrope-lens"])
 def test_self_attention_matches_reference(case):
     (lo, hi), D, q_rope, k_rope, with_lens, tiles = case
     random.seed(torch.initial_seed())

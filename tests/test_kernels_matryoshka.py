@@ -14,7 +14,8 @@ import math
 import pytest
 import torch
 
-from helpers import TRITON_DEVICE, TRITON_DTYPES, TRITON_LOW_DTYPES, dtype_params, flash_rule
+from helpers import (TRITON_DEVICE, TRITON_DTYPES, TRITON_LOW_DTYPES, case_id, dtype_params,
+                     flash_rule)
 from adaperceiver.kernels import matryoshka as mk
 from adaperceiver.ops import matryoshka_ffn, use_backend
 from adaperceiver.ops import reference as ref
@@ -103,7 +104,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", dtype_params(TRITON_DTYPES))
-@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c, "B N C H hidden") for c in CASES])
 def test_forward_backward_match_reference(case, dtype):
     B, N, C, H, hidden = case
     x, w1, b1, w2, b2, go = make(B, N, C, H, dtype)
