@@ -817,17 +817,12 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
           at::native::cpublas::brgemm(rows, kw, Dvp, Dvp, KT, KT, false, grow.data(),
                                       vt.data() + (c0 / KT) * Dvp * KT, dp.data(), true);
           for (int64_t r = 0; r < rows; ++r) {
-            float* sr = s.data() + r * KT;
-            float* dpr = dp.data() + r * KT;
             const int64_t vc = c0 + kc <= kfull
                                    ? kc
                                    : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
-            for (int64_t j = 0; j < vc; ++j) sr[j] *= scale;
-            row_softmax_grad(sr, dpr, vc, lser[r], delta[r], scale);
-            std::fill(sr + vc, sr + kw, 0.f);
-            std::fill(dpr + vc, dpr + kw, 0.f);
-            scale_row_lowp(kBf16, sr, 1.f, kw, bits(p16.data() + r * KT));
-            scale_row_lowp(kBf16, dpr, 1.f, kw, bits(ds16.data() + r * KT));
+            softmax_grad_row_lowp(kBf16, s.data() + r * KT, dp.data() + r * KT, vc, kw, scale,
+                                  lser[r], delta[r], bits(p16.data() + r * KT),
+                                  bits(ds16.data() + r * KT));
           }
           for (int64_t r = 0; r < rows; r += 2) {  // pairs of rows (an odd last one with 0s)
             const bool two = r + 1 < rows;
