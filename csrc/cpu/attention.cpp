@@ -717,6 +717,10 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
   const int64_t B = pr.B, H = pr.H, Nq = pr.Nq, Nk = pr.Nk, D = pr.D, Dv = pr.Dv;
   const int64_t Dp = round_up(D, 2), Dvp = round_up(Dv, 2);
   const int64_t nk_pad = round_up(std::max<int64_t>(Nk, 1), KT), W = std::max(Dp, Dvp);
+  // the row stride of the transposed float32 accumulators dK^T, dV^T: 16 floats past a
+  // multiple of KT keys, so that a column (one key's gradient) is not 4 KiB-aligned rows that
+  // share one L1 set
+  const int64_t ldt = nk_pad + 16;
   auto bits = [](auto* p) {  // a 16-bit T pointer as its bits, const kept
     using E = std::remove_pointer_t<decltype(p)>;
     return reinterpret_cast<std::conditional_t<std::is_const_v<E>, const uint16_t, uint16_t>*>(p);
@@ -729,8 +733,8 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
         kscr(16 * Dp, T(0)), vscr(16 * Dvp, T(0)), zero(W, T(0)), qrow(TM * Dp, T(0)),
         qtr(Dp * TM, T(0)), grow(TM * Dvp, T(0)), gtr(Dv * TM, T(0)), p16(TM * KT),
         ds16(TM * KT), pv(TM * KT), dsv(TM * KT);
-    std::vector<float> s(TM * KT), dp(TM * KT), dqacc(TM * Dp), dkt(Dp * nk_pad),
-        dvt(Dv * nk_pad), delta(TM), lser(TM), f0(W), f1(W), f2(W);
+    std::vector<float> s(TM * KT), dp(TM * KT), dqacc(TM * Dp), dkt(Dp * ldt), dvt(Dv * ldt),
+        delta(TM), lser(TM), f0(W), kblock(16 * W);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
@@ -775,8 +779,8 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
         for (int64_t j = 0; j < 16; j += 2)
           interleave_pair(ks[j], ks[j + 1], Dp, bits(kv.data() + (j0 + j) * Dp));
       }
-      for (int64_t d = 0; d < Dp; ++d) std::fill_n(dkt.data() + d * nk_pad, kpad, 0.f);
-      for (int64_t d = 0; d < Dv; ++d) std::fill_n(dvt.data() + d * nk_pad, kpad, 0.f);
+      for (int64_t d = 0; d < Dp; ++d) std::fill_n(dkt.data() + d * ldt, kpad, 0.f);
+      for (int64_t d = 0; d < Dv; ++d) std::fill_n(dvt.data() + d * ldt, kpad, 0.f);
 
       for (int64_t m0 = 0; m0 < lq; m0 += TM) {
         const int64_t m1 = std::min(m0 + TM, lq), rows = m1 - m0;
@@ -788,7 +792,11 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
         const int64_t rows_p = round_up(rows, 2);
         for (int64_t r = 0; r < rows; ++r) {
           const T* x = qb + (m0 + r) * pr.q.sn;
-          if (r + kAhead < rows) prefetch_row(x + kAhead * pr.q.sn, D);
+          if (r + kAhead < rows) {  // (out is heads-last: rows H * Dv apart, as q's may be)
+            prefetch_row(x + kAhead * pr.q.sn, D);
+            prefetch_row(gb + (m0 + r + kAhead) * pr.go.sn, Dv);
+            prefetch_row(ob + (m0 + r + kAhead) * pr.o.sn, Dv);
+          }
           T* qr = qrow.data() + r * Dp;
           lowp_row(x, qrope, m0 + r, D, qr);
           for (int64_t d = 0; d < D; ++d) qtr[d * TM + r] = qr[d];
@@ -798,8 +806,8 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
           for (int64_t d = 0; d < Dv; ++d) gtr[d * TM + r] = gr[d];
           // delta_r = sum_j P_rj dP_rj = dO_r . O_r
           to_float_row(g, Dv, f0.data());
-          to_float_row(ob + (m0 + r) * pr.o.sn, Dv, f1.data());
-          delta[r] = dot(f0.data(), f1.data(), Dv);
+          to_float_row(ob + (m0 + r) * pr.o.sn, Dv, kblock.data());
+          delta[r] = dot(f0.data(), kblock.data(), Dv);
           // a row whose lse is +inf holds a +inf score: its softmax is NaN everywhere (as the
           // reference's), where exp(s - lse) would give NaN only at that score
           lser[r] = lb[m0 + r] == std::numeric_limits<float>::infinity()
@@ -834,9 +842,9 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
           // dQ (+)= dS K[c0:]; dV^T[:, c0:] += dO^T P; dK^T[:, c0:] += Q^T dS
           at::native::cpublas::brgemm(rows, Dp, kw, KT, Dp, Dp, c0 > 0, ds16.data(),
                                       kv.data() + c0 * Dp, dqacc.data(), true);
-          at::native::cpublas::brgemm(Dv, kw, rows_p, TM, KT, nk_pad, true, gtr.data(),
+          at::native::cpublas::brgemm(Dv, kw, rows_p, TM, KT, ldt, true, gtr.data(),
                                       pv.data(), dvt.data() + c0, true);
-          at::native::cpublas::brgemm(D, kw, rows_p, TM, KT, nk_pad, true, qtr.data(),
+          at::native::cpublas::brgemm(D, kw, rows_p, TM, KT, ldt, true, qtr.data(),
                                       dsv.data(), dkt.data() + c0, true);
         }
         for (int64_t r = 0; r < rows; ++r)
@@ -844,11 +852,19 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
                              dqb + (m0 + r) * D);
       }
       std::fill(dqb + lq * D, dqb + Nq * D, T(0));  // rows past the sample's length
-      for (int64_t j = 0; j < kmax; ++j) {
-        for (int64_t d = 0; d < D; ++d) f1[d] = dkt[d * nk_pad + j];
-        unrotate_round_row(f1.data(), krope, j, D, f0.data(), dkb + j * D);
-        for (int64_t d = 0; d < Dv; ++d) f2[d] = dvt[d * nk_pad + j];
-        scale_row_lowp(kBf16, f2.data(), 1.f, Dv, bits(dvb + j * Dv));
+      // dk, dv rows of keys [j0, j0 + 16): the block of columns of dK^T (dV^T) transposed
+      // into kblock (read along rows), then each row rotated back and rounded
+      for (int64_t j0 = 0; j0 < kmax; j0 += 16) {
+        const int64_t nj = std::min<int64_t>(16, kmax - j0);
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < nj; ++j) kblock[j * W + d] = dkt[d * ldt + j0 + j];
+        for (int64_t j = 0; j < nj; ++j)
+          unrotate_round_row(kblock.data() + j * W, krope, j0 + j, D, f0.data(),
+                             dkb + (j0 + j) * D);
+        for (int64_t d = 0; d < Dv; ++d)
+          for (int64_t j = 0; j < nj; ++j) kblock[j * W + d] = dvt[d * ldt + j0 + j];
+        for (int64_t j = 0; j < nj; ++j)
+          scale_row_lowp(kBf16, kblock.data() + j * W, 1.f, Dv, bits(dvb + (j0 + j) * Dv));
       }
       std::fill(dkb + kmax * D, dkb + Nk * D, T(0));  // keys no row reads
       std::fill(dvb + kmax * Dv, dvb + Nk * Dv, T(0));
