@@ -71,6 +71,8 @@ def build_info() -> dict:
     ``cpu_attention_fp16`` (the attention forward's path for that dtype: "amx", products on AMX
     tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off; where it says
     "amx", a small FFN batch of several widths runs on the same tiles, csrc/cpu/ffn.cpp),
+    ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
+    "amx", its five products on AMX tiles, or "float32"),
     ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
@@ -93,5 +95,7 @@ def build_info() -> dict:
         "cpu_native_fp16": facts.get("cpu_native_fp16") == "1",
         "cpu_attention_bf16": facts.get("cpu_attention_bf16") or None,
         "cpu_attention_fp16": facts.get("cpu_attention_fp16") or None,
+        "cpu_attention_bwd_bf16": facts.get("cpu_attention_bwd_bf16") or None,
+        "cpu_attention_bwd_fp16": facts.get("cpu_attention_bwd_fp16") or None,
         "cpu_isa_error": facts.get("cpu_isa_error") or None,
     }

@@ -105,6 +105,51 @@ def test_attention_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
         assert ratio >= target, f"{ratio:.2f}x < {target}x"
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("n,grans,target", ATTN)
+def test_attention_backward_vs_sdpa_dense_mask(benchmark, n, grans, target, dtype):
+    """Report only (no target in the issue): the 16-bit attention backward (dq, dk, dv from the
+    forward's out and lse) on AMX tiles against the float32-inside backward on the same inputs
+    (torch.backends.mkldnn off for that call: 16-bit inputs converted up front) and against
+    SDPA's backward with a dense boolean mask (autograd of its forward, graph kept), all in
+    dtype, timed side by side."""
+    tag = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if _ext.build_info()[f"cpu_attention_bwd_{tag}"] != "amx":
+        pytest.skip(f"the {tag} attention backward runs in float32 here (no AMX tiles for it)")
+    B, H, D = 8, 13, 64
+    q, k, v, go = (torch.randn(B, H, n, D).to(dtype) for _ in range(4))
+    scale = 1.0 / math.sqrt(D)
+    out, lse = torch.ops.adaperceiver.block_masked_attention_fwd(q, k, v, grans, scale, None,
+                                                                 None, None, None, None)
+    ours = lambda: torch.ops.adaperceiver.block_masked_attention_bwd(  # noqa: E731
+        go, q, k, v, out, lse, grans, scale, None, None, None, None, None)
+
+    def float32_inside():
+        old = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return ours()
+        finally:
+            torch.backends.mkldnn.enabled = old
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    sdpa_out = F.scaled_dot_product_attention(*leaves, attn_mask=block_mask(n, grans))
+    sdpa = lambda: torch.autograd.grad(sdpa_out, leaves, go, retain_graph=True)  # noqa: E731
+    for a, b, c in zip(ours(), float32_inside(), sdpa()):  # the same gradients first
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(a, c, atol=5e-2, rtol=5e-2)
+    t = side_by_side({"ours": ours, "f32": float32_inside, "sdpa": sdpa},
+                     rounds=15 if n == 256 else 7)
+    print(f"\n[attention backward N={n} {tag}, AMX tiles] sdpa+dense mask "
+          f"{t['sdpa'] * 1e3:.2f} ms, float32 inside {t['f32'] * 1e3:.2f} ms, tiles "
+          f"{t['ours'] * 1e3:.2f} ms: {t['sdpa'] / t['ours']:.2f}x sdpa, "
+          f"{t['f32'] / t['ours']:.2f}x float32 inside (report only)")
+    benchmark.extra_info.update(vs_sdpa=t["sdpa"] / t["ours"], vs_float32=t["f32"] / t["ours"],
+                                sdpa_ms=t["sdpa"] * 1e3, f32_ms=t["f32"] * 1e3,
+                                ours_ms=t["ours"] * 1e3)
+    benchmark.pedantic(ours, rounds=3, iterations=1)
+
+
 def _thread_cpu_ns() -> dict:
     """CPU time (ns) of each thread of this process, by thread id (Linux per-thread clocks)."""
     out = {}

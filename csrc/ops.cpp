@@ -50,6 +50,8 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
     f.emplace_back("cpu_native_fp16", cpu::native_fp16_gemm() ? "1" : "0");
     f.emplace_back("cpu_attention_bf16", cpu::attention_path(at::kBFloat16));
     f.emplace_back("cpu_attention_fp16", cpu::attention_path(at::kHalf));
+    f.emplace_back("cpu_attention_bwd_bf16", cpu::attention_path(at::kBFloat16));
+    f.emplace_back("cpu_attention_bwd_fp16", cpu::attention_path(at::kHalf));
   } catch (const std::exception& e) {
     f.emplace_back("cpu_isa_error", e.what());
   }

@@ -62,7 +62,7 @@ def _inputs(c):
     return q, k, v, rope
 
 
-def assert_same_nonfinite(got, want, what, may_leak=None):
+def assert_same_nonfinite(got, want, what, may_leak=None, tol=(2e-4, 2e-5)):
     """got has want's NaN / +inf / -inf pattern and, elsewhere, its values. ``may_leak``: where
     got may also be NaN when want is not (see :func:`_leaks`); nowhere may a NaN or inf of
     want become a number."""
@@ -79,7 +79,7 @@ def assert_same_nonfinite(got, want, what, may_leak=None):
                                f" (got {got[bad][:5].tolist()}, reference "
                                f"{want[bad][:5].tolist()})")
     fin = torch.isfinite(want) & torch.isfinite(got)
-    torch.testing.assert_close(got[fin], want[fin], rtol=2e-4, atol=2e-5, msg=what)
+    torch.testing.assert_close(got[fin], want[fin], rtol=tol[0], atol=tol[1], msg=what)
 
 
 def _leaks(c, shape, backward: bool):
@@ -153,6 +153,34 @@ def _padded_backward(backend, c):
         assert_same_nonfinite(g, w, f"{backend} d{name} {c}", _leaks(c, w.shape, True))
 
 
+def _padded_backward_lowp(backend, c):
+    """As _padded_backward, in bfloat16 (float16 where its attention runs on AMX tiles): the
+    tiles' backward where build_info says "amx", else the float32 backward of the 16-bit
+    inputs. The reference runs in float32 on the same rounded inputs and outputs; finite
+    values agree to bfloat16's rounding of P and dS."""
+    from adaperceiver import _ext
+    dtype = torch.float16 if _ext.build_info()["cpu_attention_bwd_fp16"] == "amx" and \
+        c["seed"] % 2 else torch.bfloat16
+    q, k, v, rope = (t.to(dtype) if torch.is_tensor(t) else t for t in _inputs(c))
+    lens = None if c["lens"] is None else torch.tensor(c["lens"])
+    scale = 1 / math.sqrt(c["D"]) if c["scale"] is None else c["scale"]
+    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
+                                                     q_rope=rope, k_rope=rope))
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with adaperceiver.use_backend(backend):
+        o = ops.block_masked_attention(qq, kk, vv, c["grans"], scale=c["scale"], seq_lens=lens,
+                                       q_rope=rope, k_rope=rope)
+        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(c["seed"])).to(dtype)
+        got = torch.autograd.grad(o, (qq, kk, vv), go)
+    f = [t.float() for t in (q, k, v)]
+    lse = R.attention_forward(*f, c["grans"], scale, lens, rope, rope)[1]
+    want = R.attention_backward(go.float(), *f, o.detach().float(), lse, c["grans"], scale,
+                                lens, rope, rope)
+    for name, g, w in zip("qkv", got, want):
+        assert_same_nonfinite(g.float(), w, f"{backend} {dtype} d{name} {c}",
+                              _leaks(c, w.shape, True), tol=(8e-2, 8e-2))
+
+
 def _property_test(check, backend: str, packed: bool, examples: int):
     # Triton takes CPU tensors only in its interpreter; on a GPU machine the device kernels'
     # NaN handling is tested in test_kernels_attention.py and by make gpu-check
@@ -176,6 +204,8 @@ for _name, _check, _packed_case in (("padded_forward", _padded_forward, False),
         _test = _property_test(_check, _backend, _packed_case, _n)
         _test.__name__ = f"test_{_name}_propagates_like_the_reference_{_backend}"
         globals()[_test.__name__] = _test
+test_padded_backward_lowp_propagates_like_the_reference_cpp = _property_test(
+    _padded_backward_lowp, "cpp", False, EXAMPLES["cpp"])
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

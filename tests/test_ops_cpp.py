@@ -408,8 +408,9 @@ def _rule_err(x, truth):
 
 
 def test_build_info_names_the_attention_paths():
-    """cpu_attention_bf16 / _fp16 say "amx" exactly where the CPU has the tiles for the dtype,
-    nothing lowered them (ADAPERCEIVER_CPU_ISA) and oneDNN is enabled; "float32" otherwise."""
+    """cpu_attention_bf16 / _fp16 (the forward) and cpu_attention_bwd_bf16 / _fp16 (the
+    backward) say "amx" exactly where the CPU has the tiles for the dtype, nothing lowered them
+    (ADAPERCEIVER_CPU_ISA) and oneDNN is enabled; "float32" otherwise."""
     import os
     caps = torch._C._cpu._get_cpu_capability()
     info = _ext.build_info()
@@ -418,9 +419,12 @@ def test_build_info_names_the_attention_paths():
         env in ("", "amx")
     assert info["cpu_attention_bf16"] == ("amx" if tiles else "float32")
     assert info["cpu_attention_fp16"] == ("amx" if tiles and caps.get("amx_fp16") else "float32")
+    assert info["cpu_attention_bwd_bf16"] == info["cpu_attention_bf16"]
+    assert info["cpu_attention_bwd_fp16"] == info["cpu_attention_fp16"]
     with _mkldnn_off():
         off = _ext.build_info()
     assert off["cpu_attention_bf16"] == off["cpu_attention_fp16"] == "float32"
+    assert off["cpu_attention_bwd_bf16"] == off["cpu_attention_bwd_fp16"] == "float32"
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)

@@ -205,6 +205,39 @@ def test_value_rows_a_tile_never_reads_stay_out():
     assert torch.equal(out[0, 0], base[0, 0])               # the other head
 
 
+@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_value_rows_reach_only_gradients_that_read_them(value, dtype):
+    """Backward, v[j] poisoned, grans that split a query tile (20, 40 inside tiles of 32 or 64
+    rows) and keys in two chunks (300 > 256): dv stays finite, dq is non-finite exactly on the
+    rows that see key j (their out, so delta = dO . out, is), dk where those rows read, element
+    by element as in the reference (dP's column j meets a row's mask by replacement, not by
+    0 * NaN); the other elements are the clean run's (up to the rounding of the forward's redone
+    rows). bfloat16 / float16 run the AMX tiles' backward where build_info says so, float32 the
+    float32 backward."""
+    n, grans, d = 300, [20, 40, 130, 300], 64
+    g = torch.Generator().manual_seed(8)
+    q, k, v, go = (torch.randn(1, 2, n, d, generator=g).to(dtype) for _ in range(4))
+    base = _backward(go, q, k, v, token_grans=grans, scale=0.125)
+    for j, first_row in ((25, 20), (270, 130)):        # first_row: the first row that sees j
+        vp = v.clone()
+        vp[0, 1, j, 5] = value
+        grads = _backward(go, q, k, vp, token_grans=grans, scale=0.125)
+        qf, kf, vf, gf = (t.float() for t in (q, k, vp, go))
+        ref = R.attention_backward(gf, qf, kf, vf, *R.attention_forward(
+            qf, kf, vf, grans, 0.125), grans, 0.125)
+        for name, got, want, clean in zip(("dq", "dk", "dv"), grads, ref, base):
+            assert torch.equal(_pattern(got), _pattern(want)), f"v[{j}]={value}: {name}"
+            fin = want.isfinite()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got[fin].float(), clean[fin].float(), rtol=tol, atol=tol,
+                                       msg=f"v[{j}]={value}: {name} elsewhere")
+            assert torch.equal(got[0, 0], clean[0, 0]), f"{name}: the other head changed"
+        bad_q = ~grads[0][0, 1].float().isfinite().all(-1)
+        assert bad_q[first_row:].all() and not bad_q[:first_row].any()
+        assert grads[2].float().isfinite().all()
+
+
 FFN_CASES = [("x", (1, 3, 5)), ("fc1_weight", (4, 7)), ("fc1_bias", (2,)),
              ("fc2_weight", (6, 3)), ("fc2_bias", (9,))]
 

@@ -30,11 +30,19 @@
 // for -inf, a row that is all -inf so far subtracts 0 (so a later chunk can still give it a
 // finite max), lse is +-inf where logsumexp is, and a non-finite scale multiplies the scores
 // rather than q. Rows past a sample's length are zeros (the reference's are 0 * their scores,
-// NaN when k is), and value rows a tile never reads cannot reach it.
-// Backward (float32 inside for every dtype; 16-bit inputs converted up front, not on tiles):
-// one work item per (batch, head) (dk/dv are sums over query tiles), same skipping, P
-// recomputed from the saved lse, products through the same small_gemm (K and V transposed
-// once per (batch, head) so every right operand is row-major).
+// NaN when k is), and value rows a tile never reads cannot reach it; in a band chunk, rows that
+// stop before a non-finite value row are redone from the values they see (BandGuard, shared by
+// both forwards; only band chunks scan the values).
+// Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
+// P recomputed from the saved lse, dS = P (dP - delta) with delta = rowsum(dO * O). Two kernels:
+//  * float32 inside (float32 inputs; bfloat16 / float16 where the tiles cannot take them, those
+//    converted up front): products through the same small_gemm (K and V transposed once per
+//    (batch, head) so every right operand is row-major).
+//  * bfloat16 / float16 on AMX tiles (attention_bwd_tiles, under the same tiles_why_not as the
+//    forward): the five products (S, dP, dQ, dK^T, dV^T) on the 16-bit values through brgemm
+//    with float32 accumulation, P and dS rounded to the input type as the reference in that
+//    type rounds them, dK/dV accumulated in float32 across query tiles and rounded once. The
+//    packed (varlen) op's backward runs this padded one (ops/attention.py).
 #include "common.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
@@ -226,6 +234,58 @@ void finish_tile(const Tile<T>& t, int64_t H, int64_t Dv, const float* O, int64_
   }
 }
 
+// The band's guard against 0 * NaN, shared by both forwards. In a chunk where some rows of the
+// tile stop before its last keys (the tile crosses a group boundary), a row's weights past its
+// keys are 0, but the tile product still multiplies them by every value row of the chunk, and 0
+// times a NaN or inf value is NaN. Rows that stop at or before the chunk's last non-finite value
+// row are redone from the values they see, as the reference sums only the pairs a row reads:
+// their O kept before the product (keep), restored after it and the keys they see added row by
+// row (redo). Only band chunks are scanned, and only the value rows that some row of the tile
+// does not see (from the chunk's end down to the smallest seen[r]): a tile that no group
+// boundary crosses never scans.
+class BandGuard {
+ public:
+  BandGuard() = default;  // not a band chunk: nothing to guard
+  // seen[r]: the keys row r sees of the chunk's kc (r < rows); bad(j): value row j of the chunk
+  // holds a NaN or an infinity
+  template <typename Bad>
+  BandGuard(const int64_t* seen, int64_t rows, int64_t kc, Bad&& bad) : seen_(seen), rows_(rows) {
+    const int64_t lo = *std::min_element(seen, seen + rows);
+    for (int64_t j = kc - 1; j >= lo; --j) {
+      if (bad(j)) {
+        last_bad_ = j;
+        break;
+      }
+    }
+  }
+  // before the product: the O rows (ld Dv) to redo, into kept
+  void keep(const float* O, int64_t Dv, float* kept) const {
+    for (int64_t r = 0; r < rows_ && last_bad_ >= 0; ++r)
+      if (seen_[r] <= last_bad_) std::copy_n(O + r * Dv, Dv, kept + r * Dv);
+  }
+  // after it: those rows back to kept (zeros when the product did not accumulate) plus
+  // sum over j < seen[r] of weight(r, j) * value(j)[d] (value(j): row j of the chunk)
+  template <typename Weight, typename Value>
+  void redo(float* O, const float* kept, int64_t Dv, bool accumulated, Weight&& weight,
+            Value&& value) const {
+    for (int64_t r = 0; r < rows_ && last_bad_ >= 0; ++r) {
+      if (seen_[r] > last_bad_) continue;
+      float* o = O + r * Dv;
+      if (accumulated) std::copy_n(kept + r * Dv, Dv, o);
+      else std::fill_n(o, Dv, 0.f);
+      for (int64_t j = 0; j < seen_[r]; ++j) {
+        const float p = weight(r, j);
+        const auto* vr = value(j);
+        for (int64_t d = 0; d < Dv; ++d) o[d] += p * static_cast<float>(vr[d]);
+      }
+    }
+  }
+
+ private:
+  const int64_t* seen_ = nullptr;
+  int64_t rows_ = 0, last_bad_ = -1;
+};
+
 // The inputs are read in place in their dtype T (float32, bfloat16 or float16) and converted to
 // float32 as they are loaded: q into the transposed tile (rotated by RoPE when given, times
 // the scale); k (rotated) and, unless float32, v once per (batch, head) into per-thread scratch
@@ -341,27 +401,17 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           vchunk = reinterpret_cast<const float*>(vb) + c0 * vsn;  // float32: T is float
           vrs = vsn;
         }
-        // In the band a row's weights past its keys are 0, but 0 times a NaN or inf value is
-        // NaN: rows that stop before the chunk's last non-finite value row are redone from the
-        // values they see (their O kept, the product replaced), as the reference has it.
-        int64_t last_bad = -1;
-        if (band) {
-          const int64_t lo = *std::min_element(seen.begin(), seen.begin() + rows);
-          for (int64_t j = kc - 1; j >= lo && last_bad < 0; --j)
-            for (int64_t d = 0; d < Dv; ++d)
-              if (!std::isfinite(vchunk[j * vrs + d])) { last_bad = j; break; }
-        }
-        for (int64_t r = 0; r < rows && last_bad >= 0; ++r)
-          if (seen[r] <= last_bad) std::copy_n(O.data() + r * Dv, Dv, keep.data() + r * Dv);
+        const BandGuard guard = band ? BandGuard(seen.data(), rows, kc, [&](int64_t j) {
+          const float* x = vchunk + j * vrs;
+          for (int64_t d = 0; d < Dv; ++d)
+            if (!std::isfinite(x[d])) return true;
+          return false;
+        }) : BandGuard();
+        guard.keep(O.data(), Dv, keep.data());
         small_gemm(rows, Dv, kc, st.data(), 1, BM, vchunk, vrs, O.data(), Dv, c0 > 0);
-        for (int64_t r = 0; r < rows && last_bad >= 0; ++r) {
-          if (seen[r] > last_bad) continue;
-          float* o = O.data() + r * Dv;
-          if (c0 > 0) std::copy_n(keep.data() + r * Dv, Dv, o);
-          else std::fill_n(o, Dv, 0.f);
-          for (int64_t j = 0; j < seen[r]; ++j)
-            for (int64_t d = 0; d < Dv; ++d) o[d] += st[j * BM + r] * vchunk[j * vrs + d];
-        }
+        guard.redo(O.data(), keep.data(), Dv, c0 > 0,
+                   [&](int64_t r, int64_t j) { return st[j * BM + r]; },
+                   [&](int64_t j) { return vchunk + j * vrs; });
       }
       finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
     }
@@ -434,10 +484,7 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
     std::vector<T> qt(TM * Dp, T(0)), kp(nk_pad * Dp, T(0)), vp(nk_pad * Dv, T(0)),
         pt(TM * KT), krows(16 * Dp, T(0)), vzero(Dv, T(0));
     std::vector<float> st(TM * KT), O(TM * Dv), m(TM), l(TM), keep(TM * Dv);
-    // vbad[j]: value row j holds a NaN or inf (set as the values are packed); seen[r]: the keys
-    // row r sees in the current chunk
-    std::vector<uint8_t> vbad(nk_pad, 0);
-    std::vector<int64_t> seen(TM);
+    std::vector<int64_t> seen(TM);  // the keys row r sees in the current chunk
     const uint16_t exp_mask = kBf16 ? 0x7F80 : 0x7C00;
     int64_t cur_bh = -1, k_done = 0, v_done = 0;
     for (int64_t item = begin; item < end; ++item) {
@@ -483,8 +530,6 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           const auto* b = j + 1 < kend ? reinterpret_cast<const uint16_t*>(vb + (j + 1) * vsn)
                                        : nullptr;
           interleave_pair(a, b, Dv, reinterpret_cast<uint16_t*>(vp.data() + j * Dv));
-          vbad[j] = j < kend && nonfinite_row(a, Dv, exp_mask);
-          vbad[j + 1] = b != nullptr && nonfinite_row(b, Dv, exp_mask);
         }
         v_done = kend;
       }
@@ -507,28 +552,19 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
           l[r] = l[r] * alpha + sum;
           m[r] = mn;
         }
-        // A row's weights past the keys it sees are 0, but 0 times a NaN or inf value is NaN:
-        // rows that stop before the chunk's last non-finite value row are redone from the
-        // values they see (their O kept, the tile product replaced), as the reference has it.
-        int64_t last_bad = -1;
-        for (int64_t j = c0 + kc - 1; j >= c0 && last_bad < 0; --j)
-          if (vbad[j]) last_bad = j - c0;
-        for (int64_t r = 0; r < rows && last_bad >= 0; ++r)
-          if (seen[r] <= last_bad)
-            std::copy_n(O.data() + r * Dv, Dv, keep.data() + r * Dv);
+        const BandGuard guard = c0 + kc > tile.kfull
+                                    ? BandGuard(seen.data(), rows, kc, [&](int64_t j) {
+                                        return nonfinite_row(reinterpret_cast<const uint16_t*>(
+                                                                 vb + (c0 + j) * vsn),
+                                                             Dv, exp_mask);
+                                      })
+                                    : BandGuard();
+        guard.keep(O.data(), Dv, keep.data());
         at::native::cpublas::brgemm(rows, Dv, kw, KT, Dv, Dv, c0 > 0, pt.data(),
                                     vp.data() + c0 * Dv, O.data(), true);
-        for (int64_t r = 0; r < rows && last_bad >= 0; ++r) {
-          if (seen[r] > last_bad) continue;
-          float* o = O.data() + r * Dv;
-          if (c0 > 0) std::copy_n(keep.data() + r * Dv, Dv, o);
-          else std::fill_n(o, Dv, 0.f);
-          for (int64_t j = 0; j < seen[r]; ++j) {
-            const float p = static_cast<float>(pt[r * KT + j]);
-            const T* vr = vb + (c0 + j) * vsn;
-            for (int64_t d = 0; d < Dv; ++d) o[d] += p * static_cast<float>(vr[d]);
-          }
-        }
+        guard.redo(O.data(), keep.data(), Dv, c0 > 0,
+                   [&](int64_t r, int64_t j) { return static_cast<float>(pt[r * KT + j]); },
+                   [&](int64_t j) { return vb + (c0 + j) * vsn; });
       }
       finish_tile(tile, H, Dv, O.data(), Dv, m.data(), l.data());
     }
@@ -631,6 +667,212 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
   });
 }
 
+
+// ---- backward of bfloat16 / float16 on AMX tiles (the products through cpublas::brgemm) ----
+// One work item per (batch, head) (dK and dV are sums over its query tiles). The head's keys
+// are packed once, in T: K^T in VNNI blocks of KT keys (pairs of head-dim values, as the
+// forward's, for S = Q K^T), K in VNNI pairs of keys (for dQ = dS K) and V^T in VNNI blocks
+// (for dP = dO V^T); keys past the last one a row reads, up to a multiple of KALIGN, are zeros.
+// Per query tile of TM rows: Q (rotated) and dO row-major and transposed, and delta = rowsum(dO
+// * O) in float32. Per chunk of KT keys: S and dP on the tiles (float32), then row by row P =
+// exp(scale S - lse) and dS = P (dP - delta) scale in float32 with the forward's mask (a row's
+// keys past the ones it sees get P = dS = 0), both rounded to T as the reference in T rounds
+// them; dQ (+)= dS K into the tile's float32 rows; dK^T (+)= Q^T dS and dV^T (+)= dO^T P into
+// the head's float32 accumulators, transposed so that P and dS enter as right operands in VNNI
+// pairs of query rows (two rows interleaved, no transpose of the TM x KT blocks). Each gradient
+// is rounded once, after RoPE is undone in float32 as the float32 backward undoes it. Rows past
+// a sample's length get zero dq, keys no row reads zero dk and dv. A NaN or inf in q, k, v or dO
+// may reach the gradients of its (batch, head) at pairs a row does not read (0 times it in a
+// tile product), never another head's.
+template <typename T>
+struct BwdProblem {
+  int64_t B, H, Nq, Nk, D, Dv;
+  Rows<T> q, k, v, go, o;  // go, o: the upstream gradient and the forward's output, as q
+};
+
+// x (n float32 values) rotated back by RoPE at position pos when r has tables (the opposite
+// angle: the gradient of the rotation), rounded once to T into dst; buf: n floats of scratch.
+template <typename T>
+inline void unrotate_round_row(const float* x, const Rope& r, int64_t pos, int64_t n, float* buf,
+                               T* dst) {
+  if (r.cos) {
+    const float* c = r.cos + pos * (n / 2);
+    const float* s = r.sin + pos * (n / 2);
+    for (int64_t i = 0; i < n / 2; ++i) {
+      const float x0 = x[2 * i], x1 = x[2 * i + 1], sn = -s[i];
+      buf[2 * i] = x0 * c[i] - x1 * sn;
+      buf[2 * i + 1] = x0 * sn + x1 * c[i];
+    }
+    x = buf;
+  }
+  scale_row_lowp(std::is_same_v<T, c10::BFloat16>, x, 1.f, n, reinterpret_cast<uint16_t*>(dst));
+}
+
+template <typename T>
+void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const float* lse,
+                         const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
+                         float scale, T* dq, T* dk, T* dv) {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const int64_t B = pr.B, H = pr.H, Nq = pr.Nq, Nk = pr.Nk, D = pr.D, Dv = pr.Dv;
+  const int64_t Dp = round_up(D, 2), Dvp = round_up(Dv, 2);
+  const int64_t nk_pad = round_up(std::max<int64_t>(Nk, 1), KT), W = std::max(Dp, Dvp);
+  // the row stride of the transposed float32 accumulators dK^T, dV^T: 16 floats past a
+  // multiple of KT keys, so that a column (one key's gradient) is not 4 KiB-aligned rows that
+  // share one L1 set
+  const int64_t ldt = nk_pad + 16;
+  auto bits = [](auto* p) {  // a 16-bit T pointer as its bits, const kept
+    using E = std::remove_pointer_t<decltype(p)>;
+    return reinterpret_cast<std::conditional_t<std::is_const_v<E>, const uint16_t, uint16_t>*>(p);
+  };
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    // per-thread scratch: the head's packed keys and values, the tile's rows (pad columns and
+    // the pad row of the transposed ones stay 0), the chunk's blocks, the float32 accumulators
+    std::vector<T> kt(nk_pad * Dp, T(0)), kv(nk_pad * Dp, T(0)), vt(nk_pad * Dvp, T(0)),
+        kscr(16 * Dp, T(0)), vscr(16 * Dvp, T(0)), zero(W, T(0)), qrow(TM * Dp, T(0)),
+        qtr(Dp * TM, T(0)), grow(TM * Dvp, T(0)), gtr(Dv * TM, T(0)), p16(TM * KT),
+        ds16(TM * KT), pv(TM * KT), dsv(TM * KT);
+    std::vector<float> s(TM * KT), dp(TM * KT), dqacc(TM * Dp), dkt(Dp * ldt), dvt(Dv * ldt),
+        delta(TM), lser(TM), f0(W), kblock(16 * W);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t lq = clamp_len(lens, b, Nq), lk = clamp_len(lens, b, Nk);
+      const int64_t kmax = lq > 0 ? std::min(re[lq - 1], lk) : 0;  // keys any row reads
+      const int64_t kpad = round_up(kmax, KALIGN);
+      const T* qb = pr.q.p + pr.q.base[b] + h * pr.q.sh;
+      const T* kb = pr.k.p + pr.k.base[b] + h * pr.k.sh;
+      const T* vb = pr.v.p + pr.v.base[b] + h * pr.v.sh;
+      const T* gb = pr.go.p + pr.go.base[b] + h * pr.go.sh;
+      const T* ob = pr.o.p + pr.o.base[b] + h * pr.o.sh;
+      const float* lb = lse + bh * Nq;
+      T* dqb = dq + bh * Nq * D;
+      T* dkb = dk + bh * Nk * D;
+      T* dvb = dv + bh * Nk * Dv;
+      // keys [0, kpad), 16 at a time (within one block of KT; kpad and KT are multiples of 16)
+      for (int64_t j0 = 0; j0 < kpad; j0 += 16) {
+        const uint16_t *ks[16], *vs[16];
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t key = j0 + j;
+          if (key >= kmax) {
+            ks[j] = vs[j] = bits(zero.data());
+            continue;
+          }
+          const T* x = kb + key * pr.k.sn;
+          if (key + kAhead < kmax) prefetch_row(x + kAhead * pr.k.sn, D);
+          if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
+            lowp_row(x, krope, key, D, kscr.data() + j * Dp);
+            x = kscr.data() + j * Dp;
+          }
+          ks[j] = bits(x);
+          const T* y = vb + key * pr.v.sn;
+          if (Dv != Dvp) {
+            std::copy_n(y, Dv, vscr.data() + j * Dvp);
+            y = vscr.data() + j * Dvp;
+          }
+          vs[j] = bits(y);
+        }
+        pack_pairs_transposed(ks, 16, Dp / 2, bits(kt.data() + (j0 / KT) * Dp * KT + (j0 % KT) * 2),
+                              KT);
+        pack_pairs_transposed(vs, 16, Dvp / 2,
+                              bits(vt.data() + (j0 / KT) * Dvp * KT + (j0 % KT) * 2), KT);
+        for (int64_t j = 0; j < 16; j += 2)
+          interleave_pair(ks[j], ks[j + 1], Dp, bits(kv.data() + (j0 + j) * Dp));
+      }
+      for (int64_t d = 0; d < Dp; ++d) std::fill_n(dkt.data() + d * ldt, kpad, 0.f);
+      for (int64_t d = 0; d < Dv; ++d) std::fill_n(dvt.data() + d * ldt, kpad, 0.f);
+
+      for (int64_t m0 = 0; m0 < lq; m0 += TM) {
+        const int64_t m1 = std::min(m0 + TM, lq), rows = m1 - m0;
+        const int64_t kend = std::min(re[m1 - 1], lk), kfull = std::min(re[m0], lk);
+        if (kend <= 0) {
+          std::fill(dqb + m0 * D, dqb + m1 * D, T(0));
+          continue;
+        }
+        const int64_t rows_p = round_up(rows, 2);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* x = qb + (m0 + r) * pr.q.sn;
+          if (r + kAhead < rows) {  // (out is heads-last: rows H * Dv apart, as q's may be)
+            prefetch_row(x + kAhead * pr.q.sn, D);
+            prefetch_row(gb + (m0 + r + kAhead) * pr.go.sn, Dv);
+            prefetch_row(ob + (m0 + r + kAhead) * pr.o.sn, Dv);
+          }
+          T* qr = qrow.data() + r * Dp;
+          lowp_row(x, qrope, m0 + r, D, qr);
+          for (int64_t d = 0; d < D; ++d) qtr[d * TM + r] = qr[d];
+          const T* g = gb + (m0 + r) * pr.go.sn;
+          T* gr = grow.data() + r * Dvp;
+          std::copy_n(g, Dv, gr);
+          for (int64_t d = 0; d < Dv; ++d) gtr[d * TM + r] = gr[d];
+          // delta_r = sum_j P_rj dP_rj = dO_r . O_r
+          to_float_row(g, Dv, f0.data());
+          to_float_row(ob + (m0 + r) * pr.o.sn, Dv, kblock.data());
+          delta[r] = dot(f0.data(), kblock.data(), Dv);
+          // a row whose lse is +inf holds a +inf score: its softmax is NaN everywhere (as the
+          // reference's), where exp(s - lse) would give NaN only at that score
+          lser[r] = lb[m0 + r] == std::numeric_limits<float>::infinity()
+                        ? std::numeric_limits<float>::quiet_NaN()
+                        : lb[m0 + r];
+        }
+        if (rows_p != rows) {  // the pad row of the transposed Q and dO (K of the products)
+          for (int64_t d = 0; d < D; ++d) qtr[d * TM + rows] = T(0);
+          for (int64_t d = 0; d < Dv; ++d) gtr[d * TM + rows] = T(0);
+        }
+        for (int64_t c0 = 0; c0 < kend; c0 += KT) {
+          const int64_t kc = std::min(KT, kend - c0), kw = round_up(kc, KALIGN);
+          at::native::cpublas::brgemm(rows, kw, Dp, Dp, KT, KT, false, qrow.data(),
+                                      kt.data() + (c0 / KT) * Dp * KT, s.data(), true);
+          at::native::cpublas::brgemm(rows, kw, Dvp, Dvp, KT, KT, false, grow.data(),
+                                      vt.data() + (c0 / KT) * Dvp * KT, dp.data(), true);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t vc = c0 + kc <= kfull
+                                   ? kc
+                                   : std::clamp<int64_t>(std::min(re[m0 + r], lk) - c0, 0, kc);
+            softmax_grad_row_lowp(kBf16, s.data() + r * KT, dp.data() + r * KT, vc, kw, scale,
+                                  lser[r], delta[r], bits(p16.data() + r * KT),
+                                  bits(ds16.data() + r * KT));
+          }
+          for (int64_t r = 0; r < rows; r += 2) {  // pairs of rows (an odd last one with 0s)
+            const bool two = r + 1 < rows;
+            interleave_pair(bits(p16.data() + r * KT), two ? bits(p16.data() + (r + 1) * KT)
+                                                           : nullptr, kw, bits(pv.data() + r * KT));
+            interleave_pair(bits(ds16.data() + r * KT), two ? bits(ds16.data() + (r + 1) * KT)
+                                                            : nullptr, kw, bits(dsv.data() + r * KT));
+          }
+          // dQ (+)= dS K[c0:]; dV^T[:, c0:] += dO^T P; dK^T[:, c0:] += Q^T dS
+          at::native::cpublas::brgemm(rows, Dp, kw, KT, Dp, Dp, c0 > 0, ds16.data(),
+                                      kv.data() + c0 * Dp, dqacc.data(), true);
+          at::native::cpublas::brgemm(Dv, kw, rows_p, TM, KT, ldt, true, gtr.data(),
+                                      pv.data(), dvt.data() + c0, true);
+          at::native::cpublas::brgemm(D, kw, rows_p, TM, KT, ldt, true, qtr.data(),
+                                      dsv.data(), dkt.data() + c0, true);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          unrotate_round_row(dqacc.data() + r * Dp, qrope, m0 + r, D, f0.data(),
+                             dqb + (m0 + r) * D);
+      }
+      std::fill(dqb + lq * D, dqb + Nq * D, T(0));  // rows past the sample's length
+      // dk, dv rows of keys [j0, j0 + 16): the block of columns of dK^T (dV^T) transposed
+      // into kblock (read along rows), then each row rotated back and rounded
+      for (int64_t j0 = 0; j0 < kmax; j0 += 16) {
+        const int64_t nj = std::min<int64_t>(16, kmax - j0);
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < nj; ++j) kblock[j * W + d] = dkt[d * ldt + j0 + j];
+        for (int64_t j = 0; j < nj; ++j)
+          unrotate_round_row(kblock.data() + j * W, krope, j0 + j, D, f0.data(),
+                             dkb + (j0 + j) * D);
+        for (int64_t d = 0; d < Dv; ++d)
+          for (int64_t j = 0; j < nj; ++j) kblock[j * W + d] = dvt[d * ldt + j0 + j];
+        for (int64_t j = 0; j < nj; ++j)
+          scale_row_lowp(kBf16, kblock.data() + j * W, 1.f, Dv, bits(dvb + (j0 + j) * Dv));
+      }
+      std::fill(dkb + kmax * D, dkb + Nk * D, T(0));  // keys no row reads
+      std::fill(dvb + kmax * Dv, dvb + Nk * Dv, T(0));
+    }
+    at::native::cpublas::brgemm_release(true);  // hand the tile state back
+  });
+}
+
 }  // namespace
 
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
@@ -728,6 +970,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(ADAPERCEIVER_ATTENT
   check_attention_bwd_args(grad_out, out, lse, q, v);
   const auto re = row_end(Nq, token_grans, Nk);
   const auto lens = seq_lens_host(seq_lens, B);
+  const at::ScalarType dtype = q.scalar_type();
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) &&
+      tiles_why_not(dtype, q.size(3), Dv).empty()) {
+    // the 16-bit inputs read in place (any strides but the head dim's, which must be 1)
+    auto unit_d = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
+    const at::Tensor qu = unit_d(q), ku = unit_d(k), vu = unit_d(v),
+                     gu = unit_d(grad_out.to(dtype)), ou = unit_d(out.to(dtype)),
+                     lsef = lse.to(at::kFloat).contiguous();
+    at::Tensor qc, qs, kc, ks;
+    const Rope qrope = rope_tables(q_cos, q_sin, qc, qs);
+    const Rope krope = rope_tables(k_cos, k_sin, kc, ks);
+    at::Tensor dq = at::empty({B, H, Nq, q.size(3)}, q.options());
+    at::Tensor dk = at::empty({B, H, Nk, k.size(3)}, k.options());
+    at::Tensor dv = at::empty({B, H, Nk, Dv}, v.options());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "attention_bwd_tiles", [&] {
+      const BwdProblem<scalar_t> pr{B, H, Nq, Nk, q.size(3), Dv,
+                                    padded_rows<scalar_t>(qu), padded_rows<scalar_t>(ku),
+                                    padded_rows<scalar_t>(vu), padded_rows<scalar_t>(gu),
+                                    padded_rows<scalar_t>(ou)};
+      attention_bwd_tiles<scalar_t>(pr, qrope, krope, lsef.data_ptr<float>(), re, lens,
+                                    static_cast<float>(scale), dq.data_ptr<scalar_t>(),
+                                    dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+    });
+    return {dq, dk, dv};
+  }
   at::Tensor qf = prep(q, q_cos, q_sin), kf = prep(k, k_cos, k_sin), vf = prep(v, {}, {});
   at::Tensor gof = prep(grad_out, {}, {}), of = prep(out, {}, {});
   at::Tensor lsef = lse.to(at::kFloat).contiguous();

@@ -237,6 +237,39 @@ __attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
   return _mm512_reduce_add_ps(sum);
 }
 
+// See softmax_grad_row_lowp in microkernel.h: one pass, 16 scores a step; exp as in
+// softmax_row_avx512 (2^(x log2 e)), the rounding as scale_row_lowp's.
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void softmax_grad_row_avx512(
+    const float* s, const float* dp, int64_t valid, int64_t width, float scale, float lse,
+    float delta, uint16_t* p, uint16_t* ds) {
+  const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse);
+  const __m512 vd = _mm512_set1_ps(delta), log2e = _mm512_set1_ps(1.44269504088896341f);
+  for (int64_t j = 0; j < width; j += 16) {
+    // lanes past valid: 0 (not computed: they may hold any score or NaN)
+    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF)
+                        : valid > j   ? __mmask16((1u << (valid - j)) - 1)
+                                      : __mmask16(0);
+    const __mmask16 kw = width - j >= 16 ? __mmask16(0xFFFF)
+                                         : __mmask16((1u << (width - j)) - 1);
+    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs), vl);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp2_lowp(_mm512_mul_ps(t, log2e)));
+    const __m512 g = _mm512_maskz_mov_ps(
+        k, _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd), e),
+                         vs));
+    __m256i hp, hg;
+    if constexpr (kBf16) {
+      hp = (__m256i)_mm512_cvtneps_pbh(e);
+      hg = (__m256i)_mm512_cvtneps_pbh(g);
+    } else {
+      hp = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      hg = _mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16(p + j, kw, hp);
+    _mm256_mask_storeu_epi16(ds + j, kw, hg);
+  }
+}
+
 // 16 x 16 32-bit transpose in registers: r[j] lane i -> r[i] lane j.
 __attribute__((target("avx512f"))) inline void transpose16x16(__m512i r[16]) {
   __m512i t[16];
@@ -616,6 +649,16 @@ float softmax_row_portable(const float* s, int64_t valid, int64_t width, float s
   return sum;
 }
 
+template <typename T>
+void softmax_grad_row_portable(const float* s, const float* dp, int64_t valid, int64_t width,
+                               float scale, float lse, float delta, uint16_t* p, uint16_t* ds) {
+  for (int64_t j = 0; j < width; ++j) {
+    const float e = j < valid ? std::exp(s[j] * scale - lse) : 0.f;
+    p[j] = T(e).x;
+    ds[j] = T(j < valid ? (dp[j] - delta) * e * scale : 0.f).x;
+  }
+}
+
 void small_gemm_blas(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   // A is row-major (cs == 1) or column-major (rs == 1)
@@ -842,6 +885,21 @@ float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, 
 #endif
   return bf16 ? softmax_row_portable<c10::BFloat16>(s, valid, width, scale, m_old, m_new, p)
               : softmax_row_portable<c10::Half>(s, valid, width, scale, m_old, m_new, p);
+}
+
+void softmax_grad_row_lowp(bool bf16, const float* s, const float* dp, int64_t valid,
+                           int64_t width, float scale, float lse, float delta, uint16_t* p,
+                           uint16_t* ds) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (best_isa() == Isa::kAvx512 && has_avx512_bf16() && has_avx512_bw()) {
+    return bf16 ? softmax_grad_row_avx512<true>(s, dp, valid, width, scale, lse, delta, p, ds)
+                : softmax_grad_row_avx512<false>(s, dp, valid, width, scale, lse, delta, p, ds);
+  }
+#endif
+  return bf16 ? softmax_grad_row_portable<c10::BFloat16>(s, dp, valid, width, scale, lse, delta,
+                                                         p, ds)
+              : softmax_grad_row_portable<c10::Half>(s, dp, valid, width, scale, lse, delta, p,
+                                                     ds);
 }
 
 void col_softmax(float* st, int64_t kc, int64_t ld, int64_t cols, const float* m_old,

@@ -55,6 +55,13 @@ void col_softmax(Isa isa, float* st, int64_t kc, int64_t ld, int64_t cols, const
 float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,
                        float m_old, float* m_new, uint16_t* p);
 
+// Backward row of the AMX attention (s: width float32 scores, dp: dO V^T's row): for j < valid
+// p[j] = exp(scale * s[j] - lse) and ds[j] = (dp[j] - delta) p[j] scale, in float32, each
+// rounded to bfloat16 (bf16) or float16 bits; p[j] = ds[j] = 0 for valid <= j < width.
+void softmax_grad_row_lowp(bool bf16, const float* s, const float* dp, int64_t valid,
+                           int64_t width, float scale, float lse, float delta, uint16_t* p,
+                           uint16_t* ds);
+
 // Packing for the AMX attention (16-bit values as bits). pack_pairs_transposed: nrows (<= 16)
 // rows of 2 * npairs values to the VNNI layout of their transpose, row j's pair i at
 // dst[(i * ld + j) * 2 + {0, 1}] (keys as the columns of K^T). interleave_pair: two rows a, b
