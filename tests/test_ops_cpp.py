@@ -20,6 +20,7 @@ from adaperceiver.ops import (NoBackendError, block_masked_attention, matryoshka
 from adaperceiver.ops import cpp_backend
 from adaperceiver.ops import reference as R
 from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
+from helpers import case_id
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -54,6 +55,7 @@ def _rand_grans(n, gen):
 
 
 # (B, H, Nq, Nk, D, grans, seq_lens, q_rope, k_rope)
+ATTN_FIELDS = "B H Nq Nk D grans lens qrope krope"
 ATTN_CASES = [
     (2, 3, 77, 77, 64, [5, 20, 32, 64], [77, 40], True, True),       # tails, RoPE, seq_lens
     (1, 2, 100, 100, 80, [32, 64, 96], None, False, False),          # D = 80: column tails
@@ -107,7 +109,7 @@ def _check_attention(q, k, v, grans, sl, qr, kr, atol):
 
 
 
-@pytest.mark.parametrize("case", ATTN_CASES, ids=[f"c{i}" for i in range(len(ATTN_CASES))])
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[case_id(c, ATTN_FIELDS) for c in ATTN_CASES])
 def test_attention_fp32_matches_reference(case):
     B, H, Nq, Nk, D, grans, seq_lens, q_rope, k_rope = case
     q, k, v, sl, qr, kr = _attn_inputs(B, H, Nq, Nk, D, seq_lens, q_rope, k_rope)
@@ -208,7 +210,7 @@ FFN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FFN_CASES, ids=[f"f{i}" for i in range(len(FFN_CASES))])
+@pytest.mark.parametrize("case", FFN_CASES, ids=[case_id(c, "B N C H Cout hidden") for c in FFN_CASES])
 def test_ffn_fp32_matches_reference(case):
     B, N, C, Hmax, Cout, hidden = case
     args = _ffn_inputs(B, N, C, Hmax, Cout)
@@ -356,6 +358,7 @@ def test_strided_heads_last_inputs_with_rope_read_in_place(n_q, n_k, grans):
 # runs the same inputs with torch.backends.mkldnn disabled (the tiles go through oneDNN's
 # brgemm), so both paths are compared in one process.
 # (B, H, Nq, Nk, D, Dv, grans, seq_lens, rope, heads_last)
+TILE_FIELDS = "B H Nq Nk D Dv grans lens rope heads_last"
 TILE_CASES = [
     (2, 3, 77, 77, 64, 64, [5, 20, 37, 64], [77, 40], True, False),  # odd kend, row/key tails
     (1, 2, 300, 300, 80, 80, [32, 100, 256], None, True, False),     # D = 80, 2 key chunks
@@ -428,7 +431,7 @@ def test_build_info_names_the_attention_paths():
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-@pytest.mark.parametrize("case", TILE_CASES, ids=[f"t{i}" for i in range(len(TILE_CASES))])
+@pytest.mark.parametrize("case", TILE_CASES, ids=[case_id(c, TILE_FIELDS) for c in TILE_CASES])
 def test_tiles_match_the_float32_path_and_the_rule(case, dtype):
     """Both paths on the same 16-bit inputs: each within flash-attn's rule (error vs float64
     <= 2x the plain reference's in dtype, plus 1e-4 of the largest magnitude), within that of

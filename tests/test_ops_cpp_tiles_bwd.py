@@ -22,6 +22,7 @@ import adaperceiver
 from adaperceiver import _ext
 from adaperceiver.ops import block_masked_attention, block_masked_attention_varlen
 from adaperceiver.ops import reference as R
+from helpers import case_id
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -127,7 +128,7 @@ def test_build_info_names_the_backward_path():
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=[f"b{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c, "B H Nq Nk D Dv grans lens rope heads_last") for c in CASES])
 def test_tiles_backward_rule(case, dtype):
     """dq, dk, dv on the tiles: each within 2x the error of the plain reference's autograd in
     dtype (vs float64) plus 1e-4 of the truth's largest magnitude; the float32 backward on the
