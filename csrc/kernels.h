@@ -58,8 +58,8 @@ using OptT = c10::optional<at::Tensor>;
 
 namespace cpu {
 ADAPERCEIVER_DECLARE_OP_KERNELS
-// Why the bfloat16 / float16 forward of head dims (D, Dv) does not run on AMX tiles here
-// (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
+// Why the bfloat16 / float16 attention (forward and backward) of head dims (D, Dv) does not run
+// on AMX tiles here (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
 // csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks
