@@ -26,14 +26,11 @@
 #include "ffn_banded.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
+#include "cpu/onednn.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -119,21 +116,6 @@ struct Bands {
   }
 };
 
-// oneDNN's matmul on plain weights (mkldnn::_linear_pointwise), the library the model's other
-// float32 CPU projections use (adaperceiver/ops/linear.py says why: MKL takes a generic path on
-// AMD CPUs); nullptr when this torch has no oneDNN or ADAPERCEIVER_CPU_GEMM=mkl.
-const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    // read as ops/linear.py reads it (surrounding blanks and case ignored), so the FFN and the
-    // projections always agree on the library; ops/linear.py rejects other values at import
-    const std::string env = env_choice("ADAPERCEIVER_CPU_GEMM");
-    if (env == "mkl") return std::nullopt;
-    if (!at::hasMKLDNN()) return std::nullopt;
-    return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  }();
-  return op ? &*op : nullptr;
-}
-
 // Rows from which a column slice of a weight (fc2's band [lo, hi): rows of stride H) is copied
 // to a contiguous block for oneDNN rather than multiplied in place by MKL. oneDNN would run the
 // strided slice on its reference GEMM (orders of magnitude slower). From a few hundred rows the
@@ -146,12 +128,7 @@ constexpr int64_t kCopySliceMinRows = 64;
 // when x has enough rows, see above), else ATen's GEMM (MKL on the CPU).
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias) {
   if (x.device().is_cpu() && (w.is_contiguous() || x.size(0) >= kCopySliceMinRows)) {
-    if (const c10::OperatorHandle* op = onednn_linear_op()) {
-      torch::jit::Stack stack{x, w.contiguous(), bias, std::string("none"),
-                              c10::List<std::optional<at::Scalar>>(), std::string("")};
-      op->callBoxed(stack);
-      return stack[0].toTensor();
-    }
+    if (std::optional<at::Tensor> y = cpu::onednn_linear(x, w, bias)) return *y;
   }
   return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
@@ -183,14 +160,10 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t output
 // addmm and gelu when oneDNN is not there. On row blocks (row_chunks) copied into one output
 // when the rule cuts the rows.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const c10::OperatorHandle* op = onednn_linear_op();
-  if (!op) return at::gelu(at::addmm(b, x, w.t()));
+  if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
   const at::Tensor wc = w.contiguous();
   auto run = [&](const at::Tensor& xr) {
-    torch::jit::Stack stack{xr, wc, b, std::string("gelu"),
-                            c10::List<std::optional<at::Scalar>>(), std::string("none")};
-    op->callBoxed(stack);
-    return stack[0].toTensor();
+    return *cpu::onednn_linear(xr, wc, b, cpu::PostOp::kGelu);
   };
   const auto blocks = row_blocks(x.size(0), w.size(0), x.scalar_type());
   if (blocks.size() <= 1) return run(x);
@@ -228,14 +201,10 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
-  const c10::OperatorHandle* op = onednn_linear_op();
-  if (op && h == w2.size(1) && w2.is_contiguous()) {
+  if (cpu::onednn_linear_available() && h == w2.size(1) && w2.is_contiguous()) {
     at::Tensor y;
     if (blocks.size() == 1) {
-      torch::jit::Stack stack{act, w2, b2, std::string("none"),
-                              c10::List<std::optional<at::Scalar>>(), std::string("")};
-      op->callBoxed(stack);
-      y = stack[0].toTensor();
+      y = *cpu::onednn_linear(act, w2, b2);
     } else {  // the one-thread band: the column-block size is ops.linear's column_block
       y = cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16);
     }
