@@ -165,6 +165,18 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t output
   return out;
 }
 
+// run(x) (rows x outputs) on the row blocks of row_blocks, their results copied into one
+// output when the rule cuts the rows.
+template <typename Run>
+at::Tensor on_row_blocks(const at::Tensor& x, int64_t outputs, Run run) {
+  const auto blocks = row_blocks(x.size(0), outputs, x.scalar_type());
+  if (blocks.size() <= 1) return run(x);
+  at::Tensor out = at::empty({x.size(0), outputs}, x.options());
+  for (const auto& [r0, r1] : blocks)
+    out.narrow(0, r0, r1 - r0).copy_(run(x.narrow(0, r0, r1 - r0)));
+  return out;
+}
+
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
 // addmm and gelu when oneDNN is not there. On row blocks (row_chunks) copied into one output
@@ -172,14 +184,9 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t output
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
   const at::Tensor wc = w.contiguous();
-  auto run = [&](const at::Tensor& xr) {
+  return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
     return *cpu::onednn_linear(xr, wc, b, cpu::PostOp::kGelu);
-  };
-  const auto blocks = row_blocks(x.size(0), w.size(0), x.scalar_type());
-  if (blocks.size() <= 1) return run(x);
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  for (const auto& [r0, r1] : blocks) out.narrow(0, r0, r1 - r0).copy_(run(x.narrow(0, r0, r1 - r0)));
-  return out;
+  });
 }
 
 // Every row of dst (rows x n, unit column stride) set to v (n values of dst's dtype) by row
@@ -286,10 +293,13 @@ bool native_low_precision_bwd(const at::Tensor& x, const at::Tensor& grad_out) {
 }
 
 // x w^T + b in the low-precision dtype: one oneDNN GEMM with the bias fused (one rounding), or
-// ATen's addmm when oneDNN is switched off.
+// ATen's addmm when oneDNN is switched off; on row blocks where the row-chunk rule says
+// oneDNN would run the product on one of 2 threads.
 at::Tensor linear_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (std::optional<at::Tensor> y = cpu::onednn_linear(x, w, b)) return *y;
-  return at::addmm(b, x, w.t());
+  return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
+    if (std::optional<at::Tensor> y = cpu::onednn_linear(xr, w, b)) return *y;
+    return at::addmm(b, xr, w.t());
+  });
 }
 
 // The backward in x's low-precision dtype (native_low_precision_bwd; the schedule: the file's
@@ -327,6 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     const at::Tensor db1b =
         cpu::gelu_backward_lowp_(at::mm(gr, w2.narrow(1, band.lo, u)), act, dpre);
     db1.narrow(0, band.lo, u).copy_(db1b);  // rounded once
+    // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see row_chunks)
     at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
     at::mm_out(dw1b, dpre.t(), xr);
     at::mm_out(dw2b, gr.t(), act);
