@@ -106,11 +106,12 @@ def test_ffn_backward_rule(dtype, case):
         assert g.dtype == dtype, name
         assert_rule(g, r, t, f"{dtype} {name}")
     # dx sums over the bands: each element rounded once (one GEMM per width), as in the
-    # reference, keeps its mean error at the reference's; rounding each band's product and
-    # adding them in the dtype gave 1.4-1.6x on these cases (the rule's max error 1.1-2.3x)
+    # reference, keeps its mean error at the reference's (both round nearly the same float32
+    # sums once); rounding each band's product and adding them in the dtype gave 1.07-1.21x
+    # on the cases of 2-3 bands and 1.6x on 16 bands (the rule's max error: 1.1-1.9x, 2.5x)
     err = (ours[0].double() - truth[0]).abs().mean().item()
     err_ref = (ref[0].double() - truth[0]).abs().mean().item()
-    assert err <= 1.25 * err_ref, f"dx: mean error {err:.3g} > 1.25 x the reference's {err_ref:.3g}"
+    assert err <= 1.05 * err_ref, f"dx: mean error {err:.3g} > 1.05 x the reference's {err_ref:.3g}"
     hw = max(hidden)  # units past the widest sample get exactly no gradient
     assert (ours[1][hw:] == 0).all() and (ours[2][hw:] == 0).all()
     assert (ours[3][:, hw:] == 0).all()
