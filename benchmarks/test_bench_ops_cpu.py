@@ -259,6 +259,63 @@ def test_matryoshka_ffn_small_mixed_batch(benchmark):
     benchmark.pedantic(steps["mixed"], rounds=3, iterations=1)
 
 
+FFN_BWD_WIDTHS = [
+    pytest.param([2138] * 8, id="uniform"),
+    pytest.param([2138, 1069, 1603, 1069, 2138, 1603, 1069, 1603], id="mixed"),
+]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("widths", FFN_BWD_WIDTHS)
+def test_matryoshka_ffn_backward_low_precision(benchmark, widths, dtype):
+    """The FFN backward in bf16 / fp16 (8 x 256 rows, the model's widths): the kernel's path in
+    the dtype (native GEMMs), the same kernel computing in float32 (ADAPERCEIVER_FFN_BWD=float32,
+    read on every call) and plain autograd through the reference forward in the dtype, side by
+    side. Asserts only that the native path beats the float32 one where it runs."""
+    _native(dtype)
+    if dtype == torch.float16 and not _ext.build_info()["cpu_native_fp16"]:
+        pytest.skip("no native fp16 on this CPU (AVX512-FP16 / AMX-FP16)")
+    B, N, C, hmax = 8, 256, 832, 2138
+    x = torch.randn(B, N, C).to(dtype)
+    w1, b1 = (torch.randn(hmax, C) / math.sqrt(C)).to(dtype), torch.randn(hmax).to(dtype)
+    w2, b2 = (torch.randn(C, hmax) / math.sqrt(hmax)).to(dtype), torch.randn(C).to(dtype)
+    go = torch.randn(B, N, C).to(dtype)
+    bwd = torch.ops.adaperceiver.matryoshka_ffn_bwd
+    native = lambda: bwd(go, x, w1, b1, w2, b2, widths)  # noqa: E731
+
+    def float32_inside():
+        os.environ["ADAPERCEIVER_FFN_BWD"] = "float32"
+        try:
+            return bwd(go, x, w1, b1, w2, b2, widths)
+        finally:
+            del os.environ["ADAPERCEIVER_FFN_BWD"]
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+    out = R.matryoshka_ffn(*leaves, widths)
+    reference = lambda: torch.autograd.grad(out, leaves, go, retain_graph=True)  # noqa: E731
+    for a, b in zip(native(), reference()):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+    wall, busy = side_by_side_rounds({"native": native, "float32": float32_inside,
+                                      "reference": reference}, rounds=9)
+    kind = "one width" if len(set(widths)) == 1 else f"{len(set(widths))} widths"
+    figures = {}
+    for name, t in (("wall", wall), ("busiest thread", busy)):
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        vs_f32 = _median_ratio(t["float32"], t["native"])
+        vs_ref = _median_ratio(t["reference"], t["native"])
+        figures[name] = (vs_f32, vs_ref)
+        print(f"\n[ffn backward {str(dtype)[6:]}, {kind}, {name}] native {med['native']:.1f} ms, "
+              f"float32 inside {med['float32']:.1f} ms ({vs_f32:.2f}x), reference autograd in "
+              f"{str(dtype)[6:]} {med['reference']:.1f} ms ({vs_ref:.2f}x)")
+    vs_f32, vs_ref = figures["wall"]
+    benchmark.extra_info.update(speedup_vs_float32=vs_f32, speedup_vs_reference=vs_ref,
+                                busiest_thread=figures["busiest thread"])
+    benchmark.pedantic(native, rounds=3, iterations=1)
+    if ASSERT:
+        assert vs_f32 > 1.0
+
+
 PROJECTIONS = [
     pytest.param(1024, 832, 2496, id="qkv-1024x832x2496"),
     pytest.param(1024, 832, 3328, id="fc1-1024x832x3328"),

@@ -21,19 +21,26 @@
 // full width as two column blocks instead (cpu::linear_column_blocks).
 // (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
 // which sums every band in float32.)
-// Otherwise (other CPUs, the backward, other devices) they compute in float32 and cast back.
+// The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
+// dtype with float32 accumulation: per band, pre = x w1b^T + b1b recomputed (oneDNN, bias
+// fused), g w2b, then one pass (cpu::gelu_backward_lowp_) that writes dpre =
+// gelu_backward(g w2b, pre) into the band's columns of one buffer D, GELU(pre) over pre, and
+// the column sums of dpre (db1); dW1 band rows = dpre^T x and dW2 band columns = g^T GELU(pre)
+// (each band owns its slices: every element rounded once). dx sums over the bands, so it runs
+// after them as one GEMM per distinct width on D's rows of that width (a width-h sample's
+// dpre fills its row's columns [0, h)), as the forward runs fc2: every element rounded once,
+// where rounding each band's product would round once per band. db2 is a float32 column sum
+// rounded once. ADAPERCEIVER_FFN_BWD=float32 (read on every call) forces the float32 path.
+// Otherwise (other CPUs, other devices) bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
+#include "cpu/onednn.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -119,21 +126,6 @@ struct Bands {
   }
 };
 
-// oneDNN's matmul on plain weights (mkldnn::_linear_pointwise), the library the model's other
-// float32 CPU projections use (adaperceiver/ops/linear.py says why: MKL takes a generic path on
-// AMD CPUs); nullptr when this torch has no oneDNN or ADAPERCEIVER_CPU_GEMM=mkl.
-const c10::OperatorHandle* onednn_linear_op() {
-  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
-    // read as ops/linear.py reads it (surrounding blanks and case ignored), so the FFN and the
-    // projections always agree on the library; ops/linear.py rejects other values at import
-    const std::string env = env_choice("ADAPERCEIVER_CPU_GEMM");
-    if (env == "mkl") return std::nullopt;
-    if (!at::hasMKLDNN()) return std::nullopt;
-    return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  }();
-  return op ? &*op : nullptr;
-}
-
 // Rows from which a column slice of a weight (fc2's band [lo, hi): rows of stride H) is copied
 // to a contiguous block for oneDNN rather than multiplied in place by MKL. oneDNN would run the
 // strided slice on its reference GEMM (orders of magnitude slower). From a few hundred rows the
@@ -146,12 +138,7 @@ constexpr int64_t kCopySliceMinRows = 64;
 // when x has enough rows, see above), else ATen's GEMM (MKL on the CPU).
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias) {
   if (x.device().is_cpu() && (w.is_contiguous() || x.size(0) >= kCopySliceMinRows)) {
-    if (const c10::OperatorHandle* op = onednn_linear_op()) {
-      torch::jit::Stack stack{x, w.contiguous(), bias, std::string("none"),
-                              c10::List<std::optional<at::Scalar>>(), std::string("")};
-      op->callBoxed(stack);
-      return stack[0].toTensor();
-    }
+    if (std::optional<at::Tensor> y = cpu::onednn_linear(x, w, bias)) return *y;
   }
   return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
@@ -178,25 +165,28 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t output
   return out;
 }
 
+// run(x) (rows x outputs) on the row blocks of row_blocks, their results copied into one
+// output when the rule cuts the rows.
+template <typename Run>
+at::Tensor on_row_blocks(const at::Tensor& x, int64_t outputs, Run run) {
+  const auto blocks = row_blocks(x.size(0), outputs, x.scalar_type());
+  if (blocks.size() <= 1) return run(x);
+  at::Tensor out = at::empty({x.size(0), outputs}, x.options());
+  for (const auto& [r0, r1] : blocks)
+    out.narrow(0, r0, r1 - r0).copy_(run(x.narrow(0, r0, r1 - r0)));
+  return out;
+}
+
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
 // addmm and gelu when oneDNN is not there. On row blocks (row_chunks) copied into one output
 // when the rule cuts the rows.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const c10::OperatorHandle* op = onednn_linear_op();
-  if (!op) return at::gelu(at::addmm(b, x, w.t()));
+  if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
   const at::Tensor wc = w.contiguous();
-  auto run = [&](const at::Tensor& xr) {
-    torch::jit::Stack stack{xr, wc, b, std::string("gelu"),
-                            c10::List<std::optional<at::Scalar>>(), std::string("none")};
-    op->callBoxed(stack);
-    return stack[0].toTensor();
-  };
-  const auto blocks = row_blocks(x.size(0), w.size(0), x.scalar_type());
-  if (blocks.size() <= 1) return run(x);
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  for (const auto& [r0, r1] : blocks) out.narrow(0, r0, r1 - r0).copy_(run(x.narrow(0, r0, r1 - r0)));
-  return out;
+  return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
+    return *cpu::onednn_linear(xr, wc, b, cpu::PostOp::kGelu);
+  });
 }
 
 // Every row of dst (rows x n, unit column stride) set to v (n values of dst's dtype) by row
@@ -228,14 +218,10 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
-  const c10::OperatorHandle* op = onednn_linear_op();
-  if (op && h == w2.size(1) && w2.is_contiguous()) {
+  if (cpu::onednn_linear_available() && h == w2.size(1) && w2.is_contiguous()) {
     at::Tensor y;
     if (blocks.size() == 1) {
-      torch::jit::Stack stack{act, w2, b2, std::string("none"),
-                              c10::List<std::optional<at::Scalar>>(), std::string("")};
-      op->callBoxed(stack);
-      y = stack[0].toTensor();
+      y = *cpu::onednn_linear(act, w2, b2);
     } else {  // the one-thread band: the column-block size is ops.linear's column_block
       y = cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16);
     }
@@ -294,6 +280,84 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   return out;
 }
 
+// Whether the backward runs in x's low-precision dtype (native_low_precision(x), grad_out in that
+// dtype too), unless ADAPERCEIVER_FFN_BWD=float32 asks for the float32 computation (read on
+// every call, so a benchmark can time both paths side by side in one process; any other value
+// but "native" or unset is rejected).
+bool native_low_precision_bwd(const at::Tensor& x, const at::Tensor& grad_out) {
+  const std::string env = env_choice("ADAPERCEIVER_FFN_BWD");
+  TORCH_CHECK(env.empty() || env == "native" || env == "float32", "ADAPERCEIVER_FFN_BWD=", env,
+              " is not allowed; allowed: native (the default), float32");
+  return env != "float32" && native_low_precision(x) &&
+         grad_out.scalar_type() == x.scalar_type();
+}
+
+// x w^T + b in the low-precision dtype: one oneDNN GEMM with the bias fused (one rounding), or
+// ATen's addmm when oneDNN is switched off; on row blocks where the row-chunk rule says
+// oneDNN would run the product on one of 2 threads.
+at::Tensor linear_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
+    if (std::optional<at::Tensor> y = cpu::onednn_linear(xr, w, b)) return *y;
+    return at::addmm(b, xr, w.t());
+  });
+}
+
+// The backward in x's low-precision dtype (native_low_precision_bwd; the schedule: the file's
+// comment): each gradient element one GEMM's (or one float32 sum's) result rounded once, as
+// in plain PyTorch autograd through the reference in the dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_low_precision(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, at::IntArrayRef hidden) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), H = w1.size(0), Cout = w2.size(0);
+  const at::Tensor gc = grad_out.contiguous();
+  at::Tensor dx = at::empty({B, N, C}, x.options());
+  at::Tensor db2 = cpu::column_sums(gc.view({-1, Cout})).to(b2.scalar_type());
+  if (B * N == 0) {
+    return {dx, at::zeros_like(w1), at::zeros_like(b1), at::zeros_like(w2), db2};
+  }
+  const Bands bands(hidden, x.device());
+  const int64_t hmax = bands.bands.back().hi;
+  // the bands write their slices of the weight gradients; units past the widest width get 0
+  at::Tensor dw1 = at::empty(w1.sizes(), w1.options()), db1 = at::empty(b1.sizes(), b1.options());
+  at::Tensor dw2 = at::empty(w2.sizes(), w2.options());
+  if (hmax < H) {
+    dw1.narrow(0, hmax, H - hmax).zero_();
+    db1.narrow(0, hmax, H - hmax).zero_();
+    dw2.narrow(1, hmax, H - hmax).zero_();
+  }
+  const at::Tensor xs = bands.rows(x.contiguous()), gs = bands.rows(gc);
+  // dpre of every band, rows in perm order (with one band: dpre itself, contiguous)
+  at::Tensor dpre_all = at::empty({B * N, hmax}, x.options());
+  for (const auto& band : bands.bands) {
+    const int64_t rows = band.n * N, u = band.hi - band.lo;
+    const at::Tensor xr = xs.narrow(0, 0, rows), gr = gs.narrow(0, 0, rows);
+    // pre, then GELU(pre) in place once dpre is out of it
+    at::Tensor act = linear_low_precision(xr, w1.narrow(0, band.lo, u), b1.narrow(0, band.lo, u));
+    at::Tensor dpre = dpre_all.narrow(0, 0, rows).narrow(1, band.lo, u);
+    const at::Tensor db1b =
+        cpu::gelu_backward_lowp_(at::mm(gr, w2.narrow(1, band.lo, u)), act, dpre);
+    db1.narrow(0, band.lo, u).copy_(db1b);  // rounded once
+    // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see row_chunks)
+    at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
+    at::mm_out(dw1b, dpre.t(), xr);
+    at::mm_out(dw2b, gr.t(), act);
+  }
+  at::Tensor dxs = bands.rows_out(dx);
+  for (size_t i = 0; i < bands.bands.size(); ++i) {  // one GEMM per distinct width
+    const int64_t n_next = i + 1 < bands.bands.size() ? bands.bands[i + 1].n : 0;
+    const int64_t r0 = n_next * N, rows = (bands.bands[i].n - n_next) * N;
+    const int64_t h = bands.bands[i].hi;  // the width of samples [n_next, n) in perm order
+    // a narrower width's columns as a contiguous copy: ATen's bfloat16 / float16 GEMM on a
+    // row-major A whose rows are longer than their view reads up to a tile past each row's
+    // end (times zero padding, so a NaN or inf there would reach the product)
+    const at::Tensor dpre = dpre_all.narrow(0, r0, rows).narrow(1, 0, h);
+    at::Tensor d = dxs.narrow(0, r0, rows);
+    at::mm_out(d, h < hmax ? dpre.contiguous() : dpre, w1.narrow(0, 0, h));
+  }
+  bands.scatter(dx, dxs);
+  return {dx, dw1, db1, dw2, db2};
+}
+
 }  // namespace
 
 at::Tensor ffn_fwd_banded(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -342,6 +406,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_b
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), Cout = w2.size(0);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, N, Cout}), "grad_out must be (", B, ", ",
               N, ", ", Cout, "); got ", shape_str(grad_out));
+  if (native_low_precision_bwd(x, grad_out))
+    return ffn_bwd_low_precision(grad_out, x, w1, b1, w2, b2, hidden);
   const auto wt = at::kFloat;
   at::Tensor xw = x.to(wt).contiguous(), go = grad_out.to(wt).contiguous();
   at::Tensor w1w = w1.to(wt), b1w = b1.to(wt), w2w = w2.to(wt);

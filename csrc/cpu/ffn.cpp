@@ -1,7 +1,8 @@
 // Matryoshka FFN on the CPU: the width-banded GEMMs of ffn_banded.cpp (oneDNN / MKL on weight
 // slices, bf16 / fp16 in their dtype where the CPU has native GEMMs for it; units past a
 // sample's width are never computed), and for a small batch of several widths in bf16 / fp16
-// on AMX, the forward on the tiles below (each weight read once per call, float32 sums).
+// on AMX, the forward on the tiles below (each weight read once per call, float32 sums); and
+// the elementwise pass of the bf16 / fp16 backward (gelu_backward_lowp_, column_sums).
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -202,8 +204,114 @@ at::Tensor ffn_fwd_tiles(const at::Tensor& x_, const at::Tensor& w1_, const at::
   return out;
 }
 
+// ---- the elementwise passes of the low-precision backward (ffn_banded.cpp) ----
+// Row sums run in fixed chunks of kSumRows rows, each chunk's column sums in float32, the
+// chunks added in order: a function of the shape only (never of the thread count).
+constexpr int64_t kSumRows = 64;
+
+// One row: d = g * GELU'(x) and a = GELU(x) (exact, erf form, as at::gelu_backward and
+// at::gelu compute them in float32: GELU'(x) = Phi(x) + x phi(x)); GELU(+inf) is NaN, as in
+// bias_gelu_row, and GELU'(+-inf) is NaN (inf * 0), as in at::gelu_backward.
+ADAPERCEIVER_CLONES
+void gelu_grad_row(const float* g, const float* x, int64_t n, float* d, float* a) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float cdf = 0.5f * (1.f + erf_as(v * 0.7071067811865476f));
+    const float pdf = exp_neg(-0.5f * v * v) * 0.3989422804014327f;
+    d[i] = g[i] * (cdf + v * pdf);
+    a[i] = v > std::numeric_limits<float>::max() ? std::numeric_limits<float>::quiet_NaN()
+                                                  : v * cdf;
+  }
+}
+
+ADAPERCEIVER_CLONES
+void add_row(float* acc, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
+}
+
+// The chunks' partial sums (chunks x n, float32) added in chunk order, column blocks in
+// parallel.
+at::Tensor reduce_chunks(const std::vector<float>& part, int64_t chunks, int64_t n) {
+  at::Tensor out = at::zeros({n}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
+    for (int64_t c = 0; c < chunks; ++c) add_row(o + j0, part.data() + c * n + j0, j1 - j0);
+  });
+  return out;
+}
+
+template <typename T>
+at::Tensor gelu_backward_rows(const at::Tensor& g, at::Tensor& pre, at::Tensor& dpre) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const int64_t rows = g.size(0), n = g.size(1);
+  const int64_t chunks = (rows + kSumRows - 1) / kSumRows;
+  std::vector<float> part(chunks * n);
+  const T* gp = g.data_ptr<T>();
+  T* xp = pre.data_ptr<T>();
+  T* dp = dpre.data_ptr<T>();
+  const int64_t ldd = dpre.stride(0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> gf(n), xf(n), df(n), af(n);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* sum = part.data() + c * n;
+      std::fill(sum, sum + n, 0.f);
+      for (int64_t r = c * kSumRows; r < std::min(rows, (c + 1) * kSumRows); ++r) {
+        to_float_row(gp + r * n, n, gf.data());
+        to_float_row(xp + r * n, n, xf.data());
+        gelu_grad_row(gf.data(), xf.data(), n, df.data(), af.data());
+        uint16_t* d16 = reinterpret_cast<uint16_t*>(dp + r * ldd);
+        scale_row_lowp(kBf16, df.data(), 1.f, n, d16);
+        scale_row_lowp(kBf16, af.data(), 1.f, n, reinterpret_cast<uint16_t*>(xp + r * n));
+        to_float_row(dp + r * ldd, n, df.data());  // the sum reads the rounded dpre
+        add_row(sum, df.data(), n);
+      }
+    }
+  });
+  return reduce_chunks(part, chunks, n);
+}
+
+template <typename T>
+at::Tensor column_sums_rows(const at::Tensor& m) {
+  const int64_t rows = m.size(0), n = m.size(1), ld = m.stride(0);
+  const int64_t chunks = (rows + kSumRows - 1) / kSumRows;
+  std::vector<float> part(chunks * n);
+  const T* mp = m.data_ptr<T>();
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(n);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* sum = part.data() + c * n;
+      std::fill(sum, sum + n, 0.f);
+      for (int64_t r = c * kSumRows; r < std::min(rows, (c + 1) * kSumRows); ++r)
+        add_row(sum, float_row(mp + r * ld, n, buf.data()), n);
+    }
+  });
+  return reduce_chunks(part, chunks, n);
+}
+
+void check_lowp_matrix(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.device().is_cpu() && t.stride(1) == 1 &&
+                  (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf),
+              what, " must be a bfloat16 / float16 CPU matrix of unit column stride");
+}
+
 }  // namespace
 
+at::Tensor gelu_backward_lowp_(const at::Tensor& g, at::Tensor& pre, at::Tensor& dpre) {
+  check_lowp_matrix(g, "gelu_backward_lowp_: g");
+  check_lowp_matrix(dpre, "gelu_backward_lowp_: dpre");
+  TORCH_CHECK(g.is_contiguous() && pre.is_contiguous() && pre.sizes() == g.sizes() &&
+                  dpre.sizes() == g.sizes() && pre.scalar_type() == g.scalar_type() &&
+                  dpre.scalar_type() == g.scalar_type(),
+              "gelu_backward_lowp_: g and pre contiguous, dpre, all of one shape and dtype");
+  return g.scalar_type() == at::kBFloat16 ? gelu_backward_rows<c10::BFloat16>(g, pre, dpre)
+                                          : gelu_backward_rows<c10::Half>(g, pre, dpre);
+}
+
+at::Tensor column_sums(const at::Tensor& m) {
+  check_lowp_matrix(m, "column_sums: m");
+  return m.scalar_type() == at::kBFloat16 ? column_sums_rows<c10::BFloat16>(m)
+                                          : column_sums_rows<c10::Half>(m);
+}
 
 void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
   const int64_t rows = act.size(0), h = act.size(1);

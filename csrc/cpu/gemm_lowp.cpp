@@ -1,4 +1,5 @@
-// Two helpers of the bfloat16 projections (adaperceiver/ops/linear.py says when each runs).
+// oneDNN's linear (cpu/onednn.h: the one lookup and call of mkldnn::_linear_pointwise) and two
+// helpers of the bfloat16 projections (adaperceiver/ops/linear.py says when each runs).
 //
 // linear_column_blocks(x, weight, bias, block): out (M, N) = x (M, K) weight^T + bias as
 // oneDNN's matmul (mkldnn::_linear_pointwise on the plain weight) on column blocks of `block`
@@ -8,7 +9,8 @@
 // 800..1600 rows, the model's output projection at batch 4) on ONE thread; split by columns,
 // both threads work and neither needs the other's reordered weights. The blocks are a function
 // of (N, block) only and each output is one oneDNN product over the full K, so the thread count
-// and what ran before never change a result.
+// and what ran before never change a result. With oneDNN switched off (ADAPERCEIVER_CPU_GEMM=mkl)
+// the blocks run as ATen's linear.
 // What it skips: nothing is cached between calls (each call reorders its weight block, as
 // oneDNN's own call does), so an in-place weight edit is always seen.
 //
@@ -26,8 +28,10 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 
+#include "common.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
+#include "cpu/onednn.h"
 
 #include <immintrin.h>
 
@@ -78,13 +82,32 @@ void to_bf16(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t d = 0; d < n; ++d) dst[d] = c10::BFloat16(src[d]).x;
 }
 
-const c10::OperatorHandle& onednn_linear() {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  return op;
+// mkldnn::_linear_pointwise, nullptr when this torch has no oneDNN or ADAPERCEIVER_CPU_GEMM=mkl
+// (ops/linear.py rejects other values at import)
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    if (env_choice("ADAPERCEIVER_CPU_GEMM") == "mkl" || !at::hasMKLDNN()) return std::nullopt;
+    return c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  }();
+  return op ? &*op : nullptr;
 }
 
 }  // namespace
+
+bool onednn_linear_available() { return onednn_linear_op() != nullptr; }
+
+std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& weight,
+                                        const OptT& bias, PostOp post_op) {
+  const c10::OperatorHandle* op = onednn_linear_op();
+  if (!op) return std::nullopt;
+  // the op's attr and algorithm arguments: "none" / "" (no post-op), "gelu" / "none" (erf)
+  const bool gelu = post_op == PostOp::kGelu;
+  torch::jit::Stack stack{x, weight.contiguous(), bias, std::string(gelu ? "gelu" : "none"),
+                          c10::List<std::optional<at::Scalar>>(),
+                          std::string(gelu ? "none" : "")};
+  op->callBoxed(stack);
+  return stack[0].toTensor();
+}
 
 at::Tensor to_bfloat16(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
@@ -136,11 +159,9 @@ at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, c
     c10::InferenceMode guard;  // the block products are temporaries no autograd will see
     for (int64_t i = b0; i < b1; ++i) {
       const int64_t j0 = i * block, n = wb[i].size(0);
-      torch::jit::Stack stack{x2, wb[i], bb[i].defined() ? OptT(bb[i]) : OptT(),
-                              std::string("none"), c10::List<std::optional<at::Scalar>>(),
-                              std::string("")};
-      onednn_linear().callBoxed(stack);
-      const at::Tensor y = stack[0].toTensor().contiguous();
+      const OptT bias_i = bb[i].defined() ? OptT(bb[i]) : OptT();
+      std::optional<at::Tensor> y1 = onednn_linear(x2, wb[i], bias_i);
+      const at::Tensor y = (y1 ? *y1 : at::linear(x2, wb[i], bias_i)).contiguous();
       const char* src = static_cast<const char*>(y.data_ptr());
       for (int64_t r = 0; r < M; ++r) {
         std::memcpy(dst + (r * N + j0) * es, src + r * n * es, n * es);
