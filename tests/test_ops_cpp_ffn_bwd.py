@@ -22,6 +22,7 @@ import torch
 
 from adaperceiver import _ext
 from adaperceiver.ops import reference as R
+from helpers import case_id
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -90,7 +91,8 @@ def _native(dtype) -> bool:
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[case_id(c, "hidden N C Hmax Cout") for c in CASES])
 def test_ffn_backward_rule(dtype, case):
     hidden, N, C, Hmax, Cout = CASES[case]
     *args, go = _inputs(hidden, N, C, Hmax, Cout, 100 + case, dtype)
@@ -166,7 +168,8 @@ NAN_CASES = [CASES[1], ([1024, 64, 512, 64, 1024, 512], 13, 96, 1024, 96)]
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("where", ["x", "grad_out"])
-@pytest.mark.parametrize("case", range(len(NAN_CASES)))
+@pytest.mark.parametrize("case", range(len(NAN_CASES)),
+                         ids=[case_id(c, "hidden N C Hmax Cout") for c in NAN_CASES])
 def test_nan_propagates(dtype, where, case):
     """A NaN in x or grad_out: every gradient is NaN wherever the per-sample sliced reference
     (the reference's backward on each sample's weight slices, float64) is, and its finite
