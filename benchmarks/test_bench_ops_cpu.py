@@ -187,6 +187,16 @@ def _median_ratio(num: list, den: list) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
+def per_clock(wall: dict, busy: dict, ratios: dict) -> dict:
+    """For each clock of side_by_side_rounds ("wall", "busiest thread"): (the median ms of each
+    callable, the median per-round ratio num / den of each pair named in ratios)."""
+    out = {}
+    for clock, t in (("wall", wall), ("busiest thread", busy)):
+        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        out[clock] = (med, {r: _median_ratio(t[a], t[b]) for r, (a, b) in ratios.items()})
+    return out
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
     _native(dtype)
@@ -213,19 +223,16 @@ def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
     wall, busy = side_by_side_rounds({"mixed": mixed, "single": single_width_batches,
                                       "masked": masked, "full": full}, rounds=9)
     bound = B * hmax / sum(widths)
-    figures = {}
-    for name, t in (("wall", wall), ("busiest thread", busy)):
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-        cost = _median_ratio(t["mixed"], t["single"])
-        speedup = _median_ratio(t["masked"], t["mixed"])
-        figures[name] = (cost, speedup)
+    figures = per_clock(wall, busy, {"cost": ("mixed", "single"), "speedup": ("masked", "mixed")})
+    for name, (med, r) in figures.items():
+        cost, speedup = r["cost"], r["speedup"]
         print(f"\n[ffn {str(dtype)[6:]}, {name}] mixed batch {med['mixed']:.1f} ms, single-width "
               f"batches {med['single']:.1f} ms ({cost:.3f}x, target <= 1.1), masked full width "
               f"{med['masked']:.1f} ms: {speedup:.3f}x faster = {speedup / bound:.3f} of the "
               f"work bound {bound:.3f} (target >= 0.95); our full width {med['full']:.1f} ms")
-    cost, speedup = figures["wall"]
+    cost, speedup = figures["wall"][1]["cost"], figures["wall"][1]["speedup"]
     benchmark.extra_info.update(cost_vs_single=cost, speedup_vs_masked=speedup, bound=bound,
-                                busiest_thread=figures["busiest thread"])
+                                busiest_thread=figures["busiest thread"][1])
     benchmark.pedantic(mixed, rounds=3, iterations=1)
     if ASSERT:
         assert cost <= 1.1
@@ -299,18 +306,16 @@ def test_matryoshka_ffn_backward_low_precision(benchmark, widths, dtype):
     wall, busy = side_by_side_rounds({"native": native, "float32": float32_inside,
                                       "reference": reference}, rounds=9)
     kind = "one width" if len(set(widths)) == 1 else f"{len(set(widths))} widths"
-    figures = {}
-    for name, t in (("wall", wall), ("busiest thread", busy)):
-        med = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-        vs_f32 = _median_ratio(t["float32"], t["native"])
-        vs_ref = _median_ratio(t["reference"], t["native"])
-        figures[name] = (vs_f32, vs_ref)
+    figures = per_clock(wall, busy, {"vs_f32": ("float32", "native"),
+                                     "vs_ref": ("reference", "native")})
+    for name, (med, r) in figures.items():
+        vs_f32, vs_ref = r["vs_f32"], r["vs_ref"]
         print(f"\n[ffn backward {str(dtype)[6:]}, {kind}, {name}] native {med['native']:.1f} ms, "
               f"float32 inside {med['float32']:.1f} ms ({vs_f32:.2f}x), reference autograd in "
               f"{str(dtype)[6:]} {med['reference']:.1f} ms ({vs_ref:.2f}x)")
-    vs_f32, vs_ref = figures["wall"]
+    vs_f32, vs_ref = figures["wall"][1]["vs_f32"], figures["wall"][1]["vs_ref"]
     benchmark.extra_info.update(speedup_vs_float32=vs_f32, speedup_vs_reference=vs_ref,
-                                busiest_thread=figures["busiest thread"])
+                                busiest_thread=figures["busiest thread"][1])
     benchmark.pedantic(native, rounds=3, iterations=1)
     if ASSERT:
         assert vs_f32 > 1.0

@@ -1,5 +1,6 @@
 """Shared helpers of the test suite (imported by test modules as ``helpers``; the fixtures live
 in conftest.py). Importing this module first decides Triton's interpreter mode."""
+import contextlib
 import os
 
 import torch
@@ -124,3 +125,33 @@ def case_id(case, fields: str) -> str:
         else:
             parts.append(f"{name}{v}")
     return "-".join(parts)
+
+
+def pad_rows(x: torch.Tensor, lens) -> torch.Tensor:
+    """Packed rows (R, H, D), samples of ``lens`` one after another, as a zero-padded
+    (B, H, max(lens), D) tensor of x's dtype."""
+    B, H, D = len(lens), x.shape[1], x.shape[2]
+    p = torch.zeros(B, H, max(lens), D, dtype=x.dtype)
+    s = 0
+    for b, n in enumerate(lens):
+        p[b, :, :n] = x[s:s + n].transpose(0, 1)
+        s += n
+    return p
+
+
+def unpad_rows(p: torch.Tensor, lens) -> torch.Tensor:
+    """The inverse of pad_rows: the rows each sample owns, packed (R, H, D)."""
+    return torch.cat([p[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
+
+
+@contextlib.contextmanager
+def mkldnn_off():
+    """torch.backends.mkldnn disabled for the block: the C++ attention takes its float32
+    kernels (its AMX tiles go through oneDNN's brgemm), so a test can compare both paths in one
+    process."""
+    old = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = old

@@ -21,7 +21,7 @@ from adaperceiver.ops import cpp_backend as C
 from adaperceiver.ops import reference as R
 from adaperceiver.ops.inputs import AttentionInputs, FfnInputs, PackedAttentionInputs
 
-from helpers import tiny_model
+from helpers import pad_rows, tiny_model, unpad_rows
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -109,21 +109,10 @@ def test_packed_attention_rule(dtype):
                                                                     q_rope=tables, k_rope=tables))
     assert out.dtype == dtype
 
-    def padded(x):
-        P = torch.zeros(len(lens), H, max(lens), D, dtype=x.dtype)
-        s = 0
-        for b, n in enumerate(lens):
-            P[b, :, :n] = x[s:s + n].transpose(0, 1)
-            s += n
-        return P
-
-    def packed(P):
-        return torch.cat([P[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
-
     kw = dict(token_grans=grans, seq_lens=torch.tensor(lens), q_rope=tables, k_rope=tables)
-    ref, _ = R.attention_forward(padded(q), padded(k), padded(v), **kw)
-    truth, _ = R.attention_forward(*(padded(t).double() for t in (q, k, v)), **kw)
-    assert_rule(out, packed(ref), packed(truth), "packed out")
+    ref, _ = R.attention_forward(*(pad_rows(t, lens) for t in (q, k, v)), **kw)
+    truth, _ = R.attention_forward(*(pad_rows(t, lens).double() for t in (q, k, v)), **kw)
+    assert_rule(out, unpad_rows(ref, lens), unpad_rows(truth, lens), "packed out")
 
 
 FFN_CASES = [([40, 17, 29], 7), ([40, 40], 33), ([1, 40, 23, 23], 5)]

@@ -133,6 +133,18 @@ def _packed_forward(backend, c):
     assert_same_nonfinite(got, want, f"{backend} packed {c}", leak)
 
 
+def _backend_grads(backend, c, q, k, v, rope, lens, go):
+    """(out, (dq, dk, dv)) of ``backend``'s padded op on case c's inputs, upstream gradient go
+    (cases the backend cannot take are drawn again)."""
+    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
+                                                     q_rope=rope, k_rope=rope))
+    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+    with adaperceiver.use_backend(backend):
+        o = ops.block_masked_attention(qq, kk, vv, c["grans"], scale=c["scale"], seq_lens=lens,
+                                       q_rope=rope, k_rope=rope)
+        return o.detach(), torch.autograd.grad(o, (qq, kk, vv), go)
+
+
 def _padded_backward(backend, c):
     """Gradients of a NaN- or inf-poisoned forward: the same pattern as the reference's
     backward (dq, dk, dv), with a random (finite) upstream gradient."""
@@ -142,13 +154,7 @@ def _padded_backward(backend, c):
     out, lse = R.attention_forward(q, k, v, c["grans"], scale, lens, rope, rope)
     go = torch.randn_like(out)
     want = R.attention_backward(go, q, k, v, out, lse, c["grans"], scale, lens, rope, rope)
-    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
-                                                     q_rope=rope, k_rope=rope))
-    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-    with adaperceiver.use_backend(backend):
-        o = ops.block_masked_attention(qq, kk, vv, c["grans"], scale=c["scale"], seq_lens=lens,
-                                       q_rope=rope, k_rope=rope)
-        got = torch.autograd.grad(o, (qq, kk, vv), go)
+    _, got = _backend_grads(backend, c, q, k, v, rope, lens, go)
     for name, g, w in zip("qkv", got, want):
         assert_same_nonfinite(g, w, f"{backend} d{name} {c}", _leaks(c, w.shape, True))
 
@@ -164,17 +170,12 @@ def _padded_backward_lowp(backend, c):
     q, k, v, rope = (t.to(dtype) if torch.is_tensor(t) else t for t in _inputs(c))
     lens = None if c["lens"] is None else torch.tensor(c["lens"])
     scale = 1 / math.sqrt(c["D"]) if c["scale"] is None else c["scale"]
-    _can(backend, "attention", AttentionInputs.build(q, k, v, c["grans"], seq_lens=lens,
-                                                     q_rope=rope, k_rope=rope))
-    qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
-    with adaperceiver.use_backend(backend):
-        o = ops.block_masked_attention(qq, kk, vv, c["grans"], scale=c["scale"], seq_lens=lens,
-                                       q_rope=rope, k_rope=rope)
-        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(c["seed"])).to(dtype)
-        got = torch.autograd.grad(o, (qq, kk, vv), go)
+    go = torch.randn(*q.shape[:-1], v.shape[-1],
+                     generator=torch.Generator().manual_seed(c["seed"])).to(dtype)
+    o, got = _backend_grads(backend, c, q, k, v, rope, lens, go)
     f = [t.float() for t in (q, k, v)]
     lse = R.attention_forward(*f, c["grans"], scale, lens, rope, rope)[1]
-    want = R.attention_backward(go.float(), *f, o.detach().float(), lse, c["grans"], scale,
+    want = R.attention_backward(go.float(), *f, o.float(), lse, c["grans"], scale,
                                 lens, rope, rope)
     for name, g, w in zip("qkv", got, want):
         assert_same_nonfinite(g.float(), w, f"{backend} {dtype} d{name} {c}",

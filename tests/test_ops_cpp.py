@@ -5,7 +5,6 @@ ops under use_backend("cpp"): tails (lengths and head dims that are not tile mul
 grans, cross-attention (Nq != Nk, Nq = 1), seq_lens (incl. 0), RoPE, long key ranges (several
 softmax chunks), mixed Matryoshka widths incl. 1 and Hmax; every element checked.
 """
-import contextlib
 import math
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from adaperceiver.ops import (NoBackendError, block_masked_attention, matryoshka
 from adaperceiver.ops import cpp_backend
 from adaperceiver.ops import reference as R
 from adaperceiver.ops.inputs import AttentionInputs, FfnInputs
-from helpers import case_id
+from helpers import case_id, mkldnn_off
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -371,17 +370,6 @@ TILE_CASES = [
 LOWP = [torch.bfloat16, torch.float16]
 
 
-@contextlib.contextmanager
-def _mkldnn_off():
-    """torch.backends.mkldnn disabled: the attention takes its float32 kernel."""
-    old = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = old
-
-
 def _tile_inputs(case, dtype, seed):
     B, H, Nq, Nk, D, Dv, grans, lens, rope, heads_last = case
     g = torch.Generator().manual_seed(seed)
@@ -424,7 +412,7 @@ def test_build_info_names_the_attention_paths():
     assert info["cpu_attention_fp16"] == ("amx" if tiles and caps.get("amx_fp16") else "float32")
     assert info["cpu_attention_bwd_bf16"] == info["cpu_attention_bf16"]
     assert info["cpu_attention_bwd_fp16"] == info["cpu_attention_fp16"]
-    with _mkldnn_off():
+    with mkldnn_off():
         off = _ext.build_info()
     assert off["cpu_attention_bf16"] == off["cpu_attention_fp16"] == "float32"
     assert off["cpu_attention_bwd_bf16"] == off["cpu_attention_bwd_fp16"] == "float32"
@@ -442,7 +430,7 @@ def test_tiles_match_the_float32_path_and_the_rule(case, dtype):
         pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
     q, k, v, grans, sl, qr, kr = _tile_inputs(case, dtype, seed=7)
     out, lse = _fwd(q, k, v, grans, sl, qr, kr)
-    with _mkldnn_off():
+    with mkldnn_off():
         assert _ext.build_info()[f"cpu_attention_{tag}"] == "float32"
         out32, lse32 = _fwd(q, k, v, grans, sl, qr, kr)
     assert out.dtype == dtype and lse.dtype == torch.float32

@@ -12,7 +12,6 @@ written into NaN-poisoned memory and compared whole.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -22,7 +21,7 @@ import adaperceiver
 from adaperceiver import _ext
 from adaperceiver.ops import block_masked_attention, block_masked_attention_varlen
 from adaperceiver.ops import reference as R
-from helpers import case_id
+from helpers import case_id, mkldnn_off, pad_rows, unpad_rows
 
 pytestmark = pytest.mark.skipif(not _ext.available(),
                                 reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
@@ -53,17 +52,6 @@ def _skip_without_tiles(dtype):
     tag = _tag(dtype)
     if _ext.build_info()[f"cpu_attention_bwd_{tag}"] != "amx":
         pytest.skip(f"{tag} attention backward runs in float32 here (no AMX tiles for it)")
-
-
-@contextlib.contextmanager
-def _mkldnn_off():
-    """torch.backends.mkldnn disabled: the attention takes its float32 kernels."""
-    old = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = old
 
 
 def _poison_heap(*shapes):
@@ -122,7 +110,7 @@ def test_build_info_names_the_backward_path():
     info = _ext.build_info()
     for tag in ("bf16", "fp16"):
         assert info[f"cpu_attention_bwd_{tag}"] == info[f"cpu_attention_{tag}"]
-    with _mkldnn_off():
+    with mkldnn_off():
         off = _ext.build_info()
     assert off["cpu_attention_bwd_bf16"] == off["cpu_attention_bwd_fp16"] == "float32"
 
@@ -137,7 +125,7 @@ def test_tiles_backward_rule(case, dtype):
     _skip_without_tiles(dtype)
     args = _inputs(case, dtype, seed=3)
     grads = _backward(*args)
-    with _mkldnn_off():
+    with mkldnn_off():
         assert _ext.build_info()[f"cpu_attention_bwd_{_tag(dtype)}"] == "float32"
         grads32 = _backward(*args)
     ref = _autograd(dtype, *args)
@@ -164,7 +152,7 @@ def test_tiles_backward_is_the_tile_path(dtype):
     _skip_without_tiles(dtype)
     args = _inputs(CASES[1], dtype, seed=4)
     grads = _backward(*args)
-    with _mkldnn_off():
+    with mkldnn_off():
         grads32 = _backward(*args)
     assert not any(torch.equal(a, b) for a, b in zip(grads, grads32))
 
@@ -185,25 +173,15 @@ def test_tiles_backward_packed_rows_through_the_public_op(dtype):
     out.backward(go)
     packed = [t.grad for t in leaves]
 
-    def pad(x):
-        p = torch.zeros(len(lens), H, max(lens), D, dtype=dtype)
-        s = 0
-        for b, n in enumerate(lens):
-            p[b, :, :n] = x[s:s + n].transpose(0, 1)
-            s += n
-        return p
-
-    def unpad(p):
-        return torch.cat([p[b, :, :n].transpose(0, 1) for b, n in enumerate(lens)])
     sl = torch.tensor(lens)
-    P = [pad(t).requires_grad_(True) for t in (q, k, v)]
+    P = [pad_rows(t, lens).requires_grad_(True) for t in (q, k, v)]
     with adaperceiver.use_backend("cpp"):
         pout = block_masked_attention(*P, grans, seq_lens=sl, q_rope=tables, k_rope=tables)
-    pout.backward(pad(go))
+    pout.backward(pad_rows(go, lens))
     for a, p in zip(packed, P):
         assert not a.isnan().any()
-        assert torch.equal(a, unpad(p.grad))
-    args = (pad(q), pad(k), pad(v), pad(go), grans, sl, tables, tables)
+        assert torch.equal(a, unpad_rows(p.grad, lens))
+    args = (*(pad_rows(t, lens) for t in (q, k, v, go)), grans, sl, tables, tables)
     for a, r, t in zip(packed, _autograd(dtype, *args), _autograd(torch.float64, *args)):
-        r, t = unpad(r), unpad(t)
+        r, t = unpad_rows(r, lens), unpad_rows(t, lens)
         assert _err(a, t) <= 2 * _err(r, t) + 1e-4 * t.abs().max().item()
