@@ -72,6 +72,17 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // float32 contiguous (B, H, N, D) version of x, rotated by RoPE when tables are given
 // (interleaved pairs (x[2i], x[2i+1]) times e^(j angle); sign = -1 rotates back, which is the
 // gradient of the rotation). No copy when x is already float32, contiguous and not rotated.
+// One row of interleaved pairs (half of them) rotated by the angles of (c, s) times sign into
+// dst: sign = -1 rotates back (the gradient of the rotation). Both backwards undo RoPE with it.
+inline void rotate_row(const float* x, const float* c, const float* s, int64_t half, float sign,
+                       float* dst) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1], cs = c[i], sn = sign * s[i];
+    dst[2 * i] = x0 * cs - x1 * sn;
+    dst[2 * i + 1] = x0 * sn + x1 * cs;
+  }
+}
+
 at::Tensor prep(const at::Tensor& x, const OptT& cos, const OptT& sin, float sign = 1.f) {
   at::Tensor xf = x.to(at::kFloat).contiguous();
   if (!cos.has_value()) return xf;
@@ -87,13 +98,7 @@ at::Tensor prep(const at::Tensor& x, const OptT& cos, const OptT& sin, float sig
       const int64_t n = r % N;
       const float* xr = xp + r * D;
       float* o = op + r * D;
-      const float* cr = cp + n * (D / 2);
-      const float* sr = sp + n * (D / 2);
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const float x0 = xr[2 * i], x1 = xr[2 * i + 1], cs = cr[i], sn = sign * sr[i];
-        o[2 * i] = x0 * cs - x1 * sn;
-        o[2 * i + 1] = x0 * sn + x1 * cs;
-      }
+      rotate_row(xr, cp + n * (D / 2), sp + n * (D / 2), D / 2, sign, o);
     }
   });
   return out;
@@ -696,13 +701,7 @@ template <typename T>
 inline void unrotate_round_row(const float* x, const Rope& r, int64_t pos, int64_t n, float* buf,
                                T* dst) {
   if (r.cos) {
-    const float* c = r.cos + pos * (n / 2);
-    const float* s = r.sin + pos * (n / 2);
-    for (int64_t i = 0; i < n / 2; ++i) {
-      const float x0 = x[2 * i], x1 = x[2 * i + 1], sn = -s[i];
-      buf[2 * i] = x0 * c[i] - x1 * sn;
-      buf[2 * i + 1] = x0 * sn + x1 * c[i];
-    }
+    rotate_row(x, r.cos + pos * (n / 2), r.sin + pos * (n / 2), n / 2, -1.f, buf);
     x = buf;
   }
   scale_row_lowp(std::is_same_v<T, c10::BFloat16>, x, 1.f, n, reinterpret_cast<uint16_t*>(dst));

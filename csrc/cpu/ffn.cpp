@@ -229,9 +229,20 @@ void add_row(float* acc, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
 
-// The chunks' partial sums (chunks x n, float32) added in chunk order, column blocks in
-// parallel.
-at::Tensor reduce_chunks(const std::vector<float>& part, int64_t chunks, int64_t n) {
+// Column sums of `rows` rows of n values in fixed chunks of kSumRows rows: per chunk (parallel
+// over chunks) the float32 sum of row(r, scratch) over its rows, then the chunks' sums added in
+// chunk order. row(r, scratch) returns row r as n float32 values (it may write elsewhere too);
+// scratch = make_scratch(), once per thread.
+template <typename Make, typename Row>
+at::Tensor chunked_column_sums(int64_t rows, int64_t n, Make make_scratch, Row row) {
+  const int64_t chunks = (rows + kSumRows - 1) / kSumRows;
+  std::vector<float> part(chunks * n, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    auto scratch = make_scratch();
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t r = c * kSumRows; r < std::min(rows, (c + 1) * kSumRows); ++r)
+        add_row(part.data() + c * n, row(r, scratch), n);
+  });
   at::Tensor out = at::zeros({n}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, n, 256, [&](int64_t j0, int64_t j1) {
@@ -240,52 +251,36 @@ at::Tensor reduce_chunks(const std::vector<float>& part, int64_t chunks, int64_t
   return out;
 }
 
+// dpre = gelu_backward(g, pre) and pre = GELU(pre), both rounded to T, row by row; the column
+// sums of the rounded dpre.
 template <typename T>
 at::Tensor gelu_backward_rows(const at::Tensor& g, at::Tensor& pre, at::Tensor& dpre) {
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  const int64_t rows = g.size(0), n = g.size(1);
-  const int64_t chunks = (rows + kSumRows - 1) / kSumRows;
-  std::vector<float> part(chunks * n);
+  const int64_t n = g.size(1), ldd = dpre.stride(0);
   const T* gp = g.data_ptr<T>();
   T* xp = pre.data_ptr<T>();
   T* dp = dpre.data_ptr<T>();
-  const int64_t ldd = dpre.stride(0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> gf(n), xf(n), df(n), af(n);
-    for (int64_t c = c0; c < c1; ++c) {
-      float* sum = part.data() + c * n;
-      std::fill(sum, sum + n, 0.f);
-      for (int64_t r = c * kSumRows; r < std::min(rows, (c + 1) * kSumRows); ++r) {
-        to_float_row(gp + r * n, n, gf.data());
-        to_float_row(xp + r * n, n, xf.data());
-        gelu_grad_row(gf.data(), xf.data(), n, df.data(), af.data());
-        uint16_t* d16 = reinterpret_cast<uint16_t*>(dp + r * ldd);
-        scale_row_lowp(kBf16, df.data(), 1.f, n, d16);
-        scale_row_lowp(kBf16, af.data(), 1.f, n, reinterpret_cast<uint16_t*>(xp + r * n));
-        to_float_row(dp + r * ldd, n, df.data());  // the sum reads the rounded dpre
-        add_row(sum, df.data(), n);
-      }
-    }
+  return chunked_column_sums(g.size(0), n, [n] { return std::vector<float>(4 * n); },
+                             [&](int64_t r, std::vector<float>& buf) {
+    float *gf = buf.data(), *xf = gf + n, *df = xf + n, *af = df + n;
+    to_float_row(gp + r * n, n, gf);
+    to_float_row(xp + r * n, n, xf);
+    gelu_grad_row(gf, xf, n, df, af);
+    scale_row_lowp(kBf16, df, 1.f, n, reinterpret_cast<uint16_t*>(dp + r * ldd));
+    scale_row_lowp(kBf16, af, 1.f, n, reinterpret_cast<uint16_t*>(xp + r * n));
+    to_float_row(dp + r * ldd, n, df);  // the sum reads the rounded dpre
+    return static_cast<const float*>(df);
   });
-  return reduce_chunks(part, chunks, n);
 }
 
 template <typename T>
 at::Tensor column_sums_rows(const at::Tensor& m) {
-  const int64_t rows = m.size(0), n = m.size(1), ld = m.stride(0);
-  const int64_t chunks = (rows + kSumRows - 1) / kSumRows;
-  std::vector<float> part(chunks * n);
+  const int64_t n = m.size(1), ld = m.stride(0);
   const T* mp = m.data_ptr<T>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> buf(n);
-    for (int64_t c = c0; c < c1; ++c) {
-      float* sum = part.data() + c * n;
-      std::fill(sum, sum + n, 0.f);
-      for (int64_t r = c * kSumRows; r < std::min(rows, (c + 1) * kSumRows); ++r)
-        add_row(sum, float_row(mp + r * ld, n, buf.data()), n);
-    }
+  return chunked_column_sums(m.size(0), n, [n] { return std::vector<float>(n); },
+                             [&](int64_t r, std::vector<float>& buf) {
+    return static_cast<const float*>(float_row(mp + r * ld, n, buf.data()));
   });
-  return reduce_chunks(part, chunks, n);
 }
 
 void check_lowp_matrix(const at::Tensor& t, const char* what) {

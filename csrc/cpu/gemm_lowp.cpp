@@ -16,11 +16,11 @@
 //
 // to_bfloat16(x): float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's
 // rounding, bit for bit), AVX-512 BW in parallel chunks: the casts autocast makes of every
-// float32 weight on every call, about 1.3x the rate of Tensor.to's conversion here.
+// float32 weight on every call, where Tensor.to's conversion is slower.
 //
 // Why not a GEMM of our own on cpublas::brgemm (oneDNN's AMX ukernel) with per-call VNNI
-// packing: at the model's shapes its brgemm calls alone ran at about 0.6 of oneDNN's matmul
-// rate (benchmarks/README.md, "GEMMs in bf16").
+// packing: at the model's shapes its brgemm calls alone run well below oneDNN's matmul rate
+// (benchmarks/README.md, "GEMMs in bf16").
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
