@@ -166,66 +166,102 @@ __attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc
   _mm512_mask_storeu_ps(sum + 16, k1, s1);
 }
 
-// 2^t for t <= 0 (t = -inf gives 0, NaN stays NaN): 2^round(t) times a degree-5 polynomial of
-// the fraction (relative error ~3e-6, ample for weights rounded to bfloat16 / float16 next).
-// t is clamped at -150 first (max_ps returns its second operand, t, when t is NaN), where 2^t
-// is below the smallest float and scalef gives 0.
+// 2^t for t <= 0 (t = -inf gives 0, NaN stays NaN): 2^round(t) times a degree-4 minimax
+// polynomial of the fraction in [-1/2, 1/2] (relative error 2.7e-6, ample for weights rounded
+// to bfloat16 / float16 next). t is clamped at -150 first (max_ps returns its second operand,
+// t, when t is NaN), where 2^t is below the smallest float and scalef gives 0.
 __attribute__((target("avx512f"))) inline __m512 exp2_lowp(__m512 t) {
   t = _mm512_max_ps(_mm512_set1_ps(-150.0f), t);
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(9.57007147371769e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591777339577675e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40247443318367e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931218504905701e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992847442627e-1f));
   return _mm512_scalef_ps(p, n);
 }
 
-// See softmax_row_lowp in microkernel.h. Pass 1: the NaN-sticky max of scale * s over the
-// valid scores; pass 2: exp(scale * s - m) as 2^((scale * s - m) log2 e), rounded to the
-// 16-bit type (bfloat16: vcvtneps2bf16, round to nearest even, NaN kept; float16:
-// vcvtps2ph) and summed as rounded. AVX512-BF16 for the bfloat16 rounding: every CPU with AMX
-// tiles has it.
+// Lanes [j, j + 16) of a row that are below `valid`
+inline __mmask16 lanes_below(int64_t valid, int64_t j) {
+  return valid - j >= 16 ? __mmask16(0xFFFF)
+         : valid > j     ? __mmask16((1u << (valid - j)) - 1)
+                         : __mmask16(0);
+}
+
+// 16 float32 weights, zero where k is clear, rounded to the 16-bit type (bfloat16: vcvtneps2bf16,
+// round to nearest even, NaN kept; float16: vcvtps2ph)
 template <bool kBf16>
-__attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
-    const float* s, int64_t valid, int64_t width, float scale, float m_old, float* m_new,
-    uint16_t* p) {
+__attribute__((target("avx512f,avx512bf16"))) inline __m256i round_lowp(__mmask16 k, __m512 e) {
+  if constexpr (kBf16) {
+    return (__m256i)_mm512_maskz_cvtneps_pbh(k, e);
+  } else {
+    return _mm512_maskz_cvtps_ph(k, e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+
+// The NaN-sticky max of scale * s[j] over j < valid, scale finite and > 0: scale times the max
+// of s (rounding is monotonic, so that is the max of the rounded products), four accumulators
+// so the max chain does not bound the loop. A NaN score is left out here (max_ps returns its
+// second operand when either is NaN) and caught by the caller from the sum it makes.
+__attribute__((target("avx512f"))) inline float max_scaled_positive(const float* s,
+                                                                      int64_t valid, float scale) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t j = 0;
+  for (; j + 64 <= valid; j += 64) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(s + j), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(s + j + 16), m1);
+    m2 = _mm512_max_ps(_mm512_loadu_ps(s + j + 32), m2);
+    m3 = _mm512_max_ps(_mm512_loadu_ps(s + j + 48), m3);
+  }
+  for (; j < valid; j += 16) {
+    m0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lanes_below(valid, j), s + j), m0);
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3))) *
+         scale;
+}
+
+// The same for any scale (negative, zero, infinite or NaN): scale * s[j] per score, NaN-sticky.
+__attribute__((target("avx512f"))) inline float max_scaled_any(const float* s, int64_t valid,
+                                                                 float scale) {
   const __m512 vs = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
   __m512 mx = ninf;
   __mmask16 nan = 0;
   for (int64_t j = 0; j < valid; j += 16) {
-    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (valid - j)) - 1);
+    const __mmask16 k = lanes_below(valid, j);
     const __m512 v = _mm512_mask_mul_ps(ninf, k, _mm512_maskz_loadu_ps(k, s + j), vs);
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     mx = _mm512_max_ps(v, mx);  // a NaN v leaves mx (recorded in nan instead)
   }
-  float m = _mm512_reduce_max_ps(mx);
-  m = (nan || std::isnan(m_old)) ? std::numeric_limits<float>::quiet_NaN() : std::max(m, m_old);
-  *m_new = m;
-  // all -inf so far: subtract 0, not -inf (see col_softmax_avx512)
-  const __m512 sub = _mm512_set1_ps(m == -INFINITY ? 0.f : m);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
+}
+
+// Pass 2 of softmax_row_avx512: p[j] = exp(scale * s[j] - m) rounded, for j < valid (0 up to
+// width), returning the sum of the rounded weights. exp(scale * s - m) = 2^(s c - m log2 e)
+// with c = scale log2 e, one fused multiply-add per 16 scores; m = -inf (every score so far
+// -inf) subtracts 0, not -inf (see col_softmax_avx512). The bfloat16 sum is a dot product of
+// the rounded pairs with ones (vdpbf16ps), the float16 one a conversion back and an add.
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16"))) float softmax_weights(const float* s,
+                                                                     int64_t valid, int64_t width,
+                                                                     float scale, float m,
+                                                                     uint16_t* p) {
+  const float log2e = 1.44269504088896341f;
+  const __m512 c = _mm512_set1_ps(scale * log2e);
+  const __m512 sub = _mm512_set1_ps(m == -INFINITY ? 0.f : m * log2e);
+  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bfloat16 1.0
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < width; j += 16) {
     // lanes past valid: weight 0 (not computed: they may hold any score)
-    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF)
-                        : valid > j   ? __mmask16((1u << (valid - j)) - 1)
-                                      : __mmask16(0);
-    // (scale * s - m) exactly as pass 1 rounds scale * s, then times log2(e): <= 0 or NaN
-    const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs), sub);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp2_lowp(_mm512_mul_ps(v, log2e)));
-    __m256i h;
-    __m512 w;
+    const __mmask16 k = lanes_below(valid, j);
+    const __m256i h =
+        round_lowp<kBf16>(k, exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), c, sub)));
     if constexpr (kBf16) {
-      h = (__m256i)_mm512_cvtneps_pbh(e);
-      w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_zextsi256_si512(h), ones);
     } else {
-      h = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      w = _mm512_cvtph_ps(h);
+      sum = _mm512_add_ps(sum, _mm512_cvtph_ps(h));
     }
-    sum = _mm512_add_ps(sum, w);
     if (width - j >= 16) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
     } else {  // (a masked 16-bit store needs AVX512-BW)
@@ -237,36 +273,49 @@ __attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
   return _mm512_reduce_add_ps(sum);
 }
 
+// See softmax_row_lowp in microkernel.h. Pass 1: the max of scale * s over the valid scores
+// (max_scaled_*); pass 2: the rounded weights and their sum (softmax_weights). With a positive
+// finite scale pass 1 skips NaN scores; a NaN score makes a NaN weight and so a NaN sum, and
+// then (rare) the row is redone with m = NaN, as the reference's max is NaN-sticky. (A +inf
+// score gives a NaN sum too, from inf - inf, with no NaN score: that row stays as it is.)
+// AVX512-BF16 for the bfloat16 rounding: every CPU with AMX tiles has it.
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
+    const float* s, int64_t valid, int64_t width, float scale, float m_old, float* m_new,
+    uint16_t* p) {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const bool positive = scale > 0.f && std::isfinite(scale);
+  const float mc = positive ? max_scaled_positive(s, valid, scale) : max_scaled_any(s, valid, scale);
+  float m = (std::isnan(mc) || std::isnan(m_old)) ? kNaN : std::max(mc, m_old);
+  float sum = softmax_weights<kBf16>(s, valid, width, scale, m, p);
+  if (positive && std::isnan(sum) && !std::isnan(m) &&
+      std::any_of(s, s + valid, [](float x) { return std::isnan(x); })) {
+    m = kNaN;
+    sum = softmax_weights<kBf16>(s, valid, width, scale, m, p);
+  }
+  *m_new = m;
+  return sum;
+}
+
 // See softmax_grad_row_lowp in microkernel.h: one pass, 16 scores a step; exp as in
 // softmax_row_avx512 (2^(x log2 e)), the rounding as scale_row_lowp's.
 template <bool kBf16>
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void softmax_grad_row_avx512(
     const float* s, const float* dp, int64_t valid, int64_t width, float scale, float lse,
     float delta, uint16_t* p, uint16_t* ds) {
-  const __m512 vs = _mm512_set1_ps(scale), vl = _mm512_set1_ps(lse);
-  const __m512 vd = _mm512_set1_ps(delta), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const float log2e = 1.44269504088896341f;
+  const __m512 vs = _mm512_set1_ps(scale), vd = _mm512_set1_ps(delta);
+  // exp(scale * s - lse) = 2^(s c - lse log2 e), c = scale log2 e: one fused multiply-add
+  const __m512 c = _mm512_set1_ps(scale * log2e), vl = _mm512_set1_ps(lse * log2e);
   for (int64_t j = 0; j < width; j += 16) {
     // lanes past valid: 0 (not computed: they may hold any score or NaN)
-    const __mmask16 k = valid - j >= 16 ? __mmask16(0xFFFF)
-                        : valid > j   ? __mmask16((1u << (valid - j)) - 1)
-                                      : __mmask16(0);
-    const __mmask16 kw = width - j >= 16 ? __mmask16(0xFFFF)
-                                         : __mmask16((1u << (width - j)) - 1);
-    const __m512 t = _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), vs), vl);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp2_lowp(_mm512_mul_ps(t, log2e)));
-    const __m512 g = _mm512_maskz_mov_ps(
-        k, _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd), e),
-                         vs));
-    __m256i hp, hg;
-    if constexpr (kBf16) {
-      hp = (__m256i)_mm512_cvtneps_pbh(e);
-      hg = (__m256i)_mm512_cvtneps_pbh(g);
-    } else {
-      hp = _mm512_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      hg = _mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    _mm256_mask_storeu_epi16(p + j, kw, hp);
-    _mm256_mask_storeu_epi16(ds + j, kw, hg);
+    const __mmask16 k = lanes_below(valid, j);
+    const __mmask16 kw = lanes_below(width, j);
+    const __m512 e = exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), c, vl));
+    const __m512 g =
+        _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j), vd), e), vs);
+    _mm256_mask_storeu_epi16(p + j, kw, round_lowp<kBf16>(k, e));
+    _mm256_mask_storeu_epi16(ds + j, kw, round_lowp<kBf16>(k, g));
   }
 }
 
