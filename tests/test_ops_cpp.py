@@ -454,6 +454,32 @@ def test_tiles_match_the_float32_path_and_the_rule(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=str)
+@pytest.mark.parametrize("scale", [-0.3, -40.0, 0.0, 2.5, 1e-3])
+def test_tiles_any_finite_scale(scale, dtype):
+    """The tiles' softmax takes the max of the raw scores times a positive scale and the scaled
+    max otherwise (microkernel.cpp, softmax_row_avx512): negative, zero, large and tiny scales
+    over three key chunks with tails and a group boundary inside a tile, each within
+    flash-attn's rule of the float64 truth, the same lse finiteness, on poisoned memory."""
+    tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
+        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    g = torch.Generator().manual_seed(11)
+    B, H, N, D = 2, 2, 533, 64
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
+    grans, sl = [20, 300, 533], torch.tensor([533, 411])
+    _poison_heap((B, N, H, D), (B, H, N))
+    out, lse = ops.block_masked_attention_fwd(q, k, v, grans, scale, sl, None, None, None, None)
+    ref, _ = R.attention_forward(q, k, v, grans, scale, sl)
+    truth, truth_lse = R.attention_forward(q.double(), k.double(), v.double(), grans, scale, sl)
+    bound = 2 * _rule_err(ref, truth) + 1e-4 * truth.abs().max().item()
+    assert not out.isnan().any()
+    assert _rule_err(out, truth) <= bound, (_rule_err(out, truth), bound)
+    fin = truth_lse.isfinite()
+    assert torch.equal(lse.isfinite(), fin)
+    assert (lse[fin].double() - truth_lse[fin]).abs().max().item() <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=str)
 def test_tiles_packed_rows_match_padded(dtype):
     """The packed (varlen) kernel on tiles: the padded kernel's values on the owned rows."""
     tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
