@@ -17,8 +17,8 @@
 // exact (erf) GELU as the GEMM's post-op, fc2 with its bias fused (full width) or in place on
 // its column slice, one pair of GEMMs per distinct width (not per band) so that every output
 // element is rounded once; no weight or activation is copied to float32. GEMMs the row-chunk
-// rule names (row_chunks: oneDNN would run them on one of 2 threads) run on row blocks, fc2 at
-// full width as two column blocks instead (cpu::linear_column_blocks).
+// rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
+// blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
 // (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
 // which sums every band in float32.)
 // The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
@@ -143,21 +143,11 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w, const OptT& bi
   return bias ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
 
-// How many consecutive row blocks a bfloat16 GEMM of `rows` x `outputs` runs as: the rule of
-// adaperceiver/ops/linear.py (row_chunks), which says why (with 2 threads oneDNN's AMX matmul
-// runs such products on one thread); the two must agree.
-int64_t row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype) {
-  constexpr int64_t kChunkRows = 768, kBandLo = 800, kBandHi = 1664, kOutLo = 768, kOutHi = 1100;
-  if (dtype != at::kBFloat16 || at::get_num_threads() != 2 || !cpu::native_bf16_gemm()) return 1;
-  if (outputs <= kOutLo || outputs > kOutHi || rows < kBandLo || rows >= kBandHi) return 1;
-  return (rows + kChunkRows - 1) / kChunkRows;
-}
-
-// The row blocks [r0, r1) of a GEMM on `rows` rows (row_chunks of them; starts on multiples of
-// 32 rows)
+// The row blocks [r0, r1) of a GEMM on `rows` rows (cpu::gemm_row_chunks of them, cpu/onednn.h
+// says why; starts on multiples of 32 rows)
 std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t rows, int64_t outputs,
                                                     at::ScalarType dtype) {
-  const int64_t chunks = row_chunks(rows, outputs, dtype);
+  const int64_t chunks = cpu::gemm_row_chunks(rows, outputs, dtype);
   const int64_t step = chunks == 1 ? std::max<int64_t>(rows, 1)
                                    : ((rows + chunks - 1) / chunks + 31) / 32 * 32;
   std::vector<std::pair<int64_t, int64_t>> out;
@@ -179,8 +169,8 @@ at::Tensor on_row_blocks(const at::Tensor& x, int64_t outputs, Run run) {
 
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
-// addmm and gelu when oneDNN is not there. On row blocks (row_chunks) copied into one output
-// when the rule cuts the rows.
+// addmm and gelu when oneDNN is not there. On row blocks (cpu::gemm_row_chunks) copied into one
+// output when the rule cuts the rows.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
   const at::Tensor wc = w.contiguous();
@@ -337,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     const at::Tensor db1b =
         cpu::gelu_backward_lowp_(at::mm(gr, w2.narrow(1, band.lo, u)), act, dpre);
     db1.narrow(0, band.lo, u).copy_(db1b);  // rounded once
-    // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see row_chunks)
+    // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see cpu::gemm_row_chunks)
     at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
     at::mm_out(dw1b, dpre.t(), xr);
     at::mm_out(dw2b, gr.t(), act);

@@ -10,6 +10,7 @@
 
 #include "kernels.h"
 #include "cpu/microkernel.h"
+#include "cpu/onednn.h"
 
 #include <exception>
 
@@ -88,6 +89,10 @@ TORCH_LIBRARY(adaperceiver, m) {
   // parallel; float32 -> bfloat16 (round to nearest even, as Tensor.to)
   m.def("linear_column_blocks(Tensor x, Tensor weight, Tensor? bias, int block) -> Tensor");
   m.def("to_bfloat16(Tensor x) -> Tensor");
+  // cpu/onednn.h: how many row blocks oneDNN's 2-thread bf16 matmul of rows x outputs runs as
+  // (1: one GEMM); no tensor argument, so one kernel for every dispatch key
+  m.def("gemm_row_chunks(int rows, int outputs, ScalarType dtype) -> int",
+        &adaperceiver::cpu::gemm_row_chunks);
 }
 
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {

@@ -138,7 +138,7 @@ def test_ffn_forward_rule(dtype, case):
     assert_rule(out, ref, truth, "ffn out")
 
 
-# GEMMs that oneDNN would run on one of 2 threads (adaperceiver/ops/linear.py, csrc/ffn_banded.cpp):
+# GEMMs that oneDNN would run on one of 2 threads (csrc/cpu/onednn.h, gemm_row_chunks):
 # fc1 of 1000 units on 800..1663 rows (row blocks) and fc2 of 833 outputs there (column blocks
 # of 416 and 417 at full width, row blocks on a column slice); one width, and a width group of
 # 900 rows beside a narrower one (a column slice of fc2)

@@ -187,7 +187,7 @@ def test_low_precision_runs_onednn_with_native_gemms(monkeypatch, dtype):
     assert wg.grad is not None and len(calls) == 1
 
 
-# rows and outputs inside the band oneDNN runs on one of 2 threads (ops/linear.py), cut into two
+# rows and outputs inside the band oneDNN runs on one of 2 threads (csrc/cpu/onednn.h), cut into two
 # column blocks, with tails: rows, outputs and K that are not multiples of 16 / 32 / 64
 SPLIT = [(1031, 833, 72), (800, 1100, 64), (1662, 769, 70), (4 * 256, 832, 130)]
 
@@ -206,6 +206,23 @@ def column_blocks_spy(monkeypatch):
 
     monkeypatch.setattr(linear_mod, "_column_blocks_op", lambda: spy)
     return calls
+
+
+def test_one_thread_band_edges(two_threads):
+    """The extension's rule (gemm_row_chunks), which ops.linear and the C++ FFN both read: blocks
+    of <= 768 rows exactly inside rows 800..1663 and outputs 769..1100, in bfloat16 at 2 threads
+    on a CPU with native bf16 GEMMs; one GEMM at its edges, in float32 and at one thread."""
+    _native(torch.bfloat16)
+    if linear_mod._column_blocks_op() is None:
+        pytest.skip("the extension is not loaded")
+    rc, bf = linear_mod.row_chunks, torch.bfloat16
+    assert [rc(r, 832, bf) for r in (799, 800, 1536, 1537, 1663, 1664)] == [1, 2, 2, 3, 3, 1]
+    assert [rc(1024, n, bf) for n in (768, 769, 1100, 1101)] == [1, 2, 2, 1]
+    assert rc(1024, 832, torch.float32) == rc(1024, 832, torch.float16) == 1
+    assert linear_mod.column_block(1024, 833, bf) == 432
+    assert linear_mod.column_block(799, 833, bf) == 0
+    torch.set_num_threads(1)
+    assert rc(1024, 832, bf) == 1 and linear_mod.column_block(1024, 832, bf) == 0
 
 
 @pytest.mark.parametrize("rows,n,k", SPLIT)

@@ -98,41 +98,22 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not native_low_precision(x.dtype))
 
 
-# GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs a
-# product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832: rows
-# 800..1600; n = 1069: 1280..1792); the band depends on (rows, n) and the thread count, not on
-# the values. The model's output projection and fc2 (n = 832) at batch 4 x 256 latents (1024
-# rows) sit in it. ops.linear runs such a product as two column blocks of about n / 2 outputs,
-# one oneDNN GEMM per thread (column_block; csrc/cpu/gemm_lowp.cpp): faster than cutting its
-# rows into blocks of <= 768 (row_chunks, what the C++ FFN does for its other GEMMs) and than the
-# transposed product (out^T = W x^T), whose transposition back costs more than it saves; the
-# figures are in benchmarks/README.md ("GEMMs in bf16"). The rule reads the shape and the thread
-# count only, never timings, so the same inputs give the same outputs whatever ran before. It
-# applies to bfloat16 on a CPU with native bf16 GEMMs (build_info "cpu_native_bf16", which does
-# not tell AMX from AVX512-BF16 alone) at 2 threads; elsewhere one GEMM runs.
-_CHUNK_ROWS = 768
-_CHUNK_BAND = (800, 1664)          # rows
-_CHUNK_OUTPUTS = (768, 1100)       # (lo, hi]: output features
-
-
-def _one_thread_band(rows: int, outputs: int, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's 2-thread matmul would run this GEMM on one thread (see above)."""
-    return (dtype == torch.bfloat16 and torch.get_num_threads() == 2
-            and _CHUNK_OUTPUTS[0] < outputs <= _CHUNK_OUTPUTS[1]
-            and _CHUNK_BAND[0] <= rows < _CHUNK_BAND[1] and native_low_precision(dtype))
-
-
+# GEMMs oneDNN's AMX matmul runs on ONE of 2 threads: the extension states the rule
+# (gemm_row_chunks in csrc/cpu/onednn.h says why and where; the C++ FFN applies it too). Such a
+# product runs here as two column blocks of about n / 2 outputs, one oneDNN GEMM per thread
+# (column_block; csrc/cpu/gemm_lowp.cpp). Without the extension one GEMM runs.
 def row_chunks(rows: int, outputs: int, dtype: torch.dtype) -> int:
     """How many consecutive row blocks a CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` runs
-    as in the C++ FFN (1: one GEMM; csrc/ffn_banded.cpp applies the same rule)."""
-    return -(-rows // _CHUNK_ROWS) if _one_thread_band(rows, outputs, dtype) else 1
+    as in the C++ FFN (1: one GEMM, also without the extension)."""
+    op = _extension_op("gemm_row_chunks")
+    return 1 if op is None or dtype != torch.bfloat16 else op(rows, outputs, dtype)
 
 
 def column_block(rows: int, outputs: int, dtype: torch.dtype) -> int:
     """Outputs per column block (a multiple of 16, about half of them) ``ops.linear`` runs a
     CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` as, one oneDNN GEMM per thread; 0: one GEMM
     (also when the extension is not loaded)."""
-    if not _one_thread_band(rows, outputs, dtype) or _column_blocks_op() is None:
+    if row_chunks(rows, outputs, dtype) == 1 or _column_blocks_op() is None:
         return 0
     return -(-outputs // 32) * 16
 

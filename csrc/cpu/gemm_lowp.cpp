@@ -109,6 +109,16 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
   return stack[0].toTensor();
 }
 
+int64_t gemm_row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype) {
+  constexpr int64_t kChunkRows = 768, kBandLo = 800, kBandHi = 1664, kOutLo = 768, kOutHi = 1100;
+  if (dtype != at::kBFloat16 || at::get_num_threads() != 2 || !native_bf16_gemm() ||
+      !onednn_linear_available()) {
+    return 1;
+  }
+  if (outputs <= kOutLo || outputs > kOutHi || rows < kBandLo || rows >= kBandHi) return 1;
+  return (rows + kChunkRows - 1) / kChunkRows;
+}
+
 at::Tensor to_bfloat16(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "to_bfloat16: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",

@@ -31,5 +31,20 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
                                         const c10::optional<at::Tensor>& bias,
                                         PostOp post_op = PostOp::kNone);
 
+// GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs
+// a product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832:
+// rows 800..1600; n = 1069: 1280..1792); the band depends on (rows, n) and the thread count,
+// not on the values. The model's output projection and fc2 (n = 832) at batch 4 x 256 latents
+// (1024 rows) sit in it. gemm_row_chunks says how many consecutive row blocks of <= 768 rows
+// such a product runs as (1: one GEMM, outside the band). The C++ FFN runs its GEMMs on those
+// row blocks, its full-width fc2 as two column blocks (linear_column_blocks); ops.linear (the
+// op gemm_row_chunks) runs the model's projections in the band as two column blocks, faster
+// than row blocks and than the transposed product (figures: benchmarks/README.md, "GEMMs in
+// bf16"). The rule reads the shape and the thread count only, never timings, so the same
+// inputs give the same outputs whatever ran before. It applies to bfloat16 on a CPU with
+// native bf16 GEMMs (native_bf16_gemm, which does not tell AMX from AVX512-BF16 alone) at 2
+// threads, with oneDNN in use; elsewhere one GEMM runs. The one statement of the rule.
+int64_t gemm_row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype);
+
 }  // namespace cpu
 }  // namespace adaperceiver
