@@ -68,6 +68,11 @@ const char* attention_path(at::ScalarType dtype);
 at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
                                 int64_t block);
 at::Tensor to_bfloat16(const at::Tensor& x);
+// csrc/cpu/norm.cpp: (x + gamma * branch, LayerNorm of it) in one pass over the rows
+std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, const OptT& branch,
+                                                       const OptT& gamma, const OptT& weight,
+                                                       const OptT& bias, double eps,
+                                                       bool normalize);
 }  // namespace cpu
 
 // csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA); the

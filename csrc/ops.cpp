@@ -93,10 +93,17 @@ TORCH_LIBRARY(adaperceiver, m) {
   // (1: one GEMM); no tensor argument, so one kernel for every dispatch key
   m.def("gemm_row_chunks(int rows, int outputs, ScalarType dtype) -> int",
         &adaperceiver::cpu::gemm_row_chunks);
+  // csrc/cpu/norm.cpp (CPU only), used by adaperceiver/ops/norm.py: the block's residual with
+  // LayerScale, x + gamma * branch (branch given), and the LayerNorm of it (normalize), in one
+  // pass; a result not asked for is an empty tensor
+  m.def(
+      "residual_layer_norm(Tensor x, Tensor? branch, Tensor? gamma, Tensor? weight, "
+      "Tensor? bias, float eps, bool normalize) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
   ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
   m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
   m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
+  m.impl("residual_layer_norm", &adaperceiver::cpu::residual_layer_norm);
 }

@@ -11,13 +11,21 @@ from torch import nn
 from .. import ops
 from ..ops.linear import native_low_precision
 
-__all__ = ["LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
+__all__ = ["LayerNorm", "LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
            "PatchEmbed", "LearnedToken", "OutputAdapter", "PatchQueries", "FeatureAdapter",
            "resample_pos_embed"]
 
 
-def _norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension (same parameters and checkpoint names) through
+    ``ops.layer_norm``: the extension's row kernel on the CPU when no gradient is recorded."""
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _norm(dim: int) -> LayerNorm:
+    return LayerNorm(dim, eps=1e-6)
 
 
 class LayerScale(nn.Module):
@@ -30,7 +38,7 @@ class LayerScale(nn.Module):
 
     def residual(self, x, branch):
         """x + gamma * branch in one pass (no intermediate for the scaled branch)."""
-        return torch.addcmul(x, branch, self.gamma)
+        return ops.layer_scale_residual(x, branch, self.gamma)
 
 
 class Mlp(nn.Module):
@@ -228,9 +236,11 @@ class Block(nn.Module):
 
     def forward(self, x, layout, token_grans=None, rope=None):
         """x: packed latent rows (R, C) laid out by ``layout`` (model/ragged.py)."""
-        x = self.ls1.residual(x, self.attn.self_attention(self.norm1(x), layout, token_grans,
-                                                          rope))
-        h, hidden = layout.ffn_input(self.norm2(x))
+        a = self.attn.self_attention(self.norm1(x), layout, token_grans, rope)
+        # x + ls1(a) and norm2 of it in one pass over the rows (ops/norm.py)
+        x, h = ops.residual_layer_norm(x, a, self.ls1.gamma, self.norm2.weight, self.norm2.bias,
+                                       self.norm2.eps)
+        h, hidden = layout.ffn_input(h)
         return self.ls2.residual(x, self.ffn(h, hidden).reshape(x.shape))
 
 

@@ -1,0 +1,83 @@
+"""The block's residuals with LayerScale and its LayerNorms.
+
+``layer_scale_residual(x, branch, gamma)`` is ``torch.addcmul(x, branch, gamma)``;
+``layer_norm(x, weight, bias, eps)`` is ``F.layer_norm`` over the last dimension;
+``residual_layer_norm(...)`` is both, the norm of the new residual stream, as a pre-norm block
+computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
+
+On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), in float32, bfloat16
+or float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp): the residual
+bit for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in float32 from the
+rounded residual, rounded once. Why: torch runs the two as separate passes over the
+activations, and its bfloat16 paths of both run far below memory speed; the block calls them
+twice per layer. Everything else (gradients, other devices and dtypes, autocast, which runs
+layer_norm in float32, torch.compile, a missing extension, shapes the kernel does not take) is
+torch's own ops, so the model has one implementation and autograd stays torch's.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """torch.ops.adaperceiver.residual_layer_norm, None without the extension (a fact of the
+    install, so the memo cannot go stale)."""
+    from .. import _ext
+    if not _ext.available():
+        return None
+    return getattr(torch.ops.adaperceiver, "residual_layer_norm", None)
+
+
+def _kernel_takes(x: torch.Tensor, branch: Optional[torch.Tensor],
+                  *vectors: Optional[torch.Tensor]) -> bool:
+    """Whether the row kernel runs this call (see the module's docstring)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 1:
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    ts = [t for t in (branch, *vectors) if t is not None]
+    if branch is not None and branch.shape != x.shape:
+        return False   # broadcasting: torch's
+    if any(t.dtype != x.dtype or t.device != x.device for t in ts):
+        return False
+    if any(t.shape != (x.shape[-1],) for t in vectors if t is not None):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *ts)):
+        return False   # the kernel has no autograd formula
+    return _kernel() is not None
+
+
+def layer_scale_residual(x: torch.Tensor, branch: torch.Tensor,
+                         gamma: torch.Tensor) -> torch.Tensor:
+    """``x + gamma * branch`` (``torch.addcmul``), gamma over the last dimension."""
+    if _kernel_takes(x, branch, gamma):
+        return _kernel()(x, branch, gamma, None, None, 0.0, False)[0]
+    return torch.addcmul(x, branch, gamma)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension C."""
+    if (weight is None) == (bias is None) and _kernel_takes(x, None, weight, bias):
+        return _kernel()(x, None, None, weight, bias, eps, True)[1]
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor,
+                        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, layer_norm(r))`` with ``r = x + gamma * branch``."""
+    if (weight is None) == (bias is None) and _kernel_takes(x, branch, gamma, weight, bias):
+        r, n = _kernel()(x, branch, gamma, weight, bias, eps, True)
+        return r, n
+    r = torch.addcmul(x, branch, gamma)
+    return r, F.layer_norm(r, (r.shape[-1],), weight, bias, eps)

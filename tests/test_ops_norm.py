@@ -1,0 +1,199 @@
+"""ops.layer_scale_residual / layer_norm / residual_layer_norm (adaperceiver/ops/norm.py) and the
+extension's row kernel behind them (csrc/cpu/norm.cpp), against torch's addcmul and layer_norm:
+the residual bit for bit, the norm within flash-attn's rule in 16 bits (float32: to rounding),
+NaN and inf where torch has them, row and channel tails, strided inputs, the routing (the kernel
+only without gradients, autocast or a missing shape), clear errors, and the kernel's 16-bit
+rounding fallback (in a child process: ADAPERCEIVER_CPU_ISA is read once)."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaperceiver import _ext, ops
+from adaperceiver.ops import norm as norm_mod
+
+from helpers import case_id, flash_rule
+
+pytestmark = pytest.mark.skipif(not _ext.available(),
+                                reason=f"adaperceiver._C not loaded: {_ext.load_error()}")
+NAN = float("nan")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# leading shape, C: rows and channels that are not multiples of 16 (the vector width) or of the
+# rows a parallel task takes, one row, a 3-d input, the model's width
+SHAPES = [((37,), 832), ((5,), 50), ((1,), 17), ((3, 4), 33), ((300,), 64)]
+EPS = 1e-6
+
+
+def _poison_heap(shape):
+    """Best effort: leave a NaN-filled freed block of the outputs' size for the allocator, so an
+    element the kernel forgets to write shows up as NaN."""
+    t = torch.full(shape, NAN)
+    del t
+
+
+def _inputs(lead, C, dtype, seed, affine=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, C, generator=g).to(dtype)
+    br = torch.randn(*lead, C, generator=g).to(dtype)
+    gamma = (torch.rand(C, generator=g) + 0.3).to(dtype)
+    w = (torch.rand(C, generator=g) + 0.5).to(dtype) if affine else None
+    b = (0.2 * torch.randn(C, generator=g)).to(dtype) if affine else None
+    return x, br, gamma, w, b
+
+
+def _norm_truth(r, w, b):
+    return F.layer_norm(r.double(), (r.shape[-1],), None if w is None else w.double(),
+                        None if b is None else b.double(), EPS)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count the row kernel's calls (and fail when the extension has none)."""
+    k = norm_mod._kernel()
+    assert k is not None, "the extension has no residual_layer_norm"
+    calls = []
+
+    def spy(*args):
+        calls.append(args[-1])
+        return k(*args)
+    monkeypatch.setattr(norm_mod, "_kernel", lambda: spy)
+    return calls
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", SHAPES, ids=[case_id(s, "lead C") for s in SHAPES])
+def test_matches_torch(lead, C, dtype, affine, kernel_calls):
+    """Each of the three ops against torch on fresh random inputs, outputs written into
+    NaN-poisoned memory: the residual equal to addcmul's, bit for bit; the norm within 2x the
+    plain torch error against float64 (float32: within 1e-5), from the rounded residual."""
+    x, br, gamma, w, b = _inputs(lead, C, dtype, seed=C + len(lead), affine=affine)
+    with torch.inference_mode():
+        _poison_heap(x.shape)
+        r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
+        _poison_heap(x.shape)
+        r_only = ops.layer_scale_residual(x, br, gamma)
+        _poison_heap(x.shape)
+        n_only = ops.layer_norm(x, w, b, EPS)
+    assert kernel_calls == [True, False, True]
+    ref_r = torch.addcmul(x, br, gamma)
+    assert torch.equal(r, ref_r) and torch.equal(r_only, ref_r)
+    for got, src in ((n, ref_r), (n_only, x)):
+        assert got.dtype == dtype and got.shape == x.shape
+        plain = F.layer_norm(src, (C,), w, b, EPS)
+        truth = _norm_truth(src, w, b)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), truth, atol=1e-5, rtol=1e-5)
+        else:
+            err, bound = flash_rule(got, plain, truth)
+            assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_where_torch_has_them(dtype, kernel_calls):
+    """A NaN in x, an inf in the branch, a -inf in x and an inf in gamma (a whole column): the
+    residual equal to addcmul's NaN for NaN, the norm NaN in exactly the rows and places torch's
+    is, its finite values within the rule."""
+    x, br, gamma, w, b = _inputs((23,), 70, dtype, seed=5)
+    x[3, 7] = NAN
+    br[9, 69] = math.inf          # the last channel (a vector tail)
+    x[15, 0] = -math.inf
+    g2 = gamma.clone()
+    g2[40] = math.inf             # every row's channel 40 infinite, or NaN where branch is 0
+    br[20, 40] = 0.0
+    with torch.inference_mode():
+        r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
+        r2, n2 = ops.residual_layer_norm(x, br, g2, w, b, EPS)
+    assert len(kernel_calls) == 2
+    for got_r, got_n, gm in ((r, n, gamma), (r2, n2, g2)):
+        ref_r = torch.addcmul(x, br, gm)
+        torch.testing.assert_close(got_r, ref_r, rtol=0, atol=0, equal_nan=True)
+        plain = F.layer_norm(ref_r, (70,), w, b, EPS)
+        assert torch.equal(got_n.isnan(), plain.isnan()), "NaN pattern"
+        assert torch.equal(got_n.isinf(), plain.isinf()), "inf pattern"
+        fin = plain.isfinite()
+        truth = _norm_truth(ref_r, w, b)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got_n[fin].double(), truth[fin], atol=1e-5, rtol=1e-5)
+        else:
+            err, bound = flash_rule(got_n[fin], plain[fin], truth[fin])
+            assert err <= bound, (err, bound)
+    assert n[3].isnan().all() and n[9].isnan().all() and n[15].isnan().all()
+    assert not n[0].isnan().any() and n2.isnan().all()
+
+
+def test_strided_inputs_and_thread_counts(kernel_calls):
+    """x and branch as strided views (a column slice, a transpose) give the values of their
+    contiguous copies; one and two threads give the same bits (rows are independent)."""
+    base = torch.randn(40, 2 * 96).bfloat16()
+    x = base[:, :96]                                   # row stride 192
+    br = torch.randn(96, 40).bfloat16().t()            # transposed
+    _, _, gamma, w, b = _inputs((1,), 96, torch.bfloat16, seed=3)
+    old = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
+            rc, nc = ops.residual_layer_norm(x.contiguous(), br.contiguous(), gamma, w, b, EPS)
+            torch.set_num_threads(1)
+            r1, n1 = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
+    finally:
+        torch.set_num_threads(old)
+    assert len(kernel_calls) == 3
+    assert torch.equal(r, rc) and torch.equal(n, nc) and torch.equal(r, r1) and torch.equal(n, n1)
+
+
+def test_routing(kernel_calls):
+    """The kernel runs without gradients only: with parameters that require grad (training)
+    the ops are torch's and give torch's gradients; autocast, a broadcast branch and mixed
+    dtypes go to torch too."""
+    x, br, gamma, w, b = _inputs((6,), 24, torch.float32, seed=1)
+    gp, wp, bp = (t.clone().requires_grad_(True) for t in (gamma, w, b))
+    r, n = ops.residual_layer_norm(x, br, gp, wp, bp, EPS)
+    (r.sum() + (n * n).sum()).backward()
+    gq, wq, bq = (t.clone().requires_grad_(True) for t in (gamma, w, b))
+    rr = torch.addcmul(x, br, gq)
+    (rr.sum() + (F.layer_norm(rr, (24,), wq, bq, EPS) ** 2).sum()).backward()
+    for a, c in ((gp, gq), (wp, wq), (bp, bq)):
+        torch.testing.assert_close(a.grad, c.grad, rtol=0, atol=0)
+    assert kernel_calls == []
+    with torch.no_grad():
+        ops.layer_norm(x, wp, bp, EPS)                 # no_grad: the kernel
+        ops.layer_scale_residual(x, br[:1], gamma)     # broadcast branch: torch
+        with pytest.raises(RuntimeError, match="mixed dtype"):  # mixed dtypes: torch's
+            ops.layer_norm(x, w.double(), b.double(), EPS)      # error, not the kernel's
+    assert kernel_calls == [True]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.layer_norm(x, w, b, EPS)             # autocast's own rule for layer_norm
+        ref = F.layer_norm(x, (24,), w, b, EPS)
+    assert kernel_calls == [True] and out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("bad,what", [
+    (lambda x, br, g, w, b: (x, br, g[:-1], w, b), "gamma must be a (24,)"),
+    (lambda x, br, g, w, b: (x, br, g, w.double(), b), "weight must be a (24,)"),
+    (lambda x, br, g, w, b: (x, br[:, :-1], g, w, b), "branch must match x"),
+    (lambda x, br, g, w, b: (x, br, None, w, b), "gamma (the LayerScale) is required"),
+    (lambda x, br, g, w, b: (x, br, g, w, None), "weight and bias must be given together"),
+    (lambda x, br, g, w, b: (x.int(), None, None, None, None), "x must be float32, bfloat16"),
+], ids=["gamma-size", "weight-dtype", "branch-shape", "no-gamma", "bias-missing", "int-x"])
+def test_kernel_errors_name_the_parameter(bad, what):
+    """The kernel itself (called directly) rejects what it cannot compute, naming the argument,
+    its value and what is allowed."""
+    args = bad(*_inputs((6,), 24, torch.float32, seed=2))
+    with pytest.raises(RuntimeError, match=None) as e:
+        torch.ops.adaperceiver.residual_layer_norm(*args, EPS, True)
+    assert what in str(e.value), str(e.value)
+
+
+def test_rounding_fallback_in_a_child():
+    """The 16-bit rounding off AVX-512 (ADAPERCEIVER_CPU_ISA=portable: c10's rounding, read
+    once, so in a child process): the same tests pass there."""
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
+                          "-p", "no:cacheprovider", "-k", "matches_torch or nan_and_inf"],
+                         env=dict(os.environ, ADAPERCEIVER_CPU_ISA="portable"),
+                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
