@@ -8,7 +8,8 @@ Targets (issue text):
   * Matryoshka FFN, one batch of mixed widths: <= 1.1x the sum of the same samples run in
     single-width batches, and >= 0.95 x (B*Hmax)/sum(widths) times faster than the masked
     full-width reference.
-  * (report only) the model's projection GEMMs, ops.linear against F.linear (MKL).
+  * (report only) the model's projection GEMMs, ops.linear against F.linear (MKL); the
+    block's residual + LayerNorm row kernel against torch's addcmul + layer_norm.
 Run: pytest benchmarks/test_bench_ops_cpu.py -s  (the ratios are printed; set
 ADAPERCEIVER_BENCH_ASSERT=0 to only report them, e.g. on a loaded machine).
 Timing: the two sides alternate call by call and the median of each is compared, so drifts
@@ -345,6 +346,46 @@ def test_projection_gemm_library(benchmark, m, k, n):
               f"{t['mkl'] / t['ops']:.2f}x")
         benchmark.extra_info.update(library=ops.cpu_gemm_library(), ratio=t["mkl"] / t["ops"])
         benchmark.pedantic(lambda: ops.linear(x, w, b), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("rows", [pytest.param(1024, id="full-config-1024"),
+                                  pytest.param(448, id="mixed-batch-448")])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"),
+                                   pytest.param(torch.float16, id="fp16")])
+def test_residual_layer_norm(benchmark, rows, dtype):
+    """A block's residual with LayerScale and the LayerNorm after it in 16 bits
+    (ops.residual_layer_norm: the extension's one-pass row kernel; float32 stays on torch's)
+    against torch's addcmul then layer_norm, in the model's shapes (C = 832; 1024 rows: the full configuration at batch 4; 448: the mixed batch's first
+    layers), and the two halves alone against theirs. Report only: the end-to-end figures
+    carry the consequence."""
+    from adaperceiver import ops
+    C = 832
+    x, br = torch.randn(rows, C).to(dtype), torch.randn(rows, C).to(dtype)
+    g, w, b = (torch.rand(C) + 0.5).to(dtype), (torch.rand(C) + 0.5).to(dtype), \
+        torch.randn(C).to(dtype)
+    with torch.inference_mode():
+        r, n = ops.residual_layer_norm(x, br, g, w, b, 1e-6)
+        ref_r = torch.addcmul(x, br, g)
+        assert torch.equal(r, ref_r)
+        torch.testing.assert_close(n, F.layer_norm(ref_r, (C,), w, b, 1e-6), atol=TOL[dtype],
+                                   rtol=TOL[dtype])
+        t = side_by_side({
+            "fused": lambda: ops.residual_layer_norm(x, br, g, w, b, 1e-6),
+            "torch": lambda: F.layer_norm(torch.addcmul(x, br, g), (C,), w, b, 1e-6),
+            "norm": lambda: ops.layer_norm(x, w, b, 1e-6),
+            "torch_norm": lambda: F.layer_norm(x, (C,), w, b, 1e-6),
+            "res": lambda: ops.layer_scale_residual(x, br, g),
+            "torch_res": lambda: torch.addcmul(x, br, g)}, rounds=31)
+    us = {k: v * 1e6 for k, v in t.items()}
+    print(f"\n[residual + LayerNorm {rows}x{C} {str(dtype)[6:]}] torch {us['torch']:.0f} us, "
+          f"ours {us['fused']:.0f} us: {t['torch'] / t['fused']:.2f}x; LayerNorm alone "
+          f"{t['torch_norm'] / t['norm']:.2f}x, residual alone {t['torch_res'] / t['res']:.2f}x "
+          f"(report only)")
+    benchmark.extra_info.update(vs_torch=t["torch"] / t["fused"],
+                                norm_vs_torch=t["torch_norm"] / t["norm"],
+                                residual_vs_torch=t["torch_res"] / t["res"])
+    benchmark.pedantic(lambda: ops.residual_layer_norm(x, br, g, w, b, 1e-6), rounds=3,
+                       iterations=1)
 
 
 def test_packed_attention_vs_padding(benchmark):

@@ -5,14 +5,14 @@
 ``residual_layer_norm(...)`` is both, the norm of the new residual stream, as a pre-norm block
 computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 
-On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), in float32, bfloat16
-or float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp): the residual
-bit for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in float32 from the
+On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), in bfloat16 or
+float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp): the residual bit
+for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in float32 from the
 rounded residual, rounded once. Why: torch runs the two as separate passes over the
-activations, and its bfloat16 paths of both run far below memory speed; the block calls them
-twice per layer. Everything else (gradients, other devices and dtypes, autocast, which runs
-layer_norm in float32, torch.compile, a missing extension, shapes the kernel does not take) is
-torch's own ops, so the model has one implementation and autograd stays torch's.
+activations, and its 16-bit kernels of both run well below memory speed; the block calls them
+twice per layer. Everything else (gradients, float32, whose torch kernels already run at memory
+speed, other devices, autocast, torch.compile, a missing extension, shapes the kernel does not
+take) is torch's own ops, so the model has one implementation and autograd stays torch's.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 __all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,17 +4,21 @@
 // residual_layer_norm(x, branch, gamma, weight, bias, eps, normalize): per row of C values,
 //   r = x + gamma * branch  (when branch is given: torch.addcmul(x, branch, gamma), one fused
 //                            multiply-add in float32 and one rounding to the dtype, bit for bit
-//                            what addcmul gives in float32, bfloat16 and float16)
+//                            what addcmul gives)
 //   n = (r - mean(r)) / sqrt(var(r) + eps) * weight + bias  (when normalize: F.layer_norm of the
 //                            rounded r, moments in float32 by two passes, one rounding)
 // and returns (r, n): r empty (0 values) without a branch (r is x), n empty without normalize.
-// Why: torch runs the residual and the norm as two passes over the (rows x C) activations
-// (addcmul then layer_norm), each reading and writing them once more, and its bfloat16 paths
-// of both run far below memory speed; here each row is read once, kept in a float32 scratch
-// of the thread, and both results written from it.
-// Schedule: rows in blocks of about 16K values per at::parallel_for task; per row three short
-// loops (vec_math.h: built for AVX-512, AVX2 and baseline x86-64) and the 16-bit rounding of
-// scale_row_lowp (AVX-512 where the CPU has AVX512-BF16, c10's rounding elsewhere).
+// for x in bfloat16 or float16. Why: torch runs the residual and the norm as two passes over
+// the (rows x C) activations (addcmul then layer_norm), each reading and writing them once
+// more, and its 16-bit paths of both run well below memory speed; here each row is read once,
+// kept in a float32 scratch of the thread, and both results written from it. (Not float32:
+// torch's float32 kernels of both already run at memory speed.)
+// Schedule: rows in blocks of about 16K values per at::parallel_for task. Per row, on AVX-512
+// (with BW, VL and, for bfloat16, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
+// the branch), writes r and keeps it in float32 in an L1 scratch while summing it, a second
+// sums the squared deviations, a third writes the norm; 16 values a step, four accumulators
+// per sum (so the add chains do not bound the loops), masked tails. Elsewhere the same three
+// passes as plain loops (vec_math.h clones) and c10's rounding (scale_row_lowp).
 // Skipped: nothing; NaN and inf go through the arithmetic as in torch (a non-finite value makes
 // its own row's moments, and so that row's normalized values, NaN).
 #include <ATen/ATen.h>
@@ -26,6 +30,8 @@
 #include "kernels.h"
 #include "cpu/microkernel.h"
 #include "cpu/vec_math.h"
+
+#include <immintrin.h>
 
 #include <cmath>
 #include <tuple>
@@ -83,15 +89,113 @@ inline void norm_row(const float* x, float m, float rstd, const float* w, const 
 // float32 into it (back may be src)
 template <typename T>
 inline void round_row(const float* src, int64_t n, T* dst, float* back) {
+  scale_row_lowp(std::is_same_v<T, c10::BFloat16>, src, 1.f, n, reinterpret_cast<uint16_t*>(dst));
+  if (back) to_float_row(dst, n, back);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ADAPERCEIVER_NORM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// 16 values of T from p (lanes of k; the others 0) as float32
+template <typename T>
+ADAPERCEIVER_NORM_AVX512 inline __m512 load16(const T* p, __mmask16 k) {
   if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-    if (back && back != src) std::copy(src, src + n, back);
+    return _mm512_maskz_loadu_ps(k, p);
   } else {
-    scale_row_lowp(std::is_same_v<T, c10::BFloat16>, src, 1.f, n,
-                   reinterpret_cast<uint16_t*>(dst));
-    if (back) to_float_row(dst, n, back);
+    const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
   }
 }
+
+// v rounded to T (round to nearest even) and stored to p (lanes of k); returns the rounded
+// values as float32
+template <typename T>
+ADAPERCEIVER_NORM_AVX512 inline __m512 store16(T* p, __mmask16 k, __m512 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_mask_storeu_epi16(p, k, h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(p, k, h);
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+ADAPERCEIVER_NORM_AVX512 inline __mmask16 lanes(int64_t n, int64_t j) {
+  return n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+}
+
+// Pass 1's step: values [j, j + 16) (lanes of k) of r = x + g * br rounded to T and stored to
+// ro (br given; else r = x), kept as float32 in buf, returned (lanes past k: 0)
+template <typename T>
+ADAPERCEIVER_NORM_AVX512 inline __m512 residual16(const T* x, const T* br, const float* g, T* ro,
+                                                  float* buf, int64_t j, __mmask16 k) {
+  __m512 v = load16(x + j, k);
+  if (br) v = store16(ro + j, k, _mm512_fmadd_ps(load16(br + j, k), load16(g + j, k), v));
+  _mm512_storeu_ps(buf + j, v);
+  return v;
+}
+
+// Pass 2's step: (buf[j..j+16) - mean)^2 (lanes past k: 0)
+ADAPERCEIVER_NORM_AVX512 inline __m512 dev2_16(const float* buf, __m512 mean, int64_t j,
+                                               __mmask16 k) {
+  const __m512 d = _mm512_maskz_sub_ps(k, _mm512_loadu_ps(buf + j), mean);
+  return _mm512_mul_ps(d, d);
+}
+
+ADAPERCEIVER_NORM_AVX512 inline float sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
+}
+
+// One row (see the file's comment); buf holds round_up(C, 16) floats.
+template <typename T>
+ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const T* br, const float* g, const float* w,
+                                         const float* b, int64_t C, float eps, T* ro, T* no,
+                                         float* buf) {
+  constexpr __mmask16 kAll = 0xFFFF;
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t j = 0;
+  for (; j + 64 <= C; j += 64) {  // pass 1: r into buf (and ro), and its sum
+    s0 = _mm512_add_ps(s0, residual16(x, br, g, ro, buf, j, kAll));
+    s1 = _mm512_add_ps(s1, residual16(x, br, g, ro, buf, j + 16, kAll));
+    s2 = _mm512_add_ps(s2, residual16(x, br, g, ro, buf, j + 32, kAll));
+    s3 = _mm512_add_ps(s3, residual16(x, br, g, ro, buf, j + 48, kAll));
+  }
+  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, residual16(x, br, g, ro, buf, j, lanes(C, j)));
+  if (!no) return;
+  const __m512 vm = _mm512_set1_ps(sum4(s0, s1, s2, s3) / static_cast<float>(C));
+  s0 = s1 = s2 = s3 = _mm512_setzero_ps();
+  for (j = 0; j + 64 <= C; j += 64) {  // pass 2: the squared deviations
+    s0 = _mm512_add_ps(s0, dev2_16(buf, vm, j, kAll));
+    s1 = _mm512_add_ps(s1, dev2_16(buf, vm, j + 16, kAll));
+    s2 = _mm512_add_ps(s2, dev2_16(buf, vm, j + 32, kAll));
+    s3 = _mm512_add_ps(s3, dev2_16(buf, vm, j + 48, kAll));
+  }
+  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, dev2_16(buf, vm, j, lanes(C, j)));
+  const float var = sum4(s0, s1, s2, s3) / static_cast<float>(C);
+  const __m512 vr = _mm512_set1_ps(1.f / std::sqrt(var + eps));
+  for (j = 0; j < C; j += 16) {  // pass 3: (r - mean) * rstd * w + b, rounded
+    const __mmask16 k = lanes(C, j);
+    __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm), vr);
+    if (w) {
+      y = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(k, w + j), _mm512_maskz_loadu_ps(k, b + j));
+    }
+    store16(no + j, k, y);
+  }
+}
+
+bool avx512_rows(at::ScalarType st) {
+  static const bool base = best_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl");
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  return base && (st != at::kBFloat16 || bf16);
+}
+#endif
 
 // A (C,) parameter as float32 (empty when not given)
 std::vector<float> as_floats(const OptT& t) {
@@ -112,6 +216,18 @@ void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>&
   const float* wp = w.empty() ? nullptr : w.data();
   const float* biasp = b.empty() ? nullptr : b.data();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1));
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512_rows(c10::CppTypeToScalarType<T>::value)) {
+    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf((C + 15) / 16 * 16);
+      for (int64_t r = r0; r < r1; ++r) {
+        row_avx512<T>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
+                      rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(C), buf2(C);
     for (int64_t r = r0; r < r1; ++r) {
@@ -139,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
                                                        const OptT& bias, double eps,
                                                        bool normalize) {
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "residual_layer_norm: x must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf,
+              "residual_layer_norm: x must be bfloat16 or float16, got ", st);
   TORCH_CHECK(x.device().is_cpu(), "residual_layer_norm: x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, "residual_layer_norm: x must have a last dimension (C)");
   const int64_t C = x.size(-1);
@@ -184,10 +300,10 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
   const std::vector<float> g = has_branch ? as_floats(gamma) : std::vector<float>();
   const std::vector<float> w = as_floats(weight), b = as_floats(bias);
   const float e = static_cast<float>(eps);
-  switch (st) {
-    case at::kFloat: run_rows<float>(xc, bc, g, w, b, e, r_out, n_out); break;
-    case at::kBFloat16: run_rows<c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out); break;
-    default: run_rows<c10::Half>(xc, bc, g, w, b, e, r_out, n_out); break;
+  if (st == at::kBFloat16) {
+    run_rows<c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+  } else {
+    run_rows<c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
   }
   return results();
 }
