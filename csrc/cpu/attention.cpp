@@ -470,6 +470,29 @@ inline void lowp_row(const T* x, const Rope& r, int64_t pos, int64_t n, T* dst) 
   }
 }
 
+// Keys [j0, j0 + nj) of one (batch, head) (rows of kb, stride ksn; nj <= 16) as 16-bit row
+// pointers for pack_pairs_transposed, into src: a key below kend as it is, or rotated by RoPE
+// (or padded to Dp) into row j of scratch (16 x Dp); a key at or past kend points at zero (a
+// row of Dp zeros; null when every key is below kend). Prefetches kAhead rows ahead, below
+// kend. Both tile kernels pack keys so.
+template <typename T>
+inline void key_rows(const T* kb, int64_t ksn, const Rope& krope, int64_t j0, int64_t nj,
+                     int64_t kend, int64_t D, int64_t Dp, T* scratch, const T* zero,
+                     const uint16_t** src) {
+  for (int64_t j = 0; j < nj; ++j) {
+    const int64_t key = j0 + j;
+    const T* x = key < kend ? kb + key * ksn : zero;
+    if (key < kend) {
+      if (key + kAhead < kend) prefetch_row(x + kAhead * ksn, D);
+      if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
+        lowp_row(x, krope, key, D, scratch + j * Dp);
+        x = scratch + j * Dp;
+      }
+    }
+    src[j] = reinterpret_cast<const uint16_t*>(x);
+  }
+}
+
 template <typename T>
 void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
                          const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
@@ -509,16 +532,8 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
       for (int64_t j0 = k_done; j0 < kend;) {
         const int64_t nj = std::min({int64_t(16), kend - j0, KT - j0 % KT});
         const uint16_t* src[16];
-        for (int64_t j = 0; j < nj; ++j) {
-          const T* x = kb + (j0 + j) * ksn;
-          if (j0 + j + kAhead < kend) prefetch_row(x + kAhead * ksn, D);
-          if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
-            T* row = krows.data() + j * Dp;
-            lowp_row(x, krope, j0 + j, D, row);
-            x = row;
-          }
-          src[j] = reinterpret_cast<const uint16_t*>(x);
-        }
+        key_rows(kb, ksn, krope, j0, nj, kend, D, Dp, krows.data(), static_cast<const T*>(nullptr),
+                 src);
         pack_pairs_transposed(src, nj, Dp / 2,
                               reinterpret_cast<uint16_t*>(kp.data() + (j0 / KT) * Dp * KT +
                                                           (j0 % KT) * 2), KT);
@@ -751,19 +766,13 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
       // keys [0, kpad), 16 at a time (within one block of KT; kpad and KT are multiples of 16)
       for (int64_t j0 = 0; j0 < kpad; j0 += 16) {
         const uint16_t *ks[16], *vs[16];
-        for (int64_t j = 0; j < 16; ++j) {
-          const int64_t key = j0 + j;
+        key_rows(kb, pr.k.sn, krope, j0, 16, kmax, D, Dp, kscr.data(), zero.data(), ks);
+        for (int64_t j = 0; j < 16; ++j) {  // values: as they are (or padded to Dvp), zeros
+          const int64_t key = j0 + j;       // past kmax
           if (key >= kmax) {
-            ks[j] = vs[j] = bits(zero.data());
+            vs[j] = bits(zero.data());
             continue;
           }
-          const T* x = kb + key * pr.k.sn;
-          if (key + kAhead < kmax) prefetch_row(x + kAhead * pr.k.sn, D);
-          if (krope.cos || D != Dp) {  // rotated (or padded) into scratch row j
-            lowp_row(x, krope, key, D, kscr.data() + j * Dp);
-            x = kscr.data() + j * Dp;
-          }
-          ks[j] = bits(x);
           const T* y = vb + key * pr.v.sn;
           if (Dv != Dvp) {
             std::copy_n(y, Dv, vscr.data() + j * Dvp);
