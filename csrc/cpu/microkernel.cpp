@@ -200,10 +200,11 @@ __attribute__((target("avx512f,avx512bf16"))) inline __m256i round_lowp(__mmask1
   }
 }
 
-// The NaN-sticky max of scale * s[j] over j < valid, scale finite and > 0: scale times the max
-// of s (rounding is monotonic, so that is the max of the rounded products), four accumulators
-// so the max chain does not bound the loop. A NaN score is left out here (max_ps returns its
-// second operand when either is NaN) and caught by the caller from the sum it makes.
+// The max of scale * s[j] over the scores j < valid that are not NaN, scale finite and > 0:
+// scale times the max of s (rounding is monotonic, so that is the max of the rounded
+// products), four accumulators so the max chain does not bound the loop. A NaN score is left
+// out here (max_ps returns its second operand when either is NaN) and caught by the caller from
+// the sum it makes.
 __attribute__((target("avx512f"))) inline float max_scaled_positive(const float* s,
                                                                       int64_t valid, float scale) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);

@@ -7,8 +7,8 @@
 //                            what addcmul gives)
 //   n = (r - mean(r)) / sqrt(var(r) + eps) * weight + bias  (when normalize: F.layer_norm of the
 //                            rounded r, moments in float32 by two passes, one rounding)
-// and returns (r, n): r empty (0 values) without a branch (r is x), n empty without normalize.
-// for x in bfloat16 or float16. Why: torch runs the residual and the norm as two passes over
+// and returns (r, n): r empty (0 values) without a branch (r is x), n empty without normalize;
+// x is bfloat16 or float16. Why: torch runs the residual and the norm as two passes over
 // the (rows x C) activations (addcmul then layer_norm), each reading and writing them once
 // more, and its 16-bit paths of both run well below memory speed; here each row is read once,
 // kept in a float32 scratch of the thread, and both results written from it. (Not float32:
