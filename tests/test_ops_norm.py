@@ -2,8 +2,8 @@
 extension's row kernel behind them (csrc/cpu/norm.cpp), against torch's addcmul and layer_norm:
 the residual bit for bit, the norm within flash-attn's rule, NaN and inf where torch has them,
 row and channel tails, strided inputs, the routing (the kernel only for bfloat16 / float16
-without gradients or autocast, torch's ops otherwise), clear errors, and the kernel's portable
-path (in a child process: ADAPERCEIVER_CPU_ISA is read once)."""
+without gradients or autocast, torch's ops otherwise), clear errors, and the op's fallback to
+torch's ops off AVX-512 (in a child process: ADAPERCEIVER_CPU_ISA is read once)."""
 import math
 import os
 import subprocess
@@ -184,9 +184,9 @@ def test_kernel_errors_name_the_parameter(bad, what):
     assert what in str(e.value), str(e.value)
 
 
-def test_rounding_fallback_in_a_child():
-    """The kernel's portable path (ADAPERCEIVER_CPU_ISA=portable, read once, so in a child
-    process: plain loops and c10's rounding): the same tests pass there."""
+def test_torch_fallback_in_a_child():
+    """Where the kernel's AVX-512 path does not run (ADAPERCEIVER_CPU_ISA=portable, read once,
+    so in a child process) the op runs torch's addcmul and layer_norm: the same tests pass."""
     res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
                           "-p", "no:cacheprovider", "-k", "matches_torch or nan_and_inf"],
                          env=dict(os.environ, ADAPERCEIVER_CPU_ISA="portable"),

@@ -6,9 +6,10 @@
 computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 
 On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), in bfloat16 or
-float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp): the residual bit
-for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in float32 from the
-rounded residual, rounded once. Why: torch runs the two as separate passes over the
+float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with
+AVX-512, and AVX512-BF16 for bfloat16, else the op runs torch's addcmul and layer_norm itself):
+the residual bit for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in
+float32 from the rounded residual, rounded once. Why: torch runs the two as separate passes over the
 activations, and its 16-bit kernels of both run well below memory speed; the block calls them
 twice per layer. Everything else (gradients, float32, whose torch kernels already run at memory
 speed, other devices, autocast, torch.compile, a missing extension, shapes the kernel does not

@@ -17,8 +17,9 @@
 // (with BW, VL and, for bfloat16, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
 // the branch), writes r and keeps it in float32 in an L1 scratch while summing it, a second
 // sums the squared deviations, a third writes the norm; 16 values a step, four accumulators
-// per sum (so the add chains do not bound the loops), masked tails. Elsewhere the same three
-// passes as plain loops (vec_math.h clones) and c10's rounding (scale_row_lowp).
+// per sum (so the add chains do not bound the loops), masked tails. Elsewhere (no AVX-512, or
+// no AVX512-BF16 for bfloat16) the op is torch's at::addcmul and at::layer_norm: plain loops
+// with scalar 16-bit rounding ran fp16 slower than those there.
 // Skipped: nothing; NaN and inf go through the arithmetic as in torch (a non-finite value makes
 // its own row's moments, and so that row's normalized values, NaN).
 #include <ATen/ATen.h>
@@ -29,7 +30,6 @@
 #include "common.h"
 #include "kernels.h"
 #include "cpu/microkernel.h"
-#include "cpu/vec_math.h"
 
 #include <immintrin.h>
 
@@ -41,57 +41,6 @@
 namespace adaperceiver {
 namespace cpu {
 namespace {
-
-// dst = x + b * g, one rounding per value (the fused multiply-add addcmul computes)
-ADAPERCEIVER_CLONES
-inline void fma_row(const float* x, const float* b, const float* g, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::fma(b[i], g[i], x[i]);
-}
-
-// sum of x (16 lane accumulators, so the order is fixed whatever the clone)
-ADAPERCEIVER_CLONES
-inline float row_sum(const float* x, int64_t n) {
-  float acc[16] = {0.f};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += x[i + j];
-  float sum = 0.f;
-  for (int j = 0; j < 16; ++j) sum += acc[j];
-  for (; i < n; ++i) sum += x[i];
-  return sum;
-}
-
-// sum of (x - m)^2
-ADAPERCEIVER_CLONES
-inline float row_sq_dev(const float* x, float m, int64_t n) {
-  float acc[16] = {0.f};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += (x[i + j] - m) * (x[i + j] - m);
-  float sum = 0.f;
-  for (int j = 0; j < 16; ++j) sum += acc[j];
-  for (; i < n; ++i) sum += (x[i] - m) * (x[i] - m);
-  return sum;
-}
-
-// dst = (x - m) * rstd * w + b (w, b null: no affine part)
-ADAPERCEIVER_CLONES
-inline void norm_row(const float* x, float m, float rstd, const float* w, const float* b,
-                     int64_t n, float* dst) {
-  if (w == nullptr) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = (x[i] - m) * rstd;
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = (x[i] - m) * rstd * w[i] + b[i];
-  }
-}
-
-// float32 row src rounded to T into dst (n values); when back is given, the rounded values as
-// float32 into it (back may be src)
-template <typename T>
-inline void round_row(const float* src, int64_t n, T* dst, float* back) {
-  scale_row_lowp(std::is_same_v<T, c10::BFloat16>, src, 1.f, n, reinterpret_cast<uint16_t*>(dst));
-  if (back) to_float_row(dst, n, back);
-}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ADAPERCEIVER_NORM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -195,7 +144,6 @@ bool avx512_rows(at::ScalarType st) {
   static const bool bf16 = __builtin_cpu_supports("avx512bf16");
   return base && (st != at::kBFloat16 || bf16);
 }
-#endif
 
 // A (C,) parameter as float32 (empty when not given)
 std::vector<float> as_floats(const OptT& t) {
@@ -216,37 +164,17 @@ void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>&
   const float* wp = w.empty() ? nullptr : w.data();
   const float* biasp = b.empty() ? nullptr : b.data();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1));
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (avx512_rows(c10::CppTypeToScalarType<T>::value)) {
-    at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> buf((C + 15) / 16 * 16);
-      for (int64_t r = r0; r < r1; ++r) {
-        row_avx512<T>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
-                      rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
-      }
-    });
-    return;
-  }
-#endif
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(C), buf2(C);
+    std::vector<float> buf((C + 15) / 16 * 16);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = float_row(xp + r * C, C, buf.data());
-      if (bp) {  // r = x + gamma * branch, rounded to T (and kept as rounded in buf)
-        fma_row(row, float_row(bp + r * C, C, buf2.data()), g.data(), C, buf.data());
-        round_row(buf.data(), C, rp + r * C, np ? buf.data() : nullptr);
-        row = buf.data();
-      }
-      if (np) {
-        const float mean = row_sum(row, C) / static_cast<float>(C);
-        const float var = row_sq_dev(row, mean, C) / static_cast<float>(C);
-        const float rstd = 1.f / std::sqrt(var + eps);
-        norm_row(row, mean, rstd, wp, biasp, C, buf2.data());
-        round_row(buf2.data(), C, np + r * C, static_cast<float*>(nullptr));
-      }
+      row_avx512<T>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
+                    rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
     }
   });
 }
+#else
+bool avx512_rows(at::ScalarType) { return false; }
+#endif
 
 }  // namespace
 
@@ -288,6 +216,12 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
   check_vec(bias, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "residual_layer_norm: eps must be finite and >= 0, got ",
               eps);
+  if (!avx512_rows(st)) {  // torch's ops (see the file's comment)
+    const at::Tensor none = at::empty({0}, x.options());
+    const at::Tensor r = has_branch ? at::addcmul(x, *branch, *gamma) : x;
+    const at::Tensor n = normalize ? at::layer_norm(r, {C}, weight, bias, eps) : none;
+    return {has_branch ? r : none, n};
+  }
   const at::Tensor xc = x.contiguous();
   const OptT bc = has_branch ? OptT(branch->contiguous()) : OptT();
   at::Tensor r_out = has_branch ? at::empty_like(xc) : at::Tensor();
@@ -300,11 +234,13 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
   const std::vector<float> g = has_branch ? as_floats(gamma) : std::vector<float>();
   const std::vector<float> w = as_floats(weight), b = as_floats(bias);
   const float e = static_cast<float>(eps);
+#if defined(__x86_64__) && defined(__GNUC__)
   if (st == at::kBFloat16) {
     run_rows<c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
   } else {
     run_rows<c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
   }
+#endif
   return results();
 }
 
