@@ -63,7 +63,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void to_bf16_avx512(const f
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), bf16_rne(_mm512_loadu_ps(src + d)));
   }
   if (d < n) {
-    const __mmask16 k = __mmask16((1u << (n - d)) - 1);
+    const __mmask16 k = lanes_below(n, d);
     _mm256_mask_storeu_epi16(dst + d, k, bf16_rne(_mm512_maskz_loadu_ps(k, src + d)));
   }
 }

@@ -95,9 +95,7 @@ __attribute__((target("avx512f"))) void small_gemm_avx512(int64_t m, int64_t n, 
                                                           bool accumulate) {
   for (int64_t j0 = 0; j0 < n; j0 += NR) {
     const int64_t w = n - j0 < NR ? n - j0 : NR;
-    const __mmask16 m0 = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
-    const __mmask16 m1 = w >= 32 ? __mmask16(0xFFFF)
-                                 : (w > 16 ? __mmask16((1u << (w - 16)) - 1) : __mmask16(0));
+    const __mmask16 m0 = lanes_below(w, 0), m1 = lanes_below(w, 16);
     // the B panel (k x 32) stays in cache while the row tiles stream A
     for (int64_t i0 = 0; i0 < m; i0 += MR) {
       const float* ai = a + i0 * rs;
@@ -132,9 +130,7 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
 __attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc, int64_t ld,
                                                            int64_t cols, const float* m_old,
                                                            float* m_new, float* sum) {
-  const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-  const __mmask16 k1 = cols >= 32 ? __mmask16(0xFFFF)
-                                  : (cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0);
+  const __mmask16 k0 = lanes_below(cols, 0), k1 = lanes_below(cols, 16);
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
   __m512 mx0 = _mm512_mask_loadu_ps(ninf, k0, m_old);
   __m512 mx1 = _mm512_mask_loadu_ps(ninf, k1, m_old + 16);
@@ -180,13 +176,6 @@ __attribute__((target("avx512f"))) inline __m512 exp2_lowp(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931218504905701e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992847442627e-1f));
   return _mm512_scalef_ps(p, n);
-}
-
-// Lanes [j, j + 16) of a row that are below `valid`
-inline __mmask16 lanes_below(int64_t valid, int64_t j) {
-  return valid - j >= 16 ? __mmask16(0xFFFF)
-         : valid > j     ? __mmask16((1u << (valid - j)) - 1)
-                         : __mmask16(0);
 }
 
 // 16 float32 weights, zero where k is clear, rounded to the 16-bit type (bfloat16: vcvtneps2bf16,
@@ -352,13 +341,13 @@ __attribute__((target("avx512f"))) void pack_pairs_transposed_avx512(
     const uint16_t* const* rows, int64_t nrows, int64_t npairs, uint16_t* dst, int64_t ld) {
   for (int64_t i0 = 0; i0 < npairs; i0 += 16) {
     const int64_t w = std::min<int64_t>(16, npairs - i0);
-    const __mmask16 k = w >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << w) - 1);
+    const __mmask16 k = lanes_below(w, 0);
     __m512i r[16];
     for (int j = 0; j < 16; ++j) {
       r[j] = j < nrows ? _mm512_maskz_loadu_epi32(k, rows[j] + 2 * i0) : _mm512_setzero_si512();
     }
     transpose16x16(r);
-    const __mmask16 kr = nrows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nrows) - 1);
+    const __mmask16 kr = lanes_below(nrows, 0);
     for (int64_t i = 0; i < w; ++i) {
       _mm512_mask_storeu_epi32(dst + ((i0 + i) * ld) * 2, kr, r[i]);
     }
@@ -397,7 +386,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void scale_row_l
     const float* x, float s, int64_t n, uint16_t* dst) {
   const __m512 vs = _mm512_set1_ps(s);
   for (int64_t d = 0; d < n; d += 16) {
-    const __mmask16 k = n - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - d)) - 1);
+    const __mmask16 k = lanes_below(n, d);
     const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + d), vs);
     __m256i h;
     if constexpr (kBf16) {

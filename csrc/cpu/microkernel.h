@@ -33,6 +33,12 @@ bool amx_tiles();
 bool native_bf16_gemm();
 bool native_fp16_gemm();
 
+// The lanes [j, j + 16) of a row of n values that lie below n, as an AVX-512 16-lane mask
+// (bit i: lane j + i); every vector loop over rows with masked tails takes its masks from here.
+inline uint16_t lanes_below(int64_t n, int64_t j) {
+  return n - j >= 16 ? uint16_t(0xFFFF) : n > j ? uint16_t((1u << (n - j)) - 1) : uint16_t(0);
+}
+
 // accumulate=false: C = A B; accumulate=true: C += A B.
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);

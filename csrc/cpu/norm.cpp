@@ -75,10 +75,6 @@ ADAPERCEIVER_NORM_AVX512 inline __m512 store16(T* p, __mmask16 k, __m512 v) {
   }
 }
 
-ADAPERCEIVER_NORM_AVX512 inline __mmask16 lanes(int64_t n, int64_t j) {
-  return n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
-}
-
 // Pass 1's step: values [j, j + 16) (lanes of k) of r = x + g * br rounded to T and stored to
 // ro (br given; else r = x), kept as float32 in buf, returned (lanes past k: 0)
 template <typename T>
@@ -115,7 +111,7 @@ ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const T* br, const float* g
     s2 = _mm512_add_ps(s2, residual16(x, br, g, ro, buf, j + 32, kAll));
     s3 = _mm512_add_ps(s3, residual16(x, br, g, ro, buf, j + 48, kAll));
   }
-  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, residual16(x, br, g, ro, buf, j, lanes(C, j)));
+  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, residual16(x, br, g, ro, buf, j, lanes_below(C, j)));
   if (!no) return;
   const __m512 vm = _mm512_set1_ps(sum4(s0, s1, s2, s3) / static_cast<float>(C));
   s0 = s1 = s2 = s3 = _mm512_setzero_ps();
@@ -125,11 +121,11 @@ ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const T* br, const float* g
     s2 = _mm512_add_ps(s2, dev2_16(buf, vm, j + 32, kAll));
     s3 = _mm512_add_ps(s3, dev2_16(buf, vm, j + 48, kAll));
   }
-  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, dev2_16(buf, vm, j, lanes(C, j)));
+  for (; j < C; j += 16) s0 = _mm512_add_ps(s0, dev2_16(buf, vm, j, lanes_below(C, j)));
   const float var = sum4(s0, s1, s2, s3) / static_cast<float>(C);
   const __m512 vr = _mm512_set1_ps(1.f / std::sqrt(var + eps));
   for (j = 0; j < C; j += 16) {  // pass 3: (r - mean) * rstd * w + b, rounded
-    const __mmask16 k = lanes(C, j);
+    const __mmask16 k = lanes_below(C, j);
     __m512 y = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + j), vm), vr);
     if (w) {
       y = _mm512_fmadd_ps(y, _mm512_maskz_loadu_ps(k, w + j), _mm512_maskz_loadu_ps(k, b + j));
