@@ -16,7 +16,8 @@
 // in the dtype through oneDNN, float32 accumulation inside each GEMM: fc1 with its bias and the
 // exact (erf) GELU as the GEMM's post-op, fc2 with its bias fused (full width) or in place on
 // its column slice, one pair of GEMMs per distinct width (not per band) so that every output
-// element is rounded once; no weight or activation is copied to float32. GEMMs the row-chunk
+// element is rounded once, on that width's samples (copied in and out around the pair unless
+// consecutive; no global sort); no weight or activation is copied to float32. GEMMs the row-chunk
 // rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
 // blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
 // (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
@@ -51,6 +52,43 @@ namespace adaperceiver {
 
 namespace {
 
+// Whether ids are consecutive sample indices (ids[i] == ids[0] + i).
+bool consecutive(const std::vector<int64_t>& ids) {
+  for (size_t i = 1; i < ids.size(); ++i)
+    if (ids[i] != ids[0] + static_cast<int64_t>(i)) return false;
+  return true;
+}
+
+// Samples ids[0..n) of src (B, N, F; contiguous CPU) as one (n * N, F) matrix: a view when they
+// are consecutive, else a copy made one sample per memcpy (index_select / index_copy_ take an
+// element-wise path for bfloat16 that costs as much as the GEMMs).
+at::Tensor take_samples(const at::Tensor& src, const std::vector<int64_t>& ids) {
+  const int64_t n = static_cast<int64_t>(ids.size()), N = src.size(1), F = src.size(2);
+  if (n == 0) return at::empty({0, F}, src.options());
+  if (consecutive(ids)) return src.narrow(0, ids.front(), n).view({n * N, F});
+  at::Tensor out = at::empty({n * N, F}, src.options());
+  const size_t bytes = static_cast<size_t>(N * F) * src.element_size();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(d + i * bytes, s + ids[i] * bytes, bytes);
+  });
+  return out;
+}
+
+// rows (n * N, F) back to samples ids[0..n) of dst (B, N, F; contiguous CPU), one memcpy per
+// sample.
+void put_samples(at::Tensor& dst, const at::Tensor& rows, const std::vector<int64_t>& ids) {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const at::Tensor src = rows.contiguous();
+  const size_t bytes = static_cast<size_t>(dst.size(1) * dst.size(2)) * dst.element_size();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(d + ids[i] * bytes, s + i * bytes, bytes);
+  });
+}
+
 // The samples widest first (stable) and the bands of hidden units between their widths.
 struct Bands {
   std::vector<int64_t> perm;  // sample order, widest first
@@ -78,32 +116,11 @@ struct Bands {
     }
   }
 
-  // t (B, N, F) as (B * N, F) rows in perm order: a view when in order, else a gather (on the
-  // CPU one copy per sample: index_select / index_copy_ take an element-wise path for bfloat16
-  // that cost as much as the GEMMs)
+  // t (B, N, F) as (B * N, F) rows in perm order: a view when in order, else a gather
   at::Tensor rows(const at::Tensor& t) const {
     if (in_order) return t.reshape({-1, t.size(2)});
     if (!t.device().is_cpu()) return t.index_select(0, idx).reshape({-1, t.size(2)});
-    const at::Tensor src = t.contiguous();
-    at::Tensor out = at::empty_like(src);
-    copy_samples(src, out, /*to_perm=*/true);
-    return out.view({-1, t.size(2)});
-  }
-
-  // sample perm[i] of src to sample i of dst (to_perm), or sample i of src to perm[i] of dst;
-  // both contiguous CPU tensors of the same shape (B, ...)
-  void copy_samples(const at::Tensor& src, at::Tensor& dst, bool to_perm) const {
-    const int64_t B = src.size(0);
-    const size_t bytes = static_cast<size_t>(src.numel() / std::max<int64_t>(B, 1)) *
-                         src.element_size();
-    const char* s = static_cast<const char*>(src.data_ptr());
-    char* d = static_cast<char*>(dst.data_ptr());
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) {
-        const int64_t from = to_perm ? perm[i] : i, to = to_perm ? i : perm[i];
-        std::memcpy(d + to * bytes, s + from * bytes, bytes);
-      }
-    });
+    return take_samples(t.contiguous(), perm);
   }
 
   // where the rows of dst (B, N, F) are written in perm order: dst itself when in order, else a
@@ -117,11 +134,10 @@ struct Bands {
   // rows were written in place)
   void scatter(at::Tensor& dst, const at::Tensor& rows) const {
     if (in_order) return;
-    const at::Tensor src = rows.view(dst.sizes());
-    if (dst.device().is_cpu() && dst.is_contiguous() && src.is_contiguous()) {
-      copy_samples(src, dst, /*to_perm=*/false);
+    if (dst.device().is_cpu() && dst.is_contiguous()) {
+      put_samples(dst, rows, perm);
     } else {
-      dst.index_copy_(0, idx, src);
+      dst.index_copy_(0, idx, rows.view(dst.sizes()));
     }
   }
 };
@@ -238,35 +254,43 @@ bool native_low_precision(const at::Tensor& x) {
 }
 
 // The forward in x's low-precision dtype (native_low_precision(x)).
+// One pair of GEMMs per distinct width on the rows of that width's samples, not per band: each
+// output element is then one GEMM's float32 sum rounded once, as in the reference, where
+// per-band accumulation in the dtype would round once per band (more than the accuracy rule's
+// 2x the reference's error in float16). Same FLOPs as the bands; fewer rows per GEMM. A width's
+// samples are read in place and written in place when they are consecutive in the batch; else
+// they are copied to a scratch just before their fc1 and their fc2 result copied back just
+// after, while both are still in cache (no sort of the whole batch, no second copy of fc2's
+// output).
 at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                  const at::Tensor& w2, const at::Tensor& b2,
                                  at::IntArrayRef hidden) {
   const int64_t B = x.size(0), N = x.size(1), Cout = w2.size(0);
   if (B * N * Cout == 0) return at::empty({B, N, Cout}, x.options());
-  const Bands bands(hidden, x.device());
-  const at::Tensor xs = bands.rows(x.contiguous());
-  if (bands.bands.size() == 1) {  // one width: fc2 writes the output itself
-    const int64_t h = bands.bands[0].hi;
-    const at::Tensor act = fc1_gelu_low_precision(xs, w1.narrow(0, 0, h), b1.narrow(0, 0, h));
+  const at::Tensor xc = x.contiguous();
+  std::vector<int64_t> widths(hidden.begin(), hidden.end());
+  std::sort(widths.begin(), widths.end());
+  widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
+  if (widths.size() == 1) {  // one width: fc2 writes the output itself
+    const int64_t h = widths[0];
+    const at::Tensor act = fc1_gelu_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, h),
+                                                  b1.narrow(0, 0, h));
     return fc2_low_precision(act, w2, b2, h, at::Tensor()).view({B, N, Cout});
   }
   at::Tensor out = at::empty({B, N, Cout}, x.options());
-  at::Tensor os = bands.rows_out(out);
-  // One pair of GEMMs per distinct width (its samples' rows are contiguous in perm order), not
-  // per band: each output element is then one GEMM's float32 sum rounded once, as in the
-  // reference, where per-band accumulation in the dtype would round once per band (more than
-  // the accuracy rule's 2x the reference's error in float16). Same FLOPs as the bands; fewer
-  // rows per GEMM.
-  for (size_t i = 0; i < bands.bands.size(); ++i) {
-    const int64_t n_next = i + 1 < bands.bands.size() ? bands.bands[i + 1].n : 0;
-    const int64_t r0 = n_next * N, rows = (bands.bands[i].n - n_next) * N;
-    const int64_t h = bands.bands[i].hi;  // the width of samples [n_next, n) in perm order
-    const at::Tensor act = fc1_gelu_low_precision(xs.narrow(0, r0, rows), w1.narrow(0, 0, h),
+  for (const int64_t h : widths) {
+    std::vector<int64_t> ids;
+    for (int64_t b = 0; b < B; ++b)
+      if (hidden[b] == h) ids.push_back(b);
+    const int64_t n = static_cast<int64_t>(ids.size());
+    const at::Tensor act = fc1_gelu_low_precision(take_samples(xc, ids), w1.narrow(0, 0, h),
                                                   b1.narrow(0, 0, h));
-    // fc2 into this width's rows of the output, bias included
-    fc2_low_precision(act, w2, b2, h, os.narrow(0, r0, rows));
+    if (consecutive(ids)) {  // fc2 into these samples' rows, bias included
+      fc2_low_precision(act, w2, b2, h, out.narrow(0, ids.front(), n).view({n * N, Cout}));
+    } else {
+      put_samples(out, fc2_low_precision(act, w2, b2, h, at::Tensor()), ids);
+    }
   }
-  bands.scatter(out, os);
   return out;
 }
 

@@ -170,6 +170,25 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
     torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
 
 
+# Batches past the tile path's 384 rows run one GEMM pair per width on that width's samples
+# (csrc/ffn_banded.cpp): a full-width group spread over the batch (copied in and out), a
+# consecutive narrower pair (read and written in place), a lone sample; then the full width
+# consecutive and a narrower width spread out. Every sample's rows must come from its own
+# width's GEMMs: the reference checks them all.
+FFN_GROUPS = [([1000, 517, 517, 1000, 300, 1000], 80), ([517, 1000, 1000, 517, 1000], 96)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_GROUPS)))
+def test_ffn_forward_rule_width_groups(dtype, case):
+    hidden, N = FFN_GROUPS[case]
+    args = _ffn_inputs(hidden, N, 60 + case, dtype, C_=48, Hmax=1000, Cout=50)
+    out = C.ffn_forward(FfnInputs.build(*args, hidden))
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert_rule(out, ref, truth, "ffn out")
+
+
 # A small batch of several widths takes the AMX tile path on CPUs with AMX (csrc/cpu/ffn.cpp:
 # at most 384 rows): widths that are not multiples of the tile depth (32) or of the panels (64),
 # an odd widest width, C and Cout not multiples of the panels, the model's own shapes
