@@ -51,6 +51,88 @@ def test_to_bfloat16_is_tensor_to_bit_for_bit(n):
         assert got.shape == src.shape
 
 
+@pytest.mark.parametrize("cols", [1, 15, 17, 1069])
+def test_to_bfloat16_column_slice_bit_for_bit(cols):
+    """A column slice (unit column stride, row stride of the full matrix: a Matryoshka width of
+    fc2's weight) converts row by row to the same bits as Tensor.to, specials included."""
+    g = torch.Generator().manual_seed(cols)
+    full = torch.randn(37, 2138, generator=g) * torch.exp2(torch.randint(-60, 60, (37, 1),
+                                                                          generator=g).float())
+    special = torch.tensor(SPECIAL, dtype=torch.float32)
+    full[3, :len(special)] = special
+    src = full[:, :cols]
+    assert not src.is_contiguous() and src.stride(1) == 1
+    got = torch.ops.adaperceiver.to_bfloat16(src)
+    want = src.to(torch.bfloat16)
+    nan = want.isnan()
+    assert got.shape == src.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), nan) and torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+
+
+# ----------------------------------------------------------------------------- the FFN
+ffn_mod = importlib.import_module("adaperceiver.ops.ffn")
+
+
+@pytest.mark.parametrize("hidden", [[5, 17, 9], [40, 3], [23]])
+def test_autocast_ffn_casts_the_units_in_use(monkeypatch, hidden):
+    """Under autocast the FFN casts fc1's first max(hidden) rows and fc2's first max(hidden)
+    columns only (all of them when a sample is at full width), and gives bit for bit what it
+    gives on those units cast by hand, within flash-attn's rule of the float64 reference."""
+    from adaperceiver.ops import reference as R
+    _native(torch.bfloat16)
+    g = torch.Generator().manual_seed(len(hidden))
+    B, N, C, H, Cout = len(hidden), 6, 24, 40, 19
+    x = torch.randn(B, N, C, generator=g)
+    w1, b1 = torch.randn(H, C, generator=g) / 4, torch.randn(H, generator=g)
+    w2, b2 = torch.randn(Cout, H, generator=g) / 6, torch.randn(Cout, generator=g)
+    cast_shapes = []
+    real = linear_mod.to_dtype
+
+    def recording(t, dtype):
+        if t is not None and t.dtype != dtype:
+            cast_shapes.append(tuple(t.shape))
+        return real(t, dtype)
+
+    monkeypatch.setattr(linear_mod, "to_dtype", recording)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.matryoshka_ffn(x, w1, b1, w2, b2, hidden)
+    h = max(hidden)
+    assert sorted(cast_shapes) == sorted([(B, N, C), (h, C), (h,), (Cout, h), (Cout,)])
+    assert out.dtype == torch.bfloat16
+    bf = lambda t: t.contiguous().bfloat16()  # noqa: E731
+    with torch.inference_mode():
+        by_hand = ops.matryoshka_ffn(bf(x), bf(w1[:h]), bf(b1[:h]), bf(w2[:, :h]), bf(b2), hidden)
+        plain = R.ffn_forward(*(bf(t) for t in (x, w1, b1, w2, b2)), hidden)
+    assert torch.equal(out, by_hand)
+    truth = R.ffn_forward(*(t.double() for t in (x, w1, b1, w2, b2)), hidden)
+    err, err_plain = ((t.double() - truth).abs().max().item() for t in (out, plain))
+    assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
+
+
+def test_autocast_ffn_gradients_reach_the_full_weights():
+    """Training under autocast: the gradients of fc1's rows and fc2's columns past the widest
+    width are zero (never used), the others those of the float64 reference (bf16 tolerance)."""
+    from adaperceiver.ops import reference as R
+    g = torch.Generator().manual_seed(7)
+    hidden, N, C, H, Cout = [9, 21, 4], 5, 16, 32, 12
+    leaves = [torch.randn(len(hidden), N, C, generator=g), torch.randn(H, C, generator=g) / 4,
+              torch.randn(H, generator=g), torch.randn(Cout, H, generator=g) / 6,
+              torch.randn(Cout, generator=g)]
+    leaves = [t.requires_grad_() for t in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.matryoshka_ffn(*leaves, hidden)
+    gout = torch.randn(out.shape, generator=g)
+    out.float().backward(gout)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    R.ffn_forward(*ref, hidden).backward(gout.double())
+    h = max(hidden)
+    assert torch.equal(leaves[1].grad[h:], torch.zeros_like(leaves[1].grad[h:]))
+    assert torch.equal(leaves[3].grad[:, h:], torch.zeros_like(leaves[3].grad[:, h:]))
+    for got, want in zip(leaves, ref):
+        assert got.grad.shape == got.shape and got.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=0.1, rtol=0.05)
+
+
 def test_to_dtype_shapes_and_fallbacks():
     x = torch.randn(6, 9, 5)[:, 2:7].transpose(0, 2)          # not contiguous
     got = linear_mod.to_dtype(x, torch.bfloat16)

@@ -12,8 +12,8 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_inputs, save_call, saved_call
-from .inputs import FfnInputs
+from ._common import _AUTOCAST_DEVICES, autocast_inputs, save_call, saved_call
+from .inputs import FfnInputs, _check_hidden
 
 __all__ = ["matryoshka_ffn"]
 
@@ -61,9 +61,33 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
 
     x (B, N, C); fc1_weight (Hmax, C); fc2_weight (C, Hmax); ``hidden`` an int or (B,) ints.
     """
+    fc1_weight, fc1_bias, fc2_weight = _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden)
     inp = FfnInputs.build(*autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
                           hidden)
     return _ffn_op(*inp.flat())
+
+
+def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden):
+    """Under autocast, the weights' first max(hidden) hidden units only: autocast casts every
+    weight on every call, and the units past the widest sample are never read, so casting them
+    would make the cost follow the weights' size instead of the work. The results are those of
+    the full weights (the op reads a sample's first h units either way); gradients reach the
+    full weights through the slices (zero past the widest width, as without autocast).
+    Without autocast, or for arguments the checks reject (FfnInputs.build names them), the
+    weights as given."""
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and isinstance(fc1_weight, torch.Tensor)
+            and fc1_weight.dim() == 2 and isinstance(fc2_weight, torch.Tensor)
+            and fc2_weight.dim() == 2 and x.device.type in _AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(x.device.type)):
+        return fc1_weight, fc1_bias, fc2_weight
+    try:
+        widest = max(_check_hidden(hidden, x.shape[0], fc1_weight.shape[0]), default=0)
+    except (TypeError, ValueError):
+        return fc1_weight, fc1_bias, fc2_weight
+    if not 0 < widest < fc1_weight.shape[0] or fc2_weight.shape[1] != fc1_weight.shape[0]:
+        return fc1_weight, fc1_bias, fc2_weight
+    sliced_bias = fc1_bias[:widest] if isinstance(fc1_bias, torch.Tensor) else fc1_bias
+    return fc1_weight[:widest], sliced_bias, fc2_weight[:, :widest]
 
 
 # ----------------------------------------------------------------------------- FLOP formulas

@@ -16,7 +16,8 @@
 //
 // to_bfloat16(x): float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's
 // rounding, bit for bit), AVX-512 BW in parallel chunks: the casts autocast makes of every
-// float32 weight on every call, where Tensor.to's conversion is slower.
+// float32 weight on every call, where Tensor.to's conversion is slower. A matrix of unit column
+// stride (a column slice) converts row by row; other strided inputs are made contiguous first.
 //
 // Why not a GEMM of our own on cpublas::brgemm (oneDNN's AMX ukernel) with per-call VNNI
 // packing: at the model's shapes its brgemm calls alone run well below oneDNN's matmul rate
@@ -123,6 +124,17 @@ at::Tensor to_bfloat16(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "to_bfloat16: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
               x.device());
+  if (x.dim() == 2 && x.stride(1) == 1 && !x.is_contiguous() && x.numel() > 0) {
+    // a column slice (a Matryoshka width of fc2's weight): row by row, no float32 copy first
+    const int64_t R = x.size(0), C = x.size(1), ld = x.stride(0);
+    at::Tensor out = at::empty({R, C}, x.options().dtype(at::kBFloat16));
+    const float* s = x.data_ptr<float>();
+    uint16_t* d = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    at::parallel_for(0, R, std::max<int64_t>(1, (int64_t(1) << 15) / C), [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r) to_bf16(s + r * ld, C, d + r * C);
+    });
+    return out;
+  }
   const at::Tensor src = x.contiguous();
   at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kBFloat16));
   const float* s = src.data_ptr<float>();
