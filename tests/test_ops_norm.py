@@ -1,8 +1,9 @@
 """ops.layer_scale_residual / layer_norm / residual_layer_norm (adaperceiver/ops/norm.py) and the
 extension's row kernel behind them (csrc/cpu/norm.cpp), against torch's addcmul and layer_norm:
 the residual bit for bit, the norm within flash-attn's rule, NaN and inf where torch has them,
-row and channel tails, strided inputs, the routing (the kernel only for bfloat16 / float16
-without gradients or autocast, torch's ops otherwise), clear errors, and the op's fallback to
+row and channel tails, strided inputs, the routing (the kernel without gradients for bfloat16 /
+float16 outside autocast and for a float32 stream with a 16-bit branch, torch's ops otherwise),
+clear errors, and the op's fallback to
 torch's ops off AVX-512 (in a child process: ADAPERCEIVER_CPU_ISA is read once)."""
 import math
 import os
@@ -90,11 +91,39 @@ def test_matches_torch(lead, C, dtype, affine, kernel_calls):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", SHAPES, ids=[case_id(s, "lead C") for s in SHAPES])
+def test_float32_stream_with_16bit_branch(lead, C, dtype, kernel_calls):
+    """Autocast's blocks: a float32 residual stream, a bfloat16 / float16 branch, float32
+    parameters. The residual equal to torch's addcmul (which converts the branch first) bit for
+    bit, in float32; the norm float32, within 2x torch's float32 error against float64; NaN-
+    poisoned outputs. float32 throughout stays torch's (no kernel call)."""
+    x, br, gamma, w, b = _inputs(lead, C, torch.float32, seed=3 * C + len(lead))
+    br = br.to(dtype)
+    with torch.inference_mode():
+        _poison_heap(x.shape)
+        r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
+        _poison_heap(x.shape)
+        r_only = ops.layer_scale_residual(x, br, gamma)
+        ops.layer_scale_residual(x, br.float(), gamma)     # float32 throughout: torch's
+        ops.layer_norm(x, w, b, EPS)                       # (no kernel call)
+    assert kernel_calls == [True, False]
+    ref_r = torch.addcmul(x, br, gamma)
+    assert ref_r.dtype == torch.float32
+    assert torch.equal(r, ref_r) and torch.equal(r_only, ref_r)
+    assert n.dtype == torch.float32 and n.shape == x.shape
+    plain = F.layer_norm(ref_r, (C,), w, b, EPS)
+    err, bound = flash_rule(n, plain, _norm_truth(ref_r, w, b))
+    assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
 def test_nan_and_inf_where_torch_has_them(dtype, kernel_calls):
     """A NaN in x, an inf in the branch, a -inf in x and an inf in gamma (a whole column): the
     residual equal to addcmul's NaN for NaN, the norm NaN in exactly the rows and places torch's
     is, its finite values within the rule."""
     x, br, gamma, w, b = _inputs((23,), 70, dtype, seed=5)
+    if dtype == torch.float32:    # autocast's blocks: a 16-bit branch on the float32 stream
+        br = br.bfloat16()
     x[3, 7] = NAN
     br[9, 69] = math.inf          # the last channel (a vector tail)
     x[15, 0] = -math.inf
@@ -165,6 +194,19 @@ def test_routing(kernel_calls):
         out = ops.layer_norm(x, w, b, EPS)             # autocast's own rule for layer_norm
         ref = F.layer_norm(x, (24,), w, b, EPS)
     assert kernel_calls == [True] and out.dtype == ref.dtype and torch.equal(out, ref)
+    # autocast's blocks: the float32 stream with the bf16 branch takes the kernel (float32
+    # results); with gradients recorded, torch's ops and torch's gradients
+    xf, gf, wf, bf = (t.float() for t in (x, gamma, w, b))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r, n = ops.residual_layer_norm(xf, br, gf, wf, bf, EPS)
+    assert kernel_calls == [True, True] and r.dtype == n.dtype == torch.float32
+    xg = xf.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r, n = ops.residual_layer_norm(xg, br, gf, wf, bf, EPS)
+    (n * n).sum().backward()
+    xq = xf.clone().requires_grad_(True)
+    (F.layer_norm(torch.addcmul(xq, br, gf), (24,), wf, bf, EPS) ** 2).sum().backward()
+    assert kernel_calls == [True, True] and torch.equal(xg.grad, xq.grad)
 
 
 @pytest.mark.parametrize("bad,what", [
@@ -173,8 +215,11 @@ def test_routing(kernel_calls):
     (lambda x, br, g, w, b: (x, br[:, :-1], g, w, b), "branch must match x"),
     (lambda x, br, g, w, b: (x, br, None, w, b), "gamma (the LayerScale) is required"),
     (lambda x, br, g, w, b: (x, br, g, w, None), "weight and bias must be given together"),
-    (lambda x, br, g, w, b: (x.float(), None, None, None, None), "x must be bfloat16 or float16"),
-], ids=["gamma-size", "weight-dtype", "branch-shape", "no-gamma", "bias-missing", "float32-x"])
+    (lambda x, br, g, w, b: (x.double(), None, None, None, None),
+     "x must be bfloat16, float16 or float32"),
+    (lambda x, br, g, w, b: (x, br.float(), g, w, b), "a float32 x also takes a bfloat16"),
+], ids=["gamma-size", "weight-dtype", "branch-shape", "no-gamma", "bias-missing", "float64-x",
+        "float32-branch-on-bf16-x"])
 def test_kernel_errors_name_the_parameter(bad, what):
     """The kernel itself (called directly) rejects what it cannot compute, naming the argument,
     its value and what is allowed."""
@@ -188,7 +233,8 @@ def test_torch_fallback_in_a_child():
     """Where the kernel's AVX-512 path does not run (ADAPERCEIVER_CPU_ISA=portable, read once,
     so in a child process) the op runs torch's addcmul and layer_norm: the same tests pass."""
     res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
-                          "-p", "no:cacheprovider", "-k", "matches_torch or nan_and_inf"],
+                          "-p", "no:cacheprovider", "-k",
+                          "matches_torch or nan_and_inf or float32_stream"],
                          env=dict(os.environ, ADAPERCEIVER_CPU_ISA="portable"),
                          capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

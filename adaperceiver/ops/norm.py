@@ -5,15 +5,21 @@
 ``residual_layer_norm(...)`` is both, the norm of the new residual stream, as a pre-norm block
 computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 
-On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), in bfloat16 or
-float16, they run as the extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with
-AVX-512, and AVX512-BF16 for bfloat16, else the op runs torch's addcmul and layer_norm itself):
-the residual bit for bit ``addcmul``'s (one fused multiply-add, one rounding), the norm in
-float32 from the rounded residual, rounded once. Why: torch runs the two as separate passes over the
-activations, and its 16-bit kernels of both run well below memory speed; the block calls them
-twice per layer. Everything else (gradients, float32, whose torch kernels already run at memory
-speed, other devices, autocast, torch.compile, a missing extension, shapes the kernel does not
-take) is torch's own ops, so the model has one implementation and autograd stays torch's.
+On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), they run as the
+extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with AVX-512, and AVX512-BF16 for
+bfloat16, else the op runs torch's addcmul and layer_norm itself) in two cases:
+* bfloat16 or float16 throughout (``model.to(dtype)``), not under autocast (whose rule for
+  layer_norm is float32);
+* a float32 residual stream with a bfloat16 / float16 branch (autocast's blocks: the stream
+  stays float32, the branches come out of the projections in the autocast dtype), for the
+  residual and the residual with its norm; the results are float32, as torch's.
+The residual is bit for bit ``addcmul``'s (one fused multiply-add, one rounding to x's dtype),
+the norm in float32 from the rounded residual, rounded once. Why: torch runs the two as
+separate passes over the activations, its 16-bit kernels of both run well below memory speed,
+and a 16-bit branch costs its float32 addcmul a conversion pass first; the block calls them
+twice per layer. Everything else (gradients, float32 throughout, whose torch kernels already
+run at memory speed, other devices, torch.compile, a missing extension, shapes the kernel does
+not take) is torch's own ops, so the model has one implementation and autograd stays torch's.
 """
 from __future__ import annotations
 
@@ -41,14 +47,18 @@ def _kernel():
 def _kernel_takes(x: torch.Tensor, branch: Optional[torch.Tensor],
                   *vectors: Optional[torch.Tensor]) -> bool:
     """Whether the row kernel runs this call (see the module's docstring)."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 1:
+    if x.device.type != "cpu" or x.dim() < 1 or torch.compiler.is_compiling():
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
+    if x.dtype in _DTYPES:
+        if torch.is_autocast_enabled("cpu") or (branch is not None and branch.dtype != x.dtype):
+            return False
+    elif x.dtype != torch.float32 or branch is None or branch.dtype not in _DTYPES:
+        return False   # float32 throughout: torch's kernels run at memory speed
     ts = [t for t in (branch, *vectors) if t is not None]
     if branch is not None and branch.shape != x.shape:
         return False   # broadcasting: torch's
-    if any(t.dtype != x.dtype or t.device != x.device for t in ts):
+    if any(t.device != x.device for t in ts) or any(t.dtype != x.dtype for t in vectors
+                                                     if t is not None):
         return False
     if any(t.shape != (x.shape[-1],) for t in vectors if t is not None):
         return False

@@ -8,11 +8,13 @@
 //   n = (r - mean(r)) / sqrt(var(r) + eps) * weight + bias  (when normalize: F.layer_norm of the
 //                            rounded r, moments in float32 by two passes, one rounding)
 // and returns (r, n): r empty (0 values) without a branch (r is x), n empty without normalize;
-// x is bfloat16 or float16. Why: torch runs the residual and the norm as two passes over
-// the (rows x C) activations (addcmul then layer_norm), each reading and writing them once
-// more, and its 16-bit paths of both run well below memory speed; here each row is read once,
-// kept in a float32 scratch of the thread, and both results written from it. (Not float32:
-// torch's float32 kernels of both already run at memory speed.)
+// x is bfloat16 or float16 with a branch of its dtype, or float32 with a bfloat16, float16 or
+// float32 branch (autocast's residual stream: float32, its branches in the autocast dtype); the
+// outputs are x's dtype. Why: torch runs the residual and the norm as two passes over the
+// (rows x C) activations (addcmul then layer_norm), each reading and writing them once more;
+// its 16-bit paths of both run well below memory speed, and a 16-bit branch added to a float32
+// x costs addcmul a conversion pass of its own first; here each row is read once, kept in a
+// float32 scratch of the thread, and both results written from it.
 // Schedule: rows in blocks of about 16K values per at::parallel_for task. Per row, on AVX-512
 // (with BW, VL and, for bfloat16, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
 // the branch), writes r and keeps it in float32 in an L1 scratch while summing it, a second
@@ -60,11 +62,14 @@ ADAPERCEIVER_NORM_AVX512 inline __m512 load16(const T* p, __mmask16 k) {
   }
 }
 
-// v rounded to T (round to nearest even) and stored to p (lanes of k); returns the rounded
-// values as float32
+// v rounded to T (round to nearest even; float32: as it is) and stored to p (lanes of k);
+// returns the rounded values as float32
 template <typename T>
 ADAPERCEIVER_NORM_AVX512 inline __m512 store16(T* p, __mmask16 k, __m512 v) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, k, v);
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
     _mm256_mask_storeu_epi16(p, k, h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -76,9 +81,9 @@ ADAPERCEIVER_NORM_AVX512 inline __m512 store16(T* p, __mmask16 k, __m512 v) {
 }
 
 // Pass 1's step: values [j, j + 16) (lanes of k) of r = x + g * br rounded to T and stored to
-// ro (br given; else r = x), kept as float32 in buf, returned (lanes past k: 0)
-template <typename T>
-ADAPERCEIVER_NORM_AVX512 inline __m512 residual16(const T* x, const T* br, const float* g, T* ro,
+// ro (br given, of type TB; else r = x), kept as float32 in buf, returned (lanes past k: 0)
+template <typename T, typename TB>
+ADAPERCEIVER_NORM_AVX512 inline __m512 residual16(const T* x, const TB* br, const float* g, T* ro,
                                                   float* buf, int64_t j, __mmask16 k) {
   __m512 v = load16(x + j, k);
   if (br) v = store16(ro + j, k, _mm512_fmadd_ps(load16(br + j, k), load16(g + j, k), v));
@@ -98,8 +103,8 @@ ADAPERCEIVER_NORM_AVX512 inline float sum4(__m512 a, __m512 b, __m512 c, __m512 
 }
 
 // One row (see the file's comment); buf holds round_up(C, 16) floats.
-template <typename T>
-ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const T* br, const float* g, const float* w,
+template <typename T, typename TB>
+ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const TB* br, const float* g, const float* w,
                                          const float* b, int64_t C, float eps, T* ro, T* no,
                                          float* buf) {
   constexpr __mmask16 kAll = 0xFFFF;
@@ -134,6 +139,8 @@ ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const T* br, const float* g
   }
 }
 
+// Whether the AVX-512 rows run for x of dtype st (AVX512-BF16 to round to bfloat16; a
+// bfloat16 branch is only widened, which needs nothing more)
 bool avx512_rows(at::ScalarType st) {
   static const bool base = best_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
                            __builtin_cpu_supports("avx512vl");
@@ -148,13 +155,13 @@ std::vector<float> as_floats(const OptT& t) {
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-template <typename T>
+template <typename T, typename TB>
 void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>& g,
               const std::vector<float>& w, const std::vector<float>& b, float eps,
               at::Tensor& r_out, at::Tensor& n_out) {
   const int64_t C = x.size(-1), R = x.numel() / std::max<int64_t>(C, 1);
   const T* xp = x.data_ptr<T>();
-  const T* bp = branch ? branch->data_ptr<T>() : nullptr;
+  const TB* bp = branch ? branch->data_ptr<TB>() : nullptr;
   T* rp = r_out.defined() ? r_out.data_ptr<T>() : nullptr;
   T* np = n_out.defined() ? n_out.data_ptr<T>() : nullptr;
   const float* wp = w.empty() ? nullptr : w.data();
@@ -163,7 +170,7 @@ void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>&
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf((C + 15) / 16 * 16);
     for (int64_t r = r0; r < r1; ++r) {
-      row_avx512<T>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
+      row_avx512<T, TB>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
                     rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
     }
   });
@@ -179,8 +186,8 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
                                                        const OptT& bias, double eps,
                                                        bool normalize) {
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf,
-              "residual_layer_norm: x must be bfloat16 or float16, got ", st);
+  TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
+              "residual_layer_norm: x must be bfloat16, float16 or float32, got ", st);
   TORCH_CHECK(x.device().is_cpu(), "residual_layer_norm: x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, "residual_layer_norm: x must have a last dimension (C)");
   const int64_t C = x.size(-1);
@@ -196,11 +203,12 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
                 " on ", t->device());
   };
   if (has_branch) {
-    TORCH_CHECK(branch->sizes() == x.sizes() && branch->scalar_type() == st &&
-                    branch->device().is_cpu(),
+    const auto bt = branch->scalar_type();
+    TORCH_CHECK(branch->sizes() == x.sizes() && branch->device().is_cpu() &&
+                    (bt == st || (st == at::kFloat && (bt == at::kBFloat16 || bt == at::kHalf))),
                 "residual_layer_norm: branch must match x (", x.sizes(), " ", st,
-                " on the CPU), got ", branch->sizes(), " ", branch->scalar_type(), " on ",
-                branch->device());
+                " on the CPU; a float32 x also takes a bfloat16 or float16 branch), got ",
+                branch->sizes(), " ", bt, " on ", branch->device());
     TORCH_CHECK(gamma.has_value() && gamma->defined(),
                 "residual_layer_norm: gamma (the LayerScale) is required with a branch");
     check_vec(gamma, "gamma");
@@ -231,10 +239,17 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
   const std::vector<float> w = as_floats(weight), b = as_floats(bias);
   const float e = static_cast<float>(eps);
 #if defined(__x86_64__) && defined(__GNUC__)
+  const auto bt = has_branch ? branch->scalar_type() : st;
   if (st == at::kBFloat16) {
-    run_rows<c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows<c10::BFloat16, c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+  } else if (st == at::kHalf) {
+    run_rows<c10::Half, c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
+  } else if (bt == at::kBFloat16) {
+    run_rows<float, c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+  } else if (bt == at::kHalf) {
+    run_rows<float, c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
   } else {
-    run_rows<c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows<float, float>(xc, bc, g, w, b, e, r_out, n_out);
   }
 #endif
   return results();
