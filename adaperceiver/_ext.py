@@ -70,7 +70,8 @@ def build_info() -> dict:
     / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_attention_bf16`` /
     ``cpu_attention_fp16`` (the attention forward's path for that dtype: "amx", products on AMX
     tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off; where it says
-    "amx", a small FFN batch of several widths runs on the same tiles, csrc/cpu/ffn.cpp),
+    "amx", a small FFN batch of several widths runs as one oneDNN GEMM pair at its widest
+    width, csrc/ffn_banded.cpp),
     ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
     "amx", its five products on AMX tiles, or "float32"),
     ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).

@@ -20,8 +20,8 @@
 // consecutive; no global sort); no weight or activation is copied to float32. GEMMs the row-chunk
 // rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
 // blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
-// (On the CPU a small batch of several widths on AMX takes cpu/ffn.cpp's tile path instead,
-// which sums every band in float32.)
+// A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
+// each sample's units past its width zeroed between the two (the reference's 0/1 mask).
 // The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
 // dtype with float32 accumulation: per band, pre = x w1b^T + b1b recomputed (oneDNN, bias
 // fused), g w2b, then one pass (cpu::gelu_backward_lowp_) that writes dpre =
@@ -253,6 +253,35 @@ bool native_low_precision(const at::Tensor& x) {
   return false;
 }
 
+// Whether a batch of several widths and `rows` rows (B * N) runs as one GEMM pair at the widest
+// width, each sample's units past its own width set to 0 between fc1 and fc2, instead of one
+// pair per width. Where oneDNN multiplies the dtype on AMX tiles (tiles_why_not: the attention's
+// test, ADAPERCEIVER_CPU_ISA=avx512 included), a GEMM of a few hundred rows costs about what
+// reading and reordering its weights costs, so one pair that reads each weight once beats a
+// pair per width that re-reads them, the padded units' FLOPs notwithstanding; at 1024 rows the
+// FLOPs decide (figures: benchmarks/README.md). Elsewhere (float16 without AMX-FP16, AVX512-BF16
+// alone) the GEMMs are bound by their FLOPs: a pair per width. A function of the shape and the
+// machine only.
+constexpr int64_t kPaddedMaxRows = 512;
+
+bool padded_pair(int64_t rows, at::ScalarType dtype, int64_t C, int64_t Cout) {
+  return rows <= kPaddedMaxRows && cpu::tiles_why_not(dtype, C, Cout).empty();
+}
+
+// act (B * N rows of hm units, contiguous): sample b's units from hidden[b] on set to 0, so
+// that fc2 over all hm units adds nothing for them (but the reference's 0 * weight).
+void zero_past_widths(at::Tensor& act, at::IntArrayRef hidden, int64_t N) {
+  const int64_t hm = act.size(1), B = static_cast<int64_t>(hidden.size());
+  const size_t es = act.element_size();
+  char* base = static_cast<char*>(act.data_ptr());
+  at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = hidden[r / N];
+      if (h < hm) std::memset(base + (r * hm + h) * es, 0, (hm - h) * es);
+    }
+  });
+}
+
 // The forward in x's low-precision dtype (native_low_precision(x)).
 // One pair of GEMMs per distinct width on the rows of that width's samples, not per band: each
 // output element is then one GEMM's float32 sum rounded once, as in the reference, where
@@ -276,6 +305,13 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
     const at::Tensor act = fc1_gelu_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, h),
                                                   b1.narrow(0, 0, h));
     return fc2_low_precision(act, w2, b2, h, at::Tensor()).view({B, N, Cout});
+  }
+  if (padded_pair(B * N, x.scalar_type(), x.size(2), Cout)) {  // one pair at the widest width
+    const int64_t hm = widths.back();
+    at::Tensor act = fc1_gelu_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, hm),
+                                            b1.narrow(0, 0, hm));
+    zero_past_widths(act, hidden, N);
+    return fc2_low_precision(act, w2, b2, hm, at::Tensor()).view({B, N, Cout});
   }
   at::Tensor out = at::empty({B, N, Cout}, x.options());
   for (const int64_t h : widths) {

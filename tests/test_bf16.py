@@ -189,22 +189,26 @@ def test_ffn_forward_rule_width_groups(dtype, case):
     assert_rule(out, ref, truth, "ffn out")
 
 
-# A small batch of several widths takes the AMX tile path on CPUs with AMX (csrc/cpu/ffn.cpp:
-# at most 384 rows): widths that are not multiples of the tile depth (32) or of the panels (64),
-# an odd widest width, C and Cout not multiples of the panels, the model's own shapes
-FFN_TILES = [
+# A small batch of several widths runs one GEMM pair at its widest width on CPUs where oneDNN
+# runs the dtype on AMX (csrc/ffn_banded.cpp, padded_pair: at most 512 rows), each sample's
+# units past its width zeroed between the two: odd widths and sizes, a widest width below
+# Hmax (fc2 on a column slice), the model's own shapes, 512 rows (the most it takes) and 513
+# (one pair per width)
+FFN_SMALL = [
     # hidden, N, C, Hmax, Cout
     ([201, 17, 64, 129, 1], 11, 50, 201, 70),
     ([96, 32, 96, 64], 40, 64, 96, 64),
     ([2138, 1603, 1603, 1069], 24, 832, 2138, 832),
-    ([40, 7], 192, 24, 41, 19),                       # 384 rows: the largest the tiles take
+    ([30, 17], 50, 24, 41, 19),
+    ([40, 7], 256, 24, 41, 19),
+    ([40, 7, 3], 171, 24, 41, 19),
 ]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("case", range(len(FFN_TILES)))
+@pytest.mark.parametrize("case", range(len(FFN_SMALL)))
 def test_ffn_forward_rule_mixed_widths_small_batch(dtype, case):
-    hidden, N, C_, Hmax, Cout = FFN_TILES[case]
+    hidden, N, C_, Hmax, Cout = FFN_SMALL[case]
     args = _ffn_inputs(hidden, N, 60 + case, dtype, C_=C_, Hmax=Hmax, Cout=Cout)
     out = C.ffn_forward(FfnInputs.build(*args, hidden))
     assert out.dtype == dtype and out.shape == (len(hidden), N, Cout)
@@ -220,7 +224,7 @@ def test_ffn_forward_rule_mixed_widths_small_batch(dtype, case):
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_ffn_small_batch_without_tiles(isa):
+def test_ffn_small_batch_without_amx(isa):
     """The same cases on the paths of CPUs without AMX (in a child process: avx512 runs bf16 /
     fp16 per width on oneDNN where the CPU has native GEMMs, avx2 in float32)."""
     import os

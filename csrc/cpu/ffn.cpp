@@ -1,8 +1,8 @@
 // Matryoshka FFN on the CPU: the width-banded GEMMs of ffn_banded.cpp (oneDNN / MKL on weight
 // slices, bf16 / fp16 in their dtype where the CPU has native GEMMs for it; units past a
-// sample's width are never computed), and for a small batch of several widths in bf16 / fp16
-// on AMX, the forward on the tiles below (each weight read once per call, float32 sums); and
-// the elementwise pass of the bf16 / fp16 backward (gelu_backward_lowp_, column_sums).
+// sample's width are never computed, but for a small batch of several widths on AMX, which
+// runs one GEMM pair at the widest width), and the elementwise pass of the bf16 / fp16
+// backward (gelu_backward_lowp_, column_sums).
 #include "common.h"
 #include "ffn_banded.h"
 #include "kernels.h"
@@ -10,199 +10,17 @@
 #include "cpu/vec_math.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
-#include <functional>
 #include <limits>
-#include <memory>
-#include <numeric>
 #include <string>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace adaperceiver {
 namespace cpu {
 
 namespace {
-
-// ---- a small mixed-width batch in bfloat16 / float16 on AMX tiles (cpublas::brgemm) ----
-// For few rows the GEMMs are bound by reading the weights, and one GEMM pair per distinct
-// width (ffn_banded.cpp's path) reads them once per width. Here every weight panel is read
-// once per call, by the thread that owns it, and multiplied with all the rows that need it:
-//  * fc1, panels of kUnits hidden units (parallel over panels): the panel of W1^T put in the
-//    tiles' VNNI layout (pairs along C interleaved), then for each block of rows whose width
-//    passes the panel's start, S (rows x kUnits, float32) = X W1^T on the tiles, the bias and
-//    the exact GELU in float32, rounded once into the activations A (rows x hk, the widest
-//    width rounded up to a tile depth); a row's columns from its width to the next tile depth
-//    are set to 0;
-//  * fc2, panels of kOut outputs (parallel over panels): the panel of W2^T in VNNI layout
-//    (units past the widest width zero), then for each block of rows of one width h, Y (rows x
-//    kOut, float32, starting from the bias) = A[:, :k] W2^T over k = h rounded up to a tile
-//    depth (the extra units' activations are 0: the reference's mask), rounded once into the
-//    output. Every output element is one float32 sum rounded once; units past a row's width
-//    add nothing but the reference's 0 * weight.
-// Panels go to the threads largest first, each to the least loaded (a function of the shape
-// only; a panel's result does not depend on its thread). x's rows are read and the output
-// written in place (no sample order, gather or scatter).
-constexpr int64_t kUnits = 64;      // fc1 panel width (hidden units)
-constexpr int64_t kOut = 64;        // fc2 panel width (outputs)
-constexpr int64_t kBlockRows = 64;  // rows per brgemm
-constexpr int64_t kDepth = 32;      // 16-bit values per AMX tile row: a partial depth is slow
-
-// The tile path takes a batch with several widths and at most this many rows; larger batches
-// run the per-width oneDNN GEMMs of ffn_banded.cpp, which are faster once each GEMM is tall
-// enough to pay for its weight reads (the crossover: benchmarks/README.md).
-constexpr int64_t kTilesMaxRows = 384;
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-struct RowBlock {
-  int64_t row0, rows, h;
-};
-
-// Rows of x (sample b: rows [b * N, (b + 1) * N)) as blocks of at most kBlockRows rows of one
-// width, in row order.
-std::vector<RowBlock> row_blocks_by_width(at::IntArrayRef hidden, int64_t N) {
-  const int64_t B = static_cast<int64_t>(hidden.size());
-  std::vector<RowBlock> blocks;
-  for (int64_t b = 0; b < B;) {
-    int64_t e = b + 1;
-    while (e < B && hidden[e] == hidden[b]) ++e;
-    for (int64_t r = b * N; r < e * N; r += kBlockRows)
-      blocks.push_back({r, std::min(kBlockRows, e * N - r), hidden[b]});
-    b = e;
-  }
-  return blocks;
-}
-
-// Panels 0..n-1 with costs cost[p] spread over `threads` lists, largest first to the least
-// loaded.
-std::vector<std::vector<int64_t>> spread(const std::vector<int64_t>& cost, int64_t threads) {
-  std::vector<int64_t> order(cost.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  std::vector<std::vector<int64_t>> lists(threads);
-  std::vector<int64_t> load(threads, 0);
-  for (int64_t p : order) {
-    const auto t = std::min_element(load.begin(), load.end()) - load.begin();
-    lists[t].push_back(p);
-    load[t] += cost[p];
-  }
-  return lists;
-}
-
-// run(p, scratch) for every panel p (costs cost[p]) on get_num_threads() threads, each with
-// its own scratch from make_scratch(); the tiles' state is handed back at the end.
-template <typename Make, typename Run>
-void run_panels(const std::vector<int64_t>& cost, Make make_scratch, Run run) {
-  const auto lists = spread(cost, at::get_num_threads());
-  at::parallel_for(0, static_cast<int64_t>(lists.size()), 1, [&](int64_t t0, int64_t t1) {
-    auto scratch = make_scratch();
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t p : lists[t]) run(p, scratch);
-    at::native::cpublas::brgemm_release(true);
-  });
-}
-
-// Rows [j0, j0 + n) of w (row stride ldw), their first k values (k even), as the VNNI
-// transpose: pair p of row j0 + i at dst[(p * n_ld + i) * 2 + {0, 1}].
-template <typename T>
-void pack_rows_vnni(const T* w, int64_t ldw, int64_t j0, int64_t n, int64_t k, T* dst,
-                    int64_t n_ld) {
-  for (int64_t i0 = 0; i0 < n; i0 += 16) {
-    const int64_t nrows = std::min<int64_t>(16, n - i0);
-    const uint16_t* rows[16];
-    for (int64_t i = 0; i < nrows; ++i)
-      rows[i] = reinterpret_cast<const uint16_t*>(w + (j0 + i0 + i) * ldw);
-    pack_pairs_transposed(rows, nrows, k / 2, reinterpret_cast<uint16_t*>(dst + i0 * 2), n_ld);
-  }
-}
-
-// Why the tile path does not take this forward ("" when it does).
-std::string ffn_tiles_why_not(const at::Tensor& x, const at::Tensor& w2,
-                              at::IntArrayRef hidden) {
-  std::string why = tiles_why_not(x.scalar_type(), x.size(2), w2.size(0));
-  if (!why.empty()) return why;
-  if (x.size(2) % 2) return "an odd number of input features (the tiles multiply pairs)";
-  if (std::adjacent_find(hidden.begin(), hidden.end(), std::not_equal_to<>()) == hidden.end())
-    return "one width (one GEMM pair reads each weight once)";
-  if (x.size(0) * x.size(1) > kTilesMaxRows) return "more rows than kTilesMaxRows";
-  return "";
-}
-
-template <typename T>
-at::Tensor ffn_fwd_tiles(const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& b1,
-                         const at::Tensor& w2_, const at::Tensor& b2, at::IntArrayRef hidden) {
-  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  const at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), H = w1.size(0), Cout = w2.size(0);
-  at::Tensor out = at::empty({B, N, Cout}, x.options());
-  if (B * N * Cout == 0) return out;
-  const int64_t hmax = *std::max_element(hidden.begin(), hidden.end());
-  const int64_t hk = round_up(hmax, kDepth), rows_total = B * N;
-  const auto blocks = row_blocks_by_width(hidden, N);
-  const at::Tensor b1f = b1.to(at::kFloat).contiguous(), b2f = b2.to(at::kFloat).contiguous();
-  const float* bias1 = b1f.data_ptr<float>();
-  const float* bias2 = b2f.data_ptr<float>();
-  const T* xp = x.data_ptr<T>();
-  const T* w1d = w1.data_ptr<T>();
-  const T* w2d = w2.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  std::unique_ptr<T[]> act(new T[rows_total * hk]);
-
-  // fc1 + bias + GELU -> act, parallel over panels of units
-  std::vector<int64_t> cost1((hmax + kUnits - 1) / kUnits, 0);
-  for (const RowBlock& bl : blocks)
-    for (int64_t p = 0; p * kUnits < bl.h; ++p) cost1[p] += bl.rows;
-  run_panels(cost1, [&] {
-    return std::make_pair(std::vector<T>(C * kUnits), std::vector<float>(kBlockRows * kUnits));
-  }, [&](int64_t p, auto& scratch) {
-    auto& [panel, S] = scratch;
-    const int64_t u0 = p * kUnits;
-    pack_rows_vnni(w1d, C, u0, std::min(kUnits, hmax - u0), C, panel.data(), kUnits);
-    for (const RowBlock& bl : blocks) {
-      if (bl.h <= u0) continue;
-      const int64_t nu = std::min(kUnits, bl.h - u0);
-      at::native::cpublas::brgemm(bl.rows, round_up(nu, kDepth), C, C, kUnits, kUnits, false,
-                                  xp + bl.row0 * C, panel.data(), S.data(), true);
-      const int64_t zero_to = std::min(round_up(bl.h, kDepth), u0 + kUnits) - u0;
-      for (int64_t r = 0; r < bl.rows; ++r) {
-        float* s = S.data() + r * kUnits;
-        T* a = act.get() + (bl.row0 + r) * hk + u0;
-        bias_gelu_row(s, bias1 + u0, nu);
-        scale_row_lowp(kBf16, s, 1.f, nu, reinterpret_cast<uint16_t*>(a));
-        std::fill(a + nu, a + std::max(nu, zero_to), T(0));
-      }
-    }
-  });
-
-  // fc2 + bias -> out, parallel over panels of outputs
-  const int64_t hpairs = hmax / 2;  // whole pairs of units below hmax
-  run_panels(std::vector<int64_t>((Cout + kOut - 1) / kOut, 1), [&] {
-    return std::make_pair(std::vector<T>(hk * kOut), std::vector<float>(kBlockRows * kOut));
-  }, [&](int64_t p, auto& scratch) {
-    auto& [panel, Y] = scratch;
-    const int64_t o0 = p * kOut, no = std::min(kOut, Cout - o0);
-    pack_rows_vnni(w2d, H, o0, no, 2 * hpairs, panel.data(), kOut);
-    std::fill(panel.begin() + hpairs * 2 * kOut, panel.end(), T(0));
-    if (hmax % 2)  // the last unit, paired with a zero
-      for (int64_t j = 0; j < no; ++j)
-        panel[(hpairs * kOut + j) * 2] = w2d[(o0 + j) * H + hmax - 1];
-    for (const RowBlock& bl : blocks) {
-      for (int64_t r = 0; r < bl.rows; ++r)
-        std::copy(bias2 + o0, bias2 + o0 + no, Y.data() + r * kOut);
-      at::native::cpublas::brgemm(bl.rows, no, round_up(bl.h, kDepth), hk, kOut, kOut, true,
-                                  act.get() + bl.row0 * hk, panel.data(), Y.data(), true);
-      for (int64_t r = 0; r < bl.rows; ++r)
-        scale_row_lowp(kBf16, Y.data() + r * kOut, 1.f, no,
-                       reinterpret_cast<uint16_t*>(op + (bl.row0 + r) * Cout + o0));
-    }
-  });
-  return out;
-}
 
 // ---- the elementwise passes of the low-precision backward (ffn_banded.cpp) ----
 // Row sums run in fixed chunks of kSumRows rows, each chunk's column sums in float32, the
@@ -326,11 +144,6 @@ void bias_gelu_(at::Tensor& act, const at::Tensor& bias) {
 at::Tensor ffn_fwd(ADAPERCEIVER_FFN_FWD_PARAMS) {
   check_ffn_args(x, w1, b1, w2, b2, hidden);
   TORCH_CHECK(x.device().is_cpu(), "matryoshka_ffn_fwd (CPU kernel) got tensors on ", x.device());
-  if (ffn_tiles_why_not(x, w2, hidden).empty()) {
-    return x.scalar_type() == at::kBFloat16
-               ? ffn_fwd_tiles<c10::BFloat16>(x, w1, b1, w2, b2, hidden)
-               : ffn_fwd_tiles<c10::Half>(x, w1, b1, w2, b2, hidden);
-  }
   return ffn_fwd_banded(x, w1, b1, w2, b2, hidden);
 }
 
