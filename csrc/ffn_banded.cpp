@@ -10,7 +10,9 @@
 // samples with width >= hi, the products over the hidden units (fc2's output, dx) accumulating
 // in place band after band. Every GEMM covers all the samples that need it, so a mixed batch
 // runs few, tall GEMMs instead of one short one per width.
-// Skipped: every hidden unit past a sample's width (never computed, gets no gradient).
+// Skipped: every hidden unit past a sample's width (never computed, gets no gradient), but on
+// the one-pair path for small batches (padded_pair below), which computes the units up to the
+// batch's widest width and zeroes them past each sample's own.
 // float32 runs as it is. bfloat16/float16 forward on a CPU with native GEMMs for the dtype
 // (cpu::native_bf16_gemm / native_fp16_gemm: AVX512-BF16 / AMX, AVX512-FP16 / AMX-FP16) runs
 // in the dtype through oneDNN, float32 accumulation inside each GEMM: fc1 with its bias and the
@@ -260,17 +262,21 @@ bool native_low_precision(const at::Tensor& x) {
 // reading and reordering its weights costs, so one pair that reads each weight once beats a
 // pair per width that re-reads them, the padded units' FLOPs notwithstanding; at 1024 rows the
 // FLOPs decide (figures: benchmarks/README.md). Elsewhere (float16 without AMX-FP16, AVX512-BF16
-// alone) the GEMMs are bound by their FLOPs: a pair per width. A function of the shape and the
-// machine only.
+// alone, ADAPERCEIVER_CPU_GEMM=mkl) the GEMMs are bound by their FLOPs: a pair per width. A
+// function of the shape, the machine and the process's settings (the environment, and
+// torch.backends.mkldnn), never of timings or of what ran before.
 constexpr int64_t kPaddedMaxRows = 512;
 
 bool padded_pair(int64_t rows, at::ScalarType dtype, int64_t C, int64_t Cout) {
-  return rows <= kPaddedMaxRows && cpu::tiles_why_not(dtype, C, Cout).empty();
+  return rows <= kPaddedMaxRows && cpu::onednn_linear_available() &&
+         cpu::tiles_why_not(dtype, C, Cout).empty();
 }
 
 // act (B * N rows of hm units, contiguous): sample b's units from hidden[b] on set to 0, so
 // that fc2 over all hm units adds nothing for them (but the reference's 0 * weight).
 void zero_past_widths(at::Tensor& act, at::IntArrayRef hidden, int64_t N) {
+  TORCH_CHECK(act.dim() == 2 && act.is_contiguous() && act.size(0) == N * int64_t(hidden.size()),
+              "zero_past_widths: act must be a contiguous (B * N, hm) matrix");
   const int64_t hm = act.size(1), B = static_cast<int64_t>(hidden.size());
   const size_t es = act.element_size();
   char* base = static_cast<char*>(act.data_ptr());

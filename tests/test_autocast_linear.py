@@ -109,6 +109,26 @@ def test_autocast_ffn_casts_the_units_in_use(monkeypatch, hidden):
     assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
 
 
+@pytest.mark.parametrize("bad", ["fc1_bias", "fc2_weight", "x"])
+def test_autocast_ffn_errors_name_the_shapes_given(bad):
+    """A shape that does not fit raises under autocast as without it, naming the shapes the
+    caller gave (the units in use are sliced only when every shape fits)."""
+    g = torch.Generator().manual_seed(3)
+    t = {"x": torch.randn(2, 3, 8, generator=g), "fc1_weight": torch.randn(10, 8, generator=g),
+         "fc1_bias": torch.randn(10, generator=g), "fc2_weight": torch.randn(8, 10, generator=g),
+         "fc2_bias": torch.randn(8, generator=g)}
+    wrong = {"fc1_bias": (12,), "fc2_weight": (8, 11), "x": (2, 3, 9)}[bad]
+    t[bad] = torch.randn(wrong, generator=g)
+    messages = []
+    for amp in (False, True):
+        with pytest.raises(ValueError) as e, \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            ops.matryoshka_ffn(*t.values(), [4, 6])
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert f"{bad}{tuple(t[bad].shape)}" in messages[1], messages[1]
+
+
 def test_autocast_ffn_gradients_reach_the_full_weights():
     """Training under autocast: the gradients of fc1's rows and fc2's columns past the widest
     width are zero (never used), the others those of the float64 reference (bf16 tolerance)."""

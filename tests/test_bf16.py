@@ -170,18 +170,19 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
     torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
 
 
-# Batches past the tile path's 384 rows run one GEMM pair per width on that width's samples
+# Batches of more than 512 rows run one GEMM pair per width on that width's samples
 # (csrc/ffn_banded.cpp): a full-width group spread over the batch (copied in and out), a
 # consecutive narrower pair (read and written in place), a lone sample; then the full width
 # consecutive and a narrower width spread out. Every sample's rows must come from its own
 # width's GEMMs: the reference checks them all.
-FFN_GROUPS = [([1000, 517, 517, 1000, 300, 1000], 80), ([517, 1000, 1000, 517, 1000], 96)]
+FFN_GROUPS = [([1000, 517, 517, 1000, 300, 1000], 100), ([517, 1000, 1000, 517, 1000], 110)]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("case", range(len(FFN_GROUPS)))
 def test_ffn_forward_rule_width_groups(dtype, case):
     hidden, N = FFN_GROUPS[case]
+    assert len(hidden) * N > 512          # past the one-pair path for small batches
     args = _ffn_inputs(hidden, N, 60 + case, dtype, C_=48, Hmax=1000, Cout=50)
     out = C.ffn_forward(FfnInputs.build(*args, hidden))
     ref = R.ffn_forward(*args, hidden)
@@ -192,8 +193,8 @@ def test_ffn_forward_rule_width_groups(dtype, case):
 # A small batch of several widths runs one GEMM pair at its widest width on CPUs where oneDNN
 # runs the dtype on AMX (csrc/ffn_banded.cpp, padded_pair: at most 512 rows), each sample's
 # units past its width zeroed between the two: odd widths and sizes, a widest width below
-# Hmax (fc2 on a column slice), the model's own shapes, 512 rows (the most it takes) and 513
-# (one pair per width)
+# Hmax (fc2 on a column slice), the model's own shapes, and 512 and 513 rows on either side
+# of the limit (the results do not say which path ran; both must meet the rule)
 FFN_SMALL = [
     # hidden, N, C, Hmax, Cout
     ([201, 17, 64, 129, 1], 11, 50, 201, 70),

@@ -238,6 +238,26 @@ def test_backward_value_rows_reach_only_gradients_that_read_them(value, dtype):
         assert grads[2].float().isfinite().all()
 
 
+FFN_HIDDEN = [40, 17, 29]
+
+
+def _ffn_poisoned(where, idx, value, dtype, seed):
+    """The FFN's arguments (3 samples of 7 rows, C = Cout = 24, Hmax = 40, widths FFN_HIDDEN)
+    with args[where][idx] set to value, the clean run's output and the poisoned run's."""
+    g = torch.Generator().manual_seed(seed)
+    Bf, Nf, Cf, Hf = 3, 7, 24, 40
+    args = {"x": torch.randn(Bf, Nf, Cf, generator=g),
+            "fc1_weight": torch.randn(Hf, Cf, generator=g) / 4,
+            "fc1_bias": torch.randn(Hf, generator=g),
+            "fc2_weight": torch.randn(Cf, Hf, generator=g) / 4,
+            "fc2_bias": torch.randn(Cf, generator=g)}
+    args = {k: t.to(dtype) for k, t in args.items()}
+    base = C.ffn_forward(FfnInputs.build(*args.values(), FFN_HIDDEN))
+    args[where] = args[where].clone()
+    args[where][idx] = value
+    return args, base, C.ffn_forward(FfnInputs.build(*args.values(), FFN_HIDDEN))
+
+
 FFN_CASES = [("x", (1, 3, 5)), ("fc1_weight", (4, 7)), ("fc1_bias", (2,)),
              ("fc2_weight", (6, 3)), ("fc2_bias", (9,))]
 
@@ -248,26 +268,51 @@ FFN_CASES = [("x", (1, 3, 5)), ("fc1_weight", (4, 7)), ("fc1_bias", (2,)),
 def test_ffn_nan_pattern(where, idx, value, dtype):
     """The Matryoshka FFN (forward, mixed widths): the reference's pattern, poisoned units
     inside every sample's width (past it the reference's 0/1 mask gives 0 * NaN)."""
-    g = torch.Generator().manual_seed(3)
-    Bf, Nf, Cf, Hf = 3, 7, 24, 40
-    hidden = [40, 17, 29]
-    args = {"x": torch.randn(Bf, Nf, Cf, generator=g),
-            "fc1_weight": torch.randn(Hf, Cf, generator=g) / 4,
-            "fc1_bias": torch.randn(Hf, generator=g),
-            "fc2_weight": torch.randn(Cf, Hf, generator=g) / 4,
-            "fc2_bias": torch.randn(Cf, generator=g)}
-    args = {k: t.to(dtype) for k, t in args.items()}
-    base = C.ffn_forward(FfnInputs.build(*args.values(), hidden))
-    args[where] = args[where].clone()
-    args[where][idx] = value
-    out = C.ffn_forward(FfnInputs.build(*args.values(), hidden))
+    args, base, out = _ffn_poisoned(where, idx, value, dtype, seed=3)
     # (torch's float32 / bfloat16 / float16 GELU, and oneDNN's, give NaN for +inf, not the
     # exact +inf of float64: the kernels follow the reference in that too)
-    ref = R.ffn_forward(*(t.float() for t in args.values()), hidden)
+    ref = R.ffn_forward(*(t.float() for t in args.values()), FFN_HIDDEN)
     assert torch.equal(_pattern(out), _pattern(ref)), f"{where}={value}"
     assert not out.float().isfinite().all()
     fin = ref.isfinite()
     assert torch.equal(out[fin], base[fin])
+
+
+def _one_pair_path(dtype, rows) -> bool:
+    """Whether the CPU FFN runs a batch of several widths as one GEMM pair at its widest width
+    (csrc/ffn_banded.cpp, padded_pair): bf16 / fp16 where oneDNN runs the dtype on AMX (the
+    attention's tile test says so) and at most 512 rows."""
+    from adaperceiver.ops.linear import cpu_gemm_library
+    info = _ext.build_info()
+    key = {torch.bfloat16: "cpu_attention_bf16", torch.float16: "cpu_attention_fp16"}.get(dtype)
+    return (key is not None and info[key] == "amx" and rows <= 512
+            and cpu_gemm_library() == "onednn")
+
+
+@pytest.mark.parametrize("where,idx", [("fc1_weight", (20, 3)), ("fc1_bias", (20,)),
+                                       ("fc2_weight", (5, 20))], ids=["fc1_weight", "fc1_bias",
+                                                                      "fc2_weight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ffn_units_past_a_width(where, idx, dtype):
+    """Unit 20 poisoned (NaN), inside the widths of samples 0 and 2 (40, 29), past sample 1's
+    (17). Samples 0 and 2: the reference's NaN pattern. Sample 1, which the reference makes NaN
+    through its 0/1 mask (0 * NaN): from fc1's row or bias, the clean run's values (the kernels
+    do not compute the unit); from fc2's column, NaN in that output column on the one-pair path
+    for small bf16 / fp16 batches (a 0 activation times the column, as in the reference), the
+    clean run's values on every other path (docs/design.md, the FFN contract)."""
+    args, base, out = _ffn_poisoned(where, idx, NAN, dtype, seed=11)
+    Nf, Cf = 7, 24
+    ref = R.ffn_forward(*(t.float() for t in args.values()), FFN_HIDDEN)
+    assert ref[1].isnan().any(), "the reference's mask: 0 * NaN"
+    for b in (0, 2):
+        assert torch.equal(_pattern(out[b]), _pattern(ref[b])), f"sample {b}"
+    if where == "fc2_weight" and _one_pair_path(dtype, 3 * Nf):
+        assert torch.equal(_pattern(out[1]), _pattern(ref[1]))
+        assert out[1, :, 5].isnan().all()
+        keep = torch.arange(Cf) != 5
+        assert torch.equal(out[1][:, keep], base[1][:, keep])
+    else:
+        assert torch.equal(out[1], base[1]), "sample 1 reads nothing of unit 20"
 
 
 def _isas():

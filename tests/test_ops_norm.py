@@ -116,6 +116,26 @@ def test_float32_stream_with_16bit_branch(lead, C, dtype, kernel_calls):
     assert err <= bound, (err, bound)
 
 
+@pytest.mark.parametrize("branch", [True, False], ids=["residual", "norm-only"])
+def test_kernel_float32_throughout(branch):
+    """The kernel called directly on float32 x and branch (the Python ops leave that case to
+    torch, whose float32 kernels run at memory speed): the residual bit for bit addcmul's, the
+    norm within the rule against float64, on tails (C = 33)."""
+    x, br, gamma, w, b = _inputs((29,), 33, torch.float32, seed=17)
+    k = torch.ops.adaperceiver.residual_layer_norm
+    with torch.inference_mode():
+        _poison_heap(x.shape)
+        r, n = k(x, br if branch else None, gamma if branch else None, w, b, EPS, True)
+    src = torch.addcmul(x, br, gamma) if branch else x
+    if branch:
+        assert r.dtype == torch.float32 and torch.equal(r, src)
+    else:
+        assert r.numel() == 0
+    plain = F.layer_norm(src, (33,), w, b, EPS)
+    err, bound = flash_rule(n, plain, _norm_truth(src, w, b))
+    assert n.dtype == torch.float32 and err <= bound, (err, bound)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
 def test_nan_and_inf_where_torch_has_them(dtype, kernel_calls):
     """A NaN in x, an inf in the branch, a -inf in x and an inf in gamma (a whole column): the
@@ -170,8 +190,9 @@ def test_strided_inputs_and_thread_counts(kernel_calls):
 
 def test_routing(kernel_calls):
     """The kernel runs without gradients only: with parameters that require grad (training)
-    the ops are torch's and give torch's gradients; float32, autocast, a broadcast branch and
-    mixed dtypes go to torch too."""
+    the ops are torch's and give torch's gradients; float32 throughout, a 16-bit x under
+    autocast, a broadcast branch and mixed parameter dtypes go to torch too; autocast's float32
+    stream with a bf16 branch takes the kernel."""
     x, br, gamma, w, b = _inputs((6,), 24, torch.bfloat16, seed=1)
     gp, wp, bp = (t.clone().requires_grad_(True) for t in (gamma, w, b))
     r, n = ops.residual_layer_norm(x, br, gp, wp, bp, EPS)

@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOATS", "autocast_inputs", "check_float_tensor", "save_call", "saved_call"]
+__all__ = ["FLOATS", "autocast_dtype", "autocast_inputs", "check_float_tensor", "save_call",
+           "saved_call"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # device types autocast knows (torch.is_autocast_enabled raises on others, "meta" among them)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
+def autocast_dtype(t):
+    """The autocast dtype of t's device when autocast is on there, else None (also when t is not
+    a tensor: the inputs' check names it)."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    dev = t.device.type
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def autocast_inputs(*tensors):
     """Under autocast, run the op in the autocast dtype (as autocast does for matmuls); RoPE
     tables stay float32."""
-    if not isinstance(tensors[0], torch.Tensor):
-        return tensors             # not a tensor: the inputs' check names it
-    dev = tensors[0].device.type
-    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
+    dtype = autocast_dtype(tensors[0])
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(dev)
     from .linear import to_dtype   # float32 -> bfloat16 weights: the parallel conversion
     return tuple(to_dtype(t, dtype) if t.is_floating_point() else t for t in tensors)
 

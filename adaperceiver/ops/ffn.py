@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import _AUTOCAST_DEVICES, autocast_inputs, save_call, saved_call
+from ._common import autocast_dtype, autocast_inputs, save_call, saved_call
 from .inputs import FfnInputs, _check_hidden
 
 __all__ = ["matryoshka_ffn"]
@@ -73,21 +73,23 @@ def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden):
     would make the cost follow the weights' size instead of the work. The results are those of
     the full weights (the op reads a sample's first h units either way); gradients reach the
     full weights through the slices (zero past the widest width, as without autocast).
-    Without autocast, or for arguments the checks reject (FfnInputs.build names them), the
-    weights as given."""
-    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and isinstance(fc1_weight, torch.Tensor)
-            and fc1_weight.dim() == 2 and isinstance(fc2_weight, torch.Tensor)
-            and fc2_weight.dim() == 2 and x.device.type in _AUTOCAST_DEVICES
-            and torch.is_autocast_enabled(x.device.type)):
-        return fc1_weight, fc1_bias, fc2_weight
+    Without autocast, or for arguments whose shapes do not fit (FfnInputs.build then names the
+    shapes the caller gave), the weights as given."""
+    given = fc1_weight, fc1_bias, fc2_weight
+    if autocast_dtype(x) is None or not all(isinstance(t, torch.Tensor) for t in (x, *given)):
+        return given
+    if x.dim() != 3 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
+        return given
+    H, C = fc1_weight.shape
+    if (x.shape[-1] != C or tuple(fc1_bias.shape) != (H,) or fc2_weight.shape[1] != H):
+        return given
     try:
-        widest = max(_check_hidden(hidden, x.shape[0], fc1_weight.shape[0]), default=0)
+        widest = max(_check_hidden(hidden, x.shape[0], H), default=0)
     except (TypeError, ValueError):
-        return fc1_weight, fc1_bias, fc2_weight
-    if not 0 < widest < fc1_weight.shape[0] or fc2_weight.shape[1] != fc1_weight.shape[0]:
-        return fc1_weight, fc1_bias, fc2_weight
-    sliced_bias = fc1_bias[:widest] if isinstance(fc1_bias, torch.Tensor) else fc1_bias
-    return fc1_weight[:widest], sliced_bias, fc2_weight[:, :widest]
+        return given
+    if not 0 < widest < H:
+        return given
+    return fc1_weight[:widest], fc1_bias[:widest], fc2_weight[:, :widest]
 
 
 # ----------------------------------------------------------------------------- FLOP formulas

@@ -7,7 +7,7 @@ computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 
 On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), they run as the
 extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with AVX-512, and AVX512-BF16 for
-bfloat16, else the op runs torch's addcmul and layer_norm itself) in two cases:
+a bfloat16 x, else the op runs torch's addcmul and layer_norm itself) in two cases:
 * bfloat16 or float16 throughout (``model.to(dtype)``), not under autocast (whose rule for
   layer_norm is float32);
 * a float32 residual stream with a bfloat16 / float16 branch (autocast's blocks: the stream

@@ -16,11 +16,11 @@
 // x costs addcmul a conversion pass of its own first; here each row is read once, kept in a
 // float32 scratch of the thread, and both results written from it.
 // Schedule: rows in blocks of about 16K values per at::parallel_for task. Per row, on AVX-512
-// (with BW, VL and, for bfloat16, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
+// (with BW, VL and, for a bfloat16 x, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
 // the branch), writes r and keeps it in float32 in an L1 scratch while summing it, a second
 // sums the squared deviations, a third writes the norm; 16 values a step, four accumulators
 // per sum (so the add chains do not bound the loops), masked tails. Elsewhere (no AVX-512, or
-// no AVX512-BF16 for bfloat16) the op is torch's at::addcmul and at::layer_norm: plain loops
+// no AVX512-BF16 for a bfloat16 x) the op is torch's at::addcmul and at::layer_norm: plain loops
 // with scalar 16-bit rounding ran fp16 slower than those there.
 // Skipped: nothing; NaN and inf go through the arithmetic as in torch (a non-finite value makes
 // its own row's moments, and so that row's normalized values, NaN).
