@@ -60,6 +60,8 @@ namespace cpu {
 ADAPERCEIVER_DECLARE_OP_KERNELS
 // Why the bfloat16 / float16 attention (forward and backward) of head dims (D, Dv) does not run
 // on AMX tiles here (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
+// The FFN's one-pair rule for small batches (ffn_banded.cpp, padded_pair) reads it too: where it
+// is empty, oneDNN runs the dtype's GEMMs on the same tiles.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
 // csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks

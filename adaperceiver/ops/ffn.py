@@ -13,7 +13,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
 from ._common import autocast_dtype, autocast_inputs, save_call, saved_call
-from .inputs import FfnInputs, _check_hidden
+from .inputs import FfnInputs, _check_hidden, ffn_shapes_fit
 
 __all__ = ["matryoshka_ffn"]
 
@@ -61,13 +61,14 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
 
     x (B, N, C); fc1_weight (Hmax, C); fc2_weight (C, Hmax); ``hidden`` an int or (B,) ints.
     """
-    fc1_weight, fc1_bias, fc2_weight = _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden)
+    fc1_weight, fc1_bias, fc2_weight = _units_in_use(x, fc1_weight, fc1_bias, fc2_weight,
+                                                     fc2_bias, hidden)
     inp = FfnInputs.build(*autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
                           hidden)
     return _ffn_op(*inp.flat())
 
 
-def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden):
+def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
     """Under autocast, the weights' first max(hidden) hidden units only: autocast casts every
     weight on every call, and the units past the widest sample are never read, so casting them
     would make the cost follow the weights' size instead of the work. The results are those of
@@ -76,13 +77,14 @@ def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, hidden):
     Without autocast, or for arguments whose shapes do not fit (FfnInputs.build then names the
     shapes the caller gave), the weights as given."""
     given = fc1_weight, fc1_bias, fc2_weight
-    if autocast_dtype(x) is None or not all(isinstance(t, torch.Tensor) for t in (x, *given)):
+    tensors = (x, *given, fc2_bias)
+    if autocast_dtype(x) is None or not all(isinstance(t, torch.Tensor) for t in tensors):
         return given
     if x.dim() != 3 or fc1_weight.dim() != 2 or fc2_weight.dim() != 2:
         return given
-    H, C = fc1_weight.shape
-    if (x.shape[-1] != C or tuple(fc1_bias.shape) != (H,) or fc2_weight.shape[1] != H):
+    if not ffn_shapes_fit(*tensors):
         return given
+    H = fc1_weight.shape[0]
     try:
         widest = max(_check_hidden(hidden, x.shape[0], H), default=0)
     except (TypeError, ValueError):

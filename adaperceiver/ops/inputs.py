@@ -310,15 +310,20 @@ class FfnInputs(_OpInputs):
             if t.device != x.device or t.dtype != x.dtype:
                 raise ValueError(f"{name} is {t.dtype} on {t.device}; x is {x.dtype} on "
                                  f"{x.device}: x and the FFN weights must share dtype and device")
-        hmax, c = fc1_weight.shape
-        if (x.shape[-1] != c or fc1_bias.shape != (hmax,) or fc2_weight.shape[1] != hmax
-                or fc2_bias.shape != (fc2_weight.shape[0],)):
+        if not ffn_shapes_fit(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
             raise ValueError(f"shapes x{tuple(x.shape)} fc1_weight{tuple(fc1_weight.shape)} "
                              f"fc1_bias{tuple(fc1_bias.shape)} "
                              f"fc2_weight{tuple(fc2_weight.shape)} "
                              f"fc2_bias{tuple(fc2_bias.shape)} do not fit")
         return cls(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                   _check_hidden(hidden, x.shape[0], hmax))
+                   _check_hidden(hidden, x.shape[0], fc1_weight.shape[0]))
+
+
+def ffn_shapes_fit(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias) -> bool:
+    """Whether the FFN's tensors (of the dims FfnInputs.build checks) agree on C and Hmax."""
+    hmax, c = fc1_weight.shape
+    return (x.shape[-1] == c and fc1_bias.shape == (hmax,) and fc2_weight.shape[1] == hmax
+            and fc2_bias.shape == (fc2_weight.shape[0],))
 
 
 def _check_hidden(hidden, batch: int, hmax: int) -> list[int]:

@@ -8,8 +8,8 @@ computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), they run as the
 extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with AVX-512, and AVX512-BF16 for
 a bfloat16 x, else the op runs torch's addcmul and layer_norm itself) in two cases:
-* bfloat16 or float16 throughout (``model.to(dtype)``), not under autocast (whose rule for
-  layer_norm is float32);
+* bfloat16 or float16 throughout (``model.to(dtype)``), not under autocast (what autocast
+  does with a 16-bit layer_norm is autocast's policy to apply, so torch's op runs there);
 * a float32 residual stream with a bfloat16 / float16 branch (autocast's blocks: the stream
   stays float32, the branches come out of the projections in the autocast dtype), for the
   residual and the residual with its norm; the results are float32, as torch's.
@@ -23,25 +23,21 @@ not take) is torch's own ops, so the model has one implementation and autograd s
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .linear import _extension_op
 
 __all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm"]
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel():
-    """torch.ops.adaperceiver.residual_layer_norm, None without the extension (a fact of the
-    install, so the memo cannot go stale)."""
-    from .. import _ext
-    if not _ext.available():
-        return None
-    return getattr(torch.ops.adaperceiver, "residual_layer_norm", None)
+    """torch.ops.adaperceiver.residual_layer_norm, None without the extension."""
+    return _extension_op("residual_layer_norm")
 
 
 def _kernel_takes(x: torch.Tensor, branch: Optional[torch.Tensor],
@@ -88,7 +84,6 @@ def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tens
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r, layer_norm(r))`` with ``r = x + gamma * branch``."""
     if (weight is None) == (bias is None) and _kernel_takes(x, branch, gamma, weight, bias):
-        r, n = _kernel()(x, branch, gamma, weight, bias, eps, True)
-        return r, n
+        return _kernel()(x, branch, gamma, weight, bias, eps, True)
     r = torch.addcmul(x, branch, gamma)
     return r, F.layer_norm(r, (r.shape[-1],), weight, bias, eps)
