@@ -227,40 +227,67 @@ __attribute__((target("avx512f"))) inline float max_scaled_any(const float* s, i
   return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
 }
 
+// 32 float32 weights (e0: the first 16, e1: the next 16) rounded to the 16-bit type, in order,
+// as one vector; the rounding as round_lowp's (bfloat16: one vcvtne2ps2bf16 for both halves)
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16"))) inline __m512i round_lowp32(__m512 e0, __m512 e1) {
+  if constexpr (kBf16) {
+    return (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+  } else {
+    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(e0, kRne)),
+                              _mm512_cvtps_ph(e1, kRne), 1);
+  }
+}
+
+// sum plus the 32 rounded weights of h (bfloat16: a dot product of their pairs with ones,
+// vdpbf16ps; float16: converted back and added)
+template <bool kBf16>
+__attribute__((target("avx512f,avx512bf16"))) inline __m512 add_rounded(__m512 sum, __m512i h) {
+  if constexpr (kBf16) {
+    return _mm512_dpbf16_ps(sum, (__m512bh)h, (__m512bh)_mm512_set1_epi16(0x3F80));  // 1.0
+  } else {
+    sum = _mm512_add_ps(sum, _mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+    return _mm512_add_ps(sum, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)));
+  }
+}
+
 // Pass 2 of softmax_row_avx512: p[j] = exp(scale * s[j] - m) rounded, for j < valid (0 up to
 // width), returning the sum of the rounded weights. exp(scale * s - m) = 2^(s c - m log2 e)
 // with c = scale log2 e, one fused multiply-add per 16 scores; m = -inf (every score so far
-// -inf) subtracts 0, not -inf (see col_softmax_avx512). The bfloat16 sum is a dot product of
-// the rounded pairs with ones (vdpbf16ps), the float16 one a conversion back and an add.
+// -inf) subtracts 0, not -inf (see col_softmax_avx512). 32 scores a step, rounded into one
+// vector and stored with one 64-byte store; whole steps below valid take no masks, the last
+// steps mask the loads and zero the lanes past valid (they may hold any score); one sum per loop.
 template <bool kBf16>
-__attribute__((target("avx512f,avx512bf16"))) float softmax_weights(const float* s,
-                                                                     int64_t valid, int64_t width,
-                                                                     float scale, float m,
-                                                                     uint16_t* p) {
+__attribute__((target("avx512f,avx512bf16,avx512bw"))) float softmax_weights(const float* s,
+                                                                          int64_t valid,
+                                                                          int64_t width,
+                                                                          float scale, float m,
+                                                                          uint16_t* p) {
   const float log2e = 1.44269504088896341f;
   const __m512 c = _mm512_set1_ps(scale * log2e);
   const __m512 sub = _mm512_set1_ps(m == -INFINITY ? 0.f : m * log2e);
-  const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bfloat16 1.0
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < width; j += 16) {
-    // lanes past valid: weight 0 (not computed: they may hold any score)
-    const __mmask16 k = lanes_below(valid, j);
-    const __m256i h =
-        round_lowp<kBf16>(k, exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), c, sub)));
-    if constexpr (kBf16) {
-      sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_zextsi256_si512(h), ones);
-    } else {
-      sum = _mm512_add_ps(sum, _mm512_cvtph_ps(h));
-    }
-    if (width - j >= 16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), h);
-    } else {  // (a masked 16-bit store needs AVX512-BW)
-      alignas(32) uint16_t tail[16];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), h);
-      std::copy(tail, tail + (width - j), p + j);
-    }
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= valid; j += 32) {
+    const __m512 e0 = exp2_lowp(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), c, sub));
+    const __m512 e1 = exp2_lowp(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + 16), c, sub));
+    const __m512i h = round_lowp32<kBf16>(e0, e1);
+    sum0 = add_rounded<kBf16>(sum0, h);
+    _mm512_storeu_si512(p + j, h);
   }
-  return _mm512_reduce_add_ps(sum);
+  for (; j < width; j += 32) {
+    const __mmask16 k0 = lanes_below(valid, j), k1 = lanes_below(valid, j + 16);
+    const __m512 e0 = _mm512_maskz_mov_ps(
+        k0, exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k0, s + j), c, sub)));
+    const __m512 e1 = _mm512_maskz_mov_ps(
+        k1, exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k1, s + j + 16), c, sub)));
+    const __m512i h = round_lowp32<kBf16>(e0, e1);
+    sum1 = add_rounded<kBf16>(sum1, h);
+    const int64_t left = width - j;
+    _mm512_mask_storeu_epi16(p + j, left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1, h);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }
 
 // See softmax_row_lowp in microkernel.h. Pass 1: the max of scale * s over the valid scores
@@ -268,9 +295,10 @@ __attribute__((target("avx512f,avx512bf16"))) float softmax_weights(const float*
 // finite scale pass 1 skips NaN scores; a NaN score makes a NaN weight and so a NaN sum, and
 // then (rare) the row is redone with m = NaN, as the reference's max is NaN-sticky. (A +inf
 // score gives a NaN sum too, from inf - inf, with no NaN score: that row stays as it is.)
-// AVX512-BF16 for the bfloat16 rounding: every CPU with AMX tiles has it.
+// AVX512-BF16 for the bfloat16 rounding and AVX512-BW for the 16-bit masked store: every CPU
+// with AMX tiles has both.
 template <bool kBf16>
-__attribute__((target("avx512f,avx512bf16"))) float softmax_row_avx512(
+__attribute__((target("avx512f,avx512bf16,avx512bw"))) float softmax_row_avx512(
     const float* s, int64_t valid, int64_t width, float scale, float m_old, float* m_new,
     uint16_t* p) {
   constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -917,7 +945,7 @@ void rope_row_lowp(bool bf16, const uint16_t* x, const float* c, const float* s,
 float softmax_row_lowp(bool bf16, const float* s, int64_t valid, int64_t width, float scale,
                        float m_old, float* m_new, uint16_t* p) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (best_isa() == Isa::kAvx512 && has_avx512_bf16()) {
+  if (best_isa() == Isa::kAvx512 && has_avx512_bf16() && has_avx512_bw()) {
     return bf16 ? softmax_row_avx512<true>(s, valid, width, scale, m_old, m_new, p)
                 : softmax_row_avx512<false>(s, valid, width, scale, m_old, m_new, p);
   }

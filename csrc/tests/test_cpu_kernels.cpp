@@ -481,6 +481,52 @@ void rope_lowp_cases() {
   }
 }
 
+// The attention's 16-bit softmax step (softmax_row_lowp, on best_isa()'s path) on rows whose
+// valid and total widths (valid 0 too) are and are not multiples of the vector steps: the max, each weight
+// within one rounding of exp(scale * s - m) in the 16-bit type, exact zeros from valid to width,
+// the returned sum equal to the sum of the rounded weights, a guard past width left as it was.
+void softmax_row_lowp_cases() {
+  for (const bool bf16 : {true, false}) {
+    const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kHalf;
+    const double ulp = bf16 ? 1.0 / 128 : 1.0 / 1024;  // relative spacing of the type
+    const int before = failures;
+    for (const int64_t width : {1, 15, 16, 31, 32, 33, 64, 100, 256}) {
+      for (const int64_t valid : {width, width - 1, width / 2 + 1}) {
+        for (const float m_old : {-std::numeric_limits<float>::infinity(), 2.5f}) {
+          const float scale = 0.125f;
+          at::Tensor s = at::randn({width}) * 12.0;
+          std::vector<uint16_t> p(width + 1, 0x7777);  // poisoned, one guard past width
+          float m_new = 7.f;
+          const float sum = adaperceiver::cpu::softmax_row_lowp(
+              bf16, s.data_ptr<float>(), valid, width, scale, m_old, &m_new, p.data());
+          at::Tensor sv = s.narrow(0, 0, valid).to(at::kDouble) * scale;
+          const double m = valid ? std::max<double>(sv.max().item<double>(), m_old) : m_old;
+          at::Tensor want = (sv - m).exp();
+          at::Tensor bits = at::from_blob(p.data(), {width}, at::kShort).clone();
+          at::Tensor got = bits.view(dt).to(at::kDouble);
+          const bool ok_w = ((got.narrow(0, 0, valid) - want).abs() <= want * ulp).all().item<bool>();
+          const bool ok_zero = valid == width || (got.narrow(0, valid, width - valid) == 0).all().item<bool>();
+          const double gsum = got.sum().item<double>();
+          const bool ok_sum = std::abs(sum - gsum) <= 1e-6 * gsum;  // 0 when valid is 0
+          const bool ok_m = m_new == static_cast<float>(m) && p[width] == 0x7777;
+          if (!(ok_w && ok_zero && ok_sum && ok_m)) {
+            std::printf("FAIL softmax_row_lowp %s width=%ld valid=%ld: weights %s, zeros past valid "
+                        "%s, sum %s, max and guard %s\n", bf16 ? "bf16" : "fp16", (long)width,
+                        (long)valid, ok_w ? "ok" : "off", ok_zero ? "ok" : "off",
+                        ok_sum ? "ok" : "off", ok_m ? "ok" : "off");
+            ++failures;
+          }
+        }
+      }
+    }
+    if (failures == before) {
+      std::printf("ok   softmax_row_lowp %s (best_isa %s): widths 1..256, valid 0..width\n",
+                  bf16 ? "bf16" : "fp16",
+                  adaperceiver::cpu::isa_name(adaperceiver::cpu::best_isa()));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -504,6 +550,7 @@ int main() {
   microkernel_cases();
   microkernel_nan_cases();
   rope_lowp_cases();
+  softmax_row_lowp_cases();
   attention_nan_case();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
