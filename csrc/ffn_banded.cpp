@@ -216,7 +216,8 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 
 // fc2 of one width in the low-precision dtype on the CPU: act (rows x h) times the first h
 // columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
-// returns. The full width (a contiguous weight) runs on oneDNN's inner product with the bias
+// returns. At few rows in bfloat16 on AMX (cpu::tile_linear_takes) the tile GEMM, which reads
+// the slice in place and the weight without reordering it. Otherwise the full width (a contiguous weight) runs on oneDNN's inner product with the bias
 // fused: one GEMM, or, where the rule says oneDNN would run it on one of 2 threads, two column
 // blocks of about Cout / 2 outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as
 // ops.linear runs the model's projections of that shape). A column slice (oneDNN would take its
@@ -225,6 +226,12 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 // filled with the bias.
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
+  if (cpu::tile_linear_takes(act.size(0), act.scalar_type())) {
+    at::Tensor y = cpu::tile_linear(act, w2.narrow(1, 0, h), b2);  // a column slice in place
+    if (!dst.defined()) return y;
+    dst.copy_(y);
+    return dst;
+  }
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
   if (cpu::onednn_linear_available() && h == w2.size(1) && w2.is_contiguous()) {
     at::Tensor y;

@@ -53,6 +53,8 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
     f.emplace_back("cpu_attention_fp16", cpu::attention_path(at::kHalf));
     f.emplace_back("cpu_attention_bwd_bf16", cpu::attention_path(at::kBFloat16));
     f.emplace_back("cpu_attention_bwd_fp16", cpu::attention_path(at::kHalf));
+    f.emplace_back("cpu_tile_linear_bf16",
+                   cpu::tile_linear_takes(1, at::kBFloat16) ? "amx" : "onednn");
   } catch (const std::exception& e) {
     f.emplace_back("cpu_isa_error", e.what());
   }
@@ -93,6 +95,12 @@ TORCH_LIBRARY(adaperceiver, m) {
   // (1: one GEMM); no tensor argument, so one kernel for every dispatch key
   m.def("gemm_row_chunks(int rows, int outputs, ScalarType dtype) -> int",
         &adaperceiver::cpu::gemm_row_chunks);
+  // csrc/cpu/tile_linear.cpp (CPU only), used by adaperceiver/ops/linear.py: x (..., K) times
+  // weight (N, K)^T plus bias in bfloat16 on AMX tiles, the weight read as it is; whether (and
+  // why not) it takes a GEMM of `rows` rows in dtype (cpu/onednn.h: the one statement of the rule)
+  m.def("tile_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("tile_linear_why_not(int rows, ScalarType dtype) -> str",
+        &adaperceiver::cpu::tile_linear_why_not);
   // csrc/cpu/norm.cpp (CPU only), used by adaperceiver/ops/norm.py: the block's residual with
   // LayerScale, x + gamma * branch (branch given), and the LayerNorm of it (normalize), in one
   // pass; a result not asked for is an empty tensor
@@ -105,5 +113,6 @@ TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
   ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
   m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
   m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
+  m.impl("tile_linear", &adaperceiver::cpu::tile_linear);
   m.impl("residual_layer_norm", &adaperceiver::cpu::residual_layer_norm);
 }

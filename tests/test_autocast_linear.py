@@ -206,7 +206,8 @@ def test_autocast_projection_runs_onednn_and_keeps_autograd(monkeypatch):
     real = linear_mod._onednn_linear
     monkeypatch.setattr(linear_mod, "_onednn_linear",
                         lambda *a: calls.append((a[0].dtype, a[1].dtype)) or real(*a))
-    x, w = torch.randn(5, 24), torch.randn(7, 24, requires_grad=True)
+    # 300 rows: more than the tile GEMM takes (tests/test_ops_tile_linear.py)
+    x, w = torch.randn(300, 24), torch.randn(7, 24, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
             ops.linear(x, w)

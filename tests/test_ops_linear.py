@@ -19,15 +19,23 @@ ONEDNN = ops.cpu_gemm_library() == "onednn"
 
 
 def _spy(monkeypatch):
-    """Count the calls that reach oneDNN's op."""
+    """Count the calls that reach oneDNN's op or the extension's tile GEMM (which bf16 GEMMs of
+    few rows take on AMX CPUs; tests/test_ops_tile_linear.py)."""
     calls = []
-    real = linear_mod._onednn_linear
+    real, real_ext = linear_mod._onednn_linear, linear_mod._extension_op
 
-    def spy(*args):
-        calls.append(args[0].shape)
-        return real(*args)
+    def spy(real_op):
+        def call(*args):
+            calls.append(args[0].shape)
+            return real_op(*args)
+        return call
 
-    monkeypatch.setattr(linear_mod, "_onednn_linear", spy if real is not None else None)
+    def extension_op(name):
+        op = real_ext(name)
+        return spy(op) if name == "tile_linear" and op is not None else op
+
+    monkeypatch.setattr(linear_mod, "_onednn_linear", spy(real) if real is not None else None)
+    monkeypatch.setattr(linear_mod, "_extension_op", extension_op)
     return calls
 
 
@@ -81,7 +89,8 @@ def test_which_inputs_go_to_onednn(monkeypatch):
     with torch.no_grad():
         ops.linear(x.double(), w.double())
     assert len(calls) == 1
-    # autocast: oneDNN on the casts where the CPU has native bf16 GEMMs, else F.linear
+    # autocast: oneDNN (or the tile GEMM) on the casts where the CPU has native bf16 GEMMs, else
+    # F.linear
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.linear(x, w).dtype == torch.bfloat16
     assert len(calls) == (2 if linear_mod.native_low_precision(torch.bfloat16) else 1)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "cpu_gemm_library", "native_low_precision", "row_chunks", "column_block",
-           "to_dtype"]
+           "tile_linear_why_not", "to_dtype"]
 
 _CHOICES = ("onednn", "mkl")
 
@@ -166,10 +166,22 @@ def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor,
     return dtype
 
 
+def tile_linear_why_not(rows: int, dtype: torch.dtype) -> str:
+    """Why a CPU GEMM of ``rows`` rows in ``dtype`` does not run on the extension's AMX tile
+    GEMM (csrc/cpu/tile_linear.cpp: bfloat16, at most a few hundred rows, a CPU with AMX-BF16),
+    which reads the weight as it is where oneDNN reorders it on every call; "" when it does."""
+    op = _extension_op("tile_linear_why_not")
+    return "the extension is not loaded" if op is None else op(rows, dtype)
+
+
 def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """oneDNN's GEMM (bias fused): one call, or column blocks in parallel (column_block)."""
-    block = column_block(x.numel() // max(x.shape[-1], 1), weight.shape[0], x.dtype)
+    """oneDNN's GEMM (bias fused): one call, or column blocks in parallel (column_block); at
+    few rows in bf16 on AMX the tile GEMM instead (tile_linear_why_not)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (bias is None or bias.dtype == x.dtype) and not tile_linear_why_not(rows, x.dtype):
+        return _extension_op("tile_linear")(x, weight, bias)
+    block = column_block(rows, weight.shape[0], x.dtype)
     if block:
         return _column_blocks_op()(x, weight, bias, block)
     return _onednn_linear(x, weight, bias, "none", [], "")
@@ -206,6 +218,8 @@ def _register_flops(op) -> None:
         register_flop_formula(op)(_gemm_flops)
 
 
-# oneDNN's op, and the column-block op (it calls oneDNN from C++, where the counter cannot see)
+# oneDNN's op, the column-block op (it calls oneDNN from C++, where the counter cannot see) and
+# the tile GEMM
 _register_flops(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
 _register_flops(_column_blocks_op())
+_register_flops(_extension_op("tile_linear"))

@@ -1,0 +1,273 @@
+// tile_linear(x, weight, bias): y (M, N) = x (M, K) weight (N, K)^T + bias in bfloat16 on AMX
+// tiles, float32 accumulation, the bias added in float32, one rounding: what oneDNN's inner
+// product computes, with the products summed in another order.
+// Why: at a few hundred rows oneDNN's bf16 matmul costs about what reading and reordering its
+// plain weight costs, on every call (nothing may be cached: an edit of the weight must be seen).
+// Here the weight is the tiles' A operand as it is (16 rows x 32 values a tile, any row stride,
+// so fc2's column slice runs in place) and is never reordered; x, the smaller operand, is
+// packed once per call. Figures and the row limit: benchmarks/README.md, "GEMMs in bf16".
+// Schedule: x packed into VNNI pairs (blocks of 16 k-pairs x 16 rows, 1 KiB, one B tile each),
+// in parallel over 16-row blocks. Threads take blocks of 32 outputs (at::parallel_for), each
+// read from memory once while the packed x stays in L2; per 32 rows four float32 C tiles (2
+// weight tiles x 2 x tiles) over K in steps of 32. A block's C
+// tiles are stored and their epilogue (16 x 16 transpose to rows of y, bias, rounding)
+// runs inside the next block's k loop, one tile per step, so the vector work overlaps the tile
+// products. Each output is one float32 sum over K in a fixed order: the thread count and the
+// batch around a row never change a result.
+// Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
+// outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
+// zero-padded copy of its columns (no memory past the weight's K columns is read).
+// What it skips: nothing is cached between calls.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include "common.h"
+#include "kernels.h"
+#include "cpu/avx512_math.h"
+#include "cpu/microkernel.h"
+#include "cpu/onednn.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace adaperceiver {
+namespace cpu {
+namespace {
+
+// Rows up to which tile_linear runs instead of oneDNN's matmul: above them oneDNN's reorder is
+// spread over enough rows that its kernel, tuned further, is as fast or faster (the figures).
+// At most 256 rows of packed x (K <= 4096: 2 MiB) stay in L2 while a thread's weight passes.
+constexpr int64_t kTileLinearMaxRows = 256;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); asked once, a fact of the process afterwards.
+bool tile_state_granted() {
+  static const bool yes = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                  18 /* XFEATURE_XTILEDATA */) == 0;
+  return yes;
+}
+
+// The tile configuration (palette 1): tiles 0-3 the float32 C tiles (16 x 16), 4-5 weight tiles
+// (16 rows x 32 bf16), 6-7 x tiles (16 k-pairs x 16 rows of pairs); 64 bytes a row for all.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One C tile (16 outputs x 16 rows, float32, a row per output) into y: rows [0, rows) of y
+// (stride ldy), outputs [0, cols); bias (cols values, float32) added first when given.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void store_tile(
+    const float* c, const float* bias, c10::BFloat16* y, int64_t ldy, int64_t rows, int64_t cols) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
+  transpose16x16(r);
+  const __mmask16 kc = lanes_below(cols, 0);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(kc, bias) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
+    _mm256_mask_storeu_epi16(y + m * ldy, kc, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+}
+
+// x (M x K, row stride ldx) into xv: block (k step s, 16-row block mb) at (s * mblocks + mb) *
+// 256 holds in row i (16 pairs) pair i of the step of each of the 16 rows; zeros past K and M.
+// Row blocks [mb0, mb1) (the parallel loop's body: a lambda would not carry the target).
+__attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat16* x, int64_t M,
+                                                                int64_t K, int64_t ldx,
+                                                                int64_t ksteps, int64_t mblocks,
+                                                                int64_t mb0, int64_t mb1,
+                                                                uint32_t* xv) {
+  for (int64_t mb = mb0; mb < mb1; ++mb) {
+    for (int64_t s = 0; s < ksteps; ++s) {
+      const int64_t k0 = s * 32, kl = std::min<int64_t>(32, K - k0);
+      const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = mb * 16 + i;
+        r[i] = m < M ? _mm512_maskz_loadu_epi16(km, x + m * ldx + k0) : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      uint32_t* blk = xv + (s * mblocks + mb) * 256;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(blk + 16 * i, r[i]);
+    }
+  }
+}
+
+// Four C tiles += weight tiles (a, a + 16 rows; stride lda values) times x tiles (b, b + 256).
+__attribute__((target("amx-tile,amx-bf16"))) inline void tile_step(const c10::BFloat16* a,
+                                                                   int64_t lda,
+                                                                   const uint32_t* b) {
+  _tile_loadd(4, a, lda * 2);
+  _tile_loadd(6, b, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_loadd(7, b + 256, 64);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_loadd(5, a + 16 * lda, lda * 2);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// The products of output blocks [nb0, nb1) (32 outputs each) on every row: the parallel loop's
+// body (a lambda would not carry the target).
+struct Problem {
+  const c10::BFloat16* w;  // weight rows, stride lda
+  int64_t lda, M, N, K, Kp, Kfull, mblocks;
+  const uint32_t* xv;      // packed x
+  const float* bias;       // float32, or null
+  c10::BFloat16* y;        // M x N
+};
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
+output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t Mp = p.mblocks * 16;
+  alignas(64) float c[4][256];
+  alignas(64) c10::BFloat16 ktail[32 * 32];  // the last K step's columns, zero-padded
+  std::vector<c10::BFloat16> ntail;          // a last block of < 32 outputs, zero-padded
+  int64_t pend_n0 = -1, pend_m0 = 0;         // the block whose C tiles wait in c
+  // C tile t of the waiting block: outputs pend_n0 + (t / 2) * 16, rows pend_m0 + (t % 2) * 16
+  const auto store = [&](int t) {
+    const int64_t n0 = pend_n0 + (t >> 1) * 16, m0 = pend_m0 + (t & 1) * 16;
+    const int64_t rows = std::min<int64_t>(16, p.M - m0), cols = std::min<int64_t>(16, p.N - n0);
+    if (rows > 0 && cols > 0) {
+      store_tile(c[t], p.bias ? p.bias + n0 : nullptr, p.y + m0 * p.N + n0, p.N, rows, cols);
+    }
+  };
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * 32, nr = std::min<int64_t>(32, p.N - n0);
+    const c10::BFloat16* a = p.w + n0 * p.lda;
+    int64_t ld = p.lda, kmain = p.Kfull;
+    if (nr < 32) {  // the last outputs: rows past N read as zeros, every K step from ntail
+      ntail.assign(32 * p.Kp, c10::BFloat16(0.f));
+      for (int64_t i = 0; i < nr; ++i) {
+        std::copy(a + i * p.lda, a + i * p.lda + p.K, &ntail[i * p.Kp]);
+      }
+      a = ntail.data(), ld = p.Kp, kmain = p.Kp;
+    } else if (p.Kfull < p.K) {
+      std::fill(ktail, ktail + 32 * 32, c10::BFloat16(0.f));
+      for (int64_t i = 0; i < 32; ++i) {
+        std::copy(a + i * p.lda + p.Kfull, a + i * p.lda + p.K, ktail + i * 32);
+      }
+    }
+    for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint32_t* b = p.xv + (m0 / 16) * 256;
+      int t = 0;
+      for (int64_t k = 0; k < kmain; k += 32) {
+        tile_step(a + k, ld, b + (k / 32) * p.mblocks * 256);
+        if (pend_n0 >= 0 && t < 4) store(t++);
+      }
+      if (kmain < p.Kp) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
+      if (pend_n0 >= 0) {
+        while (t < 4) store(t++);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      pend_n0 = n0, pend_m0 = m0;
+    }
+  }
+  if (pend_n0 >= 0) {
+    for (int t = 0; t < 4; ++t) store(t);
+  }
+  _tile_release();
+}
+
+void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w,
+                        int64_t lda, int64_t N, const float* bias, c10::BFloat16* y) {
+  const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
+  const int64_t ksteps = Kp / 32, mblocks = Mp / 16, nblocks = (N + 31) / 32;
+  // the packed x, from a 64-byte boundary (the blocks' aligned stores)
+  const at::Tensor xv_t = at::empty({ksteps * mblocks * 256 + 16}, at::kInt);
+  uint32_t* xv = reinterpret_cast<uint32_t*>(
+      (reinterpret_cast<uintptr_t>(xv_t.data_ptr()) + 63) / 64 * 64);
+  at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
+    pack_x_blocks(x, M, K, K, ksteps, mblocks, b0, b1, xv);
+  });
+  const Problem p{w, lda, M, N, K, Kp, K / 32 * 32, mblocks, xv, bias, y};
+  at::parallel_for(0, nblocks, 1, [&](int64_t nb0, int64_t nb1) { output_blocks(p, nb0, nb1); });
+}
+#endif
+
+}  // namespace
+
+std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) {
+    return std::string(c10::toString(dtype)) + " (the tiles' GEMM multiplies bfloat16 only)";
+  }
+  if (rows < 1 || rows > kTileLinearMaxRows) {
+    return std::to_string(rows) + " rows (it runs 1.." + std::to_string(kTileLinearMaxRows) + ")";
+  }
+  if (!onednn_linear_available()) return "oneDNN is off, and the rest of the model's GEMMs with it";
+  std::string why = tiles_why_not(dtype, 64, 64);
+  if (!why.empty()) return why;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!tile_state_granted()) return "Linux did not grant this process the AMX tile state";
+  return "";
+#else
+  return "not an x86-64 build";
+#endif
+}
+
+bool tile_linear_takes(int64_t rows, at::ScalarType dtype) {
+  return tile_linear_why_not(rows, dtype).empty();
+}
+
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
+              "tile_linear: CPU tensors only, got x on ", x.device(), " and weight on ",
+              weight.device());
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
+              "tile_linear: x (..., K) and weight (N, K) expected, got x ", x.sizes(),
+              " and weight ", weight.sizes());
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
+              "tile_linear: bias of weight.size(0) = ", weight.size(0), " values expected, got ",
+              bias->sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()),
+              "tile_linear: x, weight and bias must share a dtype, got ", x.scalar_type(), ", ",
+              weight.scalar_type(), bias ? std::string(", ") + c10::toString(bias->scalar_type()) : "");
+  const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / std::max<int64_t>(K, 1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  if (M == 0 || N == 0) return y;
+  const std::string why = tile_linear_why_not(M, x.scalar_type());
+  TORCH_CHECK(why.empty(), "tile_linear cannot take this call: ", why);
+  if (K == 0) {  // an empty sum: the bias
+    y.view({M, N}).copy_(bias ? bias->expand({M, N}) : at::zeros({M, N}, x.options()));
+    return y;
+  }
+  // the weight's rows must be unit-stride; a column slice (row stride above K) runs in place
+  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+  const at::Tensor xc = x.reshape({M, K}).contiguous();
+  const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+#if defined(__x86_64__) && defined(__GNUC__)
+  tile_linear_kernel(xc.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), w.stride(0),
+                     N, bias ? bf.data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>());
+#endif
+  return y;
+}
+
+
+
+}  // namespace cpu
+}  // namespace adaperceiver
