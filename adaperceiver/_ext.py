@@ -73,7 +73,9 @@ def build_info() -> dict:
     "amx", a small FFN batch of several widths runs as one oneDNN GEMM pair at its widest
     width, csrc/ffn_banded.cpp),
     ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
-    "amx", its five products on AMX tiles, or "float32"),
+    "amx", its five products on AMX tiles, or "float32"), ``cpu_tile_linear_bf16`` ("amx": bf16
+    GEMMs of at most 256 rows, the projections and fc2, run on the extension's AMX tile GEMM
+    with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
     ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
@@ -98,5 +100,6 @@ def build_info() -> dict:
         "cpu_attention_fp16": facts.get("cpu_attention_fp16") or None,
         "cpu_attention_bwd_bf16": facts.get("cpu_attention_bwd_bf16") or None,
         "cpu_attention_bwd_fp16": facts.get("cpu_attention_bwd_fp16") or None,
+        "cpu_tile_linear_bf16": facts.get("cpu_tile_linear_bf16") or None,
         "cpu_isa_error": facts.get("cpu_isa_error") or None,
     }

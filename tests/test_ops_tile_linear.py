@@ -192,3 +192,32 @@ def test_ops_linear_takes_the_tiles_up_to_256_rows(monkeypatch):
             x = torch.randn(rows, 64).to(BF16)
             _check(ops.linear(x, w, b), x, w, b)
     assert seen == [(256, 64)]
+
+
+def test_build_info_says_which_gemm_runs():
+    """build_info()'s cpu_tile_linear_bf16 (and the bench header): "amx" where the rule takes
+    bf16 GEMMs, "onednn" elsewhere, and ADAPERCEIVER_CPU_ISA=avx512 (the tiles off, as for the attention) gives
+    "onednn" with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from adaperceiver import _ext
+    info = _ext.build_info()
+    if info["load_error"] is not None:
+        pytest.skip("the extension is not loaded")
+    assert info["cpu_tile_linear_bf16"] == ("onednn" if WHY_NOT else "amx")
+    from adaperceiver.bench.timing import cpu_kernels_summary   # the bench header says it too
+    assert ("AMX tile GEMM" in cpu_kernels_summary()) == (not WHY_NOT)
+    code = ("import importlib, json, torch; from adaperceiver import _ext;"
+            " lin = importlib.import_module('adaperceiver.ops.linear');"
+            " print(json.dumps([_ext.build_info()['cpu_tile_linear_bf16'],"
+            " lin.tile_linear_why_not(1, torch.bfloat16)]))")
+    env = dict(os.environ, ADAPERCEIVER_CPU_ISA="avx512")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    path, why = json.loads(out.strip().splitlines()[-1])
+    assert path == "onednn" and why
+    if not WHY_NOT:
+        assert "ADAPERCEIVER_CPU_ISA=avx512" in why

@@ -183,9 +183,11 @@ def cpu_kernels_summary() -> str:
     def low(name, native, hw):
         return (f"{name} native ({hw} via oneDNN)" if native
                 else f"{name} computed in float32 (no {hw} on this CPU or path)")
+    tiles = ("; bf16 GEMMs of <= 256 rows on the AMX tile GEMM"
+             if info["cpu_tile_linear_bf16"] == "amx" else "")
     return (f"attention microkernel {info['cpu_isa']}; "
             f"{low('bf16', info['cpu_native_bf16'], 'AVX512-BF16/AMX-BF16')}; "
-            f"{low('fp16', info['cpu_native_fp16'], 'AVX512-FP16/AMX-FP16')}")
+            f"{low('fp16', info['cpu_native_fp16'], 'AVX512-FP16/AMX-FP16')}{tiles}")
 
 
 def environment(device) -> dict:
