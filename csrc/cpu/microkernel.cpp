@@ -107,6 +107,27 @@ __attribute__((target("avx512f"))) void small_gemm_avx512(int64_t m, int64_t n, 
   }
 }
 
+// exp(x) for x <= 0 (Cephes expf polynomial on r = x - n ln2, times 2^n by scalef); ~2 ulp.
+// NaN stays NaN (max_ps returns its second operand when either is NaN); x below -120, -inf
+// included, gives exactly 0 (2^n underflows in scalef), so a masked score weighs nothing.
+__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-120.0f), x);
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+                                 _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
 __attribute__((target("avx512f"))) void col_softmax_avx512(float* st, int64_t kc, int64_t ld,
                                                            int64_t cols, const float* m_old,
                                                            float* m_new, float* sum) {
