@@ -221,3 +221,25 @@ def test_build_info_says_which_gemm_runs():
     assert path == "onednn" and why
     if not WHY_NOT:
         assert "ADAPERCEIVER_CPU_ISA=avx512" in why
+
+
+def test_tile_linear_between_other_tile_users():
+    """The tile GEMM between the other users of the AMX tiles on the same threads (the
+    attention's cpublas::brgemm, torch's SDPA, oneDNN's matmul): every result the same bits as
+    when it ran first, whatever ran before it."""
+    op = _op()
+    q = torch.randn(2, 3, 200, 64).to(BF16)
+    x, w = torch.randn(200, 96).to(BF16), torch.randn(80, 96).to(BF16)
+    rows300 = torch.randn(300, 96).to(BF16)    # past the rule: oneDNN's matmul
+    steps = {
+        "ours": lambda: ops.block_masked_attention(q, q, q, [64, 128, 200]),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, q, q),
+        "tiles": lambda: op(x, w, None),
+        "onednn": lambda: ops.linear(rows300, w),
+    }
+    with torch.inference_mode():
+        first = {k: f() for k, f in steps.items()}
+        for order in (["tiles", "ours", "tiles", "sdpa", "tiles", "onednn", "ours", "sdpa"],
+                      ["sdpa", "tiles", "onednn", "tiles", "ours"]):
+            for k in order:
+                assert torch.equal(steps[k](), first[k]), k

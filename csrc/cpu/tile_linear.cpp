@@ -20,6 +20,7 @@
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 
 #include "common.h"
@@ -132,6 +133,10 @@ struct Problem {
 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
 output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
+  // cpublas::brgemm (the attention's, ATen's) keeps its kernel's tile configuration loaded
+  // across calls on this thread and reloads it only for another kernel: tell it that the
+  // configuration is gone, as it is once this function's tile_release has run
+  at::native::cpublas::brgemm_release(true);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
