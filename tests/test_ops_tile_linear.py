@@ -169,8 +169,16 @@ def test_tile_linear_errors():
         op(x, torch.randn(6, 9).to(BF16), None)
     with pytest.raises(RuntimeError, match="bias of weight.size"):
         op(x, w, torch.randn(5).to(BF16))
+    with pytest.raises(RuntimeError, match="no gradient formula"):
+        op(x, w.clone().requires_grad_(True), None)
     with torch.inference_mode():
         assert op(torch.randn(0, 8).to(BF16), w, None).shape == (0, 6)
+        # K = 0: an empty sum, the bias in every row
+        b = torch.randn(6).to(BF16)
+        got = op(torch.randn(5, 0).to(BF16), torch.randn(6, 0).to(BF16), b)
+        assert torch.equal(got, b.expand(5, 6))
+        assert torch.equal(op(torch.randn(3, 0).to(BF16), torch.randn(6, 0).to(BF16), None),
+                           torch.zeros(3, 6, dtype=BF16))
 
 
 def test_ops_linear_takes_the_tiles_up_to_256_rows(monkeypatch):

@@ -18,6 +18,11 @@ float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
 ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
 same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
 (they sum in different orders); a given input and library always give the same output.
+In bfloat16 on CPUs with AMX-BF16, a GEMM of at most 256 rows (a batch of one at t = 256, a
+mixed batch's deeper layers) runs on the extension's tile GEMM instead (``tile_linear_why_not``;
+csrc/cpu/tile_linear.cpp), which reads the weight as it is where oneDNN reorders it on every
+call: a row's result then depends on whether its batch has more than 256 rows (another
+summation order, within the same accuracy), never on what ran before.
 Under CPU autocast (bfloat16 / float16 with native GEMMs, no gradient recorded) a projection
 casts its operands as autocast would (weight, bias and a float32 x to the autocast dtype;
 float32 -> bfloat16 through the extension's parallel conversion, bit for bit Tensor.to's) and

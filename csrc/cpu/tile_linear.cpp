@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/accumulate.h>
+#include <ATen/core/grad_mode.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -169,6 +171,8 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
         std::copy(a + i * p.lda + p.Kfull, a + i * p.lda + p.K, ktail + i * 32);
       }
     }
+    // the tile loads are asm with no memory operand: keep the copies above before them
+    asm volatile("" ::: "memory");
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       _tile_zero(0);
       _tile_zero(1);
@@ -250,7 +254,12 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()),
               "tile_linear: x, weight and bias must share a dtype, got ", x.scalar_type(), ", ",
               weight.scalar_type(), bias ? std::string(", ") + c10::toString(bias->scalar_type()) : "");
-  const int64_t K = weight.size(1), N = weight.size(0), M = x.numel() / std::max<int64_t>(K, 1);
+  TORCH_CHECK(!(at::GradMode::is_enabled() &&
+                (x.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))),
+              "tile_linear has no gradient formula and an input requires grad (ops.linear takes "
+              "F.linear when a gradient is recorded)");
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options());
