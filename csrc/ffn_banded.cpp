@@ -217,10 +217,11 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 // fc2 of one width in the low-precision dtype on the CPU: act (rows x h) times the first h
 // columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
 // returns. At few rows in bfloat16 on AMX (cpu::tile_linear_takes) the tile GEMM, which reads
-// the slice in place and the weight without reordering it. Otherwise the full width (a contiguous weight) runs on oneDNN's inner product with the bias
-// fused: one GEMM, or, where the rule says oneDNN would run it on one of 2 threads, two column
-// blocks of about Cout / 2 outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as
-// ops.linear runs the model's projections of that shape). A column slice (oneDNN would take its
+// the slice in place and the weight without reordering it. Otherwise the full width (a
+// contiguous weight) runs on oneDNN's inner product with the bias fused: one GEMM, or, where
+// the rule says oneDNN would run it on one of 2 threads, two column blocks of about Cout / 2
+// outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as ops.linear runs the
+// model's projections of that shape). A column slice (oneDNN would take its
 // reference kernel on it) runs as ATen's addmm on the slice in place (on row blocks in that
 // band), a BLAS-style leading dimension the bf16 GEMM takes as it is, accumulating into dst
 // filled with the bias.

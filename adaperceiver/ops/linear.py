@@ -173,7 +173,7 @@ def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor,
 
 def tile_linear_why_not(rows: int, dtype: torch.dtype) -> str:
     """Why a CPU GEMM of ``rows`` rows in ``dtype`` does not run on the extension's AMX tile
-    GEMM (csrc/cpu/tile_linear.cpp: bfloat16, at most a few hundred rows, a CPU with AMX-BF16),
+    GEMM (csrc/cpu/tile_linear.cpp: bfloat16, 1..256 rows, a CPU with AMX-BF16),
     which reads the weight as it is where oneDNN reorders it on every call; "" when it does."""
     op = _extension_op("tile_linear_why_not")
     return "the extension is not loaded" if op is None else op(rows, dtype)

@@ -9,21 +9,21 @@
 // Schedule: x packed into VNNI pairs (blocks of 16 k-pairs x 16 rows, 1 KiB, one B tile each),
 // in parallel over 16-row blocks. Threads take blocks of 32 outputs (at::parallel_for), each
 // read from memory once while the packed x stays in L2; per 32 rows four float32 C tiles (2
-// weight tiles x 2 x tiles) over K in steps of 32. A block's C
-// tiles are stored and their epilogue (16 x 16 transpose to rows of y, bias, rounding)
-// runs inside the next block's k loop, one tile per step, so the vector work overlaps the tile
-// products. Each output is one float32 sum over K in a fixed order: the thread count and the
-// batch around a row never change a result.
+// weight tiles x 2 x tiles) over K in steps of 32. A block's C tiles are stored and their
+// epilogue (16 x 16 transpose to rows of y, bias, rounding) runs inside the next block's k
+// loop, one tile per step, so the vector work overlaps the tile products. Each output is one
+// float32 sum over K in a fixed order: the thread count and the batch around a row never
+// change a result.
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
 // outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
 // zero-padded copy of its columns (no memory past the weight's K columns is read).
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/accumulate.h>
-#include <ATen/core/grad_mode.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -251,9 +251,11 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)),
               "tile_linear: bias of weight.size(0) = ", weight.size(0), " values expected, got ",
               bias->sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()),
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+                  (!bias || bias->scalar_type() == x.scalar_type()),
               "tile_linear: x, weight and bias must share a dtype, got ", x.scalar_type(), ", ",
-              weight.scalar_type(), bias ? std::string(", ") + c10::toString(bias->scalar_type()) : "");
+              weight.scalar_type(),
+              bias ? std::string(", ") + c10::toString(bias->scalar_type()) : "");
   TORCH_CHECK(!(at::GradMode::is_enabled() &&
                 (x.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))),
               "tile_linear has no gradient formula and an input requires grad (ops.linear takes "
@@ -280,8 +282,6 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
 #endif
   return y;
 }
-
-
 
 }  // namespace cpu
 }  // namespace adaperceiver
