@@ -227,23 +227,15 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 // filled with the bias.
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
+  const auto into_dst = [&](const at::Tensor& y) { return dst.defined() ? dst.copy_(y) : y; };
   if (cpu::tile_linear_takes(act.size(0), act.scalar_type())) {
-    at::Tensor y = cpu::tile_linear(act, w2.narrow(1, 0, h), b2);  // a column slice in place
-    if (!dst.defined()) return y;
-    dst.copy_(y);
-    return dst;
+    return into_dst(cpu::tile_linear(act, w2.narrow(1, 0, h), b2));  // a column slice in place
   }
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
   if (cpu::onednn_linear_available() && h == w2.size(1) && w2.is_contiguous()) {
-    at::Tensor y;
-    if (blocks.size() == 1) {
-      y = *cpu::onednn_linear(act, w2, b2);
-    } else {  // the one-thread band: the column-block size is ops.linear's column_block
-      y = cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16);
-    }
-    if (!dst.defined()) return y;
-    dst.copy_(y);
-    return dst;
+    if (blocks.size() == 1) return into_dst(*cpu::onednn_linear(act, w2, b2));
+    // the one-thread band: the column-block size is ops.linear's column_block
+    return into_dst(cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16));
   }
   if (!dst.defined()) dst = at::empty({act.size(0), w2.size(0)}, act.options());
   fill_rows(dst, b2);

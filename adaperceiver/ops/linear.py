@@ -179,12 +179,13 @@ def tile_linear_why_not(rows: int, dtype: torch.dtype) -> str:
     return "the extension is not loaded" if op is None else op(rows, dtype)
 
 
-def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """oneDNN's GEMM (bias fused): one call, or column blocks in parallel (column_block); at
-    few rows in bf16 on AMX the tile GEMM instead (tile_linear_why_not)."""
+def _cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The extension's tile GEMM at few rows in bf16 on AMX (tile_linear_why_not), else oneDNN's
+    GEMM (bias fused): one call, or column blocks in parallel (column_block). x, weight and bias
+    share a dtype (_onednn_takes, or autocast's casts)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if (bias is None or bias.dtype == x.dtype) and not tile_linear_why_not(rows, x.dtype):
+    if not tile_linear_why_not(rows, x.dtype):
         return _extension_op("tile_linear")(x, weight, bias)
     block = column_block(rows, weight.shape[0], x.dtype)
     if block:
@@ -198,10 +199,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     fp16 where the CPU has native GEMMs for them, autocast included), bf16 / fp16 without
     native GEMMs as float32 (see above)."""
     if _onednn_takes(x, weight, bias):
-        return _onednn_gemm(x, weight, bias)
+        return _cpu_gemm(x, weight, bias)
     dtype = _autocast_dtype(x, weight, bias)
     if dtype is not None:
-        return _onednn_gemm(*(to_dtype(t, dtype) for t in (x, weight, bias)))
+        return _cpu_gemm(*(to_dtype(t, dtype) for t in (x, weight, bias)))
     if _float32_takes(x, weight):
         return F.linear(x.float(), weight.float(),
                         None if bias is None else bias.float()).to(x.dtype)

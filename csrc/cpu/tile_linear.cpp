@@ -104,7 +104,7 @@ __attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat
       }
       transpose16x16(r);
       uint32_t* blk = xv + (s * mblocks + mb) * 256;
-      for (int i = 0; i < 16; ++i) _mm512_store_si512(blk + 16 * i, r[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(blk + 16 * i, r[i]);
     }
   }
 }
@@ -205,10 +205,8 @@ void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
                         int64_t lda, int64_t N, const float* bias, c10::BFloat16* y) {
   const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
   const int64_t ksteps = Kp / 32, mblocks = Mp / 16, nblocks = (N + 31) / 32;
-  // the packed x, from a 64-byte boundary (the blocks' aligned stores)
-  const at::Tensor xv_t = at::empty({ksteps * mblocks * 256 + 16}, at::kInt);
-  uint32_t* xv = reinterpret_cast<uint32_t*>(
-      (reinterpret_cast<uintptr_t>(xv_t.data_ptr()) + 63) / 64 * 64);
+  const at::Tensor xv_t = at::empty({ksteps * mblocks * 256}, at::kInt);  // the packed x
+  uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.data_ptr());
   at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
     pack_x_blocks(x, M, K, K, ksteps, mblocks, b0, b1, xv);
   });
