@@ -28,6 +28,18 @@ def released_model():
     return adaperceiver.create_model("adaperceiver_v1_in1k").eval()
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """The digits recipe run once (about 2 minutes on 2 cores): (summary, output directory).
+    Its targets are checked by test_digits_recipe; the bf16 test loads the checkpoint it saved
+    instead of training the same recipe a second time."""
+    pytest.importorskip("sklearn")
+    from adaperceiver.train.digits import DigitsRecipe, run_digits
+    out = tmp_path_factory.mktemp("digits")
+    summary = run_digits(DigitsRecipe(), out_dir=str(out), avit=True, log=lambda m: None)
+    return summary, out
+
+
 def _readable(val, depth=0):
     """A short readable rendering of a parameter value, or None (pytest's default id)."""
     if isinstance(val, torch.dtype):

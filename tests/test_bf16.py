@@ -294,14 +294,14 @@ def test_model_rule(model, cfg, dtype, amp):
 
 
 @pytest.mark.slow
-def test_digits_top1_bf16_agrees_with_fp32():
-    pytest.importorskip("sklearn")
+def test_digits_top1_bf16_agrees_with_fp32(digits_run):
+    """The digits recipe's trained model (its saved checkpoint) in bf16 against float32."""
+    from adaperceiver.checkpoint import from_pretrained
     from adaperceiver.data import digits_split
-    from adaperceiver.train.digits import DigitsRecipe, train_digits
-    recipe = DigitsRecipe()
-    split = digits_split(recipe.seed)
-    model, _ = train_digits(recipe, split=split, log=lambda m: None)
-    model = model.eval()
+    from adaperceiver.train.digits import DigitsRecipe
+    _, out_dir = digits_run
+    split = digits_split(DigitsRecipe().seed)
+    model = from_pretrained(out_dir / "checkpoint").eval()
     x, y = split.x_test, split.y_test
     with torch.inference_mode():
         # logits (B, 1, classes): one readout

@@ -1,5 +1,6 @@
 """The real digits run of issue #8, end to end (about 1.5 minutes on the 2-core CPU): the
-accuracy targets and the policy target are checked on held-out data, not timed."""
+accuracy targets and the policy target are checked on held-out data, not timed. The run is
+the session fixture ``digits_run`` (conftest.py), shared with the bf16 agreement test."""
 import json
 
 import pytest
@@ -8,9 +9,8 @@ pytest.importorskip("sklearn")
 
 
 @pytest.mark.slow
-def test_digits_recipe_meets_its_targets(tmp_path):
-    from adaperceiver.train.digits import DigitsRecipe, run_digits
-    summary = run_digits(DigitsRecipe(), out_dir=str(tmp_path), avit=True, log=lambda m: None)
+def test_digits_recipe_meets_its_targets(digits_run):
+    summary, out_dir = digits_run
     configs = summary["configs"]
     assert len(configs) == 4 * 3 * 6
     low = [c for c in configs if c["l"] >= 2 and c["test"] <= 0.90]
@@ -23,6 +23,6 @@ def test_digits_recipe_meets_its_targets(tmp_path):
           and p["flops"] <= 0.75 * largest["flops"]]
     assert ok, summary["policies"]
     assert summary["avit"] and all(0 < p["flops"] for p in summary["avit"])
-    saved = json.loads((tmp_path / "digits.json").read_text())
+    saved = json.loads((out_dir / "digits.json").read_text())
     assert saved["largest"]["test_accuracy"] == largest["test_accuracy"]
-    assert (tmp_path / "front.png").stat().st_size > 10_000
+    assert (out_dir / "front.png").stat().st_size > 10_000
