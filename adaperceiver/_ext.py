@@ -76,6 +76,9 @@ def build_info() -> dict:
     "amx", its five products on AMX tiles, or "float32"), ``cpu_tile_linear_bf16`` ("amx": bf16
     GEMMs of at most 256 rows, the projections and fc2, run on the extension's AMX tile GEMM
     with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
+    ``cpu_tile_linear_fp16`` ("amx-bf16-pairs": fp16 GEMMs, the projections and the FFN, run
+    on the same tile GEMM as exact pairs of bf16 products, on CPUs with AMX-BF16 but no
+    AMX-FP16, where oneDNN's fp16 GEMM runs at about float32 speed; "onednn": on oneDNN),
     ``cpu_isa_error`` (why an ``ADAPERCEIVER_CPU_ISA`` value was refused, else None).
     """
     import torch
@@ -101,5 +104,6 @@ def build_info() -> dict:
         "cpu_attention_bwd_bf16": facts.get("cpu_attention_bwd_bf16") or None,
         "cpu_attention_bwd_fp16": facts.get("cpu_attention_bwd_fp16") or None,
         "cpu_tile_linear_bf16": facts.get("cpu_tile_linear_bf16") or None,
+        "cpu_tile_linear_fp16": facts.get("cpu_tile_linear_fp16") or None,
         "cpu_isa_error": facts.get("cpu_isa_error") or None,
     }

@@ -188,9 +188,13 @@ at::Tensor on_row_blocks(const at::Tensor& x, int64_t outputs, Run run) {
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
 // addmm and gelu when oneDNN is not there. On row blocks (cpu::gemm_row_chunks) copied into one
-// output when the rule cuts the rows.
+// output when the rule cuts the rows. float16 where the tile GEMM takes it (bfloat16 pairs on
+// AMX-BF16, cpu::tile_linear_takes) runs there, the GELU in its epilogue.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
+  if (x.scalar_type() == at::kHalf && cpu::tile_linear_takes(x.size(0), at::kHalf)) {
+    return cpu::tile_linear(x, w, b, cpu::PostOp::kGelu);  // the GELU in its epilogue
+  }
   const at::Tensor wc = w.contiguous();
   return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
     return *cpu::onednn_linear(xr, wc, b, cpu::PostOp::kGelu);
@@ -216,8 +220,9 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 
 // fc2 of one width in the low-precision dtype on the CPU: act (rows x h) times the first h
 // columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
-// returns. At few rows in bfloat16 on AMX (cpu::tile_linear_takes) the tile GEMM, which reads
-// the slice in place and the weight without reordering it. Otherwise the full width (a
+// returns. At few rows in bfloat16 on AMX, and in float16 on AMX-BF16 without AMX-FP16
+// (cpu::tile_linear_takes), the tile GEMM, which reads the slice in place and the weight without
+// reordering it. Otherwise the full width (a
 // contiguous weight) runs on oneDNN's inner product with the bias fused: one GEMM, or, where
 // the rule says oneDNN would run it on one of 2 threads, two column blocks of about Cout / 2
 // outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as ops.linear runs the

@@ -55,6 +55,8 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
     f.emplace_back("cpu_attention_bwd_fp16", cpu::attention_path(at::kHalf));
     f.emplace_back("cpu_tile_linear_bf16",
                    cpu::tile_linear_takes(1, at::kBFloat16) ? "amx" : "onednn");
+    f.emplace_back("cpu_tile_linear_fp16",
+                   cpu::tile_linear_takes(1, at::kHalf) ? "amx-bf16-pairs" : "onednn");
   } catch (const std::exception& e) {
     f.emplace_back("cpu_isa_error", e.what());
   }
@@ -113,6 +115,9 @@ TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
   ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
   m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
   m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
-  m.impl("tile_linear", &adaperceiver::cpu::tile_linear);
+  m.impl("tile_linear", [](const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias) {
+    return adaperceiver::cpu::tile_linear(x, weight, bias);
+  });
   m.impl("residual_layer_norm", &adaperceiver::cpu::residual_layer_norm);
 }

@@ -1,8 +1,10 @@
-"""The extension's AMX tile GEMM (csrc/cpu/tile_linear.cpp): x (..., K) weight (N, K)^T + bias in
-bfloat16 with the weight read as it is, which ops.linear and the C++ FFN's fc2 take for bf16
-GEMMs of at most 256 rows on CPUs with AMX-BF16. Against float64 by flash-attn's rule, on tails
-of every dimension, a column slice read in place, NaN / inf, batch and thread invariance, the
-rule, the routing, and the errors."""
+"""The extension's AMX tile GEMM (csrc/cpu/tile_linear.cpp): x (..., K) weight (N, K)^T + bias
+with the weight read as it is. bfloat16: ops.linear and the C++ FFN's fc2 take it for GEMMs of
+at most 256 rows on CPUs with AMX-BF16. float16, as exact pairs of bfloat16 products on CPUs
+with AMX-BF16 but no AMX-FP16: the projections and the FFN's fc1 (its GELU in the epilogue) and
+fc2 at any row count. Against float64 by flash-attn's rule, on tails of every dimension, a
+column slice read in place, NaN / inf, batch and thread invariance, the rule, the routing, and
+the errors."""
 import importlib
 import math
 
@@ -14,13 +16,16 @@ from adaperceiver import ops
 from helpers import flash_rule
 
 linear_mod = importlib.import_module("adaperceiver.ops.linear")
-BF16 = torch.bfloat16
+BF16, F16 = torch.bfloat16, torch.float16
 WHY_NOT = linear_mod.tile_linear_why_not(1, BF16)
+WHY_NOT_F16 = linear_mod.tile_linear_why_not(1, F16)
+DTYPES = [pytest.param(BF16, id="bf16"), pytest.param(F16, id="fp16")]
 
 
-def _op():
-    if WHY_NOT:
-        pytest.skip(f"the tile GEMM does not run here: {WHY_NOT}")
+def _op(dtype=BF16):
+    why = WHY_NOT if dtype == BF16 else WHY_NOT_F16
+    if why:
+        pytest.skip(f"the tile GEMM does not run {dtype} here: {why}")
     return torch.ops.adaperceiver.tile_linear
 
 
@@ -39,43 +44,75 @@ SHAPES = [(1, 1, 1), (5, 33, 17), (37, 65, 70), (31, 64, 32), (33, 95, 63), (100
           (224, 2138, 832), (200, 832, 2138), (256, 96, 100)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,k,n", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_tile_linear_matches_float64(rows, k, n, with_bias):
+def test_tile_linear_matches_float64(rows, k, n, with_bias, dtype):
     """Every output of every shape within flash-attn's rule (an output left unwritten would
     hold whatever the allocator handed back: a NaN-filled block of the output's size is freed
     just before, so it shows up as an error)."""
-    op = _op()
-    x = torch.randn(rows, k).to(BF16)
-    w = (torch.randn(n, k) / math.sqrt(k)).to(BF16)
-    b = torch.randn(n).to(BF16) if with_bias else None
+    op = _op(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    w = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n).to(dtype) if with_bias else None
     with torch.inference_mode():
-        poison = torch.full((rows, n), math.nan, dtype=BF16)
+        poison = torch.full((rows, n), math.nan, dtype=dtype)
         del poison
         got = op(x, w, b)
-    assert got.shape == (rows, n) and got.dtype == BF16 and got.isfinite().all()
+    assert got.shape == (rows, n) and got.dtype == dtype and got.isfinite().all()
     _check(got, x, w, b)
 
 
-def test_tile_linear_keeps_leading_dims():
-    op = _op()
-    x, w, b = torch.randn(3, 5, 40).to(BF16), torch.randn(24, 40).to(BF16), torch.randn(24).to(BF16)
+@pytest.mark.parametrize("rows,k,n", [(300, 70, 45), (1000, 64, 33)])
+def test_tile_linear_fp16_any_rows(rows, k, n):
+    """float16 has no row limit (oneDNN's float16 GEMM is no faster at any row count)."""
+    op = _op(F16)
+    x, w, b = torch.randn(rows, k).to(F16), (torch.randn(n, k) / 8).to(F16), torch.randn(n).to(F16)
+    with torch.inference_mode():
+        got = op(x, w, b)
+    _check(got, x, w, b)
+
+
+@pytest.mark.parametrize("k", [4, 3])
+def test_tile_linear_fp16_pairs_are_exact(k):
+    """v = hi + lo exactly, and all four products are summed: on values whose products and sums
+    are exact in float32 (11-bit integers / 1024, K <= 4), every output is the float64 result
+    rounded once to float16, bit for bit. Dropping any of the four products (lo x lo the
+    smallest) or rounding lo would change some outputs."""
+    op = _op(F16)
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randint(-2047, 2048, (37, k), generator=g) / 1024).to(F16)
+    w = (torch.randint(-2047, 2048, (45, k), generator=g) / 1024).to(F16)
+    with torch.inference_mode():
+        got = op(x, w, None)
+    truth = F.linear(x.double(), w.double())
+    assert torch.equal(got, truth.to(F16))
+    # the lo parts are not all zero (else the test would not reach them)
+    assert (x.float() != x.bfloat16().float()).any() and (w.float() != w.bfloat16().float()).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_keeps_leading_dims(dtype):
+    op = _op(dtype)
+    x, w, b = torch.randn(3, 5, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
     with torch.inference_mode():
         got = op(x, w, b)
     assert got.shape == (3, 5, 24)
     _check(got.reshape(15, 24), x.reshape(15, 40), w, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [64, 70])
-def test_tile_linear_column_slice_in_place(k):
+def test_tile_linear_column_slice_in_place(k, dtype):
     """A column slice of a wider weight (fc2 at a narrower width) runs in place, and the
-    columns past the slice are never read: NaN and inf there change nothing."""
-    op = _op()
-    x = torch.randn(40, k).to(BF16)
-    wide = torch.randn(50, 96).to(BF16)
+    columns past the slice are never read: NaN and inf there change nothing (in float16 they
+    would also send the call to oneDNN)."""
+    op = _op(dtype)
+    x = torch.randn(40, k).to(dtype)
+    wide = torch.randn(50, 96).to(dtype)
     wide[:, k:] = math.nan
     wide[7, k:] = math.inf
-    b = torch.randn(50).to(BF16)
+    b = torch.randn(50).to(dtype)
     with torch.inference_mode():
         got = op(x, wide[:, :k], b)
         copy = op(x, wide[:, :k].contiguous(), b)
@@ -84,12 +121,13 @@ def test_tile_linear_column_slice_in_place(k):
     _check(got, x, wide[:, :k].contiguous(), b)
 
 
-def test_tile_linear_nan_inf_as_the_product():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_nan_inf_as_the_product(dtype):
     """NaN and inf where the float64 product has them: a NaN in a row of x makes that row NaN,
     an inf in a weight row makes its output column inf (or NaN against an opposite inf)."""
-    op = _op()
-    x = torch.randn(70, 130).to(BF16)
-    w, b = (torch.randn(66, 130) / 11).to(BF16), torch.randn(66).to(BF16)
+    op = _op(dtype)
+    x = torch.randn(70, 130).to(dtype)
+    w, b = (torch.randn(66, 130) / 11).to(dtype), torch.randn(66).to(dtype)
     x[69, 129] = math.nan    # the last row, the K tail
     w[65, 3] = math.inf      # the last output (the output tail)
     w[31, 128] = -math.inf   # the first block's last output, in the K tail
@@ -105,12 +143,38 @@ def test_tile_linear_nan_inf_as_the_product():
     assert err <= bound, (err, bound)
 
 
-def test_tile_linear_is_batch_and_thread_invariant():
+@pytest.mark.parametrize("where", ["x", "weight"])
+def test_tile_linear_fp16_inf_stays_inf(where):
+    """float16 splits v into hi + lo, and inf - inf is NaN: an inf in x (or in the weight)
+    against a weight (or x) column whose values are exact in bfloat16 (lo = 0) would give
+    inf * 0 = NaN. Such a call is computed by oneDNN instead: inf where the product is inf,
+    the same bits as oneDNN's float16 GEMM."""
+    op = _op(F16)
+    x = torch.randn(40, 70).to(F16)
+    w, b = (torch.randn(36, 70) / 8).to(F16), torch.randn(36).to(F16)
+    if where == "x":
+        x[5, 66] = math.inf                    # the K tail
+        w[:, 66] = w[:, 66].bfloat16().half()  # lo = 0 in that column
+    else:
+        w[33, 2] = -math.inf                   # the output tail
+        x[:, 2] = x[:, 2].bfloat16().half()
+        x[:, 2][x[:, 2] == 0] = 1
+    with torch.inference_mode():
+        got = op(x, w, b)
+        onednn = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    truth = _truth(x, w, b)
+    assert truth.isinf().sum() >= 30 and not truth.isnan().any()
+    assert torch.equal(got.isinf(), truth.isinf()) and not got.isnan().any()
+    assert torch.equal(got, onednn)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_is_batch_and_thread_invariant(dtype):
     """Each output is one float32 sum in a fixed order: a row gives the same bits alone, in a
     batch, in another order of the batch, and at one or two threads."""
-    op = _op()
-    x = torch.randn(200, 833).to(BF16)
-    w, b = (torch.randn(97, 833) / 29).to(BF16), torch.randn(97).to(BF16)
+    op = _op(dtype)
+    x = torch.randn(200, 833).to(dtype)
+    w, b = (torch.randn(97, 833) / 29).to(dtype), torch.randn(97).to(dtype)
     perm = torch.randperm(200)
     old = torch.get_num_threads()
     try:
@@ -128,12 +192,13 @@ def test_tile_linear_is_batch_and_thread_invariant():
     assert torch.equal(one_thread, full)
 
 
-def test_tile_linear_sees_weight_edits():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tile_linear_sees_weight_edits(dtype):
     """Nothing is kept between calls: an in-place edit of the weight (through .data too) and a
     new bias are seen by the next call."""
-    op = _op()
-    x = torch.randn(64, 96).to(BF16)
-    w, b = torch.randn(40, 96).to(BF16), torch.randn(40).to(BF16)
+    op = _op(dtype)
+    x = torch.randn(64, 96).to(dtype)
+    w, b = torch.randn(40, 96).to(dtype), torch.randn(40).to(dtype)
     with torch.inference_mode():
         before = op(x, w, b)
         w.data[5].mul_(-2)
@@ -144,16 +209,21 @@ def test_tile_linear_sees_weight_edits():
 
 
 def test_tile_linear_rule():
-    """The rule is of the dtype and the row count (and the machine): bfloat16 only, 1..256 rows,
-    each refusal naming the value and what is allowed."""
+    """The rule is of the dtype and the row count (and the machine): bfloat16 at 1..256 rows,
+    float16 at any positive row count where the CPU has AMX-BF16 but no AMX-FP16, each refusal
+    naming the value and what is allowed."""
     why = linear_mod.tile_linear_why_not
-    assert "bfloat16 only" in why(4, torch.float16) and "bfloat16 only" in why(4, torch.float32)
+    assert "Float (the tiles' GEMM multiplies bfloat16, and float16" in why(4, torch.float32)
     assert "257 rows" in why(257, BF16) and "1..256" in why(257, BF16)
-    assert "0 rows" in why(0, BF16)
+    assert "0 rows" in why(0, BF16) and "0 rows" in why(0, F16)
     if not WHY_NOT:
         assert why(1, BF16) == why(256, BF16) == ""
+    if not WHY_NOT_F16:
+        assert why(1, F16) == why(257, F16) == why(100_000, F16) == ""
+    elif not WHY_NOT:   # the tiles are there: float16 is refused for AMX-FP16 only
+        assert "AMX-FP16" in WHY_NOT_F16
     info = torch.ops.adaperceiver.tile_linear_why_not
-    assert info(256, BF16) == why(256, BF16)
+    assert info(256, BF16) == why(256, BF16) and info(300, F16) == why(300, F16)
 
 
 def test_tile_linear_errors():
@@ -161,8 +231,8 @@ def test_tile_linear_errors():
     x, w = torch.randn(4, 8).to(BF16), torch.randn(6, 8).to(BF16)
     with pytest.raises(RuntimeError, match="257 rows"):
         op(torch.randn(257, 8).to(BF16), w, None)
-    with pytest.raises(RuntimeError, match="bfloat16 only"):
-        op(x.half(), w.half(), None)
+    with pytest.raises(RuntimeError, match="Float .the tiles' GEMM multiplies bfloat16"):
+        op(x.float(), w.float(), None)
     with pytest.raises(RuntimeError, match="share a dtype"):
         op(x, w.float(), None)
     with pytest.raises(RuntimeError, match=r"x \(\.\.\., K\) and weight \(N, K\)"):
@@ -202,6 +272,27 @@ def test_ops_linear_takes_the_tiles_up_to_256_rows(monkeypatch):
     assert seen == [(256, 64)]
 
 
+def test_ops_linear_takes_the_tiles_for_fp16_at_any_rows(monkeypatch):
+    """ops.linear: float16 inference on the tile GEMM at any row count (here 1, 257 and 700),
+    within flash-attn's rule."""
+    op = _op(F16)
+    seen = []
+
+    def spy(*args):
+        seen.append(args[0].shape[0])
+        return op(*args)
+
+    real = linear_mod._extension_op
+    monkeypatch.setattr(linear_mod, "_extension_op",
+                        lambda name: spy if name == "tile_linear" else real(name))
+    w, b = (torch.randn(70, 64) / 8).to(F16), torch.randn(70).to(F16)
+    with torch.inference_mode():
+        for rows in (1, 257, 700):
+            x = torch.randn(rows, 64).to(F16)
+            _check(ops.linear(x, w, b), x, w, b)
+    assert seen == [1, 257, 700]
+
+
 def test_build_info_says_which_gemm_runs():
     """build_info()'s cpu_tile_linear_bf16 (and the bench header): "amx" where the rule takes
     bf16 GEMMs, "onednn" elsewhere, and ADAPERCEIVER_CPU_ISA=avx512 (the tiles off, as for the attention) gives
@@ -216,19 +307,24 @@ def test_build_info_says_which_gemm_runs():
     if info["load_error"] is not None:
         pytest.skip("the extension is not loaded")
     assert info["cpu_tile_linear_bf16"] == ("onednn" if WHY_NOT else "amx")
+    assert info["cpu_tile_linear_fp16"] == ("onednn" if WHY_NOT_F16 else "amx-bf16-pairs")
     from adaperceiver.bench.timing import cpu_kernels_summary   # the bench header says it too
-    assert ("AMX tile GEMM" in cpu_kernels_summary()) == (not WHY_NOT)
+    header = cpu_kernels_summary()
+    assert ("bf16 GEMMs of <= 256 rows on the AMX tile GEMM" in header) == (not WHY_NOT)
+    assert ("fp16 GEMMs on the AMX tile GEMM" in header) == (not WHY_NOT_F16)
     code = ("import importlib, json, torch; from adaperceiver import _ext;"
             " lin = importlib.import_module('adaperceiver.ops.linear');"
-            " print(json.dumps([_ext.build_info()['cpu_tile_linear_bf16'],"
-            " lin.tile_linear_why_not(1, torch.bfloat16)]))")
+            " i = _ext.build_info();"
+            " print(json.dumps([i['cpu_tile_linear_bf16'], i['cpu_tile_linear_fp16'],"
+            " lin.tile_linear_why_not(1, torch.bfloat16),"
+            " lin.tile_linear_why_not(1, torch.float16)]))")
     env = dict(os.environ, ADAPERCEIVER_CPU_ISA="avx512")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
-    path, why = json.loads(out.strip().splitlines()[-1])
-    assert path == "onednn" and why
+    path, path16, why, why16 = json.loads(out.strip().splitlines()[-1])
+    assert path == path16 == "onednn" and why and why16
     if not WHY_NOT:
-        assert "ADAPERCEIVER_CPU_ISA=avx512" in why
+        assert "ADAPERCEIVER_CPU_ISA=avx512" in why and "ADAPERCEIVER_CPU_ISA=avx512" in why16
 
 
 def test_tile_linear_between_other_tile_users():
@@ -245,9 +341,13 @@ def test_tile_linear_between_other_tile_users():
         "tiles": lambda: op(x, w, None),
         "onednn": lambda: ops.linear(rows300, w),
     }
+    if not WHY_NOT_F16:
+        x16, w16 = x.half(), w.half()
+        steps["tiles16"] = lambda: op(x16, w16, None)
     with torch.inference_mode():
         first = {k: f() for k, f in steps.items()}
         for order in (["tiles", "ours", "tiles", "sdpa", "tiles", "onednn", "ours", "sdpa"],
-                      ["sdpa", "tiles", "onednn", "tiles", "ours"]):
-            for k in order:
+                      ["sdpa", "tiles", "onednn", "tiles", "ours"],
+                      ["tiles16", "ours", "tiles", "tiles16", "onednn", "tiles16", "sdpa"]):
+            for k in (k for k in order if k in steps):
                 assert torch.equal(steps[k](), first[k]), k

@@ -185,6 +185,8 @@ def cpu_kernels_summary() -> str:
                 else f"{name} computed in float32 (no {hw} on this CPU or path)")
     tiles = ("; bf16 GEMMs of <= 256 rows on the AMX tile GEMM"
              if info["cpu_tile_linear_bf16"] == "amx" else "")
+    tiles += ("; fp16 GEMMs on the AMX tile GEMM as exact bf16 pairs"
+              if info["cpu_tile_linear_fp16"] == "amx-bf16-pairs" else "")
     return (f"attention microkernel {info['cpu_isa']}; "
             f"{low('bf16', info['cpu_native_bf16'], 'AVX512-BF16/AMX-BF16')}; "
             f"{low('fp16', info['cpu_native_fp16'], 'AVX512-FP16/AMX-FP16')}{tiles}")

@@ -33,13 +33,14 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
                                         PostOp post_op = PostOp::kNone);
 
 // The same product on AMX tiles without reordering the weight (cpu/tile_linear.cpp, which says
-// why): bfloat16 x (..., K), weight (N, K) of unit column stride (a column slice runs in place),
-// bias (N,) or none; a new (..., N) tensor. Raises unless tile_linear_takes(rows, dtype), the
-// one statement of when the model's bf16 GEMMs take it (why not: tile_linear_why_not).
+// why): bfloat16 or float16 x (..., K), weight (N, K) of unit column stride (a column slice runs
+// in place), bias (N,) or none, then post_op (GELU: float16 only); a new (..., N) tensor. Raises
+// unless tile_linear_takes(rows, dtype), the one statement of when the model's bf16 / fp16 GEMMs
+// take it (why not: tile_linear_why_not).
 std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype);
 bool tile_linear_takes(int64_t rows, at::ScalarType dtype);
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias);
+                       const c10::optional<at::Tensor>& bias, PostOp post_op = PostOp::kNone);
 
 // GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs
 // a product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832:

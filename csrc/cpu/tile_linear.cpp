@@ -17,12 +17,23 @@
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
 // outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
 // zero-padded copy of its columns (no memory past the weight's K columns is read).
+// float16 (tile_linear_fp16 below; CPUs with AMX-BF16 but no AMX-FP16, where oneDNN's float16
+// GEMM runs at about float32 speed): every float16 value v is split exactly into two bfloat16,
+// hi = v rounded to bfloat16 and lo = v - hi (at most 4 significant bits, within bfloat16's
+// range), so v w = hi_v hi_w + hi_v lo_w + lo_v hi_w + lo_v lo_w, four exact products summed in
+// float32 per K step: the float32 accumulation of exact products that oneDNN's float16 GEMM
+// computes, in another order, then one rounding to float16. x's halves are packed as above;
+// each block of 32 weight rows is split into an L2-resident panel of tiles (k step major) as
+// the block starts, so tails of N and K are zero-padded there. The split of inf or NaN is not
+// exact (inf - inf), so a call whose x or weight holds one is computed by oneDNN instead. An
+// optional exact (erf) GELU of the biased float32 sum before the rounding: fc1's epilogue.
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/accumulate.h>
 
 #include "common.h"
@@ -30,6 +41,7 @@
 #include "cpu/avx512_math.h"
 #include "cpu/microkernel.h"
 #include "cpu/onednn.h"
+#include "cpu/vec_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -38,6 +50,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -213,20 +226,242 @@ void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
   const Problem p{w, lda, M, N, K, Kp, K / 32 * 32, mblocks, xv, bias, y};
   at::parallel_for(0, nblocks, 1, [&](int64_t nb0, int64_t nb1) { output_blocks(p, nb0, nb1); });
 }
+
+// ---- float16 as pairs of bfloat16 (see the file's comment) ----
+
+#define ADAPERCEIVER_SPLIT_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
+
+// 32 float16 values (lanes past km: 0) split into hi = bf16(v) and lo = bf16(v - hi), each 32
+// bfloat16; true when a lane holds inf or NaN (exponent bits all ones)
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) inline bool split32(const c10::Half* p,
+                                                                      __mmask32 km, __m512i* hi,
+                                                                      __m512i* lo) {
+  const __m512i h = _mm512_maskz_loadu_epi16(km, p);
+  const __m512i exp_bits = _mm512_set1_epi16(0x7C00);
+  const bool nonfinite =
+      _mm512_cmpeq_epi16_mask(_mm512_and_si512(h, exp_bits), exp_bits) != 0;
+  const __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  const __m512 b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+  const __m512i hb = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 ah = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hb)), 16));
+  const __m512 bh = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hb, 1)), 16));
+  *hi = hb;
+  *lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, bh), _mm512_sub_ps(a, ah));
+  return nonfinite;
+}
+
+// x (M x K, row stride K) split and packed into xh / xl: block (16-row block mb, k step s) at
+// (mb * ksteps + s) * 256, laid out as pack_x_blocks lays a block; zeros past K and M. Row
+// blocks [mb0, mb1); true when x holds inf or NaN there.
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool pack_x_split(
+    const c10::Half* x, int64_t M, int64_t K, int64_t ksteps, int64_t mb0, int64_t mb1,
+    uint32_t* xh, uint32_t* xl) {
+  bool nonfinite = false;
+  for (int64_t mb = mb0; mb < mb1; ++mb) {
+    for (int64_t s = 0; s < ksteps; ++s) {
+      const int64_t kl = std::min<int64_t>(32, K - s * 32);
+      const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+      __m512i rh[16], rl[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t m = mb * 16 + i;
+        nonfinite |= split32(x + m * K + s * 32, m < M ? km : 0, &rh[i], &rl[i]);
+      }
+      transpose16x16(rh);
+      transpose16x16(rl);
+      uint32_t* bh = xh + (mb * ksteps + s) * 256;
+      uint32_t* bl = xl + (mb * ksteps + s) * 256;
+      for (int i = 0; i < 16; ++i) {
+        _mm512_storeu_si512(bh + 16 * i, rh[i]);
+        _mm512_storeu_si512(bl + 16 * i, rl[i]);
+      }
+    }
+  }
+  return nonfinite;
+}
+
+// weight rows [n0, n0 + 32) (those below N; row stride lda, K values) split into the panels ph /
+// pl: k step s at s * 1024 holds 32 rows of 32 values (two 16-row tiles, 64-byte rows); zeros
+// past N and K. True when the rows hold inf or NaN.
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool split_panel(
+    const c10::Half* w, int64_t lda, int64_t N, int64_t K, int64_t n0, int64_t ksteps,
+    c10::BFloat16* ph, c10::BFloat16* pl) {
+  bool nonfinite = false;
+  for (int64_t s = 0; s < ksteps; ++s) {
+    const int64_t kl = std::min<int64_t>(32, K - s * 32);
+    const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+    for (int64_t r = 0; r < 32; ++r) {
+      __m512i h, l;
+      nonfinite |= split32(w + (n0 + r) * lda + s * 32, n0 + r < N ? km : 0, &h, &l);
+      _mm512_storeu_si512(ph + s * 1024 + r * 32, h);
+      _mm512_storeu_si512(pl + s * 1024 + r * 32, l);
+    }
+  }
+  return nonfinite;
+}
+
+// One C tile (16 outputs x 16 rows, a row per output) into y as float16: rows [0, rows) of y
+// (stride ldy), outputs [0, cols). With gelu, c already holds GELU(sum + bias) (bias then null).
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void store_tile_half(
+    const float* c, const float* bias, c10::Half* y, int64_t ldy, int64_t rows, int64_t cols) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
+  transpose16x16(r);
+  const __mmask16 kc = lanes_below(cols, 0);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(kc, bias) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) {
+    const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
+    _mm256_mask_storeu_epi16(y + m * ldy, kc,
+                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+struct HalfProblem {
+  const c10::Half* w;       // weight rows, stride lda
+  int64_t lda, M, N, K, ksteps, mblocks;
+  const uint32_t *xh, *xl;  // x's halves, packed
+  const float* bias;        // float32, or null
+  bool gelu;                // the exact GELU of (sum + bias) before the rounding
+  c10::Half* y;             // M x N
+  std::atomic<bool>* nonfinite;
+};
+
+// Output blocks [nb0, nb1) of 32 (the parallel loop's body): per block the weight panel is split,
+// then per 32 rows four C tiles take, per K step, hi hi + hi lo + lo lo + lo hi (the x tiles of
+// the second product kept for the third, the weight's lo tiles for the fourth). The epilogue of
+// a block's C tiles runs in the next block's k loop, as in output_blocks.
+__attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void half_output_blocks(
+    const HalfProblem& p, int64_t nb0, int64_t nb1) {
+  at::native::cpublas::brgemm_release(true);
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  std::vector<c10::BFloat16> panels(p.ksteps * 2048 + 32);
+  c10::BFloat16* ph = reinterpret_cast<c10::BFloat16*>(
+      (reinterpret_cast<uintptr_t>(panels.data()) + 63) & ~uintptr_t(63));
+  c10::BFloat16* pl = ph + p.ksteps * 1024;
+  alignas(64) float c[4][256];
+  alignas(64) float bias_tiles[2][256];  // (with gelu) the bias of each C tile element
+  int64_t pend_n0 = -1, pend_m0 = 0;
+  const auto store = [&](int t) {
+    const int64_t n0 = pend_n0 + (t >> 1) * 16, m0 = pend_m0 + (t & 1) * 16;
+    const int64_t rows = std::min<int64_t>(16, p.M - m0), cols = std::min<int64_t>(16, p.N - n0);
+    if (rows <= 0 || cols <= 0) return;
+    if (p.gelu) bias_gelu_row(c[t], bias_tiles[t >> 1], 256);
+    store_tile_half(c[t], p.gelu || !p.bias ? nullptr : p.bias + n0, p.y + m0 * p.N + n0, p.N,
+                    rows, cols);
+  };
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * 32;
+    if (split_panel(p.w, p.lda, p.N, p.K, n0, p.ksteps, ph, pl)) {
+      p.nonfinite->store(true, std::memory_order_relaxed);
+    }
+    // the tile loads are asm with no memory operand: keep the panel's stores before them
+    asm volatile("" ::: "memory");
+    for (int64_t m0 = 0; m0 < p.mblocks * 16; m0 += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint32_t* bh0 = p.xh + (m0 / 16) * p.ksteps * 256;
+      const uint32_t* bh1 = bh0 + p.ksteps * 256;
+      const uint32_t* bl0 = p.xl + (m0 / 16) * p.ksteps * 256;
+      const uint32_t* bl1 = bl0 + p.ksteps * 256;
+      int t = 0;
+      for (int64_t s = 0; s < p.ksteps; ++s) {
+        const c10::BFloat16 *ah = ph + s * 1024, *al = pl + s * 1024;
+        _tile_loadd(4, ah, 64);
+        _tile_loadd(5, ah + 512, 64);
+        _tile_loadd(6, bh0 + s * 256, 64);
+        _tile_loadd(7, bh1 + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);  // hi hi
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, bl0 + s * 256, 64);
+        _tile_loadd(7, bl1 + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);  // hi lo
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(4, al, 64);
+        _tile_loadd(5, al + 512, 64);
+        _tile_dpbf16ps(0, 4, 6);  // lo lo
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        _tile_loadd(6, bh0 + s * 256, 64);
+        _tile_loadd(7, bh1 + s * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);  // lo hi
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (pend_n0 >= 0 && t < 4) store(t++);
+      }
+      if (pend_n0 >= 0) {
+        while (t < 4) store(t++);
+      }
+      _tile_stored(0, c[0], 64);
+      _tile_stored(1, c[1], 64);
+      _tile_stored(2, c[2], 64);
+      _tile_stored(3, c[3], 64);
+      if (p.gelu && pend_n0 != n0) {  // a C tile's row i is output n0 + 16 * (t / 2) + i
+        for (int h = 0; h < 2; ++h) {
+          for (int i = 0; i < 16; ++i) {
+            const int64_t o = n0 + 16 * h + i;
+            std::fill_n(bias_tiles[h] + 16 * i, 16, p.bias && o < p.N ? p.bias[o] : 0.f);
+          }
+        }
+      }
+      pend_n0 = n0, pend_m0 = m0;
+    }
+  }
+  if (pend_n0 >= 0) {
+    for (int t = 0; t < 4; ++t) store(t);
+  }
+  _tile_release();
+}
+
+// y = x w^T + bias (optionally GELU'd) in float16 through the split; false, with y unspecified,
+// when x or the weight holds inf or NaN (the caller computes the call on oneDNN then).
+bool half_linear_kernel(const c10::Half* x, int64_t M, int64_t K, const c10::Half* w, int64_t lda,
+                        int64_t N, const float* bias, bool gelu, c10::Half* y) {
+  const int64_t Mp = (M + 31) / 32 * 32, ksteps = (K + 31) / 32, mblocks = Mp / 16;
+  const at::Tensor xs = at::empty({2, ksteps * mblocks * 256}, at::kInt);  // x's halves
+  uint32_t* xh = reinterpret_cast<uint32_t*>(xs.data_ptr());
+  uint32_t* xl = xh + ksteps * mblocks * 256;
+  std::atomic<bool> nonfinite{false};
+  at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
+    if (pack_x_split(x, M, K, ksteps, b0, b1, xh, xl)) nonfinite.store(true);
+  });
+  if (nonfinite.load()) return false;
+  const HalfProblem p{w, lda, M, N, K, ksteps, mblocks, xh, xl, bias, gelu, y, &nonfinite};
+  at::parallel_for(0, (N + 31) / 32, 1,
+                   [&](int64_t nb0, int64_t nb1) { half_output_blocks(p, nb0, nb1); });
+  return !nonfinite.load();
+}
 #endif
 
 }  // namespace
 
 std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype) {
-  if (dtype != at::kBFloat16) {
-    return std::string(c10::toString(dtype)) + " (the tiles' GEMM multiplies bfloat16 only)";
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    return std::string(c10::toString(dtype)) +
+           " (the tiles' GEMM multiplies bfloat16, and float16 as bfloat16 pairs)";
   }
-  if (rows < 1 || rows > kTileLinearMaxRows) {
-    return std::to_string(rows) + " rows (it runs 1.." + std::to_string(kTileLinearMaxRows) + ")";
+  if (dtype == at::kBFloat16 && (rows < 1 || rows > kTileLinearMaxRows)) {
+    return std::to_string(rows) + " rows (it runs 1.." + std::to_string(kTileLinearMaxRows) +
+           " in bfloat16)";
   }
+  if (rows < 1) return std::to_string(rows) + " rows (it runs 1 or more)";
   if (!onednn_linear_available()) return "oneDNN is off, and the rest of the model's GEMMs with it";
-  std::string why = tiles_why_not(dtype, 64, 64);
+  std::string why = tiles_why_not(at::kBFloat16, 64, 64);
   if (!why.empty()) return why;
+  if (dtype == at::kHalf && tiles_why_not(at::kHalf, 64, 64).empty()) {
+    return "this CPU multiplies float16 on AMX-FP16 tiles (oneDNN's GEMM, faster than bfloat16 "
+           "pairs)";
+  }
 #if defined(__x86_64__) && defined(__GNUC__)
   if (!tile_state_granted()) return "Linux did not grant this process the AMX tile state";
   return "";
@@ -239,7 +474,8 @@ bool tile_linear_takes(int64_t rows, at::ScalarType dtype) {
   return tile_linear_why_not(rows, dtype).empty();
 }
 
-at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias) {
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                       PostOp post_op) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
               "tile_linear: CPU tensors only, got x on ", x.device(), " and weight on ",
               weight.device());
@@ -258,6 +494,9 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
                 (x.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()))),
               "tile_linear has no gradient formula and an input requires grad (ops.linear takes "
               "F.linear when a gradient is recorded)");
+  const bool gelu = post_op == PostOp::kGelu;
+  TORCH_CHECK(!gelu || x.scalar_type() == at::kHalf,
+              "tile_linear: the GELU epilogue is float16's only, got ", x.scalar_type());
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -268,13 +507,23 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
   TORCH_CHECK(why.empty(), "tile_linear cannot take this call: ", why);
   if (K == 0) {  // an empty sum: the bias
     y.view({M, N}).copy_(bias ? bias->expand({M, N}) : at::zeros({M, N}, x.options()));
-    return y;
+    return gelu ? at::gelu(y) : y;
   }
   // the weight's rows must be unit-stride; a column slice (row stride above K) runs in place
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   const at::Tensor xc = x.reshape({M, K}).contiguous();
   const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (x.scalar_type() == at::kHalf) {
+    if (!half_linear_kernel(xc.data_ptr<c10::Half>(), M, K, w.data_ptr<c10::Half>(), w.stride(0),
+                            N, bias ? bf.data_ptr<float>() : nullptr, gelu,
+                            y.data_ptr<c10::Half>())) {
+      // inf or NaN in x or the weight: oneDNN's float16 GEMM, which propagates them as the
+      // product does (the split would turn inf into NaN)
+      y.view({M, N}).copy_(*onednn_linear(xc, w, bias, post_op));
+    }
+    return y;
+  }
   tile_linear_kernel(xc.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), w.stride(0),
                      N, bias ? bf.data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>());
 #endif
