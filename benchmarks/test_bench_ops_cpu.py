@@ -8,9 +8,9 @@ Targets (issue text):
   * Matryoshka FFN, one batch of mixed widths: <= 1.1x the sum of the same samples run in
     single-width batches, and >= 0.95 x (B*Hmax)/sum(widths) times faster than the masked
     full-width reference.
-  * (report only) the model's projection GEMMs, ops.linear against F.linear (MKL) in float32
-    and against oneDNN on a weight reordered once in bf16 (what a cache of reordered weights
-    could at most save); the block's residual + LayerNorm row kernel against torch's addcmul +
+  * (report only) the model's projection GEMMs, ops.linear against F.linear (MKL) in float32,
+    against oneDNN on a weight reordered once in bf16 (what a cache of reordered weights could
+    at most save) and against oneDNN's GEMM in fp16; the block's residual + LayerNorm row kernel against torch's addcmul +
     layer_norm.
 Run: pytest benchmarks/test_bench_ops_cpu.py -s  (the ratios are printed; set
 ADAPERCEIVER_BENCH_ASSERT=0 to only report them, e.g. on a loaded machine).
@@ -385,6 +385,37 @@ def test_bf16_projection_vs_weight_reordered_once(benchmark, m, k, n):
           f"oneDNN on a weight reordered once {flops / t['packed'] / 1e9:.0f} GFLOP/s: "
           f"{t['ops'] / t['packed']:.2f}x (report only)")
     benchmark.extra_info.update(ops_over_packed=t["ops"] / t["packed"])
+    benchmark.pedantic(lambda: ops.linear(x, ws[0], b), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("m,k,n", PROJECTIONS)
+def test_fp16_projection_vs_onednn(benchmark, m, k, n):
+    """The full configuration's float16 GEMMs as the model runs them (ops.linear: the tile GEMM
+    on exact bf16 pairs where the CPU has AMX-BF16 but no AMX-FP16) against oneDNN's float16
+    GEMM, which such a CPU runs at about float32's rate. Report only."""
+    from adaperceiver import ops
+    from adaperceiver.ops.linear import tile_linear_why_not
+    why = tile_linear_why_not(m, torch.float16)
+    if why:
+        pytest.skip(f"float16 GEMMs stay on oneDNN here: {why}")
+    dt = torch.float16
+    ws = [(torch.randn(n, k) / math.sqrt(k)).to(dt) for _ in range(6)]
+    x, b = torch.randn(m, k).to(dt), torch.randn(n).to(dt)
+    lin = torch.ops.mkldnn._linear_pointwise
+    with torch.inference_mode():
+        truth = F.linear(x.double(), ws[0].double(), b.double())
+        err_ops = (ops.linear(x, ws[0], b).double() - truth).abs().max().item()
+        err_onednn = (lin(x, ws[0], b, "none", [], "").double() - truth).abs().max().item()
+        assert err_ops <= 2 * err_onednn + 1e-4 * truth.abs().max().item()
+        ours_w, onednn_w = itertools.cycle(ws), itertools.cycle(ws)
+        t = side_by_side({"ops": lambda: ops.linear(x, next(ours_w), b),
+                          "onednn": lambda: lin(x, next(onednn_w), b, "none", [], "")},
+                         rounds=12)
+    flops = 2 * m * k * n
+    print(f"\n[fp16 projection {m}x{k}x{n}] oneDNN {flops / t['onednn'] / 1e9:.0f} GFLOP/s, "
+          f"ops.linear (tile GEMM, bf16 pairs) {flops / t['ops'] / 1e9:.0f} GFLOP/s: "
+          f"{t['onednn'] / t['ops']:.2f}x (report only)")
+    benchmark.extra_info.update(vs_onednn=t["onednn"] / t["ops"])
     benchmark.pedantic(lambda: ops.linear(x, ws[0], b), rounds=3, iterations=1)
 
 

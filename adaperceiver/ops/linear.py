@@ -22,7 +22,10 @@ In bfloat16 on CPUs with AMX-BF16, a GEMM of at most 256 rows (a batch of one at
 mixed batch's deeper layers) runs on the extension's tile GEMM instead (``tile_linear_why_not``;
 csrc/cpu/tile_linear.cpp), which reads the weight as it is where oneDNN reorders it on every
 call: a row's result then depends on whether its batch has more than 256 rows (another
-summation order, within the same accuracy), never on what ran before.
+summation order, within the same accuracy), never on what ran before. In float16 on CPUs with
+AMX-BF16 but no AMX-FP16 (where oneDNN's float16 GEMM runs at float32 speed) every projection
+runs on that tile GEMM, each float16 value split exactly into two bfloat16 (csrc/cpu/
+tile_linear.cpp says how); a call with inf or NaN in x or the weight runs on oneDNN.
 Under CPU autocast (bfloat16 / float16 with native GEMMs, no gradient recorded) a projection
 casts its operands as autocast would (weight, bias and a float32 x to the autocast dtype;
 float32 -> bfloat16 through the extension's parallel conversion, bit for bit Tensor.to's) and
@@ -173,17 +176,19 @@ def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor,
 
 def tile_linear_why_not(rows: int, dtype: torch.dtype) -> str:
     """Why a CPU GEMM of ``rows`` rows in ``dtype`` does not run on the extension's AMX tile
-    GEMM (csrc/cpu/tile_linear.cpp: bfloat16, 1..256 rows, a CPU with AMX-BF16),
-    which reads the weight as it is where oneDNN reorders it on every call; "" when it does."""
+    GEMM (csrc/cpu/tile_linear.cpp: bfloat16 at 1..256 rows, or float16 as bfloat16 pairs at
+    any row count on a CPU without AMX-FP16; a CPU with AMX-BF16), which reads the weight as it
+    is where oneDNN reorders it on every call; "" when it does."""
     op = _extension_op("tile_linear_why_not")
     return "the extension is not loaded" if op is None else op(rows, dtype)
 
 
 def _cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The extension's tile GEMM at few rows in bf16 on AMX (tile_linear_why_not), else oneDNN's
-    GEMM (bias fused): one call, or column blocks in parallel (column_block). x, weight and bias
-    share a dtype (_onednn_takes, or autocast's casts)."""
+    """The extension's tile GEMM where tile_linear_why_not says nothing (bf16 at few rows, fp16
+    as bf16 pairs, on AMX), else oneDNN's GEMM (bias fused): one call, or column blocks in
+    parallel (column_block). x, weight and bias share a dtype (_onednn_takes, or autocast's
+    casts)."""
     rows = x.numel() // max(x.shape[-1], 1)
     if not tile_linear_why_not(rows, x.dtype):
         return _extension_op("tile_linear")(x, weight, bias)
