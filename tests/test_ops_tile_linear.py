@@ -147,8 +147,8 @@ def test_tile_linear_nan_inf_as_the_product(dtype):
 def test_tile_linear_fp16_inf_stays_inf(where):
     """float16 splits v into hi + lo, and inf - inf is NaN: an inf in x (or in the weight)
     against a weight (or x) column whose values are exact in bfloat16 (lo = 0) would give
-    inf * 0 = NaN. Such a call is computed by oneDNN instead: inf where the product is inf,
-    the same bits as oneDNN's float16 GEMM."""
+    inf * 0 = NaN. The outputs of such a row are computed by oneDNN instead: inf where the
+    product is inf, oneDNN's bits there; the other outputs stay the tiles'."""
     op = _op(F16)
     x = torch.randn(40, 70).to(F16)
     w, b = (torch.randn(36, 70) / 8).to(F16), torch.randn(36).to(F16)
@@ -165,7 +165,34 @@ def test_tile_linear_fp16_inf_stays_inf(where):
     truth = _truth(x, w, b)
     assert truth.isinf().sum() >= 30 and not truth.isnan().any()
     assert torch.equal(got.isinf(), truth.isinf()) and not got.isnan().any()
-    assert torch.equal(got, onednn)
+    inf = truth.isinf()
+    assert torch.equal(got[inf], onednn[inf]) and torch.equal(got[inf], truth[inf].half())
+    err, bound = flash_rule(torch.where(inf, 0, got), torch.where(inf, 0, F.linear(x, w, b)),
+                            torch.where(inf, 0, truth))
+    assert err <= bound, (err, bound)
+
+
+def test_tile_linear_fp16_nonfinite_rows_leave_the_others_alone():
+    """A row of x or of the weight with inf or NaN sends only its own outputs to oneDNN: every
+    other output is the same bits as without it (batch composition never changes a result)."""
+    op = _op(F16)
+    x = torch.randn(70, 300).to(F16)
+    w, b = (torch.randn(100, 300) / 17).to(F16), torch.randn(100).to(F16)
+    x2, w2 = x.clone(), w.clone()
+    x2[0, 0] = math.nan
+    x2[69, 299] = math.inf
+    w2[33, 150] = -math.inf
+    with torch.inference_mode():
+        clean = op(x, w, b)
+        dirty = op(x2, w2, b)
+        fallback = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    keep = torch.ones_like(clean, dtype=torch.bool)
+    keep[[0, 69]] = False
+    keep[:, 33] = False
+    assert torch.equal(dirty[keep], clean[keep])
+    assert dirty[0].isnan().all() and not dirty[keep].isnan().any()
+    assert dirty[~keep].isfinite().sum() == 0
+    assert not torch.equal(clean, fallback)   # the tiles' sums, not oneDNN's, where finite
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -25,7 +25,8 @@
 // computes, in another order, then one rounding to float16. x's halves are packed as above;
 // each block of 32 weight rows is split into an L2-resident panel of tiles (k step major) as
 // the block starts, so tails of N and K are zero-padded there. The split of inf or NaN is not
-// exact (inf - inf), so a call whose x or weight holds one is computed by oneDNN instead. An
+// exact (inf - inf): the outputs of a row of x or of the weight that holds one (all of them inf
+// or NaN in the product) are recomputed by oneDNN, the others stay the tiles'. An
 // optional exact (erf) GELU of the biased float32 sum before the rounding: fc1's epilogue.
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
@@ -50,7 +51,6 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -254,11 +254,10 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) inline bool split32(const c10
 
 // x (M x K, row stride K) split and packed into xh / xl: block (16-row block mb, k step s) at
 // (mb * ksteps + s) * 256, laid out as pack_x_blocks lays a block; zeros past K and M. Row
-// blocks [mb0, mb1); true when x holds inf or NaN there.
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool pack_x_split(
+// blocks [mb0, mb1); bad_row[m] set for the rows that hold inf or NaN.
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void pack_x_split(
     const c10::Half* x, int64_t M, int64_t K, int64_t ksteps, int64_t mb0, int64_t mb1,
-    uint32_t* xh, uint32_t* xl) {
-  bool nonfinite = false;
+    uint32_t* xh, uint32_t* xl, uint8_t* bad_row) {
   for (int64_t mb = mb0; mb < mb1; ++mb) {
     for (int64_t s = 0; s < ksteps; ++s) {
       const int64_t kl = std::min<int64_t>(32, K - s * 32);
@@ -266,7 +265,7 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool pack_x_split(
       __m512i rh[16], rl[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = mb * 16 + i;
-        nonfinite |= split32(x + m * K + s * 32, m < M ? km : 0, &rh[i], &rl[i]);
+        if (split32(x + m * K + s * 32, m < M ? km : 0, &rh[i], &rl[i])) bad_row[m] = 1;
       }
       transpose16x16(rh);
       transpose16x16(rl);
@@ -278,27 +277,24 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool pack_x_split(
       }
     }
   }
-  return nonfinite;
 }
 
 // weight rows [n0, n0 + 32) (those below N; row stride lda, K values) split into the panels ph /
 // pl: k step s at s * 1024 holds 32 rows of 32 values (two 16-row tiles, 64-byte rows); zeros
-// past N and K. True when the rows hold inf or NaN.
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) bool split_panel(
+// past N and K. bad_out[n] set for the rows (outputs) that hold inf or NaN.
+__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void split_panel(
     const c10::Half* w, int64_t lda, int64_t N, int64_t K, int64_t n0, int64_t ksteps,
-    c10::BFloat16* ph, c10::BFloat16* pl) {
-  bool nonfinite = false;
+    c10::BFloat16* ph, c10::BFloat16* pl, uint8_t* bad_out) {
   for (int64_t s = 0; s < ksteps; ++s) {
     const int64_t kl = std::min<int64_t>(32, K - s * 32);
     const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
     for (int64_t r = 0; r < 32; ++r) {
       __m512i h, l;
-      nonfinite |= split32(w + (n0 + r) * lda + s * 32, n0 + r < N ? km : 0, &h, &l);
+      if (split32(w + (n0 + r) * lda + s * 32, n0 + r < N ? km : 0, &h, &l)) bad_out[n0 + r] = 1;
       _mm512_storeu_si512(ph + s * 1024 + r * 32, h);
       _mm512_storeu_si512(pl + s * 1024 + r * 32, l);
     }
   }
-  return nonfinite;
 }
 
 // One C tile (16 outputs x 16 rows, a row per output) into y as float16: rows [0, rows) of y
@@ -324,7 +320,7 @@ struct HalfProblem {
   const float* bias;        // float32, or null
   bool gelu;                // the exact GELU of (sum + bias) before the rounding
   c10::Half* y;             // M x N
-  std::atomic<bool>* nonfinite;
+  uint8_t* bad_out;         // N flags: the weight row holds inf or NaN
 };
 
 // Output blocks [nb0, nb1) of 32 (the parallel loop's body): per block the weight panel is split,
@@ -354,9 +350,7 @@ __attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void hal
   };
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * 32;
-    if (split_panel(p.w, p.lda, p.N, p.K, n0, p.ksteps, ph, pl)) {
-      p.nonfinite->store(true, std::memory_order_relaxed);
-    }
+    split_panel(p.w, p.lda, p.N, p.K, n0, p.ksteps, ph, pl, p.bad_out);
     // the tile loads are asm with no memory operand: keep the panel's stores before them
     asm volatile("" ::: "memory");
     for (int64_t m0 = 0; m0 < p.mblocks * 16; m0 += 32) {
@@ -423,23 +417,25 @@ __attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void hal
   _tile_release();
 }
 
-// y = x w^T + bias (optionally GELU'd) in float16 through the split; false, with y unspecified,
-// when x or the weight holds inf or NaN (the caller computes the call on oneDNN then).
-bool half_linear_kernel(const c10::Half* x, int64_t M, int64_t K, const c10::Half* w, int64_t lda,
-                        int64_t N, const float* bias, bool gelu, c10::Half* y) {
+// y = x w^T + bias (optionally GELU'd) in float16 through the split. bad_row (M) and bad_out
+// (N, zeroed by the caller) flag the rows of x and of the weight that hold inf or NaN: their
+// outputs, every one of them inf or NaN in the product, are not exact here (the caller
+// recomputes them); every other output is.
+void half_linear_kernel(const c10::Half* x, int64_t M, int64_t K, const c10::Half* w, int64_t lda,
+                        int64_t N, const float* bias, bool gelu, c10::Half* y, uint8_t* bad_row,
+                        uint8_t* bad_out) {
   const int64_t Mp = (M + 31) / 32 * 32, ksteps = (K + 31) / 32, mblocks = Mp / 16;
   const at::Tensor xs = at::empty({2, ksteps * mblocks * 256}, at::kInt);  // x's halves
   uint32_t* xh = reinterpret_cast<uint32_t*>(xs.data_ptr());
   uint32_t* xl = xh + ksteps * mblocks * 256;
-  std::atomic<bool> nonfinite{false};
+  std::vector<uint8_t> bad_row_p(Mp, 0);  // with the padding rows (never set)
   at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
-    if (pack_x_split(x, M, K, ksteps, b0, b1, xh, xl)) nonfinite.store(true);
+    pack_x_split(x, M, K, ksteps, b0, b1, xh, xl, bad_row_p.data());
   });
-  if (nonfinite.load()) return false;
-  const HalfProblem p{w, lda, M, N, K, ksteps, mblocks, xh, xl, bias, gelu, y, &nonfinite};
+  std::copy(bad_row_p.begin(), bad_row_p.begin() + M, bad_row);
+  const HalfProblem p{w, lda, M, N, K, ksteps, mblocks, xh, xl, bias, gelu, y, bad_out};
   at::parallel_for(0, (N + 31) / 32, 1,
                    [&](int64_t nb0, int64_t nb1) { half_output_blocks(p, nb0, nb1); });
-  return !nonfinite.load();
 }
 #endif
 
@@ -515,12 +511,27 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
   const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 #if defined(__x86_64__) && defined(__GNUC__)
   if (x.scalar_type() == at::kHalf) {
-    if (!half_linear_kernel(xc.data_ptr<c10::Half>(), M, K, w.data_ptr<c10::Half>(), w.stride(0),
-                            N, bias ? bf.data_ptr<float>() : nullptr, gelu,
-                            y.data_ptr<c10::Half>())) {
-      // inf or NaN in x or the weight: oneDNN's float16 GEMM, which propagates them as the
-      // product does (the split would turn inf into NaN)
-      y.view({M, N}).copy_(*onednn_linear(xc, w, bias, post_op));
+    std::vector<uint8_t> bad_row(M, 0), bad_out(N, 0);
+    half_linear_kernel(xc.data_ptr<c10::Half>(), M, K, w.data_ptr<c10::Half>(), w.stride(0), N,
+                       bias ? bf.data_ptr<float>() : nullptr, gelu, y.data_ptr<c10::Half>(),
+                       bad_row.data(), bad_out.data());
+    // rows of x and of the weight with inf or NaN: their outputs (all inf or NaN) by oneDNN's
+    // float16 GEMM, which propagates them as the product does (the split would turn inf into
+    // NaN); the other outputs stay the tile GEMM's, whatever else the batch holds
+    const auto flagged = [](const std::vector<uint8_t>& bad) {
+      std::vector<int64_t> ids;
+      for (size_t i = 0; i < bad.size(); ++i)
+        if (bad[i]) ids.push_back(static_cast<int64_t>(i));
+      return at::tensor(ids, at::kLong);
+    };
+    at::Tensor y2 = y.view({M, N});
+    const at::Tensor outs = flagged(bad_out), rows = flagged(bad_row);
+    if (outs.numel() > 0) {
+      const OptT b_outs = bias ? OptT(bias->index_select(0, outs)) : OptT();
+      y2.index_copy_(1, outs, *onednn_linear(xc, w.index_select(0, outs), b_outs, post_op));
+    }
+    if (rows.numel() > 0) {
+      y2.index_copy_(0, rows, *onednn_linear(xc.index_select(0, rows), w, bias, post_op));
     }
     return y;
   }
