@@ -354,6 +354,29 @@ def test_projection_gemm_library(benchmark, m, k, n):
         benchmark.pedantic(lambda: ops.linear(x, w, b), rounds=3, iterations=1)
 
 
+def _gemm_operands(m: int, k: int, n: int, dtype: torch.dtype):
+    """Six (n, k) weights (a forward reads each layer's weight once: they take turns), x (m, k)
+    and a bias, in dtype."""
+    ws = [(torch.randn(n, k) / math.sqrt(k)).to(dtype) for _ in range(6)]
+    return ws, torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+
+
+def _report_rates(label: str, flops: int, t: dict, names: dict) -> None:
+    """Prints each side's GFLOP/s and the first side's time over the second's (names: the keys
+    of t, in that order, and what to call them)."""
+    (a, name_a), (b, name_b) = names.items()
+    print(f"\n[{label}] {name_a} {flops / t[a] / 1e9:.0f} GFLOP/s, {name_b} "
+          f"{flops / t[b] / 1e9:.0f} GFLOP/s: {t[a] / t[b]:.2f}x (report only)")
+
+
+def _rotating_weights(fns: dict, rounds: int) -> dict:
+    """side_by_side of name -> (f, weights): each call of f takes the next of its weights in
+    rotation, as a forward reads each layer's weight once."""
+    cycles = {k: itertools.cycle(ws) for k, (_, ws) in fns.items()}
+    return side_by_side({k: (lambda f=f, c=cycles[k]: f(next(c))) for k, (f, _) in fns.items()},
+                        rounds=rounds)
+
+
 @pytest.mark.parametrize("m,k,n", PROJECTIONS)
 def test_bf16_projection_vs_weight_reordered_once(benchmark, m, k, n):
     """The full configuration's bf16 GEMMs as the model runs them (ops.linear: oneDNN on the
@@ -365,10 +388,7 @@ def test_bf16_projection_vs_weight_reordered_once(benchmark, m, k, n):
     from adaperceiver import ops
     if ops.cpu_gemm_library() != "onednn":
         pytest.skip("oneDNN is not the CPU GEMM library here")
-    dt = torch.bfloat16
-    # several weights in rotation, as a forward reads each layer's weight once
-    ws = [(torch.randn(n, k) / math.sqrt(k)).to(dt) for _ in range(6)]
-    x, b = torch.randn(m, k).to(dt), torch.randn(n).to(dt)
+    ws, x, b = _gemm_operands(m, k, n, torch.bfloat16)
     lin, reorder = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
     packed = [reorder(w, m) for w in ws]
     with torch.inference_mode():
@@ -376,14 +396,11 @@ def test_bf16_projection_vs_weight_reordered_once(benchmark, m, k, n):
         torch.testing.assert_close(ops.linear(x, ws[0], b).float(),
                                    F.linear(x.float(), ws[0].float(), b.float()),
                                    atol=0.05, rtol=0.02)
-        plain_w, packed_w = itertools.cycle(ws), itertools.cycle(packed)
-        t = side_by_side({"ops": lambda: ops.linear(x, next(plain_w), b),
-                          "packed": lambda: lin(x, next(packed_w), b, "none", [], "")},
-                         rounds=24)
-    flops = 2 * m * k * n
-    print(f"\n[bf16 projection {m}x{k}x{n}] ops.linear {flops / t['ops'] / 1e9:.0f} GFLOP/s, "
-          f"oneDNN on a weight reordered once {flops / t['packed'] / 1e9:.0f} GFLOP/s: "
-          f"{t['ops'] / t['packed']:.2f}x (report only)")
+        t = _rotating_weights({"ops": (lambda w: ops.linear(x, w, b), ws),
+                               "packed": (lambda w: lin(x, w, b, "none", [], ""), packed)},
+                              rounds=24)
+    _report_rates(f"bf16 projection {m}x{k}x{n}", 2 * m * k * n, t,
+                  {"ops": "ops.linear", "packed": "oneDNN on a weight reordered once"})
     benchmark.extra_info.update(ops_over_packed=t["ops"] / t["packed"])
     benchmark.pedantic(lambda: ops.linear(x, ws[0], b), rounds=3, iterations=1)
 
@@ -398,23 +415,18 @@ def test_fp16_projection_vs_onednn(benchmark, m, k, n):
     why = tile_linear_why_not(m, torch.float16)
     if why:
         pytest.skip(f"float16 GEMMs stay on oneDNN here: {why}")
-    dt = torch.float16
-    ws = [(torch.randn(n, k) / math.sqrt(k)).to(dt) for _ in range(6)]
-    x, b = torch.randn(m, k).to(dt), torch.randn(n).to(dt)
+    ws, x, b = _gemm_operands(m, k, n, torch.float16)
     lin = torch.ops.mkldnn._linear_pointwise
     with torch.inference_mode():
         truth = F.linear(x.double(), ws[0].double(), b.double())
         err_ops = (ops.linear(x, ws[0], b).double() - truth).abs().max().item()
         err_onednn = (lin(x, ws[0], b, "none", [], "").double() - truth).abs().max().item()
         assert err_ops <= 2 * err_onednn + 1e-4 * truth.abs().max().item()
-        ours_w, onednn_w = itertools.cycle(ws), itertools.cycle(ws)
-        t = side_by_side({"ops": lambda: ops.linear(x, next(ours_w), b),
-                          "onednn": lambda: lin(x, next(onednn_w), b, "none", [], "")},
-                         rounds=12)
-    flops = 2 * m * k * n
-    print(f"\n[fp16 projection {m}x{k}x{n}] oneDNN {flops / t['onednn'] / 1e9:.0f} GFLOP/s, "
-          f"ops.linear (tile GEMM, bf16 pairs) {flops / t['ops'] / 1e9:.0f} GFLOP/s: "
-          f"{t['onednn'] / t['ops']:.2f}x (report only)")
+        t = _rotating_weights({"ops": (lambda w: ops.linear(x, w, b), ws),
+                               "onednn": (lambda w: lin(x, w, b, "none", [], ""), ws)},
+                              rounds=12)
+    _report_rates(f"fp16 projection {m}x{k}x{n}", 2 * m * k * n, t,
+                  {"onednn": "oneDNN", "ops": "ops.linear (tile GEMM, bf16 pairs)"})
     benchmark.extra_info.update(vs_onednn=t["onednn"] / t["ops"])
     benchmark.pedantic(lambda: ops.linear(x, ws[0], b), rounds=3, iterations=1)
 

@@ -94,7 +94,8 @@ def test_tile_linear_fp16_pairs_are_exact(k):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tile_linear_keeps_leading_dims(dtype):
     op = _op(dtype)
-    x, w, b = torch.randn(3, 5, 40).to(dtype), torch.randn(24, 40).to(dtype), torch.randn(24).to(dtype)
+    x, w = torch.randn(3, 5, 40).to(dtype), torch.randn(24, 40).to(dtype)
+    b = torch.randn(24).to(dtype)
     with torch.inference_mode():
         got = op(x, w, b)
     assert got.shape == (3, 5, 24)
@@ -278,31 +279,10 @@ def test_tile_linear_errors():
                            torch.zeros(3, 6, dtype=BF16))
 
 
-def test_ops_linear_takes_the_tiles_up_to_256_rows(monkeypatch):
-    """ops.linear: bf16 inference of at most 256 rows on the tile GEMM, more rows on oneDNN
-    (the rule's edge), both within flash-attn's rule."""
-    op = _op()
-    seen = []
-
-    def spy(*args):
-        seen.append(args[0].shape)
-        return op(*args)
-
-    real = linear_mod._extension_op
-    monkeypatch.setattr(linear_mod, "_extension_op",
-                        lambda name: spy if name == "tile_linear" else real(name))
-    w, b = (torch.randn(70, 64) / 8).to(BF16), torch.randn(70).to(BF16)
-    with torch.inference_mode():
-        for rows in (256, 257):
-            x = torch.randn(rows, 64).to(BF16)
-            _check(ops.linear(x, w, b), x, w, b)
-    assert seen == [(256, 64)]
-
-
-def test_ops_linear_takes_the_tiles_for_fp16_at_any_rows(monkeypatch):
-    """ops.linear: float16 inference on the tile GEMM at any row count (here 1, 257 and 700),
-    within flash-attn's rule."""
-    op = _op(F16)
+def _rows_on_tiles(monkeypatch, dtype, row_counts):
+    """ops.linear on x of each row count (inference, within flash-attn's rule): the row counts
+    of the calls that reached the tile GEMM."""
+    op = _op(dtype)
     seen = []
 
     def spy(*args):
@@ -312,18 +292,30 @@ def test_ops_linear_takes_the_tiles_for_fp16_at_any_rows(monkeypatch):
     real = linear_mod._extension_op
     monkeypatch.setattr(linear_mod, "_extension_op",
                         lambda name: spy if name == "tile_linear" else real(name))
-    w, b = (torch.randn(70, 64) / 8).to(F16), torch.randn(70).to(F16)
+    w, b = (torch.randn(70, 64) / 8).to(dtype), torch.randn(70).to(dtype)
     with torch.inference_mode():
-        for rows in (1, 257, 700):
-            x = torch.randn(rows, 64).to(F16)
+        for rows in row_counts:
+            x = torch.randn(rows, 64).to(dtype)
             _check(ops.linear(x, w, b), x, w, b)
-    assert seen == [1, 257, 700]
+    return seen
+
+
+def test_ops_linear_takes_the_tiles_up_to_256_rows(monkeypatch):
+    """ops.linear: bf16 inference of at most 256 rows on the tile GEMM, more rows on oneDNN
+    (the rule's edge)."""
+    assert _rows_on_tiles(monkeypatch, BF16, (256, 257)) == [256]
+
+
+def test_ops_linear_takes_the_tiles_for_fp16_at_any_rows(monkeypatch):
+    """ops.linear: float16 inference on the tile GEMM at any row count."""
+    assert _rows_on_tiles(monkeypatch, F16, (1, 257, 700)) == [1, 257, 700]
 
 
 def test_build_info_says_which_gemm_runs():
-    """build_info()'s cpu_tile_linear_bf16 (and the bench header): "amx" where the rule takes
-    bf16 GEMMs, "onednn" elsewhere, and ADAPERCEIVER_CPU_ISA=avx512 (the tiles off, as for the attention) gives
-    "onednn" with the reason."""
+    """build_info()'s cpu_tile_linear_bf16 / _fp16 (and the bench header): "amx" /
+    "amx-bf16-pairs" where the rule takes the dtype's GEMMs, "onednn" elsewhere, and
+    ADAPERCEIVER_CPU_ISA=avx512 (the tiles off, as for the attention) gives "onednn" with the
+    reason."""
     import json
     import os
     import subprocess

@@ -54,6 +54,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace adaperceiver {
@@ -83,10 +84,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// One C tile (16 outputs x 16 rows, float32, a row per output) into y: rows [0, rows) of y
-// (stride ldy), outputs [0, cols); bias (cols values, float32) added first when given.
-__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void store_tile(
-    const float* c, const float* bias, c10::BFloat16* y, int64_t ldy, int64_t rows, int64_t cols) {
+#define ADAPERCEIVER_TILE_VEC_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
+
+// One C tile (16 outputs x 16 rows, float32, a row per output) into y (bfloat16 or float16):
+// rows [0, rows) of y (stride ldy), outputs [0, cols); bias (cols values, float32) added first
+// when given; one rounding to nearest even.
+template <typename T>
+__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void store_tile(
+    const float* c, const float* bias, T* y, int64_t ldy, int64_t rows, int64_t cols) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
   transpose16x16(r);
@@ -94,7 +99,13 @@ __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void store_tile(
   const __m512 b = bias ? _mm512_maskz_loadu_ps(kc, bias) : _mm512_setzero_ps();
   for (int64_t m = 0; m < rows; ++m) {
     const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
-    _mm256_mask_storeu_epi16(y + m * ldy, kc, (__m256i)_mm512_cvtneps_pbh(v));
+    __m256i h;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      h = (__m256i)_mm512_cvtneps_pbh(v);
+    } else {
+      h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16(y + m * ldy, kc, h);
   }
 }
 
@@ -120,6 +131,14 @@ __attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(blk + 16 * i, r[i]);
     }
   }
+}
+
+// The four C tiles into c (16 x 16 float32 each, 64-byte rows).
+__attribute__((target("amx-tile"))) inline void store_c_tiles(float (*c)[256]) {
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
 }
 
 // Four C tiles += weight tiles (a, a + 16 rows; stride lda values) times x tiles (b, b + 256).
@@ -201,10 +220,7 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
       if (pend_n0 >= 0) {
         while (t < 4) store(t++);
       }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
+      store_c_tiles(c);
       pend_n0 = n0, pend_m0 = m0;
     }
   }
@@ -229,11 +245,9 @@ void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
 
 // ---- float16 as pairs of bfloat16 (see the file's comment) ----
 
-#define ADAPERCEIVER_SPLIT_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
-
 // 32 float16 values (lanes past km: 0) split into hi = bf16(v) and lo = bf16(v - hi), each 32
 // bfloat16; true when a lane holds inf or NaN (exponent bits all ones)
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) inline bool split32(const c10::Half* p,
+__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) inline bool split32(const c10::Half* p,
                                                                       __mmask32 km, __m512i* hi,
                                                                       __m512i* lo) {
   const __m512i h = _mm512_maskz_loadu_epi16(km, p);
@@ -255,7 +269,7 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) inline bool split32(const c10
 // x (M x K, row stride K) split and packed into xh / xl: block (16-row block mb, k step s) at
 // (mb * ksteps + s) * 256, laid out as pack_x_blocks lays a block; zeros past K and M. Row
 // blocks [mb0, mb1); bad_row[m] set for the rows that hold inf or NaN.
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void pack_x_split(
+__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void pack_x_split(
     const c10::Half* x, int64_t M, int64_t K, int64_t ksteps, int64_t mb0, int64_t mb1,
     uint32_t* xh, uint32_t* xl, uint8_t* bad_row) {
   for (int64_t mb = mb0; mb < mb1; ++mb) {
@@ -282,7 +296,7 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void pack_x_split(
 // weight rows [n0, n0 + 32) (those below N; row stride lda, K values) split into the panels ph /
 // pl: k step s at s * 1024 holds 32 rows of 32 values (two 16-row tiles, 64-byte rows); zeros
 // past N and K. bad_out[n] set for the rows (outputs) that hold inf or NaN.
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void split_panel(
+__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void split_panel(
     const c10::Half* w, int64_t lda, int64_t N, int64_t K, int64_t n0, int64_t ksteps,
     c10::BFloat16* ph, c10::BFloat16* pl, uint8_t* bad_out) {
   for (int64_t s = 0; s < ksteps; ++s) {
@@ -297,20 +311,23 @@ __attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void split_panel(
   }
 }
 
-// One C tile (16 outputs x 16 rows, a row per output) into y as float16: rows [0, rows) of y
-// (stride ldy), outputs [0, cols). With gelu, c already holds GELU(sum + bias) (bias then null).
-__attribute__((target(ADAPERCEIVER_SPLIT_TARGET))) void store_tile_half(
-    const float* c, const float* bias, c10::Half* y, int64_t ldy, int64_t rows, int64_t cols) {
-  __m512i r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
-  transpose16x16(r);
-  const __mmask16 kc = lanes_below(cols, 0);
-  const __m512 b = bias ? _mm512_maskz_loadu_ps(kc, bias) : _mm512_setzero_ps();
-  for (int64_t m = 0; m < rows; ++m) {
-    const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[m]), b);
-    _mm256_mask_storeu_epi16(y + m * ldy, kc,
-                             _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+// The weight tiles (4, 5) and the x tiles (6, 7), each from two blocks of 16 rows of 64 bytes
+// (the tile number is part of the instruction, so one function per pair).
+__attribute__((target("amx-tile"))) inline void load_weight_tiles(const void* p0, const void* p1) {
+  _tile_loadd(4, p0, 64);
+  _tile_loadd(5, p1, 64);
+}
+__attribute__((target("amx-tile"))) inline void load_x_tiles(const void* p0, const void* p1) {
+  _tile_loadd(6, p0, 64);
+  _tile_loadd(7, p1, 64);
+}
+
+// The four C tiles += weight tiles 4, 5 times x tiles 6, 7.
+__attribute__((target("amx-tile,amx-bf16"))) inline void dot2x2() {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
 }
 
 struct HalfProblem {
@@ -327,8 +344,8 @@ struct HalfProblem {
 // then per 32 rows four C tiles take, per K step, hi hi + hi lo + lo lo + lo hi (the x tiles of
 // the second product kept for the third, the weight's lo tiles for the fourth). The epilogue of
 // a block's C tiles runs in the next block's k loop, as in output_blocks.
-__attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void half_output_blocks(
-    const HalfProblem& p, int64_t nb0, int64_t nb1) {
+__attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_TILE_VEC_TARGET))) void
+half_output_blocks(const HalfProblem& p, int64_t nb0, int64_t nb1) {
   at::native::cpublas::brgemm_release(true);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
@@ -345,8 +362,9 @@ __attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void hal
     const int64_t rows = std::min<int64_t>(16, p.M - m0), cols = std::min<int64_t>(16, p.N - n0);
     if (rows <= 0 || cols <= 0) return;
     if (p.gelu) bias_gelu_row(c[t], bias_tiles[t >> 1], 256);
-    store_tile_half(c[t], p.gelu || !p.bias ? nullptr : p.bias + n0, p.y + m0 * p.N + n0, p.N,
-                    rows, cols);
+    // with gelu, c[t] already holds GELU(sum + bias)
+    store_tile(c[t], p.gelu || !p.bias ? nullptr : p.bias + n0, p.y + m0 * p.N + n0, p.N, rows,
+               cols);
   };
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * 32;
@@ -365,41 +383,21 @@ __attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_SPLIT_TARGET))) void hal
       int t = 0;
       for (int64_t s = 0; s < p.ksteps; ++s) {
         const c10::BFloat16 *ah = ph + s * 1024, *al = pl + s * 1024;
-        _tile_loadd(4, ah, 64);
-        _tile_loadd(5, ah + 512, 64);
-        _tile_loadd(6, bh0 + s * 256, 64);
-        _tile_loadd(7, bh1 + s * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);  // hi hi
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(6, bl0 + s * 256, 64);
-        _tile_loadd(7, bl1 + s * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);  // hi lo
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(4, al, 64);
-        _tile_loadd(5, al + 512, 64);
-        _tile_dpbf16ps(0, 4, 6);  // lo lo
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(6, bh0 + s * 256, 64);
-        _tile_loadd(7, bh1 + s * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);  // lo hi
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        load_weight_tiles(ah, ah + 512);
+        load_x_tiles(bh0 + s * 256, bh1 + s * 256);
+        dot2x2();  // hi hi
+        load_x_tiles(bl0 + s * 256, bl1 + s * 256);
+        dot2x2();  // hi lo
+        load_weight_tiles(al, al + 512);
+        dot2x2();  // lo lo
+        load_x_tiles(bh0 + s * 256, bh1 + s * 256);
+        dot2x2();  // lo hi
         if (pend_n0 >= 0 && t < 4) store(t++);
       }
       if (pend_n0 >= 0) {
         while (t < 4) store(t++);
       }
-      _tile_stored(0, c[0], 64);
-      _tile_stored(1, c[1], 64);
-      _tile_stored(2, c[2], 64);
-      _tile_stored(3, c[3], 64);
+      store_c_tiles(c);
       if (p.gelu && pend_n0 != n0) {  // a C tile's row i is output n0 + 16 * (t / 2) + i
         for (int h = 0; h < 2; ++h) {
           for (int i = 0; i < 16; ++i) {
