@@ -25,7 +25,8 @@ call: a row's result then depends on whether its batch has more than 256 rows (a
 summation order, within the same accuracy), never on what ran before. In float16 on CPUs with
 AMX-BF16 but no AMX-FP16 (where oneDNN's float16 GEMM runs at float32 speed) every projection
 runs on that tile GEMM, each float16 value split exactly into two bfloat16 (csrc/cpu/
-tile_linear.cpp says how); a call with inf or NaN in x or the weight runs on oneDNN.
+tile_linear.cpp says how); the outputs of a row of x or of the weight with inf or NaN in it
+run on oneDNN.
 Under CPU autocast (bfloat16 / float16 with native GEMMs, no gradient recorded) a projection
 casts its operands as autocast would (weight, bias and a float32 x to the autocast dtype;
 float32 -> bfloat16 through the extension's parallel conversion, bit for bit Tensor.to's) and

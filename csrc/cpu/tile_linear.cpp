@@ -1,6 +1,6 @@
-// tile_linear(x, weight, bias): y (M, N) = x (M, K) weight (N, K)^T + bias in bfloat16 on AMX
-// tiles, float32 accumulation, the bias added in float32, one rounding: what oneDNN's inner
-// product computes, with the products summed in another order.
+// tile_linear(x, weight, bias): y (M, N) = x (M, K) weight (N, K)^T + bias in bfloat16 (float16:
+// below) on AMX tiles, float32 accumulation, the bias added in float32, one rounding: what
+// oneDNN's inner product computes, with the products summed in another order.
 // Why: at a few hundred rows oneDNN's bf16 matmul costs about what reading and reordering its
 // plain weight costs, on every call (nothing may be cached: an edit of the weight must be seen).
 // Here the weight is the tiles' A operand as it is (16 rows x 32 values a tile, any row stride,
@@ -17,17 +17,18 @@
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
 // outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
 // zero-padded copy of its columns (no memory past the weight's K columns is read).
-// float16 (tile_linear_fp16 below; CPUs with AMX-BF16 but no AMX-FP16, where oneDNN's float16
-// GEMM runs at about float32 speed): every float16 value v is split exactly into two bfloat16,
-// hi = v rounded to bfloat16 and lo = v - hi (at most 4 significant bits, within bfloat16's
-// range), so v w = hi_v hi_w + hi_v lo_w + lo_v hi_w + lo_v lo_w, four exact products summed in
-// float32 per K step: the float32 accumulation of exact products that oneDNN's float16 GEMM
-// computes, in another order, then one rounding to float16. x's halves are packed as above;
-// each block of 32 weight rows is split into an L2-resident panel of tiles (k step major) as
-// the block starts, so tails of N and K are zero-padded there. The split of inf or NaN is not
-// exact (inf - inf): the outputs of a row of x or of the weight that holds one (all of them inf
-// or NaN in the product) are recomputed by oneDNN, the others stay the tiles'. An
-// optional exact (erf) GELU of the biased float32 sum before the rounding: fc1's epilogue.
+// float16 (half_linear_kernel below; CPUs with AMX-BF16 but no AMX-FP16, where oneDNN's
+// float16 GEMM runs at about float32 speed): every float16 value v is split exactly into two
+// bfloat16, hi = v rounded to bfloat16 and lo = v - hi (at most 2 significant bits, within
+// bfloat16's range: checked over every finite float16), so v w = hi_v hi_w + hi_v lo_w +
+// lo_v hi_w + lo_v lo_w, four exact products summed in float32 per K step: the float32
+// accumulation of exact products that oneDNN's float16 GEMM computes, in another order, then one
+// rounding to float16. x's halves are packed as above; each block of 32 weight rows is split
+// into an L2-resident panel of tiles (k step major) as the block starts, so tails of N and K are
+// zero-padded there. The split of inf or NaN is not exact (inf - inf): the outputs of a row of x
+// or of the weight that holds one (all of them inf or NaN in the product) are recomputed by
+// oneDNN, the others stay the tiles'. An optional exact (erf) GELU of the biased float32 sum
+// before the rounding: fc1's epilogue.
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -247,9 +248,8 @@ void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
 
 // 32 float16 values (lanes past km: 0) split into hi = bf16(v) and lo = bf16(v - hi), each 32
 // bfloat16; true when a lane holds inf or NaN (exponent bits all ones)
-__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) inline bool split32(const c10::Half* p,
-                                                                      __mmask32 km, __m512i* hi,
-                                                                      __m512i* lo) {
+__attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) inline bool split32(
+    const c10::Half* p, __mmask32 km, __m512i* hi, __m512i* lo) {
   const __m512i h = _mm512_maskz_loadu_epi16(km, p);
   const __m512i exp_bits = _mm512_set1_epi16(0x7C00);
   const bool nonfinite =
