@@ -73,6 +73,27 @@ def test_tile_linear_fp16_any_rows(rows, k, n):
     _check(got, x, w, b)
 
 
+def test_tile_linear_fp16_row_chunks():
+    """float16 runs its rows in chunks of 2048 (a bounded scratch): rows past the first chunk
+    are the same bits as alone, and an inf there reaches oneDNN for its own row only."""
+    op = _op(F16)
+    x = torch.randn(2100, 70).to(F16)
+    w, b = (torch.randn(45, 70) / 8).to(F16), torch.randn(45).to(F16)
+    x_inf = x.clone()
+    x_inf[2090, 3] = math.inf
+    with torch.inference_mode():
+        full = op(x, w, b)
+        tail = op(x[2040:], w, b)
+        dirty = op(x_inf, w, b)
+    _check(full, x, w, b)
+    assert torch.equal(full[2040:], tail)
+    truth = _truth(x_inf, w, b)[2090]
+    assert truth.isinf().all() and torch.equal(dirty[2090], truth.to(F16))
+    others = torch.ones(2100, dtype=torch.bool)
+    others[2090] = False
+    assert torch.equal(dirty[others], full[others])
+
+
 @pytest.mark.parametrize("k", [4, 3])
 def test_tile_linear_fp16_pairs_are_exact(k):
     """v = hi + lo exactly, and all four products are summed: on values whose products and sums

@@ -67,6 +67,10 @@ namespace {
 // At most 256 rows of packed x (K <= 4096: 2 MiB) stay in L2 while a thread's weight passes.
 constexpr int64_t kTileLinearMaxRows = 256;
 
+// float16 rows per pass of half_linear_kernel: its packed halves of x take 4 bytes a value
+// (16 MiB at K = 2048); each pass splits the weight again, a small cost next to its products.
+constexpr int64_t kHalfRowChunk = 2048;
+
 #if defined(__x86_64__) && defined(__GNUC__)
 // Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XFEATURE_XTILEDATA); asked once, a fact of the process afterwards.
@@ -510,9 +514,14 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
 #if defined(__x86_64__) && defined(__GNUC__)
   if (x.scalar_type() == at::kHalf) {
     std::vector<uint8_t> bad_row(M, 0), bad_out(N, 0);
-    half_linear_kernel(xc.data_ptr<c10::Half>(), M, K, w.data_ptr<c10::Half>(), w.stride(0), N,
-                       bias ? bf.data_ptr<float>() : nullptr, gelu, y.data_ptr<c10::Half>(),
-                       bad_row.data(), bad_out.data());
+    // rows in chunks, so that x's packed halves (4 bytes a value) stay a bounded scratch; every
+    // output is computed the same way in any chunk
+    for (int64_t r0 = 0; r0 < M; r0 += kHalfRowChunk) {
+      half_linear_kernel(xc.data_ptr<c10::Half>() + r0 * K, std::min(kHalfRowChunk, M - r0), K,
+                         w.data_ptr<c10::Half>(), w.stride(0), N,
+                         bias ? bf.data_ptr<float>() : nullptr, gelu,
+                         y.data_ptr<c10::Half>() + r0 * N, bad_row.data() + r0, bad_out.data());
+    }
     // rows of x and of the weight with inf or NaN: their outputs (all inf or NaN) by oneDNN's
     // float16 GEMM, which propagates them as the product does (the split would turn inf into
     // NaN); the other outputs stay the tile GEMM's, whatever else the batch holds
