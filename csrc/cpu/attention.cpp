@@ -450,7 +450,7 @@ __attribute__((target("avx512f,avx512bw"))) inline bool nonfinite_row(const uint
   const __m512i m = _mm512_set1_epi16(static_cast<short>(exp_mask));
   __mmask32 bad = 0;
   for (int64_t d = 0; d < n; d += 32) {
-    const __mmask32 k = n - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (n - d)) - 1;
+    const __mmask32 k = lanes32_below(n, d);
     const __m512i v = _mm512_maskz_loadu_epi16(k, x + d);
     bad |= _mm512_mask_cmpeq_epi16_mask(k, _mm512_and_si512(v, m), m);
   }

@@ -285,8 +285,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) float softmax_weights(con
         k1, exp2_lowp(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k1, s + j + 16), c, sub)));
     const __m512i h = round_lowp32<kBf16>(e0, e1);
     sum1 = add_rounded<kBf16>(sum1, h);
-    const int64_t left = width - j;
-    _mm512_mask_storeu_epi16(p + j, left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1, h);
+    _mm512_mask_storeu_epi16(p + j, lanes32_below(width, j), h);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
 }

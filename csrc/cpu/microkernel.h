@@ -39,6 +39,11 @@ inline uint16_t lanes_below(int64_t n, int64_t j) {
   return n - j >= 16 ? uint16_t(0xFFFF) : n > j ? uint16_t((1u << (n - j)) - 1) : uint16_t(0);
 }
 
+// The same for the 32 lanes [j, j + 32) of 16-bit values (an AVX-512 32-lane mask).
+inline uint32_t lanes32_below(int64_t n, int64_t j) {
+  return n - j >= 32 ? 0xFFFFFFFFu : n > j ? (1u << (n - j)) - 1 : 0u;
+}
+
 // accumulate=false: C = A B; accumulate=true: C += A B.
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t rs, int64_t cs,
                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);

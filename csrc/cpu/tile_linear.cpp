@@ -89,6 +89,17 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Loads the configuration above on this thread. cpublas::brgemm (the attention's, ATen's) keeps
+// its kernel's tile configuration loaded across calls on a thread and reloads it only for
+// another kernel: it is told first that its configuration is gone, as it is once the caller's
+// tile_release has run.
+__attribute__((target("amx-tile"))) void load_tile_config() {
+  at::native::cpublas::brgemm_release(true);
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+}
+
 #define ADAPERCEIVER_TILE_VEC_TARGET "avx512f,avx512bw,avx512vl,avx512bf16"
 
 // One C tile (16 outputs x 16 rows, float32, a row per output) into y (bfloat16 or float16):
@@ -124,8 +135,8 @@ __attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat
                                                                 uint32_t* xv) {
   for (int64_t mb = mb0; mb < mb1; ++mb) {
     for (int64_t s = 0; s < ksteps; ++s) {
-      const int64_t k0 = s * 32, kl = std::min<int64_t>(32, K - k0);
-      const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+      const int64_t k0 = s * 32;
+      const __mmask32 km = lanes32_below(K, k0);
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = mb * 16 + i;
@@ -172,13 +183,7 @@ struct Problem {
 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
 output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
-  // cpublas::brgemm (the attention's, ATen's) keeps its kernel's tile configuration loaded
-  // across calls on this thread and reloads it only for another kernel: tell it that the
-  // configuration is gone, as it is once this function's tile_release has run
-  at::native::cpublas::brgemm_release(true);
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   const int64_t Mp = p.mblocks * 16;
   alignas(64) float c[4][256];
   alignas(64) c10::BFloat16 ktail[32 * 32];  // the last K step's columns, zero-padded
@@ -272,14 +277,14 @@ __attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) inline bool split32(
 
 // x (M x K, row stride K) split and packed into xh / xl: block (16-row block mb, k step s) at
 // (mb * ksteps + s) * 256, laid out as pack_x_blocks lays a block; zeros past K and M. Row
-// blocks [mb0, mb1); bad_row[m] set for the rows that hold inf or NaN.
+// blocks [mb0, mb1); bad_row[m] set for the rows that hold inf or NaN (rows past M load as
+// zeros, so only rows below M are ever set).
 __attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void pack_x_split(
     const c10::Half* x, int64_t M, int64_t K, int64_t ksteps, int64_t mb0, int64_t mb1,
     uint32_t* xh, uint32_t* xl, uint8_t* bad_row) {
   for (int64_t mb = mb0; mb < mb1; ++mb) {
     for (int64_t s = 0; s < ksteps; ++s) {
-      const int64_t kl = std::min<int64_t>(32, K - s * 32);
-      const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+      const __mmask32 km = lanes32_below(K, s * 32);
       __m512i rh[16], rl[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = mb * 16 + i;
@@ -304,8 +309,7 @@ __attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void split_panel(
     const c10::Half* w, int64_t lda, int64_t N, int64_t K, int64_t n0, int64_t ksteps,
     c10::BFloat16* ph, c10::BFloat16* pl, uint8_t* bad_out) {
   for (int64_t s = 0; s < ksteps; ++s) {
-    const int64_t kl = std::min<int64_t>(32, K - s * 32);
-    const __mmask32 km = kl >= 32 ? ~__mmask32(0) : (__mmask32(1) << kl) - 1;
+    const __mmask32 km = lanes32_below(K, s * 32);
     for (int64_t r = 0; r < 32; ++r) {
       __m512i h, l;
       if (split32(w + (n0 + r) * lda + s * 32, n0 + r < N ? km : 0, &h, &l)) bad_out[n0 + r] = 1;
@@ -350,10 +354,7 @@ struct HalfProblem {
 // a block's C tiles runs in the next block's k loop, as in output_blocks.
 __attribute__((target("amx-tile,amx-bf16," ADAPERCEIVER_TILE_VEC_TARGET))) void
 half_output_blocks(const HalfProblem& p, int64_t nb0, int64_t nb1) {
-  at::native::cpublas::brgemm_release(true);
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   std::vector<c10::BFloat16> panels(p.ksteps * 2048 + 32);
   c10::BFloat16* ph = reinterpret_cast<c10::BFloat16*>(
       (reinterpret_cast<uintptr_t>(panels.data()) + 63) & ~uintptr_t(63));
@@ -430,11 +431,9 @@ void half_linear_kernel(const c10::Half* x, int64_t M, int64_t K, const c10::Hal
   const at::Tensor xs = at::empty({2, ksteps * mblocks * 256}, at::kInt);  // x's halves
   uint32_t* xh = reinterpret_cast<uint32_t*>(xs.data_ptr());
   uint32_t* xl = xh + ksteps * mblocks * 256;
-  std::vector<uint8_t> bad_row_p(Mp, 0);  // with the padding rows (never set)
   at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
-    pack_x_split(x, M, K, ksteps, b0, b1, xh, xl, bad_row_p.data());
+    pack_x_split(x, M, K, ksteps, b0, b1, xh, xl, bad_row);
   });
-  std::copy(bad_row_p.begin(), bad_row_p.begin() + M, bad_row);
   const HalfProblem p{w, lda, M, N, K, ksteps, mblocks, xh, xl, bias, gelu, y, bad_out};
   at::parallel_for(0, (N + 31) / 32, 1,
                    [&](int64_t nb0, int64_t nb1) { half_output_blocks(p, nb0, nb1); });
