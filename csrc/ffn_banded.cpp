@@ -222,14 +222,13 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 // columns of w2, plus b2, into dst (rows x Cout; a new tensor when dst is undefined), which it
 // returns. At few rows in bfloat16 on AMX, and in float16 on AMX-BF16 without AMX-FP16
 // (cpu::tile_linear_takes), the tile GEMM, which reads the slice in place and the weight without
-// reordering it. Otherwise the full width (a
-// contiguous weight) runs on oneDNN's inner product with the bias fused: one GEMM, or, where
-// the rule says oneDNN would run it on one of 2 threads, two column blocks of about Cout / 2
-// outputs, one oneDNN GEMM per thread (cpu::linear_column_blocks, as ops.linear runs the
-// model's projections of that shape). A column slice (oneDNN would take its
-// reference kernel on it) runs as ATen's addmm on the slice in place (on row blocks in that
-// band), a BLAS-style leading dimension the bf16 GEMM takes as it is, accumulating into dst
-// filled with the bias.
+// reordering it. Otherwise the full width (a contiguous weight) runs on oneDNN's inner product
+// with the bias fused: one GEMM, or, where the rule says oneDNN would run it on one of 2
+// threads, two column blocks of about Cout / 2 outputs, one oneDNN GEMM per thread
+// (cpu::linear_column_blocks, as ops.linear runs the model's projections of that shape). A
+// column slice (oneDNN would take its reference kernel on it) runs as ATen's addmm on the slice
+// in place (on row blocks in that band), a BLAS-style leading dimension the bf16 GEMM takes as
+// it is, accumulating into dst filled with the bias.
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
   const auto into_dst = [&](const at::Tensor& y) { return dst.defined() ? dst.copy_(y) : y; };

@@ -98,8 +98,9 @@ TORCH_LIBRARY(adaperceiver, m) {
   m.def("gemm_row_chunks(int rows, int outputs, ScalarType dtype) -> int",
         &adaperceiver::cpu::gemm_row_chunks);
   // csrc/cpu/tile_linear.cpp (CPU only), used by adaperceiver/ops/linear.py: x (..., K) times
-  // weight (N, K)^T plus bias in bfloat16 on AMX tiles, the weight read as it is; whether (and
-  // why not) it takes a GEMM of `rows` rows in dtype (cpu/onednn.h: the one statement of the rule)
+  // weight (N, K)^T plus bias in bfloat16 (float16 as bfloat16 pairs) on AMX tiles, the weight
+  // read as it is; whether (and why not) it takes a GEMM of `rows` rows in dtype (cpu/onednn.h:
+  // the one statement of the rule)
   m.def("tile_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("tile_linear_why_not(int rows, ScalarType dtype) -> str",
         &adaperceiver::cpu::tile_linear_why_not);
