@@ -245,10 +245,10 @@ def test_matryoshka_ffn_mixed_widths(benchmark, dtype):
 
 def test_matryoshka_ffn_small_mixed_batch(benchmark):
     """The FFN of a mixed batch's deeper layers in bf16 (the model's shapes: two samples of 96
-    and 128 latents at widths 2138 and 1603, packed in groups of 32 rows; one oneDNN GEMM pair
-    at the widest width on CPUs with AMX) against the per-sample average of single-width
-    batches of 4 samples. Report only: the end-to-end mixed-batch figure (<= 1.2x) carries the
-    consequence."""
+    and 128 latents at widths 2138 and 1603, packed in groups of 32 rows; on CPUs with AMX one
+    GEMM pair on the tile GEMM, each 32-row block up to its own width) against the per-sample
+    average of single-width batches of 4 samples. Report only: the end-to-end mixed-batch
+    figure (<= 1.2x) carries the consequence."""
     _native(torch.bfloat16)
     dt, C, H = torch.bfloat16, 832, 2138
     w1, b1 = (torch.randn(H, C) / math.sqrt(C)).to(dt), torch.randn(H).to(dt)

@@ -12,7 +12,8 @@
 // runs few, tall GEMMs instead of one short one per width.
 // Skipped: every hidden unit past a sample's width (never computed, gets no gradient), but on
 // the one-pair path for small batches (padded_pair below), which computes the units up to the
-// batch's widest width and zeroes them past each sample's own.
+// batch's widest width (on the tile GEMM: its row block's widest) and takes them as 0 past each
+// sample's own.
 // float32 runs as it is. bfloat16/float16 forward on a CPU with native GEMMs for the dtype
 // (cpu::native_bf16_gemm / native_fp16_gemm: AVX512-BF16 / AMX, AVX512-FP16 / AMX-FP16) runs
 // in the dtype through oneDNN, float32 accumulation inside each GEMM: fc1 with its bias and the
@@ -23,7 +24,10 @@
 // rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
 // blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
 // A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
-// each sample's units past its width zeroed between the two (the reference's 0/1 mask).
+// each sample's units past its width zeroed between the two (the reference's 0/1 mask); at few
+// rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes) each block of 32 rows computes fc1's
+// units and fc2's inner products only up to the widest width among its rows, fc2 taking each
+// row's units past its own width as 0 (cpu::RowExtents).
 // The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
 // dtype with float32 accumulation: per band, pre = x w1b^T + b1b recomputed (oneDNN, bias
 // fused), g w2b, then one pass (cpu::gelu_backward_lowp_) that writes dpre =
@@ -188,11 +192,12 @@ at::Tensor on_row_blocks(const at::Tensor& x, int64_t outputs, Run run) {
 // fc1 of one band in the low-precision dtype on the CPU: GELU(x w^T + bias) through oneDNN
 // with the bias and the exact GELU as post-ops (one rounding of the float32 result), or ATen's
 // addmm and gelu when oneDNN is not there. On row blocks (cpu::gemm_row_chunks) copied into one
-// output when the rule cuts the rows. float16 where the tile GEMM takes it (bfloat16 pairs on
-// AMX-BF16, cpu::tile_linear_takes) runs there, the GELU in its epilogue.
+// output when the rule cuts the rows. Where the tile GEMM takes it (cpu::tile_linear_takes:
+// bfloat16 at few rows, float16 as bfloat16 pairs, on AMX-BF16) it runs there, the GELU in its
+// epilogue.
 at::Tensor fc1_gelu_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   if (!cpu::onednn_linear_available()) return at::gelu(at::addmm(b, x, w.t()));
-  if (x.scalar_type() == at::kHalf && cpu::tile_linear_takes(x.size(0), at::kHalf)) {
+  if (cpu::tile_linear_takes(x.size(0), x.scalar_type())) {
     return cpu::tile_linear(x, w, b, cpu::PostOp::kGelu);  // the GELU in its epilogue
   }
   const at::Tensor wc = w.contiguous();
@@ -318,6 +323,17 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   }
   if (padded_pair(B * N, x.scalar_type(), x.size(2), Cout)) {  // one pair at the widest width
     const int64_t hm = widths.back();
+    if (x.scalar_type() == at::kBFloat16 && cpu::tile_linear_takes(B * N, at::kBFloat16)) {
+      // on the tile GEMM each row block stops at its samples' widest width (cpu::RowExtents)
+      std::vector<int64_t> ext(B * N);
+      for (int64_t r = 0; r < B * N; ++r) ext[r] = hidden[r / N];
+      const cpu::RowExtents outs{cpu::RowExtents::kOutputs, ext.data()};
+      const cpu::RowExtents inner{cpu::RowExtents::kInner, ext.data()};
+      const at::Tensor act = cpu::tile_linear(xc.view({B * N, -1}), w1.narrow(0, 0, hm),
+                                              b1.narrow(0, 0, hm), cpu::PostOp::kGelu, &outs);
+      return cpu::tile_linear(act, w2.narrow(1, 0, hm), b2, cpu::PostOp::kNone, &inner)
+          .view({B, N, Cout});
+    }
     at::Tensor act = fc1_gelu_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, hm),
                                             b1.narrow(0, 0, hm));
     zero_past_widths(act, hidden, N);

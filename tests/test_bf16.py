@@ -170,6 +170,28 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
     torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
 
 
+# At few rows fc1 and fc2 run on the AMX tile GEMM where the CPU has it (csrc/cpu/
+# tile_linear.cpp; fc1's bias and GELU in its epilogue): inf and NaN in x must come out where
+# the float32 reference puts them (GELU(+inf) is NaN there, as in bf16 / fp16; float64's is
+# inf), the other rows by the rule. Not the bf16 reference's places: torch's bf16 GEMM spreads
+# a NaN row into its neighbour at some shapes (21 x 1000 x 833 here).
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("hidden, N", [([40, 17, 29], 7), ([1000, 517], 100)])
+def test_ffn_forward_nonfinite_few_rows(dtype, hidden, N):
+    args = _ffn_inputs(hidden, N, 80 + N, dtype, C_=48, Hmax=1000, Cout=833)
+    args[0][0, 3, 5] = math.inf
+    args[0][-1, N - 1, 0] = -math.inf
+    args[0][1, 0, 47] = math.nan
+    out = C.ffn_forward(FfnInputs.build(*args, hidden))
+    ref = R.ffn_forward(*args, hidden)
+    ref32 = R.ffn_forward(*(a.float() for a in args), hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert torch.equal(out.isnan(), ref32.isnan()) and out.isnan().any()
+    assert torch.equal(out.isinf(), ref32.isinf())
+    fin = ref32.isfinite() & ref.isfinite()
+    assert_rule(out[fin], ref[fin], truth[fin], "ffn out")
+
+
 # Batches of more than 512 rows run one GEMM pair per width on that width's samples
 # (csrc/ffn_banded.cpp): a full-width group spread over the batch (copied in and out), a
 # consecutive narrower pair (read and written in place), a lone sample; then the full width

@@ -32,15 +32,28 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
                                         const c10::optional<at::Tensor>& bias,
                                         PostOp post_op = PostOp::kNone);
 
+// Per-row extents of a bfloat16 tile_linear product, one value per row of x (a small batch of
+// several Matryoshka widths: csrc/ffn_banded.cpp). kOutputs: row r needs only its outputs below
+// ext[r] (fc1 up to each sample's width); those at or past it are unspecified (blocks of 32
+// outputs past the extents of all 32 rows of a row block are not computed). kInner: row r
+// takes x's columns at or past ext[r] as 0 (fc2 over each sample's width; the K steps of a
+// row block end at its rows' largest extent). fc1 by kOutputs then fc2 by kInner is the pair
+// at the widest width with the units past each row's width zeroed.
+struct RowExtents {
+  enum Kind { kOutputs, kInner } kind;
+  const int64_t* ext;
+};
+
 // The same product on AMX tiles without reordering the weight (cpu/tile_linear.cpp, which says
 // why): bfloat16 or float16 x (..., K), weight (N, K) of unit column stride (a column slice runs
-// in place), bias (N,) or none, then post_op (GELU: float16 only); a new (..., N) tensor. Raises
-// unless tile_linear_takes(rows, dtype), the one statement of when the model's bf16 / fp16 GEMMs
-// take it (why not: tile_linear_why_not).
+// in place), bias (N,) or none, then post_op, with extents (bfloat16 only) when given; a new
+// (..., N) tensor. Raises unless tile_linear_takes(rows, dtype), the one statement of when the
+// model's bf16 / fp16 GEMMs take it (why not: tile_linear_why_not).
 std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype);
 bool tile_linear_takes(int64_t rows, at::ScalarType dtype);
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const c10::optional<at::Tensor>& bias, PostOp post_op = PostOp::kNone);
+                       const c10::optional<at::Tensor>& bias, PostOp post_op = PostOp::kNone,
+                       const RowExtents* extents = nullptr);
 
 // GEMMs oneDNN's AMX matmul runs on ONE of 2 threads. With 2 threads, oneDNN's bf16 matmul runs
 // a product of 768 < n <= 1100 outputs on one thread when its rows fall in a band (n = 832:

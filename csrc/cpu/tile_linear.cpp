@@ -1,17 +1,20 @@
 // tile_linear(x, weight, bias): y (M, N) = x (M, K) weight (N, K)^T + bias in bfloat16 (float16:
-// below) on AMX tiles, float32 accumulation, the bias added in float32, one rounding: what
-// oneDNN's inner product computes, with the products summed in another order.
+// below) on AMX tiles, float32 accumulation, the bias added in float32, optionally the exact
+// (erf) GELU of that float32 sum (fc1's epilogue), one rounding: what oneDNN's inner product
+// (with its GELU post-op) computes, with the products summed in another order.
 // Why: at a few hundred rows oneDNN's bf16 matmul costs about what reading and reordering its
 // plain weight costs, on every call (nothing may be cached: an edit of the weight must be seen).
 // Here the weight is the tiles' A operand as it is (16 rows x 32 values a tile, any row stride,
 // so fc2's column slice runs in place) and is never reordered; x, the smaller operand, is
 // packed once per call. Figures and the row limit: benchmarks/README.md, "GEMMs in bf16".
 // Schedule: x packed into VNNI pairs (blocks of 16 k-pairs x 16 rows, 1 KiB, one B tile each),
-// in parallel over 16-row blocks. Threads take blocks of 32 outputs (at::parallel_for), each
-// read from memory once while the packed x stays in L2; per 32 rows four float32 C tiles (2
+// in parallel over 16-row blocks. Threads take consecutive blocks of 32 outputs (of equal
+// count, or of equal work with RowExtents below), each read from memory once while the packed x stays in L2; per 32 rows four float32 C tiles (2
 // weight tiles x 2 x tiles) over K in steps of 32. A block's C tiles are stored and their
-// epilogue (16 x 16 transpose to rows of y, bias, rounding) runs inside the next block's k
-// loop, one tile per step, so the vector work overlaps the tile products. Each output is one
+// epilogue (GELU, 16 x 16 transpose to rows of y, bias, rounding) runs in pieces inside the
+// next block's k loop (PendingBlock), so the vector work overlaps the tile products. With
+// RowExtents (a batch of several FFN widths) each 32-row block stops at its rows' widest
+// width: fc1's output blocks past it and fc2's K steps past it are skipped. Each output is one
 // float32 sum over K in a fixed order: the thread count and the batch around a row never
 // change a result.
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
@@ -27,8 +30,7 @@
 // into an L2-resident panel of tiles (k step major) as the block starts, so tails of N and K are
 // zero-padded there. The split of inf or NaN is not exact (inf - inf): the outputs of a row of x
 // or of the weight that holds one (all of them inf or NaN in the product) are recomputed by
-// oneDNN, the others stay the tiles'. An optional exact (erf) GELU of the biased float32 sum
-// before the rounding: fc1's epilogue.
+// oneDNN, the others stay the tiles'.
 // What it skips: nothing is cached between calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -97,6 +99,9 @@ __attribute__((target("amx-tile"))) void load_tile_config() {
   at::native::cpublas::brgemm_release(true);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  // GCC's ldtilecfg builtin declares no memory read: without the barrier the stores above may be
+  // moved past it (a zeroed palette leaves the tiles unconfigured, and the first tile op faults)
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -126,12 +131,14 @@ __attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void store_tile(
 }
 
 // x (M x K, row stride ldx) into xv: block (k step s, 16-row block mb) at (s * mblocks + mb) *
-// 256 holds in row i (16 pairs) pair i of the step of each of the 16 rows; zeros past K and M.
-// Row blocks [mb0, mb1) (the parallel loop's body: a lambda would not carry the target).
+// 256 holds in row i (16 pairs) pair i of the step of each of the 16 rows; zeros past K and M,
+// and with kext (the rows' K extents, see RowExtents) past a row's extent. Row blocks
+// [mb0, mb1) (the parallel loop's body: a lambda would not carry the target).
 __attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat16* x, int64_t M,
                                                                 int64_t K, int64_t ldx,
                                                                 int64_t ksteps, int64_t mblocks,
                                                                 int64_t mb0, int64_t mb1,
+                                                                const int64_t* kext,
                                                                 uint32_t* xv) {
   for (int64_t mb = mb0; mb < mb1; ++mb) {
     for (int64_t s = 0; s < ksteps; ++s) {
@@ -140,7 +147,8 @@ __attribute__((target("avx512f,avx512bw"))) void pack_x_blocks(const c10::BFloat
       __m512i r[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t m = mb * 16 + i;
-        r[i] = m < M ? _mm512_maskz_loadu_epi16(km, x + m * ldx + k0) : _mm512_setzero_si512();
+        const __mmask32 kr = kext && m < M ? km & lanes32_below(kext[m], k0) : km;
+        r[i] = m < M ? _mm512_maskz_loadu_epi16(kr, x + m * ldx + k0) : _mm512_setzero_si512();
       }
       transpose16x16(r);
       uint32_t* blk = xv + (s * mblocks + mb) * 256;
@@ -156,6 +164,69 @@ __attribute__((target("amx-tile"))) inline void store_c_tiles(float (*c)[256]) {
   _tile_stored(2, c[2], 64);
   _tile_stored(3, c[3], 64);
 }
+
+// The epilogue of a block of 32 outputs x 32 rows, run in pieces inside the next block's k loop
+// (step, a few pieces per K step) so that the vector work overlaps the tile products: C tile t
+// holds outputs n0 + (t / 2) * 16 (a row each) of rows m0 + (t % 2) * 16. Adds the bias, with
+// gelu takes the exact GELU of the biased float32 sum (fc1's epilogue; 8 pieces of 32 values a
+// tile, the GELU costing several times a K step's products), rounds once into y (M x N).
+template <typename T>
+struct PendingBlock {
+  static constexpr int kGeluPieces = 8;  // per C tile, before its store
+  const float* bias;  // float32, or null
+  bool gelu;
+  T* y;
+  int64_t M, N;
+  int64_t n0 = -1, m0 = 0;                // the block whose C tiles wait in c (none: n0 < 0)
+  int done = 0;                           // pieces of its epilogue run
+  alignas(64) float c[4][256];
+  alignas(64) float bias_tiles[2][256];  // (with gelu) the bias of each C tile element
+
+  PendingBlock(const float* bias, bool gelu, T* y, int64_t M, int64_t N)
+      : bias(bias), gelu(gelu), y(y), M(M), N(N) {}
+
+  int pieces() const { return gelu ? 4 * (kGeluPieces + 1) : 4; }
+
+  // Pieces per K step that finish the epilogue within a k loop of `steps` steps.
+  int per_step(int64_t steps) const {
+    return static_cast<int>((pieces() + std::max<int64_t>(steps, 1) - 1) /
+                            std::max<int64_t>(steps, 1));
+  }
+
+  // The next n pieces of the waiting block's epilogue (none waiting: nothing).
+  __attribute__((target(ADAPERCEIVER_TILE_VEC_TARGET))) void step(int n) {
+    for (; n > 0 && n0 >= 0 && done < pieces(); --n, ++done) {
+      const int t = gelu ? done / (kGeluPieces + 1) : done;
+      const int64_t on = n0 + (t >> 1) * 16, om = m0 + (t & 1) * 16;
+      const int64_t rows = std::min<int64_t>(16, M - om), cols = std::min<int64_t>(16, N - on);
+      if (rows <= 0 || cols <= 0) continue;  // a tile past M or N
+      const int j = gelu ? done % (kGeluPieces + 1) : 0;
+      if (j < kGeluPieces && gelu) {
+        const int v = 256 / kGeluPieces;
+        bias_gelu_row(c[t] + j * v, bias_tiles[t >> 1] + j * v, v);
+      } else {  // with gelu, c[t] already holds GELU(sum + bias)
+        store_tile(c[t], gelu || !bias ? nullptr : bias + on, y + om * N + on, N, rows, cols);
+      }
+    }
+  }
+
+  void finish() { step(pieces()); }
+
+  // The C tiles of block (n0, m0) in, once the previous block's epilogue is done.
+  __attribute__((target("amx-tile"))) void take(int64_t block_n0, int64_t block_m0) {
+    finish();
+    store_c_tiles(c);
+    if (gelu && block_n0 != n0) {  // a C tile's row i is output block_n0 + 16 * (t / 2) + i
+      for (int h = 0; h < 2; ++h) {
+        for (int i = 0; i < 16; ++i) {
+          const int64_t o = block_n0 + 16 * h + i;
+          std::fill_n(bias_tiles[h] + 16 * i, 16, bias && o < N ? bias[o] : 0.f);
+        }
+      }
+    }
+    n0 = block_n0, m0 = block_m0, done = 0;
+  }
+};
 
 // Four C tiles += weight tiles (a, a + 16 rows; stride lda values) times x tiles (b, b + 256).
 __attribute__((target("amx-tile,amx-bf16"))) inline void tile_step(const c10::BFloat16* a,
@@ -178,25 +249,21 @@ struct Problem {
   int64_t lda, M, N, K, Kp, Kfull, mblocks;
   const uint32_t* xv;      // packed x
   const float* bias;       // float32, or null
+  bool gelu;               // the exact GELU of (sum + bias) before the rounding
   c10::BFloat16* y;        // M x N
+  // with RowExtents, per 32-row block: output blocks from block_outputs on are not computed;
+  // K steps end at block_kend (x past each row's K extent is packed as 0); else null
+  const int64_t* block_outputs;
+  const int64_t* block_kend;
 };
 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
 output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
   load_tile_config();
   const int64_t Mp = p.mblocks * 16;
-  alignas(64) float c[4][256];
   alignas(64) c10::BFloat16 ktail[32 * 32];  // the last K step's columns, zero-padded
   std::vector<c10::BFloat16> ntail;          // a last block of < 32 outputs, zero-padded
-  int64_t pend_n0 = -1, pend_m0 = 0;         // the block whose C tiles wait in c
-  // C tile t of the waiting block: outputs pend_n0 + (t / 2) * 16, rows pend_m0 + (t % 2) * 16
-  const auto store = [&](int t) {
-    const int64_t n0 = pend_n0 + (t >> 1) * 16, m0 = pend_m0 + (t & 1) * 16;
-    const int64_t rows = std::min<int64_t>(16, p.M - m0), cols = std::min<int64_t>(16, p.N - n0);
-    if (rows > 0 && cols > 0) {
-      store_tile(c[t], p.bias ? p.bias + n0 : nullptr, p.y + m0 * p.N + n0, p.N, rows, cols);
-    }
-  };
+  PendingBlock<c10::BFloat16> pend(p.bias, p.gelu, p.y, p.M, p.N);
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * 32, nr = std::min<int64_t>(32, p.N - n0);
     const c10::BFloat16* a = p.w + n0 * p.lda;
@@ -216,41 +283,73 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
     // the tile loads are asm with no memory operand: keep the copies above before them
     asm volatile("" ::: "memory");
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+      if (p.block_outputs && n0 >= p.block_outputs[m0 / 32]) continue;  // past every extent
+      const int64_t kend = p.block_kend ? p.block_kend[m0 / 32] : p.Kp;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       const uint32_t* b = p.xv + (m0 / 16) * 256;
-      int t = 0;
-      for (int64_t k = 0; k < kmain; k += 32) {
+      const int per_step = pend.per_step((std::min(kmain, kend) + 31) / 32);
+      for (int64_t k = 0; k < std::min(kmain, kend); k += 32) {
         tile_step(a + k, ld, b + (k / 32) * p.mblocks * 256);
-        if (pend_n0 >= 0 && t < 4) store(t++);
+        pend.step(per_step);
       }
-      if (kmain < p.Kp) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
-      if (pend_n0 >= 0) {
-        while (t < 4) store(t++);
-      }
-      store_c_tiles(c);
-      pend_n0 = n0, pend_m0 = m0;
+      if (kmain < kend) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
+      pend.take(n0, m0);
     }
   }
-  if (pend_n0 >= 0) {
-    for (int t = 0; t < 4; ++t) store(t);
-  }
+  pend.finish();
   _tile_release();
 }
 
 void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w,
-                        int64_t lda, int64_t N, const float* bias, c10::BFloat16* y) {
+                        int64_t lda, int64_t N, const float* bias, bool gelu, c10::BFloat16* y,
+                        const RowExtents* extents) {
   const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
   const int64_t ksteps = Kp / 32, mblocks = Mp / 16, nblocks = (N + 31) / 32;
+  // with extents, each 32-row block runs to the largest extent of its rows
+  std::vector<int64_t> block_ext;
+  if (extents) {
+    block_ext.assign(Mp / 32, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      block_ext[m / 32] = std::max(block_ext[m / 32], extents->ext[m]);
+    }
+    if (extents->kind == RowExtents::kInner) {
+      for (int64_t& e : block_ext) e = std::min(Kp, (e + 31) / 32 * 32);
+    }
+  }
+  const bool by_outputs = extents && extents->kind == RowExtents::kOutputs;
+  const bool by_inner = extents && extents->kind == RowExtents::kInner;
   const at::Tensor xv_t = at::empty({ksteps * mblocks * 256}, at::kInt);  // the packed x
   uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.data_ptr());
   at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
-    pack_x_blocks(x, M, K, K, ksteps, mblocks, b0, b1, xv);
+    pack_x_blocks(x, M, K, K, ksteps, mblocks, b0, b1, by_inner ? extents->ext : nullptr, xv);
   });
-  const Problem p{w, lda, M, N, K, Kp, K / 32 * 32, mblocks, xv, bias, y};
-  at::parallel_for(0, nblocks, 1, [&](int64_t nb0, int64_t nb1) { output_blocks(p, nb0, nb1); });
+  const Problem p{w, lda, M, N, K, Kp, K / 32 * 32, mblocks, xv, bias, gelu, y,
+                  by_outputs ? block_ext.data() : nullptr, by_inner ? block_ext.data() : nullptr};
+  if (!by_outputs) {
+    at::parallel_for(0, nblocks, 1, [&](int64_t nb0, int64_t nb1) { output_blocks(p, nb0, nb1); });
+    return;
+  }
+  // output extents: the last output blocks run on fewer row blocks, so the threads take
+  // consecutive output blocks of equal work (row blocks computed), not of equal count
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  std::vector<int64_t> work(nblocks + 1, 0);  // prefix sums
+  for (int64_t nb = 0; nb < nblocks; ++nb) {
+    int64_t w_nb = 0;
+    for (const int64_t e : block_ext) w_nb += nb * 32 < e;
+    work[nb + 1] = work[nb] + w_nb;
+  }
+  std::vector<int64_t> bound(T + 1, nblocks);
+  bound[0] = 0;
+  for (int64_t t = 1, nb = 0; t < T; ++t) {
+    while (nb < nblocks && work[nb] * T < work[nblocks] * t) ++nb;
+    bound[t] = nb;
+  }
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) output_blocks(p, bound[t], bound[t + 1]);
+  });
 }
 
 // ---- float16 as pairs of bfloat16 (see the file's comment) ----
@@ -359,18 +458,7 @@ half_output_blocks(const HalfProblem& p, int64_t nb0, int64_t nb1) {
   c10::BFloat16* ph = reinterpret_cast<c10::BFloat16*>(
       (reinterpret_cast<uintptr_t>(panels.data()) + 63) & ~uintptr_t(63));
   c10::BFloat16* pl = ph + p.ksteps * 1024;
-  alignas(64) float c[4][256];
-  alignas(64) float bias_tiles[2][256];  // (with gelu) the bias of each C tile element
-  int64_t pend_n0 = -1, pend_m0 = 0;
-  const auto store = [&](int t) {
-    const int64_t n0 = pend_n0 + (t >> 1) * 16, m0 = pend_m0 + (t & 1) * 16;
-    const int64_t rows = std::min<int64_t>(16, p.M - m0), cols = std::min<int64_t>(16, p.N - n0);
-    if (rows <= 0 || cols <= 0) return;
-    if (p.gelu) bias_gelu_row(c[t], bias_tiles[t >> 1], 256);
-    // with gelu, c[t] already holds GELU(sum + bias)
-    store_tile(c[t], p.gelu || !p.bias ? nullptr : p.bias + n0, p.y + m0 * p.N + n0, p.N, rows,
-               cols);
-  };
+  PendingBlock<c10::Half> pend(p.bias, p.gelu, p.y, p.M, p.N);
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * 32;
     split_panel(p.w, p.lda, p.N, p.K, n0, p.ksteps, ph, pl, p.bad_out);
@@ -385,7 +473,7 @@ half_output_blocks(const HalfProblem& p, int64_t nb0, int64_t nb1) {
       const uint32_t* bh1 = bh0 + p.ksteps * 256;
       const uint32_t* bl0 = p.xl + (m0 / 16) * p.ksteps * 256;
       const uint32_t* bl1 = bl0 + p.ksteps * 256;
-      int t = 0;
+      const int per_step = pend.per_step(p.ksteps);
       for (int64_t s = 0; s < p.ksteps; ++s) {
         const c10::BFloat16 *ah = ph + s * 1024, *al = pl + s * 1024;
         load_weight_tiles(ah, ah + 512);
@@ -397,26 +485,12 @@ half_output_blocks(const HalfProblem& p, int64_t nb0, int64_t nb1) {
         dot2x2();  // lo lo
         load_x_tiles(bh0 + s * 256, bh1 + s * 256);
         dot2x2();  // lo hi
-        if (pend_n0 >= 0 && t < 4) store(t++);
+        pend.step(per_step);
       }
-      if (pend_n0 >= 0) {
-        while (t < 4) store(t++);
-      }
-      store_c_tiles(c);
-      if (p.gelu && pend_n0 != n0) {  // a C tile's row i is output n0 + 16 * (t / 2) + i
-        for (int h = 0; h < 2; ++h) {
-          for (int i = 0; i < 16; ++i) {
-            const int64_t o = n0 + 16 * h + i;
-            std::fill_n(bias_tiles[h] + 16 * i, 16, p.bias && o < p.N ? p.bias[o] : 0.f);
-          }
-        }
-      }
-      pend_n0 = n0, pend_m0 = m0;
+      pend.take(n0, m0);
     }
   }
-  if (pend_n0 >= 0) {
-    for (int t = 0; t < 4; ++t) store(t);
-  }
+  pend.finish();
   _tile_release();
 }
 
@@ -472,7 +546,7 @@ bool tile_linear_takes(int64_t rows, at::ScalarType dtype) {
 }
 
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
-                       PostOp post_op) {
+                       PostOp post_op, const RowExtents* extents) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && (!bias || bias->device().is_cpu()),
               "tile_linear: CPU tensors only, got x on ", x.device(), " and weight on ",
               weight.device());
@@ -492,8 +566,8 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
               "tile_linear has no gradient formula and an input requires grad (ops.linear takes "
               "F.linear when a gradient is recorded)");
   const bool gelu = post_op == PostOp::kGelu;
-  TORCH_CHECK(!gelu || x.scalar_type() == at::kHalf,
-              "tile_linear: the GELU epilogue is float16's only, got ", x.scalar_type());
+  TORCH_CHECK(!extents || x.scalar_type() == at::kBFloat16,
+              "tile_linear: row extents are bfloat16's only, got ", x.scalar_type());
   const int64_t K = weight.size(1), N = weight.size(0);
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -542,7 +616,8 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
     return y;
   }
   tile_linear_kernel(xc.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), w.stride(0),
-                     N, bias ? bf.data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>());
+                     N, bias ? bf.data_ptr<float>() : nullptr, gelu, y.data_ptr<c10::BFloat16>(),
+                     extents);
 #endif
   return y;
 }
