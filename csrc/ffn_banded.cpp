@@ -24,10 +24,10 @@
 // rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
 // blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
 // A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
-// each sample's units past its width zeroed between the two (the reference's 0/1 mask); at few
-// rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes) each block of 32 rows computes fc1's
-// units and fc2's inner products only up to the widest width among its rows, fc2 taking each
-// row's units past its own width as 0 (cpu::RowExtents).
+// each sample's units past its width zeroed between the two (the reference's 0/1 mask); at up
+// to 448 rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes with row extents) each block
+// of 32 rows computes fc1's units and fc2's inner products only up to the widest width among
+// its rows, fc2 taking each row's units past its own width as 0 (cpu::RowExtents).
 // The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
 // dtype with float32 accumulation: per band, pre = x w1b^T + b1b recomputed (oneDNN, bias
 // fused), g w2b, then one pass (cpu::gelu_backward_lowp_) that writes dpre =
@@ -323,7 +323,8 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   }
   if (padded_pair(B * N, x.scalar_type(), x.size(2), Cout)) {  // one pair at the widest width
     const int64_t hm = widths.back();
-    if (x.scalar_type() == at::kBFloat16 && cpu::tile_linear_takes(B * N, at::kBFloat16)) {
+    if (x.scalar_type() == at::kBFloat16 &&
+        cpu::tile_linear_takes(B * N, at::kBFloat16, /*row_extents=*/true)) {
       // on the tile GEMM each row block stops at its samples' widest width (cpu::RowExtents)
       std::vector<int64_t> ext(B * N);
       for (int64_t r = 0; r < B * N; ++r) ext[r] = hidden[r / N];

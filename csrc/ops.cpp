@@ -103,7 +103,9 @@ TORCH_LIBRARY(adaperceiver, m) {
   // the one statement of the rule)
   m.def("tile_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("tile_linear_why_not(int rows, ScalarType dtype) -> str",
-        &adaperceiver::cpu::tile_linear_why_not);
+        [](int64_t rows, at::ScalarType dtype) {
+          return adaperceiver::cpu::tile_linear_why_not(rows, dtype);
+        });
   // csrc/cpu/norm.cpp (CPU only), used by adaperceiver/ops/norm.py: the block's residual with
   // LayerScale, x + gamma * branch (branch given), and the LayerNorm of it (normalize), in one
   // pass; a result not asked for is an empty tensor

@@ -171,12 +171,14 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
 
 
 # At few rows fc1 and fc2 run on the AMX tile GEMM where the CPU has it (csrc/cpu/
-# tile_linear.cpp; fc1's bias and GELU in its epilogue): inf and NaN in x must come out where
+# tile_linear.cpp; fc1's bias and GELU in its epilogue; several widths up to 448 rows, each
+# 32-row block up to its rows' widest width): inf and NaN in x must come out where
 # the float32 reference puts them (GELU(+inf) is NaN there, as in bf16 / fp16; float64's is
 # inf), the other rows by the rule. Not the bf16 reference's places: torch's bf16 GEMM spreads
 # a NaN row into its neighbour at some shapes (21 x 1000 x 833 here).
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("hidden, N", [([40, 17, 29], 7), ([1000, 517], 100)])
+@pytest.mark.parametrize("hidden, N", [([40, 17, 29], 7), ([1000, 517], 100),
+                                       ([1000, 517, 1000], 107)])
 def test_ffn_forward_nonfinite_few_rows(dtype, hidden, N):
     args = _ffn_inputs(hidden, N, 80 + N, dtype, C_=48, Hmax=1000, Cout=833)
     args[0][0, 3, 5] = math.inf
@@ -214,9 +216,11 @@ def test_ffn_forward_rule_width_groups(dtype, case):
 
 # A small batch of several widths runs one GEMM pair at its widest width on CPUs where oneDNN
 # runs the dtype on AMX (csrc/ffn_banded.cpp, padded_pair: at most 512 rows), each sample's
-# units past its width zeroed between the two: odd widths and sizes, a widest width below
-# Hmax (fc2 on a column slice), the model's own shapes, and 512 and 513 rows on either side
-# of the limit (the results do not say which path ran; both must meet the rule)
+# units past its width zeroed between the two (in bf16 up to 448 rows on the tile GEMM, each
+# 32-row block only up to its rows' widest width): odd widths and sizes, a widest width below
+# Hmax (fc2 on a column slice), the model's own shapes, rows in blocks that straddle samples,
+# 448 and 450, 512 and 513 rows on either side of the limits (the results do not say which
+# path ran; all must meet the rule)
 FFN_SMALL = [
     # hidden, N, C, Hmax, Cout
     ([201, 17, 64, 129, 1], 11, 50, 201, 70),
@@ -225,6 +229,9 @@ FFN_SMALL = [
     ([30, 17], 50, 24, 41, 19),
     ([40, 7], 256, 24, 41, 19),
     ([40, 7, 3], 171, 24, 41, 19),
+    ([1603, 2138, 1069], 107, 48, 2138, 50),
+    ([30, 17, 41, 9], 112, 24, 41, 19),
+    ([30, 17, 41], 150, 24, 41, 19),
 ]
 
 

@@ -49,8 +49,8 @@ struct RowExtents {
 // in place), bias (N,) or none, then post_op, with extents (bfloat16 only) when given; a new
 // (..., N) tensor. Raises unless tile_linear_takes(rows, dtype), the one statement of when the
 // model's bf16 / fp16 GEMMs take it (why not: tile_linear_why_not).
-std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype);
-bool tile_linear_takes(int64_t rows, at::ScalarType dtype);
+std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype, bool row_extents = false);
+bool tile_linear_takes(int64_t rows, at::ScalarType dtype, bool row_extents = false);
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, PostOp post_op = PostOp::kNone,
                        const RowExtents* extents = nullptr);

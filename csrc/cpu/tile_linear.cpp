@@ -9,14 +9,14 @@
 // packed once per call. Figures and the row limit: benchmarks/README.md, "GEMMs in bf16".
 // Schedule: x packed into VNNI pairs (blocks of 16 k-pairs x 16 rows, 1 KiB, one B tile each),
 // in parallel over 16-row blocks. Threads take consecutive blocks of 32 outputs (of equal
-// count, or of equal work with RowExtents below), each read from memory once while the packed x stays in L2; per 32 rows four float32 C tiles (2
-// weight tiles x 2 x tiles) over K in steps of 32. A block's C tiles are stored and their
-// epilogue (GELU, 16 x 16 transpose to rows of y, bias, rounding) runs in pieces inside the
-// next block's k loop (PendingBlock), so the vector work overlaps the tile products. With
-// RowExtents (a batch of several FFN widths) each 32-row block stops at its rows' widest
-// width: fc1's output blocks past it and fc2's K steps past it are skipped. Each output is one
-// float32 sum over K in a fixed order: the thread count and the batch around a row never
-// change a result.
+// count, or of equal work with RowExtents below), each read from memory once while the packed
+// x stays in L2; per 32 rows four float32 C tiles (2 weight tiles x 2 x tiles) over K in steps
+// of 32. A block's C tiles are stored and their epilogue (GELU, 16 x 16 transpose to rows of
+// y, bias, rounding) runs in pieces inside the next block's k loop (PendingBlock), so the
+// vector work overlaps the tile products. With RowExtents (a batch of several FFN widths, up
+// to 448 rows) each 32-row block stops at its rows' widest width: fc1's output blocks past it
+// and fc2's K steps past it are skipped. Each output is one float32 sum over K in a fixed
+// order: the thread count and the batch around a row never change a result.
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
 // outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
 // zero-padded copy of its columns (no memory past the weight's K columns is read).
@@ -67,7 +67,10 @@ namespace {
 // Rows up to which tile_linear runs instead of oneDNN's matmul: above them oneDNN's reorder is
 // spread over enough rows that its kernel, tuned further, is as fast or faster (the figures).
 // At most 256 rows of packed x (K <= 4096: 2 MiB) stay in L2 while a thread's weight passes.
+// With RowExtents (a pair of FFN GEMMs over several widths, against oneDNN's pair at the widest
+// width) the FLOPs it skips keep it ahead up to more rows.
 constexpr int64_t kTileLinearMaxRows = 256;
+constexpr int64_t kTileLinearMaxRowsExtents = 448;
 
 // float16 rows per pass of half_linear_kernel: its packed halves of x take 4 bytes a value
 // (16 MiB at K = 2048); each pass splits the weight again, a small cost next to its products.
@@ -516,14 +519,15 @@ void half_linear_kernel(const c10::Half* x, int64_t M, int64_t K, const c10::Hal
 
 }  // namespace
 
-std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype) {
+std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype, bool row_extents) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) {
     return std::string(c10::toString(dtype)) +
            " (the tiles' GEMM multiplies bfloat16, and float16 as bfloat16 pairs)";
   }
-  if (dtype == at::kBFloat16 && (rows < 1 || rows > kTileLinearMaxRows)) {
-    return std::to_string(rows) + " rows (it runs 1.." + std::to_string(kTileLinearMaxRows) +
-           " in bfloat16)";
+  const int64_t max_rows = row_extents ? kTileLinearMaxRowsExtents : kTileLinearMaxRows;
+  if (dtype == at::kBFloat16 && (rows < 1 || rows > max_rows)) {
+    return std::to_string(rows) + " rows (it runs 1.." + std::to_string(max_rows) +
+           " in bfloat16" + (row_extents ? " with row extents)" : ")");
   }
   if (rows < 1) return std::to_string(rows) + " rows (it runs 1 or more)";
   if (!onednn_linear_available()) return "oneDNN is off, and the rest of the model's GEMMs with it";
@@ -541,8 +545,8 @@ std::string tile_linear_why_not(int64_t rows, at::ScalarType dtype) {
 #endif
 }
 
-bool tile_linear_takes(int64_t rows, at::ScalarType dtype) {
-  return tile_linear_why_not(rows, dtype).empty();
+bool tile_linear_takes(int64_t rows, at::ScalarType dtype, bool row_extents) {
+  return tile_linear_why_not(rows, dtype, row_extents).empty();
 }
 
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
@@ -574,7 +578,7 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
   out_shape.back() = N;
   at::Tensor y = at::empty(out_shape, x.options());
   if (M == 0 || N == 0) return y;
-  const std::string why = tile_linear_why_not(M, x.scalar_type());
+  const std::string why = tile_linear_why_not(M, x.scalar_type(), extents != nullptr);
   TORCH_CHECK(why.empty(), "tile_linear cannot take this call: ", why);
   if (K == 0) {  // an empty sum: the bias
     y.view({M, N}).copy_(bias ? bias->expand({M, N}) : at::zeros({M, N}, x.options()));
