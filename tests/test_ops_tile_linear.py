@@ -350,7 +350,8 @@ def test_build_info_says_which_gemm_runs():
     assert info["cpu_tile_linear_fp16"] == ("onednn" if WHY_NOT_F16 else "amx-bf16-pairs")
     from adaperceiver.bench.timing import cpu_kernels_summary   # the bench header says it too
     header = cpu_kernels_summary()
-    assert ("bf16 GEMMs of <= 256 rows on the AMX tile GEMM" in header) == (not WHY_NOT)
+    assert ("bf16 GEMMs of <= 256 rows (FFNs of several widths: <= 448) on the AMX tile GEMM"
+            in header) == (not WHY_NOT)
     assert ("fp16 GEMMs on the AMX tile GEMM" in header) == (not WHY_NOT_F16)
     code = ("import importlib, json, torch; from adaperceiver import _ext;"
             " lin = importlib.import_module('adaperceiver.ops.linear');"

@@ -183,7 +183,7 @@ def cpu_kernels_summary() -> str:
     def low(name, native, hw):
         return (f"{name} native ({hw} via oneDNN)" if native
                 else f"{name} computed in float32 (no {hw} on this CPU or path)")
-    tiles = ("; bf16 GEMMs of <= 256 rows on the AMX tile GEMM"
+    tiles = ("; bf16 GEMMs of <= 256 rows (FFNs of several widths: <= 448) on the AMX tile GEMM"
              if info["cpu_tile_linear_bf16"] == "amx" else "")
     tiles += ("; fp16 GEMMs on the AMX tile GEMM as exact bf16 pairs"
               if info["cpu_tile_linear_fp16"] == "amx-bf16-pairs" else "")
