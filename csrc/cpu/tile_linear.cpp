@@ -13,7 +13,8 @@
 // x stays in L2; per 32 rows four float32 C tiles (2 weight tiles x 2 x tiles) over K in steps
 // of 32. A block's C tiles are stored and their epilogue (GELU, 16 x 16 transpose to rows of
 // y, bias, rounding) runs in pieces inside the next block's k loop (PendingBlock), so the
-// vector work overlaps the tile products. With RowExtents (a batch of several FFN widths, up
+// vector work overlaps the tile products, and the next block's weight rows are prefetched
+// there (NextRowsPrefetch). With RowExtents (a batch of several FFN widths, up
 // to 448 rows) each 32-row block stops at its rows' widest width: fc1's output blocks past it
 // and fc2's K steps past it are skipped. Each output is one float32 sum over K in a fixed
 // order: the thread count and the batch around a row never change a result.
@@ -245,6 +246,31 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void tile_step(const c10::BF
   _tile_dpbf16ps(3, 5, 7);
 }
 
+// Software prefetch (into L2) of the next output block's weight rows, a few cache lines per K
+// step of the current block, in the order its K steps read them: at a few hundred rows the
+// weight comes from memory once per call, and the hardware prefetchers, following 32 strided
+// rows at once, leave much of the memory bandwidth unused. Only when the current block's K
+// steps take the next block's rows at most 6 lines a step (about 192 rows or more): with fewer
+// rows its products are too short to hide the fetch, and the extra loads slowed it.
+struct NextRowsPrefetch {
+  static constexpr int64_t kMaxLinesPerStep = 6;
+  const char* base = nullptr;
+  int64_t rows = 0, ld = 0, lines = 0, next = 0, per_step = 0;  // ld in bytes
+
+  // rows (ld bytes apart, row_bytes each) to be fetched over `steps` calls of step()
+  void start(const void* p, int64_t nrows, int64_t ld_bytes, int64_t row_bytes, int64_t steps) {
+    base = static_cast<const char*>(p), rows = nrows, ld = ld_bytes, next = 0;
+    lines = nrows * ((row_bytes + 63) / 64);
+    per_step = (lines + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
+    if (per_step > kMaxLinesPerStep) lines = 0;
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && next < lines; ++i, ++next) {
+      _mm_prefetch(base + (next % rows) * ld + (next / rows) * 64, _MM_HINT_T1);
+    }
+  }
+};
+
 // The products of output blocks [nb0, nb1) (32 outputs each) on every row: the parallel loop's
 // body (a lambda would not carry the target).
 struct Problem {
@@ -267,9 +293,13 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
   alignas(64) c10::BFloat16 ktail[32 * 32];  // the last K step's columns, zero-padded
   std::vector<c10::BFloat16> ntail;          // a last block of < 32 outputs, zero-padded
   PendingBlock<c10::BFloat16> pend(p.bias, p.gelu, p.y, p.M, p.N);
+  NextRowsPrefetch prefetch;
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int64_t n0 = nb * 32, nr = std::min<int64_t>(32, p.N - n0);
     const c10::BFloat16* a = p.w + n0 * p.lda;
+    // the next block's rows (none after the last)
+    prefetch.start(a + 32 * p.lda, nb + 1 < nb1 ? std::min<int64_t>(32, p.N - n0 - 32) : 0,
+                   p.lda * 2, p.K * 2, (Mp / 32) * (p.Kp / 32));
     int64_t ld = p.lda, kmain = p.Kfull;
     if (nr < 32) {  // the last outputs: rows past N read as zeros, every K step from ntail
       ntail.assign(32 * p.Kp, c10::BFloat16(0.f));
@@ -297,6 +327,7 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
       for (int64_t k = 0; k < std::min(kmain, kend); k += 32) {
         tile_step(a + k, ld, b + (k / 32) * p.mblocks * 256);
         pend.step(per_step);
+        prefetch.step();
       }
       if (kmain < kend) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
       pend.take(n0, m0);
@@ -585,7 +616,8 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& weight, const OptT
     return gelu ? at::gelu(y) : y;
   }
   // the weight's rows must be unit-stride; a column slice (row stride above K) runs in place
-  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+  const at::Tensor w =
+      weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   const at::Tensor xc = x.reshape({M, K}).contiguous();
   const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
 #if defined(__x86_64__) && defined(__GNUC__)
