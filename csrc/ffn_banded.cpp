@@ -26,8 +26,8 @@
 // A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
 // each sample's units past its width zeroed between the two (the reference's 0/1 mask); at up
 // to 448 rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes with row extents) each block
-// of 32 rows computes fc1's units and fc2's inner products only up to the widest width among
-// its rows, fc2 taking each row's units past its own width as 0 (cpu::RowExtents).
+// of 32 rows computes fc1's units only up to the widest width among its rows, and fc2 takes
+// each row's units past its own width as 0 (cpu::RowExtents).
 // The backward on such a CPU runs in the dtype too (ffn_bwd_low_precision), every GEMM in the
 // dtype with float32 accumulation: per band, pre = x w1b^T + b1b recomputed (oneDNN, bias
 // fused), g w2b, then one pass (cpu::gelu_backward_lowp_) that writes dpre =

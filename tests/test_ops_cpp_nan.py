@@ -241,11 +241,11 @@ def test_backward_value_rows_reach_only_gradients_that_read_them(value, dtype):
 FFN_HIDDEN = [40, 17, 29]
 
 
-def _ffn_poisoned(where, idx, value, dtype, seed):
-    """The FFN's arguments (3 samples of 7 rows, C = Cout = 24, Hmax = 40, widths FFN_HIDDEN)
+def _ffn_poisoned(where, idx, value, dtype, seed, Nf=7):
+    """The FFN's arguments (3 samples of Nf rows, C = Cout = 24, Hmax = 40, widths FFN_HIDDEN)
     with args[where][idx] set to value, the clean run's output and the poisoned run's."""
     g = torch.Generator().manual_seed(seed)
-    Bf, Nf, Cf, Hf = 3, 7, 24, 40
+    Bf, Cf, Hf = 3, 24, 40
     args = {"x": torch.randn(Bf, Nf, Cf, generator=g),
             "fc1_weight": torch.randn(Hf, Cf, generator=g) / 4,
             "fc1_bias": torch.randn(Hf, generator=g),
@@ -313,6 +313,27 @@ def test_ffn_units_past_a_width(where, idx, dtype):
         assert torch.equal(out[1][:, keep], base[1][:, keep])
     else:
         assert torch.equal(out[1], base[1]), "sample 1 reads nothing of unit 20"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ffn_fc2_column_past_widths_in_their_own_row_blocks(dtype):
+    """As above with 32 rows a sample, so that on the bf16 tile GEMM each sample is its own
+    block of 32 rows, and fc2's column 35 poisoned: past the widths of samples 1 and 2 (17, 29)
+    and past their widths rounded up to a K step of 32, inside the batch's widest (40). On the
+    one-pair path both get NaN in that output column whatever their own block's widths (every
+    K step runs: a 0 activation times the column, as in the reference); elsewhere the clean
+    run's values."""
+    args, base, out = _ffn_poisoned("fc2_weight", (5, 35), NAN, dtype, seed=13, Nf=32)
+    ref = R.ffn_forward(*(t.float() for t in args.values()), FFN_HIDDEN)
+    assert torch.equal(_pattern(out[0]), _pattern(ref[0]))
+    keep = torch.arange(24) != 5
+    for b in (1, 2):
+        if _one_pair_path(dtype, 3 * 32):
+            assert torch.equal(_pattern(out[b]), _pattern(ref[b])), f"sample {b}"
+            assert out[b, :, 5].isnan().all()
+            assert torch.equal(out[b][:, keep], base[b][:, keep])
+        else:
+            assert torch.equal(out[b], base[b]), f"sample {b} reads nothing of unit 35"
 
 
 def _isas():

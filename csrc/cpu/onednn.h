@@ -36,9 +36,10 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
 // several Matryoshka widths: csrc/ffn_banded.cpp). kOutputs: row r needs only its outputs below
 // ext[r] (fc1 up to each sample's width); those at or past it are unspecified (blocks of 32
 // outputs past the extents of all 32 rows of a row block are not computed). kInner: row r
-// takes x's columns at or past ext[r] as 0 (fc2 over each sample's width; the K steps of a
-// row block end at its rows' largest extent). fc1 by kOutputs then fc2 by kInner is the pair
-// at the widest width with the units past each row's width zeroed.
+// takes x's columns at or past ext[r] as 0 (fc2 over each sample's width; every K step still
+// runs, so 0 times an inf or NaN weight past a row's width is NaN, as in the reference's 0/1
+// mask, whatever the widths of the rows around it). fc1 by kOutputs then fc2 by kInner is the
+// pair at the widest width with the units past each row's width zeroed.
 struct RowExtents {
   enum Kind { kOutputs, kInner } kind;
   const int64_t* ext;

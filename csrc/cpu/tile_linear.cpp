@@ -14,10 +14,10 @@
 // of 32. A block's C tiles are stored and their epilogue (GELU, 16 x 16 transpose to rows of
 // y, bias, rounding) runs in pieces inside the next block's k loop (PendingBlock), so the
 // vector work overlaps the tile products, and the next block's weight rows are prefetched
-// there (NextRowsPrefetch). With RowExtents (a batch of several FFN widths, up
-// to 448 rows) each 32-row block stops at its rows' widest width: fc1's output blocks past it
-// and fc2's K steps past it are skipped. Each output is one float32 sum over K in a fixed
-// order: the thread count and the batch around a row never change a result.
+// there (NextRowsPrefetch). With RowExtents (a batch of several FFN widths, up to 448 rows)
+// fc1's output blocks past the widest width among a 32-row block's rows are skipped, and fc2
+// takes each row's units past its own width as 0. Each output is one float32 sum over K in a
+// fixed order: the thread count and the batch around a row never change a result.
 // Tails: rows past M are zeros in the packed x and never stored; a last block of fewer than 32
 // outputs reads a zero-padded copy of its rows, a last K step of fewer than 32 values a
 // zero-padded copy of its columns (no memory past the weight's K columns is read).
@@ -280,10 +280,9 @@ struct Problem {
   const float* bias;       // float32, or null
   bool gelu;               // the exact GELU of (sum + bias) before the rounding
   c10::BFloat16* y;        // M x N
-  // with RowExtents, per 32-row block: output blocks from block_outputs on are not computed;
-  // K steps end at block_kend (x past each row's K extent is packed as 0); else null
+  // with RowExtents (kOutputs), per 32-row block: output blocks from here on are not computed;
+  // else null
   const int64_t* block_outputs;
-  const int64_t* block_kend;
 };
 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
@@ -317,19 +316,18 @@ output_blocks(const Problem& p, int64_t nb0, int64_t nb1) {
     asm volatile("" ::: "memory");
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       if (p.block_outputs && n0 >= p.block_outputs[m0 / 32]) continue;  // past every extent
-      const int64_t kend = p.block_kend ? p.block_kend[m0 / 32] : p.Kp;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       const uint32_t* b = p.xv + (m0 / 16) * 256;
-      const int per_step = pend.per_step((std::min(kmain, kend) + 31) / 32);
-      for (int64_t k = 0; k < std::min(kmain, kend); k += 32) {
+      const int per_step = pend.per_step(kmain / 32);
+      for (int64_t k = 0; k < kmain; k += 32) {
         tile_step(a + k, ld, b + (k / 32) * p.mblocks * 256);
         pend.step(per_step);
         prefetch.step();
       }
-      if (kmain < kend) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
+      if (kmain < p.Kp) tile_step(ktail, 32, b + (kmain / 32) * p.mblocks * 256);
       pend.take(n0, m0);
     }
   }
@@ -342,26 +340,23 @@ void tile_linear_kernel(const c10::BFloat16* x, int64_t M, int64_t K, const c10:
                         const RowExtents* extents) {
   const int64_t Mp = (M + 31) / 32 * 32, Kp = (K + 31) / 32 * 32;
   const int64_t ksteps = Kp / 32, mblocks = Mp / 16, nblocks = (N + 31) / 32;
-  // with extents, each 32-row block runs to the largest extent of its rows
+  const bool by_outputs = extents && extents->kind == RowExtents::kOutputs;
+  const bool by_inner = extents && extents->kind == RowExtents::kInner;
+  // output extents: each 32-row block computes up to the largest extent of its rows
   std::vector<int64_t> block_ext;
-  if (extents) {
+  if (by_outputs) {
     block_ext.assign(Mp / 32, 0);
     for (int64_t m = 0; m < M; ++m) {
       block_ext[m / 32] = std::max(block_ext[m / 32], extents->ext[m]);
     }
-    if (extents->kind == RowExtents::kInner) {
-      for (int64_t& e : block_ext) e = std::min(Kp, (e + 31) / 32 * 32);
-    }
   }
-  const bool by_outputs = extents && extents->kind == RowExtents::kOutputs;
-  const bool by_inner = extents && extents->kind == RowExtents::kInner;
   const at::Tensor xv_t = at::empty({ksteps * mblocks * 256}, at::kInt);  // the packed x
   uint32_t* xv = reinterpret_cast<uint32_t*>(xv_t.data_ptr());
   at::parallel_for(0, mblocks, 1, [&](int64_t b0, int64_t b1) {
     pack_x_blocks(x, M, K, K, ksteps, mblocks, b0, b1, by_inner ? extents->ext : nullptr, xv);
   });
   const Problem p{w, lda, M, N, K, Kp, K / 32 * 32, mblocks, xv, bias, gelu, y,
-                  by_outputs ? block_ext.data() : nullptr, by_inner ? block_ext.data() : nullptr};
+                  by_outputs ? block_ext.data() : nullptr};
   if (!by_outputs) {
     at::parallel_for(0, nblocks, 1, [&](int64_t nb0, int64_t nb1) { output_blocks(p, nb0, nb1); });
     return;
