@@ -171,8 +171,8 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
 
 
 # At few rows fc1 and fc2 run on the AMX tile GEMM where the CPU has it (csrc/cpu/
-# tile_linear.cpp; fc1's bias and GELU in its epilogue; several widths up to 448 rows, each
-# 32-row block up to its rows' widest width): inf and NaN in x must come out where
+# tile_linear.cpp; fc1's bias and GELU in its epilogue; several widths up to 448 rows, fc1 in
+# each 32-row block up to its rows' widest width): inf and NaN in x must come out where
 # the float32 reference puts them (GELU(+inf) is NaN there, as in bf16 / fp16; float64's is
 # inf), the other rows by the rule. Not the bf16 reference's places: torch's bf16 GEMM spreads
 # a NaN row into its neighbour at some shapes (21 x 1000 x 833 here).
@@ -216,8 +216,8 @@ def test_ffn_forward_rule_width_groups(dtype, case):
 
 # A small batch of several widths runs one GEMM pair at its widest width on CPUs where oneDNN
 # runs the dtype on AMX (csrc/ffn_banded.cpp, padded_pair: at most 512 rows), each sample's
-# units past its width zeroed between the two (in bf16 up to 448 rows on the tile GEMM, each
-# 32-row block only up to its rows' widest width): odd widths and sizes, a widest width below
+# units past its width zeroed between the two (in bf16 up to 448 rows on the tile GEMM, fc1 in
+# each 32-row block only up to its rows' widest width): odd widths and sizes, a widest width below
 # Hmax (fc2 on a column slice), the model's own shapes, rows in blocks that straddle samples,
 # 448 and 450, 512 and 513 rows on either side of the limits (the results do not say which
 # path ran; all must meet the rule)
