@@ -254,19 +254,24 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void tile_step(const c10::BF
 // rows its products are too short to hide the fetch, and the extra loads slowed it.
 struct NextRowsPrefetch {
   static constexpr int64_t kMaxLinesPerStep = 6;
-  const char* base = nullptr;
   int64_t rows = 0, ld = 0, lines = 0, next = 0, per_step = 0;  // ld in bytes
+  const char* column = nullptr;  // the line of row 0 at the next line's column
+  int64_t row = 0;               // the next line's row
 
   // rows (ld bytes apart, row_bytes each) to be fetched over `steps` calls of step()
   void start(const void* p, int64_t nrows, int64_t ld_bytes, int64_t row_bytes, int64_t steps) {
-    base = static_cast<const char*>(p), rows = nrows, ld = ld_bytes, next = 0;
+    column = static_cast<const char*>(p), rows = nrows, ld = ld_bytes, next = row = 0;
     lines = nrows * ((row_bytes + 63) / 64);
-    per_step = (lines + std::max<int64_t>(steps, 1) - 1) / std::max<int64_t>(steps, 1);
+    const int64_t s = std::max<int64_t>(steps, 1);
+    per_step = (lines + s - 1) / s;
     if (per_step > kMaxLinesPerStep) lines = 0;
   }
+  // the next per_step lines, row by row within a column of lines (counters, not a division
+  // per line: this runs in every K step)
   void step() {
     for (int64_t i = 0; i < per_step && next < lines; ++i, ++next) {
-      _mm_prefetch(base + (next % rows) * ld + (next / rows) * 64, _MM_HINT_T1);
+      _mm_prefetch(column + row * ld, _MM_HINT_T1);
+      if (++row == rows) row = 0, column += 64;
     }
   }
 };
