@@ -20,9 +20,13 @@
 // exact (erf) GELU as the GEMM's post-op, fc2 with its bias fused (full width) or in place on
 // its column slice, one pair of GEMMs per distinct width (not per band) so that every output
 // element is rounded once, on that width's samples (copied in and out around the pair unless
-// consecutive; no global sort); no weight or activation is copied to float32. GEMMs the row-chunk
-// rule names (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) run on row
-// blocks, fc2 at full width as two column blocks instead (cpu::linear_column_blocks).
+// consecutive; no global sort); no weight or activation is copied to float32. On AMX at 2
+// threads a pair on 768..2047 rows runs on one block of rows per thread, fc1 and fc2 of a
+// block on the same thread, so that its hidden activation stays in that core's cache
+// (cpu::ffn_thread_rows, cpu/onednn.h). GEMMs the row-chunk rule names (cpu::gemm_row_chunks:
+// oneDNN would run them on one of 2 threads) otherwise run on row blocks, consecutive ones for
+// fc1 and for fc2 on a column slice, one per thread for fc2 at full width
+// (cpu::linear_row_blocks).
 // A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
 // each sample's units past its width zeroed between the two (the reference's 0/1 mask); at up
 // to 448 rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes with row extents) each block
@@ -46,6 +50,7 @@
 #include "cpu/onednn.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <cstring>
@@ -229,11 +234,11 @@ void fill_rows(at::Tensor& dst, const at::Tensor& v) {
 // (cpu::tile_linear_takes), the tile GEMM, which reads the slice in place and the weight without
 // reordering it. Otherwise the full width (a contiguous weight) runs on oneDNN's inner product
 // with the bias fused: one GEMM, or, where the rule says oneDNN would run it on one of 2
-// threads, two column blocks of about Cout / 2 outputs, one oneDNN GEMM per thread
-// (cpu::linear_column_blocks, as ops.linear runs the model's projections of that shape). A
-// column slice (oneDNN would take its reference kernel on it) runs as ATen's addmm on the slice
-// in place (on row blocks in that band), a BLAS-style leading dimension the bf16 GEMM takes as
-// it is, accumulating into dst filled with the bias.
+// threads, one block of rows per thread, one oneDNN GEMM each (cpu::linear_row_blocks, as
+// ops.linear runs the model's projections of that shape). A column slice (oneDNN would take its
+// reference kernel on it) runs as ATen's addmm on the slice in place (on consecutive row blocks
+// in that band), a BLAS-style leading dimension the bf16 GEMM takes as it is, accumulating into
+// dst filled with the bias.
 at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const at::Tensor& b2,
                              int64_t h, at::Tensor dst) {
   const auto into_dst = [&](const at::Tensor& y) { return dst.defined() ? dst.copy_(y) : y; };
@@ -243,8 +248,9 @@ at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const 
   const auto blocks = row_blocks(act.size(0), w2.size(0), act.scalar_type());
   if (cpu::onednn_linear_available() && h == w2.size(1) && w2.is_contiguous()) {
     if (blocks.size() == 1) return into_dst(*cpu::onednn_linear(act, w2, b2));
-    // the one-thread band: the column-block size is ops.linear's column_block
-    return into_dst(cpu::linear_column_blocks(act, w2, b2, (w2.size(0) + 31) / 32 * 16));
+    // the one-thread band: one block of rows per thread, as ops.linear runs it
+    return into_dst(cpu::linear_row_blocks(
+        act, w2, b2, cpu::gemm_thread_rows(act.size(0), w2.size(0), act.scalar_type())));
   }
   if (!dst.defined()) dst = at::empty({act.size(0), w2.size(0)}, act.options());
   fill_rows(dst, b2);
@@ -253,6 +259,29 @@ at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const 
     at::Tensor d = dst.narrow(0, q0, q1 - q0);
     at::addmm_out(d, d, act.narrow(0, q0, q1 - q0), w2t);  // d += act w2^T: the bias added
   }                                                         // in float32, one rounding
+  return dst;
+}
+
+// One width's pair in the low-precision dtype on the CPU: fc2(GELU(fc1(x))) of x (rows x C,
+// contiguous) over the first h hidden units (w1h, b1h: fc1's first h rows), into dst (rows x
+// Cout; a new tensor when undefined), which it returns. Where cpu::ffn_thread_rows names a
+// block size, each thread runs the pair on its own consecutive rows (fc2 writes them into dst
+// in place), so that a block's hidden activation stays in its core's cache between the two
+// GEMMs; else fc1 on all rows, then fc2.
+at::Tensor pair_low_precision(const at::Tensor& x, const at::Tensor& w1h, const at::Tensor& b1h,
+                              const at::Tensor& w2, const at::Tensor& b2, int64_t h,
+                              at::Tensor dst) {
+  const int64_t rows = x.size(0), block = cpu::ffn_thread_rows(rows, x.scalar_type());
+  if (block == 0) return fc2_low_precision(fc1_gelu_low_precision(x, w1h, b1h), w2, b2, h, dst);
+  if (!dst.defined()) dst = at::empty({rows, w2.size(0)}, x.options());
+  at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t i0, int64_t i1) {
+    c10::InferenceMode guard;  // temporaries and views no autograd will see
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = i * block, n = std::min(block, rows - r0);
+      fc2_low_precision(fc1_gelu_low_precision(x.narrow(0, r0, n), w1h, b1h), w2, b2, h,
+                        dst.narrow(0, r0, n));
+    }
+  });
   return dst;
 }
 
@@ -317,9 +346,9 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
   if (widths.size() == 1) {  // one width: fc2 writes the output itself
     const int64_t h = widths[0];
-    const at::Tensor act = fc1_gelu_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, h),
-                                                  b1.narrow(0, 0, h));
-    return fc2_low_precision(act, w2, b2, h, at::Tensor()).view({B, N, Cout});
+    return pair_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, h), b1.narrow(0, 0, h), w2,
+                              b2, h, at::Tensor())
+        .view({B, N, Cout});
   }
   if (padded_pair(B * N, x.scalar_type(), x.size(2), Cout)) {  // one pair at the widest width
     const int64_t hm = widths.back();
@@ -346,12 +375,13 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
     for (int64_t b = 0; b < B; ++b)
       if (hidden[b] == h) ids.push_back(b);
     const int64_t n = static_cast<int64_t>(ids.size());
-    const at::Tensor act = fc1_gelu_low_precision(take_samples(xc, ids), w1.narrow(0, 0, h),
-                                                  b1.narrow(0, 0, h));
+    const at::Tensor xs = take_samples(xc, ids), w1h = w1.narrow(0, 0, h),
+                     b1h = b1.narrow(0, 0, h);
     if (consecutive(ids)) {  // fc2 into these samples' rows, bias included
-      fc2_low_precision(act, w2, b2, h, out.narrow(0, ids.front(), n).view({n * N, Cout}));
+      pair_low_precision(xs, w1h, b1h, w2, b2, h,
+                         out.narrow(0, ids.front(), n).view({n * N, Cout}));
     } else {
-      put_samples(out, fc2_low_precision(act, w2, b2, h, at::Tensor()), ids);
+      put_samples(out, pair_low_precision(xs, w1h, b1h, w2, b2, h, at::Tensor()), ids);
     }
   }
   return out;

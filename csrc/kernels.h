@@ -64,11 +64,11 @@ ADAPERCEIVER_DECLARE_OP_KERNELS
 // is empty, oneDNN runs the dtype's GEMMs on the same tiles.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
-// csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on column blocks
-// of `block` outputs run in parallel (one thread each); float32 -> bfloat16 rounded as
+// csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on consecutive
+// row blocks of `block` rows run in parallel (one thread each); float32 -> bfloat16 rounded as
 // c10::BFloat16 rounds, in parallel
-at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
-                                int64_t block);
+at::Tensor linear_row_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                             int64_t block);
 at::Tensor to_bfloat16(const at::Tensor& x);
 // csrc/cpu/norm.cpp: (x + gamma * branch, LayerNorm of it) in one pass over the rows
 std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, const OptT& branch,

@@ -89,14 +89,19 @@ TORCH_LIBRARY(adaperceiver, m) {
       "Tensor fc2_weight, Tensor fc2_bias, int[] hidden) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // csrc/cpu/gemm_lowp.cpp (CPU only), used by adaperceiver/ops/linear.py: x (..., K) times
-  // weight (N, K)^T plus bias as oneDNN GEMMs on column blocks of `block` outputs run in
-  // parallel; float32 -> bfloat16 (round to nearest even, as Tensor.to)
-  m.def("linear_column_blocks(Tensor x, Tensor weight, Tensor? bias, int block) -> Tensor");
+  // weight (N, K)^T plus bias as oneDNN GEMMs on row blocks of `block` rows run in parallel;
+  // float32 -> bfloat16 (round to nearest even, as Tensor.to)
+  m.def("linear_row_blocks(Tensor x, Tensor weight, Tensor? bias, int block) -> Tensor");
   m.def("to_bfloat16(Tensor x) -> Tensor");
   // cpu/onednn.h: how many row blocks oneDNN's 2-thread bf16 matmul of rows x outputs runs as
   // (1: one GEMM); no tensor argument, so one kernel for every dispatch key
   m.def("gemm_row_chunks(int rows, int outputs, ScalarType dtype) -> int",
         &adaperceiver::cpu::gemm_row_chunks);
+  // cpu/onednn.h: rows per block of the per-thread row blocks a bfloat16 projection of rows x
+  // outputs (gemm_thread_rows) or the FFN's pair on rows (ffn_thread_rows) runs as (0: one GEMM)
+  m.def("gemm_thread_rows(int rows, int outputs, ScalarType dtype) -> int",
+        &adaperceiver::cpu::gemm_thread_rows);
+  m.def("ffn_thread_rows(int rows, ScalarType dtype) -> int", &adaperceiver::cpu::ffn_thread_rows);
   // csrc/cpu/tile_linear.cpp (CPU only), used by adaperceiver/ops/linear.py: x (..., K) times
   // weight (N, K)^T plus bias in bfloat16 (float16 as bfloat16 pairs) on AMX tiles, the weight
   // read as it is; whether (and why not) it takes a GEMM of `rows` rows in dtype (cpu/onednn.h:
@@ -116,7 +121,7 @@ TORCH_LIBRARY(adaperceiver, m) {
 
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {
   ADAPERCEIVER_IMPL_OP_KERNELS(m, cpu)
-  m.impl("linear_column_blocks", &adaperceiver::cpu::linear_column_blocks);
+  m.impl("linear_row_blocks", &adaperceiver::cpu::linear_row_blocks);
   m.impl("to_bfloat16", &adaperceiver::cpu::to_bfloat16);
   m.impl("tile_linear", [](const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias) {

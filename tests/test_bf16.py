@@ -139,9 +139,10 @@ def test_ffn_forward_rule(dtype, case):
 
 
 # GEMMs that oneDNN would run on one of 2 threads (csrc/cpu/onednn.h, gemm_row_chunks):
-# fc1 of 1000 units on 800..1663 rows (row blocks) and fc2 of 833 outputs there (column blocks
-# of 416 and 417 at full width, row blocks on a column slice); one width, and a width group of
-# 900 rows beside a narrower one (a column slice of fc2)
+# fc1 of 1000 units on 800..1663 rows and fc2 of 833 outputs there; on AMX the pair runs on one
+# block of rows per thread (ffn_thread_rows), elsewhere fc1 on consecutive row blocks and fc2 on
+# one row block per thread at full width (linear_row_blocks), consecutive row blocks on a column
+# slice; one width, and a width group of 900 rows beside a narrower one (a column slice of fc2)
 FFN_CHUNKED = [([1000] * 4, 256), ([1000, 517, 1000, 1000], 300)]
 
 
@@ -253,10 +254,53 @@ def test_ffn_forward_rule_mixed_widths_small_batch(dtype, case):
                                atol=0)
 
 
+# On AMX at 2 threads a width's pair on 768..2047 rows runs on one block of rows per thread,
+# fc1 and fc2 of a block on one thread (csrc/cpu/onednn.h, ffn_thread_rows): one width at full
+# and at a narrower width (fc2 on a column slice), rows that are not a multiple of 32 (each
+# block's tail), 2047 rows (blocks of 1024 and 1023), a width group of 800 rows spread over the
+# batch (copied in and out) beside a narrower one; NaN in the first block's last row and in the
+# last row. Each case also at one thread (one GEMM pair), equal within the rule.
+FFN_THREAD_ROWS = [([1000] * 3, 261, 1000), ([517] * 3, 300, 1000), ([40], 2047, 41),
+                   ([1000, 517, 1000, 1000, 1000, 517], 200, 1000)]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", range(len(FFN_THREAD_ROWS)))
+def test_ffn_forward_rule_thread_rows(dtype, case):
+    hidden, N, Hmax = FFN_THREAD_ROWS[case]
+    ffn_rows = torch.ops.adaperceiver.ffn_thread_rows
+    groups = {h: N * hidden.count(h) for h in hidden}
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = _ffn_inputs(hidden, N, 90 + case, dtype, C_=48, Hmax=Hmax, Cout=833)
+        wide = max(hidden, key=lambda h: groups[h])        # the width group of 768.. rows
+        block = ffn_rows(groups[wide], torch.bfloat16)
+        if dtype == torch.bfloat16 and _ext.build_info()["cpu_attention_bf16"] == "amx":
+            assert block > 0
+        ids = [b for b, h in enumerate(hidden) if h == wide]
+        last = (block or groups[wide]) - 1                # its first block's last row
+        args[0][ids[last // N], last % N, 7] = math.nan
+        args[0][-1, -1, 3] = math.nan                     # the last row
+        out = C.ffn_forward(FfnInputs.build(*args, hidden))
+        torch.set_num_threads(1)
+        one = C.ffn_forward(FfnInputs.build(*args, hidden))
+    finally:
+        torch.set_num_threads(old)
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    assert torch.equal(out.isnan(), truth.isnan()) and out.isnan().any()
+    assert torch.equal(one.isnan(), truth.isnan())
+    fin = truth.isfinite()
+    assert_rule(out[fin], ref[fin], truth[fin], "ffn out")
+    assert_rule(one[fin], ref[fin], truth[fin], "ffn out, one thread")
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 def test_ffn_small_batch_without_amx(isa):
-    """The same cases on the paths of CPUs without AMX (in a child process: avx512 runs bf16 /
-    fp16 per width on oneDNN where the CPU has native GEMMs, avx2 in float32)."""
+    """The same cases, and those of the one-thread band, on the paths of CPUs without AMX (in a
+    child process: avx512 runs bf16 / fp16 per width on oneDNN where the CPU has native GEMMs,
+    fc2 in the band on one block of rows per thread; avx2 in float32)."""
     import os
     import subprocess
     import sys
@@ -264,7 +308,8 @@ def test_ffn_small_batch_without_amx(isa):
         pytest.skip("this CPU has no AVX-512")
     env = dict(os.environ, ADAPERCEIVER_CPU_ISA=isa)
     res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
-                          "-p", "no:cacheprovider", "-k", "mixed_widths_small_batch"],
+                          "-p", "no:cacheprovider", "-k",
+                          "mixed_widths_small_batch or row_chunks or thread_rows"],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
 

@@ -196,15 +196,22 @@ def test_low_precision_runs_onednn_with_native_gemms(monkeypatch, dtype):
     assert wg.grad is not None and len(calls) == 1
 
 
-# rows and outputs inside the band oneDNN runs on one of 2 threads (csrc/cpu/onednn.h), cut into two
-# column blocks, with tails: rows, outputs and K that are not multiples of 16 / 32 / 64
+# Products run as one block of rows per thread (csrc/cpu/onednn.h, gemm_thread_rows): inside the
+# band oneDNN runs on one of 2 threads, and (on AMX) more than 1100 outputs on 800..1279 rows,
+# with tails: rows, outputs and K that are not multiples of 16 / 32 / 64
 SPLIT = [(1031, 833, 72), (800, 1100, 64), (1662, 769, 70), (4 * 256, 832, 130)]
+SPLIT_WIDE = [(4 * 256, 2496, 72), (1279, 1101, 66), (801, 1500, 33)]
+
+
+def _amx_bf16():
+    from adaperceiver import _ext
+    return _ext.build_info().get("cpu_attention_bf16") == "amx"
 
 
 @pytest.fixture
-def column_blocks_spy(monkeypatch):
-    """Count the calls of the column-block op (and fail if it is missing)."""
-    op = linear_mod._column_blocks_op()
+def row_blocks_spy(monkeypatch):
+    """Count the calls of the row-block op (and fail if it is missing)."""
+    op = linear_mod._row_blocks_op()
     if op is None:
         pytest.skip("the extension is not loaded")
     calls = []
@@ -213,43 +220,71 @@ def column_blocks_spy(monkeypatch):
         calls.append(args[3])
         return op(*args)
 
-    monkeypatch.setattr(linear_mod, "_column_blocks_op", lambda: spy)
+    monkeypatch.setattr(linear_mod, "_row_blocks_op", lambda: spy)
     return calls
 
 
 def test_one_thread_band_edges(two_threads):
-    """The extension's rule (gemm_row_chunks), which ops.linear and the C++ FFN both read: blocks
-    of <= 768 rows exactly inside rows 800..1663 and outputs 769..1100, in bfloat16 at 2 threads
-    on a CPU with native bf16 GEMMs; one GEMM at its edges, in float32 and at one thread."""
+    """The extension's rules, which ops.linear and the C++ FFN both read: in bfloat16 at 2
+    threads on a CPU with native bf16 GEMMs, blocks of <= 768 rows (gemm_row_chunks, the FFN's
+    backward) exactly inside rows 800..1663 and outputs 769..1100, and there one block of about
+    half the rows per thread (row_block, a multiple of 32); one GEMM at its edges, in float32
+    and float16 and at one thread."""
     _native(torch.bfloat16)
-    if linear_mod._column_blocks_op() is None:
+    if linear_mod._row_blocks_op() is None:
         pytest.skip("the extension is not loaded")
-    rc, bf = linear_mod.row_chunks, torch.bfloat16
+    rc, rb, bf = linear_mod.row_chunks, linear_mod.row_block, torch.bfloat16
     assert [rc(r, 832, bf) for r in (799, 800, 1536, 1537, 1663, 1664)] == [1, 2, 2, 3, 3, 1]
     assert [rc(1024, n, bf) for n in (768, 769, 1100, 1101)] == [1, 2, 2, 1]
     assert rc(1024, 832, torch.float32) == rc(1024, 832, torch.float16) == 1
-    assert linear_mod.column_block(1024, 833, bf) == 432
-    assert linear_mod.column_block(799, 833, bf) == 0
+    assert [rb(r, 833, bf) for r in (799, 800, 1024, 1031, 1663, 1664)] == [0, 416, 512, 544,
+                                                                             832, 0]
+    assert rb(1024, 768, bf) == rb(1024, 833, torch.float32) == rb(1024, 833, torch.float16) == 0
     torch.set_num_threads(1)
-    assert rc(1024, 832, bf) == 1 and linear_mod.column_block(1024, 832, bf) == 0
+    assert rc(1024, 832, bf) == 1 and rb(1024, 832, bf) == 0
 
 
-@pytest.mark.parametrize("rows,n,k", SPLIT)
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_column_block_bf16_gemm(two_threads, column_blocks_spy, rows, n, k, with_bias):
-    """A bf16 GEMM the rule runs as two column blocks: every column written (the allocator is
-    handed a NaN-filled block of the output's size just before, and each column compared), each
-    within flash-attn's rule against float64, NaN and inf exactly where F.linear has them, and
-    the same output on a second call and after a run at one thread."""
+def test_thread_rows_wide_and_ffn_edges(two_threads):
+    """On AMX: more than 1100 outputs on 800..1279 rows (gemm_thread_rows), the FFN's pair on
+    768..2047 rows (ffn_thread_rows); elsewhere, at one thread and in other dtypes 0."""
     _native(torch.bfloat16)
-    block = linear_mod.column_block(rows, n, torch.bfloat16)
-    assert block % 16 == 0 and block < n <= 2 * block
-    assert linear_mod.column_block(rows, n, torch.float32) == 0
+    if linear_mod._row_blocks_op() is None:
+        pytest.skip("the extension is not loaded")
+    rb, bf = linear_mod.row_block, torch.bfloat16
+    ffn_rows = torch.ops.adaperceiver.ffn_thread_rows
+    wide = [rb(r, 2496, bf) for r in (799, 800, 1024, 1279, 1280)]
+    ffn = [ffn_rows(r, bf) for r in (767, 768, 1024, 1025, 2047, 2048)]
+    if _amx_bf16():
+        assert wide == [0, 416, 512, 640, 0] and rb(1024, 1101, bf) == 512
+        assert ffn == [0, 384, 512, 544, 1024, 0]
+    else:
+        assert wide == [0] * 5 and ffn == [0] * 6
+    assert ffn_rows(1024, torch.float32) == ffn_rows(1024, torch.float16) == 0
+    assert rb(1024, 2496, torch.float16) == 0
+    torch.set_num_threads(1)
+    assert rb(1024, 2496, bf) == ffn_rows(1024, bf) == 0
+
+
+@pytest.mark.parametrize("rows,n,k", SPLIT + SPLIT_WIDE)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_row_block_bf16_gemm(two_threads, row_blocks_spy, rows, n, k, with_bias):
+    """A bf16 GEMM the rule runs as one block of rows per thread: every row written (the
+    allocator is handed a NaN-filled block of the output's size just before, and each element
+    compared), each within flash-attn's rule against float64, NaN and inf exactly where the
+    float64 product has them, and the same output on a second call and after a run at one
+    thread."""
+    _native(torch.bfloat16)
+    block = linear_mod.row_block(rows, n, torch.bfloat16)
+    if n > 1100 and not _amx_bf16():
+        assert block == 0
+        pytest.skip("more than 1100 outputs run as row blocks on AMX only")
+    assert block % 32 == 0 and block < rows <= 2 * block
+    assert linear_mod.row_block(rows, n, torch.float32) == 0
     x = torch.randn(rows, k).bfloat16()
     w, b = (torch.randn(n, k) / 8).bfloat16(), torch.randn(n).bfloat16() if with_bias else None
-    x[rows - 1, 5] = math.nan                      # the last row
-    w[n - 1, 3] = math.inf                         # the last output column (second block)
-    w[block - 1, 4] = -math.inf                    # the first block's last column
+    x[rows - 1, 5] = math.nan                      # the last row (second block)
+    x[block - 1, 6] = -math.inf                    # the first block's last row
+    w[n - 1, 3] = math.inf                         # the last output column
     with torch.inference_mode():
         poison = torch.full((rows, n), math.nan, dtype=torch.bfloat16)
         del poison
@@ -259,11 +294,7 @@ def test_column_block_bf16_gemm(two_threads, column_blocks_spy, rows, n, k, with
         one = ops.linear(x, w, b)                  # one GEMM at one thread
         torch.set_num_threads(2)
         after = ops.linear(x, w, b)
-    assert column_blocks_spy == [block, block, block]
-    # NaN and inf where the float64 product has them (oneDNN's bf16 GEMM itself, as F.linear
-    # and as a column block, turns the row before a NaN last row into NaN too at some odd row
-    # counts with K = 70, 98 (1663, 1025 rows): not these shapes; odd K in
-    # test_column_block_odd_k)
+    assert row_blocks_spy == [block, block, block]
     truth = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert torch.equal(got.isnan(), truth.isnan()) and torch.equal(got.isinf(), truth.isinf())
     want = F.linear(x, w, b)
@@ -278,32 +309,36 @@ def test_column_block_bf16_gemm(two_threads, column_blocks_spy, rows, n, k, with
                 w.nan_to_num(0, 0, 0), b)
 
 
-def test_column_block_odd_k(two_threads, column_blocks_spy):
-    """Odd K (finite inputs): the column blocks as F.linear within flash-attn's rule."""
+def test_row_block_odd_k_3d(two_threads, row_blocks_spy):
+    """Odd K, a 3-d x (finite inputs): the row blocks as F.linear within flash-attn's rule."""
     _native(torch.bfloat16)
-    x, w, b = torch.randn(1663, 71).bfloat16(), (torch.randn(769, 71) / 8).bfloat16(), None
+    x, w, b = torch.randn(3, 521, 71).bfloat16(), (torch.randn(769, 71) / 8).bfloat16(), None
     with torch.inference_mode():
         got = ops.linear(x, w, b)
-    assert column_blocks_spy == [400]
+    assert row_blocks_spy == [800] and got.shape == (3, 521, 769)
     _flash_rule(got, F.linear(x, w, b), x, w, b)
 
 
-def test_column_block_rule_is_a_rule_of_the_shape(two_threads):
-    """Outside the band, another dtype or another thread count: one GEMM (0); the C++ FFN's
-    row-chunk rule covers the same band."""
-    for rows, n in ((799, 832), (1664, 832), (1024, 768), (1024, 1101), (1024, 2496)):
-        assert linear_mod.column_block(rows, n, torch.bfloat16) == 0, (rows, n)
+def test_row_block_rule_is_a_rule_of_the_shape(two_threads):
+    """Outside the bands, another dtype or another thread count: one GEMM (0); the C++ FFN's
+    row-chunk rule covers the one-thread band."""
+    outside = [(799, 832), (1664, 832), (1024, 768), (799, 2496), (1280, 2496)]
+    if not _amx_bf16():
+        outside.append((1024, 2496))
+    for rows, n in outside:
+        assert linear_mod.row_block(rows, n, torch.bfloat16) == 0, (rows, n)
+    for rows, n in ((799, 832), (1664, 832), (1024, 768), (1024, 1101)):
         assert linear_mod.row_chunks(rows, n, torch.bfloat16) == 1, (rows, n)
-    if linear_mod.native_low_precision(torch.bfloat16) and linear_mod._column_blocks_op():
-        assert linear_mod.column_block(1024, 832, torch.bfloat16) == 416
+    if linear_mod.native_low_precision(torch.bfloat16) and linear_mod._row_blocks_op():
+        assert linear_mod.row_block(1024, 832, torch.bfloat16) == 512
         assert linear_mod.row_chunks(1024, 832, torch.bfloat16) == 2
     torch.set_num_threads(1)
-    assert linear_mod.column_block(1024, 832, torch.bfloat16) == 0
+    assert linear_mod.row_block(1024, 832, torch.bfloat16) == 0
     assert linear_mod.row_chunks(1024, 832, torch.bfloat16) == 1
 
 
-def test_column_block_op_checks_its_arguments():
-    op = linear_mod._column_blocks_op()
+def test_row_block_op_checks_its_arguments():
+    op = linear_mod._row_blocks_op()
     if op is None:
         pytest.skip("the extension is not loaded")
     x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -315,9 +350,9 @@ def test_column_block_op_checks_its_arguments():
         op(x, w, torch.randn(5), 4)
     with pytest.raises(RuntimeError, match="one dtype"):
         op(x, w.double(), None, 4)
-    # float32, three blocks (the last a tail), no extension state between calls
-    b = torch.randn(6)
+    # float32, three and four blocks (the last a tail), no extension state between calls
+    x, b = torch.randn(10, 8), torch.randn(6)
     with torch.inference_mode():
         torch.testing.assert_close(op(x, w, b, 4), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(op(x.view(2, 2, 8), w, None, 5), F.linear(x, w).view(2, 2, 6),
+        torch.testing.assert_close(op(x.view(2, 5, 8), w, None, 3), F.linear(x, w).view(2, 5, 6),
                                    rtol=1e-5, atol=1e-5)

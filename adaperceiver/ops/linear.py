@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "cpu_gemm_library", "native_low_precision", "row_chunks", "column_block",
+__all__ = ["linear", "cpu_gemm_library", "native_low_precision", "row_chunks", "row_block",
            "tile_linear_why_not", "to_dtype"]
 
 _CHOICES = ("onednn", "mkl")
@@ -108,23 +108,25 @@ def _float32_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 # GEMMs oneDNN's AMX matmul runs on ONE of 2 threads: the extension states the rule
-# (gemm_row_chunks in csrc/cpu/onednn.h says why and where; the C++ FFN applies it too). Such a
-# product runs here as two column blocks of about n / 2 outputs, one oneDNN GEMM per thread
-# (column_block; csrc/cpu/gemm_lowp.cpp). Without the extension one GEMM runs.
+# (gemm_row_chunks in csrc/cpu/onednn.h says why and where; the C++ FFN's backward applies it).
+# Such a product, and on AMX a projection whose rows keep the next op's rows in each core's
+# cache (gemm_thread_rows, the same header), runs here as one block of rows per thread, one
+# oneDNN GEMM each (row_block; csrc/cpu/gemm_lowp.cpp). Without the extension one GEMM runs.
 def row_chunks(rows: int, outputs: int, dtype: torch.dtype) -> int:
-    """How many consecutive row blocks a CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` runs
-    as in the C++ FFN (1: one GEMM, also without the extension)."""
+    """How many consecutive row blocks the C++ FFN's backward runs a CPU GEMM of ``rows`` x
+    ``outputs`` in ``dtype`` as (1: one GEMM, also without the extension)."""
     op = _extension_op("gemm_row_chunks")
     return 1 if op is None or dtype != torch.bfloat16 else op(rows, outputs, dtype)
 
 
-def column_block(rows: int, outputs: int, dtype: torch.dtype) -> int:
-    """Outputs per column block (a multiple of 16, about half of them) ``ops.linear`` runs a
-    CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` as, one oneDNN GEMM per thread; 0: one GEMM
-    (also when the extension is not loaded)."""
-    if row_chunks(rows, outputs, dtype) == 1 or _column_blocks_op() is None:
+def row_block(rows: int, outputs: int, dtype: torch.dtype) -> int:
+    """Rows per block (a multiple of 32, about half of them) of the per-thread row blocks
+    ``ops.linear`` runs a CPU GEMM of ``rows`` x ``outputs`` in ``dtype`` as, one oneDNN GEMM
+    per thread; 0: one GEMM (also when the extension is not loaded)."""
+    op = _extension_op("gemm_thread_rows")
+    if op is None or _row_blocks_op() is None or dtype != torch.bfloat16:
         return 0
-    return -(-outputs // 32) * 16
+    return op(rows, outputs, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,8 +139,8 @@ def _extension_op(name: str):
     return getattr(torch.ops.adaperceiver, name, None)
 
 
-def _column_blocks_op():
-    return _extension_op("linear_column_blocks")
+def _row_blocks_op():
+    return _extension_op("linear_row_blocks")
 
 
 def to_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -187,15 +189,15 @@ def tile_linear_why_not(rows: int, dtype: torch.dtype) -> str:
 def _cpu_gemm(x: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The extension's tile GEMM where tile_linear_why_not says nothing (bf16 at few rows, fp16
-    as bf16 pairs, on AMX), else oneDNN's GEMM (bias fused): one call, or column blocks in
-    parallel (column_block). x, weight and bias share a dtype (_onednn_takes, or autocast's
-    casts)."""
+    as bf16 pairs, on AMX), else oneDNN's GEMM (bias fused): one call, or one block of rows per
+    thread in parallel (row_block). x, weight and bias share a dtype (_onednn_takes, or
+    autocast's casts)."""
     rows = x.numel() // max(x.shape[-1], 1)
     if not tile_linear_why_not(rows, x.dtype):
         return _extension_op("tile_linear")(x, weight, bias)
-    block = column_block(rows, weight.shape[0], x.dtype)
+    block = row_block(rows, weight.shape[0], x.dtype)
     if block:
-        return _column_blocks_op()(x, weight, bias, block)
+        return _row_blocks_op()(x, weight, bias, block)
     return _onednn_linear(x, weight, bias, "none", [], "")
 
 
@@ -230,8 +232,8 @@ def _register_flops(op) -> None:
         register_flop_formula(op)(_gemm_flops)
 
 
-# oneDNN's op, the column-block op (it calls oneDNN from C++, where the counter cannot see) and
+# oneDNN's op, the row-block op (it calls oneDNN from C++, where the counter cannot see) and
 # the tile GEMM
 _register_flops(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
-_register_flops(_column_blocks_op())
+_register_flops(_row_blocks_op())
 _register_flops(_extension_op("tile_linear"))

@@ -1,18 +1,15 @@
 // oneDNN's linear (cpu/onednn.h: the one lookup and call of mkldnn::_linear_pointwise) and two
 // helpers of the bfloat16 projections (adaperceiver/ops/linear.py says when each runs).
 //
-// linear_column_blocks(x, weight, bias, block): out (M, N) = x (M, K) weight^T + bias as
-// oneDNN's matmul (mkldnn::_linear_pointwise on the plain weight) on column blocks of `block`
-// outputs: at::parallel_for hands each thread whole blocks, each block one oneDNN call run on
-// that thread alone (inside the parallel region oneDNN sees one thread), copied into its
-// columns of out. Why: with 2 threads oneDNN's AMX matmul runs some shapes (832 outputs on
-// 800..1600 rows, the model's output projection at batch 4) on ONE thread; split by columns,
-// both threads work and neither needs the other's reordered weights. The blocks are a function
-// of (N, block) only and each output is one oneDNN product over the full K, so the thread count
-// and what ran before never change a result. With oneDNN switched off (ADAPERCEIVER_CPU_GEMM=mkl)
-// the blocks run as ATen's linear.
-// What it skips: nothing is cached between calls (each call reorders its weight block, as
-// oneDNN's own call does), so an in-place weight edit is always seen.
+// linear_row_blocks(x, weight, bias, block): out (M, N) = x (M, K) weight^T + bias as oneDNN's
+// matmul (mkldnn::_linear_pointwise on the plain weight) on consecutive row blocks of `block`
+// rows: at::parallel_for hands each thread whole blocks, each block one oneDNN call run on that
+// thread alone (inside the parallel region oneDNN sees one thread), copied into its rows of out
+// on the same thread. Why and when: gemm_thread_rows in cpu/onednn.h. Each output is one oneDNN
+// product over the full K, so the blocks and the thread count never change which products are
+// summed. With oneDNN switched off (ADAPERCEIVER_CPU_GEMM=mkl) the blocks run as ATen's linear.
+// What it skips: nothing is cached between calls (each call reorders the weight, as oneDNN's
+// own call does), so an in-place weight edit is always seen.
 //
 // to_bfloat16(x): float32 -> bfloat16, round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's
 // rounding, bit for bit), AVX-512 BW in parallel chunks: the casts autocast makes of every
@@ -124,14 +121,43 @@ std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w
   return stack[0].toTensor();
 }
 
+// The band of gemm_row_chunks (cpu/onednn.h): 768 < outputs <= 1100 on 800..1663 rows
+constexpr int64_t kBandLo = 800, kBandHi = 1664, kOutLo = 768, kOutHi = 1100;
+
 int64_t gemm_row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype) {
-  constexpr int64_t kChunkRows = 768, kBandLo = 800, kBandHi = 1664, kOutLo = 768, kOutHi = 1100;
-  if (dtype != at::kBFloat16 || at::get_num_threads() != 2 || !native_bf16_gemm() ||
-      !onednn_linear_available()) {
+  constexpr int64_t kChunkRows = 768;
+  if (dtype != at::kBFloat16 || at::in_parallel_region() || at::get_num_threads() != 2 ||
+      !native_bf16_gemm() || !onednn_linear_available()) {
     return 1;
   }
   if (outputs <= kOutLo || outputs > kOutHi || rows < kBandLo || rows >= kBandHi) return 1;
   return (rows + kChunkRows - 1) / kChunkRows;
+}
+
+namespace {
+// Whether the per-thread row-block rules (cpu/onednn.h) can apply at all: bfloat16 at 2
+// threads outside a parallel region, oneDNN in use, AMX tiles for bfloat16.
+bool thread_rows_apply(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 && !at::in_parallel_region() && at::get_num_threads() == 2 &&
+         native_bf16_gemm() && onednn_linear_available() &&
+         tiles_why_not(at::kBFloat16, 64, 64).empty();
+}
+
+// rows per block of one block per thread: half the rows rounded up to 32
+int64_t half_rows(int64_t rows) { return ((rows + 1) / 2 + 31) / 32 * 32; }
+}  // namespace
+
+int64_t gemm_thread_rows(int64_t rows, int64_t outputs, at::ScalarType dtype) {
+  constexpr int64_t kWideHi = 1280;  // outputs > kOutHi: rows kBandLo..kWideHi - 1
+  // the one-thread band on any CPU with native bf16 GEMMs (there both threads must work)
+  if (gemm_row_chunks(rows, outputs, dtype) > 1) return half_rows(rows);
+  if (outputs <= kOutHi || !thread_rows_apply(dtype)) return 0;
+  return rows >= kBandLo && rows < kWideHi ? half_rows(rows) : 0;
+}
+
+int64_t ffn_thread_rows(int64_t rows, at::ScalarType dtype) {
+  constexpr int64_t kLo = 768, kHi = 2048;
+  return rows >= kLo && rows < kHi && thread_rows_apply(dtype) ? half_rows(rows) : 0;
 }
 
 at::Tensor to_bfloat16(const at::Tensor& x) {
@@ -158,50 +184,41 @@ at::Tensor to_bfloat16(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor linear_column_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
-                                int64_t block) {
-  TORCH_CHECK(block > 0, "linear_column_blocks: block must be positive, got ", block);
+at::Tensor linear_row_blocks(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
+                             int64_t block) {
+  TORCH_CHECK(block > 0, "linear_row_blocks: block must be positive, got ", block);
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
-              "linear_column_blocks: CPU tensors only");
+              "linear_row_blocks: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "linear_column_blocks: x (..., K) and weight (N, K) must agree on K; got x ",
+              "linear_row_blocks: x (..., K) and weight (N, K) must agree on K; got x ",
               x.sizes(), ", weight ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
-              "linear_column_blocks: x and weight must have one dtype, got ", x.scalar_type(),
+              "linear_row_blocks: x and weight must have one dtype, got ", x.scalar_type(),
               " and ", weight.scalar_type());
   const int64_t K = weight.size(1), N = weight.size(0);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type(),
-                "linear_column_blocks: bias must be (", N, ",) in ", x.scalar_type(), ", got ",
+                "linear_row_blocks: bias must be (", N, ",) in ", x.scalar_type(), ", got ",
                 bias->sizes(), " in ", bias->scalar_type());
   }
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const at::Tensor w = weight.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  const OptT b = has_bias ? OptT(bias->contiguous()) : OptT();
   const int64_t M = x2.size(0), es = x2.element_size();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty({M, N}, x2.options());
   if (M == 0 || N == 0) return out.view(shape);
-  // the blocks' operands as views made here (the workers only read them)
-  std::vector<at::Tensor> wb, bb;
-  for (int64_t j0 = 0; j0 < N; j0 += block) {
-    wb.push_back(w.narrow(0, j0, std::min(block, N - j0)));
-    bb.push_back(has_bias ? b.narrow(0, j0, std::min(block, N - j0)) : at::Tensor());
-  }
   char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, int64_t(wb.size()), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (M + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
     c10::InferenceMode guard;  // the block products are temporaries no autograd will see
     for (int64_t i = b0; i < b1; ++i) {
-      const int64_t j0 = i * block, n = wb[i].size(0);
-      const OptT bias_i = bb[i].defined() ? OptT(bb[i]) : OptT();
-      std::optional<at::Tensor> y1 = onednn_linear(x2, wb[i], bias_i);
-      const at::Tensor y = (y1 ? *y1 : at::linear(x2, wb[i], bias_i)).contiguous();
-      const char* src = static_cast<const char*>(y.data_ptr());
-      for (int64_t r = 0; r < M; ++r) {
-        std::memcpy(dst + (r * N + j0) * es, src + r * n * es, n * es);
-      }
+      const int64_t r0 = i * block, n = std::min(block, M - r0);
+      const at::Tensor xb = x2.narrow(0, r0, n);
+      std::optional<at::Tensor> y1 = onednn_linear(xb, w, b);
+      const at::Tensor y = (y1 ? *y1 : at::linear(xb, w, b)).contiguous();
+      std::memcpy(dst + r0 * N * es, y.data_ptr(), n * N * es);  // rows r0.. of out, whole
     }
   });
   return out.view(shape);
