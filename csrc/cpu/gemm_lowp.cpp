@@ -6,8 +6,8 @@
 // rows: at::parallel_for hands each thread whole blocks, each block one oneDNN call run on that
 // thread alone (inside the parallel region oneDNN sees one thread), copied into its rows of out
 // on the same thread. Why and when: gemm_thread_rows in cpu/onednn.h. Each output is one oneDNN
-// product over the full K, so the blocks and the thread count never change which products are
-// summed. With oneDNN switched off (ADAPERCEIVER_CPU_GEMM=mkl) the blocks run as ATen's linear.
+// sum over the full K in float32, rounded once, as in one call on all the rows. With oneDNN
+// switched off (ADAPERCEIVER_CPU_GEMM=mkl) the blocks run as ATen's linear.
 // What it skips: nothing is cached between calls (each call reorders the weight, as oneDNN's
 // own call does), so an in-place weight edit is always seen.
 //

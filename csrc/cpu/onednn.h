@@ -75,9 +75,9 @@ int64_t gemm_row_chunks(int64_t rows, int64_t outputs, at::ScalarType dtype);
 // (linear_row_blocks in cpu/gemm_lowp.cpp; the FFN's pair in csrc/ffn_banded.cpp). Why: each
 // thread's rows of the result then stay in its own core's cache for the model's next op on the
 // same rows (the norms, the attention's samples and the next projection split their rows
-// between the threads the same way), where oneDNN's 2-thread matmul splits a product so that
-// half of a thread's next rows sit in the other core's cache; and in the one-thread band above
-// both threads work. Each thread reorders the whole weight for its block, so at many rows
+// between the threads in the same order), where oneDNN's 2-thread matmul splits a product so
+// that half of a thread's next rows sit in the other core's cache; and in the one-thread band
+// above both threads work. Each thread reorders the whole weight for its block, so at many rows
 // oneDNN's own split, which reorders it once, wins again (figures: benchmarks/README.md, "GEMMs
 // in bf16"). At 2 threads, bfloat16, oneDNN in use, outside a parallel region:
 // - gemm_thread_rows: a projection in the one-thread band (gemm_row_chunks > 1: 768 < outputs
