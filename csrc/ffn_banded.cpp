@@ -23,7 +23,8 @@
 // consecutive; no global sort); no weight or activation is copied to float32. On AMX at 2
 // threads a pair on 768..2047 rows runs on one block of rows per thread, fc1 and fc2 of a
 // block on the same thread, so that its hidden activation stays in that core's cache
-// (cpu::ffn_thread_rows, cpu/onednn.h). GEMMs the row-chunk rule names (cpu::gemm_row_chunks:
+// (cpu::ffn_thread_rows, cpu/onednn.h); a thread gathers its block's rows from samples that
+// are not consecutive and scatters its results back itself. GEMMs the row-chunk rule names (cpu::gemm_row_chunks:
 // oneDNN would run them on one of 2 threads) otherwise run on row blocks, consecutive ones for
 // fc1 and for fc2 on a column slice, one per thread for fc2 at full width
 // (cpu::linear_row_blocks).
@@ -262,27 +263,67 @@ at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const 
   return dst;
 }
 
-// One width's pair in the low-precision dtype on the CPU: fc2(GELU(fc1(x))) of x (rows x C,
-// contiguous) over the first h hidden units (w1h, b1h: fc1's first h rows), into dst (rows x
-// Cout; a new tensor when undefined), which it returns. Where cpu::ffn_thread_rows names a
-// block size, each thread runs the pair on its own consecutive rows (fc2 writes them into dst
-// in place), so that a block's hidden activation stays in its core's cache between the two
-// GEMMs; else fc1 on all rows, then fc2.
-at::Tensor pair_low_precision(const at::Tensor& x, const at::Tensor& w1h, const at::Tensor& b1h,
-                              const at::Tensor& w2, const at::Tensor& b2, int64_t h,
-                              at::Tensor dst) {
-  const int64_t rows = x.size(0), block = cpu::ffn_thread_rows(rows, x.scalar_type());
-  if (block == 0) return fc2_low_precision(fc1_gelu_low_precision(x, w1h, b1h), w2, b2, h, dst);
-  if (!dst.defined()) dst = at::empty({rows, w2.size(0)}, x.options());
+// Rows [r0, r1) of the width group of samples ids (group row r is row r % N of sample
+// ids[r / N]) between the samples (B, N, F; contiguous CPU) and rows (r1 - r0, F; contiguous):
+// into rows, or back into the samples (to_samples), one memcpy per run of a sample's rows.
+void copy_group_rows(at::Tensor& samples, const std::vector<int64_t>& ids, int64_t r0,
+                     int64_t r1, at::Tensor& rows, bool to_samples) {
+  const int64_t N = samples.size(1);
+  const size_t row_bytes = static_cast<size_t>(samples.size(2)) * samples.element_size();
+  char* s = static_cast<char*>(samples.data_ptr());
+  char* d = static_cast<char*>(rows.data_ptr());
+  for (int64_t r = r0; r < r1;) {
+    const int64_t run = std::min(r1, (r / N + 1) * N) - r;
+    char* sp = s + (ids[r / N] * N + r % N) * row_bytes;
+    char* dp = d + (r - r0) * row_bytes;
+    std::memcpy(to_samples ? sp : dp, to_samples ? dp : sp, run * row_bytes);
+    r += run;
+  }
+}
+
+// One width's pair in the low-precision dtype on the CPU, fc2(GELU(fc1(x))) over the first h
+// hidden units (w1h, b1h: fc1's first h rows), on the samples ids of xc (B, N, C; contiguous),
+// written into the same samples of out (B, N, Cout). Where cpu::ffn_thread_rows names a block
+// size for the group's rows, each thread runs the pair on its own consecutive rows of the group,
+// so that a block's hidden activation stays in its core's cache between the two GEMMs: read and
+// written in place when the samples are consecutive, else gathered into the thread's block and
+// its results scattered back by that thread. Otherwise fc1 on all the group's rows, then fc2
+// (consecutive samples in place, else copied in before and out after).
+void pair_on_samples(const at::Tensor& xc, const std::vector<int64_t>& ids, const at::Tensor& w1h,
+                     const at::Tensor& b1h, const at::Tensor& w2, const at::Tensor& b2, int64_t h,
+                     at::Tensor& out) {
+  const int64_t n = static_cast<int64_t>(ids.size()), N = xc.size(1), C = xc.size(2);
+  const int64_t Cout = out.size(2), rows = n * N;
+  const int64_t block = cpu::ffn_thread_rows(rows, xc.scalar_type());
+  const bool in_place = consecutive(ids);
+  const at::Tensor x = in_place ? xc.narrow(0, ids.front(), n).view({rows, C}) : at::Tensor();
+  at::Tensor dst = in_place ? out.narrow(0, ids.front(), n).view({rows, Cout}) : at::Tensor();
+  if (block == 0) {
+    const at::Tensor act = fc1_gelu_low_precision(in_place ? x : take_samples(xc, ids), w1h, b1h);
+    if (in_place) {  // fc2 into these samples' rows, bias included
+      fc2_low_precision(act, w2, b2, h, dst);
+    } else {
+      put_samples(out, fc2_low_precision(act, w2, b2, h, at::Tensor()), ids);
+    }
+    return;
+  }
+  at::Tensor xs = xc;  // read only (copy_group_rows takes a mutable reference)
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t i0, int64_t i1) {
     c10::InferenceMode guard;  // temporaries and views no autograd will see
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r0 = i * block, n = std::min(block, rows - r0);
-      fc2_low_precision(fc1_gelu_low_precision(x.narrow(0, r0, n), w1h, b1h), w2, b2, h,
-                        dst.narrow(0, r0, n));
+      const int64_t r0 = i * block, nr = std::min(block, rows - r0);
+      if (in_place) {
+        fc2_low_precision(fc1_gelu_low_precision(x.narrow(0, r0, nr), w1h, b1h), w2, b2, h,
+                          dst.narrow(0, r0, nr));
+        continue;
+      }
+      at::Tensor xb = at::empty({nr, C}, xc.options());
+      copy_group_rows(xs, ids, r0, r0 + nr, xb, /*to_samples=*/false);
+      at::Tensor yb = fc2_low_precision(fc1_gelu_low_precision(xb, w1h, b1h), w2, b2, h,
+                                        at::Tensor()).contiguous();
+      copy_group_rows(out, ids, r0, r0 + nr, yb, /*to_samples=*/true);
     }
   });
-  return dst;
 }
 
 // True when x's dtype runs natively on this CPU (see the file's comment).
@@ -346,9 +387,11 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
   widths.erase(std::unique(widths.begin(), widths.end()), widths.end());
   if (widths.size() == 1) {  // one width: fc2 writes the output itself
     const int64_t h = widths[0];
-    return pair_low_precision(xc.view({B * N, -1}), w1.narrow(0, 0, h), b1.narrow(0, 0, h), w2,
-                              b2, h, at::Tensor())
-        .view({B, N, Cout});
+    std::vector<int64_t> all(B);
+    std::iota(all.begin(), all.end(), 0);
+    at::Tensor out = at::empty({B, N, Cout}, x.options());
+    pair_on_samples(xc, all, w1.narrow(0, 0, h), b1.narrow(0, 0, h), w2, b2, h, out);
+    return out;
   }
   if (padded_pair(B * N, x.scalar_type(), x.size(2), Cout)) {  // one pair at the widest width
     const int64_t hm = widths.back();
@@ -374,15 +417,7 @@ at::Tensor ffn_fwd_low_precision(const at::Tensor& x, const at::Tensor& w1, cons
     std::vector<int64_t> ids;
     for (int64_t b = 0; b < B; ++b)
       if (hidden[b] == h) ids.push_back(b);
-    const int64_t n = static_cast<int64_t>(ids.size());
-    const at::Tensor xs = take_samples(xc, ids), w1h = w1.narrow(0, 0, h),
-                     b1h = b1.narrow(0, 0, h);
-    if (consecutive(ids)) {  // fc2 into these samples' rows, bias included
-      pair_low_precision(xs, w1h, b1h, w2, b2, h,
-                         out.narrow(0, ids.front(), n).view({n * N, Cout}));
-    } else {
-      put_samples(out, pair_low_precision(xs, w1h, b1h, w2, b2, h, at::Tensor()), ids);
-    }
+    pair_on_samples(xc, ids, w1.narrow(0, 0, h), b1.narrow(0, 0, h), w2, b2, h, out);
   }
   return out;
 }

@@ -258,10 +258,12 @@ def test_ffn_forward_rule_mixed_widths_small_batch(dtype, case):
 # fc1 and fc2 of a block on one thread (csrc/cpu/onednn.h, ffn_thread_rows): one width at full
 # and at a narrower width (fc2 on a column slice), rows that are not a multiple of 32 (each
 # block's tail), 2047 rows (blocks of 1024 and 1023), a width group of 800 rows spread over the
-# batch (copied in and out) beside a narrower one; NaN in the first block's last row and in the
+# batch beside a narrower one, and one of 900 rows whose blocks split a sample (each thread
+# gathers its rows and scatters its results); NaN in the first block's last row and in the
 # last row. Each case also at one thread (one GEMM pair), equal within the rule.
 FFN_THREAD_ROWS = [([1000] * 3, 261, 1000), ([517] * 3, 300, 1000), ([40], 2047, 41),
-                   ([1000, 517, 1000, 1000, 1000, 517], 200, 1000)]
+                   ([1000, 517, 1000, 1000, 1000, 517], 200, 1000),
+                   ([517, 1000, 517, 1000, 517], 300, 1000)]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
