@@ -138,6 +138,17 @@ def test_ffn_forward_rule(dtype, case):
     assert_rule(out, ref, truth, "ffn out")
 
 
+def _assert_ffn_nan_rule(outs, args, hidden):
+    """Each of outs (name: FFN output on args): NaN exactly where the float64 truth has it
+    (somewhere), the finite rest by the rule."""
+    ref = R.ffn_forward(*args, hidden)
+    truth = R.ffn_forward(*(a.double() for a in args), hidden)
+    fin = truth.isfinite()
+    for name, out in outs.items():
+        assert torch.equal(out.isnan(), truth.isnan()) and out.isnan().any(), name
+        assert_rule(out[fin], ref[fin], truth[fin], name)
+
+
 # GEMMs that oneDNN would run on one of 2 threads (csrc/cpu/onednn.h, gemm_row_chunks):
 # fc1 of 1000 units on 800..1663 rows and fc2 of 833 outputs there; on AMX the pair runs on one
 # block of rows per thread (ffn_thread_rows), elsewhere fc1 on consecutive row blocks and fc2 on
@@ -163,11 +174,7 @@ def test_ffn_forward_rule_row_chunks(dtype, case):
         again = C.ffn_forward(FfnInputs.build(*args, hidden))
     finally:
         torch.set_num_threads(old)
-    ref = R.ffn_forward(*args, hidden)
-    truth = R.ffn_forward(*(a.double() for a in args), hidden)
-    assert torch.equal(out.isnan(), truth.isnan()) and out.isnan().any()
-    fin = truth.isfinite()
-    assert_rule(out[fin], ref[fin], truth[fin], "ffn out")
+    _assert_ffn_nan_rule({"ffn out": out}, args, hidden)
     torch.testing.assert_close(out, again, rtol=0, atol=0, equal_nan=True)
 
 
@@ -289,13 +296,7 @@ def test_ffn_forward_rule_thread_rows(dtype, case):
         one = C.ffn_forward(FfnInputs.build(*args, hidden))
     finally:
         torch.set_num_threads(old)
-    ref = R.ffn_forward(*args, hidden)
-    truth = R.ffn_forward(*(a.double() for a in args), hidden)
-    assert torch.equal(out.isnan(), truth.isnan()) and out.isnan().any()
-    assert torch.equal(one.isnan(), truth.isnan())
-    fin = truth.isfinite()
-    assert_rule(out[fin], ref[fin], truth[fin], "ffn out")
-    assert_rule(one[fin], ref[fin], truth[fin], "ffn out, one thread")
+    _assert_ffn_nan_rule({"ffn out": out, "ffn out, one thread": one}, args, hidden)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
