@@ -381,9 +381,10 @@ def _rotating_weights(fns: dict, rounds: int) -> dict:
 def test_bf16_projection_vs_weight_reordered_once(benchmark, m, k, n):
     """The full configuration's bf16 GEMMs as the model runs them (ops.linear: oneDNN on the
     plain weight, which it reorders on every call, or one block of rows per thread) against
-    oneDNN's matmul on a weight reordered once outside the timed calls (mkldnn._reorder_linear_weight):
-    how much a cache of reordered weights, which the package does not keep (an edit through
-    ``.data`` would leave it stale), could at most save. Report only."""
+    oneDNN's matmul on a weight reordered once outside the timed calls
+    (mkldnn._reorder_linear_weight): how much a cache of reordered weights, which the package
+    does not keep (an edit through ``.data`` would leave it stale), could at most save. Report
+    only."""
     _native(torch.bfloat16)
     from adaperceiver import ops
     if ops.cpu_gemm_library() != "onednn":
