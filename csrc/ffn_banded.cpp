@@ -24,10 +24,10 @@
 // threads a pair on 768..2047 rows runs on one block of rows per thread, fc1 and fc2 of a
 // block on the same thread, so that its hidden activation stays in that core's cache
 // (cpu::ffn_thread_rows, cpu/onednn.h); a thread gathers its block's rows from samples that
-// are not consecutive and scatters its results back itself. GEMMs the row-chunk rule names (cpu::gemm_row_chunks:
-// oneDNN would run them on one of 2 threads) otherwise run on row blocks, consecutive ones for
-// fc1 and for fc2 on a column slice, one per thread for fc2 at full width
-// (cpu::linear_row_blocks).
+// are not consecutive and scatters its results back itself. GEMMs the row-chunk rule names
+// (cpu::gemm_row_chunks: oneDNN would run them on one of 2 threads) otherwise run on row
+// blocks, consecutive ones for fc1 and for fc2 on a column slice, one per thread for fc2 at
+// full width (cpu::linear_row_blocks).
 // A small batch of several widths on AMX (padded_pair) runs one pair at its widest width instead,
 // each sample's units past its width zeroed between the two (the reference's 0/1 mask); at up
 // to 448 rows in bfloat16 (the tile GEMM, cpu::tile_linear_takes with row extents) each block
@@ -71,6 +71,24 @@ bool consecutive(const std::vector<int64_t>& ids) {
   return true;
 }
 
+// Rows [r0, r1) of the width group of samples ids (group row r is row r % N of sample
+// ids[r / N]) between the samples (B, N, F; contiguous CPU) and rows (r1 - r0, F; contiguous):
+// into rows, or back into the samples (to_samples), one memcpy per run of a sample's rows.
+void copy_group_rows(const at::Tensor& samples, const std::vector<int64_t>& ids, int64_t r0,
+                     int64_t r1, const at::Tensor& rows, bool to_samples) {
+  const int64_t N = samples.size(1);
+  const size_t row_bytes = static_cast<size_t>(samples.size(2)) * samples.element_size();
+  char* s = static_cast<char*>(samples.data_ptr());
+  char* d = static_cast<char*>(rows.data_ptr());
+  for (int64_t r = r0; r < r1;) {
+    const int64_t run = std::min(r1, (r / N + 1) * N) - r;
+    char* sp = s + (ids[r / N] * N + r % N) * row_bytes;
+    char* dp = d + (r - r0) * row_bytes;
+    std::memcpy(to_samples ? sp : dp, to_samples ? dp : sp, run * row_bytes);
+    r += run;
+  }
+}
+
 // Samples ids[0..n) of src (B, N, F; contiguous CPU) as one (n * N, F) matrix: a view when they
 // are consecutive, else a copy made one sample per memcpy (index_select / index_copy_ take an
 // element-wise path for bfloat16 that costs as much as the GEMMs).
@@ -79,11 +97,8 @@ at::Tensor take_samples(const at::Tensor& src, const std::vector<int64_t>& ids) 
   if (n == 0) return at::empty({0, F}, src.options());
   if (consecutive(ids)) return src.narrow(0, ids.front(), n).view({n * N, F});
   at::Tensor out = at::empty({n * N, F}, src.options());
-  const size_t bytes = static_cast<size_t>(N * F) * src.element_size();
-  const char* s = static_cast<const char*>(src.data_ptr());
-  char* d = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) std::memcpy(d + i * bytes, s + ids[i] * bytes, bytes);
+    copy_group_rows(src, ids, i0 * N, i1 * N, out.narrow(0, i0 * N, (i1 - i0) * N), false);
   });
   return out;
 }
@@ -91,13 +106,10 @@ at::Tensor take_samples(const at::Tensor& src, const std::vector<int64_t>& ids) 
 // rows (n * N, F) back to samples ids[0..n) of dst (B, N, F; contiguous CPU), one memcpy per
 // sample.
 void put_samples(at::Tensor& dst, const at::Tensor& rows, const std::vector<int64_t>& ids) {
-  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t n = static_cast<int64_t>(ids.size()), N = dst.size(1);
   const at::Tensor src = rows.contiguous();
-  const size_t bytes = static_cast<size_t>(dst.size(1) * dst.size(2)) * dst.element_size();
-  const char* s = static_cast<const char*>(src.data_ptr());
-  char* d = static_cast<char*>(dst.data_ptr());
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) std::memcpy(d + ids[i] * bytes, s + i * bytes, bytes);
+    copy_group_rows(dst, ids, i0 * N, i1 * N, src.narrow(0, i0 * N, (i1 - i0) * N), true);
   });
 }
 
@@ -263,24 +275,6 @@ at::Tensor fc2_low_precision(const at::Tensor& act, const at::Tensor& w2, const 
   return dst;
 }
 
-// Rows [r0, r1) of the width group of samples ids (group row r is row r % N of sample
-// ids[r / N]) between the samples (B, N, F; contiguous CPU) and rows (r1 - r0, F; contiguous):
-// into rows, or back into the samples (to_samples), one memcpy per run of a sample's rows.
-void copy_group_rows(at::Tensor& samples, const std::vector<int64_t>& ids, int64_t r0,
-                     int64_t r1, at::Tensor& rows, bool to_samples) {
-  const int64_t N = samples.size(1);
-  const size_t row_bytes = static_cast<size_t>(samples.size(2)) * samples.element_size();
-  char* s = static_cast<char*>(samples.data_ptr());
-  char* d = static_cast<char*>(rows.data_ptr());
-  for (int64_t r = r0; r < r1;) {
-    const int64_t run = std::min(r1, (r / N + 1) * N) - r;
-    char* sp = s + (ids[r / N] * N + r % N) * row_bytes;
-    char* dp = d + (r - r0) * row_bytes;
-    std::memcpy(to_samples ? sp : dp, to_samples ? dp : sp, run * row_bytes);
-    r += run;
-  }
-}
-
 // One width's pair in the low-precision dtype on the CPU, fc2(GELU(fc1(x))) over the first h
 // hidden units (w1h, b1h: fc1's first h rows), on the samples ids of xc (B, N, C; contiguous),
 // written into the same samples of out (B, N, Cout). Where cpu::ffn_thread_rows names a block
@@ -299,7 +293,7 @@ void pair_on_samples(const at::Tensor& xc, const std::vector<int64_t>& ids, cons
   const at::Tensor x = in_place ? xc.narrow(0, ids.front(), n).view({rows, C}) : at::Tensor();
   at::Tensor dst = in_place ? out.narrow(0, ids.front(), n).view({rows, Cout}) : at::Tensor();
   if (block == 0) {
-    const at::Tensor act = fc1_gelu_low_precision(in_place ? x : take_samples(xc, ids), w1h, b1h);
+    const at::Tensor act = fc1_gelu_low_precision(take_samples(xc, ids), w1h, b1h);
     if (in_place) {  // fc2 into these samples' rows, bias included
       fc2_low_precision(act, w2, b2, h, dst);
     } else {
@@ -307,7 +301,6 @@ void pair_on_samples(const at::Tensor& xc, const std::vector<int64_t>& ids, cons
     }
     return;
   }
-  at::Tensor xs = xc;  // read only (copy_group_rows takes a mutable reference)
   at::parallel_for(0, (rows + block - 1) / block, 1, [&](int64_t i0, int64_t i1) {
     c10::InferenceMode guard;  // temporaries and views no autograd will see
     for (int64_t i = i0; i < i1; ++i) {
@@ -318,7 +311,7 @@ void pair_on_samples(const at::Tensor& xc, const std::vector<int64_t>& ids, cons
         continue;
       }
       at::Tensor xb = at::empty({nr, C}, xc.options());
-      copy_group_rows(xs, ids, r0, r0 + nr, xb, /*to_samples=*/false);
+      copy_group_rows(xc, ids, r0, r0 + nr, xb, /*to_samples=*/false);
       at::Tensor yb = fc2_low_precision(fc1_gelu_low_precision(xb, w1h, b1h), w2, b2, h,
                                         at::Tensor()).contiguous();
       copy_group_rows(out, ids, r0, r0 + nr, yb, /*to_samples=*/true);
