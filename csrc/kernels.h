@@ -74,7 +74,8 @@ at::Tensor to_bfloat16(const at::Tensor& x);
 std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, const OptT& branch,
                                                        const OptT& gamma, const OptT& weight,
                                                        const OptT& bias, double eps,
-                                                       bool normalize);
+                                                       bool normalize,
+                                                       std::optional<at::ScalarType> norm_dtype);
 }  // namespace cpu
 
 // csrc/cuda (registered by cuda/register.cpp; defined only when ADAPERCEIVER_WITH_CUDA); the

@@ -113,10 +113,10 @@ TORCH_LIBRARY(adaperceiver, m) {
         });
   // csrc/cpu/norm.cpp (CPU only), used by adaperceiver/ops/norm.py: the block's residual with
   // LayerScale, x + gamma * branch (branch given), and the LayerNorm of it (normalize), in one
-  // pass; a result not asked for is an empty tensor
+  // pass; a result not asked for is an empty tensor; the norm in norm_dtype (default x's)
   m.def(
       "residual_layer_norm(Tensor x, Tensor? branch, Tensor? gamma, Tensor? weight, "
-      "Tensor? bias, float eps, bool normalize) -> (Tensor, Tensor)");
+      "Tensor? bias, float eps, bool normalize, ScalarType? norm_dtype=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(adaperceiver, CPU, m) {

@@ -255,8 +255,9 @@ def test_in_place_weight_edits_are_seen(amp, rows):
 
 
 def test_autocast_model_within_the_rule(monkeypatch):
-    """The whole model under autocast with ops.linear casting for itself, against the same with
-    every projection on torch's autocast F.linear, both against the float64 model."""
+    """The whole model under autocast with ops.linear casting for itself and the norms written
+    in the matmuls' dtype, against the same with every projection on torch's autocast F.linear
+    and every norm float32, both against the float64 model."""
     _native(torch.bfloat16)
     torch.manual_seed(0)
     model = tiny_model().eval()
@@ -269,8 +270,45 @@ def test_autocast_model_within_the_rule(monkeypatch):
 
     ours = logits()
     monkeypatch.setattr(linear_mod, "_autocast_dtype", lambda *a: None)
+    monkeypatch.setattr(ops, "matmul_input_dtype", lambda x: None)   # norms in float32
     plain = logits()
     with torch.inference_mode():
         truth = copy.deepcopy(model).double()(x.double(), **kw).logits
     err, err_plain = ((t.double() - truth).abs().max().item() for t in (ours, plain))
     assert err <= 2 * err_plain + 1e-4 * truth.abs().max().item(), (err, err_plain)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "autocast"])
+def test_autocast_norms_are_written_in_the_matmul_dtype(monkeypatch, amp):
+    """Under autocast every norm that only feeds matmuls (each block's norm1 and norm2, the read
+    and write heads' norms) comes out in bfloat16, the dtype its matmuls cast it to, while the
+    residual stream stays float32; without autocast all are float32. A second run gives the
+    same logits (nothing kept between calls)."""
+    _native(torch.bfloat16)
+    torch.manual_seed(1)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen, streams = [], []
+    for name, mod in model.named_modules():
+        if name.endswith(("norm1", "snk_norm", "src_norm")):
+            mod.register_forward_hook(lambda m, a, out, name=name: seen.append((name, out.dtype)))
+    real = ops.residual_layer_norm
+
+    def spy(x, *args):
+        r, h = real(x, *args)
+        streams.append(r.dtype)
+        seen.append(("norm2", h.dtype))
+        return r, h
+    monkeypatch.setattr(ops, "residual_layer_norm", spy)
+
+    def logits():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return model(x, num_tokens=[40, 24], mat_dim=[96, 48], depth=[3, 2]).logits
+
+    first = logits()
+    want = torch.bfloat16 if amp else torch.float32
+    names = {n.rsplit(".", 1)[-1] for n, _ in seen}
+    assert names == {"norm1", "norm2", "snk_norm", "src_norm"}, names
+    assert all(d == want for _, d in seen), seen
+    assert streams and all(d == torch.float32 for d in streams)
+    assert torch.equal(logits(), first)

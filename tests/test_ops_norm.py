@@ -59,7 +59,7 @@ def kernel_calls(monkeypatch):
     calls = []
 
     def spy(*args):
-        calls.append(args[-1])
+        calls.append(args[6])   # normalize
         return k(*args)
     monkeypatch.setattr(norm_mod, "_kernel", lambda: spy)
     return calls
@@ -114,6 +114,85 @@ def test_float32_stream_with_16bit_branch(lead, C, dtype, kernel_calls):
     plain = F.layer_norm(ref_r, (C,), w, b, EPS)
     err, bound = flash_rule(n, plain, _norm_truth(ref_r, w, b))
     assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("branch", [None, torch.bfloat16, torch.float16, torch.float32],
+                         ids=["norm-only", "bf16-branch", "fp16-branch", "fp32-branch"])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,C", SHAPES, ids=[case_id(s, "lead C") for s in SHAPES])
+def test_float32_norm_out_dtype_is_the_cast(lead, C, out_dtype, branch, kernel_calls):
+    """A float32 stream whose norm feeds matmuls under autocast: ``out_dtype`` gives the norm
+    rounded once to bfloat16 / float16, bit for bit the cast of the float32 norm the same call
+    gives without it (NaN where it has NaN), written into NaN-poisoned memory, the residual
+    unchanged; the kernel runs with and without a branch; within the rule against torch's
+    layer_norm cast to the dtype. NaN, inf and -inf rows included."""
+    x, br, gamma, w, b = _inputs(lead, C, torch.float32, seed=7 * C + len(lead))
+    rows = x.view(-1, C)
+    rows[0, C - 1] = NAN                      # the last channel: a vector tail
+    if rows.shape[0] > 2:
+        rows[1, 0] = math.inf
+        rows[-1, C // 2] = -math.inf
+    br = None if branch is None else br.to(branch)
+    with torch.inference_mode():
+        if br is None:
+            ops.layer_norm(x, w, b, EPS, out_dtype=torch.float32)   # float32: torch's, no call
+            _poison_heap(x.shape)
+            n = ops.layer_norm(x, w, b, EPS, out_dtype=out_dtype)
+            n32 = torch.ops.adaperceiver.residual_layer_norm(x, None, None, w, b, EPS, True)[1]
+            r, r32 = x, x
+        else:
+            r32, n32 = torch.ops.adaperceiver.residual_layer_norm(x, br, gamma, w, b, EPS, True)
+            _poison_heap(x.shape)
+            r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS, out_dtype=out_dtype)
+    assert kernel_calls == [True], "the row kernel takes a float32 x with a 16-bit norm"
+    assert n.dtype == out_dtype and n.shape == x.shape and r.dtype == torch.float32
+    torch.testing.assert_close(r, r32, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(n, n32.to(out_dtype), rtol=0, atol=0, equal_nan=True)
+    ref_r = x if br is None else torch.addcmul(x, br, gamma)
+    plain = F.layer_norm(ref_r, (C,), w, b, EPS).to(out_dtype)
+    assert torch.equal(n.isnan(), plain.isnan()), "NaN pattern"
+    fin = plain.isfinite()
+    err, bound = flash_rule(n[fin], plain[fin], _norm_truth(ref_r, w, b)[fin])
+    assert err <= bound, (err, bound)
+
+
+def test_out_dtype_with_gradients_and_matmul_input_dtype(kernel_calls):
+    """With gradients recorded the norm is torch's layer_norm cast to ``out_dtype`` (bit for
+    bit, gradients through the cast), and a 16-bit x with another ``out_dtype`` is torch's too;
+    ``matmul_input_dtype`` is autocast's 16-bit dtype for a float32 x under CPU autocast only."""
+    x, br, gamma, w, b = _inputs((9,), 40, torch.float32, seed=11)
+    wp, bp = (t.clone().requires_grad_(True) for t in (w, b))
+    n = ops.layer_norm(x, wp, bp, EPS, out_dtype=torch.bfloat16)
+    ref = F.layer_norm(x, (40,), w, b, EPS).to(torch.bfloat16)
+    assert n.dtype == torch.bfloat16 and torch.equal(n, ref)
+    n.float().sum().backward()
+    assert wp.grad is not None and torch.isfinite(wp.grad).all()
+    with torch.inference_mode():
+        xb = x.bfloat16()
+        got = ops.layer_norm(xb, w.bfloat16(), b.bfloat16(), EPS, out_dtype=torch.float16)
+    assert kernel_calls == [] and got.dtype == torch.float16
+    assert torch.equal(got, F.layer_norm(xb, (40,), w.bfloat16(), b.bfloat16(), EPS).half())
+    assert ops.matmul_input_dtype(x) is None
+    for dtype in DTYPES:
+        with torch.autocast("cpu", dtype=dtype):
+            assert ops.matmul_input_dtype(x) == dtype
+            assert ops.matmul_input_dtype(x.bfloat16()) is None
+            assert ops.matmul_input_dtype(x.double()) is None
+
+
+@pytest.mark.parametrize("x_dtype,norm_dtype", [(torch.float32, torch.float64),
+                                                (torch.bfloat16, torch.float16),
+                                                (torch.float16, torch.float32)],
+                         ids=["float32-to-float64", "bf16-to-fp16", "fp16-to-fp32"])
+def test_kernel_rejects_a_norm_dtype_it_cannot_write(x_dtype, norm_dtype):
+    """The kernel's norm_dtype: x's dtype, or bfloat16 / float16 for a float32 x; anything else
+    is an error naming the parameter, the value and what is allowed."""
+    x, _, _, w, b = _inputs((4,), 24, x_dtype, seed=4)
+    with pytest.raises(RuntimeError) as e:
+        torch.ops.adaperceiver.residual_layer_norm(x, None, None, w, b, EPS, True, norm_dtype)
+    msg = str(e.value)
+    got = {torch.float64: "Double", torch.float16: "Half", torch.float32: "Float"}[norm_dtype]
+    assert "norm_dtype must be x's dtype" in msg and msg.endswith("got " + got), msg
 
 
 @pytest.mark.parametrize("branch", [True, False], ids=["residual", "norm-only"])
@@ -255,7 +334,7 @@ def test_torch_fallback_in_a_child():
     so in a child process) the op runs torch's addcmul and layer_norm: the same tests pass."""
     res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x",
                           "-p", "no:cacheprovider", "-k",
-                          "matches_torch or nan_and_inf or float32_stream"],
+                          "matches_torch or nan_and_inf or float32_stream or out_dtype"],
                          env=dict(os.environ, ADAPERCEIVER_CPU_ISA="portable"),
                          capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

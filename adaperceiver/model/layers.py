@@ -18,12 +18,16 @@ __all__ = ["LayerNorm", "LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "Cros
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension (same parameters and checkpoint names) through
-    ``ops.layer_norm``: the extension's row kernel on the CPU when no gradient is recorded."""
+    ``ops.layer_norm``: the extension's row kernel on the CPU when no gradient is recorded.
+    ``out_dtype``: the result cast to it (a norm whose result only feeds matmuls passes
+    ``ops.matmul_input_dtype(x)``: under autocast it is written once in the dtype the matmuls
+    cast it to; ops/norm.py)."""
 
-    def forward(self, x):
+    def forward(self, x, out_dtype: Optional[torch.dtype] = None):
         if len(self.normalized_shape) != 1:   # ops.layer_norm normalizes the last dimension
-            return super().forward(x)
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+            y = super().forward(x)
+            return y if out_dtype is None else y.to(out_dtype)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
 
 
 def _norm(dim: int) -> LayerNorm:
@@ -218,8 +222,10 @@ class CrossAttentionHead(nn.Module):
         self.cattn = Attention(dim, num_heads, qkv_bias, proj_bias)
 
     def forward(self, sink, source, q_rope=None, k_rope=None, seq_lens=None):
-        return sink + self.cattn(self.snk_norm(sink), self.src_norm(source), None, q_rope, k_rope,
-                                 seq_lens)
+        # the norms feed the projections only: under autocast, written in their input dtype
+        q_in = self.snk_norm(sink, ops.matmul_input_dtype(sink))
+        kv_in = self.src_norm(source, ops.matmul_input_dtype(source))
+        return sink + self.cattn(q_in, kv_in, None, q_rope, k_rope, seq_lens)
 
 
 class Block(nn.Module):
@@ -238,10 +244,13 @@ class Block(nn.Module):
 
     def forward(self, x, layout, token_grans=None, rope=None):
         """x: packed latent rows (R, C) laid out by ``layout`` (model/ragged.py)."""
-        a = self.attn.self_attention(self.norm1(x), layout, token_grans, rope)
+        # both norms feed matmuls only (q/k/v, the FFN): under autocast, written in the dtype
+        # those cast their input to (ops/norm.py)
+        cast = ops.matmul_input_dtype(x)
+        a = self.attn.self_attention(self.norm1(x, cast), layout, token_grans, rope)
         # x + ls1(a) and norm2 of it in one pass over the rows (ops/norm.py)
         x, h = ops.residual_layer_norm(x, a, self.ls1.gamma, self.norm2.weight, self.norm2.bias,
-                                       self.norm2.eps)
+                                       self.norm2.eps, cast)
         h, hidden = layout.ffn_input(h)
         return self.ls2.residual(x, self.ffn(h, hidden).reshape(x.shape))
 

@@ -15,7 +15,7 @@ from .attention import block_masked_attention, block_masked_attention_varlen
 from .dispatch import NoBackendError, available_backends, forced_backend, use_backend
 from .ffn import matryoshka_ffn
 from .linear import cpu_gemm_library, linear
-from .norm import layer_norm, layer_scale_residual, residual_layer_norm
+from .norm import layer_norm, layer_scale_residual, matmul_input_dtype, residual_layer_norm
 from .schedule import block_mask, tile_schedule
 
 # schedule internals, importable as before (benchmarks read row_end) but not public API
@@ -24,4 +24,4 @@ from .schedule import group_ends, row_end  # noqa: E402,F401
 __all__ = ["block_masked_attention", "block_masked_attention_varlen", "matryoshka_ffn",
            "use_backend", "forced_backend", "available_backends", "NoBackendError", "block_mask",
            "tile_schedule", "linear", "cpu_gemm_library", "layer_norm", "layer_scale_residual",
-           "residual_layer_norm"]
+           "residual_layer_norm", "matmul_input_dtype"]

@@ -14,7 +14,14 @@ a bfloat16 x, else the op runs torch's addcmul and layer_norm itself) in two cas
   stays float32, the branches come out of the projections in the autocast dtype), for the
   residual and the residual with its norm; the results are float32, as torch's.
 The residual is bit for bit ``addcmul``'s (one fused multiply-add, one rounding to x's dtype),
-the norm in float32 from the rounded residual, rounded once. Why: torch runs the two as
+the norm in float32 from the rounded residual, rounded once.
+
+``out_dtype`` (``layer_norm`` and ``residual_layer_norm``) gives the norm in another dtype: the
+norm cast to it. Under autocast a norm whose result only feeds matmuls (the block's, the read
+and write heads') asks for ``matmul_input_dtype(x)``, the dtype each of those matmuls casts its
+input to: on the CPU the row kernel then rounds the float32 norm once to bfloat16 / float16 as
+it writes it (for a float32 x with or without a branch), which is the cast's value bit for bit,
+instead of writing it in float32 for every matmul to cast again; elsewhere it is the cast. Why: torch runs the two as
 separate passes over the activations, its 16-bit kernels of both run well below memory speed,
 and a 16-bit branch costs its float32 addcmul a conversion pass first; the block calls them
 twice per layer. Everything else (gradients, float32 throughout, whose torch kernels already
@@ -28,9 +35,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._common import autocast_dtype
 from .linear import _extension_op
 
-__all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm"]
+__all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm", "matmul_input_dtype"]
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -40,15 +48,26 @@ def _kernel():
     return _extension_op("residual_layer_norm")
 
 
+def matmul_input_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a matmul under autocast casts x to: autocast's bfloat16 / float16 for a
+    float32 x on a device where autocast is on; None otherwise (x as it is)."""
+    dtype = autocast_dtype(x)
+    return dtype if x.dtype == torch.float32 and dtype in _DTYPES else None
+
+
 def _kernel_takes(x: torch.Tensor, branch: Optional[torch.Tensor],
-                  *vectors: Optional[torch.Tensor]) -> bool:
+                  *vectors: Optional[torch.Tensor], out_dtype=None) -> bool:
     """Whether the row kernel runs this call (see the module's docstring)."""
     if x.device.type != "cpu" or x.dim() < 1 or torch.compiler.is_compiling():
         return False
     if x.dtype in _DTYPES:
         if torch.is_autocast_enabled("cpu") or (branch is not None and branch.dtype != x.dtype):
             return False
-    elif x.dtype != torch.float32 or branch is None or branch.dtype not in _DTYPES:
+        if out_dtype not in (None, x.dtype):
+            return False
+    elif x.dtype != torch.float32 or out_dtype not in (None, torch.float32, *_DTYPES):
+        return False
+    elif (branch is None or branch.dtype not in _DTYPES) and out_dtype not in _DTYPES:
         return False   # float32 throughout: torch's kernels run at memory speed
     ts = [t for t in (branch, *vectors) if t is not None]
     if branch is not None and branch.shape != x.shape:
@@ -71,19 +90,28 @@ def layer_scale_residual(x: torch.Tensor, branch: torch.Tensor,
     return torch.addcmul(x, branch, gamma)
 
 
+def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float) -> torch.Tensor:
-    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension C."""
-    if (weight is None) == (bias is None) and _kernel_takes(x, None, weight, bias):
-        return _kernel()(x, None, None, weight, bias, eps, True)[1]
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+               eps: float, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension C (cast to
+    ``out_dtype`` when given)."""
+    if ((weight is None) == (bias is None)
+            and _kernel_takes(x, None, weight, bias, out_dtype=out_dtype)):
+        return _kernel()(x, None, None, weight, bias, eps, True, out_dtype)[1]
+    return _cast(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), out_dtype)
 
 
 def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor,
                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, layer_norm(r))`` with ``r = x + gamma * branch``."""
-    if (weight is None) == (bias is None) and _kernel_takes(x, branch, gamma, weight, bias):
-        return _kernel()(x, branch, gamma, weight, bias, eps, True)
+                        eps: float, out_dtype: Optional[torch.dtype] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, layer_norm(r))`` with ``r = x + gamma * branch`` (the norm cast to ``out_dtype``
+    when given)."""
+    if ((weight is None) == (bias is None)
+            and _kernel_takes(x, branch, gamma, weight, bias, out_dtype=out_dtype)):
+        return _kernel()(x, branch, gamma, weight, bias, eps, True, out_dtype)
     r = torch.addcmul(x, branch, gamma)
-    return r, F.layer_norm(r, (r.shape[-1],), weight, bias, eps)
+    return r, _cast(F.layer_norm(r, (r.shape[-1],), weight, bias, eps), out_dtype)

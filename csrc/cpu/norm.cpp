@@ -9,8 +9,10 @@
 //                            rounded r, moments in float32 by two passes, one rounding)
 // and returns (r, n): r empty (0 values) without a branch (r is x), n empty without normalize;
 // x is bfloat16 or float16 with a branch of its dtype, or float32 with a bfloat16, float16 or
-// float32 branch (autocast's residual stream: float32, its branches in the autocast dtype); the
-// outputs are x's dtype. Why: torch runs the residual and the norm as two passes over the
+// float32 branch (autocast's residual stream: float32, its branches in the autocast dtype); r is
+// x's dtype, n norm_dtype's (default x's; a float32 x also takes bfloat16 or float16: the norm
+// rounded once to it from float32, which is what casting the float32 norm gives, for a norm
+// whose result only feeds matmuls under autocast, so no float32 copy is written and cast). Why: torch runs the residual and the norm as two passes over the
 // (rows x C) activations (addcmul then layer_norm), each reading and writing them once more;
 // its 16-bit paths of both run well below memory speed, and a 16-bit branch added to a float32
 // x costs addcmul a conversion pass of its own first; here each row is read once, kept in a
@@ -103,9 +105,9 @@ ADAPERCEIVER_NORM_AVX512 inline float sum4(__m512 a, __m512 b, __m512 c, __m512 
 }
 
 // One row (see the file's comment); buf holds round_up(C, 16) floats.
-template <typename T, typename TB>
+template <typename T, typename TB, typename TN>
 ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const TB* br, const float* g, const float* w,
-                                         const float* b, int64_t C, float eps, T* ro, T* no,
+                                         const float* b, int64_t C, float eps, T* ro, TN* no,
                                          float* buf) {
   constexpr __mmask16 kAll = 0xFFFF;
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -139,13 +141,13 @@ ADAPERCEIVER_NORM_AVX512 void row_avx512(const T* x, const TB* br, const float* 
   }
 }
 
-// Whether the AVX-512 rows run for x of dtype st (AVX512-BF16 to round to bfloat16; a
-// bfloat16 branch is only widened, which needs nothing more)
-bool avx512_rows(at::ScalarType st) {
+// Whether the AVX-512 rows run for x of dtype st and a norm of dtype nt (AVX512-BF16 to round
+// to bfloat16; a bfloat16 branch is only widened, which needs nothing more)
+bool avx512_rows(at::ScalarType st, at::ScalarType nt) {
   static const bool base = best_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
                            __builtin_cpu_supports("avx512vl");
   static const bool bf16 = __builtin_cpu_supports("avx512bf16");
-  return base && (st != at::kBFloat16 || bf16);
+  return base && ((st != at::kBFloat16 && nt != at::kBFloat16) || bf16);
 }
 
 // A (C,) parameter as float32 (empty when not given)
@@ -155,7 +157,7 @@ std::vector<float> as_floats(const OptT& t) {
   return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
 }
 
-template <typename T, typename TB>
+template <typename T, typename TB, typename TN>
 void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>& g,
               const std::vector<float>& w, const std::vector<float>& b, float eps,
               at::Tensor& r_out, at::Tensor& n_out) {
@@ -163,20 +165,32 @@ void run_rows(const at::Tensor& x, const OptT& branch, const std::vector<float>&
   const T* xp = x.data_ptr<T>();
   const TB* bp = branch ? branch->data_ptr<TB>() : nullptr;
   T* rp = r_out.defined() ? r_out.data_ptr<T>() : nullptr;
-  T* np = n_out.defined() ? n_out.data_ptr<T>() : nullptr;
+  TN* np = n_out.defined() ? n_out.data_ptr<TN>() : nullptr;
   const float* wp = w.empty() ? nullptr : w.data();
   const float* biasp = b.empty() ? nullptr : b.data();
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf((C + 15) / 16 * 16);
     for (int64_t r = r0; r < r1; ++r) {
-      row_avx512<T, TB>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
-                    rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
+      row_avx512<T, TB, TN>(xp + r * C, bp ? bp + r * C : nullptr, g.data(), wp, biasp, C, eps,
+                        rp ? rp + r * C : nullptr, np ? np + r * C : nullptr, buf.data());
     }
   });
 }
+
+// run_rows with the norm in nt: x's dtype, or bfloat16 / float16 for a float32 x (checked)
+template <typename T, typename TB>
+void run_rows_to(at::ScalarType nt, const at::Tensor& x, const OptT& branch,
+                 const std::vector<float>& g, const std::vector<float>& w,
+                 const std::vector<float>& b, float eps, at::Tensor& r_out, at::Tensor& n_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (nt == at::kBFloat16) return run_rows<T, TB, c10::BFloat16>(x, branch, g, w, b, eps, r_out, n_out);
+    if (nt == at::kHalf) return run_rows<T, TB, c10::Half>(x, branch, g, w, b, eps, r_out, n_out);
+  }
+  run_rows<T, TB, T>(x, branch, g, w, b, eps, r_out, n_out);
+}
 #else
-bool avx512_rows(at::ScalarType) { return false; }
+bool avx512_rows(at::ScalarType, at::ScalarType) { return false; }
 #endif
 
 }  // namespace
@@ -184,10 +198,15 @@ bool avx512_rows(at::ScalarType) { return false; }
 std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, const OptT& branch,
                                                        const OptT& gamma, const OptT& weight,
                                                        const OptT& bias, double eps,
-                                                       bool normalize) {
+                                                       bool normalize,
+                                                       std::optional<at::ScalarType> norm_dtype) {
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kBFloat16 || st == at::kHalf || st == at::kFloat,
               "residual_layer_norm: x must be bfloat16, float16 or float32, got ", st);
+  const auto nt = norm_dtype.value_or(st);
+  TORCH_CHECK(nt == st || (st == at::kFloat && (nt == at::kBFloat16 || nt == at::kHalf)),
+              "residual_layer_norm: norm_dtype must be x's dtype (", st, ") or, for a float32 x, "
+              "bfloat16 or float16; got ", nt);
   TORCH_CHECK(x.device().is_cpu(), "residual_layer_norm: x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() >= 1, "residual_layer_norm: x must have a last dimension (C)");
   const int64_t C = x.size(-1);
@@ -220,16 +239,16 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
   check_vec(bias, "bias");
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "residual_layer_norm: eps must be finite and >= 0, got ",
               eps);
-  if (!avx512_rows(st)) {  // torch's ops (see the file's comment)
+  if (!avx512_rows(st, nt)) {  // torch's ops (see the file's comment)
     const at::Tensor none = at::empty({0}, x.options());
     const at::Tensor r = has_branch ? at::addcmul(x, *branch, *gamma) : x;
-    const at::Tensor n = normalize ? at::layer_norm(r, {C}, weight, bias, eps) : none;
+    const at::Tensor n = normalize ? at::layer_norm(r, {C}, weight, bias, eps).to(nt) : none;
     return {has_branch ? r : none, n};
   }
   const at::Tensor xc = x.contiguous();
   const OptT bc = has_branch ? OptT(branch->contiguous()) : OptT();
   at::Tensor r_out = has_branch ? at::empty_like(xc) : at::Tensor();
-  at::Tensor n_out = normalize ? at::empty_like(xc) : at::Tensor();
+  at::Tensor n_out = normalize ? at::empty_like(xc, xc.options().dtype(nt)) : at::Tensor();
   auto results = [&]() -> std::tuple<at::Tensor, at::Tensor> {
     const at::Tensor none = at::empty({0}, xc.options());
     return {r_out.defined() ? r_out : none, n_out.defined() ? n_out : none};
@@ -241,15 +260,15 @@ std::tuple<at::Tensor, at::Tensor> residual_layer_norm(const at::Tensor& x, cons
 #if defined(__x86_64__) && defined(__GNUC__)
   const auto bt = has_branch ? branch->scalar_type() : st;
   if (st == at::kBFloat16) {
-    run_rows<c10::BFloat16, c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows<c10::BFloat16, c10::BFloat16, c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
   } else if (st == at::kHalf) {
-    run_rows<c10::Half, c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows<c10::Half, c10::Half, c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
   } else if (bt == at::kBFloat16) {
-    run_rows<float, c10::BFloat16>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows_to<float, c10::BFloat16>(nt, xc, bc, g, w, b, e, r_out, n_out);
   } else if (bt == at::kHalf) {
-    run_rows<float, c10::Half>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows_to<float, c10::Half>(nt, xc, bc, g, w, b, e, r_out, n_out);
   } else {
-    run_rows<float, float>(xc, bc, g, w, b, e, r_out, n_out);
+    run_rows_to<float, float>(nt, xc, bc, g, w, b, e, r_out, n_out);
   }
 #endif
   return results();
