@@ -248,17 +248,22 @@ def test_nan_and_inf_where_torch_has_them(dtype, kernel_calls):
 
 
 def test_strided_inputs_and_thread_counts(kernel_calls):
-    """x and branch as strided views (a column slice, a transpose) give the values of their
-    contiguous copies; one and two threads give the same bits (rows are independent)."""
+    """x and branch as strided views (a column slice, a transpose) and gamma and the weight as
+    strided vectors give the values of their contiguous copies; one and two threads give the
+    same bits (rows are independent)."""
     base = torch.randn(40, 2 * 96).bfloat16()
     x = base[:, :96]                                   # row stride 192
     br = torch.randn(96, 40).bfloat16().t()            # transposed
     _, _, gamma, w, b = _inputs((1,), 96, torch.bfloat16, seed=3)
+    gamma = torch.stack([gamma, -gamma], 1)[:, 0]      # every other value of a pair list
+    w = torch.stack([w.flip(0), w], 1)[:, 1]
+    assert gamma.stride(0) == 2 and w.stride(0) == 2
     old = torch.get_num_threads()
     try:
         with torch.inference_mode():
             r, n = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
-            rc, nc = ops.residual_layer_norm(x.contiguous(), br.contiguous(), gamma, w, b, EPS)
+            rc, nc = ops.residual_layer_norm(x.contiguous(), br.contiguous(),
+                                             gamma.contiguous(), w.contiguous(), b, EPS)
             torch.set_num_threads(1)
             r1, n1 = ops.residual_layer_norm(x, br, gamma, w, b, EPS)
     finally:

@@ -150,11 +150,26 @@ bool avx512_rows(at::ScalarType st, at::ScalarType nt) {
   return base && ((st != at::kBFloat16 && nt != at::kBFloat16) || bf16);
 }
 
-// A (C,) parameter as float32 (empty when not given)
+// A (C,) parameter (x's dtype, any stride) as float32 (empty when not given): widened in a
+// plain loop, exactly as Tensor.to(float32) widens it, with no ATen op (the kernel takes up to
+// three per call, the model six calls per layer)
+template <typename T>
+void widen(const at::Tensor& t, std::vector<float>& out) {
+  const T* p = t.data_ptr<T>();
+  const int64_t s = t.stride(0);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[int64_t(i) * s]);
+}
+
 std::vector<float> as_floats(const OptT& t) {
   if (!t.has_value() || !t->defined()) return {};
-  const at::Tensor f = t->to(at::kFloat).contiguous();
-  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+  std::vector<float> out(t->numel());
+  switch (t->scalar_type()) {
+    case at::kFloat: widen<float>(*t, out); break;
+    case at::kBFloat16: widen<c10::BFloat16>(*t, out); break;
+    case at::kHalf: widen<c10::Half>(*t, out); break;
+    default: TORCH_CHECK(false, "residual_layer_norm: a (C,) parameter of ", t->scalar_type());
+  }
+  return out;
 }
 
 template <typename T, typename TB, typename TN>
