@@ -7,26 +7,28 @@ computes them one after the other (``x = x + ls1(attn(...)); h = norm2(x)``).
 
 On the CPU, when no gradient is recorded (inference, ``torch.no_grad``), they run as the
 extension's one-pass row kernel (csrc/cpu/norm.cpp; on CPUs with AVX-512, and AVX512-BF16 for
-a bfloat16 x, else the op runs torch's addcmul and layer_norm itself) in two cases:
+a bfloat16 x or norm, else the op runs torch's addcmul and layer_norm itself) in three cases:
 * bfloat16 or float16 throughout (``model.to(dtype)``), not under autocast (what autocast
   does with a 16-bit layer_norm is autocast's policy to apply, so torch's op runs there);
 * a float32 residual stream with a bfloat16 / float16 branch (autocast's blocks: the stream
   stays float32, the branches come out of the projections in the autocast dtype), for the
-  residual and the residual with its norm; the results are float32, as torch's.
+  residual and the residual with its norm; the results are float32, as torch's;
+* a float32 x whose norm is asked for in bfloat16 / float16 (``out_dtype``, below), with or
+  without a branch.
 The residual is bit for bit ``addcmul``'s (one fused multiply-add, one rounding to x's dtype),
-the norm in float32 from the rounded residual, rounded once.
-
-``out_dtype`` (``layer_norm`` and ``residual_layer_norm``) gives the norm in another dtype: the
-norm cast to it. Under autocast a norm whose result only feeds matmuls (the block's, the read
-and write heads') asks for ``matmul_input_dtype(x)``, the dtype each of those matmuls casts its
-input to: on the CPU the row kernel then rounds the float32 norm once to bfloat16 / float16 as
-it writes it (for a float32 x with or without a branch), which is the cast's value bit for bit,
-instead of writing it in float32 for every matmul to cast again; elsewhere it is the cast. Why: torch runs the two as
+the norm in float32 from the rounded residual, rounded once. Why: torch runs the two as
 separate passes over the activations, its 16-bit kernels of both run well below memory speed,
 and a 16-bit branch costs its float32 addcmul a conversion pass first; the block calls them
 twice per layer. Everything else (gradients, float32 throughout, whose torch kernels already
 run at memory speed, other devices, torch.compile, a missing extension, shapes the kernel does
 not take) is torch's own ops, so the model has one implementation and autograd stays torch's.
+
+``out_dtype`` (``layer_norm`` and ``residual_layer_norm``) gives the norm cast to that dtype.
+Under autocast a norm whose result only feeds matmuls (the block's two, the read and write
+heads') asks for ``matmul_input_dtype(x)``, the dtype those matmuls cast their input to: the
+row kernel then rounds the float32 norm once to bfloat16 / float16 as it writes it, the cast's
+value bit for bit, instead of writing float32 for each matmul to cast again (torch's ops, where
+the kernel does not run, cast their float32 result).
 """
 from __future__ import annotations
 
