@@ -180,6 +180,17 @@ def test_out_dtype_with_gradients_and_matmul_input_dtype(kernel_calls):
             assert ops.matmul_input_dtype(x.double()) is None
 
 
+@pytest.mark.parametrize("bad", [torch.int32, torch.bool, "bfloat16"], ids=str)
+def test_out_dtype_must_be_a_float_dtype(bad):
+    """ops.layer_norm / residual_layer_norm: an out_dtype that is not a float dtype is an error
+    naming the parameter, its value and what is allowed (never a silent integer cast)."""
+    x, br, gamma, w, b = _inputs((3,), 16, torch.float32, seed=6)
+    for call in (lambda: ops.layer_norm(x, w, b, EPS, out_dtype=bad),
+                 lambda: ops.residual_layer_norm(x, br, gamma, w, b, EPS, out_dtype=bad)):
+        with pytest.raises(TypeError, match=r"out_dtype=.* is not allowed; allowed: None"):
+            call()
+
+
 @pytest.mark.parametrize("x_dtype,norm_dtype", [(torch.float32, torch.float64),
                                                 (torch.bfloat16, torch.float16),
                                                 (torch.float16, torch.float32)],

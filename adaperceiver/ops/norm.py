@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import autocast_dtype
+from ._common import FLOATS, autocast_dtype
 from .linear import _extension_op
 
 __all__ = ["layer_scale_residual", "layer_norm", "residual_layer_norm", "matmul_input_dtype"]
@@ -92,6 +92,12 @@ def layer_scale_residual(x: torch.Tensor, branch: torch.Tensor,
     return torch.addcmul(x, branch, gamma)
 
 
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOATS:
+        raise TypeError(f"out_dtype={out_dtype} is not allowed; allowed: None (x's dtype), "
+                        "torch.float16, torch.bfloat16, torch.float32, torch.float64")
+
+
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return t if dtype is None else t.to(dtype)
 
@@ -100,6 +106,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
                eps: float, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``F.layer_norm(x, (C,), weight, bias, eps)`` over the last dimension C (cast to
     ``out_dtype`` when given)."""
+    _check_out_dtype(out_dtype)
     if ((weight is None) == (bias is None)
             and _kernel_takes(x, None, weight, bias, out_dtype=out_dtype)):
         return _kernel()(x, None, None, weight, bias, eps, True, out_dtype)[1]
@@ -112,6 +119,7 @@ def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tens
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r, layer_norm(r))`` with ``r = x + gamma * branch`` (the norm cast to ``out_dtype``
     when given)."""
+    _check_out_dtype(out_dtype)
     if ((weight is None) == (bias is None)
             and _kernel_takes(x, branch, gamma, weight, bias, out_dtype=out_dtype)):
         return _kernel()(x, branch, gamma, weight, bias, eps, True, out_dtype)
