@@ -12,11 +12,12 @@
 // float32 branch (autocast's residual stream: float32, its branches in the autocast dtype); r is
 // x's dtype, n norm_dtype's (default x's; a float32 x also takes bfloat16 or float16: the norm
 // rounded once to it from float32, which is what casting the float32 norm gives, for a norm
-// whose result only feeds matmuls under autocast, so no float32 copy is written and cast). Why: torch runs the residual and the norm as two passes over the
-// (rows x C) activations (addcmul then layer_norm), each reading and writing them once more;
-// its 16-bit paths of both run well below memory speed, and a 16-bit branch added to a float32
-// x costs addcmul a conversion pass of its own first; here each row is read once, kept in a
-// float32 scratch of the thread, and both results written from it.
+// whose result only feeds matmuls under autocast, so no float32 copy is written and cast).
+// Why: torch runs the residual and the norm as two passes over the (rows x C) activations
+// (addcmul then layer_norm), each reading and writing them once more; its 16-bit paths of both
+// run well below memory speed, and a 16-bit branch added to a float32 x costs addcmul a
+// conversion pass of its own first; here each row is read once, kept in a float32 scratch of
+// the thread, and both results written from it.
 // Schedule: rows in blocks of about 16K values per at::parallel_for task. Per row, on AVX-512
 // (with BW, VL and, for a bfloat16 x, AVX512-BF16; best_isa() is AVX-512): one pass reads x (and
 // the branch), writes r and keeps it in float32 in an L1 scratch while summing it, a second
@@ -199,7 +200,9 @@ void run_rows_to(at::ScalarType nt, const at::Tensor& x, const OptT& branch,
                  const std::vector<float>& g, const std::vector<float>& w,
                  const std::vector<float>& b, float eps, at::Tensor& r_out, at::Tensor& n_out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (nt == at::kBFloat16) return run_rows<T, TB, c10::BFloat16>(x, branch, g, w, b, eps, r_out, n_out);
+    if (nt == at::kBFloat16) {
+      return run_rows<T, TB, c10::BFloat16>(x, branch, g, w, b, eps, r_out, n_out);
+    }
     if (nt == at::kHalf) return run_rows<T, TB, c10::Half>(x, branch, g, w, b, eps, r_out, n_out);
   }
   run_rows<T, TB, T>(x, branch, g, w, b, eps, r_out, n_out);
