@@ -74,3 +74,21 @@ def test_mixed_batch_bf16(benchmark, bf16_figures, images):
         benchmark.pedantic(lambda: model(images.bfloat16(), num_tokens=t, mat_dim=w, depth=l),
                            rounds=1, iterations=1)
     assert mixed["mixed_ms"] > 0
+
+
+def test_full_config_autocast_bf16(benchmark, released_model, device, images):
+    """The float32 model under autocast at bfloat16 (CPUs with native bf16): the full
+    configuration against flexivit_large and the bound under autocast, and against the model
+    cast to bfloat16, timed in the same rounds (target: autocast within 1.1x of the cast
+    model; reported, not asserted)."""
+    from adaperceiver import _ext
+    if device.type == "cpu" and not _ext.build_info()["cpu_native_bf16"]:
+        pytest.skip("no native bf16 on this CPU (AVX512-BF16 / AMX-BF16)")
+    full = full_config_figures(released_model, batch=4, rounds=FULL_MIN_ROUNDS, device=device,
+                               amp_dtype=torch.bfloat16)
+    print("\n[autocast bfloat16]\n" + format_figures(full, None))
+    benchmark.group = "inference: full config (256, 832, 21), autocast bfloat16"
+    benchmark.extra_info.update(full)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+        benchmark.pedantic(lambda: released_model(images), rounds=1, iterations=1)
+    assert full["autocast_vs_cast_model"] > 0 and full["precision"] == "autocast bfloat16"

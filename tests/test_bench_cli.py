@@ -391,6 +391,14 @@ def test_figures_table_prints_the_library_gemm_rows_without_a_verdict():
     # without the library fields (MKL is the model's library, or a GPU) the rows are absent
     del full["library"], full["library_gemm_gflops"], full["full_vs_library_gemm_bound"]
     assert "onednn" not in format_figures(full, None)
+    assert "autocast" not in format_figures(full, None)
+    # an autocast run: its cost over the model cast to the dtype, against the 1.1x target
+    for value, verdict in ((1.34, "NO"), (1.08, "yes")):
+        full.update(autocast_vs_cast_model=value, cast_model_precision="bfloat16")
+        amp = [ln for ln in format_figures(full, None).splitlines()
+               if ln.startswith("autocast / model cast to bfloat16")]
+        assert len(amp) == 1 and f"{value:.2f}x" in amp[0] and "<= 1.1x" in amp[0]
+        assert amp[0].rstrip().endswith(verdict)
 
 
 def test_inference_ratios_are_medians_of_per_round_ratios(monkeypatch):
@@ -434,3 +442,12 @@ def test_inference_ratios_are_medians_of_per_round_ratios(monkeypatch):
     # gemm / model per round: 0.2, 0.1, 0.1 -> 0.1 (medians: 2 / 10 = 0.2)
     assert f["full_vs_gemm_bound"] == pytest.approx(per_img * 0.1)
     assert f["model_img_s"] == pytest.approx(2 / 0.010)
+    assert "autocast_vs_cast_model" not in f
+    # autocast: gemm, the model under autocast, baseline, the model cast to bfloat16 (timed in
+    # the same rounds): per round 1.2, 2, 1.5 -> 1.5 (medians: 15 / 10)
+    plan[4] = [[2.0, 1.0, 3.0], [12.0, 10.0, 30.0], [20.0, 15.0, 90.0], [10.0, 5.0, 20.0]]
+    f = inf.full_config_figures(model, batch=2, img_size=64, rounds=3,
+                                baseline=torch.nn.Identity(), amp_dtype=torch.bfloat16)
+    assert f["autocast_vs_cast_model"] == pytest.approx(1.5)
+    assert f["cast_model_precision"] == "bfloat16" and f["precision"] == "autocast bfloat16"
+    assert f["full_vs_flexivit_large"] == pytest.approx(20 / 12)   # 20/12, 1.5, 3

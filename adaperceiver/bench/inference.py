@@ -12,8 +12,9 @@
 
 Precision: the model's own dtype (``model.to(torch.bfloat16)``: images, flexivit_large and the
 matmul in bfloat16 too) or autocast (``amp_dtype``: float32 weights, every step under
-``torch.autocast`` at that dtype, the matmul in it); the targets are per precision (TARGETS,
-LOW_PRECISION_TARGETS).
+``torch.autocast`` at that dtype, the matmul in it; the full configuration is then also timed
+as a copy of the model cast to that dtype, in the same rounds, for the cost of autocast over
+the cast model); the targets are per precision (TARGETS, LOW_PRECISION_TARGETS).
 
 Every step is timed round-robin; each ratio is the median over rounds of that round's ratio
 (paired), so machine load that drifts between rounds cancels; img/s are medians of times.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -42,6 +44,7 @@ TARGETS = {
     "full_vs_gemm_bound": 0.9,            # at least
     "mixed_vs_single_config_avg": 1.2,    # at most, time ratio
     "padded_over_mixed_vs_flops_ratio": 0.2,  # |time ratio / FLOP ratio - 1| at most
+    "autocast_vs_cast_model": 1.1,        # at most: autocast's time / the model cast's
 }
 # bfloat16 / float16 (cast or autocast): the matmul bound is ~5x higher there (AMX), the
 # model's non-GEMM work weighs more against it
@@ -126,7 +129,19 @@ def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int 
     steps = [gemm, _in_precision(lambda: model(x), device, amp_dtype),
              _in_precision(lambda: baseline(x), device, amp_dtype)]
     steps += [lib_gemm] if lib_gemm else []
-    t_gemm, t_model, t_base, *t_lib = time_interleaved(steps, device, warmup=1, rounds=rounds)
+    cast_step = None
+    if amp_dtype is not None and amp_dtype != model_dtype:
+        # autocast's cost: the same model cast to the autocast dtype, timed in the same rounds
+        cast_model, x_cast = copy.deepcopy(model).to(amp_dtype), x.to(amp_dtype)
+        cast_step = lambda: cast_model(x_cast)  # noqa: E731
+        steps.append(cast_step)
+    timings = time_interleaved(steps, device, warmup=1, rounds=rounds)
+    t_gemm, t_model, t_base = timings[:3]
+    t_lib = timings[3:4] if lib_gemm else []
+    cast = {}
+    if cast_step is not None:
+        cast = {"cast_model_precision": _precision_name(amp_dtype, None),
+                "autocast_vs_cast_model": _paired(t_model.times_ms, timings[-1].times_ms)}
     rate = gemm_flops / (t_gemm.median_ms / 1e3)
     model_ips = batch / (t_model.median_ms / 1e3)
     base_ips = batch / (t_base.median_ms / 1e3)
@@ -147,7 +162,8 @@ def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int 
             "flexivit_large_img_s": base_ips, "flexivit_large_spread_pct": t_base.spread_pct,
             "gemm_bound_img_s": bound, "model_gflops": needed / 1e9,
             "full_vs_flexivit_large": _paired(t_base.times_ms, t_model.times_ms),
-            "full_vs_gemm_bound": per_img * _paired(t_gemm.times_ms, t_model.times_ms)}
+            "full_vs_gemm_bound": per_img * _paired(t_gemm.times_ms, t_model.times_ms),
+            **cast}
 
 
 def _precision_name(dtype, amp_dtype) -> str:
@@ -225,6 +241,11 @@ def format_figures(full: Optional[dict], mixed: Optional[dict]) -> str:
         if "full_vs_library_gemm_bound" in full:
             row(f"full / GEMM bound at {full['library']}'s rate",
                 f"{full['full_vs_library_gemm_bound']:.2f}x", "(stricter reading)", None)
+        if "autocast_vs_cast_model" in full:
+            row(f"autocast / model cast to {full['cast_model_precision']}",
+                f"{full['autocast_vs_cast_model']:.2f}x",
+                f"<= {TARGETS['autocast_vs_cast_model']}x",
+                full["autocast_vs_cast_model"] <= TARGETS["autocast_vs_cast_model"])
     if mixed:
         row("mixed configs (t, w, l)", " ".join(f"{c}" for c in mixed["configs"]), "", True)
         row("mixed / single-config avg", f"{mixed['mixed_vs_single_config_avg']:.2f}x",
