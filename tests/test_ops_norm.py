@@ -2,9 +2,10 @@
 extension's row kernel behind them (csrc/cpu/norm.cpp), against torch's addcmul and layer_norm:
 the residual bit for bit, the norm within flash-attn's rule, NaN and inf where torch has them,
 row and channel tails, strided inputs, the routing (the kernel without gradients for bfloat16 /
-float16 outside autocast and for a float32 stream with a 16-bit branch, torch's ops otherwise),
-clear errors, and the op's fallback to
-torch's ops off AVX-512 (in a child process: ADAPERCEIVER_CPU_ISA is read once)."""
+float16 outside autocast, for a float32 stream with a 16-bit branch, and for a float32 x whose
+norm is asked for in bfloat16 / float16 (out_dtype); torch's ops otherwise), clear errors, and
+the op's fallback to torch's ops off AVX-512 (in a child process: ADAPERCEIVER_CPU_ISA is read
+once)."""
 import math
 import os
 import subprocess
