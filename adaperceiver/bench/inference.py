@@ -23,9 +23,9 @@ Used by ``benchmarks/test_bench_inference.py`` and ``python -m adaperceiver.benc
 """
 from __future__ import annotations
 
+import copy
 import random
 import statistics
-import copy
 from typing import Optional, Sequence
 
 import torch
@@ -129,17 +129,16 @@ def full_config_figures(model, batch: int = 4, img_size: int = 224, rounds: int 
     steps = [gemm, _in_precision(lambda: model(x), device, amp_dtype),
              _in_precision(lambda: baseline(x), device, amp_dtype)]
     steps += [lib_gemm] if lib_gemm else []
-    cast_step = None
-    if amp_dtype is not None and amp_dtype != model_dtype:
-        # autocast's cost: the same model cast to the autocast dtype, timed in the same rounds
+    # autocast's cost: the same model cast to the autocast dtype, timed in the same rounds
+    with_cast = amp_dtype is not None and amp_dtype != model_dtype
+    if with_cast:
         cast_model, x_cast = copy.deepcopy(model).to(amp_dtype), x.to(amp_dtype)
-        cast_step = lambda: cast_model(x_cast)  # noqa: E731
-        steps.append(cast_step)
+        steps.append(lambda: cast_model(x_cast))
     timings = time_interleaved(steps, device, warmup=1, rounds=rounds)
     t_gemm, t_model, t_base = timings[:3]
     t_lib = timings[3:4] if lib_gemm else []
     cast = {}
-    if cast_step is not None:
+    if with_cast:
         cast = {"cast_model_precision": _precision_name(amp_dtype, None),
                 "autocast_vs_cast_model": _paired(t_model.times_ms, timings[-1].times_ms)}
     rate = gemm_flops / (t_gemm.median_ms / 1e3)
