@@ -1,11 +1,12 @@
 """What both ops share: the float dtypes they take, autocast, the tensor check whose message
-names the argument, and how a custom op's autograd keeps its flat arguments for the backward."""
+names the argument, how a custom op's autograd keeps its flat arguments for the backward, and
+when a call needs the custom op at all (``needs_dispatcher``)."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOATS", "autocast_dtype", "autocast_inputs", "check_float_tensor", "save_call",
-           "saved_call"]
+__all__ = ["FLOATS", "autocast_dtype", "autocast_inputs", "check_float_tensor",
+           "needs_dispatcher", "save_call", "saved_call"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # device types autocast knows (torch.is_autocast_enabled raises on others, "meta" among them)
@@ -57,3 +58,23 @@ def saved_call(ctx) -> tuple[tuple, tuple]:
     saved = ctx.saved_tensors
     args = {**ctx.other_args, **dict(zip(ctx.tensor_slots, saved))}
     return tuple(args[i] for i in range(len(args))), tuple(saved[len(ctx.tensor_slots):])
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def needs_dispatcher(flat: tuple) -> bool:
+    """Whether a call of one of the ops with these flat arguments must go through its
+    ``torch.library`` custom op: a gradient is recorded for one of its tensors, torch.compile or
+    torch.export traces it, a Python dispatch or function mode is active (FlopCounterMode,
+    FakeTensorMode, ``torch.device`` as a context, ...), a functorch transform runs, or a
+    tensor is a subclass. Otherwise the public entry runs the op's body itself, the same
+    backend call the custom op makes: the dispatcher's round trip back into Python costs tens
+    of microseconds a call, a few percent of a small configuration's forward."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._len_torch_function_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return True
+    grad = torch.is_grad_enabled()
+    return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS
+                                                or (grad and a.requires_grad)) for a in flat)

@@ -6,7 +6,9 @@ samples of their own lengths, no padding. The public entries build one inputs ob
 (inputs.py: the user's input validated once, errors naming the argument, its value and what is
 allowed; defaults resolved once); the custom ops
 ``adaperceiver::block_masked_attention`` / ``_varlen`` / ``_backward`` have fake
-implementations and autograd, so ``torch.compile`` traces them as single nodes. Which backend
+implementations and autograd, so ``torch.compile`` traces them as single nodes; a call that
+needs none of that (no gradient recorded, nothing tracing or watching the dispatcher:
+``_common.needs_dispatcher``) runs the op's body, the same backend call, itself. Which backend
 runs is decided in dispatch.py, which hands the inputs object to the backends; they only say
 what they cannot take.
 """
@@ -18,7 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_inputs, save_call, saved_call
+from ._common import autocast_inputs, needs_dispatcher, save_call, saved_call
 from .inputs import AttentionInputs, PackedAttentionInputs
 from .schedule import ranges, to_device
 
@@ -31,8 +33,12 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   seq_lens: Optional[torch.Tensor], q_cos: Optional[torch.Tensor],
                   q_sin: Optional[torch.Tensor], k_cos: Optional[torch.Tensor],
                   k_sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    inp = AttentionInputs.from_flat(q, k, v, token_grans, scale, seq_lens, q_cos, q_sin, k_cos,
-                                    k_sin)
+    return _attention_forward(AttentionInputs.from_flat(q, k, v, token_grans, scale, seq_lens,
+                                                        q_cos, q_sin, k_cos, k_sin))
+
+
+def _attention_forward(inp: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op's body: the selected backend's forward, heads-last."""
     out, lse = dispatch.select("attention", inp).attention_forward(inp)
     # the op's output is heads-last, (B, Nq, H, Dv): the model reads it as (B, Nq, C) with no
     # copy, and a backend that writes that layout (returning its (B, H, Nq, Dv) view) pays none
@@ -102,7 +108,8 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
     """
     inp = AttentionInputs.build(*autocast_inputs(q, k, v), token_grans, scale=scale,
                                 seq_lens=seq_lens, q_rope=q_rope, k_rope=k_rope)
-    out = _attention_op(*inp.flat())[0]
+    flat = inp.flat()
+    out = (_attention_op(*flat) if needs_dispatcher(flat) else _attention_forward(inp))[0]
     return out if heads_last else out.transpose(1, 2)
 
 
@@ -191,7 +198,9 @@ def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
     """
     inp = PackedAttentionInputs.build(*autocast_inputs(q, k, v), seq_lens, token_grans,
                                       scale=scale, q_rope=q_rope, k_rope=k_rope)
-    return _attention_varlen_op(*inp.flat())[0]
+    flat = inp.flat()
+    return (_attention_varlen_op(*flat) if needs_dispatcher(flat)
+            else _attention_varlen_forward(inp))[0]
 
 
 # ----------------------------------------------------------------------------- FLOP formulas

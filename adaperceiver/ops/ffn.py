@@ -4,7 +4,9 @@
 with sample b using only the first ``hidden[b]`` hidden units. The public entry builds one
 ``FfnInputs`` per call (inputs.py: the user's input validated once); the custom ops
 ``adaperceiver::matryoshka_ffn`` / ``_backward`` have fake implementations and autograd
-(torch.compile traces them as single nodes).
+(torch.compile traces them as single nodes); a call that needs none of that (no gradient
+recorded, nothing tracing or watching the dispatcher: ``_common.needs_dispatcher``) runs the
+op's body, the same backend call, itself.
 """
 from __future__ import annotations
 
@@ -12,17 +14,22 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_dtype, autocast_inputs, save_call, saved_call
+from ._common import autocast_dtype, autocast_inputs, needs_dispatcher, save_call, saved_call
 from .inputs import FfnInputs, _check_hidden, ffn_shapes_fit
 
 __all__ = ["matryoshka_ffn"]
 
 
+def _ffn_forward(inp: FfnInputs) -> torch.Tensor:
+    """The forward op's body: the selected backend's forward."""
+    return dispatch.select("ffn", inp).ffn_forward(inp).contiguous()
+
+
 @torch.library.custom_op("adaperceiver::matryoshka_ffn", mutates_args=())
 def _ffn_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
             fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, hidden: list[int]) -> torch.Tensor:
-    inp = FfnInputs.from_flat(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden)
-    return dispatch.select("ffn", inp).ffn_forward(inp).contiguous()
+    return _ffn_forward(FfnInputs.from_flat(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                            hidden))
 
 
 @_ffn_op.register_fake
@@ -65,7 +72,8 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
                                                      fc2_bias, hidden)
     inp = FfnInputs.build(*autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
                           hidden)
-    return _ffn_op(*inp.flat())
+    flat = inp.flat()
+    return _ffn_op(*flat) if needs_dispatcher(flat) else _ffn_forward(inp)
 
 
 def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
