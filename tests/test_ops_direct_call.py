@@ -4,6 +4,7 @@ A call that records no gradient, runs under no tracing, Python mode or functorch
 holds no tensor subclass runs the op's body itself; every other call goes through the custom op
 (autograd, torch.compile / torch.export, FlopCounterMode, fake tensors). Both give the same bits.
 Each test stands the custom op in by a function that records or refuses its calls."""
+import copy
 import importlib
 
 import pytest
@@ -138,3 +139,29 @@ def test_needs_dispatcher_cases():
     seen = []
     torch.func.vmap(lambda t: seen.append(needs_dispatcher((t,))) or t)(x)
     assert seen == [True]
+
+
+def test_model_gives_the_same_bits_either_way(monkeypatch, released_model):
+    """The model in inference (the ops' bodies called directly) against the same forward sent
+    through the custom ops (under FlopCounterMode), fp32 and bf16, a fixed and a mixed batch;
+    and the direct calls are the ones made."""
+    calls = []
+    for op in OPS:
+        calls.append(_watch(monkeypatch, op))
+    x = torch.randn(2, 3, 224, 224)
+    cases = [dict(num_tokens=64, mat_dim=416, depth=3),
+             dict(num_tokens=[32, 96], mat_dim=[832, 416], depth=[2, 4])]
+    for dtype in (torch.float32, torch.bfloat16):
+        # the session's model is shared: the bf16 one is a copy
+        model = (released_model if dtype == torch.float32
+                 else copy.deepcopy(released_model).to(dtype))
+        for cfg in cases:
+            with torch.inference_mode():
+                n0 = sum(map(len, calls))
+                direct = model(x.to(dtype), **cfg).logits
+                assert sum(map(len, calls)) == n0          # no custom op called
+                with FlopCounterMode(display=False):
+                    through = model(x.to(dtype), **cfg).logits
+                assert sum(map(len, calls)) > n0
+            assert torch.isfinite(direct).all()
+            assert torch.equal(direct, through)
