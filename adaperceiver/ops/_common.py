@@ -1,11 +1,11 @@
 """What both ops share: the float dtypes they take, autocast, the tensor check whose message
 names the argument, how a custom op's autograd keeps its flat arguments for the backward, and
-when a call needs the custom op at all (``needs_dispatcher``)."""
+when a call needs the custom op at all (``needs_dispatcher``, ``call_op``)."""
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOATS", "autocast_dtype", "autocast_inputs", "check_float_tensor",
+__all__ = ["FLOATS", "autocast_dtype", "autocast_inputs", "call_op", "check_float_tensor",
            "needs_dispatcher", "save_call", "saved_call"]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -78,3 +78,11 @@ def needs_dispatcher(flat: tuple) -> bool:
     grad = torch.is_grad_enabled()
     return any(isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS
                                                 or (grad and a.requires_grad)) for a in flat)
+
+
+def call_op(op, body, inp):
+    """The custom op ``op`` on the inputs object's flat arguments when the call needs the
+    dispatcher (``needs_dispatcher``), else ``body(inp)``: the op's own body on the object the
+    public entry built."""
+    flat = inp.flat()
+    return op(*flat) if needs_dispatcher(flat) else body(inp)

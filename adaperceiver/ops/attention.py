@@ -8,7 +8,7 @@ allowed; defaults resolved once); the custom ops
 ``adaperceiver::block_masked_attention`` / ``_varlen`` / ``_backward`` have fake
 implementations and autograd, so ``torch.compile`` traces them as single nodes; a call that
 needs none of that (no gradient recorded, nothing tracing or watching the dispatcher:
-``_common.needs_dispatcher``) runs the op's body, the same backend call, itself. Which backend
+``_common.call_op``) runs the op's body, the same backend call, itself. Which backend
 runs is decided in dispatch.py, which hands the inputs object to the backends; they only say
 what they cannot take.
 """
@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_inputs, needs_dispatcher, save_call, saved_call
+from ._common import autocast_inputs, call_op, save_call, saved_call
 from .inputs import AttentionInputs, PackedAttentionInputs
 from .schedule import ranges, to_device
 
@@ -108,8 +108,7 @@ def block_masked_attention(q, k, v, token_grans: Optional[Sequence[int]] = None,
     """
     inp = AttentionInputs.build(*autocast_inputs(q, k, v), token_grans, scale=scale,
                                 seq_lens=seq_lens, q_rope=q_rope, k_rope=k_rope)
-    flat = inp.flat()
-    out = (_attention_op(*flat) if needs_dispatcher(flat) else _attention_forward(inp))[0]
+    out = call_op(_attention_op, _attention_forward, inp)[0]
     return out if heads_last else out.transpose(1, 2)
 
 
@@ -198,9 +197,7 @@ def block_masked_attention_varlen(q, k, v, seq_lens: Sequence[int],
     """
     inp = PackedAttentionInputs.build(*autocast_inputs(q, k, v), seq_lens, token_grans,
                                       scale=scale, q_rope=q_rope, k_rope=k_rope)
-    flat = inp.flat()
-    return (_attention_varlen_op(*flat) if needs_dispatcher(flat)
-            else _attention_varlen_forward(inp))[0]
+    return call_op(_attention_varlen_op, _attention_varlen_forward, inp)[0]
 
 
 # ----------------------------------------------------------------------------- FLOP formulas

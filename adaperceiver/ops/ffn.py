@@ -5,7 +5,7 @@ with sample b using only the first ``hidden[b]`` hidden units. The public entry 
 ``FfnInputs`` per call (inputs.py: the user's input validated once); the custom ops
 ``adaperceiver::matryoshka_ffn`` / ``_backward`` have fake implementations and autograd
 (torch.compile traces them as single nodes); a call that needs none of that (no gradient
-recorded, nothing tracing or watching the dispatcher: ``_common.needs_dispatcher``) runs the
+recorded, nothing tracing or watching the dispatcher: ``_common.call_op``) runs the
 op's body, the same backend call, itself.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from . import dispatch
-from ._common import autocast_dtype, autocast_inputs, needs_dispatcher, save_call, saved_call
+from ._common import autocast_dtype, autocast_inputs, call_op, save_call, saved_call
 from .inputs import FfnInputs, _check_hidden, ffn_shapes_fit
 
 __all__ = ["matryoshka_ffn"]
@@ -72,8 +72,7 @@ def matryoshka_ffn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden) -> tor
                                                      fc2_bias, hidden)
     inp = FfnInputs.build(*autocast_inputs(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
                           hidden)
-    flat = inp.flat()
-    return _ffn_op(*flat) if needs_dispatcher(flat) else _ffn_forward(inp)
+    return call_op(_ffn_op, _ffn_forward, inp)
 
 
 def _units_in_use(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, hidden):
