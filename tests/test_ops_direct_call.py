@@ -22,11 +22,11 @@ OPS = ("ffn", "attention", "attention_varlen")
 
 
 def _inputs(op, device, dtype=torch.float32, requires_grad=False):
-    """Fresh random inputs for ``op`` (tails: 37 rows, 19 hidden units, widths off the tiles)."""
-    g = torch.Generator().manual_seed(hash(op) % 2**31)
+    """Fresh random inputs for ``op`` (tails: 37 rows, 19 hidden units, widths off the tiles),
+    drawn from the test's seed (conftest)."""
 
     def r(*shape, s=1.0):
-        t = (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+        t = (torch.randn(*shape) * s).to(device=device, dtype=dtype)
         return t.requires_grad_(requires_grad)
 
     if op == "ffn":
