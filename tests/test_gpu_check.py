@@ -152,6 +152,103 @@ def test_unknown_stage_is_refused(tmp_path):
         G.run_check(str(tmp_path), dry=True, stages=["nope"])
 
 
+def test_last_stage_takes_the_budget_the_others_left(tmp_path, monkeypatch):
+    """Each stage but the last runs under its own limit; the last one (the kernel tests, whose
+    Triton variants compile first on a GPU) gets all of the total budget still left."""
+    monkeypatch.setattr(G, "STAGES", (("env", 30, 7), ("correctness", 30, 9),
+                                      ("attention", 30, 11)))
+    monkeypatch.setattr(G, "stage_command", lambda stage, mode, rows, limit:
+                        [sys.executable, "-c", _FAKE_WORKER, stage, rows])
+    doc = G.run_check(str(tmp_path), dry=True, stages=["env", "attention"])
+    by = {s["stage"]: s for s in doc["stages"]}
+    assert list(by) == ["env", "attention"]
+    assert by["env"]["limit_s"] == 7
+    budget = G.TOTAL_BUDGET_S["dry"]
+    assert budget - by["env"]["seconds"] - 5 < by["attention"]["limit_s"] <= budget - \
+        by["env"]["seconds"], by["attention"]["limit_s"]
+
+
+_FAKE_TESTS = """
+import os, time
+import pytest
+
+@pytest.mark.parametrize("i", range({n}))
+def test_case(i):
+    name = f"{{os.getpid()}}-{{i}}-{{os.path.basename(__file__)}}"
+    with open(os.path.join({out!r}, name), "w"):
+        pass
+    assert i != {fail}
+    if i == {hang}:
+        time.sleep(60)
+"""
+
+
+def _fake_kernel_tests(root, n=7, fail=-1, hang=-1):
+    """tests/test_kernels_attention.py and tests/test_kernels_matryoshka.py under ``root``, n
+    cases each, each case leaving a file named ``<pid>-<case>-<file>`` in root/ran; case ``fail``
+    fails, case ``hang`` sleeps 60 s."""
+    ran = root / "ran"
+    ran.mkdir(parents=True)
+    (root / "tests").mkdir()
+    for name in ("test_kernels_attention.py", "test_kernels_matryoshka.py"):
+        (root / "tests" / name).write_text(_FAKE_TESTS.format(n=n, out=str(ran), fail=fail,
+                                                              hang=hang))
+    return ran
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytest_stage_runs_the_kernel_tests_in_side_by_side_shards(tmp_path, monkeypatch,
+                                                                   shards):
+    """On a GPU the kernel test files run as ``pytest_shards`` processes at once (their Triton
+    variants compile in parallel): each test exactly once over the shards, the shards in
+    processes of their own, one row saying ok."""
+    ran = _fake_kernel_tests(tmp_path)
+    monkeypatch.setattr(G, "_source_root", lambda: str(tmp_path))
+    monkeypatch.setattr(G, "pytest_shards", lambda dry: shards)
+    ctx = G.Ctx("gpu", None, [])
+    G.stage_pytest(ctx, 120)
+    (row,) = ctx.rows
+    assert row["status"] == "ok", row
+    assert row["item"].startswith("pytest tests/test_kernels_attention.py "
+                                  "tests/test_kernels_matryoshka.py")
+    assert ("side by side" in row["item"]) == (shards > 1)
+    names = [f.name for f in ran.iterdir()]
+    cases = sorted(n.split("-")[1] for n in names)
+    assert cases == sorted([str(i) for i in range(7)] * 2), cases
+    assert len({n.split("-")[0] for n in names}) == shards
+
+
+def test_pytest_stage_reports_a_failing_shard_and_stops_a_hanging_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "_source_root", lambda: str(tmp_path))
+    monkeypatch.setattr(G, "pytest_shards", lambda dry: 2)
+    _fake_kernel_tests(tmp_path, fail=3)
+    ctx = G.Ctx("gpu", None, [])
+    G.stage_pytest(ctx, 120)
+    assert ctx.rows[-1]["status"] == "FAIL" and "1 failed" in ctx.rows[-1]["detail"], ctx.rows
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    _fake_kernel_tests(hang, hang=2)
+    monkeypatch.setattr(G, "_source_root", lambda: str(hang))
+    G.stage_pytest(ctx, 18)
+    assert ctx.rows[-1]["status"] == "error", ctx.rows[-1]
+    assert ctx.rows[-1]["detail"].startswith("stopped after 8s (the stage's limit)")
+
+
+def test_pytest_shard_plugin(tmp_path):
+    """The shard plugin: contiguous slices covering every item once; a bad value is refused
+    naming the variable, the value and what is allowed."""
+    from adaperceiver.bench import _pytest_shard as S
+    for count in (0, 1, 5, 7, 64):
+        for n in (1, 2, 3, 4, 9):
+            got = [j for i in range(n) for j in S.shard_slice(count, i, n)]
+            assert got == list(range(count)), (count, n)
+    assert S.shard_of(" 2/3".strip()) == (2, 3)
+    for bad in ("3/3", "-1/2", "1/0", "a/b", "1"):
+        with pytest.raises(ValueError, match=f"ADAPERCEIVER_PYTEST_SHARD='{bad}' is not "
+                                             "allowed; allowed: 'i/n'"):
+            S.shard_of(bad)
+
+
 class _FakeCuda:
     """Stands in for the torch.cuda calls graph_check makes on a GPU (streams, CUDAGraph,
     torch.cuda.graph, sync-debug mode), recording them: the GPU branch's Python runs here on

@@ -54,9 +54,9 @@ from typing import Callable, Optional
 
 __all__ = ["STAGES", "TARGETS", "main", "run_check", "format_report", "sparse_attention_reference"]
 
-# (stage, seconds on a GPU, seconds in the dry mode); the GPU limits sum to 600 s
-# (the kernel tests run last: on a GPU their many tile variants compile first, and they take
-# whatever the earlier stages left of the budget, up to their own limit)
+# (stage, seconds on a GPU, seconds in the dry mode); the GPU limits sum to 600 s. The last
+# stage run takes all the budget the earlier ones left (the kernel tests: on a GPU their many
+# tile variants compile first, in side-by-side processes, pytest_shards)
 STAGES = (
     ("env", 30, 120),
     ("correctness", 110, 120),
@@ -419,6 +419,13 @@ def _source_root() -> Optional[str]:
     return root if os.path.isdir(os.path.join(root, "tests")) else None
 
 
+def pytest_shards(dry: bool) -> int:
+    """How many pytest processes the stage runs side by side: on a GPU one per two CPU cores, at
+    most 4 (the tests' Triton kernels compile on the host, one variant at a time per process, and
+    compiling dominates their first run); in the dry mode one."""
+    return 1 if dry else max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
 def stage_pytest(ctx: Ctx, limit_s: float) -> None:
     root = _source_root()
     if root is None:
@@ -427,27 +434,47 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
         return
     # (tests/test_kernels_cuda.py repeats the correctness stage's checks: not run again here)
     files = ["tests/test_kernels_attention.py", "tests/test_kernels_matryoshka.py"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    args = ["-q", "-p", "no:cacheprovider", "-p", "adaperceiver.bench._pytest_shard", *files]
     if ctx.dry:   # the interpreter is slow and CI runs these files itself: one quick slice
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", files[0],
-               "-k", "why_not"]
+        args = ["-q", "-p", "no:cacheprovider", files[0], "-k", "why_not"]
+    n = pytest_shards(ctx.dry)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)   # conftest decides: the GPU when there is one
     t0 = time.perf_counter()
-    try:
-        r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
-                           timeout=max(5.0, limit_s - 10))
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        ctx.record(item="pytest " + " ".join(cmd[6:]), status="error",
-                   detail=f"stopped after {e.timeout:.0f}s (the stage's limit); progress: "
-                          f"{out.strip().splitlines()[-1][-120:] if out.strip() else '-'}",
-                   seconds=round(time.perf_counter() - t0, 1), output=out[-4000:])
+    procs = []
+    for i in range(n):
+        shard_env = dict(env, ADAPERCEIVER_PYTEST_SHARD=f"{i}/{n}") if n > 1 else env
+        procs.append(subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=root,
+                                      env=shard_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    deadline = t0 + max(5.0, limit_s - 10)
+    outs, codes, stopped = [], [], False
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, 9)
+            out, err = p.communicate()
+            stopped = True
+        outs.append((out or "", err or ""))
+        codes.append(p.returncode)
+    item = "pytest " + " ".join(args[5:] if not ctx.dry else args[3:]) + (
+        f" ({n} shards side by side)" if n > 1 else "")
+    tails = [([ln for ln in out.strip().splitlines() if ln.strip()][-1:] or [err[-300:]])[0]
+             for out, err in outs]
+    output = "\n".join(out[-4000 // n:] for out, _ in outs)
+    seconds = round(time.perf_counter() - t0, 1)
+    if stopped:
+        ctx.record(item=item, status="error",
+                   detail=f"stopped after {deadline - t0:.0f}s (the stage's limit); progress: "
+                          + " | ".join(t[-120:] for t in tails),
+                   seconds=seconds, output=output)
         return
-    tail = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-1:] or [r.stderr[-300:]]
-    ctx.record(item="pytest " + " ".join(cmd[6:]), status="ok" if r.returncode == 0 else "FAIL",
-               detail=tail[0][:300], seconds=round(time.perf_counter() - t0, 1),
-               output=r.stdout[-4000:])
+    # exit 5: a shard that collected nothing (more shards than tests)
+    ok = all(c in (0, 5) for c in codes) and any(c == 0 for c in codes)
+    ctx.record(item=item, status="ok" if ok else "FAIL", detail=" | ".join(tails)[:300],
+               seconds=seconds, output=output)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -1034,6 +1061,7 @@ def run_check(out_dir: str, *, dry: bool = False, stages=None, scale_limits: flo
     for s in chosen:
         if s not in known:
             raise ValueError(f"stage {s!r} is not known; allowed: {', '.join(known)}")
+    chosen_order = [s for s in known if s in chosen]
     budget = TOTAL_BUDGET_S[mode] * scale_limits
     t_start = time.perf_counter()
     results = []
@@ -1042,7 +1070,9 @@ def run_check(out_dir: str, *, dry: bool = False, stages=None, scale_limits: flo
             if stage not in chosen:
                 continue
             left = budget - (time.perf_counter() - t_start)
-            limit = min((gpu_s if mode == "gpu" else dry_s) * scale_limits, left)
+            # the last stage takes all that is left: the time earlier stages did not use
+            limit = left if stage == chosen_order[-1] else min(
+                (gpu_s if mode == "gpu" else dry_s) * scale_limits, left)
             if limit < MIN_STAGE_S:
                 results.append({"stage": stage, "status": "skipped", "limit_s": 0,
                                 "seconds": 0.0, "rows": [],
