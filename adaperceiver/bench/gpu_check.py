@@ -24,7 +24,9 @@ so a stage cut short keeps what it finished):
                given as lists), under ``torch.cuda.set_sync_debug_mode("error")`` for the eager
                calls
   compile      torch.compile of the model (default and mode="reduce-overhead")
-  pytest       the kernel test files on the device (tests/ of a source checkout)
+  pytest       the kernel test files on the device (tests/ of a source checkout), in shards run
+               side by side so that their Triton variants compile in parallel; last, with
+               all the budget the stages before it left
 
 Without a CUDA device (or with ``--dry``) the same stages run in a dry mode: tiny shapes, CPU
 tensors, the Triton kernels in their interpreter, eager stand-ins where a GPU feature is missing.
@@ -59,13 +61,13 @@ __all__ = ["STAGES", "TARGETS", "main", "run_check", "format_report", "sparse_at
 # tile variants compile first, in side-by-side processes, pytest_shards)
 STAGES = (
     ("env", 30, 120),
-    ("correctness", 110, 120),
+    ("correctness", 130, 120),
     ("attention", 110, 120),
     ("ffn", 45, 120),
     ("e2e", 95, 120),
     ("cuda_graph", 50, 120),
     ("compile", 80, 120),
-    ("pytest", 80, 120),
+    ("pytest", 60, 120),
 )
 # the dry mode takes about a minute on an idle 2-core CPU; its limits leave room for a loaded CI
 TOTAL_BUDGET_S = {"gpu": 600, "dry": 600}
