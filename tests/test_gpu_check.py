@@ -234,6 +234,41 @@ def test_pytest_stage_reports_a_failing_shard_and_stops_a_hanging_one(tmp_path, 
     assert ctx.rows[-1]["detail"].startswith("stopped after 8s (the stage's limit)")
 
 
+def test_an_item_that_would_overrun_its_stage_is_skipped_not_started():
+    """A stage stopped at its limit fails and loses what comes after; an item whose estimate
+    does not fit in the time left is recorded as skipped instead, with both figures."""
+    import time
+    ctx = G.Ctx("gpu", None, [], deadline=time.perf_counter() + 30)
+    assert ctx.fits("small", 5) and not ctx.rows
+    assert not ctx.fits("torch.compile reduce-overhead", 100)
+    (row,) = ctx.rows
+    assert row["item"] == "torch.compile reduce-overhead" and row["status"] == "skip"
+    assert row["detail"].startswith("not started: it needs about 100s"), row
+    assert "s of the stage's limit are left" in row["detail"]
+    assert G.Ctx("gpu", None, []).fits("no deadline", 1e9)
+
+
+def test_worker_gives_its_stage_a_deadline_inside_the_limit(tmp_path, monkeypatch):
+    import time
+    seen = {}
+    monkeypatch.setitem(G.STAGE_FUNCS, "env",
+                        lambda ctx: seen.update(left=ctx.deadline - time.perf_counter()))
+    G._worker("env", "dry", str(tmp_path / "rows.jsonl"), 42.0)
+    assert 42.0 - G.STAGE_MARGIN_S - 1 < seen["left"] <= 42.0 - G.STAGE_MARGIN_S
+
+
+def test_attention_stage_skips_the_shapes_that_no_longer_fit(monkeypatch):
+    """Each shape compiles anew; once the longest shape so far (x 1.5, + 5 s) no longer fits
+    in the time left, the remaining shapes are skipped, each named."""
+    import time
+    monkeypatch.setattr(G, "_attention_impls", lambda *a: (time.sleep(1.0), ({}, {}))[1])
+    monkeypatch.setattr(G, "_time", lambda ctx, impls, **kw: {})
+    ctx = G.Ctx("dry", None, [], deadline=time.perf_counter() + 5.5)
+    G.stage_attention(ctx)
+    assert [r["status"] for r in ctx.rows] == ["ok", "skip"], ctx.rows
+    assert ctx.rows[1]["item"].startswith("attention B=1 H=1 N=128")
+
+
 def test_pytest_shard_plugin(tmp_path):
     """The shard plugin: contiguous slices covering every item once; a bad value is refused
     naming the variable, the value and what is allowed."""

@@ -4,7 +4,8 @@ H100.
 
 Stages (each in its own subprocess under its own time limit; a stage that fails, raises or runs
 out of time is recorded and the run goes on; each item inside a stage is recorded as it ends,
-so a stage cut short keeps what it finished):
+so a stage cut short keeps what it finished; the stages whose items compile anew (attention
+shapes, torch.compile variants) skip, by name, an item estimated not to fit in the time left):
 
   env          driver, GPU, torch / CUDA / cuDNN / triton versions, ``build_info()``
   correctness  the Triton and CUDA kernels on the device in bf16, fp16 and fp32 against the
@@ -89,10 +90,26 @@ TARGETS = (
 # ----------------------------------------------------------------------------- stage context
 @dataclass
 class Ctx:
-    """What a stage gets: the mode, the device, and ``record`` for its result rows."""
+    """What a stage gets: the mode, the device, ``record`` for its result rows, and ``fits``
+    for its time left."""
     mode: str                 # "gpu" or "dry"
     rows_path: Optional[str]  # JSON lines, one row per finished item
     rows: list
+    deadline: Optional[float] = None  # time.perf_counter() the stage must end by; None: no limit
+
+    def fits(self, item: str, need_s: float) -> bool:
+        """Whether an item estimated to take ``need_s`` seconds fits in the stage's time left;
+        if not, it is recorded as skipped with both figures (a stage stopped at its limit
+        would fail and lose the items after it; a skipped item is named in the report)."""
+        if self.deadline is None:
+            return True
+        left = self.deadline - time.perf_counter()
+        if need_s <= left:
+            return True
+        self.record(item=item, status="skip", detail=f"not started: it needs about {need_s:.0f}s "
+                    f"(estimated from the items before it), {max(left, 0):.0f}s of the stage's "
+                    "limit are left")
+        return False
 
     @property
     def dry(self) -> bool:
@@ -572,8 +589,14 @@ def stage_attention(ctx: Ctx) -> None:
         shapes = [(64, 13, 32, 64), (64, 13, 256, 64), (256, 13, 64, 64), (256, 13, 256, 64),
                   (4, 13, 4096, 64)]
         dtype, inner, rounds = torch.bfloat16, 10, 10
+    longest = 0.0
     for B, H, N, D in shapes:
         name = f"B={B} H={H} N={N} D={D} {_dname(dtype)}"
+        # each shape compiles FlexAttention and the kernels anew: about as long as the longest
+        # shape before it
+        if longest and not ctx.fits(f"attention {name}", 1.5 * longest + 5):
+            continue
+        t_shape = time.perf_counter()
         with ctx.item(f"attention {name}"):
             impls, skipped = _attention_impls(ctx, B, H, N, D, dtype, grans)
             ms = _time(ctx, impls, inner=inner, rounds=rounds)
@@ -586,6 +609,7 @@ def stage_attention(ctx: Ctx) -> None:
                 if ours_m and ref_mask:
                     row[f"{backend}_mask_vs_flex"] = ours_m / ref_mask
             ctx.record(item=f"attention {name}", status="ok", detail=_ms_line(ms), **row)
+        longest = max(longest, time.perf_counter() - t_shape)
 
 
 def _ms_line(ms: dict) -> str:
@@ -871,8 +895,12 @@ def stage_compile(ctx: Ctx) -> None:
     with torch.inference_mode(), ops.use_backend(backend):
         eager_out = model(x, **cfg).logits
         steps = {"eager": lambda: model(x, **cfg).logits}
+        first_s = 0.0
         for label, kw in variants:
             name = f"torch.compile {label}"
+            # another compile of the whole model: about as long as the one before it
+            if first_s and not ctx.fits(name, 1.5 * first_s + 10):
+                continue
             with ctx.item(name):
                 torch._dynamo.reset()
                 compiled = torch.compile(lambda inp: model(inp, **cfg).logits, **kw)
@@ -881,6 +909,7 @@ def stage_compile(ctx: Ctx) -> None:
                 out = compiled(x)      # reduce-overhead records its graph on a later call
                 _sync(ctx.device)
                 first = time.perf_counter() - t0
+                first_s = max(first_s, first)
                 err = max_err(out.clone(), eager_out)
                 scale = max(1.0, eager_out.abs().max().item())
                 tol = (1e-4 if dtype == torch.float32 else 3e-2) * scale
@@ -908,8 +937,12 @@ STAGE_FUNCS: dict[str, Callable] = {
 
 
 # ----------------------------------------------------------------------------- runner
+# seconds of a stage's limit kept back from its items: the worker's start (imports) and end
+STAGE_MARGIN_S = 10.0
+
+
 def _worker(stage: str, mode: str, rows_path: str, limit_s: float) -> int:
-    ctx = Ctx(mode, rows_path, [])
+    ctx = Ctx(mode, rows_path, [], deadline=time.perf_counter() + limit_s - STAGE_MARGIN_S)
     fn = STAGE_FUNCS[stage]
     if stage == "pytest":
         fn(ctx, limit_s)
