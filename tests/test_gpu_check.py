@@ -114,7 +114,7 @@ def test_stage_over_its_limit_is_stopped_and_the_rest_run(tmp_path, monkeypatch,
     worker and its child), reported as a timeout with the items it finished, the stages after it
     still run, and the command exits 1 (the module's documented status for a stage not ok)."""
     import time
-    monkeypatch.setattr(G, "STAGES", (("env", 30, 20), ("correctness", 30, 2),
+    monkeypatch.setattr(G, "STAGES", (("correctness", 30, 2), ("env", 30, 20),
                                       ("attention", 30, 20)))
     monkeypatch.setattr(G, "MIN_STAGE_S", 1.0)
     monkeypatch.setattr(G, "stage_command", lambda stage, mode, rows, limit:
@@ -125,7 +125,7 @@ def test_stage_over_its_limit_is_stopped_and_the_rest_run(tmp_path, monkeypatch,
     assert rc == 1
     doc = json.loads((out_dir / "gpu_check.json").read_text())
     by = {s["stage"]: s for s in doc["stages"]}
-    assert list(by) == ["env", "correctness", "attention"]
+    assert list(by) == ["correctness", "env", "attention"]
     cut = by["correctness"]
     assert cut["status"] == "timeout" and cut["error"] == "stopped at its 2s limit", cut
     items = [r["item"] for r in cut["rows"]]
@@ -152,20 +152,24 @@ def test_unknown_stage_is_refused(tmp_path):
         G.run_check(str(tmp_path), dry=True, stages=["nope"])
 
 
-def test_last_stage_takes_the_budget_the_others_left(tmp_path, monkeypatch):
-    """Each stage but the last runs under its own limit; the last one (the kernel tests, whose
-    Triton variants compile first on a GPU) gets all of the total budget still left."""
+def test_stages_use_the_time_the_earlier_ones_left(tmp_path, monkeypatch):
+    """A stage runs under its own limit plus what the stages before it left unused; the last
+    one (the kernel tests, whose Triton variants compile first on a GPU) gets all of the total
+    budget still left."""
     monkeypatch.setattr(G, "STAGES", (("env", 30, 7), ("correctness", 30, 9),
-                                      ("attention", 30, 11)))
+                                      ("attention", 30, 11), ("ffn", 30, 13)))
     monkeypatch.setattr(G, "stage_command", lambda stage, mode, rows, limit:
                         [sys.executable, "-c", _FAKE_WORKER, stage, rows])
-    doc = G.run_check(str(tmp_path), dry=True, stages=["env", "attention"])
+    doc = G.run_check(str(tmp_path), dry=True, stages=["env", "attention", "ffn"])
     by = {s["stage"]: s for s in doc["stages"]}
-    assert list(by) == ["env", "attention"]
-    assert by["env"]["limit_s"] == 7
+    assert list(by) == ["env", "attention", "ffn"]
+    env, attn, ffn = by["env"], by["attention"], by["ffn"]
+    assert env["limit_s"] == 7
+    # 11 s of its own and the 7 - (env's time) env left; the stages' bookkeeping takes a little
+    assert 18 - env["seconds"] - 1 < attn["limit_s"] <= 18 - env["seconds"], attn["limit_s"]
+    spent = env["seconds"] + attn["seconds"]
     budget = G.TOTAL_BUDGET_S["dry"]
-    assert budget - by["env"]["seconds"] - 5 < by["attention"]["limit_s"] <= budget - \
-        by["env"]["seconds"], by["attention"]["limit_s"]
+    assert budget - spent - 2 < ffn["limit_s"] <= budget - spent, ffn["limit_s"]
 
 
 _FAKE_TESTS = """

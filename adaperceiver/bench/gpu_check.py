@@ -4,7 +4,8 @@ H100.
 
 Stages (each in its own subprocess under its own time limit; a stage that fails, raises or runs
 out of time is recorded and the run goes on; each item inside a stage is recorded as it ends,
-so a stage cut short keeps what it finished; the stages whose items compile anew (attention
+so a stage cut short keeps what it finished; a stage may also use the time the stages before
+it left unused, the last one all that is left; the stages whose items compile anew (attention
 shapes, torch.compile variants) skip, by name, an item estimated not to fit in the time left):
 
   env          driver, GPU, torch / CUDA / cuDNN / triton versions, ``build_info()``
@@ -57,9 +58,10 @@ from typing import Callable, Optional
 
 __all__ = ["STAGES", "TARGETS", "main", "run_check", "format_report", "sparse_attention_reference"]
 
-# (stage, seconds on a GPU, seconds in the dry mode); the GPU limits sum to 600 s. The last
-# stage run takes all the budget the earlier ones left (the kernel tests: on a GPU their many
-# tile variants compile first, in side-by-side processes, pytest_shards)
+# (stage, seconds on a GPU, seconds in the dry mode); the GPU limits sum to 600 s. A stage may
+# also use the time the stages before it left unused (many of them compile first on a host
+# whose speed is unknown), and the last one run takes all the budget left (the kernel tests:
+# their many tile variants compile in side-by-side processes, pytest_shards)
 STAGES = (
     ("env", 30, 120),
     ("correctness", 130, 120),
@@ -1100,14 +1102,18 @@ def run_check(out_dir: str, *, dry: bool = False, stages=None, scale_limits: flo
     budget = TOTAL_BUDGET_S[mode] * scale_limits
     t_start = time.perf_counter()
     results = []
+    planned = 0.0   # the chosen stages' own limits so far
     with tempfile.TemporaryDirectory() as tmp:
         for stage, gpu_s, dry_s in STAGES:
             if stage not in chosen:
                 continue
-            left = budget - (time.perf_counter() - t_start)
-            # the last stage takes all that is left: the time earlier stages did not use
-            limit = left if stage == chosen_order[-1] else min(
-                (gpu_s if mode == "gpu" else dry_s) * scale_limits, left)
+            own = (gpu_s if mode == "gpu" else dry_s) * scale_limits
+            planned += own
+            elapsed = time.perf_counter() - t_start
+            left = budget - elapsed
+            # its own limit plus the time the stages before it left unused (planned - elapsed);
+            # the last stage takes all that is left
+            limit = left if stage == chosen_order[-1] else min(max(own, planned - elapsed), left)
             if limit < MIN_STAGE_S:
                 results.append({"stage": stage, "status": "skipped", "limit_s": 0,
                                 "seconds": 0.0, "rows": [],
