@@ -465,17 +465,17 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
     procs = []
     for i in range(n):
         shard_env = dict(env, ADAPERCEIVER_PYTEST_SHARD=f"{i}/{n}") if n > 1 else env
+        # (in the worker's process group: stopping the stage stops them too)
         procs.append(subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=root,
                                       env=shard_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+                                      stderr=subprocess.PIPE, text=True))
     deadline = t0 + max(5.0, limit_s - 10)
     outs, codes, stopped = [], [], False
     for p in procs:
         try:
             out, err = p.communicate(timeout=max(0.1, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 9)
+            p.kill()
             out, err = p.communicate()
             stopped = True
         outs.append((out or "", err or ""))
