@@ -101,6 +101,31 @@ def test_per_sample_exit_equals_each_sample_at_its_confidence_depth():
         assert len(set(batch.depths.tolist())) == 1
 
 
+def test_fixed_exit_depths_read_out_once(monkeypatch):
+    """Samples leaving at different fixed depths are written out in one readout after the
+    block loop, each from the latents it left with (its first t_b of them), not one readout
+    per exit layer; confidence exit still reads out at every layer."""
+    model = tiny_model().eval()
+    x = torch.randn(5, 3, 64, 64)
+    t, l = [64, 256, 96, 64, 160], [2, 4, 1, 4, 3]
+    calls = []
+    readout = model.readout
+    monkeypatch.setattr(model, "readout", lambda lat, *a, **k: (calls.append(lat.shape),
+                                                                readout(lat, *a, **k))[1])
+    with adaperceiver.use_backend("reference"), torch.no_grad():
+        out = model(x, num_tokens=t, depth=l)
+        assert calls == [(5, 256, model.config.embed_dim)], calls
+        for d in sorted(set(l)):     # each exit layer's samples read out on their own
+            idx = [b for b in range(5) if l[b] == d]
+            n = max(t[b] for b in idx)
+            seq = torch.tensor([t[b] for b in idx], dtype=torch.int32)
+            alone = readout(out.latents[idx, :n], seq_lens=seq)
+            assert _rel(out.logits[idx], alone) <= 1e-5, d
+        calls.clear()
+        model(x, num_tokens=64, depth_tau=1.0, exit="sample")   # no sample is ever sure
+        assert len(calls) == model.config.depth, calls
+
+
 def test_mixed_arguments_errors():
     model = tiny_model()
     x = torch.randn(2, 3, 64, 64)

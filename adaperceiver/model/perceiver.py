@@ -416,7 +416,8 @@ class AdaPerceiverClassifier(nn.Module):
     def _run(self, x, call: CallConfig, with_logits: bool = True) -> AdaPerceiverOutput:
         """Blocks over the running samples. Samples are ordered deepest first, so those that
         reach their depth leave from the end of the batch (a slice); per-sample confidence exit
-        compacts by gathering. Each sample is written out at its own exit layer."""
+        compacts by gathering. Each sample leaves with the latents of its own exit layer; with
+        exit depths fixed up front the logits of all are one readout of those after the loop."""
         B, dev = call.batch, x.device
         order = self._order(call)
         if order != list(range(B)):
@@ -429,7 +430,12 @@ class AdaPerceiverClassifier(nn.Module):
         position = {b: i for i, b in enumerate(order)}
         running = list(order)                       # original index of each running sample
         with_feats = self.config.distilled and with_logits
-        exits = _Exits(B, with_logits, with_feats)
+        # exit depths fixed up front: every sample's logits come from one readout of the
+        # latents it left with, after the loop (one write-out for the batch, not one per exit
+        # layer); confidence exit reads out at every layer, and the distilled backbone writes
+        # its per-patch features out at each exit
+        one_readout = with_logits and call.depth_tau is None and not with_feats
+        exits = _Exits(B, with_logits and not one_readout, with_feats)
         run_rope = rope
         for i in range(call.depth):
             rows = self._block(i, rows, layout, call.grans, run_rope)
@@ -451,7 +457,7 @@ class AdaPerceiverClassifier(nn.Module):
             padded = out_layout.pad(out_rows)
             if lg is not None:
                 lg = lg[to_device(leave, dev)]
-            elif with_logits:
+            elif with_logits and not one_readout:
                 lg = self.readout(padded, rope, out_layout.seq_lens)
             pt = pf = None
             if with_feats:
@@ -467,7 +473,12 @@ class AdaPerceiverClassifier(nn.Module):
             running = [running[j] for j in stay]
             # positions 0..n-1 (n <= max_latent_tokens when samples differ): a prefix of the table
             run_rope = rope.rows(layout.max_len)
-        return exits.output(call.tokens, rows.new_zeros(B, call.num_tokens, rows.shape[-1]))
+        out = exits.output(call.tokens, rows.new_zeros(B, call.num_tokens, rows.shape[-1]))
+        if one_readout:   # sample b reads its first tokens[b] latents, as at its exit
+            same = all(t == call.num_tokens for t in call.tokens)
+            out.logits = self.readout(out.latents, rope, None if same else
+                                      to_device(call.tokens, dev, torch.int32))
+        return out
 
     def forward_readouts(self, x, exits, token_counts=None, mat_dim=None,
                          features: bool = False) -> dict:
