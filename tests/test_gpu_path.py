@@ -166,9 +166,10 @@ def test_fixed_config_traces_as_one_graph_with_no_host_tensor(config):
     calls = [n for n in program.graph.nodes if n.op == "call_function"]
     targets = [str(n.target) for n in calls]
     blocks = config["depth"]
-    # attention: read, every block, write; a width-sliced FFN in every block
+    # attention: read, every block, write; a width-sliced FFN in every block, and the patch
+    # embedding's full-width one
     assert targets.count("adaperceiver.block_masked_attention.default") == blocks + 2
-    assert targets.count("adaperceiver.matryoshka_ffn.default") == blocks
+    assert targets.count("adaperceiver.matryoshka_ffn.default") == blocks + 1
     assert not [t for t in targets if "_local_scalar_dense" in t or t.endswith(".item")]
     on_host = []
     for n in calls:

@@ -236,3 +236,30 @@ def test_autocast_runs_the_ops_in_the_autocast_dtype():
             got = model(x, num_tokens=64, mat_dim=[48, 96]).logits
     assert got.dtype == torch.bfloat16
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dim", [None, 40], ids=["C_out", "F_out"])
+def test_mlp_is_fc2_gelu_fc1(monkeypatch, dtype, out_dim):
+    """The patch embedding's Mlp (C -> H -> C) runs as the FFN op at full width, the feature
+    adapter's (C -> H -> F) as two projections; both are fc2(GELU(fc1(x))), in bfloat16 within
+    flash-attn's rule of the reference in that dtype against float64."""
+    from adaperceiver import ops
+    from adaperceiver.model.layers import Mlp
+    mlp = Mlp(48, 131, out_dim).to(dtype)
+    x = torch.randn(3, 37, 48).to(dtype)
+    calls = []
+    ffn = ops.matryoshka_ffn
+    monkeypatch.setattr(ops, "matryoshka_ffn", lambda *a: (calls.append(a[-1]), ffn(*a))[1])
+
+    def ref(t):
+        w = [p.to(t) for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)]
+        return F.linear(F.gelu(F.linear(x.to(t), w[0], w[1])), w[2], w[3])
+    with torch.no_grad():
+        got = mlp(x)
+        truth, plain = ref(torch.float64), ref(dtype)
+    assert calls == ([131] if out_dim is None else []), calls
+    assert got.dtype == dtype and got.shape == (3, 37, out_dim or 48)
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (plain.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-5 * truth.abs().max().item(), (err, ref_err)

@@ -48,7 +48,10 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (full width)."""
+    """fc1 -> exact GELU -> fc2 (full width). On (B, N, C) input, with biases and C outputs (the
+    patch embedding's), it is ``ops.matryoshka_ffn`` at full width, the block FFN's op (one
+    call: its kernels take the GELU in fc1's epilogue, on the float32 sum before any rounding);
+    otherwise (the distilled backbone's feature adapter, C -> F) two ``ops.linear``."""
 
     def __init__(self, dim: int, hidden: int, out_dim: Optional[int] = None, bias: bool = True):
         super().__init__()
@@ -56,6 +59,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
 
     def forward(self, x):
+        if (x.dim() == 3 and self.fc2.out_features == self.fc1.in_features
+                and self.fc1.bias is not None and self.fc2.bias is not None):
+            return ops.matryoshka_ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                      self.fc2.bias, self.fc1.out_features)
         act = F.gelu(ops.linear(x, self.fc1.weight, self.fc1.bias))
         return ops.linear(act, self.fc2.weight, self.fc2.bias)
 
