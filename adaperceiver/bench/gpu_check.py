@@ -447,7 +447,7 @@ def pytest_shards(dry: bool) -> int:
     return 1 if dry else max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def stage_pytest(ctx: Ctx, limit_s: float) -> None:
+def stage_pytest(ctx: Ctx) -> None:
     root = _source_root()
     if root is None:
         ctx.record(item="pytest", status="skip", detail="no tests/ next to the package (an "
@@ -455,10 +455,11 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
         return
     # (tests/test_kernels_cuda.py repeats the correctness stage's checks: not run again here)
     files = ["tests/test_kernels_attention.py", "tests/test_kernels_matryoshka.py"]
-    args = ["-q", "-p", "no:cacheprovider", "-p", "adaperceiver.bench._pytest_shard", *files]
-    if ctx.dry:   # the interpreter is slow and CI runs these files itself: one quick slice
-        args = ["-q", "-p", "no:cacheprovider", files[0], "-k", "why_not"]
+    # the interpreter is slow and CI runs these files itself: the dry mode runs one quick slice
+    selection = [files[0], "-k", "why_not"] if ctx.dry else files
     n = pytest_shards(ctx.dry)
+    shard = ["-p", "adaperceiver.bench._pytest_shard"] if n > 1 else []
+    args = ["-q", "-p", "no:cacheprovider", *shard, *selection]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)   # conftest decides: the GPU when there is one
     t0 = time.perf_counter()
@@ -469,19 +470,19 @@ def stage_pytest(ctx: Ctx, limit_s: float) -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=root,
                                       env=shard_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    deadline = t0 + max(5.0, limit_s - 10)
+    deadline = ctx.deadline
     outs, codes, stopped = [], [], False
     for p in procs:
         try:
-            out, err = p.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+            out, err = p.communicate(timeout=None if deadline is None else
+                                     max(0.1, deadline - time.perf_counter()))
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
             stopped = True
         outs.append((out or "", err or ""))
         codes.append(p.returncode)
-    item = "pytest " + " ".join(args[5:] if not ctx.dry else args[3:]) + (
-        f" ({n} shards side by side)" if n > 1 else "")
+    item = "pytest " + " ".join(selection) + (f" ({n} shards side by side)" if n > 1 else "")
     tails = [([ln for ln in out.strip().splitlines() if ln.strip()][-1:] or [err[-300:]])[0]
              for out, err in outs]
     output = "\n".join(out[-4000 // n:] for out, _ in outs)
@@ -945,11 +946,7 @@ STAGE_MARGIN_S = 10.0
 
 def _worker(stage: str, mode: str, rows_path: str, limit_s: float) -> int:
     ctx = Ctx(mode, rows_path, [], deadline=time.perf_counter() + limit_s - STAGE_MARGIN_S)
-    fn = STAGE_FUNCS[stage]
-    if stage == "pytest":
-        fn(ctx, limit_s)
-    else:
-        fn(ctx)
+    STAGE_FUNCS[stage](ctx)
     return 0
 
 
