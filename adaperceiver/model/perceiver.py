@@ -23,7 +23,7 @@ from ..ops.reference import rope_tables
 from ..ops.schedule import to_device
 from .layers import (Block, CrossAttentionHead, FeatureAdapter, LearnedToken, OutputAdapter,
                      PatchEmbed, PatchQueries, resample_pos_embed)
-from .ragged import Layout
+from .ragged import Layout, seq_lens_of
 
 __all__ = ["AdaPerceiverClassifier", "AdaPerceiverDistill", "AdaPerceiverOutput", "model_class",
            "take_indices"]
@@ -475,9 +475,7 @@ class AdaPerceiverClassifier(nn.Module):
             run_rope = rope.rows(layout.max_len)
         out = exits.output(call.tokens, rows.new_zeros(B, call.num_tokens, rows.shape[-1]))
         if one_readout:   # sample b reads its first tokens[b] latents, as at its exit
-            same = all(t == call.num_tokens for t in call.tokens)
-            out.logits = self.readout(out.latents, rope, None if same else
-                                      to_device(call.tokens, dev, torch.int32))
+            out.logits = self.readout(out.latents, rope, seq_lens_of(call.tokens, dev))
         return out
 
     def forward_readouts(self, x, exits, token_counts=None, mat_dim=None,

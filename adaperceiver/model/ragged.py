@@ -17,7 +17,14 @@ import torch
 
 from ..ops.schedule import ranges, to_device
 
-__all__ = ["Layout"]
+__all__ = ["Layout", "seq_lens_of"]
+
+
+def seq_lens_of(tokens: Sequence[int], device) -> Optional[torch.Tensor]:
+    """The (B,) int32 ``seq_lens`` of samples of ``tokens`` rows padded to max(tokens); None
+    when all have that many (no sample is padded)."""
+    n = max(tokens)
+    return None if all(t == n for t in tokens) else to_device(tokens, device, torch.int32)
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,11 @@ class Layout:
     @classmethod
     def build(cls, tokens: Sequence[int], hidden: Sequence[int], device) -> "Layout":
         tokens, hidden = tuple(int(t) for t in tokens), tuple(int(h) for h in hidden)
-        n = max(tokens)
-        if all(t == n for t in tokens):
+        seq = seq_lens_of(tokens, device)
+        if seq is None:
             return cls(tokens, hidden, None, None)
+        n = max(tokens)
         rows = ranges([b * n for b in range(len(tokens))], tokens, device)
-        seq = to_device(tokens, device, torch.int32)
         return cls(tokens, hidden, rows, seq)
 
     @property
