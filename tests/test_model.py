@@ -263,3 +263,56 @@ def test_mlp_is_fc2_gelu_fc1(monkeypatch, dtype, out_dim):
     err = (got.double() - truth).abs().max().item()
     ref_err = (plain.double() - truth).abs().max().item()
     assert err <= 2 * ref_err + 1e-5 * truth.abs().max().item(), (err, ref_err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hw", [(32, 40), (37, 43)], ids=["whole", "remainder"])
+def test_patchify_is_the_convolution(monkeypatch, dtype, hw):
+    """The patchify convolution runs on the CPU as one GEMM of the flattened patches
+    (``ops.linear``); it is ``conv2d`` with stride = kernel, within flash-attn's rule of the
+    convolution in the dtype against float64, with pixels past the last whole patch unread (as
+    conv2d), NaN confined to its patch, and under gradients and autocast too."""
+    from adaperceiver import ops
+    from adaperceiver.model.layers import _Conv
+    conv = _Conv(3, 24, 8).to(dtype)
+    with torch.no_grad():
+        conv.proj.weight.normal_(0, 0.1)
+        conv.proj.bias.normal_(0, 0.1)
+    x = torch.randn(2, 3, *hw).to(dtype)
+    calls = []
+    linear = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *a: (calls.append(a[0].shape), linear(*a))[1])
+
+    def ref(t, img):
+        y = F.conv2d(img.to(t), conv.proj.weight.to(t), conv.proj.bias.to(t), stride=8)
+        return y.flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        got = conv(x)
+        truth, plain = ref(torch.float64, x), ref(dtype, x)
+    P = (hw[0] // 8) * (hw[1] // 8)
+    assert calls == [(2, P, 3 * 8 * 8)], calls
+    assert got.dtype == dtype and got.shape == (2, P, 24)
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (plain.double() - truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-6 * truth.abs().max().item(), (err, ref_err)
+    # a NaN pixel poisons its own patch's outputs only; one past the last patch none
+    bad = x.clone()
+    bad[1, 2, 9, 17] = float("nan")       # patch (1, 2) of sample 1
+    bad[0, 0, -1, -1] = float("nan")      # unread when the size leaves a remainder
+    with torch.no_grad():
+        y = conv(bad)
+    nan_rows = y.isnan().any(-1).nonzero().tolist()
+    want = [[1, 1 * (hw[1] // 8) + 2]]
+    if hw[0] % 8 == 0 and hw[1] % 8 == 0:
+        want = [[0, P - 1]] + want
+    assert nan_rows == want, nan_rows
+    assert y.isnan().all(-1)[1, want[-1][1]]
+    if dtype == torch.float32:
+        # gradients and autocast go through the same GEMM
+        xg = x.clone().requires_grad_()
+        conv(xg).square().sum().backward()
+        xr = x.clone().requires_grad_()
+        ref(torch.float32, xr).square().sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.linear import native_low_precision
 
 __all__ = ["LayerNorm", "LayerScale", "Mlp", "MatryoshkaMlp", "Attention", "CrossAttentionHead", "Block",
            "PatchEmbed", "LearnedToken", "OutputAdapter", "PatchQueries", "FeatureAdapter",
@@ -278,25 +277,27 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
 
 
 class _Conv(nn.Module):
-    """Patchify convolution. bf16 / fp16 on a CPU without native GEMMs for the dtype: torch
-    would take its slow reference convolution (oneDNN's low-precision convolution needs the
-    dtype's hardware), many times slower than float32; it runs as a float32 convolution on
-    float32 copies rounded once, as ``ops.linear`` does for the projections."""
+    """Patchify convolution (kernel = stride = patch size, no padding). On the CPU it runs as
+    what it is, one GEMM: each patch flattened channel-major (the kernel's layout) times the
+    kernel as a (dim, channels * p * p) matrix, through ``ops.linear``, which takes oneDNN's
+    GEMM (the tile GEMM at few rows, float32 copies rounded once where the CPU has no native
+    GEMM for a 16-bit dtype, autocast's casts). Why: oneDNN's convolution runs this shape well
+    below its GEMM (benchmarks/README.md, "What runs in bf16": Patchify). Other devices, and
+    torch.compile, keep ``nn.Conv2d``."""
 
     def __init__(self, in_channels, dim, patch_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        w, b = self.proj.weight, self.proj.bias
-        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-                and w.dtype == x.dtype and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cpu") and not native_low_precision(x.dtype)):
-            y = F.conv2d(x.float(), w.float(), None if b is None else b.float(),
-                         stride=self.proj.stride).to(x.dtype)
-        else:
-            y = self.proj(x)
-        return y.flatten(2).transpose(1, 2)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return self.proj(x).flatten(2).transpose(1, 2)
+        w = self.proj.weight
+        (ph, pw), (B, Cin, H, W) = self.proj.kernel_size, x.shape
+        gh, gw = H // ph, W // pw    # rows / columns past the last whole patch: unread, as conv
+        patches = (x[:, :, :gh * ph, :gw * pw].reshape(B, Cin, gh, ph, gw, pw)
+                   .permute(0, 2, 4, 1, 3, 5).reshape(B, gh * gw, Cin * ph * pw))
+        return ops.linear(patches, w.reshape(w.shape[0], -1), self.proj.bias)
 
 
 class PatchEmbed(nn.Module):
