@@ -432,28 +432,32 @@ def test_fp16_projection_vs_onednn(benchmark, m, k, n):
     benchmark.pedantic(lambda: ops.linear(x, ws[0], b), rounds=3, iterations=1)
 
 
+@pytest.mark.parametrize("patch", [pytest.param(16, id="classifier-p16"),
+                                   pytest.param(14, id="distilled-p14")])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
                                    pytest.param(torch.bfloat16, id="bf16"),
                                    pytest.param(torch.float16, id="fp16")])
-def test_patchify_gemm_vs_convolution(benchmark, dtype):
-    """The patch embedding's convolution (14 x 14 patches of a batch of 4 at 224 px, 832
-    outputs) as the model runs it on the CPU (model/layers.py ``_Conv``: one GEMM of the
-    flattened patches through ops.linear) against ``F.conv2d``, which it replaced. Report
-    only: the end-to-end figures carry the consequence."""
+def test_patchify_gemm_vs_convolution(benchmark, dtype, patch):
+    """The patch embedding's convolution (a batch of 4 at 224 px, 832 outputs; patch 16: the
+    classifier's 196 patches, 14: the distilled backbone's 256) as the model runs it on the CPU
+    (model/layers.py ``_Conv``: one GEMM of the flattened patches through ops.linear) against
+    ``F.conv2d``, which it replaced. Report only: the end-to-end figures carry the
+    consequence."""
     from adaperceiver.model.layers import _Conv
     torch.manual_seed(0)
-    conv = _Conv(3, 832, 14).to(dtype)
+    conv = _Conv(3, 832, patch).to(dtype)
     x = torch.randn(4, 3, 224, 224).to(dtype)
     w, b = conv.proj.weight, conv.proj.bias
     with torch.inference_mode():
-        truth = F.conv2d(x.double(), w.double(), b.double(), stride=14).flatten(2).transpose(1, 2)
+        truth = F.conv2d(x.double(), w.double(), b.double(), stride=patch).flatten(2).transpose(1, 2)
         err = (conv(x).double() - truth).abs().max().item()
-        err_conv = (F.conv2d(x, w, b, stride=14).flatten(2).transpose(1, 2).double()
+        err_conv = (F.conv2d(x, w, b, stride=patch).flatten(2).transpose(1, 2).double()
                     - truth).abs().max().item()
         assert err <= 2 * err_conv + 1e-6 * truth.abs().max().item(), (err, err_conv)
         t = side_by_side({"gemm": lambda: conv(x),
-                          "conv": lambda: F.conv2d(x, w, b, stride=14)}, rounds=21)
-    print(f"\n[patchify 4x3x224x224 -> 4x196x832 {str(dtype)[6:]}] conv2d "
+                          "conv": lambda: F.conv2d(x, w, b, stride=patch)}, rounds=21)
+    P = (224 // patch) ** 2
+    print(f"\n[patchify 4x3x224x224 -> 4x{P}x832 {str(dtype)[6:]}] conv2d "
           f"{t['conv'] * 1e3:.2f} ms, GEMM {t['gemm'] * 1e3:.2f} ms: {t['conv'] / t['gemm']:.2f}x "
           f"(report only)")
     benchmark.extra_info.update(vs_conv2d=t["conv"] / t["gemm"])
