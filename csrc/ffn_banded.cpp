@@ -42,7 +42,11 @@
 // after them as one GEMM per distinct width on D's rows of that width (a width-h sample's
 // dpre fills its row's columns [0, h)), as the forward runs fc2: every element rounded once,
 // where rounding each band's product would round once per band. db2 is a float32 column sum
-// rounded once. ADAPERCEIVER_FFN_BWD=float32 (read on every call) forces the float32 path.
+// rounded once. float16 on a CPU with AMX-BF16 but no AMX-FP16 (where oneDNN's and ATen's
+// float16 GEMMs run at about float32 speed) runs those GEMMs on the tile GEMM as exact bfloat16
+// pairs (cpu/tile_linear.cpp), the same float32 sums of exact products rounded once, its
+// transposed operands copied contiguous first (backward_on_tiles). ADAPERCEIVER_FFN_BWD=float32
+// (read on every call) forces the float32 path.
 // Otherwise (other CPUs, other devices) bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"
@@ -427,10 +431,32 @@ bool native_low_precision_bwd(const at::Tensor& x, const at::Tensor& grad_out) {
          grad_out.scalar_type() == x.scalar_type();
 }
 
+// Whether the backward's float16 GEMMs run on the tile GEMM as exact bfloat16 pairs
+// (cpu::tile_linear_takes: a CPU with AMX-BF16 but no AMX-FP16, where oneDNN's and ATen's
+// float16 GEMMs run at about float32 speed): float32 accumulation of exact products, one
+// rounding, what those GEMMs compute, in another order.
+bool backward_on_tiles(const at::Tensor& a) {
+  return a.scalar_type() == at::kHalf && cpu::tile_linear_takes(a.size(0), at::kHalf);
+}
+
+// a (M, K) times b (K, N) in the low-precision dtype, rounded once: on the tile GEMM where
+// backward_on_tiles says so (a times the rows of b^T: the tile GEMM reads its weight by rows, so
+// b^T is a contiguous copy, as a is when it is a transposed view), else ATen's GEMM.
+at::Tensor mm_low_precision(const at::Tensor& a, const at::Tensor& b) {
+  if (!backward_on_tiles(a)) return at::mm(a, b);
+  c10::InferenceMode no_grad;  // the backward's products: temporaries no autograd will see
+  return cpu::tile_linear(a.contiguous(), b.t().contiguous(), c10::nullopt);
+}
+
 // x w^T + b in the low-precision dtype: one oneDNN GEMM with the bias fused (one rounding), or
 // ATen's addmm when oneDNN is switched off; on row blocks where the row-chunk rule says
-// oneDNN would run the product on one of 2 threads.
+// oneDNN would run the product on one of 2 threads. float16 on the tile GEMM where
+// backward_on_tiles says so (its bias added to the float32 sum, one rounding, as oneDNN's).
 at::Tensor linear_low_precision(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (backward_on_tiles(x)) {
+    c10::InferenceMode no_grad;
+    return cpu::tile_linear(x, w, b);
+  }
   return on_row_blocks(x, w.size(0), [&](const at::Tensor& xr) {
     if (std::optional<at::Tensor> y = cpu::onednn_linear(xr, w, b)) return *y;
     return at::addmm(b, xr, w.t());
@@ -470,12 +496,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     at::Tensor act = linear_low_precision(xr, w1.narrow(0, band.lo, u), b1.narrow(0, band.lo, u));
     at::Tensor dpre = dpre_all.narrow(0, 0, rows).narrow(1, band.lo, u);
     const at::Tensor db1b =
-        cpu::gelu_backward_lowp_(at::mm(gr, w2.narrow(1, band.lo, u)), act, dpre);
+        cpu::gelu_backward_lowp_(mm_low_precision(gr, w2.narrow(1, band.lo, u)), act, dpre);
     db1.narrow(0, band.lo, u).copy_(db1b);  // rounded once
     // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see cpu::gemm_row_chunks)
     at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
-    at::mm_out(dw1b, dpre.t(), xr);
-    at::mm_out(dw2b, gr.t(), act);
+    if (backward_on_tiles(dpre)) {
+      dw1b.copy_(mm_low_precision(dpre.t(), xr));
+      dw2b.copy_(mm_low_precision(gr.t(), act));
+    } else {
+      at::mm_out(dw1b, dpre.t(), xr);
+      at::mm_out(dw2b, gr.t(), act);
+    }
   }
   at::Tensor dxs = bands.rows_out(dx);
   for (size_t i = 0; i < bands.bands.size(); ++i) {  // one GEMM per distinct width
@@ -487,7 +518,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     // end (times zero padding, so a NaN or inf there would reach the product)
     const at::Tensor dpre = dpre_all.narrow(0, r0, rows).narrow(1, 0, h);
     at::Tensor d = dxs.narrow(0, r0, rows);
-    at::mm_out(d, h < hmax ? dpre.contiguous() : dpre, w1.narrow(0, 0, h));
+    if (backward_on_tiles(dpre)) {
+      d.copy_(mm_low_precision(dpre, w1.narrow(0, 0, h)));
+    } else {
+      at::mm_out(d, h < hmax ? dpre.contiguous() : dpre, w1.narrow(0, 0, h));
+    }
   }
   bands.scatter(dx, dxs);
   return {dx, dw1, db1, dw2, db2};

@@ -309,6 +309,7 @@ def test_patchify_is_the_convolution(monkeypatch, dtype, hw):
     assert y.isnan().all(-1)[1, want[-1][1]]
     if dtype == torch.float32:
         # gradients and autocast go through the same GEMM
+        calls.clear()
         xg = x.clone().requires_grad_()
         conv(xg).square().sum().backward()
         xr = x.clone().requires_grad_()
@@ -316,3 +317,4 @@ def test_patchify_is_the_convolution(monkeypatch, dtype, hw):
         torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-5)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert conv(x).dtype == torch.bfloat16
+        assert calls == [(2, P, 3 * 8 * 8)] * 2, calls
