@@ -45,7 +45,7 @@
 // rounded once. float16 on a CPU with AMX-BF16 but no AMX-FP16 (where oneDNN's and ATen's
 // float16 GEMMs run at about float32 speed) runs those GEMMs on the tile GEMM as exact bfloat16
 // pairs (cpu/tile_linear.cpp), the same float32 sums of exact products rounded once, its
-// transposed operands copied contiguous first (backward_on_tiles). ADAPERCEIVER_FFN_BWD=float32
+// transposed operands copied contiguous first (backward_on_tiles, contiguous_16bit). ADAPERCEIVER_FFN_BWD=float32
 // (read on every call) forces the float32 path.
 // Otherwise (other CPUs, other devices) bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
@@ -439,13 +439,36 @@ bool backward_on_tiles(const at::Tensor& a) {
   return a.scalar_type() == at::kHalf && cpu::tile_linear_takes(a.size(0), at::kHalf);
 }
 
+// A contiguous copy of the 2-d 16-bit matrix m (any strides): rows of m^T when m is a
+// transposed view (stride(0) == 1), in 64 x 64 blocks split between the threads, where ATen's
+// strided copy moves a few bytes a nanosecond; else m.contiguous().
+at::Tensor contiguous_16bit(const at::Tensor& m) {
+  if (m.is_contiguous() || m.stride(0) != 1 || m.element_size() != 2) return m.contiguous();
+  constexpr int64_t kB = 64;
+  const int64_t R = m.size(0), C = m.size(1), ld = m.stride(1);  // m[r][c] at src[c * ld + r]
+  at::Tensor out = at::empty({R, C}, m.options());
+  const auto* src = reinterpret_cast<const uint16_t*>(m.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, (R + kB - 1) / kB, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0 * kB; rb < std::min(R, b1 * kB); rb += kB) {
+      const int64_t r1 = std::min(R, rb + kB);
+      for (int64_t cb = 0; cb < C; cb += kB) {
+        const int64_t c1 = std::min(C, cb + kB);
+        for (int64_t r = rb; r < r1; ++r)
+          for (int64_t c = cb; c < c1; ++c) dst[r * C + c] = src[c * ld + r];
+      }
+    }
+  });
+  return out;
+}
+
 // a (M, K) times b (K, N) in the low-precision dtype, rounded once: on the tile GEMM where
 // backward_on_tiles says so (a times the rows of b^T: the tile GEMM reads its weight by rows, so
 // b^T is a contiguous copy, as a is when it is a transposed view), else ATen's GEMM.
 at::Tensor mm_low_precision(const at::Tensor& a, const at::Tensor& b) {
   if (!backward_on_tiles(a)) return at::mm(a, b);
   c10::InferenceMode no_grad;  // the backward's products: temporaries no autograd will see
-  return cpu::tile_linear(a.contiguous(), b.t().contiguous(), c10::nullopt);
+  return cpu::tile_linear(contiguous_16bit(a), contiguous_16bit(b.t()), c10::nullopt);
 }
 
 // x w^T + b in the low-precision dtype: one oneDNN GEMM with the bias fused (one rounding), or
