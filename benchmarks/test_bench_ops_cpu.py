@@ -449,7 +449,8 @@ def test_patchify_gemm_vs_convolution(benchmark, dtype, patch):
     x = torch.randn(4, 3, 224, 224).to(dtype)
     w, b = conv.proj.weight, conv.proj.bias
     with torch.inference_mode():
-        truth = F.conv2d(x.double(), w.double(), b.double(), stride=patch).flatten(2).transpose(1, 2)
+        truth = F.conv2d(x.double(), w.double(), b.double(), stride=patch)
+        truth = truth.flatten(2).transpose(1, 2)
         err = (conv(x).double() - truth).abs().max().item()
         err_conv = (F.conv2d(x, w, b, stride=patch).flatten(2).transpose(1, 2).double()
                     - truth).abs().max().item()

@@ -45,8 +45,8 @@
 // rounded once. float16 on a CPU with AMX-BF16 but no AMX-FP16 (where oneDNN's and ATen's
 // float16 GEMMs run at about float32 speed) runs those GEMMs on the tile GEMM as exact bfloat16
 // pairs (cpu/tile_linear.cpp), the same float32 sums of exact products rounded once, its
-// transposed operands copied contiguous first (backward_on_tiles, contiguous_16bit). ADAPERCEIVER_FFN_BWD=float32
-// (read on every call) forces the float32 path.
+// transposed operands copied contiguous first (backward_on_tiles, contiguous_16bit).
+// ADAPERCEIVER_FFN_BWD=float32 (read on every call) forces the float32 path.
 // Otherwise (other CPUs, other devices) bfloat16/float16 compute in float32 and cast back.
 #include "common.h"
 #include "ffn_banded.h"
@@ -439,9 +439,9 @@ bool backward_on_tiles(const at::Tensor& a) {
   return a.scalar_type() == at::kHalf && cpu::tile_linear_takes(a.size(0), at::kHalf);
 }
 
-// A contiguous copy of the 2-d 16-bit matrix m (any strides): rows of m^T when m is a
-// transposed view (stride(0) == 1), in 64 x 64 blocks split between the threads, where ATen's
-// strided copy moves a few bytes a nanosecond; else m.contiguous().
+// A contiguous copy of the 2-d 16-bit matrix m: when m is a transposed view (stride(0) == 1),
+// by 64 x 64 blocks split between the threads (ATen's strided copy of such a view moves 1-3
+// GB/s here); else m.contiguous().
 at::Tensor contiguous_16bit(const at::Tensor& m) {
   if (m.is_contiguous() || m.stride(0) != 1 || m.element_size() != 2) return m.contiguous();
   constexpr int64_t kB = 64;
