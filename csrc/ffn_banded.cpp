@@ -465,10 +465,23 @@ at::Tensor contiguous_16bit(const at::Tensor& m) {
 // a (M, K) times b (K, N) in the low-precision dtype, rounded once: on the tile GEMM where
 // backward_on_tiles says so (a times the rows of b^T: the tile GEMM reads its weight by rows, so
 // b^T is a contiguous copy, as a is when it is a transposed view), else ATen's GEMM.
-at::Tensor mm_low_precision(const at::Tensor& a, const at::Tensor& b) {
-  if (!backward_on_tiles(a)) return at::mm(a, b);
+at::Tensor tile_mm(const at::Tensor& a, const at::Tensor& b) {
   c10::InferenceMode no_grad;  // the backward's products: temporaries no autograd will see
   return cpu::tile_linear(contiguous_16bit(a), contiguous_16bit(b.t()), c10::nullopt);
+}
+
+at::Tensor mm_low_precision(const at::Tensor& a, const at::Tensor& b) {
+  return backward_on_tiles(a) ? tile_mm(a, b) : at::mm(a, b);
+}
+
+// The same product written into out (a slice of a gradient: ATen's GEMM writes it in place,
+// the tile GEMM's result is copied in).
+void mm_low_precision_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (backward_on_tiles(a)) {
+    out.copy_(tile_mm(a, b));
+  } else {
+    at::mm_out(out, a, b);
+  }
 }
 
 // x w^T + b in the low-precision dtype: one oneDNN GEMM with the bias fused (one rounding), or
@@ -523,13 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     db1.narrow(0, band.lo, u).copy_(db1b);  // rounded once
     // (ATen's GEMM, not oneDNN's matmul: it has no one-thread band, see cpu::gemm_row_chunks)
     at::Tensor dw1b = dw1.narrow(0, band.lo, u), dw2b = dw2.narrow(1, band.lo, u);
-    if (backward_on_tiles(dpre)) {
-      dw1b.copy_(mm_low_precision(dpre.t(), xr));
-      dw2b.copy_(mm_low_precision(gr.t(), act));
-    } else {
-      at::mm_out(dw1b, dpre.t(), xr);
-      at::mm_out(dw2b, gr.t(), act);
-    }
+    mm_low_precision_out(dw1b, dpre.t(), xr);
+    mm_low_precision_out(dw2b, gr.t(), act);
   }
   at::Tensor dxs = bands.rows_out(dx);
   for (size_t i = 0; i < bands.bands.size(); ++i) {  // one GEMM per distinct width
@@ -541,11 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_bwd_l
     // end (times zero padding, so a NaN or inf there would reach the product)
     const at::Tensor dpre = dpre_all.narrow(0, r0, rows).narrow(1, 0, h);
     at::Tensor d = dxs.narrow(0, r0, rows);
-    if (backward_on_tiles(dpre)) {
-      d.copy_(mm_low_precision(dpre, w1.narrow(0, 0, h)));
-    } else {
-      at::mm_out(d, h < hmax ? dpre.contiguous() : dpre, w1.narrow(0, 0, h));
-    }
+    mm_low_precision_out(d, h < hmax ? dpre.contiguous() : dpre, w1.narrow(0, 0, h));
   }
   bands.scatter(dx, dxs);
   return {dx, dw1, db1, dw2, db2};
