@@ -440,8 +440,8 @@ bool backward_on_tiles(const at::Tensor& a) {
 }
 
 // A contiguous copy of the 2-d 16-bit matrix m: when m is a transposed view (stride(0) == 1),
-// by 64 x 64 blocks split between the threads (ATen's strided copy of such a view moves 1-3
-// GB/s here); else m.contiguous().
+// by 64 x 64 blocks split between the threads (ATen's strided copy of such a view is several
+// times slower; figures in benchmarks/README.md, "float16"); else m.contiguous().
 at::Tensor contiguous_16bit(const at::Tensor& m) {
   if (m.is_contiguous() || m.stride(0) != 1 || m.element_size() != 2) return m.contiguous();
   constexpr int64_t kB = 64;
