@@ -41,7 +41,7 @@ def released_model():
 # child process, started once collection has selected a test that needs it; those tests run
 # last.
 # Why: most of the suite keeps one of the two cores busy (the Triton interpreter runs on one
-# thread), so the child, on one thread at a lower priority, trains on the other core meanwhile
+# thread), so the child, on one thread at the lowest priority, trains on the other core meanwhile
 # instead of holding the suite up for its two minutes.
 _DIGITS = pytest.StashKey[dict]()
 
@@ -57,7 +57,7 @@ def _start_digits(config):
         proc = subprocess.Popen(
             [sys.executable, "-m", "adaperceiver.train", "--recipe", "digits", "--out-dir",
              str(out), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.nice(10))
+            preexec_fn=lambda: os.nice(19))
         config.stash[_DIGITS] = {"proc": proc, "out": out, "log": log}
     return config.stash[_DIGITS]
 
