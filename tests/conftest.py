@@ -73,9 +73,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """The digits run starts as soon as a selected test needs it (see above)."""
-    if not session.config.option.collectonly and any(map(_needs_digits, session.items)):
-        _start_digits(session.config)
+    """The digits run starts as soon as a selected test needs it (see above). Not in a
+    pytest-xdist worker: every worker collects every test, so there the fixture starts it in
+    each worker that runs such a test."""
+    config = session.config
+    if (not config.option.collectonly and not hasattr(config, "workerinput")
+            and any(map(_needs_digits, session.items))):
+        _start_digits(config)
 
 
 def pytest_unconfigure(config):
