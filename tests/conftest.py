@@ -53,12 +53,12 @@ def _start_digits(config):
         if importlib.util.find_spec("sklearn") is None:
             return None
         out = Path(tempfile.mkdtemp(prefix="adaperceiver_digits_"))
-        log = open(out / "run.log", "w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "adaperceiver.train", "--recipe", "digits", "--out-dir",
-             str(out), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.nice(19))
-        config.stash[_DIGITS] = {"proc": proc, "out": out, "log": log}
+        with open(out / "run.log", "w") as log:  # the child writes through its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "adaperceiver.train", "--recipe", "digits", "--out-dir",
+                 str(out), "--threads", "1"], stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.nice(19))
+        config.stash[_DIGITS] = {"proc": proc, "out": out}
     return config.stash[_DIGITS]
 
 
@@ -89,7 +89,6 @@ def pytest_unconfigure(config):
         if run["proc"].poll() is None:
             run["proc"].kill()
             run["proc"].wait()
-        run["log"].close()
         shutil.rmtree(run["out"], ignore_errors=True)
 
 
@@ -107,8 +106,8 @@ def digits_run(request):
         run["proc"].kill()
         pytest.fail("the digits run did not finish within 1500 s")
     out = run["out"]
-    log = (out / "run.log").read_text()
-    assert rc == 0, f"python -m adaperceiver.train --recipe digits exited {rc}:\n{log[-3000:]}"
+    assert rc == 0, (f"python -m adaperceiver.train --recipe digits exited {rc}:\n"
+                     f"{(out / 'run.log').read_text()[-3000:]}")
     return json.loads((out / "digits.json").read_text()), out
 
 
