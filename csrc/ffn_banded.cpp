@@ -462,14 +462,16 @@ at::Tensor contiguous_16bit(const at::Tensor& m) {
   return out;
 }
 
-// a (M, K) times b (K, N) in the low-precision dtype, rounded once: on the tile GEMM where
-// backward_on_tiles says so (a times the rows of b^T: the tile GEMM reads its weight by rows, so
-// b^T is a contiguous copy, as a is when it is a transposed view), else ATen's GEMM.
+// a (M, K) times b (K, N) on the tile GEMM, rounded once: a times the rows of b^T (the tile
+// GEMM reads its weight by rows, so b^T is a contiguous copy, as a is when it is a transposed
+// view).
 at::Tensor tile_mm(const at::Tensor& a, const at::Tensor& b) {
   c10::InferenceMode no_grad;  // the backward's products: temporaries no autograd will see
   return cpu::tile_linear(contiguous_16bit(a), contiguous_16bit(b.t()), c10::nullopt);
 }
 
+// a times b in the low-precision dtype, rounded once: tile_mm where backward_on_tiles says so,
+// else ATen's GEMM.
 at::Tensor mm_low_precision(const at::Tensor& a, const at::Tensor& b) {
   return backward_on_tiles(a) ? tile_mm(a, b) : at::mm(a, b);
 }
