@@ -69,11 +69,12 @@ def build_info() -> dict:
     ``cpu_native_fp16`` (True: that dtype's FFN GEMMs run natively through oneDNN, AVX512-BF16
     / AMX or AVX512-FP16 / AMX-FP16; False: computed in float32), ``cpu_attention_bf16`` /
     ``cpu_attention_fp16`` (the attention forward's path for that dtype: "amx", products on AMX
-    tiles, or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns the tiles off; where it says
-    "amx", a small FFN batch of several widths runs as one oneDNN GEMM pair at its widest
-    width, csrc/ffn_banded.cpp),
+    tiles; "avx512-bf16", bfloat16 products on AVX512-BF16 dot products, on CPUs that have them
+    but no AMX; or "float32"; ``ADAPERCEIVER_CPU_ISA=avx512`` turns both 16-bit paths off;
+    where it says "amx", a small FFN batch of several widths runs as one oneDNN GEMM pair at
+    its widest width, csrc/ffn_banded.cpp),
     ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
-    "amx", its five products on AMX tiles, or "float32"), ``cpu_tile_linear_bf16`` ("amx": bf16
+    "amx" or "avx512-bf16", its five products in the dtype, or "float32"), ``cpu_tile_linear_bf16`` ("amx": bf16
     GEMMs of at most 256 rows, the projections and fc2, run on the extension's AMX tile GEMM
     with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
     ``cpu_tile_linear_fp16`` ("amx-bf16-pairs": fp16 GEMMs, the projections and the FFN, run

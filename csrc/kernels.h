@@ -58,11 +58,16 @@ using OptT = c10::optional<at::Tensor>;
 
 namespace cpu {
 ADAPERCEIVER_DECLARE_OP_KERNELS
-// Why the bfloat16 / float16 attention (forward and backward) of head dims (D, Dv) does not run
-// on AMX tiles here (empty: it does): "amx" or "float32" is attention_path's summary for build_info.
-// The FFN's one-pair rule for small batches (ffn_banded.cpp, padded_pair) reads it too: where it
-// is empty, oneDNN runs the dtype's GEMMs on the same tiles.
+// Why bfloat16 / float16 products of head dims (D, Dv) do not run on AMX tiles here (empty:
+// they do). The FFN's one-pair rule for small batches (ffn_banded.cpp, padded_pair) and the
+// per-thread row blocks (cpu/gemm_lowp.cpp) read it: where it is empty, oneDNN runs the dtype's
+// GEMMs on the same tiles.
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
+// Why the bfloat16 / float16 attention (forward and backward) of head dims (D, Dv) does not run
+// its products in the dtype here (empty: it does), on AMX tiles or, for bfloat16 without them,
+// on AVX512-BF16 dot products (both through torch's cpublas::brgemm); else it computes in
+// float32. attention_path summarizes it for build_info: "amx", "avx512-bf16" or "float32".
+std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
 // csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on consecutive
 // row blocks of `block` rows run in parallel (one thread each); float32 -> bfloat16 rounded as

@@ -160,12 +160,12 @@ def _padded_backward(backend, c):
 
 
 def _padded_backward_lowp(backend, c):
-    """As _padded_backward, in bfloat16 (float16 where its attention runs on AMX tiles): the
-    tiles' backward where build_info says "amx", else the float32 backward of the 16-bit
-    inputs. The reference runs in float32 on the same rounded inputs and outputs; finite
+    """As _padded_backward, in bfloat16 (float16 where its attention runs in 16 bits): the
+    16-bit backward where build_info says "amx" or "avx512-bf16", else the float32 backward of
+    the 16-bit inputs. The reference runs in float32 on the same rounded inputs and outputs; finite
     values agree to bfloat16's rounding of P and dS."""
     from adaperceiver import _ext
-    dtype = torch.float16 if _ext.build_info()["cpu_attention_bwd_fp16"] == "amx" and \
+    dtype = torch.float16 if _ext.build_info()["cpu_attention_bwd_fp16"] != "float32" and \
         c["seed"] % 2 else torch.bfloat16
     q, k, v, rope = (t.to(dtype) if torch.is_tensor(t) else t for t in _inputs(c))
     lens = None if c["lens"] is None else torch.tensor(c["lens"])

@@ -401,14 +401,19 @@ def _rule_err(x, truth):
 def test_build_info_names_the_attention_paths():
     """cpu_attention_bf16 / _fp16 (the forward) and cpu_attention_bwd_bf16 / _fp16 (the
     backward) say "amx" exactly where the CPU has the tiles for the dtype, nothing lowered them
-    (ADAPERCEIVER_CPU_ISA) and oneDNN is enabled; "float32" otherwise."""
+    (ADAPERCEIVER_CPU_ISA) and oneDNN is enabled; for bfloat16 without the tiles,
+    "avx512-bf16" where the CPU has AVX512-BF16 (and -BW, -VL) under the same conditions;
+    "float32" otherwise."""
     import os
     caps = torch._C._cpu._get_cpu_capability()
     info = _ext.build_info()
     env = os.environ.get("ADAPERCEIVER_CPU_ISA", "").strip().lower()
     tiles = bool(caps.get("avx512_f") and caps.get("amx_tile") and caps.get("amx_bf16")) and \
         env in ("", "amx")
-    assert info["cpu_attention_bf16"] == ("amx" if tiles else "float32")
+    dots = bool(caps.get("avx512_f") and caps.get("avx512_bf16") and caps.get("avx512_bw")
+                and caps.get("avx512_vl")) and env in ("", "amx")
+    assert info["cpu_attention_bf16"] == ("amx" if tiles else "avx512-bf16" if dots
+                                          else "float32")
     assert info["cpu_attention_fp16"] == ("amx" if tiles and caps.get("amx_fp16") else "float32")
     assert info["cpu_attention_bwd_bf16"] == info["cpu_attention_bf16"]
     assert info["cpu_attention_bwd_fp16"] == info["cpu_attention_fp16"]
@@ -426,8 +431,8 @@ def test_tiles_match_the_float32_path_and_the_rule(case, dtype):
     each other, the same lse finiteness, zeros past a sample's length; outputs written into
     NaN-poisoned memory."""
     tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    if _ext.build_info()[f"cpu_attention_{tag}"] == "float32":
+        pytest.skip(f"{tag} attention runs in float32 here (no 16-bit products for it)")
     q, k, v, grans, sl, qr, kr = _tile_inputs(case, dtype, seed=7)
     out, lse = _fwd(q, k, v, grans, sl, qr, kr)
     with mkldnn_off():
@@ -461,8 +466,8 @@ def test_tiles_any_finite_scale(scale, dtype):
     over three key chunks with tails and a group boundary inside a tile, each within
     flash-attn's rule of the float64 truth, the same lse finiteness, on poisoned memory."""
     tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    if _ext.build_info()[f"cpu_attention_{tag}"] == "float32":
+        pytest.skip(f"{tag} attention runs in float32 here (no 16-bit products for it)")
     g = torch.Generator().manual_seed(11)
     B, H, N, D = 2, 2, 533, 64
     q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
@@ -483,8 +488,8 @@ def test_tiles_any_finite_scale(scale, dtype):
 def test_tiles_packed_rows_match_padded(dtype):
     """The packed (varlen) kernel on tiles: the padded kernel's values on the owned rows."""
     tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    if _ext.build_info()[f"cpu_attention_{tag}"] == "float32":
+        pytest.skip(f"{tag} attention runs in float32 here (no 16-bit products for it)")
     lens, H, D, grans = [50, 0, 37, 301], 3, 64, [16, 37, 64, 256]
     g = torch.Generator().manual_seed(11)
     rows = sum(lens)
@@ -515,8 +520,8 @@ def test_nonfinite_values_reach_only_rows_that_see_them(dtype, bad):
     kernel's band; bfloat16 / float16: the AMX tiles (skipped where they do not run)."""
     if dtype != torch.float32:
         tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-            pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+        if _ext.build_info()[f"cpu_attention_{tag}"] == "float32":
+            pytest.skip(f"{tag} attention runs in float32 here (no 16-bit products for it)")
     n, grans = 300, [20, 40, 130, 300]     # 300 keys: the non-finite rows sit in two chunks
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, n, 64, generator=g).to(dtype) for _ in range(3))
@@ -538,8 +543,8 @@ def test_tiles_keep_value_rows_past_a_tile_out(dtype):
     v poisoned at key 37 (the pair partner of key 36, a tile's last) and at key 40 (inside the
     rounded chunk): rows 0..31, whose tile ends at key 37, stay bit for bit the clean output."""
     tag = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    if _ext.build_info()[f"cpu_attention_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention runs in float32 here (no AMX tiles for it)")
+    if _ext.build_info()[f"cpu_attention_{tag}"] == "float32":
+        pytest.skip(f"{tag} attention runs in float32 here (no 16-bit products for it)")
     n, grans = 100, [37, 64, 100]
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(dtype) for _ in range(3))

@@ -7,7 +7,8 @@ output on the clean inputs bit for bit. Forward and backward (per head: the same
 non-finite gradients, the other heads' gradients are unchanged), padded and packed rows, RoPE,
 token granularities, seq_lens, float32 / bfloat16 / float16, and every instruction-set path of
 the attention this CPU has (ADAPERCEIVER_CPU_ISA in a child process: amx, bfloat16 / float16
-products on AMX tiles; avx512, avx2, portable: the float32 microkernel).
+products on AMX tiles; avx512, avx2, portable: the float32 microkernel; unset on a CPU with
+AVX512-BF16 and no AMX, the parent itself: bfloat16 products on AVX512-BF16 dot products).
 
 The reference sums over the (query, key) pairs a row reads, as the kernels do: rows past a
 sample's length are zeros (lse -inf) and a value row v[j] reaches only the rows that attend to
@@ -346,10 +347,12 @@ def _isas():
 
 
 def _this_path():
-    """This process's attention path: "amx" when bfloat16 runs on AMX tiles (float32 on the
-    microkernel's instruction set), else that instruction set."""
+    """This process's attention path: "amx" or "avx512-bf16" when bfloat16 runs its products
+    in 16 bits (on AMX tiles, on AVX512-BF16 dot products; float32 on the microkernel's
+    instruction set), else that instruction set."""
     info = _ext.build_info()
-    return "amx" if info["cpu_attention_bf16"] == "amx" else info["cpu_isa"]
+    lowp = info["cpu_attention_bf16"]
+    return lowp if lowp != "float32" else info["cpu_isa"]
 
 
 @pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "portable"])

@@ -1,8 +1,9 @@
-"""The CPU attention backward of bfloat16 / float16 on AMX tiles (csrc/cpu/attention.cpp:
+"""The CPU attention backward of bfloat16 / float16 in 16 bits (csrc/cpu/attention.cpp:
 attention_bwd_tiles) against a float64 truth, by flash-attn's rule.
 
-Where build_info()["cpu_attention_bwd_<dtype>"] == "amx" the backward's five products run on
-the tiles with P and dS rounded to the input dtype; with torch.backends.mkldnn disabled the same
+Where build_info()["cpu_attention_bwd_<dtype>"] is "amx" (AMX tiles) or "avx512-bf16"
+(AVX512-BF16 dot products) the backward's five products run in the dtype with P and dS
+rounded to it; with torch.backends.mkldnn disabled the same
 inputs take the float32 backward (16-bit inputs converted up front), so both paths are compared
 in one process. Shapes: RoPE, grans that split the 64-row query tiles, seq_lens shorter than N
 (rows and keys past them get exactly zero gradient), head dims that are not multiples of 16 or
@@ -50,8 +51,8 @@ def _tag(dtype):
 
 def _skip_without_tiles(dtype):
     tag = _tag(dtype)
-    if _ext.build_info()[f"cpu_attention_bwd_{tag}"] != "amx":
-        pytest.skip(f"{tag} attention backward runs in float32 here (no AMX tiles for it)")
+    if _ext.build_info()[f"cpu_attention_bwd_{tag}"] == "float32":
+        pytest.skip(f"{tag} attention backward runs in float32 here (no 16-bit products for it)")
 
 
 def _poison_heap(*shapes):

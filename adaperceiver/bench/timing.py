@@ -187,7 +187,11 @@ def cpu_kernels_summary() -> str:
              if info["cpu_tile_linear_bf16"] == "amx" else "")
     tiles += ("; fp16 GEMMs on the AMX tile GEMM as exact bf16 pairs"
               if info["cpu_tile_linear_fp16"] == "amx-bf16-pairs" else "")
-    return (f"attention microkernel {info['cpu_isa']}; "
+    products = {"amx": "on AMX tiles", "avx512-bf16": "on AVX512-BF16 dot products",
+                "float32": "in float32"}
+    attention = (f"; bf16 attention {products[info['cpu_attention_bf16']]}, "
+                 f"fp16 attention {products[info['cpu_attention_fp16']]}")
+    return (f"attention microkernel {info['cpu_isa']}{attention}; "
             f"{low('bf16', info['cpu_native_bf16'], 'AVX512-BF16/AMX-BF16')}; "
             f"{low('fp16', info['cpu_native_fp16'], 'AVX512-FP16/AMX-FP16')}{tiles}")
 

@@ -11,18 +11,20 @@
 // given) and values of a (batch, head) are converted once into per-thread scratch that its
 // tiles reuse.
 // Two forward kernels on that schedule:
-//  * float32 inside (float32 inputs; bfloat16 / float16 where the AMX tiles cannot take them):
+//  * float32 inside (float32 inputs; bfloat16 / float16 where the 16-bit products cannot run):
 //    chunks of up to KC keys, each two small GEMMs on raw pointers (cpu/microkernel.cpp: an
 //    AVX-512 register-tiled kernel, BLAS sgemm_ elsewhere; no tensor allocation or dispatch in
 //    the inner loop). Scores are kept transposed (key-major) so the softmax runs across the
 //    tile's queries with plain vector loads. 16-bit inputs are read in place and converted as
 //    rows are loaded, outputs rounded once.
-//  * bfloat16 / float16 on AMX tiles (attention_fwd_tiles, below): chunks of up to KT keys, the
+//  * bfloat16 / float16 in 16 bits (attention_fwd_tiles, below): chunks of up to KT keys, the
 //    two products on the 16-bit values with float32 accumulation through torch's
-//    at::native::cpublas::brgemm (oneDNN's ukernel), the softmax in float32, P rounded to the
-//    input type as SDPA rounds it. Taken when tiles_why_not says nothing (the CPU has the tiles
-//    for the dtype, ADAPERCEIVER_CPU_ISA is unset or amx, oneDNN enabled); every head size and
-//    length fits (odd head dims and chunk tails are padded), so no shape falls back.
+//    at::native::cpublas::brgemm (oneDNN's ukernel: AMX tiles where the CPU has them for the
+//    dtype, else AVX512-BF16 dot products for bfloat16), the softmax in float32, P rounded to
+//    the input type as SDPA rounds it. Taken when lowp_attention_why_not says nothing (the CPU
+//    has the instructions for the dtype, ADAPERCEIVER_CPU_ISA is unset or amx, oneDNN enabled);
+//    every head size and length fits (odd head dims and chunk tails are padded), so no shape
+//    falls back.
 // Rows past seq_lens[b] are written as zeros, lse -inf. Packed rows (attention_varlen_fwd: q, k,
 // v (R, H, D), samples one after another, no padding) run the same forwards with per-sample row
 // bases; there a sample has no rows past its length to write.
@@ -35,11 +37,11 @@
 // both forwards; only band chunks scan the values).
 // Backward: one work item per (batch, head) (dk/dv are sums over query tiles), same skipping,
 // P recomputed from the saved lse, dS = P (dP - delta) with delta = rowsum(dO * O). Two kernels:
-//  * float32 inside (float32 inputs; bfloat16 / float16 where the tiles cannot take them, those
-//    converted up front): products through the same small_gemm (K and V transposed once per
+//  * float32 inside (float32 inputs; bfloat16 / float16 where the 16-bit products cannot run,
+//    those converted up front): products through the same small_gemm (K and V transposed once per
 //    (batch, head) so every right operand is row-major).
-//  * bfloat16 / float16 on AMX tiles (attention_bwd_tiles, under the same tiles_why_not as the
-//    forward): the five products (S, dP, dQ, dK^T, dV^T) on the 16-bit values through brgemm
+//  * bfloat16 / float16 in 16 bits (attention_bwd_tiles, under the same lowp_attention_why_not
+//    as the forward): the five products (S, dP, dQ, dK^T, dV^T) on the 16-bit values through brgemm
 //    with float32 accumulation, P and dS rounded to the input type as the reference in that
 //    type rounds them, dK/dV accumulated in float32 across query tiles and rounded once. The
 //    packed (varlen) op's backward runs this padded one (ops/attention.py).
@@ -423,7 +425,8 @@ void attention_fwd_kernel(const FwdProblem<T>& pr, Rope qrope, Rope krope,
   });
 }
 
-// ---- bfloat16 / float16 on AMX tiles (at::native::cpublas::brgemm, oneDNN's ukernel) ----
+// ---- bfloat16 / float16 in 16 bits (at::native::cpublas::brgemm, oneDNN's ukernel: AMX tiles
+// or AVX512-BF16 dot products) ----
 // The same tiles as above; the two products run on the 16-bit inputs with float32 accumulation:
 // S (rows x kw) = Qt Kp, with Qt the tile's (rotated) queries, row-major, and Kp the head's
 // keys transposed into the VNNI layout (pairs of head-dim values interleaved) in blocks of KT
@@ -442,8 +445,8 @@ constexpr int64_t KALIGN = 32;  // chunk widths rounded up to this (two AMX tile
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Whether a row of n 16-bit values (bfloat16: exponent mask 0x7F80, float16: 0x7C00) holds a
-// NaN or an infinity: all exponent bits set. AVX-512 BW, 32 values a step (the tiles run only
-// on CPUs with AMX, which have it).
+// NaN or an infinity: all exponent bits set. AVX-512 BW, 32 values a step (the 16-bit products
+// run only where the CPU has it: every CPU with AMX, and bf16_dot_products asks for it).
 __attribute__((target("avx512f,avx512bw"))) inline bool nonfinite_row(const uint16_t* x,
                                                                         int64_t n,
                                                                         uint16_t exp_mask) {
@@ -592,14 +595,14 @@ void attention_fwd_tiles(const FwdProblem<T>& pr, Rope qrope, Rope krope,
   });
 }
 
-// Runs the forward on the tiles for bfloat16 / float16 when tiles_why_not says nothing, else
-// the float32 kernel.
+// Runs the forward in 16 bits for bfloat16 / float16 when lowp_attention_why_not says nothing,
+// else the float32 kernel.
 template <typename T>
 void attention_fwd_dispatch(const FwdProblem<T>& pr, Rope qrope, Rope krope,
                             const std::vector<int64_t>& re, const std::vector<int64_t>& lens,
                             float scale, T* op, float* lp) {
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
-    if (tiles_why_not(c10::CppTypeToScalarType<T>::value, pr.D, pr.Dv).empty()) {
+    if (lowp_attention_why_not(c10::CppTypeToScalarType<T>::value, pr.D, pr.Dv).empty()) {
       return attention_fwd_tiles<T>(pr, qrope, krope, re, lens, scale, op, lp);
     }
   }
@@ -688,7 +691,7 @@ void attention_bwd_kernel(const at::Tensor& gof, const at::Tensor& qf, const at:
 }
 
 
-// ---- backward of bfloat16 / float16 on AMX tiles (the products through cpublas::brgemm) ----
+// ---- backward of bfloat16 / float16 in 16 bits (the products through cpublas::brgemm) ----
 // One work item per (batch, head) (dK and dV are sums over its query tiles). The head's keys
 // are packed once, in T: K^T in VNNI blocks of KT keys (pairs of head-dim values, as the
 // forward's, for S = Q K^T), K in VNNI pairs of keys (for dQ = dS K) and V^T in VNNI blocks
@@ -906,8 +909,65 @@ std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
   return "";
 }
 
+namespace {
+
+// Whether torch's cpublas::brgemm multiplies bfloat16 where there are no AMX tiles (oneDNN's
+// ukernel on AVX512-BF16 dot products): one 2 x 16 x 32 product of small integers, exact in
+// bfloat16 and float32, checked against its value once per process. A torch built without the
+// ukernel throws instead; either way the reason is returned and the attention computes in
+// float32.
+const std::string& brgemm_bf16_why_not() {
+  static const std::string why = []() -> std::string {
+    constexpr int64_t M = 2, N = 16, K = 32;
+    std::vector<c10::BFloat16> a(M * K), bv(K * N);
+    std::vector<float> c(M * N, -1.f), want(M * N, 0.f);
+    auto av = [](int64_t i, int64_t p) { return float((i * 7 + p) % 5 - 2); };
+    auto bval = [](int64_t p, int64_t n) { return float((p * 3 + n) % 7 - 3); };
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t p = 0; p < K; ++p) a[i * K + p] = c10::BFloat16(av(i, p));
+    }
+    // VNNI layout: the pair (p, p + 1) of column n at ((p / 2) * N + n) * 2 + p % 2
+    for (int64_t p = 0; p < K; ++p) {
+      for (int64_t n = 0; n < N; ++n) bv[((p / 2) * N + n) * 2 + p % 2] = c10::BFloat16(bval(p, n));
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t p = 0; p < K; ++p) want[i * N + n] += av(i, p) * bval(p, n);
+      }
+    }
+    try {
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), bv.data(), c.data(), true);
+      at::native::cpublas::brgemm_release(true);
+    } catch (const std::exception& e) {
+      return std::string("torch's cpublas::brgemm does not take bfloat16 here: ") + e.what();
+    }
+    return c == want ? "" : "torch's cpublas::brgemm gave a wrong bfloat16 product here";
+  }();
+  return why;
+}
+
+}  // namespace
+
+std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
+  std::string tiles = tiles_why_not(dtype, D, Dv);
+  if (tiles.empty() || dtype != at::kBFloat16) return tiles;
+  if (!bf16_dot_products()) {
+    const char* env = std::getenv("ADAPERCEIVER_CPU_ISA");
+    return env && *env ? "ADAPERCEIVER_CPU_ISA=" + std::string(env) +
+                             " turns the AMX tiles and the AVX512-BF16 products off"
+                       : "this CPU has neither AMX-BF16 tiles nor AVX512-BF16 dot products";
+  }
+  if (!at::globalContext().userEnabledMkldnn()) {
+    return "torch.backends.mkldnn is disabled (the AVX512-BF16 products run through oneDNN's "
+           "brgemm)";
+  }
+  if (D == 0 || Dv == 0) return "an empty head dimension";
+  return brgemm_bf16_why_not();
+}
+
 const char* attention_path(at::ScalarType dtype) {
-  return tiles_why_not(dtype, 64, 64).empty() ? "amx" : "float32";
+  if (tiles_why_not(dtype, 64, 64).empty()) return "amx";
+  return lowp_attention_why_not(dtype, 64, 64).empty() ? "avx512-bf16" : "float32";
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(ADAPERCEIVER_ATTENTION_FWD_PARAMS) {
@@ -980,7 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(ADAPERCEIVER_ATTENT
   const auto lens = seq_lens_host(seq_lens, B);
   const at::ScalarType dtype = q.scalar_type();
   if ((dtype == at::kBFloat16 || dtype == at::kHalf) &&
-      tiles_why_not(dtype, q.size(3), Dv).empty()) {
+      lowp_attention_why_not(dtype, q.size(3), Dv).empty()) {
     // the 16-bit inputs read in place (any strides but the head dim's, which must be 1)
     auto unit_d = [](const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); };
     const at::Tensor qu = unit_d(q), ku = unit_d(k), vu = unit_d(v),

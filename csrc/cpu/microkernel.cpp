@@ -296,7 +296,7 @@ __attribute__((target("avx512f,avx512bf16,avx512bw"))) float softmax_weights(con
 // then (rare) the row is redone with m = NaN, as the reference's max is NaN-sticky. (A +inf
 // score gives a NaN sum too, from inf - inf, with no NaN score: that row stays as it is.)
 // AVX512-BF16 for the bfloat16 rounding and AVX512-BW for the 16-bit masked store: every CPU
-// with AMX tiles has both.
+// with AMX tiles has both, and the AVX512-BF16 products are taken only where both are.
 template <bool kBf16>
 __attribute__((target("avx512f,avx512bf16,avx512bw"))) float softmax_row_avx512(
     const float* s, int64_t valid, int64_t width, float scale, float m_old, float* m_new,
@@ -739,20 +739,23 @@ static bool cpu_flag(const char* name) {
 namespace {
 
 // What ADAPERCEIVER_CPU_ISA (read once) leaves the kernels: the microkernel's instruction set,
-// and whether the low-precision attention may run on AMX tiles ("amx" is AVX-512 plus the
-// tiles; "avx512" and lower turn the tiles off).
+// and whether the low-precision attention may run its products in 16 bits, on AMX tiles or on
+// AVX512-BF16 dot products ("amx" is AVX-512 plus those; "avx512" and lower turn them off).
 struct IsaChoice {
   Isa isa;
   bool tiles;
+  bool dots;
 };
 
 const IsaChoice& isa_choice() {
   static const IsaChoice choice = [] {
     const bool amx = has_avx512() && cpu_flag("amx_tile") && cpu_flag("amx_bf16");
+    const bool dots = has_avx512() && cpu_flag("avx512_bf16") && cpu_flag("avx512_bw") &&
+                      cpu_flag("avx512_vl");
     const Isa hw = has_avx512() ? Isa::kAvx512 : (has_avx2() ? Isa::kAvx2 : Isa::kPortable);
     const char* hw_name = amx ? "amx" : isa_name(hw);
     const std::string env = env_choice("ADAPERCEIVER_CPU_ISA");
-    if (env.empty()) return IsaChoice{hw, amx};
+    if (env.empty()) return IsaChoice{hw, amx, dots};
     const bool known = env == "amx" || env == "avx512" || env == "avx2" || env == "portable";
     TORCH_CHECK(known, "ADAPERCEIVER_CPU_ISA=", env, " is not allowed; allowed: amx, avx512, "
                 "avx2, portable");
@@ -761,11 +764,11 @@ const IsaChoice& isa_choice() {
                     : env == "avx2" ? isa_supported(Isa::kAvx2) : true;
     TORCH_CHECK(ok, "ADAPERCEIVER_CPU_ISA=", env, " is not supported by this CPU; allowed "
                 "here: ", hw_name, " or a lower one (amx > avx512 > avx2 > portable)");
-    if (env == "amx") return IsaChoice{Isa::kAvx512, true};
+    if (env == "amx") return IsaChoice{Isa::kAvx512, true, dots};
     for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kPortable}) {
-      if (env == isa_name(isa)) return IsaChoice{isa, false};
+      if (env == isa_name(isa)) return IsaChoice{isa, false, false};
     }
-    return IsaChoice{hw, amx};
+    return IsaChoice{hw, amx, dots};
   }();
   return choice;
 }
@@ -775,6 +778,8 @@ const IsaChoice& isa_choice() {
 Isa best_isa() { return isa_choice().isa; }
 
 bool amx_tiles() { return isa_choice().tiles; }
+
+bool bf16_dot_products() { return isa_choice().dots; }
 
 
 bool native_bf16_gemm() {

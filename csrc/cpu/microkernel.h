@@ -25,6 +25,11 @@ Isa best_isa();
 // The bfloat16 / float16 attention may run on AMX tiles: the CPU has AMX-BF16 and
 // ADAPERCEIVER_CPU_ISA is unset or amx (the attention also asks cpublas, per call).
 bool amx_tiles();
+// The bfloat16 attention may run its products on AVX512-BF16 dot products (oneDNN's brgemm
+// generates them where there are no AMX tiles): the CPU has AVX512-BF16 and AVX512-BW and
+// ADAPERCEIVER_CPU_ISA is unset or amx. Like the tiles, "avx512" and lower turn them off, so
+// the float32-inside attention can be run and tested on every CPU.
+bool bf16_dot_products();
 
 // bfloat16 (float16) GEMMs run natively: the CPU has AVX512-BF16 or AMX-BF16 (AVX512-FP16 or
 // AMX-FP16) and best_isa() is AVX-512. Then the FFN runs those dtypes as they are through
