@@ -136,14 +136,31 @@ for dt in (torch.bfloat16, torch.float16):
     assert xl.grad is not None and wl.grad is not None and bl.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast keeps its own choice
         assert torch.equal(ops.linear(x, w, b), F.linear(x, w, b))
+# inference: the float32 GEMM is the one float32 takes (oneDNN where it is the library), its
+# result rounded once to the dtype
+import importlib
+lm = importlib.import_module("adaperceiver.ops.linear")
+calls, real = [], lm._onednn_linear
+onednn = real is not None and ops.cpu_gemm_library() == "onednn"
+if onednn:
+    lm._onednn_linear = lambda *a: calls.append(a[0].dtype) or real(*a)
+for dt in (torch.bfloat16, torch.float16):
+    xl, wl, bl = (t.to(dt) for t in (x, w, b))
+    with torch.inference_mode():
+        out = ops.linear(xl, wl, bl)
+    want = F.linear(xl.float(), wl.float(), bl.float())
+    bound = torch.finfo(dt).eps * want.abs() + 1e-5 * want.abs().max()
+    assert out.dtype == dt and ((out.float() - want).abs() <= bound).all(), dt
+assert calls == ([torch.float32] * 2 if onednn else []), calls
 print("ok")
 """
 
 
 def test_low_precision_without_native_gemms_runs_float32():
     """On a CPU without native bf16 / fp16 GEMMs (emulated here by ADAPERCEIVER_CPU_ISA=avx2,
-    which turns the native paths off) a bf16 / fp16 projection is a float32 GEMM rounded once;
-    with native GEMMs it is F.linear in the dtype."""
+    which turns the native paths off) a bf16 / fp16 projection is a float32 GEMM rounded once
+    (in inference on oneDNN, as float32's projections); with native GEMMs it is F.linear in the
+    dtype."""
     env = dict(os.environ, ADAPERCEIVER_CPU_ISA="avx2")
     caps = torch._C._cpu._get_cpu_capability()
     if not caps.get("avx2"):

@@ -13,8 +13,8 @@ bfloat16 / float16 on a CPU without native GEMMs for the dtype (no AVX512-BF16 /
 AVX512-FP16 / AMX-FP16; ``adaperceiver._ext.build_info()["cpu_native_bf16"]``): torch would run
 the projection on its emulated low-precision GEMM, several times slower than float32; it runs
 as a float32 GEMM on float32 copies of the operands instead (float32 accumulation and one
-rounding of the result, as the native GEMM does), so a bf16 model is never much slower than the
-float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
+rounding of the result, as the native GEMM does), on the GEMM float32 would take (oneDNN in
+inference), so a bf16 model is never much slower than the float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
 ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
 same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
 (they sum in different orders); a given input and library always give the same output.
@@ -211,9 +211,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     dtype = _autocast_dtype(x, weight, bias)
     if dtype is not None:
         return _cpu_gemm(*(to_dtype(t, dtype) for t in (x, weight, bias)))
-    if _float32_takes(x, weight):
-        return F.linear(x.float(), weight.float(),
-                        None if bias is None else bias.float()).to(x.dtype)
+    if _float32_takes(x, weight):   # the float32 GEMM on oneDNN where float32 takes it
+        return linear(x.float(), weight.float(),
+                      None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
