@@ -74,9 +74,9 @@ def build_info() -> dict:
     where it says "amx", a small FFN batch of several widths runs as one oneDNN GEMM pair at
     its widest width, csrc/ffn_banded.cpp),
     ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
-    "amx" or "avx512-bf16", its five products in the dtype, or "float32"), ``cpu_tile_linear_bf16`` ("amx": bf16
-    GEMMs of at most 256 rows, the projections and fc2, run on the extension's AMX tile GEMM
-    with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
+    "amx" or "avx512-bf16", its five products in the dtype, or "float32"),
+    ``cpu_tile_linear_bf16`` ("amx": bf16 GEMMs of at most 256 rows, the projections and fc2,
+    run on the extension's AMX tile GEMM with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
     ``cpu_tile_linear_fp16`` ("amx-bf16-pairs": fp16 GEMMs, the projections and the FFN, run
     on the same tile GEMM as exact pairs of bf16 products, on CPUs with AMX-BF16 but no
     AMX-FP16, where oneDNN's fp16 GEMM runs at about float32 speed; "onednn": on oneDNN),

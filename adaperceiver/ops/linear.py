@@ -14,7 +14,8 @@ AVX512-FP16 / AMX-FP16; ``adaperceiver._ext.build_info()["cpu_native_bf16"]``): 
 the projection on its emulated low-precision GEMM, several times slower than float32; it runs
 as a float32 GEMM on float32 copies of the operands instead (float32 accumulation and one
 rounding of the result, as the native GEMM does), on the GEMM float32 would take (oneDNN in
-inference), so a bf16 model is never much slower than the float32 one there. The C++ FFN makes the same choice (csrc/ffn_banded.cpp).
+inference), so a bf16 model is never much slower than the float32 one there. The C++ FFN makes
+the same choice (csrc/ffn_banded.cpp).
 ``ADAPERCEIVER_CPU_GEMM=mkl`` in the environment (read once at import; the C++ FFN reads it the
 same way) keeps every projection on ``F.linear``. The two libraries agree to float32 rounding
 (they sum in different orders); a given input and library always give the same output.

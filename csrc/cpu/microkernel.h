@@ -26,7 +26,7 @@ Isa best_isa();
 // ADAPERCEIVER_CPU_ISA is unset or amx (the attention also asks cpublas, per call).
 bool amx_tiles();
 // The bfloat16 attention may run its products on AVX512-BF16 dot products (oneDNN's brgemm
-// generates them where there are no AMX tiles): the CPU has AVX512-BF16 and AVX512-BW and
+// generates them where there are no AMX tiles): the CPU has AVX512-BF16, -BW and -VL and
 // ADAPERCEIVER_CPU_ISA is unset or amx. Like the tiles, "avx512" and lower turn them off, so
 // the float32-inside attention can be run and tested on every CPU.
 bool bf16_dot_products();
