@@ -75,6 +75,9 @@ def build_info() -> dict:
     its widest width, csrc/ffn_banded.cpp),
     ``cpu_attention_bwd_bf16`` / ``cpu_attention_bwd_fp16`` (the attention backward's path:
     "amx" or "avx512-bf16", its five products in the dtype, or "float32"),
+    ``cpu_attention_bf16_why_not`` / ``cpu_attention_fp16_why_not`` (why that dtype's attention
+    computes in float32 here, e.g. "this CPU has neither AMX-BF16 tiles nor AVX512-BF16 dot
+    products"; None where it runs in the dtype),
     ``cpu_tile_linear_bf16`` ("amx": bf16 GEMMs of at most 256 rows, the projections and fc2,
     run on the extension's AMX tile GEMM with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
     ``cpu_tile_linear_fp16`` ("amx-bf16-pairs": fp16 GEMMs, the projections and the FFN, run
@@ -104,6 +107,8 @@ def build_info() -> dict:
         "cpu_attention_fp16": facts.get("cpu_attention_fp16") or None,
         "cpu_attention_bwd_bf16": facts.get("cpu_attention_bwd_bf16") or None,
         "cpu_attention_bwd_fp16": facts.get("cpu_attention_bwd_fp16") or None,
+        "cpu_attention_bf16_why_not": facts.get("cpu_attention_bf16_why_not") or None,
+        "cpu_attention_fp16_why_not": facts.get("cpu_attention_fp16_why_not") or None,
         "cpu_tile_linear_bf16": facts.get("cpu_tile_linear_bf16") or None,
         "cpu_tile_linear_fp16": facts.get("cpu_tile_linear_fp16") or None,
         "cpu_isa_error": facts.get("cpu_isa_error") or None,

@@ -65,8 +65,10 @@ ADAPERCEIVER_DECLARE_OP_KERNELS
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 // Why the bfloat16 / float16 attention (forward and backward) of head dims (D, Dv) does not run
 // its products in the dtype here (empty: it does), on AMX tiles or, for bfloat16 without them,
-// on AVX512-BF16 dot products (both through torch's cpublas::brgemm); else it computes in
-// float32. attention_path summarizes it for build_info: "amx", "avx512-bf16" or "float32".
+// on AVX512-BF16 dot products (both through torch's cpublas::brgemm, which an exact probe
+// product checks once per process and dtype); else it computes in float32. attention_path
+// summarizes it for build_info: "amx", "avx512-bf16" or "float32"; build_info also gives the
+// reason.
 std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv);
 const char* attention_path(at::ScalarType dtype);
 // csrc/cpu/gemm_lowp.cpp: x (..., K) weight (N, K)^T + bias as oneDNN GEMMs on consecutive

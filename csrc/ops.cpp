@@ -53,6 +53,9 @@ std::vector<std::pair<std::string, std::string>> build_facts() {
     f.emplace_back("cpu_attention_fp16", cpu::attention_path(at::kHalf));
     f.emplace_back("cpu_attention_bwd_bf16", cpu::attention_path(at::kBFloat16));
     f.emplace_back("cpu_attention_bwd_fp16", cpu::attention_path(at::kHalf));
+    f.emplace_back("cpu_attention_bf16_why_not",
+                   cpu::lowp_attention_why_not(at::kBFloat16, 64, 64));
+    f.emplace_back("cpu_attention_fp16_why_not", cpu::lowp_attention_why_not(at::kHalf, 64, 64));
     f.emplace_back("cpu_tile_linear_bf16",
                    cpu::tile_linear_takes(1, at::kBFloat16) ? "amx" : "onednn");
     f.emplace_back("cpu_tile_linear_fp16",

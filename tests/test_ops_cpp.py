@@ -6,6 +6,7 @@ grans, cross-attention (Nq != Nk, Nq = 1), seq_lens (incl. 0), RoPE, long key ra
 softmax chunks), mixed Matryoshka widths incl. 1 and Hmax; every element checked.
 """
 import math
+import os
 import subprocess
 import sys
 
@@ -557,3 +558,36 @@ def test_tiles_keep_value_rows_past_a_tile_out(dtype):
         assert torch.equal(out[0, 1, :32], base[0, 1, :32]), f"v[{key}] reached rows < 32"
         assert out[0, 1, 37:].isnan().any(-1).all()         # rows that read the key
         assert torch.equal(out[0, 0], base[0, 0])
+
+
+_CAPPED_CHILD = r"""
+import torch
+from adaperceiver import _ext
+info = _ext.build_info()
+why = info["cpu_attention_bf16_why_not"]
+assert info["cpu_attention_bf16"] == info["cpu_attention_bwd_bf16"] == "float32", info
+assert why and "cpublas::brgemm does not take BFloat16" in why and "frame #" not in why, why
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(2, 3, 70, 64, generator=g).bfloat16() for _ in range(3))
+op = torch.ops.adaperceiver.block_masked_attention_fwd
+got = op(q, k, v, [32, 70], 0.125, None, None, None, None, None)
+torch.backends.mkldnn.enabled = False      # the float32 kernel by the other road
+want = op(q, k, v, [32, 70], 0.125, None, None, None, None, None)
+assert all(torch.equal(a, b) for a, b in zip(got, want))
+print("ok")
+"""
+
+
+def test_bf16_attention_computes_in_float32_where_brgemm_refuses_bf16():
+    """With oneDNN capped below its bfloat16 instructions (ONEDNN_MAX_CPU_ISA=AVX2) torch's
+    brgemm refuses bfloat16: the probe product says so once, build_info gives that reason (no
+    backtrace) and the attention takes its float32 kernel, bit for bit the output it gives with
+    oneDNN disabled, instead of failing on the first call."""
+    caps = torch._C._cpu._get_cpu_capability()
+    if not (caps.get("avx512_f") and caps.get("avx512_bf16")):
+        pytest.skip("no AVX512-BF16: the bfloat16 attention never runs in 16 bits here")
+    env = {k: v for k, v in os.environ.items() if k != "ADAPERCEIVER_CPU_ISA"}
+    env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    res = subprocess.run([sys.executable, "-c", _CAPPED_CHILD], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -895,7 +895,8 @@ std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
     return std::getenv("ADAPERCEIVER_CPU_ISA") && *std::getenv("ADAPERCEIVER_CPU_ISA")
                ? "ADAPERCEIVER_CPU_ISA=" + std::string(std::getenv("ADAPERCEIVER_CPU_ISA")) +
                      " turns the AMX tiles off"
-               : "this CPU has no AMX-BF16 tiles";
+               : std::string("this CPU has no AMX tiles") +
+                     (dtype == at::kHalf ? " (float16's 16-bit products need AMX-FP16)" : "");
   }
   if (!at::globalContext().userEnabledMkldnn()) {
     return "torch.backends.mkldnn is disabled (the tiles run through oneDNN's brgemm)";
@@ -911,46 +912,56 @@ std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
 
 namespace {
 
-// Whether torch's cpublas::brgemm multiplies bfloat16 where there are no AMX tiles (oneDNN's
-// ukernel on AVX512-BF16 dot products): one 2 x 16 x 32 product of small integers, exact in
-// bfloat16 and float32, checked against its value once per process. A torch built without the
-// ukernel throws instead; either way the reason is returned and the attention computes in
-// float32.
-const std::string& brgemm_bf16_why_not() {
-  static const std::string why = []() -> std::string {
-    constexpr int64_t M = 2, N = 16, K = 32;
-    std::vector<c10::BFloat16> a(M * K), bv(K * N);
-    std::vector<float> c(M * N, -1.f), want(M * N, 0.f);
-    auto av = [](int64_t i, int64_t p) { return float((i * 7 + p) % 5 - 2); };
-    auto bval = [](int64_t p, int64_t n) { return float((p * 3 + n) % 7 - 3); };
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t p = 0; p < K; ++p) a[i * K + p] = c10::BFloat16(av(i, p));
+// Whether torch's cpublas::brgemm multiplies T (bfloat16 / float16) here, on the AMX tiles or
+// the AVX512-BF16 dot products that oneDNN's ukernel generates: one 2 x 16 x 32 product of small
+// integers, exact in T and float32, checked against its value once per process and type. A
+// torch built without the ukernel, or oneDNN capped below the instructions
+// (ONEDNN_MAX_CPU_ISA), throws or refuses instead; either way the reason is returned and the
+// attention computes in float32.
+template <typename T>
+std::string brgemm_probe() {
+  constexpr int64_t M = 2, N = 16, K = 32;
+  std::vector<T> a(M * K), bv(K * N);
+  std::vector<float> c(M * N, -1.f), want(M * N, 0.f);
+  auto av = [](int64_t i, int64_t p) { return float((i * 7 + p) % 5 - 2); };
+  auto bval = [](int64_t p, int64_t n) { return float((p * 3 + n) % 7 - 3); };
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t p = 0; p < K; ++p) a[i * K + p] = T(av(i, p));
+  }
+  // VNNI layout: the pair (p, p + 1) of column n at ((p / 2) * N + n) * 2 + p % 2
+  for (int64_t p = 0; p < K; ++p) {
+    for (int64_t n = 0; n < N; ++n) bv[((p / 2) * N + n) * 2 + p % 2] = T(bval(p, n));
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t p = 0; p < K; ++p) want[i * N + n] += av(i, p) * bval(p, n);
     }
-    // VNNI layout: the pair (p, p + 1) of column n at ((p / 2) * N + n) * 2 + p % 2
-    for (int64_t p = 0; p < K; ++p) {
-      for (int64_t n = 0; n < N; ++n) bv[((p / 2) * N + n) * 2 + p % 2] = c10::BFloat16(bval(p, n));
-    }
-    for (int64_t i = 0; i < M; ++i) {
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t p = 0; p < K; ++p) want[i * N + n] += av(i, p) * bval(p, n);
-      }
-    }
-    try {
-      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), bv.data(), c.data(), true);
-      at::native::cpublas::brgemm_release(true);
-    } catch (const std::exception& e) {
-      return std::string("torch's cpublas::brgemm does not take bfloat16 here: ") + e.what();
-    }
-    return c == want ? "" : "torch's cpublas::brgemm gave a wrong bfloat16 product here";
-  }();
-  return why;
+  }
+  const std::string name = c10::toString(c10::CppTypeToScalarType<T>::value);
+  try {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, false, a.data(), bv.data(), c.data(), true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const c10::Error& e) {
+    return "torch's cpublas::brgemm does not take " + name + " here: " +
+           e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    return "torch's cpublas::brgemm does not take " + name + " here: " + e.what();
+  }
+  return c == want ? "" : "torch's cpublas::brgemm gave a wrong " + name + " product here";
 }
 
-}  // namespace
+const std::string& brgemm_why_not(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16) {
+    static const std::string bf16 = brgemm_probe<c10::BFloat16>();
+    return bf16;
+  }
+  static const std::string fp16 = brgemm_probe<c10::Half>();
+  return fp16;
+}
 
-std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
-  std::string tiles = tiles_why_not(dtype, D, Dv);
-  if (tiles.empty() || dtype != at::kBFloat16) return tiles;
+// Why bfloat16's products do not run on AVX512-BF16 dot products here (the conditions before
+// the probe).
+std::string bf16_dots_why_not(int64_t D, int64_t Dv) {
   if (!bf16_dot_products()) {
     const char* env = std::getenv("ADAPERCEIVER_CPU_ISA");
     return env && *env ? "ADAPERCEIVER_CPU_ISA=" + std::string(env) +
@@ -962,7 +973,15 @@ std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) 
            "brgemm)";
   }
   if (D == 0 || Dv == 0) return "an empty head dimension";
-  return brgemm_bf16_why_not();
+  return "";
+}
+
+}  // namespace
+
+std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
+  std::string why = tiles_why_not(dtype, D, Dv);
+  if (!why.empty() && dtype == at::kBFloat16) why = bf16_dots_why_not(D, Dv);
+  return why.empty() ? brgemm_why_not(dtype) : why;
 }
 
 const char* attention_path(at::ScalarType dtype) {
