@@ -79,7 +79,8 @@ def build_info() -> dict:
     computes in float32 here, e.g. "this CPU has neither AMX-BF16 tiles nor AVX512-BF16 dot
     products"; None where it runs in the dtype),
     ``cpu_tile_linear_bf16`` ("amx": bf16 GEMMs of at most 256 rows, the projections and fc2,
-    run on the extension's AMX tile GEMM with the weight read as it is; "onednn": on oneDNN's matmul; csrc/cpu/tile_linear.cpp),
+    run on the extension's AMX tile GEMM with the weight read as it is; "onednn": on oneDNN's
+    matmul; csrc/cpu/tile_linear.cpp),
     ``cpu_tile_linear_fp16`` ("amx-bf16-pairs": fp16 GEMMs, the projections and the FFN, run
     on the same tile GEMM as exact pairs of bf16 products, on CPUs with AMX-BF16 but no
     AMX-FP16, where oneDNN's fp16 GEMM runs at about float32 speed; "onednn": on oneDNN),

@@ -418,9 +418,14 @@ def test_build_info_names_the_attention_paths():
     assert info["cpu_attention_fp16"] == ("amx" if tiles and caps.get("amx_fp16") else "float32")
     assert info["cpu_attention_bwd_bf16"] == info["cpu_attention_bf16"]
     assert info["cpu_attention_bwd_fp16"] == info["cpu_attention_fp16"]
+    for tag in ("bf16", "fp16"):   # a reason exactly where the dtype computes in float32
+        assert (info[f"cpu_attention_{tag}_why_not"] is None) == \
+            (info[f"cpu_attention_{tag}"] != "float32")
     with mkldnn_off():
         off = _ext.build_info()
     assert off["cpu_attention_bf16"] == off["cpu_attention_fp16"] == "float32"
+    if info["cpu_attention_bf16"] != "float32":
+        assert "torch.backends.mkldnn is disabled" in off["cpu_attention_bf16_why_not"]
     assert off["cpu_attention_bwd_bf16"] == off["cpu_attention_bwd_fp16"] == "float32"
 
 
