@@ -596,3 +596,29 @@ def test_bf16_attention_computes_in_float32_where_brgemm_refuses_bf16():
     res = subprocess.run([sys.executable, "-c", _CAPPED_CHILD], env=env, capture_output=True,
                          text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("D", [3, 8, 66])
+def test_float16_inputs_convert_exactly_in_the_float32_kernel(D):
+    """The float32 kernel reads float16 inputs converted exactly (F16C, 8 values a step, the
+    tail value by value): its output is, bit for bit, the same kernel's on the inputs cast to
+    float32, rounded to float16, and its lse the same. Subnormal, inf and NaN inputs; head dims
+    below, at and past the 8-value step. torch.backends.mkldnn off keeps every CPU on the
+    float32 kernel."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 45, D, generator=g) for _ in range(3))
+    k[0, 0, 3] *= 1e-6                      # float16 subnormals (below 6.1e-5)
+    v[0, 1, 5] = 3e-7
+    v[1, 0, 7, 0] = math.inf
+    q[1, 1, 9, D - 1] = math.nan
+    q16, k16, v16 = (t.half() for t in (q, k, v))
+    sub = k16[0, 0, 3].abs()
+    assert ((sub > 0) & (sub < 6.1e-5)).any()
+    op = torch.ops.adaperceiver.block_masked_attention_fwd
+    args = ([16, 45], 0.3, None, None, None, None, None)
+    with mkldnn_off():
+        out16, lse16 = op(q16, k16, v16, *args)
+        out32, lse32 = op(q16.float(), k16.float(), v16.float(), *args)
+    torch.testing.assert_close(out16, out32.half(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse16, lse32, rtol=0, atol=0, equal_nan=True)
+    assert out16.isnan().any() and out16.isfinite().any()

@@ -15,6 +15,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ADAPERCEIVER_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -116,6 +120,33 @@ inline void bf16_to_float_row(const uint16_t* x, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(x[i]) << 16);
 }
 
+// n float16 values (their bits) as float32, exactly: F16C's vcvtph2ps, 8 a step, where the CPU
+// has it (every CPU with AVX2 that this extension meets), else c10's conversion value by value
+// (c10::Half's conversion is scalar bit manipulation that GCC does not vectorize: in the float32
+// attention on float16 inputs it cost about a quarter of the kernel's time over float32 inputs).
+// NaN stays NaN (a signalling NaN comes back quiet), infinities and subnormals are exact.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) inline void half_to_float_row_f16c(const uint16_t* x,
+                                                                       int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(c10::Half(x[i], c10::Half::from_bits()));
+}
+#endif
+
+inline void half_to_float_row(const uint16_t* x, int64_t n, float* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (f16c) return half_to_float_row_f16c(x, n, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<float>(c10::Half(x[i], c10::Half::from_bits()));
+  }
+}
+
 // x (n values of T: float, c10::BFloat16 or c10::Half) as float32 into dst.
 template <typename T>
 inline void to_float_row(const T* x, int64_t n, float* dst) {
@@ -124,7 +155,7 @@ inline void to_float_row(const T* x, int64_t n, float* dst) {
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     bf16_to_float_row(reinterpret_cast<const uint16_t*>(x), n, dst);
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i]);
+    half_to_float_row(reinterpret_cast<const uint16_t*>(x), n, dst);
   }
 }
 
