@@ -92,3 +92,25 @@ def test_full_config_autocast_bf16(benchmark, released_model, device, images):
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         benchmark.pedantic(lambda: released_model(images), rounds=1, iterations=1)
     assert full["autocast_vs_cast_model"] > 0 and full["precision"] == "autocast bfloat16"
+
+
+@pytest.mark.parametrize("cpu", ["this-cpu", "avx2-emulated"])
+def test_precision_time_vs_float32(benchmark, cpu, device, released_model, images):
+    """The full configuration's time in bfloat16 and float16 against float32, one process per
+    precision, alternating (adaperceiver/bench/precision.py says why): on this CPU, and as on an
+    AVX2-only CPU. A 16-bit type without hardware here: target at most 1.1x float32's time
+    (reported, not asserted: this machine is shared)."""
+    from adaperceiver.bench import precision
+    if device.type != "cpu":
+        pytest.skip("a CPU figure")
+    caps = torch._C._cpu._get_cpu_capability()
+    if cpu == "avx2-emulated" and not caps.get("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    env = precision.EMULATE_AVX2 if cpu == "avx2-emulated" else None
+    res = precision.compare(env=env, threads=torch.get_num_threads())
+    print("\n" + precision.format_table(res, f"[precision vs float32, {cpu}]"))
+    benchmark.group = f"inference: precision vs float32 ({cpu})"
+    benchmark.extra_info.update(ratio=res["ratio"], native=res["native"])
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: released_model(images), rounds=1, iterations=1)
+    assert all(r > 0 for r in res["ratio"].values())
