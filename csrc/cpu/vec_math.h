@@ -121,10 +121,10 @@ inline void bf16_to_float_row(const uint16_t* x, int64_t n, float* dst) {
 }
 
 // n float16 values (their bits) as float32, exactly: F16C's vcvtph2ps, 8 a step, where the CPU
-// has it (every CPU with AVX2 that this extension meets), else c10's conversion value by value
-// (c10::Half's conversion is scalar bit manipulation that GCC does not vectorize: in the float32
-// attention on float16 inputs it cost about a quarter of the kernel's time over float32 inputs).
-// NaN stays NaN (a signalling NaN comes back quiet), infinities and subnormals are exact.
+// has it (every CPU with AVX2 does), else c10's conversion value by value. Why: c10::Half's
+// conversion is scalar bit manipulation that GCC does not vectorize, and the float32 attention
+// converts every float16 row it reads. NaN stays NaN (a signalling NaN comes back quiet),
+// infinities and subnormals are exact.
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2,f16c"))) inline void half_to_float_row_f16c(const uint16_t* x,
                                                                        int64_t n, float* dst) {
