@@ -884,6 +884,13 @@ void attention_bwd_tiles(const BwdProblem<T>& pr, Rope qrope, Rope krope, const 
   });
 }
 
+// ADAPERCEIVER_CPU_ISA as set, empty when unset: the reasons below name it where it turned a
+// 16-bit path off.
+std::string isa_env() {
+  const char* env = std::getenv("ADAPERCEIVER_CPU_ISA");
+  return env ? env : "";
+}
+
 }  // namespace
 
 std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
@@ -892,11 +899,11 @@ std::string tiles_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) {
            "bfloat16 / float16)";
   }
   if (!amx_tiles()) {
-    return std::getenv("ADAPERCEIVER_CPU_ISA") && *std::getenv("ADAPERCEIVER_CPU_ISA")
-               ? "ADAPERCEIVER_CPU_ISA=" + std::string(std::getenv("ADAPERCEIVER_CPU_ISA")) +
-                     " turns the AMX tiles off"
-               : std::string("this CPU has no AMX tiles") +
-                     (dtype == at::kHalf ? " (float16's 16-bit products need AMX-FP16)" : "");
+    const std::string env = isa_env();
+    return !env.empty() ? "ADAPERCEIVER_CPU_ISA=" + env + " turns the AMX tiles off"
+                        : std::string("this CPU has no AMX tiles") +
+                              (dtype == at::kHalf ? " (float16's 16-bit products need AMX-FP16)"
+                                                  : "");
   }
   if (!at::globalContext().userEnabledMkldnn()) {
     return "torch.backends.mkldnn is disabled (the tiles run through oneDNN's brgemm)";
@@ -963,10 +970,10 @@ const std::string& brgemm_why_not(at::ScalarType dtype) {
 // the probe).
 std::string bf16_dots_why_not(int64_t D, int64_t Dv) {
   if (!bf16_dot_products()) {
-    const char* env = std::getenv("ADAPERCEIVER_CPU_ISA");
-    return env && *env ? "ADAPERCEIVER_CPU_ISA=" + std::string(env) +
-                             " turns the AMX tiles and the AVX512-BF16 products off"
-                       : "this CPU has neither AMX-BF16 tiles nor AVX512-BF16 dot products";
+    const std::string env = isa_env();
+    return !env.empty() ? "ADAPERCEIVER_CPU_ISA=" + env +
+                              " turns the AMX tiles and the AVX512-BF16 products off"
+                        : "this CPU has neither AMX-BF16 tiles nor AVX512-BF16 dot products";
   }
   if (!at::globalContext().userEnabledMkldnn()) {
     return "torch.backends.mkldnn is disabled (the AVX512-BF16 products run through oneDNN's "
@@ -985,8 +992,9 @@ std::string lowp_attention_why_not(at::ScalarType dtype, int64_t D, int64_t Dv) 
 }
 
 const char* attention_path(at::ScalarType dtype) {
-  if (tiles_why_not(dtype, 64, 64).empty()) return "amx";
-  return lowp_attention_why_not(dtype, 64, 64).empty() ? "avx512-bf16" : "float32";
+  // the probe included: where it refuses, the attention computes in float32 even with the tiles
+  if (!lowp_attention_why_not(dtype, 64, 64).empty()) return "float32";
+  return tiles_why_not(dtype, 64, 64).empty() ? "amx" : "avx512-bf16";
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(ADAPERCEIVER_ATTENTION_FWD_PARAMS) {
